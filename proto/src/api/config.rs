@@ -1,0 +1,374 @@
+//! Instance config keys: which exist, what values they take, and how the values are read.
+//!
+//! The controller validates every key with [`validate`] before anything is stored; the agent reads
+//! the same values with the parse functions here, so the two can never disagree on a meaning.
+
+use std::collections::BTreeMap;
+
+/// Why a config key or value was refused. The message is one sentence for the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(msg: impl Into<String>) -> ConfigError {
+    ConfigError(msg.into())
+}
+
+/// A memory limit: an absolute byte count or a share of the host's memory.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MemoryLimit {
+    Bytes(u64),
+    Percent(f64),
+}
+
+impl MemoryLimit {
+    /// The limit in bytes for a host with `host_bytes` of memory.
+    pub fn bytes(self, host_bytes: u64) -> u64 {
+        match self {
+            MemoryLimit::Bytes(b) => b,
+            MemoryLimit::Percent(p) => ((host_bytes as f64) * p / 100.0) as u64,
+        }
+    }
+}
+
+/// The smallest memory limit accepted: below it not even init fits.
+pub const MIN_MEMORY_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Parses a byte size: a plain number of bytes, or a number with a suffix
+/// (kB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024; `B` alone is bytes).
+pub fn parse_bytes(value: &str) -> Result<u64, ConfigError> {
+    let v = value.trim();
+    let split = v
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(v.len());
+    let (num, suffix) = v.split_at(split);
+    if num.is_empty() {
+        return Err(err(format!(
+            "\"{value}\" is not a size (expected a number such as 512MiB)"
+        )));
+    }
+    let n: f64 = num.parse().map_err(|_| {
+        err(format!(
+            "\"{value}\" is not a size (expected a number such as 512MiB)"
+        ))
+    })?;
+    let mult: f64 = match suffix.trim() {
+        "" | "B" => 1.0,
+        "kB" | "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        "TiB" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(err(format!(
+                "\"{value}\" has an unknown unit \"{other}\" (use B, kB, MB, GB, TB, KiB, MiB, GiB or TiB)"
+            )));
+        }
+    };
+    let bytes = n * mult;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 / 2.0 {
+        return Err(err(format!("\"{value}\" is out of range")));
+    }
+    if suffix.trim().is_empty() && num.contains('.') {
+        return Err(err(format!("\"{value}\" is not a whole number of bytes")));
+    }
+    Ok(bytes as u64)
+}
+
+/// Parses `limits.memory`: a size (see [`parse_bytes`]) or a percentage of host memory ("50%").
+pub fn parse_memory(value: &str) -> Result<MemoryLimit, ConfigError> {
+    let v = value.trim();
+    if let Some(p) = v.strip_suffix('%') {
+        let pct: f64 = p
+            .trim()
+            .parse()
+            .map_err(|_| err(format!("limits.memory \"{value}\" is not a percentage")))?;
+        if !(pct > 0.0 && pct <= 100.0) {
+            return Err(err(format!(
+                "limits.memory \"{value}\" must be above 0% and at most 100%"
+            )));
+        }
+        return Ok(MemoryLimit::Percent(pct));
+    }
+    let bytes = parse_bytes(v).map_err(|e| err(format!("limits.memory: {e}")))?;
+    if bytes < MIN_MEMORY_BYTES {
+        return Err(err(format!(
+            "limits.memory \"{value}\" is below the minimum of 4MiB"
+        )));
+    }
+    Ok(MemoryLimit::Bytes(bytes))
+}
+
+/// A CPU limit: a count of CPUs (the instance is pinned to that many) or an explicit set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CpuLimit {
+    Count(u32),
+    /// Explicit CPU ids, as in "0-1,3".
+    Set(Vec<u32>),
+}
+
+/// Parses `limits.cpu`: "2" (a count) or "0-1,3" (a set of CPU ids).
+pub fn parse_cpu(value: &str) -> Result<CpuLimit, ConfigError> {
+    let v = value.trim();
+    if v.chars().all(|c| c.is_ascii_digit()) && !v.is_empty() {
+        let n: u32 = v
+            .parse()
+            .map_err(|_| err(format!("limits.cpu \"{value}\" is out of range")))?;
+        if n == 0 || n > 4096 {
+            return Err(err(format!(
+                "limits.cpu \"{value}\" must be between 1 and 4096"
+            )));
+        }
+        return Ok(CpuLimit::Count(n));
+    }
+    parse_cpu_set(v).map(CpuLimit::Set).map_err(|_| {
+        err(format!(
+            "limits.cpu \"{value}\" is neither a count nor a CPU set such as 0-1,3"
+        ))
+    })
+}
+
+/// Parses a kernel CPU list ("0-3,5").
+pub fn parse_cpu_set(value: &str) -> Result<Vec<u32>, ConfigError> {
+    let mut cpus = Vec::new();
+    for part in value.trim().split(',') {
+        let bad = || err(format!("\"{value}\" is not a CPU list"));
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let a: u32 = a.trim().parse().map_err(|_| bad())?;
+                let b: u32 = b.trim().parse().map_err(|_| bad())?;
+                if a > b || b > 4095 {
+                    return Err(bad());
+                }
+                cpus.extend(a..=b);
+            }
+            None => {
+                let a: u32 = part.trim().parse().map_err(|_| bad())?;
+                if a > 4095 {
+                    return Err(bad());
+                }
+                cpus.push(a);
+            }
+        }
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    if cpus.is_empty() {
+        return Err(err(format!("\"{value}\" is not a CPU list")));
+    }
+    Ok(cpus)
+}
+
+/// Formats CPU ids as a kernel CPU list ("0-3,5").
+pub fn format_cpu_set(cpus: &[u32]) -> String {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let start = cpus[i];
+        let mut end = start;
+        while i + 1 < cpus.len() && cpus[i + 1] == end + 1 {
+            i += 1;
+            end = cpus[i];
+        }
+        out.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+        i += 1;
+    }
+    out.join(",")
+}
+
+/// Parses `limits.cpu.allowance`: a percentage of one CPU's time per CPU allowed ("50%"),
+/// or LXD's "25ms/100ms" quota form. Returns (quota_us, period_us).
+pub fn parse_cpu_allowance(value: &str) -> Result<CpuAllowance, ConfigError> {
+    let v = value.trim();
+    if let Some(p) = v.strip_suffix('%') {
+        let pct: u32 = p.trim().parse().map_err(|_| {
+            err(format!(
+                "limits.cpu.allowance \"{value}\" is not a whole percentage"
+            ))
+        })?;
+        if pct == 0 || pct > 100 {
+            return Err(err(format!(
+                "limits.cpu.allowance \"{value}\" must be between 1% and 100%"
+            )));
+        }
+        return Ok(CpuAllowance::Percent(pct));
+    }
+    if let Some((q, p)) = v.split_once('/') {
+        let ms = |s: &str| -> Option<u64> { s.trim().strip_suffix("ms")?.trim().parse().ok() };
+        if let (Some(q), Some(p)) = (ms(q), ms(p))
+            && q >= 1
+            && (1..=1000).contains(&p)
+        {
+            return Ok(CpuAllowance::Quota {
+                quota_us: q * 1000,
+                period_us: p * 1000,
+            });
+        }
+    }
+    Err(err(format!(
+        "limits.cpu.allowance \"{value}\" must be a percentage (50%) or a quota (25ms/100ms)"
+    )))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuAllowance {
+    /// Share of the instance's CPUs' time, as a hard cap.
+    Percent(u32),
+    Quota {
+        quota_us: u64,
+        period_us: u64,
+    },
+}
+
+/// Parses `limits.processes`: a positive count.
+pub fn parse_processes(value: &str) -> Result<u64, ConfigError> {
+    match value.trim().parse::<u64>() {
+        Ok(n) if (1..=4_194_304).contains(&n) => Ok(n),
+        _ => Err(err(format!(
+            "limits.processes \"{value}\" must be a whole number between 1 and 4194304"
+        ))),
+    }
+}
+
+/// Parses a boolean config value the way LXD does (true/false, 1/0, yes/no, on/off).
+pub fn parse_bool(key: &str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" | "" => Ok(false),
+        _ => Err(err(format!("{key} \"{value}\" must be true or false"))),
+    }
+}
+
+/// Keys that take effect on a running instance without a restart.
+pub const LIVE_KEYS: &[&str] = &[
+    "limits.cpu",
+    "limits.cpu.allowance",
+    "limits.memory",
+    "limits.processes",
+];
+
+/// Whether a user may set `key` (volatile.* keys are the server's own).
+pub fn validate_key_value(key: &str, value: &str) -> Result<(), ConfigError> {
+    if key.len() > 256 || value.len() > 64 * 1024 {
+        return Err(err(format!("config key {key} or its value is too long")));
+    }
+    if value.contains('\0') {
+        return Err(err(format!("config value of {key} contains a NUL byte")));
+    }
+    match key {
+        "limits.cpu" => parse_cpu(value).map(drop),
+        "limits.cpu.allowance" => parse_cpu_allowance(value).map(drop),
+        "limits.memory" => parse_memory(value).map(drop),
+        "limits.processes" => parse_processes(value).map(drop),
+        "security.privileged" | "boot.autostart" | "security.nesting" => {
+            parse_bool(key, value).map(drop)
+        }
+        "boot.stop.timeout" => match value.trim().parse::<u32>() {
+            Ok(n) if n <= 3600 => Ok(()),
+            _ => Err(err(format!(
+                "boot.stop.timeout \"{value}\" must be seconds from 0 to 3600"
+            ))),
+        },
+        k if k.starts_with("user.") && k.len() > 5 => Ok(()),
+        k if k.starts_with("image.") && k.len() > 6 => Ok(()),
+        k if k.starts_with("environment.") && k.len() > 12 => {
+            let name = &k[12..];
+            if name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                Ok(())
+            } else {
+                Err(err(format!("{k} is not a valid environment variable name")))
+            }
+        }
+        k if k.starts_with("volatile.") => Err(err(format!(
+            "config key {k} is set by the server and cannot be changed"
+        ))),
+        k => Err(err(format!("unknown config key {k}"))),
+    }
+}
+
+/// Validates a whole user-supplied config map.
+pub fn validate(config: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+    for (k, v) in config {
+        validate_key_value(k, v)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_bytes("1GB"), Ok(1_000_000_000));
+        assert_eq!(parse_bytes("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("10 KiB"), Ok(10240));
+        assert!(parse_bytes("").is_err());
+        assert!(parse_bytes("MiB").is_err());
+        assert!(parse_bytes("12XB").is_err());
+        assert!(parse_bytes("1.5").is_err());
+        assert!(parse_bytes("99999999999999999999TiB").is_err());
+        assert!(parse_bytes("-1").is_err());
+    }
+
+    #[test]
+    fn memory() {
+        assert_eq!(parse_memory("128MiB"), Ok(MemoryLimit::Bytes(128 << 20)));
+        assert_eq!(parse_memory("50%"), Ok(MemoryLimit::Percent(50.0)));
+        assert_eq!(MemoryLimit::Percent(50.0).bytes(1000), 500);
+        assert!(parse_memory("0%").is_err());
+        assert!(parse_memory("101%").is_err());
+        assert!(parse_memory("1MiB").is_err());
+        assert!(parse_memory("lots").is_err());
+    }
+
+    #[test]
+    fn cpu() {
+        assert_eq!(parse_cpu("2"), Ok(CpuLimit::Count(2)));
+        assert_eq!(parse_cpu("0-1,3"), Ok(CpuLimit::Set(vec![0, 1, 3])));
+        assert!(parse_cpu("0").is_err());
+        assert!(parse_cpu("3-1").is_err());
+        assert!(parse_cpu("x").is_err());
+        assert!(parse_cpu("").is_err());
+        assert_eq!(format_cpu_set(&[0, 1, 2, 5, 7, 8]), "0-2,5,7-8");
+        assert_eq!(parse_cpu_allowance("50%"), Ok(CpuAllowance::Percent(50)));
+        assert_eq!(
+            parse_cpu_allowance("25ms/100ms"),
+            Ok(CpuAllowance::Quota {
+                quota_us: 25000,
+                period_us: 100000
+            })
+        );
+        assert!(parse_cpu_allowance("150%").is_err());
+        assert!(parse_cpu_allowance("25ms/0ms").is_err());
+    }
+
+    #[test]
+    fn keys() {
+        assert!(validate_key_value("limits.processes", "100").is_ok());
+        assert!(validate_key_value("limits.processes", "0").is_err());
+        assert!(validate_key_value("user.anything", "x").is_ok());
+        assert!(validate_key_value("environment.HTTP_PROXY", "x").is_ok());
+        assert!(validate_key_value("environment.A-B", "x").is_err());
+        assert!(validate_key_value("volatile.idmap.base", "1").is_err());
+        let e = validate_key_value("limits.bogus", "1").unwrap_err();
+        assert_eq!(e.0, "unknown config key limits.bogus");
+        assert!(validate_key_value("security.privileged", "maybe").is_err());
+    }
+}

@@ -1,0 +1,92 @@
+//! Name rules for instances and other objects.
+
+/// Checks an instance name against LXD's rule: 1 to 63 characters, ASCII letters, digits and
+/// hyphens, not starting with a digit or hyphen, not ending with a hyphen.
+/// Returns one sentence saying what is wrong.
+pub fn validate_instance_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("instance name is empty".into());
+    }
+    if name.len() > 63 {
+        return Err(format!(
+            "instance name \"{}...\" is longer than 63 characters",
+            &name[..20.min(name.len())]
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
+    {
+        return Err(format!(
+            "instance name \"{}\" contains {:?}; only letters, digits and hyphens are allowed",
+            name.escape_default(),
+            c
+        ));
+    }
+    let first = name.as_bytes()[0];
+    if first.is_ascii_digit() || first == b'-' {
+        return Err(format!(
+            "instance name \"{name}\" must not start with a digit or hyphen"
+        ));
+    }
+    if name.ends_with('-') {
+        return Err(format!(
+            "instance name \"{name}\" must not end with a hyphen"
+        ));
+    }
+    Ok(())
+}
+
+/// Image aliases: 1 to 128 characters of letters, digits and `-_./:`, no `..`, not starting with `/`.
+pub fn validate_image_alias(alias: &str) -> Result<(), String> {
+    if alias.is_empty() || alias.len() > 128 {
+        return Err("image alias must be 1 to 128 characters long".into());
+    }
+    if !alias
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_./:".contains(c))
+        || alias.contains("..")
+        || alias.starts_with('/')
+    {
+        return Err(format!(
+            "image alias \"{}\" may only contain letters, digits and -_./:",
+            alias.escape_default()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_names() {
+        for ok in ["a", "web1", "a-b-c", "A1", &"x".repeat(63)] {
+            assert!(validate_instance_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "1abc",
+            "-a",
+            "a-",
+            "a_b",
+            "a.b",
+            "a b",
+            "é",
+            &"x".repeat(64),
+            "a/b",
+        ] {
+            assert!(validate_instance_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn aliases() {
+        assert!(validate_image_alias("debian/12").is_ok());
+        assert!(validate_image_alias("busybox").is_ok());
+        assert!(validate_image_alias("../x").is_err());
+        assert!(validate_image_alias("/x").is_err());
+        assert!(validate_image_alias("a b").is_err());
+    }
+}
