@@ -1,1 +1,24 @@
-//! Placeholder until the crate lands.
+//! berth-agent: the node agent. It runs Berth's container engine on one host and serves the
+//! `Agent` gRPC service to the controllers.
+//!
+//! Layout:
+//! - [`engine`]: the instance lifecycle on this node (create, start, stop, exec, files), built on
+//! - [`runtime`]: the container runtime (per-instance monitor process, namespaces, mounts, console),
+//! - [`cgroup`]: cgroup v1 (hybrid) and v2 handling, limits,
+//! - [`storage`]: storage drivers (btrfs, dir) behind one trait,
+//! - [`image`]: image builds and imports,
+//! - [`network`]: the host bridge, veth pairs and NAT,
+//! - [`sys`]: the only module with `unsafe`: raw syscalls, each with a `// SAFETY:` comment.
+//! - [`service`]: the gRPC service that maps requests onto the engine.
+
+pub mod cgroup;
+pub mod config;
+pub mod engine;
+pub mod image;
+pub mod network;
+pub mod runtime;
+pub mod service;
+pub mod storage;
+#[allow(unsafe_code)]
+pub mod sys;
+pub mod tls;

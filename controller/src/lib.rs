@@ -1,1 +1,20 @@
-//! Placeholder until the crate lands.
+//! berthd: Berth's controller. It keeps the cluster's intended state in a Raft-replicated state
+//! machine (openraft, persisted in sled), serves the REST API and drives node agents.
+//!
+//! Layout:
+//! - [`state`]: the pure core: the model, the commands, and the deterministic `apply`,
+//! - [`store`]: the sled-backed Raft log and state machine (the only module that knows sled),
+//! - [`raft`]: openraft's type config, the node, and the Raft gRPC network and service,
+//! - [`api`]: the REST API (one file per resource), auth, operations,
+//! - [`agents`]: gRPC clients to node agents,
+//! - [`reconcile`]: leader-only loops that drive agents towards the intended state,
+//! - [`tls`]: the cluster CA and certificates.
+
+pub mod agents;
+pub mod api;
+pub mod config;
+pub mod raft;
+pub mod reconcile;
+pub mod state;
+pub mod store;
+pub mod tls;
