@@ -496,6 +496,13 @@ pub struct ClusterJoinPost {
     pub address: String,
     /// PEM certificate signing request for the agent's key.
     pub csr: String,
+    /// The node's bridge address and prefix ("10.87.3.1/24"): its instances' subnet.
+    #[serde(default)]
+    pub bridge_ipv4_cidr: String,
+    #[serde(default)]
+    pub cpus: u32,
+    #[serde(default)]
+    pub memory_bytes: u64,
 }
 
 /// The answer to a join.
