@@ -1,1 +1,18 @@
-//! (being written)
+//! Raft: openraft's type config ([`TypeConfig`]), the [`ControlPlane`] handle the rest of the
+//! controller uses, and the gRPC network ([`Network`]) and service ([`RaftService`]) between
+//! controllers.
+
+mod codec;
+mod control;
+mod network;
+mod service;
+mod types;
+
+pub use codec::MAX_MESSAGE_BYTES;
+pub use control::{ControlPlane, PeerTls, RaftSetupError, ReadError, ServeError, WriteError};
+pub use network::{Network, PeerClient, PeerConnectError};
+pub use service::RaftService;
+pub use types::{
+    Entry, LogId, NodeId, Raft, RaftPeer, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+    Vote,
+};

@@ -1,1 +1,19 @@
-//! (being written)
+//! The pure core: the replicated model, the commands that change it, and the deterministic
+//! [`State::apply`]. No clock, no randomness, no I/O.
+
+mod apply;
+mod command;
+mod keys;
+mod model;
+mod time;
+
+pub use command::{ApplyError, ApplyErrorKind, ApplyOk, ApplyResult, Command};
+pub use keys::{ObjectDecodeError, ObjectKey};
+pub use model::{
+    Alias, ApiKey, ClusterInfo, DesiredState, Image, Instance, JoinTokenRecord,
+    MIN_FINGERPRINT_PREFIX, Node, NodeStatus, Observed, Role, State,
+};
+pub use time::Rfc3339;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,60 @@
+//! The Raft gRPC service: receives openraft RPCs from peers and hands them to the local node.
+
+use berth_proto::v1::raft_server::{Raft as RaftRpc, RaftServer};
+use berth_proto::v1::{RaftReply, RaftRequest};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::{Request, Response, Status};
+
+use super::codec::{self, MAX_MESSAGE_BYTES};
+use super::types::Raft;
+
+/// Serves `berth.v1.Raft` for one local openraft node.
+#[derive(Clone)]
+pub struct RaftService {
+    raft: Raft,
+}
+
+impl RaftService {
+    /// Wraps `raft` in a tonic server with a message size limit that fits snapshot chunks.
+    pub fn into_server(raft: Raft) -> RaftServer<RaftService> {
+        RaftServer::new(RaftService { raft })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+fn decode_request<T: DeserializeOwned>(req: Request<RaftRequest>) -> Result<T, Status> {
+    codec::decode(&req.into_inner().data)
+        .map_err(|e| Status::invalid_argument(format!("cannot decode raft request: {e}")))
+}
+
+fn reply<T: Serialize>(result: &T) -> Result<Response<RaftReply>, Status> {
+    let data = codec::encode(result)
+        .map_err(|e| Status::internal(format!("cannot encode raft reply: {e}")))?;
+    Ok(Response::new(RaftReply { data: data.into() }))
+}
+
+#[tonic::async_trait]
+impl RaftRpc for RaftService {
+    async fn append_entries(
+        &self,
+        request: Request<RaftRequest>,
+    ) -> Result<Response<RaftReply>, Status> {
+        let req = decode_request(request)?;
+        reply(&self.raft.append_entries(req).await)
+    }
+
+    async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let req = decode_request(request)?;
+        reply(&self.raft.vote(req).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<RaftRequest>,
+    ) -> Result<Response<RaftReply>, Status> {
+        let req = decode_request(request)?;
+        reply(&self.raft.install_snapshot(req).await)
+    }
+}

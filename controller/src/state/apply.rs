@@ -1,0 +1,286 @@
+//! The deterministic state transition: `State::apply(Command)`.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use super::command::{ApplyError, ApplyOk, ApplyResult, Command};
+use super::model::{ClusterInfo, DesiredState, Instance, State};
+use super::time::Rfc3339;
+
+impl State {
+    /// Applies one command. Deterministic (no clock, no randomness, no I/O); on error the state
+    /// is left unchanged.
+    pub fn apply(&mut self, cmd: Command) -> ApplyResult {
+        match cmd {
+            Command::Bootstrap {
+                name,
+                ca_cert_pem,
+                ca_key_pem,
+                admin_key,
+                now,
+            } => {
+                if self.cluster.bootstrapped {
+                    return Err(ApplyError::conflict("the cluster is already bootstrapped"));
+                }
+                self.check_new_api_key(&admin_key.id, &admin_key.hash)?;
+                self.cluster = ClusterInfo {
+                    bootstrapped: true,
+                    name,
+                    ca_cert_pem,
+                    ca_key_pem,
+                    created_at: now,
+                };
+                self.api_keys.insert(admin_key.id.clone(), admin_key);
+                Ok(ApplyOk::Done)
+            }
+            Command::AddJoinToken { hash, record } => {
+                if self.join_tokens.contains_key(&hash) {
+                    return Err(ApplyError::conflict(
+                        "a join token with this secret already exists",
+                    ));
+                }
+                self.join_tokens.insert(hash, record);
+                Ok(ApplyOk::Done)
+            }
+            Command::JoinNode {
+                token_hash,
+                node,
+                now,
+            } => {
+                let Some(token) = self.join_tokens.get(&token_hash) else {
+                    return Err(ApplyError::not_found(
+                        "the join token is unknown or already used",
+                    ));
+                };
+                let now_t = Rfc3339::parse(&now)
+                    .ok_or_else(|| ApplyError::invalid(format!("invalid time {now:?}")))?;
+                let expires = Rfc3339::parse(&token.expires_at).ok_or_else(|| {
+                    ApplyError::invalid(format!(
+                        "the join token has an invalid expiry time {:?}",
+                        token.expires_at
+                    ))
+                })?;
+                if now_t >= expires {
+                    return Err(ApplyError::invalid("the join token has expired"));
+                }
+                if token.node_name != node.name {
+                    return Err(ApplyError::invalid(format!(
+                        "the join token is for node {:?}, not {:?}",
+                        token.node_name, node.name
+                    )));
+                }
+                if self.nodes.contains_key(&node.name) {
+                    return Err(ApplyError::conflict(format!(
+                        "node {:?} already exists",
+                        node.name
+                    )));
+                }
+                parse_cidr(&node.ipv4_cidr)?;
+                self.join_tokens.remove(&token_hash);
+                self.nodes.insert(node.name.clone(), node);
+                Ok(ApplyOk::Done)
+            }
+            Command::SetNodeStatus { name, status } => {
+                let node = self
+                    .nodes
+                    .get_mut(&name)
+                    .ok_or_else(|| ApplyError::not_found(format!("node {name:?} not found")))?;
+                node.status = status;
+                Ok(ApplyOk::Done)
+            }
+            Command::CreateInstance {
+                mut instance,
+                operation,
+            } => {
+                if self.instances.contains_key(&instance.name) {
+                    return Err(ApplyError::conflict(format!(
+                        "instance {:?} already exists",
+                        instance.name
+                    )));
+                }
+                if !self.images.contains_key(&instance.image) {
+                    return Err(ApplyError::not_found(format!(
+                        "image {:?} not found",
+                        instance.image
+                    )));
+                }
+                instance.ipv4 = self.allocate_ipv4(&instance.node)?.to_string();
+                if let Some(op) = operation {
+                    self.operations.insert(op.id.clone(), op);
+                }
+                self.instances
+                    .insert(instance.name.clone(), instance.clone());
+                Ok(ApplyOk::Instance(instance))
+            }
+            Command::UpdateInstance {
+                name,
+                config,
+                description,
+                now: _,
+            } => {
+                let inst = self.instance_mut(&name)?;
+                inst.config = config;
+                inst.description = description;
+                Ok(ApplyOk::Done)
+            }
+            Command::RenameInstance { from, to } => {
+                if !self.instances.contains_key(&from) {
+                    return Err(ApplyError::not_found(format!(
+                        "instance {from:?} not found"
+                    )));
+                }
+                if self.instances.contains_key(&to) {
+                    return Err(ApplyError::conflict(format!(
+                        "instance {to:?} already exists"
+                    )));
+                }
+                if let Some(mut inst) = self.instances.remove(&from) {
+                    inst.name = to.clone();
+                    self.instances.insert(to, inst);
+                }
+                Ok(ApplyOk::Done)
+            }
+            Command::SetDesiredState { name, desired, now } => {
+                let inst = self.instance_mut(&name)?;
+                inst.desired = desired;
+                if desired == DesiredState::Running {
+                    inst.last_used_at = now;
+                }
+                Ok(ApplyOk::Done)
+            }
+            Command::ObserveInstance { name, observed } => {
+                if let Some(inst) = self.instances.get_mut(&name) {
+                    inst.observed = observed;
+                }
+                Ok(ApplyOk::Done)
+            }
+            Command::DeleteInstance { name } => {
+                self.instances
+                    .remove(&name)
+                    .ok_or_else(|| ApplyError::not_found(format!("instance {name:?} not found")))?;
+                Ok(ApplyOk::Done)
+            }
+            Command::PutImage { mut image } => {
+                if let Some(old) = self.images.get(&image.fingerprint) {
+                    image.locations.extend(old.locations.iter().cloned());
+                }
+                self.images.insert(image.fingerprint.clone(), image);
+                Ok(ApplyOk::Done)
+            }
+            Command::DeleteImage { fingerprint } => {
+                if self.images.remove(&fingerprint).is_none() {
+                    return Err(ApplyError::not_found(format!(
+                        "image {fingerprint:?} not found"
+                    )));
+                }
+                self.aliases.retain(|_, a| a.target != fingerprint);
+                Ok(ApplyOk::Done)
+            }
+            Command::PutAlias { alias } => {
+                if !self.images.contains_key(&alias.target) {
+                    return Err(ApplyError::not_found(format!(
+                        "image {:?} not found",
+                        alias.target
+                    )));
+                }
+                self.aliases.insert(alias.name.clone(), alias);
+                Ok(ApplyOk::Done)
+            }
+            Command::DeleteAlias { name } => {
+                self.aliases
+                    .remove(&name)
+                    .ok_or_else(|| ApplyError::not_found(format!("alias {name:?} not found")))?;
+                Ok(ApplyOk::Done)
+            }
+            Command::PutOperation { operation } => {
+                self.operations.insert(operation.id.clone(), operation);
+                Ok(ApplyOk::Done)
+            }
+            Command::DeleteOperations { ids } => {
+                for id in ids {
+                    self.operations.remove(&id);
+                }
+                Ok(ApplyOk::Done)
+            }
+            Command::AddApiKey { key } => {
+                self.check_new_api_key(&key.id, &key.hash)?;
+                self.api_keys.insert(key.id.clone(), key);
+                Ok(ApplyOk::Done)
+            }
+            Command::DeleteApiKey { id } => {
+                self.api_keys
+                    .remove(&id)
+                    .ok_or_else(|| ApplyError::not_found(format!("api key {id:?} not found")))?;
+                Ok(ApplyOk::Done)
+            }
+        }
+    }
+
+    fn instance_mut(&mut self, name: &str) -> Result<&mut Instance, ApplyError> {
+        self.instances
+            .get_mut(name)
+            .ok_or_else(|| ApplyError::not_found(format!("instance {name:?} not found")))
+    }
+
+    fn check_new_api_key(&self, id: &str, hash: &str) -> Result<(), ApplyError> {
+        if self.api_keys.contains_key(id) {
+            return Err(ApplyError::conflict(format!(
+                "api key {id:?} already exists"
+            )));
+        }
+        if self.api_key_by_hash(hash).is_some() {
+            return Err(ApplyError::conflict(
+                "an api key with this secret already exists",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The lowest free host address in the node's subnet, skipping the network address, the
+    /// gateway (the cidr's own address) and the broadcast address.
+    fn allocate_ipv4(&self, node_name: &str) -> Result<Ipv4Addr, ApplyError> {
+        let node = self
+            .nodes
+            .get(node_name)
+            .ok_or_else(|| ApplyError::not_found(format!("node {node_name:?} not found")))?;
+        let (gateway, prefix) = parse_cidr(&node.ipv4_cidr)?;
+        let used: BTreeSet<Ipv4Addr> = self
+            .instances
+            .values()
+            .filter(|i| i.node == node_name)
+            .filter_map(|i| i.ipv4.parse().ok())
+            .collect();
+        let mask: u32 = if prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - prefix)
+        };
+        let network = u32::from(gateway) & mask;
+        let broadcast = network | !mask;
+        let gw = u32::from(gateway);
+        if prefix < 31 {
+            for candidate in (network + 1)..broadcast {
+                let addr = Ipv4Addr::from(candidate);
+                if candidate != gw && !used.contains(&addr) {
+                    return Ok(addr);
+                }
+            }
+        }
+        Err(ApplyError::conflict(format!(
+            "no free address on node {node_name:?} ({})",
+            node.ipv4_cidr
+        )))
+    }
+}
+
+/// Parses `a.b.c.d/len` into the address and prefix length.
+fn parse_cidr(cidr: &str) -> Result<(Ipv4Addr, u32), ApplyError> {
+    let invalid = || ApplyError::invalid(format!("invalid ipv4 cidr {cidr:?}"));
+    let (addr, len) = cidr.split_once('/').ok_or_else(invalid)?;
+    let addr: Ipv4Addr = addr.parse().map_err(|_| invalid())?;
+    let len: u32 = len.parse().map_err(|_| invalid())?;
+    if len > 32 {
+        return Err(invalid());
+    }
+    Ok((addr, len))
+}

@@ -1,0 +1,152 @@
+//! Commands: the only way the replicated [`State`](super::State) changes.
+
+use std::collections::BTreeMap;
+
+use berth_proto::api::Operation;
+use serde::{Deserialize, Serialize};
+
+use super::model::{
+    Alias, ApiKey, DesiredState, Image, Instance, JoinTokenRecord, Node, NodeStatus, Observed,
+};
+
+/// A change to the replicated state, proposed through Raft. Times (`now`) are stamped by the
+/// leader so that `apply` stays deterministic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Sets the cluster identity and the first admin key; fails if already bootstrapped.
+    Bootstrap {
+        name: String,
+        ca_cert_pem: String,
+        ca_key_pem: String,
+        admin_key: ApiKey,
+        now: String,
+    },
+    /// Stores a join token under the hex sha256 of its secret.
+    AddJoinToken {
+        hash: String,
+        record: JoinTokenRecord,
+    },
+    /// Consumes a valid, unexpired join token and adds the node.
+    JoinNode {
+        token_hash: String,
+        node: Node,
+        now: String,
+    },
+    SetNodeStatus {
+        name: String,
+        status: NodeStatus,
+    },
+    /// Adds an instance, allocating its IPv4 address on its node's subnet; stores `operation` too.
+    CreateInstance {
+        instance: Instance,
+        operation: Option<Operation>,
+    },
+    /// Replaces an instance's config and description.
+    UpdateInstance {
+        name: String,
+        config: BTreeMap<String, String>,
+        description: String,
+        now: String,
+    },
+    /// Renames an instance, keeping its address.
+    RenameInstance {
+        from: String,
+        to: String,
+    },
+    /// Sets what the instance should be doing; stamps `last_used_at` when `Running`.
+    SetDesiredState {
+        name: String,
+        desired: DesiredState,
+        now: String,
+    },
+    /// Records an agent's report; ignored if the instance is gone.
+    ObserveInstance {
+        name: String,
+        observed: Observed,
+    },
+    /// Removes an instance and frees its address.
+    DeleteInstance {
+        name: String,
+    },
+    /// Inserts or updates an image; locations are merged.
+    PutImage {
+        image: Image,
+    },
+    /// Removes an image and the aliases pointing at it.
+    DeleteImage {
+        fingerprint: String,
+    },
+    /// Inserts or updates an alias; its target must exist.
+    PutAlias {
+        alias: Alias,
+    },
+    DeleteAlias {
+        name: String,
+    },
+    /// Inserts or updates an operation.
+    PutOperation {
+        operation: Operation,
+    },
+    /// Removes operations; missing ids are ignored.
+    DeleteOperations {
+        ids: Vec<String>,
+    },
+    /// Adds an API key; the id and the hash must be new.
+    AddApiKey {
+        key: ApiKey,
+    },
+    DeleteApiKey {
+        id: String,
+    },
+}
+
+/// What a successful `apply` returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ApplyOk {
+    Done,
+    /// The instance as stored (with its allocated address).
+    Instance(Instance),
+}
+
+/// Why a command was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApplyErrorKind {
+    NotFound,
+    Conflict,
+    Invalid,
+}
+
+/// A rejected command; the state is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApplyError {
+    pub kind: ApplyErrorKind,
+    /// One lowercase sentence without a final period.
+    pub message: String,
+}
+
+impl ApplyError {
+    pub fn not_found(message: impl Into<String>) -> Self {
+        ApplyError {
+            kind: ApplyErrorKind::NotFound,
+            message: message.into(),
+        }
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        ApplyError {
+            kind: ApplyErrorKind::Conflict,
+            message: message.into(),
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        ApplyError {
+            kind: ApplyErrorKind::Invalid,
+            message: message.into(),
+        }
+    }
+}
+
+/// The outcome of applying one command.
+pub type ApplyResult = Result<ApplyOk, ApplyError>;

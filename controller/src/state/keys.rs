@@ -1,0 +1,209 @@
+//! Addressing single objects of the [`State`], so the store can persist each applied command's
+//! changes object by object (`instances/<name>`, ...) instead of the whole state.
+
+use super::command::Command;
+use super::model::State;
+
+/// One object of the state.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ObjectKey {
+    Cluster,
+    Node(String),
+    Instance(String),
+    Image(String),
+    Alias(String),
+    Operation(String),
+    ApiKey(String),
+    JoinToken(String),
+}
+
+/// Errors decoding a stored object.
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectDecodeError {
+    #[error("unknown object key {0:?}")]
+    UnknownKey(String),
+    #[error("cannot decode object {key:?}: {source}")]
+    Decode {
+        key: String,
+        source: serde_json::Error,
+    },
+}
+
+impl ObjectKey {
+    /// The storage key, e.g. `instances/web1`.
+    pub fn to_storage_key(&self) -> String {
+        match self {
+            ObjectKey::Cluster => "cluster".to_string(),
+            ObjectKey::Node(n) => format!("nodes/{n}"),
+            ObjectKey::Instance(n) => format!("instances/{n}"),
+            ObjectKey::Image(n) => format!("images/{n}"),
+            ObjectKey::Alias(n) => format!("aliases/{n}"),
+            ObjectKey::Operation(n) => format!("operations/{n}"),
+            ObjectKey::ApiKey(n) => format!("api_keys/{n}"),
+            ObjectKey::JoinToken(n) => format!("join_tokens/{n}"),
+        }
+    }
+
+    /// Parses a storage key made by [`ObjectKey::to_storage_key`].
+    pub fn from_storage_key(key: &str) -> Option<ObjectKey> {
+        if key == "cluster" {
+            return Some(ObjectKey::Cluster);
+        }
+        let (kind, name) = key.split_once('/')?;
+        let name = name.to_string();
+        Some(match kind {
+            "nodes" => ObjectKey::Node(name),
+            "instances" => ObjectKey::Instance(name),
+            "images" => ObjectKey::Image(name),
+            "aliases" => ObjectKey::Alias(name),
+            "operations" => ObjectKey::Operation(name),
+            "api_keys" => ObjectKey::ApiKey(name),
+            "join_tokens" => ObjectKey::JoinToken(name),
+            _ => return None,
+        })
+    }
+}
+
+impl Command {
+    /// The objects this command may change when applied to `state` (computed before applying).
+    pub fn touched(&self, state: &State) -> Vec<ObjectKey> {
+        match self {
+            Command::Bootstrap { admin_key, .. } => {
+                vec![ObjectKey::Cluster, ObjectKey::ApiKey(admin_key.id.clone())]
+            }
+            Command::AddJoinToken { hash, .. } => vec![ObjectKey::JoinToken(hash.clone())],
+            Command::JoinNode {
+                token_hash, node, ..
+            } => vec![
+                ObjectKey::JoinToken(token_hash.clone()),
+                ObjectKey::Node(node.name.clone()),
+            ],
+            Command::SetNodeStatus { name, .. } => vec![ObjectKey::Node(name.clone())],
+            Command::CreateInstance {
+                instance,
+                operation,
+            } => {
+                let mut keys = vec![ObjectKey::Instance(instance.name.clone())];
+                if let Some(op) = operation {
+                    keys.push(ObjectKey::Operation(op.id.clone()));
+                }
+                keys
+            }
+            Command::UpdateInstance { name, .. }
+            | Command::SetDesiredState { name, .. }
+            | Command::ObserveInstance { name, .. }
+            | Command::DeleteInstance { name } => vec![ObjectKey::Instance(name.clone())],
+            Command::RenameInstance { from, to } => vec![
+                ObjectKey::Instance(from.clone()),
+                ObjectKey::Instance(to.clone()),
+            ],
+            Command::PutImage { image } => vec![ObjectKey::Image(image.fingerprint.clone())],
+            Command::DeleteImage { fingerprint } => {
+                let mut keys = vec![ObjectKey::Image(fingerprint.clone())];
+                keys.extend(
+                    state
+                        .aliases
+                        .values()
+                        .filter(|a| &a.target == fingerprint)
+                        .map(|a| ObjectKey::Alias(a.name.clone())),
+                );
+                keys
+            }
+            Command::PutAlias { alias } => vec![ObjectKey::Alias(alias.name.clone())],
+            Command::DeleteAlias { name } => vec![ObjectKey::Alias(name.clone())],
+            Command::PutOperation { operation } => {
+                vec![ObjectKey::Operation(operation.id.clone())]
+            }
+            Command::DeleteOperations { ids } => ids
+                .iter()
+                .map(|id| ObjectKey::Operation(id.clone()))
+                .collect(),
+            Command::AddApiKey { key } => vec![ObjectKey::ApiKey(key.id.clone())],
+            Command::DeleteApiKey { id } => vec![ObjectKey::ApiKey(id.clone())],
+        }
+    }
+}
+
+impl State {
+    /// The object's serialized value (JSON), or `None` if it does not exist.
+    pub fn encode_object(&self, key: &ObjectKey) -> Result<Option<Vec<u8>>, serde_json::Error> {
+        fn enc<T: serde::Serialize>(v: Option<&T>) -> Result<Option<Vec<u8>>, serde_json::Error> {
+            v.map(serde_json::to_vec).transpose()
+        }
+        match key {
+            ObjectKey::Cluster => enc(Some(&self.cluster)),
+            ObjectKey::Node(n) => enc(self.nodes.get(n)),
+            ObjectKey::Instance(n) => enc(self.instances.get(n)),
+            ObjectKey::Image(n) => enc(self.images.get(n)),
+            ObjectKey::Alias(n) => enc(self.aliases.get(n)),
+            ObjectKey::Operation(n) => enc(self.operations.get(n)),
+            ObjectKey::ApiKey(n) => enc(self.api_keys.get(n)),
+            ObjectKey::JoinToken(n) => enc(self.join_tokens.get(n)),
+        }
+    }
+
+    /// Every object of the state with its storage key and value (used to write a snapshot out).
+    pub fn all_objects(&self) -> Result<Vec<(String, Vec<u8>)>, serde_json::Error> {
+        let mut keys = vec![ObjectKey::Cluster];
+        keys.extend(self.nodes.keys().cloned().map(ObjectKey::Node));
+        keys.extend(self.instances.keys().cloned().map(ObjectKey::Instance));
+        keys.extend(self.images.keys().cloned().map(ObjectKey::Image));
+        keys.extend(self.aliases.keys().cloned().map(ObjectKey::Alias));
+        keys.extend(self.operations.keys().cloned().map(ObjectKey::Operation));
+        keys.extend(self.api_keys.keys().cloned().map(ObjectKey::ApiKey));
+        keys.extend(self.join_tokens.keys().cloned().map(ObjectKey::JoinToken));
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            if let Some(v) = self.encode_object(&key)? {
+                out.push((key.to_storage_key(), v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Inserts one stored object (used when reloading the state from disk).
+    pub fn load_object(
+        &mut self,
+        storage_key: &str,
+        value: &[u8],
+    ) -> Result<(), ObjectDecodeError> {
+        let key = ObjectKey::from_storage_key(storage_key)
+            .ok_or_else(|| ObjectDecodeError::UnknownKey(storage_key.to_string()))?;
+        let err = |source| ObjectDecodeError::Decode {
+            key: storage_key.to_string(),
+            source,
+        };
+        match key {
+            ObjectKey::Cluster => self.cluster = serde_json::from_slice(value).map_err(err)?,
+            ObjectKey::Node(n) => {
+                self.nodes
+                    .insert(n, serde_json::from_slice(value).map_err(err)?);
+            }
+            ObjectKey::Instance(n) => {
+                self.instances
+                    .insert(n, serde_json::from_slice(value).map_err(err)?);
+            }
+            ObjectKey::Image(n) => {
+                self.images
+                    .insert(n, serde_json::from_slice(value).map_err(err)?);
+            }
+            ObjectKey::Alias(n) => {
+                self.aliases
+                    .insert(n, serde_json::from_slice(value).map_err(err)?);
+            }
+            ObjectKey::Operation(n) => {
+                self.operations
+                    .insert(n, serde_json::from_slice(value).map_err(err)?);
+            }
+            ObjectKey::ApiKey(n) => {
+                self.api_keys
+                    .insert(n, serde_json::from_slice(value).map_err(err)?);
+            }
+            ObjectKey::JoinToken(n) => {
+                self.join_tokens
+                    .insert(n, serde_json::from_slice(value).map_err(err)?);
+            }
+        }
+        Ok(())
+    }
+}

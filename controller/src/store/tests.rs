@@ -1,0 +1,25 @@
+//! openraft's storage test suite against the sled stores.
+
+use openraft::testing::{StoreBuilder, Suite};
+
+use crate::raft::{StorageError, TypeConfig};
+
+use super::{LogStore, StateMachineStore};
+
+struct SledBuilder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for SledBuilder {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
+        let dir = tempfile::tempdir().expect("create temp dir");
+        let (log, sm) = super::open(dir.path()).expect("open store");
+        Ok((dir, log, sm))
+    }
+}
+
+#[test]
+fn openraft_storage_suite() -> Result<(), StorageError> {
+    Suite::test_all(SledBuilder)?;
+    Ok(())
+}
