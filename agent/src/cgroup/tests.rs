@@ -1,0 +1,228 @@
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+
+const MOUNTINFO: &str = "\
+25 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+30 25 0:26 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+31 30 0:27 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+32 30 0:28 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
+33 30 0:29 / /sys/fs/cgroup/cpuset rw,relatime - cgroup cgroup rw,cpuset,clone_children
+34 30 0:30 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+35 30 0:31 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+36 30 0:32 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,release_agent=/x,name=systemd
+37 30 0:33 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+38 30 0:33 / /mnt/again rw,relatime - cgroup2 cgroup2 rw
+";
+
+#[test]
+fn parses_hybrid_mountinfo() {
+    let hs = parse_mountinfo(MOUNTINFO);
+    assert_eq!(hs.len(), 7);
+    assert_eq!(hs[0].mount, PathBuf::from("/sys/fs/cgroup/cpu"));
+    assert_eq!(hs[2].controllers, Some(vec!["cpuset".to_string()]));
+    assert_eq!(hs[5].controllers, Some(vec!["name=systemd".to_string()]));
+    assert_eq!(hs[6].controllers, None);
+    let cg = Cgroups::with_hierarchies(hs, false);
+    assert_eq!(cg.layout(), Layout::V1Hybrid);
+}
+
+struct Fake {
+    _dir: tempfile::TempDir,
+    cg: Cgroups,
+    root: PathBuf,
+}
+
+/// A fake v1-hybrid cgroupfs in a temp dir.
+fn fake_hybrid() -> Fake {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let mut hs = Vec::new();
+    for c in ["cpu", "cpuacct", "cpuset", "memory", "pids", "systemd"] {
+        std::fs::create_dir(root.join(c)).unwrap();
+        let name = if c == "systemd" { "name=systemd" } else { c };
+        hs.push(Hierarchy {
+            mount: root.join(c),
+            controllers: Some(vec![name.to_string()]),
+        });
+    }
+    std::fs::create_dir(root.join("unified")).unwrap();
+    std::fs::write(root.join("unified/cgroup.controllers"), "hugetlb\n").unwrap();
+    hs.push(Hierarchy {
+        mount: root.join("unified"),
+        controllers: None,
+    });
+    std::fs::write(root.join("cpuset/cpuset.cpus"), "0-3\n").unwrap();
+    std::fs::write(root.join("cpuset/cpuset.mems"), "0\n").unwrap();
+    Fake {
+        cg: Cgroups::with_hierarchies(hs, false),
+        root,
+        _dir: dir,
+    }
+}
+
+#[test]
+fn create_places_payload_in_every_hierarchy() {
+    let f = fake_hybrid();
+    // Fake cgroupfs: the kernel would create these files.
+    f.cg.create("c1", None).unwrap();
+    for p in f.cg.paths("c1") {
+        assert!(p.is_dir(), "{p:?}");
+        assert!(p.ends_with("berth.payload.c1"));
+    }
+    let cs = f.root.join("cpuset/berth.payload.c1");
+    assert_eq!(
+        std::fs::read_to_string(cs.join("cpuset.cpus")).unwrap(),
+        "0-3"
+    );
+    assert_eq!(
+        std::fs::read_to_string(cs.join("cpuset.mems")).unwrap(),
+        "0"
+    );
+    assert_eq!(
+        std::fs::read_to_string(cs.join("cgroup.clone_children")).unwrap(),
+        "1"
+    );
+    // Idempotent.
+    f.cg.create("c1", None).unwrap();
+}
+
+#[test]
+fn create_chowns_to_root_gid() {
+    let f = fake_hybrid();
+    for h in f.cg.hierarchies() {
+        let d = h.mount.join("berth.payload.c2");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("cgroup.procs"), "").unwrap();
+        std::fs::write(d.join("tasks"), "").unwrap();
+    }
+    f.cg.create("c2", Some(1_065_536)).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let d = f.root.join("memory/berth.payload.c2");
+    let m = std::fs::metadata(&d).unwrap();
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (0, 1_065_536, 0o775));
+    let m = std::fs::metadata(d.join("cgroup.procs")).unwrap();
+    assert_eq!((m.gid(), m.mode() & 0o7777), (1_065_536, 0o664));
+    let m = std::fs::metadata(d.join("tasks")).unwrap();
+    assert_eq!(m.mode() & 0o7777, 0o664);
+}
+
+#[test]
+fn limits_are_written_and_read_back() {
+    let f = fake_hybrid();
+    f.cg.create("c3", None).unwrap();
+    let mut cfg = BTreeMap::new();
+    cfg.insert("limits.cpu".to_string(), "1".to_string());
+    cfg.insert("limits.cpu.allowance".to_string(), "50%".to_string());
+    cfg.insert("limits.memory".to_string(), "64MiB".to_string());
+    cfg.insert("limits.processes".to_string(), "100".to_string());
+    let l = Limits::from_config(&cfg, &[0, 1, 2, 3], 1 << 30).unwrap();
+    assert_eq!(l.cpus, Some(vec![0]));
+    assert_eq!(l.cpu_quota, Some((50_000, 100_000)));
+    assert_eq!(l.memory_bytes, Some(64 << 20));
+    f.cg.apply_limits("c3", &l).unwrap();
+    let p = f.root.join("memory/berth.payload.c3/memory.limit_in_bytes");
+    assert_eq!(
+        std::fs::read_to_string(p).unwrap(),
+        (64u64 << 20).to_string()
+    );
+    let back = f.cg.read_limits("c3");
+    assert_eq!(back.get("limits.cpu").map(String::as_str), Some("0"));
+    assert_eq!(back.get("limits.memory"), Some(&(64u64 << 20).to_string()));
+    assert_eq!(
+        back.get("limits.processes").map(String::as_str),
+        Some("100")
+    );
+    assert_eq!(
+        back.get("limits.cpu.allowance").map(String::as_str),
+        Some("50ms/100ms")
+    );
+
+    // Removing the keys resets to unlimited.
+    f.cg.apply_limits("c3", &Limits::default()).unwrap();
+    let p = f.root.join("memory/berth.payload.c3/memory.limit_in_bytes");
+    assert_eq!(std::fs::read_to_string(p).unwrap(), "-1");
+    let cs = f.root.join("cpuset/berth.payload.c3/cpuset.cpus");
+    assert_eq!(std::fs::read_to_string(cs).unwrap(), "0-3");
+    let back = f.cg.read_limits("c3");
+    assert!(back.is_empty(), "{back:?}");
+}
+
+#[test]
+fn cpu_set_outside_host_is_refused() {
+    let mut cfg = BTreeMap::new();
+    cfg.insert("limits.cpu".to_string(), "5-6".to_string());
+    assert!(matches!(
+        Limits::from_config(&cfg, &[0, 1], 1 << 30),
+        Err(CgroupError::InvalidLimit(_))
+    ));
+    cfg.insert("limits.cpu".to_string(), "8".to_string());
+    assert_eq!(
+        Limits::from_config(&cfg, &[0, 1], 1 << 30).unwrap().cpus,
+        Some(vec![0, 1])
+    );
+}
+
+#[test]
+fn usage_reads_v1_files() {
+    let f = fake_hybrid();
+    f.cg.create("c4", None).unwrap();
+    std::fs::write(
+        f.root.join("memory/berth.payload.c4/memory.usage_in_bytes"),
+        "4096\n",
+    )
+    .unwrap();
+    std::fs::write(
+        f.root.join("cpuacct/berth.payload.c4/cpuacct.usage"),
+        "123\n",
+    )
+    .unwrap();
+    std::fs::write(f.root.join("pids/berth.payload.c4/pids.current"), "3\n").unwrap();
+    assert_eq!(
+        f.cg.usage("c4"),
+        Usage {
+            memory_bytes: 4096,
+            cpu_ns: 123,
+            processes: 3
+        }
+    );
+}
+
+#[test]
+fn destroy_removes_nested_bottom_up() {
+    let f = fake_hybrid();
+    f.cg.create("c5", None).unwrap();
+    let nested = f
+        .root
+        .join("systemd/berth.payload.c5/system.slice/foo.service");
+    std::fs::create_dir_all(&nested).unwrap();
+    std::fs::write(nested.join("cgroup.procs"), "").unwrap();
+    assert!(f.cg.exists("c5"));
+    f.cg.destroy("c5").unwrap();
+    assert!(!f.cg.exists("c5"));
+    // Already gone is fine.
+    f.cg.destroy("c5").unwrap();
+}
+
+#[test]
+fn exec_files_use_unified_leaf() {
+    let f = fake_hybrid();
+    f.cg.create("c6", None).unwrap();
+    let files = f.cg.exec_procs_files("c6").unwrap();
+    assert_eq!(files.len(), 7);
+    assert!(files.contains(&f.root.join("unified/berth.payload.c6/.berth/cgroup.procs")));
+    assert!(files.contains(&f.root.join("memory/berth.payload.c6/cgroup.procs")));
+}
+
+#[test]
+fn parent_is_configurable() {
+    let f = fake_hybrid();
+    let cg = f.cg.clone().with_parent("berth");
+    cg.create("c7", None).unwrap();
+    assert!(f.root.join("pids/berth/berth.payload.c7").is_dir());
+    // The intermediate cpuset parent gets CPUs too, else nothing could join it.
+    assert_eq!(
+        std::fs::read_to_string(f.root.join("cpuset/berth/cpuset.cpus")).unwrap(),
+        "0-3"
+    );
+}
