@@ -1,7 +1,7 @@
 //! [`ControlPlane`]: the handle the rest of the controller uses to read and change the
 //! replicated state.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -36,7 +36,7 @@ pub enum RaftSetupError {
     #[error("cannot open the raft store: {0}")]
     Store(#[from] StoreError),
     #[error("invalid raft configuration: {0}")]
-    Config(#[from] openraft::ConfigError),
+    Config(Box<openraft::ConfigError>),
     #[error("cannot start the raft node: {0}")]
     Start(String),
     #[error("cannot initialize the single-node cluster: {0}")]
@@ -78,6 +78,15 @@ pub enum ServeError {
     Serve(tonic::transport::Error),
 }
 
+fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, RaftPeer>>) -> WriteError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => WriteError::NotLeader {
+            leader: f.leader_node.map(|n| n.addr),
+        },
+        e => WriteError::Raft(e.to_string()),
+    }
+}
+
 struct Inner {
     id: NodeId,
     addr: String,
@@ -93,7 +102,7 @@ pub struct ControlPlane {
 }
 
 /// The Raft timing and snapshot settings Berth uses.
-fn raft_config() -> Result<Config, openraft::ConfigError> {
+fn raft_config() -> Result<Config, RaftSetupError> {
     Config {
         cluster_name: "berth".to_string(),
         heartbeat_interval: 250,
@@ -107,6 +116,7 @@ fn raft_config() -> Result<Config, openraft::ConfigError> {
         ..Default::default()
     }
     .validate()
+    .map_err(|e| RaftSetupError::Config(Box::new(e)))
 }
 
 impl ControlPlane {
@@ -172,13 +182,30 @@ impl ControlPlane {
     pub async fn write(&self, cmd: Command) -> Result<ApplyOk, WriteError> {
         match self.inner.raft.client_write(cmd).await {
             Ok(resp) => resp.data.map_err(WriteError::Rejected),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(WriteError::NotLeader {
-                    leader: f.leader_node.map(|n| n.addr),
-                })
-            }
-            Err(e) => Err(WriteError::Raft(e.to_string())),
+            Err(e) => Err(write_error(e)),
         }
+    }
+
+    /// Adds node `id` (peer address `addr`) as a voter: first as a learner that catches up,
+    /// then through a joint-consensus membership change. Must run on the leader.
+    pub async fn add_member(&self, id: NodeId, addr: String) -> Result<(), WriteError> {
+        let raft = &self.inner.raft;
+        raft.add_learner(id, RaftPeer { addr }, true)
+            .await
+            .map_err(write_error)?;
+        let mut voters: BTreeSet<NodeId> = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        voters.insert(id);
+        raft.change_membership(voters, false)
+            .await
+            .map_err(write_error)?;
+        tracing::info!(node = id, "added raft voter");
+        Ok(())
     }
 
     /// Linearizable read: confirms leadership with a quorum (read barrier), waits until the

@@ -16,3 +16,7 @@ pub use types::{
     Entry, LogId, NodeId, Raft, RaftPeer, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
     Vote,
 };
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;

@@ -16,4 +16,5 @@ pub use model::{
 pub use time::Rfc3339;
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests;

@@ -35,4 +35,5 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests;

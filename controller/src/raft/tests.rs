@@ -1,0 +1,266 @@
+//! Raft tests: restart from disk, and a 3-node cluster over loopback gRPC that survives the
+//! loss of its leader.
+
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use super::{ControlPlane, WriteError};
+use crate::state::{ApiKey, ApplyOk, Command, Role};
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Polls `cond` until it holds or `timeout` passes.
+async fn wait_for<F, Fut>(mut cond: F, timeout: Duration) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn key(id: &str) -> ApiKey {
+    ApiKey {
+        id: id.into(),
+        name: id.into(),
+        hash: format!("hash-{id}"),
+        role: Role::Admin,
+        project: String::new(),
+        created_at: "2026-11-29T12:00:00Z".into(),
+        expires_at: None,
+    }
+}
+
+fn bootstrap_cmd() -> Command {
+    Command::Bootstrap {
+        name: "test".into(),
+        ca_cert_pem: "cert".into(),
+        ca_key_pem: "key".into(),
+        admin_key: key("admin"),
+        now: "2026-11-29T12:00:00Z".into(),
+    }
+}
+
+/// Opens a store, retrying while a previous instance still holds the sled lock.
+async fn open_retry(dir: &Path, id: u64, addr: &str, bootstrap: bool) -> ControlPlane {
+    let mut last_err = None;
+    for _ in 0..100 {
+        match ControlPlane::open(dir, id, addr.to_string(), bootstrap, None).await {
+            Ok(cp) => return cp,
+            Err(e) => last_err = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("cannot open control plane: {last_err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_node_restart_keeps_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = "127.0.0.1:1"; // never dialled: a single voter has no peers
+    let cp = open_retry(dir.path(), 1, addr, true).await;
+    assert!(
+        wait_for(|| async { cp.is_leader() }, TIMEOUT).await,
+        "no leader"
+    );
+    let mut applied = cp.subscribe();
+
+    assert_eq!(cp.write(bootstrap_cmd()).await.unwrap(), ApplyOk::Done);
+    cp.write(Command::AddApiKey { key: key("k1") })
+        .await
+        .unwrap();
+    // A rejected command reports apply's error.
+    match cp.write(Command::AddApiKey { key: key("k1") }).await {
+        Err(WriteError::Rejected(e)) => assert!(e.message.contains("already exists"), "{e}"),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert!(applied.has_changed().unwrap());
+    let seen = *applied.borrow_and_update();
+    assert!(seen >= 3, "applied index {seen}");
+
+    // A snapshot, then more writes after it, so the restart loads both.
+    cp.raft().trigger().snapshot().await.unwrap();
+    let raft = cp.raft().clone();
+    assert!(
+        wait_for(
+            || {
+                let raft = raft.clone();
+                async move { raft.metrics().borrow().snapshot.is_some() }
+            },
+            TIMEOUT
+        )
+        .await,
+        "no snapshot"
+    );
+    drop(raft);
+    cp.write(Command::AddApiKey { key: key("k2") })
+        .await
+        .unwrap();
+    let before = cp.read(|s| s.clone()).await.unwrap();
+    cp.shutdown().await;
+    drop(cp);
+
+    let cp = open_retry(dir.path(), 1, addr, true).await;
+    // The state is there as soon as the store is open, before any election.
+    assert_eq!(cp.read_local(|s| s.clone()), before);
+    assert!(
+        wait_for(|| async { cp.is_leader() }, TIMEOUT).await,
+        "no leader after restart"
+    );
+    assert_eq!(cp.read(|s| s.clone()).await.unwrap(), before);
+    cp.write(Command::AddApiKey { key: key("k3") })
+        .await
+        .unwrap();
+    let keys = cp
+        .read(|s| s.api_keys.keys().cloned().collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert_eq!(keys, ["admin", "k1", "k2", "k3"]);
+    // Bootstrap is not repeated on a non-empty log.
+    assert!(matches!(
+        cp.write(bootstrap_cmd()).await,
+        Err(WriteError::Rejected(_))
+    ));
+    cp.shutdown().await;
+}
+
+struct TestNode {
+    cp: ControlPlane,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<()>,
+}
+
+impl TestNode {
+    async fn stop(&mut self) {
+        self.cp.shutdown().await;
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.server).await;
+    }
+}
+
+async fn start_node(dir: &Path, id: u64, listener: TcpListener, bootstrap: bool) -> TestNode {
+    let addr = listener.local_addr().unwrap().to_string();
+    let cp = open_retry(dir, id, &addr, bootstrap).await;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server_cp = cp.clone();
+    let server = tokio::spawn(async move {
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        if let Err(e) = server_cp.serve(listener, shutdown).await {
+            panic!("peer server failed: {e}");
+        }
+    });
+    TestNode {
+        cp,
+        stop: Some(stop),
+        server,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_replicate_and_survive_leader_loss() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let addrs: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    let mut nodes = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        nodes.push(start_node(dirs[i].path(), i as u64 + 1, listener, i == 0).await);
+    }
+
+    // Node 1 bootstraps alone, then takes in 2 and 3.
+    let n1 = nodes[0].cp.clone();
+    assert!(
+        wait_for(|| async { n1.is_leader() }, TIMEOUT).await,
+        "node 1 never led"
+    );
+    n1.add_member(2, addrs[1].clone()).await.unwrap();
+    n1.add_member(3, addrs[2].clone()).await.unwrap();
+    let voters: Vec<u64> = n1
+        .raft()
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect();
+    assert_eq!(voters, [1, 2, 3]);
+
+    // A write on the leader reaches every node.
+    n1.write(bootstrap_cmd()).await.unwrap();
+    for node in &nodes {
+        let cp = node.cp.clone();
+        assert!(
+            wait_for(
+                || async { cp.read_local(|s| s.cluster.bootstrapped) },
+                TIMEOUT
+            )
+            .await,
+            "node {} did not apply the write",
+            cp.id()
+        );
+    }
+    // A follower refuses writes and names the leader.
+    match nodes[1]
+        .cp
+        .write(Command::AddApiKey { key: key("x") })
+        .await
+    {
+        Err(WriteError::NotLeader { leader }) => assert_eq!(leader.as_deref(), Some(&*addrs[0])),
+        other => panic!("expected NotLeader, got {other:?}"),
+    }
+    assert!(
+        nodes[1].cp.read(|_| ()).await.is_err(),
+        "follower served a linearizable read"
+    );
+
+    // The leader goes away; one of the others takes over and writes still commit.
+    nodes[0].stop().await;
+    let (n2, n3) = (nodes[1].cp.clone(), nodes[2].cp.clone());
+    assert!(
+        wait_for(|| async { n2.is_leader() || n3.is_leader() }, TIMEOUT).await,
+        "no new leader after the leader stopped"
+    );
+    let (leader, follower) = if n2.is_leader() { (n2, n3) } else { (n3, n2) };
+    leader
+        .write(Command::AddApiKey { key: key("after") })
+        .await
+        .unwrap();
+    let seen = leader
+        .read(|s| s.api_keys.contains_key("after"))
+        .await
+        .unwrap();
+    assert!(seen);
+    assert!(
+        wait_for(
+            || async { follower.read_local(|s| s.api_keys.contains_key("after")) },
+            TIMEOUT
+        )
+        .await,
+        "the remaining follower did not apply the write"
+    );
+    for node in nodes.iter_mut().skip(1) {
+        node.stop().await;
+    }
+}
