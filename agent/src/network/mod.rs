@@ -2,4 +2,645 @@
 //! per instance, outbound NAT with nftables, and the configuration of `eth0` inside an
 //! instance's network namespace.
 //!
-//! Addresses come from the controller's allocation; this module only configures what it is given.
+//! Addresses come from the controller's allocation; this module only configures what it is given
+//! (apart from the bridge's own subnet, picked once per host when not configured).
+//! Everything shells out to `ip` (iproute2) and `nft`, as LXD does; every call blocks.
+
+mod guest;
+mod subnet;
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use sha2::{Digest, Sha256};
+
+pub use guest::write_guest_config;
+pub use subnet::Ipv4Net;
+
+/// Errors from host network setup.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("{op} failed: {detail}")]
+    Command { op: String, detail: String },
+    #[error("invalid network setting {what}: {value:?}")]
+    Invalid { what: &'static str, value: String },
+    #[error(
+        "no free /24 in 10.0.0.0/8 for the bridge: every candidate collides with a host route or address"
+    )]
+    NoFreeSubnet,
+    #[error("network i/o on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("refusing to write {path} in the instance rootfs: {reason}")]
+    UnsafePath { path: String, reason: String },
+}
+
+/// Host network settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkConfig {
+    /// Bridge name (default `berthbr0`).
+    pub bridge: String,
+    /// The bridge's address with prefix, e.g. `10.87.3.1/24`; `None` picks a free /24 once and
+    /// remembers it in the state directory.
+    pub ipv4_cidr: Option<String>,
+    /// Masquerade traffic from the bridge's subnet leaving through other interfaces.
+    pub nat: bool,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            bridge: "berthbr0".into(),
+            ipv4_cidr: None,
+            nat: true,
+        }
+    }
+}
+
+/// A veth pair: `host` is a port of the bridge, `peer` goes into the instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VethPair {
+    pub host: String,
+    pub peer: String,
+}
+
+/// The host's instance network: a bridge with an address, forwarding and NAT.
+#[derive(Debug)]
+pub struct Network {
+    bridge: String,
+    /// Gateway (bridge) address and prefix.
+    gateway: Ipv4Addr,
+    prefix: u8,
+    nft_table: String,
+}
+
+impl Network {
+    /// Creates or adopts the bridge (up, with its address), enables IPv4 forwarding and installs
+    /// the nftables table (`inet berth` for the default bridge, `inet berth_<bridge>` otherwise).
+    /// Idempotent: running it again changes nothing.
+    pub fn setup(cfg: NetworkConfig, state_dir: &Path) -> Result<Network, NetworkError> {
+        check_ifname(&cfg.bridge)?;
+        let (gateway, prefix) = match &cfg.ipv4_cidr {
+            Some(c) => parse_cidr(c)?,
+            None => remembered_or_pick(&cfg.bridge, state_dir)?,
+        };
+        if prefix == 0 || prefix > 30 {
+            return Err(NetworkError::Invalid {
+                what: "bridge prefix length",
+                value: prefix.to_string(),
+            });
+        }
+        if !link_exists(&cfg.bridge)? {
+            ip(&["link", "add", "name", &cfg.bridge, "type", "bridge"])?;
+            tracing::info!(bridge = %cfg.bridge, "created bridge");
+        }
+        let cidr = format!("{gateway}/{prefix}");
+        // Drop other IPv4 addresses (a changed configuration), then set ours.
+        for (addr, p) in link_ipv4_addrs(&cfg.bridge)? {
+            if (addr, p) != (gateway, prefix) {
+                ip(&["addr", "del", &format!("{addr}/{p}"), "dev", &cfg.bridge])?;
+            }
+        }
+        ip(&["addr", "replace", &cidr, "dev", &cfg.bridge])?;
+        ip(&["link", "set", &cfg.bridge, "up"])?;
+        let fwd = Path::new("/proc/sys/net/ipv4/ip_forward");
+        std::fs::write(fwd, "1").map_err(|source| NetworkError::Io {
+            path: fwd.to_path_buf(),
+            source,
+        })?;
+        let net = Network {
+            nft_table: nft_table_name(&cfg.bridge),
+            bridge: cfg.bridge,
+            gateway,
+            prefix,
+        };
+        net.install_nft(cfg.nat)?;
+        tracing::info!(bridge = %net.bridge, cidr = %cidr, nat = cfg.nat, "host network ready");
+        Ok(net)
+    }
+
+    /// The bridge's name.
+    pub fn bridge(&self) -> &str {
+        &self.bridge
+    }
+
+    /// The gateway address with prefix, e.g. `10.87.3.1/24`.
+    pub fn bridge_cidr(&self) -> String {
+        format!("{}/{}", self.gateway, self.prefix)
+    }
+
+    /// The subnet served by the bridge, e.g. `10.87.3.0/24`.
+    pub fn subnet(&self) -> Ipv4Net {
+        Ipv4Net::new(self.gateway, self.prefix).network()
+    }
+
+    /// The bridge's address: the instances' default gateway.
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.gateway
+    }
+
+    /// The nftables table this network installed (family `inet`).
+    pub fn nft_table(&self) -> &str {
+        &self.nft_table
+    }
+
+    /// IPv4 nameservers for instances: the host's from /etc/resolv.conf without loopback stubs,
+    /// else systemd-resolved's upstream list, else none.
+    pub fn nameservers(&self) -> Vec<String> {
+        for f in ["/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"] {
+            if let Ok(text) = std::fs::read_to_string(f) {
+                let ns = parse_nameservers(&text);
+                if !ns.is_empty() {
+                    return ns;
+                }
+            }
+        }
+        Vec::new()
+    }
+
+    /// The host-side veth name of an instance: `vb` + 8 hex digits of a hash of its name.
+    pub fn host_veth_name(instance: &str) -> String {
+        format!("vb{}", short_hash(instance))
+    }
+
+    /// The in-host name of the instance end before it moves into the instance (`vp` + hash).
+    pub fn peer_veth_name(instance: &str) -> String {
+        format!("vp{}", short_hash(instance))
+    }
+
+    /// Creates the veth pair of an instance (replacing a stale one), sets the peer's MAC
+    /// address, and attaches the host end to the bridge, up. The peer stays in the host namespace.
+    pub fn create_veth(&self, instance: &str, hwaddr: &str) -> Result<VethPair, NetworkError> {
+        let pair = VethPair {
+            host: Self::host_veth_name(instance),
+            peer: Self::peer_veth_name(instance),
+        };
+        self.delete_veth(&pair.host)?;
+        if link_exists(&pair.peer)? {
+            ip(&["link", "del", &pair.peer])?;
+        }
+        ip(&[
+            "link", "add", "name", &pair.host, "type", "veth", "peer", "name", &pair.peer,
+        ])?;
+        let rest = (|| {
+            if !hwaddr.is_empty() {
+                check_hwaddr(hwaddr)?;
+                ip(&["link", "set", &pair.peer, "address", hwaddr])?;
+            }
+            ip(&["link", "set", &pair.host, "master", &self.bridge])?;
+            ip(&["link", "set", &pair.host, "up"])
+        })();
+        if let Err(e) = rest {
+            let _ = ip(&["link", "del", &pair.host]);
+            return Err(e);
+        }
+        tracing::debug!(instance, host = %pair.host, "created veth pair");
+        Ok(pair)
+    }
+
+    /// Moves `peer` into the network namespace of `pid`, renames it `eth0`, sets its MAC (when
+    /// given), address and state, brings `lo` up and adds the default route via the gateway.
+    /// An empty `net.ipv4_cidr` only moves and renames the interface and brings it up.
+    pub fn configure_in_netns(
+        &self,
+        pid: i32,
+        peer: &str,
+        net: &berth_proto::v1::NetworkSpec,
+    ) -> Result<(), NetworkError> {
+        if pid <= 0 {
+            return Err(NetworkError::Invalid {
+                what: "pid",
+                value: pid.to_string(),
+            });
+        }
+        self.configure_in_netns_path(Path::new(&format!("/proc/{pid}/ns/net")), peer, net)
+    }
+
+    /// As [`Network::configure_in_netns`], for a namespace given by a path (e.g. a
+    /// `/proc/<pid>/ns/net` or `/run/netns/<name>`).
+    pub fn configure_in_netns_path(
+        &self,
+        netns: &Path,
+        peer: &str,
+        net: &berth_proto::v1::NetworkSpec,
+    ) -> Result<(), NetworkError> {
+        check_ifname(peer)?;
+        let batch = netns_batch(peer, net, self.gateway)?;
+        if !net.hwaddr.is_empty() {
+            check_hwaddr(&net.hwaddr)?;
+            ip(&["link", "set", peer, "address", &net.hwaddr])?;
+        }
+        let ns = netns.to_string_lossy().into_owned();
+        // `ip link set X netns` takes a pid or a name (of /run/netns/<name>).
+        ip(&["link", "set", peer, "netns", &netns_target(netns)?])?;
+        run_with_stdin(
+            Command::new("nsenter")
+                .arg(format!("--net={ns}"))
+                .args(["--", "ip", "-batch", "-"]),
+            &batch,
+        )?;
+        Ok(())
+    }
+
+    /// Deletes an instance's veth pair by its host-side name; succeeds when it is already gone.
+    pub fn delete_veth(&self, host_name: &str) -> Result<(), NetworkError> {
+        check_ifname(host_name)?;
+        if link_exists(host_name)? {
+            match ip(&["link", "del", host_name]) {
+                Ok(_) => {}
+                // Gone in the meantime (its peer's namespace died).
+                Err(_) if !link_exists(host_name)? => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the bridge and the nftables table (for tests and decommissioning).
+    pub fn teardown(&self) -> Result<(), NetworkError> {
+        if link_exists(&self.bridge)? {
+            ip(&["link", "del", &self.bridge])?;
+        }
+        if nft_table_exists(&self.nft_table)? {
+            run_with_stdin(
+                Command::new("nft").args(["-f", "-"]),
+                &format!("delete table inet {}\n", self.nft_table),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn install_nft(&self, nat: bool) -> Result<(), NetworkError> {
+        let script = nft_script(&self.nft_table, &self.bridge, self.subnet(), nat);
+        run_with_stdin(Command::new("nft").args(["-f", "-"]), &script)?;
+        Ok(())
+    }
+}
+
+/// A random MAC address in LXD's `00:16:3e` range.
+pub fn random_hwaddr() -> String {
+    let mut b = [0u8; 3];
+    if getrandom::fill(&mut b).is_err() {
+        // No entropy source: fall back to the clock (uniqueness, not secrecy, matters here).
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        b = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+    }
+    format!("00:16:3e:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+}
+
+fn short_hash(s: &str) -> String {
+    let d = Sha256::digest(s.as_bytes());
+    hex::encode(&d[..4])
+}
+
+/// The nftables table name for a bridge.
+fn nft_table_name(bridge: &str) -> String {
+    if bridge == "berthbr0" {
+        "berth".into()
+    } else {
+        format!(
+            "berth_{}",
+            bridge.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+        )
+    }
+}
+
+/// The nftables script that (re)defines the table atomically.
+fn nft_script(table: &str, bridge: &str, subnet: Ipv4Net, nat: bool) -> String {
+    let mut s = format!(
+        "table inet {table}\n\
+         flush table inet {table}\n\
+         table inet {table} {{\n\
+         \tchain forward {{\n\
+         \t\ttype filter hook forward priority filter; policy accept;\n\
+         \t\tiifname \"{bridge}\" accept\n\
+         \t\toifname \"{bridge}\" ct state established,related accept\n\
+         \t}}\n"
+    );
+    if nat {
+        s.push_str(&format!(
+            "\tchain postrouting {{\n\
+             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+             \t\tip saddr {subnet} ip daddr != {subnet} oifname != \"{bridge}\" masquerade\n\
+             \t}}\n"
+        ));
+    }
+    s.push_str("}\n");
+    s
+}
+
+/// The `ip -batch` commands run inside the instance's namespace.
+fn netns_batch(
+    peer: &str,
+    net: &berth_proto::v1::NetworkSpec,
+    default_gw: Ipv4Addr,
+) -> Result<String, NetworkError> {
+    let mut b = String::new();
+    b.push_str("link set lo up\n");
+    b.push_str(&format!("link set {peer} name eth0\n"));
+    if !net.ipv4_cidr.is_empty() {
+        let (addr, prefix) = parse_cidr(&net.ipv4_cidr)?;
+        b.push_str(&format!("addr replace {addr}/{prefix} dev eth0\n"));
+    }
+    b.push_str("link set eth0 up\n");
+    if !net.ipv4_cidr.is_empty() {
+        let gw = if net.gateway.is_empty() {
+            default_gw
+        } else {
+            net.gateway
+                .parse::<Ipv4Addr>()
+                .map_err(|_| NetworkError::Invalid {
+                    what: "gateway",
+                    value: net.gateway.clone(),
+                })?
+        };
+        b.push_str(&format!("route replace default via {gw} dev eth0\n"));
+    }
+    Ok(b)
+}
+
+/// What `ip link set X netns` should be given for a namespace path: a pid for
+/// `/proc/<pid>/ns/net`, a name for `/run/netns/<name>`.
+fn netns_target(netns: &Path) -> Result<String, NetworkError> {
+    let s = netns.to_string_lossy();
+    if let Some(pid) = s
+        .strip_prefix("/proc/")
+        .and_then(|r| r.strip_suffix("/ns/net"))
+        .filter(|p| !p.is_empty() && p.bytes().all(|c| c.is_ascii_digit()))
+    {
+        return Ok(pid.to_string());
+    }
+    if let Some(name) = s.strip_prefix("/run/netns/").filter(|n| !n.contains('/')) {
+        return Ok(name.to_string());
+    }
+    Err(NetworkError::Invalid {
+        what: "network namespace path",
+        value: s.into_owned(),
+    })
+}
+
+fn parse_nameservers(resolv: &str) -> Vec<String> {
+    resolv
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            (it.next() == Some("nameserver"))
+                .then(|| it.next())
+                .flatten()
+        })
+        .filter_map(|a| a.parse::<Ipv4Addr>().ok())
+        .filter(|a| !a.is_loopback() && !a.is_unspecified())
+        .map(|a| a.to_string())
+        .collect()
+}
+
+/// Parses `a.b.c.d/len`.
+pub(crate) fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), NetworkError> {
+    let bad = || NetworkError::Invalid {
+        what: "IPv4 CIDR",
+        value: s.to_string(),
+    };
+    let (a, p) = s.trim().split_once('/').ok_or_else(bad)?;
+    let addr: Ipv4Addr = a.parse().map_err(|_| bad())?;
+    let prefix: u8 = p.parse().map_err(|_| bad())?;
+    if prefix > 32 {
+        return Err(bad());
+    }
+    Ok((addr, prefix))
+}
+
+fn check_ifname(name: &str) -> Result<(), NetworkError> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'.')
+        && name != "."
+        && name != "..";
+    if ok {
+        Ok(())
+    } else {
+        Err(NetworkError::Invalid {
+            what: "interface name",
+            value: name.to_string(),
+        })
+    }
+}
+
+fn check_hwaddr(mac: &str) -> Result<(), NetworkError> {
+    let parts: Vec<&str> = mac.split(':').collect();
+    let ok = parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|c| c.is_ascii_hexdigit()));
+    // The least significant bit of the first octet marks multicast: not valid for a NIC.
+    let unicast = u8::from_str_radix(parts.first().copied().unwrap_or("01"), 16)
+        .map(|b| b & 1 == 0)
+        .unwrap_or(false);
+    if ok && unicast {
+        Ok(())
+    } else {
+        Err(NetworkError::Invalid {
+            what: "MAC address",
+            value: mac.to_string(),
+        })
+    }
+}
+
+/// Runs `ip ARGS`; returns stdout.
+fn ip(args: &[&str]) -> Result<String, NetworkError> {
+    run_with_stdin(Command::new("ip").args(args), "")
+}
+
+fn link_exists(name: &str) -> Result<bool, NetworkError> {
+    Ok(Path::new("/sys/class/net").join(name).exists())
+}
+
+/// The IPv4 addresses of a link.
+fn link_ipv4_addrs(name: &str) -> Result<Vec<(Ipv4Addr, u8)>, NetworkError> {
+    let out = ip(&["-4", "-o", "addr", "show", "dev", name])?;
+    Ok(subnet::parse_ip_addr_output(&out))
+}
+
+fn nft_table_exists(table: &str) -> Result<bool, NetworkError> {
+    let out = run_with_stdin(Command::new("nft").args(["list", "tables", "inet"]), "")?;
+    Ok(out
+        .lines()
+        .any(|l| l.trim() == format!("table inet {table}")))
+}
+
+/// Runs a command with `input` on stdin; returns stdout or a `NetworkError::Command`.
+fn run_with_stdin(cmd: &mut Command, input: &str) -> Result<String, NetworkError> {
+    use std::io::Write;
+    let mut op = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        op.push(' ');
+        op.push_str(&a.to_string_lossy());
+    }
+    tracing::debug!(command = %op, "running");
+    let spawn_err = |e: std::io::Error| NetworkError::Command {
+        op: op.clone(),
+        detail: format!("cannot spawn: {e}"),
+    };
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A command that ignores stdin may close it early; its exit status tells the story.
+        let _ = stdin.write_all(input.as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| NetworkError::Command {
+            op: op.clone(),
+            detail: format!("cannot wait: {e}"),
+        })?;
+    if !out.status.success() {
+        return Err(NetworkError::Command {
+            op,
+            detail: format!(
+                "{} ({})",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                out.status
+            ),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The bridge subnet remembered for this bridge in `state_dir`, or a free one picked now and
+/// remembered. An address already on the bridge wins (the agent restarted).
+fn remembered_or_pick(bridge: &str, state_dir: &Path) -> Result<(Ipv4Addr, u8), NetworkError> {
+    let file = state_dir.join(format!("network-{bridge}.cidr"));
+    let io = |source| NetworkError::Io {
+        path: file.clone(),
+        source,
+    };
+    if let Ok(text) = std::fs::read_to_string(&file) {
+        return parse_cidr(text.trim());
+    }
+    let chosen = if link_exists(bridge)? {
+        link_ipv4_addrs(bridge)?.into_iter().next()
+    } else {
+        None
+    };
+    let chosen = match chosen {
+        Some(c) => c,
+        None => {
+            let mut used = subnet::parse_ip_addr_output(&ip(&["-4", "-o", "addr", "show"])?);
+            used.extend(subnet::parse_ip_route_output(&ip(&[
+                "-4", "route", "show", "table", "all",
+            ])?));
+            let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+            let seed = format!("{}/{}", host.trim(), bridge);
+            let net = subnet::pick_free_24(&seed, &used).ok_or(NetworkError::NoFreeSubnet)?;
+            (net.nth_host(1), 24)
+        }
+    };
+    std::fs::create_dir_all(state_dir).map_err(|source| NetworkError::Io {
+        path: state_dir.to_path_buf(),
+        source,
+    })?;
+    let tmp = file.with_extension("cidr.tmp");
+    std::fs::write(&tmp, format!("{}/{}\n", chosen.0, chosen.1)).map_err(io)?;
+    std::fs::rename(&tmp, &file).map_err(io)?;
+    tracing::info!(bridge, cidr = %format!("{}/{}", chosen.0, chosen.1), "picked bridge subnet");
+    Ok(chosen)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn veth_names() {
+        let h = Network::host_veth_name("web1");
+        assert_eq!(h.len(), 10);
+        assert!(h.starts_with("vb"));
+        assert_eq!(h, Network::host_veth_name("web1"));
+        assert_ne!(h, Network::host_veth_name("web2"));
+        assert_eq!(&Network::peer_veth_name("web1")[2..], &h[2..]);
+        let long = "a".repeat(63);
+        assert!(Network::host_veth_name(&long).len() <= 15);
+    }
+
+    #[test]
+    fn hwaddr() {
+        let m = random_hwaddr();
+        assert!(m.starts_with("00:16:3e:"));
+        assert!(check_hwaddr(&m).is_ok());
+        assert!(check_hwaddr("01:00:00:00:00:00").is_err());
+        assert!(check_hwaddr("00:16:3e:zz:00:00").is_err());
+        assert!(check_hwaddr("00:16:3e:00:00").is_err());
+    }
+
+    #[test]
+    fn nameservers() {
+        let r = "# c\nnameserver 127.0.0.53\nnameserver 10.255.255.53\nnameserver ::1\nsearch x\nnameserver 1.1.1.1\n";
+        assert_eq!(parse_nameservers(r), vec!["10.255.255.53", "1.1.1.1"]);
+    }
+
+    #[test]
+    fn batch_and_cidr() {
+        let net = berth_proto::v1::NetworkSpec {
+            ipv4_cidr: "10.9.8.7/24".into(),
+            gateway: String::new(),
+            nameservers: vec![],
+            hwaddr: String::new(),
+        };
+        let b = netns_batch("vp1", &net, "10.9.8.1".parse().unwrap()).unwrap();
+        assert!(b.contains("link set vp1 name eth0\n"));
+        assert!(b.contains("addr replace 10.9.8.7/24 dev eth0\n"));
+        assert!(b.contains("route replace default via 10.9.8.1 dev eth0\n"));
+        let bad = berth_proto::v1::NetworkSpec {
+            ipv4_cidr: "10.9.8.7/24; rm -rf /".into(),
+            ..net
+        };
+        assert!(netns_batch("vp1", &bad, "10.9.8.1".parse().unwrap()).is_err());
+        assert!(parse_cidr("10.0.0.1/33").is_err());
+        assert!(check_ifname("eth0 up").is_err());
+        assert!(check_ifname("berthtest0").is_ok());
+    }
+
+    #[test]
+    fn netns_targets() {
+        assert_eq!(netns_target(Path::new("/proc/42/ns/net")).unwrap(), "42");
+        assert_eq!(netns_target(Path::new("/run/netns/t1")).unwrap(), "t1");
+        assert!(netns_target(Path::new("/tmp/x")).is_err());
+    }
+
+    #[test]
+    fn nft() {
+        let s = nft_script(
+            "berth",
+            "berthbr0",
+            Ipv4Net::new("10.1.2.0".parse().unwrap(), 24),
+            true,
+        );
+        assert!(s.contains(
+            "ip saddr 10.1.2.0/24 ip daddr != 10.1.2.0/24 oifname != \"berthbr0\" masquerade"
+        ));
+        assert!(
+            !nft_script(
+                "t",
+                "b",
+                Ipv4Net::new("10.1.2.0".parse().unwrap(), 24),
+                false
+            )
+            .contains("masquerade")
+        );
+        assert_eq!(nft_table_name("berthbr0"), "berth");
+        assert_eq!(nft_table_name("berthtest0"), "berth_berthtest0");
+    }
+}

@@ -8,8 +8,18 @@
 //!
 //! On-disk owners are the instance's own ids (uid 0 on disk is the instance's root); the runtime
 //! maps them with an idmapped mount, so nothing is ever chowned at launch.
+//!
+//! `images/` and `containers/` are mode 0700 (host root only): an instance root can plant
+//! set-uid-0 files in its own rootfs, which host users must never reach.
 
-use std::path::PathBuf;
+pub mod btrfs;
+pub mod dir;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub use btrfs::{BtrfsConfig, BtrfsDriver, BtrfsSource};
+pub use dir::DirDriver;
 
 /// Errors from a storage driver.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +32,10 @@ pub enum StorageError {
     VolumeExists(String),
     #[error("{op} failed: {detail}")]
     Command { op: String, detail: String },
+    #[error("invalid volume name {0:?}: must be non-empty and contain no '/', '..' or NUL")]
+    InvalidName(String),
+    #[error("storage pool {path} is unusable: {reason}")]
+    BadPool { path: PathBuf, reason: String },
     #[error("storage i/o on {path}: {source}")]
     Io {
         path: PathBuf,
@@ -59,9 +73,106 @@ pub trait StorageDriver: Send + Sync {
 
     /// Makes an instance volume from an image volume (a writable snapshot on btrfs) and returns
     /// its directory (`containers/<name>`).
-    fn create_instance_volume(&self, name: &str, fingerprint: &str) -> Result<PathBuf, StorageError>;
+    fn create_instance_volume(
+        &self,
+        name: &str,
+        fingerprint: &str,
+    ) -> Result<PathBuf, StorageError>;
     fn instance_volume(&self, name: &str) -> Option<PathBuf>;
     /// Removes an instance volume; succeeds when it is already gone.
     fn delete_instance_volume(&self, name: &str) -> Result<(), StorageError>;
     fn rename_instance_volume(&self, from: &str, to: &str) -> Result<(), StorageError>;
+}
+
+/// Subdirectory of the pool holding image volumes.
+pub const IMAGES_DIR: &str = "images";
+/// Subdirectory of the pool holding instance volumes.
+pub const CONTAINERS_DIR: &str = "containers";
+
+/// Refuses a volume name that could leave its parent directory (defense in depth: callers
+/// validate names already).
+pub fn check_volume_name(name: &str) -> Result<(), StorageError> {
+    let bad = name.is_empty()
+        || name == "."
+        || name.contains('/')
+        || name.contains("..")
+        || name.contains('\0')
+        || name.starts_with('.');
+    if bad {
+        return Err(StorageError::InvalidName(name.to_string()));
+    }
+    Ok(())
+}
+
+/// Wraps an i/o error with the path it happened on.
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
+    move |source| StorageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Runs a command to completion; returns its stdout, or a `StorageError::Command` with its
+/// stderr when it fails.
+pub(crate) fn run(cmd: &mut Command) -> Result<String, StorageError> {
+    let op = describe(cmd);
+    tracing::debug!(command = %op, "running");
+    let out = cmd.output().map_err(|e| StorageError::Command {
+        op: op.clone(),
+        detail: format!("cannot spawn: {e}"),
+    })?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(StorageError::Command {
+            op,
+            detail: format!("{} ({})", stderr.trim(), out.status),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+/// Creates `dir` (and parents) and sets its mode.
+pub(crate) fn ensure_dir(dir: &Path, mode: u32) -> Result<(), StorageError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(io_err(dir))
+}
+
+/// Space of the filesystem holding `path`, from statvfs.
+pub(crate) fn statvfs_usage(path: &Path) -> Result<PoolUsage, StorageError> {
+    let st = rustix::fs::statvfs(path).map_err(|e| StorageError::Io {
+        path: path.to_path_buf(),
+        source: e.into(),
+    })?;
+    let total = st.f_blocks.saturating_mul(st.f_frsize);
+    let used = st
+        .f_blocks
+        .saturating_sub(st.f_bfree)
+        .saturating_mul(st.f_frsize);
+    Ok(PoolUsage { total, used })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_names() {
+        for ok in ["web1", "a-b_c.d", "0123abcdef"] {
+            assert!(check_volume_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", "a/b", "../x", "a..b", ".hidden", "a\0b"] {
+            assert!(check_volume_name(bad).is_err(), "{bad:?}");
+        }
+    }
 }

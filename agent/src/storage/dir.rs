@@ -1,0 +1,181 @@
+//! The `dir` storage driver: plain directories. An instance volume is a copy of its image volume
+//! (`cp -a --reflink=auto`, so it is cheap where the filesystem can share extents).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::{
+    CONTAINERS_DIR, IMAGES_DIR, PoolUsage, StorageDriver, StorageError, check_volume_name,
+    ensure_dir, io_err, run, statvfs_usage,
+};
+
+/// statfs magics of filesystems that support idmapped mounts on the kernels Berth targets.
+const IDMAP_CAPABLE_MAGICS: &[(i64, &str)] = &[
+    (0x9123_683e, "btrfs"),
+    (0xef53, "ext4"),
+    (0x5846_5342, "xfs"),
+    (0x0102_1994, "tmpfs"),
+];
+
+/// A pool of plain directories under `root`.
+#[derive(Debug)]
+pub struct DirDriver {
+    root: PathBuf,
+    idmap: bool,
+}
+
+impl DirDriver {
+    /// Opens (creating when missing) a directory pool rooted at `root`.
+    pub fn open(root: impl Into<PathBuf>) -> Result<DirDriver, StorageError> {
+        let root = root.into();
+        ensure_dir(&root, 0o711)?;
+        ensure_dir(&root.join(IMAGES_DIR), 0o700)?;
+        ensure_dir(&root.join(CONTAINERS_DIR), 0o700)?;
+        let idmap = idmap_capable_fs(&root)?;
+        tracing::info!(pool = %root.display(), idmapped_mounts = idmap, "dir storage pool ready");
+        Ok(DirDriver { root, idmap })
+    }
+
+    /// The pool root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn image_path(&self, fingerprint: &str) -> Result<PathBuf, StorageError> {
+        check_volume_name(fingerprint)?;
+        Ok(self.root.join(IMAGES_DIR).join(fingerprint))
+    }
+
+    fn instance_path(&self, name: &str) -> Result<PathBuf, StorageError> {
+        check_volume_name(name)?;
+        Ok(self.root.join(CONTAINERS_DIR).join(name))
+    }
+}
+
+/// Whether the filesystem holding `path` is one that supports idmapped mounts.
+fn idmap_capable_fs(path: &Path) -> Result<bool, StorageError> {
+    let st = rustix::fs::statfs(path).map_err(|e| StorageError::Io {
+        path: path.to_path_buf(),
+        source: e.into(),
+    })?;
+    #[allow(clippy::unnecessary_cast)]
+    let magic = st.f_type as i64;
+    Ok(IDMAP_CAPABLE_MAGICS.iter().any(|(m, _)| *m == magic))
+}
+
+/// Removes a directory tree; succeeds when it is already gone.
+fn remove_tree(path: &Path) -> Result<(), StorageError> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StorageError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }),
+    }
+}
+
+impl StorageDriver for DirDriver {
+    fn name(&self) -> &'static str {
+        "dir"
+    }
+
+    fn supports_idmapped_mounts(&self) -> bool {
+        self.idmap
+    }
+
+    fn usage(&self) -> Result<PoolUsage, StorageError> {
+        statvfs_usage(&self.root)
+    }
+
+    fn create_image_volume(&self, fingerprint: &str) -> Result<PathBuf, StorageError> {
+        let path = self.image_path(fingerprint)?;
+        remove_tree(&path)?;
+        ensure_dir(&path, 0o755)?;
+        ensure_dir(&path.join("rootfs"), 0o755)?;
+        Ok(path)
+    }
+
+    fn finish_image_volume(&self, fingerprint: &str) -> Result<(), StorageError> {
+        let path = self.image_path(fingerprint)?;
+        if !path.is_dir() {
+            return Err(StorageError::ImageNotFound(fingerprint.to_string()));
+        }
+        Ok(())
+    }
+
+    fn image_volume(&self, fingerprint: &str) -> Option<PathBuf> {
+        let path = self.image_path(fingerprint).ok()?;
+        path.is_dir().then_some(path)
+    }
+
+    fn delete_image_volume(&self, fingerprint: &str) -> Result<(), StorageError> {
+        remove_tree(&self.image_path(fingerprint)?)
+    }
+
+    fn rename_image_volume(&self, from: &str, to: &str) -> Result<(), StorageError> {
+        let src = self.image_path(from)?;
+        let dst = self.image_path(to)?;
+        if !src.exists() {
+            return Err(StorageError::ImageNotFound(from.to_string()));
+        }
+        if fs::symlink_metadata(&dst).is_ok() {
+            return Err(StorageError::VolumeExists(to.to_string()));
+        }
+        fs::rename(&src, &dst).map_err(io_err(&src))
+    }
+
+    fn create_instance_volume(
+        &self,
+        name: &str,
+        fingerprint: &str,
+    ) -> Result<PathBuf, StorageError> {
+        let src = self.image_path(fingerprint)?;
+        let dst = self.instance_path(name)?;
+        if !src.is_dir() {
+            return Err(StorageError::ImageNotFound(fingerprint.to_string()));
+        }
+        if fs::symlink_metadata(&dst).is_ok() {
+            return Err(StorageError::VolumeExists(name.to_string()));
+        }
+        // Copy under a temporary name, then rename: a crash never leaves a half volume
+        // under the real name.
+        let tmp = self
+            .root
+            .join(CONTAINERS_DIR)
+            .join(format!(".creating-{name}"));
+        remove_tree(&tmp)?;
+        let copied = run(Command::new("cp")
+            .args(["-a", "--reflink=auto", "--no-target-directory"])
+            .arg(&src)
+            .arg(&tmp));
+        if let Err(e) = copied {
+            let _ = remove_tree(&tmp);
+            return Err(e);
+        }
+        fs::rename(&tmp, &dst).map_err(io_err(&tmp))?;
+        Ok(dst)
+    }
+
+    fn instance_volume(&self, name: &str) -> Option<PathBuf> {
+        let path = self.instance_path(name).ok()?;
+        path.is_dir().then_some(path)
+    }
+
+    fn delete_instance_volume(&self, name: &str) -> Result<(), StorageError> {
+        remove_tree(&self.instance_path(name)?)
+    }
+
+    fn rename_instance_volume(&self, from: &str, to: &str) -> Result<(), StorageError> {
+        let src = self.instance_path(from)?;
+        let dst = self.instance_path(to)?;
+        if !src.exists() {
+            return Err(StorageError::VolumeNotFound(from.to_string()));
+        }
+        if fs::symlink_metadata(&dst).is_ok() {
+            return Err(StorageError::VolumeExists(to.to_string()));
+        }
+        fs::rename(&src, &dst).map_err(io_err(&src))
+    }
+}
