@@ -2,6 +2,9 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-env-changed=PROTOC");
+    for proto in ["berth/v1/agent.proto", "berth/v1/raft.proto"] {
+        println!("cargo:rerun-if-changed={proto}");
+    }
     let protoc = match std::env::var_os("PROTOC") {
         Some(path) => std::path::PathBuf::from(path),
         None => protoc_bin_vendored::protoc_bin_path()?,

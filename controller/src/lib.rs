@@ -12,9 +12,12 @@
 
 pub mod agents;
 pub mod api;
+pub mod clock;
 pub mod config;
+pub mod daemon;
 pub mod raft;
 pub mod reconcile;
+pub mod scheduler;
 pub mod state;
 pub mod store;
 pub mod tls;

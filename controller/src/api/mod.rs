@@ -1,1 +1,253 @@
-//! (being written)
+//! The REST API: LXD-shaped `/1.0/...` routes, one file per resource, behind a visible middleware
+//! stack (request id and tracing, auth, body limit).
+
+pub mod cluster;
+pub mod error;
+pub mod exec;
+pub mod files;
+pub mod images;
+pub mod instances;
+pub mod operations;
+pub mod server;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::agents::AgentPool;
+use crate::raft::ControlPlane;
+use crate::state::ApiKey;
+use crate::tls::ClusterCa;
+pub use error::ApiError;
+
+/// Largest JSON body accepted (1 MiB).
+pub const MAX_JSON_BODY: usize = 1 << 20;
+
+/// What every handler can reach.
+pub struct AppState {
+    pub cp: ControlPlane,
+    pub agents: AgentPool,
+    pub ca: ClusterCa,
+    /// This controller's name (the `location` of what it answers).
+    pub name: String,
+    /// Operations that run on this controller: exec sessions waiting for their websocket.
+    pub execs: exec::PendingExecs,
+    /// One lock per instance: changes to one instance never interleave.
+    pub instance_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+pub type SharedState = Arc<AppState>;
+
+impl AppState {
+    /// The lock that serializes changes to `instance`.
+    pub fn instance_lock(&self, instance: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .instance_locks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        locks.entry(instance.to_string()).or_default().clone()
+    }
+}
+
+/// Who made a request (from its API key).
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub key_id: String,
+    pub key_name: String,
+    pub role: String,
+}
+
+/// The router with every route and the middleware stack.
+pub fn router(state: SharedState) -> Router {
+    let authed = Router::new()
+        .route("/1.0", get(server::get_server))
+        .route(
+            "/1.0/instances",
+            get(instances::list).post(instances::create),
+        )
+        .route(
+            "/1.0/instances/{name}",
+            get(instances::get_one)
+                .put(instances::put)
+                .patch(instances::patch)
+                .delete(instances::delete)
+                .post(instances::rename),
+        )
+        .route(
+            "/1.0/instances/{name}/state",
+            get(instances::get_state).put(instances::put_state),
+        )
+        .route("/1.0/instances/{name}/console", get(instances::console))
+        .route("/1.0/instances/{name}/exec", post(exec::post_exec))
+        .route(
+            "/1.0/instances/{name}/files",
+            get(files::pull).post(files::push).delete(files::delete),
+        )
+        .route("/1.0/images", get(images::list).post(images::create))
+        .route(
+            "/1.0/images/aliases",
+            get(images::list_aliases).post(images::create_alias),
+        )
+        .route(
+            "/1.0/images/aliases/{*alias}",
+            get(images::get_alias).delete(images::delete_alias),
+        )
+        .route(
+            "/1.0/images/{fingerprint}",
+            get(images::get_one).delete(images::delete),
+        )
+        .route("/1.0/operations", get(operations::list))
+        .route(
+            "/1.0/operations/{id}",
+            get(operations::get_one).delete(operations::cancel),
+        )
+        .route("/1.0/operations/{id}/wait", get(operations::wait))
+        .route("/1.0/operations/{id}/websocket", get(exec::websocket))
+        .route("/1.0/cluster/members", get(cluster::members))
+        .route("/1.0/cluster/join-tokens", post(cluster::create_join_token))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .route("/", get(server::get_root))
+        .route("/1.0/cluster/join", post(cluster::join))
+        .merge(authed)
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .layer(middleware::from_fn(trace_requests))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such API endpoint")
+}
+
+/// One span per request, with a request id, method and path; logs the status.
+async fn trace_requests(req: Request, next: Next) -> Response {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let span =
+        info_span!("request", req = %&id[..12], method = %req.method(), path = %req.uri().path());
+    async move {
+        let resp = next.run(req).await;
+        debug!(status = resp.status().as_u16(), "answered");
+        resp
+    }
+    .instrument(span)
+    .await
+}
+
+/// hex sha256 of an API key secret: what the state stores.
+pub fn key_hash(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// Every request under `/1.0` needs `Authorization: Bearer <key>`; a missing, unknown or expired
+/// key gets 401 and nothing else.
+async fn authenticate(State(state): State<SharedState>, mut req: Request, next: Next) -> Response {
+    let secret = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|s| s.trim().to_string());
+    let Some(secret) = secret.filter(|s| !s.is_empty() && s.len() <= 256) else {
+        return ApiError::unauthorized().into_response();
+    };
+    let hash = key_hash(&secret);
+    let now = crate::clock::now();
+    let key: Option<ApiKey> = state.cp.read_local(|s| s.api_key_by_hash(&hash).cloned());
+    match key {
+        Some(k) if k.expires_at.as_deref().is_none_or(|e| e > now.as_str()) => {
+            req.extensions_mut().insert(Identity {
+                key_id: k.id.clone(),
+                key_name: k.name.clone(),
+                role: format!("{:?}", k.role).to_lowercase(),
+            });
+            next.run(req).await
+        }
+        _ => ApiError::unauthorized().into_response(),
+    }
+}
+
+/// A JSON body, parsed with our own error: one sentence in the LXD error envelope.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    http::StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body is larger than {MAX_JSON_BODY} bytes"),
+                )
+            } else {
+                ApiError::bad_request(format!("cannot read request body: {e}"))
+            }
+        })?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::bad_request(format!("request body is not valid JSON: {e}")))
+    }
+}
+
+/// Serves the API over TLS until the listener fails.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: Router,
+) -> std::io::Result<()> {
+    let acceptor = TlsAcceptor::from(tls);
+    info!(addr = %listener.local_addr()?, "REST API listening");
+    loop {
+        let (tcp, peer): (_, SocketAddr) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                acceptor.accept(tcp),
+            )
+            .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "tls handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "tls handshake timed out");
+                    return;
+                }
+            };
+            let service = TowerToHyperService::new(app);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), service)
+                .with_upgrades()
+                .await
+            {
+                debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}

@@ -1,0 +1,129 @@
+//! API errors: an HTTP status and one sentence, answered in LXD's error envelope. Internal
+//! errors are mapped here, at the edge, and nowhere else.
+
+use axum::Json;
+use axum::response::{IntoResponse, Response};
+use berth_proto::api;
+use http::StatusCode;
+use tracing::error;
+
+use crate::agents::AgentError;
+use crate::raft::{ReadError, WriteError};
+use crate::state::{ApplyError, ApplyErrorKind};
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, message)
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+    pub fn unauthorized() -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "missing or invalid API key")
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            error!(status = self.status.as_u16(), error = %self.message, "request failed");
+        }
+        (
+            self.status,
+            Json(api::Response::error(self.status.as_u16(), self.message)),
+        )
+            .into_response()
+    }
+}
+
+impl From<ApplyError> for ApiError {
+    fn from(e: ApplyError) -> Self {
+        let status = match e.kind {
+            ApplyErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ApplyErrorKind::Conflict => StatusCode::CONFLICT,
+            ApplyErrorKind::Invalid => StatusCode::BAD_REQUEST,
+        };
+        ApiError::new(status, e.message)
+    }
+}
+
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::Rejected(a) => a.into(),
+            WriteError::NotLeader { leader } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                match leader {
+                    Some(l) => format!("this controller is not the leader; the leader is {l}"),
+                    None => "the cluster has no leader right now; try again shortly".to_string(),
+                },
+            ),
+            other => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the cluster could not commit the change: {other}"),
+            ),
+        }
+    }
+}
+
+impl From<ReadError> for ApiError {
+    fn from(e: ReadError) -> Self {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the cluster state cannot be read right now: {e}"),
+        )
+    }
+}
+
+impl From<AgentError> for ApiError {
+    fn from(e: AgentError) -> Self {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+    }
+}
+
+impl From<tonic::Status> for ApiError {
+    fn from(s: tonic::Status) -> Self {
+        use tonic::Code;
+        let status = match s.code() {
+            Code::NotFound => StatusCode::NOT_FOUND,
+            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+                StatusCode::BAD_REQUEST
+            }
+            Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
+            Code::Unavailable | Code::DeadlineExceeded => StatusCode::SERVICE_UNAVAILABLE,
+            Code::PermissionDenied => StatusCode::FORBIDDEN,
+            Code::ResourceExhausted => StatusCode::INSUFFICIENT_STORAGE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let msg = if s.code() == Code::Unavailable {
+            format!("the node agent cannot be reached: {}", s.message())
+        } else {
+            s.message().to_string()
+        };
+        ApiError::new(status, msg)
+    }
+}

@@ -1,0 +1,335 @@
+//! `POST /1.0/instances/{name}/exec` and its websocket.
+//!
+//! The POST answers 202 with an operation whose metadata carries a one-time secret; the client
+//! then opens `GET /1.0/operations/{id}/websocket?secret=...`. On that one websocket, binary
+//! frames carry data (first byte: 0 stdin, 1 stdout, 2 stderr) and text frames carry JSON
+//! control messages ([`ExecControl`]). The server ends with an `exit` message and closes.
+//! An exec session that nobody connects to within [`CONNECT_WINDOW`] fails.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use berth_proto::api::{ExecControl, InstanceExecPost, Operation, exec_stream};
+use berth_proto::v1::{self, exec_input, exec_output};
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tracing::{Instrument, debug, info_span, warn};
+
+use super::cluster::random_secret;
+use super::instances::find;
+use super::operations::{accepted, finish, instance_resources, new_operation};
+use super::{ApiError, JsonBody, SharedState};
+use crate::state::{Command, Node};
+
+/// How long an exec session waits for its websocket.
+pub const CONNECT_WINDOW: Duration = Duration::from_secs(30);
+
+/// The largest command line accepted (bytes, all arguments together).
+const MAX_COMMAND_BYTES: usize = 128 * 1024;
+
+/// An exec session waiting for its client.
+pub struct PendingExec {
+    secret_hash: [u8; 32],
+    op: Operation,
+    node: Node,
+    start: v1::ExecStart,
+}
+
+/// Exec sessions created on this controller, by operation id.
+#[derive(Default)]
+pub struct PendingExecs {
+    inner: Mutex<HashMap<String, PendingExec>>,
+}
+
+impl PendingExecs {
+    fn insert(&self, id: String, p: PendingExec) {
+        self.lock().insert(id, p);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PendingExec>> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Takes the session if the secret matches.
+    fn claim(&self, id: &str, secret: &str) -> Option<PendingExec> {
+        let mut map = self.lock();
+        let hash: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+        let matches = map.get(id).is_some_and(|p| {
+            // Compare hashes, so timing reveals nothing about the secret.
+            p.secret_hash == hash
+        });
+        if matches { map.remove(id) } else { None }
+    }
+
+    /// Drops a session nobody connected to; true if there was one.
+    pub fn cancel(&self, id: &str) -> bool {
+        self.lock().remove(id).is_some()
+    }
+}
+
+/// `POST /1.0/instances/{name}/exec`.
+pub async fn post_exec(
+    State(state): State<SharedState>,
+    Path(name): Path<String>,
+    JsonBody(req): JsonBody<InstanceExecPost>,
+) -> Result<Response, ApiError> {
+    if req.command.is_empty() || req.command[0].is_empty() {
+        return Err(ApiError::bad_request("the command is empty"));
+    }
+    let size: usize = req.command.iter().map(|a| a.len() + 1).sum::<usize>()
+        + req
+            .environment
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2)
+            .sum::<usize>();
+    if size > MAX_COMMAND_BYTES {
+        return Err(ApiError::bad_request(
+            "the command and environment are larger than 128 KiB",
+        ));
+    }
+    if req.command.iter().any(|a| a.contains('\0'))
+        || req
+            .environment
+            .iter()
+            .any(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || v.contains('\0'))
+    {
+        return Err(ApiError::bad_request(
+            "the command or environment contains a NUL byte or an invalid variable name",
+        ));
+    }
+    if !req.cwd.is_empty() && !req.cwd.starts_with('/') {
+        return Err(ApiError::bad_request(format!(
+            "cwd \"{}\" is not an absolute path",
+            req.cwd
+        )));
+    }
+    if !req.wait_for_websocket {
+        return Err(ApiError::bad_request(
+            "exec needs wait-for-websocket: output is streamed over the operation's websocket",
+        ));
+    }
+    let (i, node) = find(&state, &name).await?;
+    // Refuse early and clearly when the instance is not running.
+    let status = state
+        .agents
+        .client(&node)?
+        .instance_state(v1::InstanceRef {
+            name: i.name.clone(),
+        })
+        .await?
+        .into_inner();
+    if status.state != v1::InstanceState::Running as i32 {
+        return Err(ApiError::bad_request(format!(
+            "instance \"{name}\" is not running"
+        )));
+    }
+    let mut env: HashMap<String, String> = i
+        .config
+        .iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("environment.")
+                .map(|k| (k.to_string(), v.clone()))
+        })
+        .collect();
+    env.extend(req.environment.clone());
+    let start = v1::ExecStart {
+        instance: i.name.clone(),
+        command: req.command.clone(),
+        env,
+        cwd: req.cwd.clone(),
+        uid: req.user,
+        gid: req.group,
+        tty: req.interactive,
+        width: req.width,
+        height: req.height,
+    };
+    let secret = random_secret()?;
+    let mut op = new_operation(
+        &state,
+        "websocket",
+        "Executing command",
+        instance_resources(&name),
+    );
+    op.metadata = serde_json::json!({ "fds": { "0": secret } });
+    let id = op.id.clone();
+    let answer_op = op.clone();
+    state.execs.insert(
+        id.clone(),
+        PendingExec {
+            secret_hash: Sha256::digest(secret.as_bytes()).into(),
+            op: op.clone(),
+            node,
+            start,
+        },
+    );
+    // The operation ends when the session does; if nobody connects in time, it fails.
+    state
+        .cp
+        .write(Command::PutOperation {
+            operation: op.clone(),
+        })
+        .await?;
+    let st = state.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(CONNECT_WINDOW).await;
+        // Still pending: nobody came. Otherwise the websocket handler records the end.
+        if st.execs.cancel(&id) {
+            finish(
+                &st,
+                op,
+                Err(ApiError::bad_request(
+                    "nobody connected to the exec websocket in time",
+                )),
+            )
+            .await;
+        }
+    });
+    Ok(accepted(&answer_op))
+}
+
+#[derive(Deserialize)]
+pub struct WsQuery {
+    secret: String,
+}
+
+/// `GET /1.0/operations/{id}/websocket?secret=...`.
+pub async fn websocket(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    Query(q): Query<WsQuery>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let pending = state.execs.claim(&id, &q.secret).ok_or_else(|| {
+        ApiError::new(
+            http::StatusCode::FORBIDDEN,
+            "no exec session with that operation and secret",
+        )
+    })?;
+    let span = info_span!("exec", op = %id, instance = %pending.start.instance);
+    let st = state.clone();
+    Ok(ws
+        .max_message_size(4 << 20)
+        .on_upgrade(move |socket| {
+            async move {
+                let op = pending.op.clone();
+                let result = run_session(&st, pending, socket).await;
+                let result = result.map(|code| serde_json::json!({ "return": code }));
+                finish(&st, op, result).await;
+            }
+            .instrument(span)
+        })
+        .into_response())
+}
+
+async fn run_session(
+    state: &SharedState,
+    p: PendingExec,
+    socket: WebSocket,
+) -> Result<i32, ApiError> {
+    let mut client = state.agents.client(&p.node)?;
+    let (to_agent, rx) = mpsc::channel::<v1::ExecInput>(64);
+    to_agent
+        .send(v1::ExecInput {
+            msg: Some(exec_input::Msg::Start(p.start.clone())),
+        })
+        .await
+        .map_err(|_| ApiError::internal("exec input channel closed"))?;
+    let mut output = client
+        .exec(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let (mut ws_tx, mut ws_rx) = socket.split();
+
+    // Client to agent.
+    let input = async move {
+        while let Some(msg) = ws_rx.next().await {
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => {
+                    debug!(error = %e, "websocket read failed");
+                    break;
+                }
+            };
+            let input = match msg {
+                Message::Binary(b) if b.first() == Some(&exec_stream::STDIN) => {
+                    exec_input::Msg::Stdin(b.slice(1..))
+                }
+                Message::Binary(_) => continue,
+                Message::Text(t) => match serde_json::from_str::<ExecControl>(t.as_str()) {
+                    Ok(ExecControl::WindowResize { width, height }) => {
+                        exec_input::Msg::Resize(v1::WindowSize { width, height })
+                    }
+                    Ok(ExecControl::Signal { signal }) if (1..=64).contains(&signal) => {
+                        exec_input::Msg::Signal(signal)
+                    }
+                    Ok(ExecControl::StdinEof) => exec_input::Msg::StdinEof(true),
+                    Ok(_) => continue,
+                    Err(e) => {
+                        debug!(error = %e, "ignoring a control message that is not valid");
+                        continue;
+                    }
+                },
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            if to_agent
+                .send(v1::ExecInput { msg: Some(input) })
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    };
+    let input = tokio::spawn(input);
+
+    // Agent to client.
+    let mut exit_code = None;
+    loop {
+        let msg = match output.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(e) => {
+                input.abort();
+                let _ = ws_tx.send(Message::Close(None)).await;
+                return Err(e.into());
+            }
+        };
+        let frame = match msg.msg {
+            Some(exec_output::Msg::Stdout(b)) => with_stream(exec_stream::STDOUT, &b),
+            Some(exec_output::Msg::Stderr(b)) => with_stream(exec_stream::STDERR, &b),
+            Some(exec_output::Msg::ExitCode(c)) => {
+                exit_code = Some(c);
+                break;
+            }
+            None => continue,
+        };
+        if ws_tx.send(Message::Binary(frame.into())).await.is_err() {
+            // The client went away; the agent's stream ends when we drop it.
+            warn!("exec client disconnected before the command ended");
+            break;
+        }
+    }
+    input.abort();
+    let code =
+        exit_code.ok_or_else(|| ApiError::internal("the command ended without an exit code"))?;
+    let ctl = serde_json::to_string(&ExecControl::Exit { code }).unwrap_or_default();
+    let _ = ws_tx.send(Message::Text(ctl.into())).await;
+    let _ = ws_tx.send(Message::Close(None)).await;
+    Ok(code)
+}
+
+fn with_stream(id: u8, data: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(data.len() + 1);
+    v.push(id);
+    v.extend_from_slice(data);
+    v
+}

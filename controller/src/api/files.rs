@@ -1,0 +1,256 @@
+//! `/1.0/instances/{name}/files?path=...`: pull, push and delete files inside an instance.
+//! Metadata travels in LXD's `X-LXD-*` headers; contents stream through without being held in memory.
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use berth_proto::api::file_headers;
+use berth_proto::v1::{self, file_pull_chunk, file_push_chunk};
+use futures::StreamExt;
+use http::{HeaderMap, HeaderValue};
+use serde::Deserialize;
+
+use super::instances::find;
+use super::operations::sync;
+use super::{ApiError, SharedState};
+
+#[derive(Deserialize)]
+pub struct PathQuery {
+    path: Option<String>,
+}
+
+fn checked_path(q: &PathQuery) -> Result<String, ApiError> {
+    let p = q
+        .path
+        .as_deref()
+        .ok_or_else(|| ApiError::bad_request("the path query parameter is missing"))?;
+    if !p.starts_with('/') {
+        return Err(ApiError::bad_request(format!(
+            "path \"{p}\" is not absolute"
+        )));
+    }
+    if p.len() > 4096 || p.contains('\0') {
+        return Err(ApiError::bad_request(
+            "path is longer than 4096 bytes or contains a NUL byte",
+        ));
+    }
+    Ok(p.to_string())
+}
+
+fn type_name(t: i32) -> &'static str {
+    match v1::FileType::try_from(t) {
+        Ok(v1::FileType::Directory) => "directory",
+        Ok(v1::FileType::Symlink) => "symlink",
+        _ => "file",
+    }
+}
+
+fn meta_headers(info: &v1::FileInfo) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    let mut put = |k: &'static str, v: String| {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            h.insert(k, v);
+        }
+    };
+    put(file_headers::TYPE, type_name(info.r#type).into());
+    put(file_headers::UID, info.uid.to_string());
+    put(file_headers::GID, info.gid.to_string());
+    put(file_headers::MODE, format!("{:04o}", info.mode & 0o7777));
+    h
+}
+
+/// `GET /1.0/instances/{name}/files?path=P`.
+pub async fn pull(
+    State(state): State<SharedState>,
+    Path(name): Path<String>,
+    Query(q): Query<PathQuery>,
+) -> Result<Response, ApiError> {
+    let path = checked_path(&q)?;
+    let (i, n) = find(&state, &name).await?;
+    let mut stream = state
+        .agents
+        .client(&n)?
+        .pull_file(v1::FilePullRequest {
+            instance: i.name.clone(),
+            path,
+        })
+        .await?
+        .into_inner();
+    let info = match stream.message().await? {
+        Some(v1::FilePullChunk {
+            msg: Some(file_pull_chunk::Msg::Info(info)),
+        }) => info,
+        _ => return Err(ApiError::internal("the agent sent no file metadata")),
+    };
+    let headers = meta_headers(&info);
+    match v1::FileType::try_from(info.r#type) {
+        Ok(v1::FileType::Directory) => {
+            let mut resp = sync(&info.entries);
+            resp.headers_mut().extend(headers);
+            Ok(resp)
+        }
+        Ok(v1::FileType::Symlink) => Ok((headers, info.target.clone()).into_response()),
+        _ => {
+            let body = stream.filter_map(|chunk| async move {
+                match chunk {
+                    Ok(v1::FilePullChunk {
+                        msg: Some(file_pull_chunk::Msg::Data(d)),
+                    }) => Some(Ok::<_, tonic::Status>(d)),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
+                }
+            });
+            let mut h = headers;
+            h.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            Ok((h, Body::from_stream(body)).into_response())
+        }
+    }
+}
+
+fn header_num(
+    headers: &HeaderMap,
+    name: &str,
+    radix: u32,
+    max: u32,
+    default: u32,
+) -> Result<u32, ApiError> {
+    match headers.get(name) {
+        None => Ok(default),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| u32::from_str_radix(s.trim(), radix).ok())
+            .filter(|n| *n <= max)
+            .ok_or_else(|| ApiError::bad_request(format!("header {name} is not a valid value"))),
+    }
+}
+
+/// `POST /1.0/instances/{name}/files?path=P`: body = contents (or a symlink's target).
+pub async fn push(
+    State(state): State<SharedState>,
+    Path(name): Path<String>,
+    Query(q): Query<PathQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let path = checked_path(&q)?;
+    let kind = match headers
+        .get(file_headers::TYPE)
+        .map(|v| v.to_str().unwrap_or("?"))
+    {
+        None | Some("file") => v1::FileType::File,
+        Some("directory") => v1::FileType::Directory,
+        Some("symlink") => v1::FileType::Symlink,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "file type \"{other}\" is not one of file, directory, symlink"
+            )));
+        }
+    };
+    if let Some(w) = headers.get(file_headers::WRITE)
+        && w.to_str().unwrap_or("?") != "overwrite"
+    {
+        return Err(ApiError::bad_request(
+            "only the overwrite write mode is supported",
+        ));
+    }
+    let default_mode = if kind == v1::FileType::Directory {
+        0o755
+    } else {
+        0o644
+    };
+    let uid = header_num(&headers, file_headers::UID, 10, u32::MAX - 1, 0)?;
+    let gid = header_num(&headers, file_headers::GID, 10, u32::MAX - 1, 0)?;
+    let mode = header_num(&headers, file_headers::MODE, 8, 0o7777, default_mode)?;
+    let (i, n) = find(&state, &name).await?;
+    let mut header = v1::FileHeader {
+        instance: i.name.clone(),
+        path,
+        r#type: kind as i32,
+        mode,
+        uid,
+        gid,
+        target: String::new(),
+    };
+    let mut data = body.into_data_stream();
+    if kind == v1::FileType::Symlink {
+        let mut target = Vec::new();
+        while let Some(chunk) = data.next().await {
+            let chunk = chunk
+                .map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
+            target.extend_from_slice(&chunk);
+            if target.len() > 4096 {
+                return Err(ApiError::bad_request(
+                    "symlink target is longer than 4096 bytes",
+                ));
+            }
+        }
+        header.target = String::from_utf8(target)
+            .map_err(|_| ApiError::bad_request("symlink target is not UTF-8"))?;
+        if header.target.is_empty() || header.target.contains('\0') {
+            return Err(ApiError::bad_request(
+                "symlink target is empty or contains a NUL byte",
+            ));
+        }
+    }
+    // Forward the body through a channel: the gRPC call streams it as it arrives.
+    let (tx, rx) = tokio::sync::mpsc::channel::<v1::FilePushChunk>(8);
+    let send_data = kind == v1::FileType::File;
+    tokio::spawn(async move {
+        if tx
+            .send(v1::FilePushChunk {
+                msg: Some(file_push_chunk::Msg::Header(header)),
+            })
+            .await
+            .is_err()
+            || !send_data
+        {
+            return;
+        }
+        while let Some(chunk) = data.next().await {
+            let Ok(bytes) = chunk else {
+                // The client went away mid-upload: dropping the sender ends the call, and
+                // the agent only replaces the file once the whole content arrived.
+                return;
+            };
+            let msg = v1::FilePushChunk {
+                msg: Some(file_push_chunk::Msg::Data(bytes)),
+            };
+            if tx.send(msg).await.is_err() {
+                return;
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let info = state
+        .agents
+        .client(&n)?
+        .push_file(stream)
+        .await?
+        .into_inner();
+    Ok(sync(
+        serde_json::json!({ "path": info.path, "size": info.size }),
+    ))
+}
+
+/// `DELETE /1.0/instances/{name}/files?path=P`.
+pub async fn delete(
+    State(state): State<SharedState>,
+    Path(name): Path<String>,
+    Query(q): Query<PathQuery>,
+) -> Result<Response, ApiError> {
+    let path = checked_path(&q)?;
+    let (i, n) = find(&state, &name).await?;
+    state
+        .agents
+        .client(&n)?
+        .delete_file(v1::FileDeleteRequest {
+            instance: i.name.clone(),
+            path,
+        })
+        .await?;
+    Ok(sync(serde_json::Value::Null))
+}

@@ -1,0 +1,807 @@
+//! `/1.0/instances`: list, create, get, update, rename, delete, state, console.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use berth_proto::api::{
+    self, InstancePatch, InstancePost, InstancePut, InstanceStatePut, InstanceStatusCode,
+    InstancesPost,
+};
+use berth_proto::v1;
+use serde::Deserialize;
+use tracing::{info, warn};
+
+use super::operations::{instance_resources, new_operation, run_task, sync};
+use super::{ApiError, JsonBody, SharedState};
+use crate::agents::LONG_CALL;
+use crate::clock;
+use crate::state::{Command, DesiredState, Instance, Node, Observed};
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    #[serde(default)]
+    recursion: u8,
+}
+
+/// Converts the stored instance to its API shape (without live state).
+pub fn to_api(i: &Instance) -> api::Instance {
+    api::Instance {
+        name: i.name.clone(),
+        description: i.description.clone(),
+        status: i.observed.status.as_str().into(),
+        status_code: i.observed.status.code(),
+        location: i.node.clone(),
+        kind: "container".into(),
+        architecture: std::env::consts::ARCH.into(),
+        config: i.config.clone(),
+        profiles: vec![],
+        ephemeral: false,
+        stateful: false,
+        created_at: i.created_at.clone(),
+        last_used_at: i.last_used_at.clone(),
+        image: i.image.clone(),
+        state: None,
+    }
+}
+
+/// The prefix length of a node's instance subnet ("10.87.3.1/24" gives 24).
+pub fn node_prefix(n: &Node) -> u8 {
+    n.ipv4_cidr
+        .split_once('/')
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or(24)
+}
+
+/// The API state of an instance from what its agent reports.
+fn state_from_agent(i: &Instance, prefix: u8, s: &v1::InstanceStatus) -> api::InstanceState {
+    let status = match v1::InstanceState::try_from(s.state) {
+        Ok(v1::InstanceState::Running) => InstanceStatusCode::Running,
+        Ok(v1::InstanceState::Error) => InstanceStatusCode::Error,
+        _ => InstanceStatusCode::Stopped,
+    };
+    let mut network = BTreeMap::new();
+    if !i.ipv4.is_empty() {
+        network.insert(
+            "eth0".to_string(),
+            api::InstanceStateNetwork {
+                addresses: if status == InstanceStatusCode::Running {
+                    vec![api::InstanceStateNetworkAddress {
+                        family: "inet".into(),
+                        address: i.ipv4.clone(),
+                        netmask: prefix.to_string(),
+                        scope: "global".into(),
+                    }]
+                } else {
+                    vec![]
+                },
+                hwaddr: i.hwaddr.clone(),
+                host_name: String::new(),
+                state: if status == InstanceStatusCode::Running {
+                    "up"
+                } else {
+                    "down"
+                }
+                .into(),
+                kind: "broadcast".into(),
+            },
+        );
+    }
+    api::InstanceState {
+        status: status.as_str().into(),
+        status_code: status.code(),
+        pid: s.pid,
+        processes: s.processes,
+        memory: api::InstanceStateMemory {
+            usage: s.memory_usage_bytes,
+            usage_peak: 0,
+            total: s.memory_limit_bytes,
+        },
+        cpu: api::InstanceStateCpu {
+            usage: s.cpu_usage_ns,
+        },
+        network,
+        started_at: s.started_at,
+        limits: s.limits.clone().into_iter().collect(),
+    }
+}
+
+fn observed_from(s: &v1::InstanceStatus) -> Observed {
+    Observed {
+        status: match v1::InstanceState::try_from(s.state) {
+            Ok(v1::InstanceState::Running) => InstanceStatusCode::Running,
+            Ok(v1::InstanceState::Error) => InstanceStatusCode::Error,
+            _ => InstanceStatusCode::Stopped,
+        },
+        pid: s.pid,
+        updated_at: clock::now(),
+        error: s.error.clone(),
+    }
+}
+
+/// Records what an agent reported about an instance.
+pub async fn observe(state: &SharedState, name: &str, s: &v1::InstanceStatus) {
+    if let Err(e) = state
+        .cp
+        .write(Command::ObserveInstance {
+            name: name.to_string(),
+            observed: observed_from(s),
+        })
+        .await
+    {
+        warn!(instance = %name, error = %e, "could not record the instance's status");
+    }
+}
+
+/// The instance and the node it is on, or 404.
+pub async fn find(state: &SharedState, name: &str) -> Result<(Instance, Node), ApiError> {
+    let found = state
+        .cp
+        .read(|s| {
+            s.instances
+                .get(name)
+                .map(|i| (i.clone(), s.nodes.get(&i.node).cloned()))
+        })
+        .await?;
+    match found {
+        Some((i, Some(n))) => Ok((i, n)),
+        Some((i, None)) => Err(ApiError::internal(format!(
+            "instance {} is placed on node {}, which is not a member",
+            i.name, i.node
+        ))),
+        None => Err(ApiError::not_found(format!(
+            "instance \"{name}\" not found"
+        ))),
+    }
+}
+
+/// The live state of one instance, asked of its agent.
+async fn live_state(
+    state: &SharedState,
+    i: &Instance,
+    n: &Node,
+) -> Result<api::InstanceState, ApiError> {
+    let s = state
+        .agents
+        .client(n)?
+        .instance_state(v1::InstanceRef {
+            name: i.name.clone(),
+        })
+        .await?
+        .into_inner();
+    Ok(state_from_agent(i, node_prefix(n), &s))
+}
+
+/// `GET /1.0/instances?recursion=0|1|2`.
+pub async fn list(
+    State(state): State<SharedState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    let (instances, nodes): (Vec<Instance>, Vec<Node>) = state
+        .cp
+        .read(|s| {
+            (
+                s.instances.values().cloned().collect(),
+                s.nodes.values().cloned().collect(),
+            )
+        })
+        .await?;
+    match q.recursion {
+        0 => Ok(sync(
+            instances
+                .iter()
+                .map(|i| format!("/1.0/instances/{}", i.name))
+                .collect::<Vec<_>>(),
+        )),
+        1 => Ok(sync(instances.iter().map(to_api).collect::<Vec<_>>())),
+        _ => {
+            // One call per node, all nodes at once.
+            let mut per_node = BTreeMap::new();
+            let calls = nodes.iter().map(|n| {
+                let st = state.clone();
+                async move {
+                    let r = match st.agents.client(n) {
+                        Ok(mut c) => c
+                            .list_instances(v1::ListInstancesRequest {})
+                            .await
+                            .map(|r| r.into_inner().instances)
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    (n.name.clone(), r)
+                }
+            });
+            for (node, r) in futures::future::join_all(calls).await {
+                match r {
+                    Ok(list) => {
+                        per_node.insert(
+                            node,
+                            list.into_iter()
+                                .map(|s| (s.name.clone(), s))
+                                .collect::<BTreeMap<_, _>>(),
+                        );
+                    }
+                    Err(e) => warn!(node = %node, error = %e, "cannot list the node's instances"),
+                }
+            }
+            let out: Vec<api::Instance> = instances
+                .iter()
+                .map(|i| {
+                    let mut a = to_api(i);
+                    if let Some(s) = per_node.get(&i.node).and_then(|m| m.get(&i.name)) {
+                        let prefix = nodes
+                            .iter()
+                            .find(|n| n.name == i.node)
+                            .map(node_prefix)
+                            .unwrap_or(24);
+                        let st = state_from_agent(i, prefix, s);
+                        a.status = st.status.clone();
+                        a.status_code = st.status_code;
+                        a.state = Some(st);
+                    } else {
+                        a.state = Some(api::InstanceState {
+                            status: a.status.clone(),
+                            status_code: a.status_code,
+                            ..Default::default()
+                        });
+                    }
+                    a
+                })
+                .collect();
+            Ok(sync(out))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub struct TargetQuery {
+    #[serde(default)]
+    target: String,
+}
+
+fn random_hwaddr() -> Result<String, ApiError> {
+    let mut b = [0u8; 3];
+    getrandom::fill(&mut b).map_err(|e| ApiError::internal(format!("no randomness: {e}")))?;
+    Ok(format!("00:16:3e:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2]))
+}
+
+/// The spec an agent needs to create `i` on `n`.
+pub fn agent_spec(i: &Instance, n: &Node) -> v1::InstanceSpec {
+    let network = if i.ipv4.is_empty() {
+        None
+    } else {
+        let gateway = n
+            .ipv4_cidr
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        Some(v1::NetworkSpec {
+            ipv4_cidr: format!("{}/{}", i.ipv4, node_prefix(n)),
+            gateway,
+            nameservers: vec![],
+            hwaddr: i.hwaddr.clone(),
+        })
+    };
+    v1::InstanceSpec {
+        name: i.name.clone(),
+        image: i.image.clone(),
+        config: i.config.clone().into_iter().collect(),
+        network,
+    }
+}
+
+/// `POST /1.0/instances`: create (and with `start`, start) an instance from an image.
+pub async fn create(
+    State(state): State<SharedState>,
+    Query(q): Query<TargetQuery>,
+    JsonBody(req): JsonBody<InstancesPost>,
+) -> Result<Response, ApiError> {
+    api::names::validate_instance_name(&req.name).map_err(ApiError::bad_request)?;
+    if !req.kind.is_empty() && req.kind != "container" {
+        return Err(ApiError::bad_request(format!(
+            "instance type \"{}\" is not supported; only containers are",
+            req.kind
+        )));
+    }
+    if req.source.kind != "image" {
+        return Err(ApiError::bad_request(format!(
+            "instance source type \"{}\" is not supported; use \"image\"",
+            req.source.kind
+        )));
+    }
+    if req.profiles.iter().any(|p| p != "default") {
+        return Err(ApiError::bad_request(
+            "profiles other than \"default\" do not exist yet",
+        ));
+    }
+    api::config::validate(&req.config).map_err(|e| ApiError::bad_request(e.0))?;
+    let wanted = if !req.source.fingerprint.is_empty() {
+        req.source.fingerprint.clone()
+    } else {
+        req.source.alias.clone()
+    };
+    if wanted.is_empty() {
+        return Err(ApiError::bad_request(
+            "the source names no image (alias or fingerprint)",
+        ));
+    }
+    let target = if q.target.is_empty() {
+        req.target.clone()
+    } else {
+        q.target.clone()
+    };
+    let (image, node, exists) = state
+        .cp
+        .read(|s| {
+            (
+                s.resolve_image(&wanted).cloned(),
+                crate::scheduler::place(s, Some(target.as_str())),
+                s.instances.contains_key(&req.name),
+            )
+        })
+        .await?;
+    if exists {
+        return Err(ApiError::conflict(format!(
+            "instance \"{}\" already exists",
+            req.name
+        )));
+    }
+    let image =
+        image.ok_or_else(|| ApiError::not_found(format!("image \"{wanted}\" not found")))?;
+    let node = node.map_err(ApiError::bad_request)?;
+    if !image.locations.contains(&node) {
+        return Err(ApiError::bad_request(format!(
+            "image {} is not on node {node} (copying images between nodes is not supported yet)",
+            &image.fingerprint[..12.min(image.fingerprint.len())]
+        )));
+    }
+    let mut config = req.config.clone();
+    for (k, v) in &image.properties {
+        config
+            .entry(format!("image.{k}"))
+            .or_insert_with(|| v.clone());
+    }
+    let now = clock::now();
+    let instance = Instance {
+        name: req.name.clone(),
+        description: req.description.clone(),
+        node: node.clone(),
+        image: image.fingerprint.clone(),
+        config,
+        created_at: now.clone(),
+        last_used_at: String::new(),
+        ipv4: String::new(),
+        hwaddr: random_hwaddr()?,
+        desired: if req.start {
+            DesiredState::Running
+        } else {
+            DesiredState::Stopped
+        },
+        observed: Observed {
+            status: InstanceStatusCode::Pending,
+            pid: 0,
+            updated_at: now,
+            error: String::new(),
+        },
+    };
+    let op = new_operation(
+        &state,
+        "task",
+        if req.start {
+            "Creating and starting instance"
+        } else {
+            "Creating instance"
+        },
+        instance_resources(&req.name),
+    );
+    let stored = match state
+        .cp
+        .write(Command::CreateInstance {
+            instance,
+            operation: None,
+        })
+        .await?
+    {
+        crate::state::ApplyOk::Instance(i) => i,
+        _ => {
+            return Err(ApiError::internal(
+                "the create command returned no instance",
+            ));
+        }
+    };
+    let st = state.clone();
+    let start = req.start;
+    run_task(&state, op, async move {
+        let lock = st.instance_lock(&stored.name);
+        let _guard = lock.lock().await;
+        let n = st
+            .cp
+            .read(|s| s.nodes.get(&stored.node).cloned())
+            .await?
+            .ok_or_else(|| ApiError::internal("the instance's node vanished"))?;
+        let mut client = st.agents.client(&n)?;
+        let mut req = tonic::Request::new(v1::CreateInstanceRequest {
+            spec: Some(agent_spec(&stored, &n)),
+        });
+        req.set_timeout(LONG_CALL);
+        let created = match client.create_instance(req).await {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                // Undo: the instance never came to be.
+                let _ = st
+                    .cp
+                    .write(Command::DeleteInstance {
+                        name: stored.name.clone(),
+                    })
+                    .await;
+                return Err(e.into());
+            }
+        };
+        observe(&st, &stored.name, &created).await;
+        info!(instance = %stored.name, node = %n.name, "instance created");
+        if start {
+            let mut req = tonic::Request::new(v1::InstanceRef {
+                name: stored.name.clone(),
+            });
+            req.set_timeout(LONG_CALL);
+            let s = client.start_instance(req).await?.into_inner();
+            observe(&st, &stored.name, &s).await;
+            info!(instance = %stored.name, "instance started");
+        }
+        Ok(serde_json::Value::Null)
+    })
+    .await
+}
+
+/// `GET /1.0/instances/{name}`.
+pub async fn get_one(
+    State(state): State<SharedState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let (i, _) = find(&state, &name).await?;
+    Ok(sync(to_api(&i)))
+}
+
+/// `GET /1.0/instances/{name}/state`.
+pub async fn get_state(
+    State(state): State<SharedState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let (i, n) = find(&state, &name).await?;
+    Ok(sync(live_state(&state, &i, &n).await?))
+}
+
+/// Applies a new config (and description) to an instance: stored through Raft, then pushed to
+/// the agent so that live keys take effect at once on a running instance.
+async fn apply_update(
+    state: SharedState,
+    name: String,
+    config: BTreeMap<String, String>,
+    description: String,
+) -> Result<Response, ApiError> {
+    api::config::validate(&config).map_err(|e| ApiError::bad_request(e.0))?;
+    let (current, _) = find(&state, &name).await?;
+    // image.* and volatile.* keys are the server's: keep them whatever the client sent.
+    let mut merged: BTreeMap<String, String> = config
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("volatile.") && !k.starts_with("image."))
+        .collect();
+    for (k, v) in &current.config {
+        if k.starts_with("volatile.") || k.starts_with("image.") {
+            merged.insert(k.clone(), v.clone());
+        }
+    }
+    let op = new_operation(
+        &state,
+        "task",
+        "Updating instance",
+        instance_resources(&name),
+    );
+    let st = state.clone();
+    let lock = st.instance_lock(&name);
+    let guard = lock.lock_owned().await;
+    // The agent checks values against the host (e.g. more CPUs than it has) before anything is stored.
+    let (i, n) = find(&st, &name).await?;
+    let mut client = st.agents.client(&n)?;
+    let s = client
+        .update_instance(v1::UpdateInstanceRequest {
+            name: i.name.clone(),
+            config: merged.clone().into_iter().collect(),
+        })
+        .await?
+        .into_inner();
+    st.cp
+        .write(Command::UpdateInstance {
+            name: name.clone(),
+            config: merged,
+            description,
+            now: clock::now(),
+        })
+        .await?;
+    drop(guard);
+    observe(&st, &name, &s).await;
+    run_task(&state, op, async move { Ok(serde_json::Value::Null) }).await
+}
+
+/// `PUT /1.0/instances/{name}`: replaces the writable config.
+pub async fn put(
+    State(state): State<SharedState>,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<InstancePut>,
+) -> Result<Response, ApiError> {
+    if body.profiles.iter().any(|p| p != "default") {
+        return Err(ApiError::bad_request(
+            "profiles other than \"default\" do not exist yet",
+        ));
+    }
+    if body.ephemeral {
+        return Err(ApiError::bad_request(
+            "ephemeral instances are not supported yet",
+        ));
+    }
+    apply_update(state, name, body.config, body.description).await
+}
+
+/// `PATCH /1.0/instances/{name}`: changes only what is given; a config key set to null is removed.
+pub async fn patch(
+    State(state): State<SharedState>,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<InstancePatch>,
+) -> Result<Response, ApiError> {
+    let (current, _) = find(&state, &name).await?;
+    let mut config = current.config.clone();
+    if let Some(changes) = body.config {
+        for (k, v) in changes {
+            if k.starts_with("volatile.") || k.starts_with("image.") {
+                return Err(ApiError::bad_request(format!(
+                    "config key {k} is set by the server and cannot be changed"
+                )));
+            }
+            match v {
+                Some(v) => {
+                    api::config::validate_key_value(&k, &v)
+                        .map_err(|e| ApiError::bad_request(e.0))?;
+                    config.insert(k, v);
+                }
+                None => {
+                    config.remove(&k);
+                }
+            }
+        }
+    }
+    let description = body.description.unwrap_or(current.description);
+    apply_update(state, name, config, description).await
+}
+
+/// `POST /1.0/instances/{name}`: rename a stopped instance.
+pub async fn rename(
+    State(state): State<SharedState>,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<InstancePost>,
+) -> Result<Response, ApiError> {
+    api::names::validate_instance_name(&body.name).map_err(ApiError::bad_request)?;
+    let (i, n) = find(&state, &name).await?;
+    if body.name == name {
+        return Err(ApiError::bad_request("the new name is the current name"));
+    }
+    let exists = state
+        .cp
+        .read(|s| s.instances.contains_key(&body.name))
+        .await?;
+    if exists {
+        return Err(ApiError::conflict(format!(
+            "instance \"{}\" already exists",
+            body.name
+        )));
+    }
+    let op = new_operation(
+        &state,
+        "task",
+        "Renaming instance",
+        instance_resources(&name),
+    );
+    let st = state.clone();
+    run_task(&state, op, async move {
+        let lock = st.instance_lock(&name);
+        let _guard = lock.lock().await;
+        let mut client = st.agents.client(&n)?;
+        let s = client
+            .instance_state(v1::InstanceRef {
+                name: i.name.clone(),
+            })
+            .await?
+            .into_inner();
+        if s.state == v1::InstanceState::Running as i32 {
+            return Err(ApiError::bad_request(format!(
+                "instance \"{name}\" is running; stop it before renaming it"
+            )));
+        }
+        client
+            .rename_instance(v1::RenameInstanceRequest {
+                name: name.clone(),
+                new_name: body.name.clone(),
+            })
+            .await?;
+        st.cp
+            .write(Command::RenameInstance {
+                from: name.clone(),
+                to: body.name.clone(),
+            })
+            .await?;
+        Ok(serde_json::Value::Null)
+    })
+    .await
+}
+
+/// `DELETE /1.0/instances/{name}`: deletes a stopped instance.
+pub async fn delete(
+    State(state): State<SharedState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let (i, n) = find(&state, &name).await?;
+    let op = new_operation(
+        &state,
+        "task",
+        "Deleting instance",
+        instance_resources(&name),
+    );
+    let st = state.clone();
+    run_task(&state, op, async move {
+        let lock = st.instance_lock(&name);
+        let _guard = lock.lock().await;
+        let mut client = st.agents.client(&n)?;
+        let s = client
+            .instance_state(v1::InstanceRef {
+                name: i.name.clone(),
+            })
+            .await;
+        match s {
+            Ok(s) if s.get_ref().state == v1::InstanceState::Running as i32 => {
+                return Err(ApiError::bad_request(format!(
+                    "instance \"{name}\" is running; stop it first or use --force"
+                )));
+            }
+            Ok(_) => {
+                let mut req = tonic::Request::new(v1::DeleteInstanceRequest {
+                    name: name.clone(),
+                    force: false,
+                });
+                req.set_timeout(LONG_CALL);
+                client.delete_instance(req).await?;
+            }
+            // The agent has never heard of it (a create that failed half-way): nothing to remove there.
+            Err(e) if e.code() == tonic::Code::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        st.cp
+            .write(Command::DeleteInstance { name: name.clone() })
+            .await?;
+        info!(instance = %name, "instance deleted");
+        Ok(serde_json::Value::Null)
+    })
+    .await
+}
+
+/// `PUT /1.0/instances/{name}/state`: start, stop or restart.
+pub async fn put_state(
+    State(state): State<SharedState>,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<InstanceStatePut>,
+) -> Result<Response, ApiError> {
+    let (i, n) = find(&state, &name).await?;
+    if body.stateful {
+        return Err(ApiError::bad_request(
+            "stateful stop and start are not supported",
+        ));
+    }
+    let timeout = match body.timeout {
+        t if t <= 0 => i
+            .config
+            .get("boot.stop.timeout")
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(30),
+        t if t <= 3600 => t as u32,
+        t => {
+            return Err(ApiError::bad_request(format!(
+                "timeout {t} must be at most 3600 seconds"
+            )));
+        }
+    };
+    let (description, desired) = match body.action.as_str() {
+        "start" => ("Starting instance", DesiredState::Running),
+        "stop" => ("Stopping instance", DesiredState::Stopped),
+        "restart" => ("Restarting instance", DesiredState::Running),
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "action \"{other}\" is not one of start, stop, restart"
+            )));
+        }
+    };
+    let op = new_operation(&state, "task", description, instance_resources(&name));
+    let st = state.clone();
+    let action = body.action.clone();
+    let force = body.force;
+    run_task(&state, op, async move {
+        let lock = st.instance_lock(&name);
+        let _guard = lock.lock().await;
+        st.cp
+            .write(Command::SetDesiredState {
+                name: name.clone(),
+                desired,
+                now: clock::now(),
+            })
+            .await?;
+        let mut client = st.agents.client(&n)?;
+        // Clean stops wait for init: give the call the stop timeout and a margin.
+        let deadline = Duration::from_secs(u64::from(timeout) + 60);
+        let s = match action.as_str() {
+            "start" => {
+                let mut r = tonic::Request::new(v1::InstanceRef {
+                    name: i.name.clone(),
+                });
+                r.set_timeout(LONG_CALL);
+                client.start_instance(r).await?
+            }
+            "stop" => {
+                let mut r = tonic::Request::new(v1::StopInstanceRequest {
+                    name: i.name.clone(),
+                    force,
+                    timeout_secs: timeout,
+                });
+                r.set_timeout(deadline);
+                client.stop_instance(r).await?
+            }
+            _ => {
+                let mut r = tonic::Request::new(v1::StopInstanceRequest {
+                    name: i.name.clone(),
+                    force,
+                    timeout_secs: timeout,
+                });
+                r.set_timeout(deadline + LONG_CALL);
+                client.restart_instance(r).await?
+            }
+        }
+        .into_inner();
+        observe(&st, &name, &s).await;
+        info!(instance = %name, action = %action, "instance state changed");
+        Ok(serde_json::Value::Null)
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+pub struct ConsoleQuery {
+    #[serde(default, rename = "type")]
+    kind: String,
+}
+
+/// `GET /1.0/instances/{name}/console`: the console log (what init wrote to /dev/console).
+pub async fn console(
+    State(state): State<SharedState>,
+    Path(name): Path<String>,
+    Query(q): Query<ConsoleQuery>,
+) -> Result<Response, ApiError> {
+    if !q.kind.is_empty() && q.kind != "log" {
+        return Err(ApiError::bad_request(format!(
+            "console type \"{}\" is not supported; only \"log\" is",
+            q.kind
+        )));
+    }
+    let (i, n) = find(&state, &name).await?;
+    let log = state
+        .agents
+        .client(&n)?
+        .console_log(v1::ConsoleLogRequest {
+            name: i.name.clone(),
+            max_bytes: 1 << 20,
+        })
+        .await?
+        .into_inner();
+    Ok((
+        [(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        log.data,
+    )
+        .into_response())
+}

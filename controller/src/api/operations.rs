@@ -1,0 +1,230 @@
+//! Operations: long work answered with 202 and polled, waited on, or cancelled through
+//! `/1.0/operations/{id}`. Operations are replicated state, so any controller can answer for them.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use berth_proto::api::{self, Operation, OperationStatus};
+use http::StatusCode;
+use serde::Deserialize;
+use tracing::{Instrument, info_span, warn};
+
+use super::{ApiError, SharedState};
+use crate::clock;
+use crate::state::Command;
+
+/// Answers `metadata` in a sync envelope.
+pub fn sync(metadata: impl serde::Serialize) -> Response {
+    Json(api::Response::sync(
+        serde_json::to_value(metadata).unwrap_or_default(),
+    ))
+    .into_response()
+}
+
+/// Answers 202 with the operation.
+pub fn accepted(op: &Operation) -> Response {
+    (StatusCode::ACCEPTED, Json(api::Response::asynchronous(op))).into_response()
+}
+
+/// A new operation in state `Running`, not yet stored.
+pub fn new_operation(
+    state: &SharedState,
+    class: &str,
+    description: &str,
+    resources: BTreeMap<String, Vec<String>>,
+) -> Operation {
+    let now = clock::now();
+    Operation {
+        id: uuid::Uuid::new_v4().to_string(),
+        class: class.into(),
+        description: description.into(),
+        created_at: now.clone(),
+        updated_at: now,
+        status: OperationStatus::Running,
+        status_code: OperationStatus::Running.code(),
+        resources,
+        metadata: serde_json::Value::Null,
+        may_cancel: false,
+        err: String::new(),
+        location: state.name.clone(),
+    }
+}
+
+/// Resources naming one instance.
+pub fn instance_resources(name: &str) -> BTreeMap<String, Vec<String>> {
+    BTreeMap::from([("instances".into(), vec![format!("/1.0/instances/{name}")])])
+}
+
+/// Stores `op` and runs `work` in the background; the operation ends with the work's result.
+/// Returns the 202 answer.
+pub async fn run_task<F>(state: &SharedState, op: Operation, work: F) -> Result<Response, ApiError>
+where
+    F: Future<Output = Result<serde_json::Value, ApiError>> + Send + 'static,
+{
+    state
+        .cp
+        .write(Command::PutOperation {
+            operation: op.clone(),
+        })
+        .await?;
+    let answer = accepted(&op);
+    let st = state.clone();
+    let span = info_span!("operation", op = %op.id, what = %op.description);
+    tokio::spawn(
+        async move {
+            let result = work.await;
+            finish(&st, op, result).await;
+        }
+        .instrument(span),
+    );
+    Ok(answer)
+}
+
+/// Records the end of an operation.
+pub async fn finish(
+    state: &SharedState,
+    mut op: Operation,
+    result: Result<serde_json::Value, ApiError>,
+) {
+    match result {
+        Ok(metadata) => {
+            op.status = OperationStatus::Success;
+            op.metadata = metadata;
+        }
+        Err(e) => {
+            warn!(error = %e.message, "operation failed");
+            op.status = OperationStatus::Failure;
+            op.err = e.message;
+        }
+    }
+    op.status_code = op.status.code();
+    op.updated_at = clock::now();
+    if let Err(e) = state
+        .cp
+        .write(Command::PutOperation { operation: op })
+        .await
+    {
+        warn!(error = %e, "could not record the end of an operation");
+    }
+}
+
+async fn find(state: &SharedState, id: &str) -> Result<Operation, ApiError> {
+    state
+        .cp
+        .read(|s| s.operations.get(id).cloned())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("operation {id} not found")))
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    #[serde(default)]
+    recursion: u8,
+}
+
+/// `GET /1.0/operations`: by status, as LXD groups them.
+pub async fn list(
+    State(state): State<SharedState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    let ops: Vec<Operation> = state
+        .cp
+        .read(|s| s.operations.values().cloned().collect())
+        .await?;
+    let mut by_status: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    for op in ops {
+        let key = format!("{:?}", op.status).to_lowercase();
+        let entry = by_status
+            .entry(key)
+            .or_insert_with(|| serde_json::Value::Array(vec![]));
+        if let serde_json::Value::Array(v) = entry {
+            if q.recursion > 0 {
+                v.push(serde_json::to_value(&op).unwrap_or_default());
+            } else {
+                v.push(format!("/1.0/operations/{}", op.id).into());
+            }
+        }
+    }
+    Ok(sync(by_status))
+}
+
+/// `GET /1.0/operations/{id}`.
+pub async fn get_one(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(sync(find(&state, &id).await?))
+}
+
+#[derive(Deserialize)]
+pub struct WaitQuery {
+    /// Seconds; -1 or absent means as long as it takes (capped at one hour).
+    #[serde(default)]
+    timeout: Option<i64>,
+}
+
+/// `GET /1.0/operations/{id}/wait?timeout=N`: answers when the operation has ended or the
+/// timeout has passed, whichever comes first.
+pub async fn wait(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    Query(q): Query<WaitQuery>,
+) -> Result<Response, ApiError> {
+    let secs = match q.timeout {
+        None | Some(-1) => 3600,
+        Some(t) if (0..=3600).contains(&t) => t as u64,
+        Some(t) => {
+            return Err(ApiError::bad_request(format!(
+                "timeout {t} must be between -1 and 3600 seconds"
+            )));
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let mut changes = state.cp.subscribe();
+    loop {
+        let op = find(&state, &id).await?;
+        if op.status.is_final() || tokio::time::Instant::now() >= deadline {
+            return Ok(sync(op));
+        }
+        // Wake on every applied entry, and at least once a second.
+        let _ = tokio::time::timeout_at(
+            deadline.min(tokio::time::Instant::now() + Duration::from_secs(1)),
+            changes.changed(),
+        )
+        .await;
+    }
+}
+
+/// `DELETE /1.0/operations/{id}`: cancels an exec session that was never connected, or
+/// removes a finished operation.
+pub async fn cancel(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let mut op = find(&state, &id).await?;
+    if op.status.is_final() {
+        state
+            .cp
+            .write(Command::DeleteOperations { ids: vec![id] })
+            .await?;
+        return Ok(sync(serde_json::Value::Null));
+    }
+    if state.execs.cancel(&id) {
+        op.status = OperationStatus::Cancelled;
+        op.status_code = op.status.code();
+        op.updated_at = clock::now();
+        op.err = "operation cancelled".into();
+        state
+            .cp
+            .write(Command::PutOperation { operation: op })
+            .await?;
+        return Ok(sync(serde_json::Value::Null));
+    }
+    Err(ApiError::bad_request(format!(
+        "operation {id} cannot be cancelled while it runs"
+    )))
+}

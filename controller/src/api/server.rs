@@ -1,0 +1,43 @@
+//! `GET /` and `GET /1.0`: what this server is.
+
+use axum::Extension;
+use axum::extract::State;
+use axum::response::Response;
+use berth_proto::api::{self, API_EXTENSIONS, API_VERSION};
+
+use super::operations::sync;
+use super::{ApiError, Identity, SharedState};
+
+/// `GET /`: the supported API versions (no auth, as in LXD).
+pub async fn get_root() -> Response {
+    sync(vec![format!("/{API_VERSION}")])
+}
+
+/// `GET /1.0`.
+pub async fn get_server(
+    State(state): State<SharedState>,
+    Extension(who): Extension<Identity>,
+) -> Result<Response, ApiError> {
+    let node_count = state.cp.read_local(|s| s.nodes.len());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    Ok(sync(api::Server {
+        api_extensions: API_EXTENSIONS.iter().map(|s| s.to_string()).collect(),
+        api_status: "stable".into(),
+        api_version: API_VERSION.into(),
+        auth: "trusted".into(),
+        auth_methods: vec!["bearer".into()],
+        environment: api::ServerEnvironment {
+            server: "berth".into(),
+            server_name: state.name.clone(),
+            server_version: berth_proto::VERSION.into(),
+            server_clustered: node_count > 1,
+            server_pid: std::process::id(),
+            kernel,
+            storage: String::new(),
+            auth_user_name: who.key_name,
+            auth_role: who.role,
+        },
+    }))
+}
