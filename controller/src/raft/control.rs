@@ -248,6 +248,18 @@ impl ControlPlane {
         Some((id, addr))
     }
 
+    /// The current Raft members (voters and learners) with their peer addresses.
+    pub fn members(&self) -> BTreeMap<NodeId, RaftPeer> {
+        self.inner
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .nodes()
+            .map(|(id, n)| (*id, n.clone()))
+            .collect()
+    }
+
     /// A watch on the last applied log index; changes whenever an entry is applied.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.inner.sm.subscribe()

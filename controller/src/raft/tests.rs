@@ -206,6 +206,19 @@ async fn three_nodes_replicate_and_survive_leader_loss() {
         .voter_ids()
         .collect();
     assert_eq!(voters, [1, 2, 3]);
+    let members: Vec<(u64, String)> = n1
+        .members()
+        .into_iter()
+        .map(|(id, p)| (id, p.addr))
+        .collect();
+    assert_eq!(
+        members,
+        [
+            (1, addrs[0].clone()),
+            (2, addrs[1].clone()),
+            (3, addrs[2].clone())
+        ]
+    );
 
     // A write on the leader reaches every node.
     n1.write(bootstrap_cmd()).await.unwrap();

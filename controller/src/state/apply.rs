@@ -75,7 +75,9 @@ impl State {
                         node.name
                     )));
                 }
-                parse_cidr(&node.ipv4_cidr)?;
+                if !node.ipv4_cidr.is_empty() {
+                    parse_cidr(&node.ipv4_cidr)?;
+                }
                 self.join_tokens.remove(&token_hash);
                 self.nodes.insert(node.name.clone(), node);
                 Ok(ApplyOk::Done)
@@ -104,7 +106,10 @@ impl State {
                         instance.image
                     )));
                 }
-                instance.ipv4 = self.allocate_ipv4(&instance.node)?.to_string();
+                instance.ipv4 = self
+                    .allocate_ipv4(&instance.node)?
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
                 if let Some(op) = operation {
                     self.operations.insert(op.id.clone(), op);
                 }
@@ -237,12 +242,16 @@ impl State {
     }
 
     /// The lowest free host address in the node's subnet, skipping the network address, the
-    /// gateway (the cidr's own address) and the broadcast address.
-    fn allocate_ipv4(&self, node_name: &str) -> Result<Ipv4Addr, ApplyError> {
+    /// gateway (the cidr's own address) and the broadcast address; `None` if the node has no
+    /// subnet (empty `ipv4_cidr`).
+    fn allocate_ipv4(&self, node_name: &str) -> Result<Option<Ipv4Addr>, ApplyError> {
         let node = self
             .nodes
             .get(node_name)
             .ok_or_else(|| ApplyError::not_found(format!("node {node_name:?} not found")))?;
+        if node.ipv4_cidr.is_empty() {
+            return Ok(None);
+        }
         let (gateway, prefix) = parse_cidr(&node.ipv4_cidr)?;
         let used: BTreeSet<Ipv4Addr> = self
             .instances
@@ -262,7 +271,7 @@ impl State {
             for candidate in (network + 1)..broadcast {
                 let addr = Ipv4Addr::from(candidate);
                 if candidate != gw && !used.contains(&addr) {
-                    return Ok(addr);
+                    return Ok(Some(addr));
                 }
             }
         }

@@ -189,6 +189,15 @@ fn join_token_expiry_and_duplicate_node() {
         ApplyErrorKind::Invalid,
     );
     rejected(&mut s, join("n2", "not a time"), ApplyErrorKind::Invalid);
+    rejected(
+        &mut s,
+        Command::JoinNode {
+            token_hash: "t".into(),
+            node: node("n2", "10.0.1.1/33"),
+            now: NOW.into(),
+        },
+        ApplyErrorKind::Invalid,
+    );
     ok(
         &mut s,
         Command::AddJoinToken {
@@ -344,6 +353,27 @@ fn invalid_cidr_is_rejected() {
         ApplyErrorKind::Invalid,
     );
     assert!(err.message.contains("cidr"));
+}
+
+#[test]
+fn node_without_subnet_gets_no_address() {
+    let mut s = base("");
+    assert_eq!(create(&mut s, "a").unwrap().ipv4, "");
+    ok(
+        &mut s,
+        Command::AddJoinToken {
+            hash: "t".into(),
+            record: token("n2", "2026-11-29T13:00:00Z"),
+        },
+    );
+    ok(
+        &mut s,
+        Command::JoinNode {
+            token_hash: "t".into(),
+            node: node("n2", ""),
+            now: NOW.into(),
+        },
+    );
 }
 
 #[test]
