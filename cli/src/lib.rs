@@ -1,1 +1,296 @@
-//! Placeholder until the crate lands.
+//! `berth`: the command line client for Berth, modelled on LXD's `lxc`.
+//!
+//! [`run`] parses arguments and runs one command; it returns the process exit code.
+//! Errors are printed by the caller as `Error: <sentence>`.
+
+pub mod client;
+pub mod commands;
+pub mod config;
+pub mod output;
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::client::Client;
+use crate::commands::{config as config_cmd, exec, file, image, instance, operation, remote};
+use crate::config::{Config, EnvOverrides, split_remote};
+
+/// Command line client for Berth machine containers.
+#[derive(Debug, Parser)]
+#[command(
+    name = "berth",
+    version = berth_proto::VERSION,
+    about = "Command line client for Berth",
+    long_about = "Command line client for Berth: manage machine containers and images on a Berth cluster.\n\nInstances and remotes are named like lxc's: NAME or REMOTE:NAME.",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create and start instances from images
+    Launch(instance::CreateArgs),
+    /// Create instances from images
+    Init(instance::CreateArgs),
+    /// List instances
+    #[command(visible_alias = "ls")]
+    List(instance::ListArgs),
+    /// Show instance information
+    Info(instance::InfoArgs),
+    /// Start instances
+    Start(instance::NamesArgs),
+    /// Stop instances
+    Stop(instance::StopArgs),
+    /// Restart instances
+    Restart(instance::StopArgs),
+    /// Delete instances
+    #[command(visible_alias = "rm")]
+    Delete(instance::DeleteArgs),
+    /// Rename instances
+    Rename(instance::RenameArgs),
+    /// Move instances (only renames within a remote for now)
+    #[command(visible_alias = "mv")]
+    Move(instance::RenameArgs),
+    /// Execute commands in instances
+    Exec(exec::ExecArgs),
+    /// Manage files in instances
+    File {
+        #[command(subcommand)]
+        command: file::FileCommand,
+    },
+    /// Manage instance configuration
+    Config {
+        #[command(subcommand)]
+        command: config_cmd::ConfigCommand,
+    },
+    /// Show the console log of an instance
+    Console(instance::ConsoleArgs),
+    /// Manage images
+    Image {
+        #[command(subcommand)]
+        command: image::ImageCommand,
+    },
+    /// List, show and delete background operations
+    Operation {
+        #[command(subcommand)]
+        command: operation::OperationCommand,
+    },
+    /// Manage the list of remote servers
+    Remote {
+        #[command(subcommand)]
+        command: remote::RemoteCommand,
+    },
+    /// Show local and remote versions
+    Version,
+}
+
+/// What every command gets: the client configuration and the environment overrides.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub config: Config,
+    pub config_path: PathBuf,
+    pub env: EnvOverrides,
+}
+
+impl Ctx {
+    /// Loads the configuration file and the environment overrides.
+    pub fn load() -> anyhow::Result<Ctx> {
+        let config_path = config::config_path()?;
+        let config = Config::load(&config_path)?;
+        Ok(Ctx {
+            config,
+            config_path,
+            env: EnvOverrides::from_env(),
+        })
+    }
+
+    /// A client for `remote` (or the default remote).
+    pub fn client(&self, remote: Option<&str>) -> anyhow::Result<Client> {
+        let target = self.config.target(remote, &self.env)?;
+        Ok(Client::new(&target)?)
+    }
+
+    /// Splits `remote:rest`, checking that the remote exists; returns the client and the rest.
+    pub fn resolve<'a>(&self, arg: &'a str) -> anyhow::Result<(Client, &'a str)> {
+        let (remote, rest) = split_remote(arg);
+        Ok((self.client(remote)?, rest))
+    }
+
+    /// Like [`Ctx::resolve`], but a prefix that is not a configured remote stays part of the
+    /// name (image aliases may contain `:`).
+    pub fn resolve_lenient<'a>(&self, arg: &'a str) -> anyhow::Result<(Client, &'a str)> {
+        match split_remote(arg) {
+            (Some(r), rest) if self.config.remotes.contains_key(r) => {
+                Ok((self.client(Some(r))?, rest))
+            }
+            _ => Ok((self.client(None)?, arg)),
+        }
+    }
+}
+
+/// Writes text to stdout (a closed pipe is not an error worth reporting).
+pub fn print(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+}
+
+/// Writes one line to stdout.
+pub fn say(line: &str) {
+    print(&format!("{line}\n"));
+}
+
+/// Runs the command line `args` (with the program name first); returns the exit code.
+pub async fn run<I, T>(args: I) -> anyhow::Result<i32>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            return Ok(code);
+        }
+    };
+    let ctx = Ctx::load()?;
+    dispatch(&ctx, cli.command).await
+}
+
+async fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<i32> {
+    match command {
+        Command::Launch(a) => instance::create(ctx, a, true).await,
+        Command::Init(a) => instance::create(ctx, a, false).await,
+        Command::List(a) => instance::list(ctx, a).await,
+        Command::Info(a) => instance::info(ctx, a).await,
+        Command::Start(a) => instance::start(ctx, a).await,
+        Command::Stop(a) => instance::stop(ctx, a, "stop").await,
+        Command::Restart(a) => instance::stop(ctx, a, "restart").await,
+        Command::Delete(a) => instance::delete(ctx, a).await,
+        Command::Rename(a) | Command::Move(a) => instance::rename(ctx, a).await,
+        Command::Console(a) => instance::console(ctx, a).await,
+        Command::Exec(a) => exec::exec(ctx, a).await,
+        Command::File { command } => file::run(ctx, command).await,
+        Command::Config { command } => config_cmd::run(ctx, command).await,
+        Command::Image { command } => image::run(ctx, command).await,
+        Command::Operation { command } => operation::run(ctx, command).await,
+        Command::Remote { command } => remote::run(ctx, command).await,
+        Command::Version => commands::version(ctx).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    fn parse(args: &[&str]) -> Command {
+        let mut full = vec!["berth"];
+        full.extend_from_slice(args);
+        match Cli::try_parse_from(full) {
+            Ok(c) => c.command,
+            Err(e) => panic!("{args:?}: {e}"),
+        }
+    }
+
+    #[test]
+    fn launch_flags() {
+        match parse(&[
+            "launch",
+            "debian/12",
+            "web1",
+            "-c",
+            "limits.memory=512MiB",
+            "--config",
+            "limits.cpu=1",
+            "--profile",
+            "default",
+            "-p",
+            "web",
+            "--target",
+            "node2",
+        ]) {
+            Command::Launch(a) => {
+                assert_eq!(a.image, "debian/12");
+                assert_eq!(a.name, "web1");
+                assert_eq!(a.config, ["limits.memory=512MiB", "limits.cpu=1"]);
+                assert_eq!(a.profiles, ["default", "web"]);
+                assert_eq!(a.target.as_deref(), Some("node2"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn exec_flags() {
+        match parse(&[
+            "exec", "web1", "-T", "--env", "A=b", "--cwd", "/tmp", "--user", "1000", "--", "ls",
+            "-la",
+        ]) {
+            Command::Exec(a) => {
+                assert!(a.no_tty && !a.force_tty);
+                assert_eq!(a.env, ["A=b"]);
+                assert_eq!(a.cwd.as_deref(), Some("/tmp"));
+                assert_eq!(a.user, Some(1000));
+                assert_eq!(a.command, ["ls", "-la"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["berth", "exec", "web1", "-t", "-T", "--", "sh"]).is_err());
+        assert!(Cli::try_parse_from(["berth", "exec", "web1"]).is_err());
+    }
+
+    #[test]
+    fn list_and_stop_flags() {
+        match parse(&["list", "--format", "json", "-c", "ns"]) {
+            Command::List(a) => {
+                assert_eq!(a.format, output::Format::Json);
+                assert_eq!(a.columns, "ns");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["berth", "list", "--format", "xml"]).is_err());
+        match parse(&["stop", "a", "b", "--force", "--timeout", "5"]) {
+            Command::Stop(a) => {
+                assert_eq!(a.names, ["a", "b"]);
+                assert!(a.force);
+                assert_eq!(a.timeout, Some(5));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn nested_commands() {
+        assert!(matches!(
+            parse(&["file", "push", "-r", "-p", "a", "b", "web1/root/"]),
+            Command::File { .. }
+        ));
+        assert!(matches!(
+            parse(&["config", "set", "web1", "limits.cpu", "2"]),
+            Command::Config { .. }
+        ));
+        assert!(matches!(
+            parse(&["image", "alias", "create", "x", "abc"]),
+            Command::Image { .. }
+        ));
+        assert!(matches!(
+            parse(&["remote", "add", "r", "https://h:8443", "--key-file", "k"]),
+            Command::Remote { .. }
+        ));
+        assert!(matches!(parse(&["version"]), Command::Version));
+        assert!(Cli::try_parse_from(["berth", "file", "push", "only-one"]).is_err());
+    }
+}

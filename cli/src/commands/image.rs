@@ -1,0 +1,541 @@
+//! `berth image ...`: build, import, list, info, delete and aliases.
+
+use std::path::{Path, PathBuf};
+
+use berth_proto::api::{Image, ImageAlias, ImageAliasesPost, ImageSource, ImagesPost};
+use bytes::BytesMut;
+use clap::{Args, Subcommand};
+use http::{HeaderMap, HeaderValue, Method, header};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+
+use crate::client::{Body, Client, ClientError, encode_query};
+use crate::output::{self, Format, human_bytes};
+use crate::{Ctx, print, say};
+
+/// Image subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Build an image from a recipe (busybox, debian/12) on a cluster member
+    Build(BuildArgs),
+    /// Import an image tarball (unified, or metadata + rootfs)
+    Import(ImportArgs),
+    /// List images
+    #[command(visible_alias = "ls")]
+    List(ListArgs),
+    /// Show useful information about an image
+    Info(OneArg),
+    /// Delete images
+    #[command(visible_alias = "rm")]
+    Delete(ManyArgs),
+    /// Manage image aliases
+    Alias {
+        #[command(subcommand)]
+        command: AliasCommand,
+    },
+}
+
+/// `image build`.
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// Recipe: busybox or debian/12 (optionally REMOTE:RECIPE)
+    pub recipe: String,
+    /// Alias for the new image (repeatable; default: the recipe's name)
+    #[arg(long = "alias", value_name = "ALIAS")]
+    pub aliases: Vec<String>,
+    /// Debian mirror to build from
+    #[arg(long)]
+    pub mirror: Option<String>,
+}
+
+/// `image import`.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// Image tarball (unified), or the metadata tarball when ROOTFS is given
+    pub file: PathBuf,
+    /// Root filesystem file of a split image
+    pub rootfs: Option<PathBuf>,
+    /// Alias for the new image (repeatable)
+    #[arg(long = "alias", value_name = "ALIAS")]
+    pub aliases: Vec<String>,
+    /// Remote to import to
+    #[arg(long)]
+    pub remote: Option<String>,
+}
+
+/// `image list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// REMOTE: and/or filters (alias or fingerprint prefix)
+    pub filters: Vec<String>,
+    /// Format (table, compact, csv, json, yaml)
+    #[arg(short = 'f', long, default_value = "table")]
+    pub format: Format,
+}
+
+/// One image argument.
+#[derive(Debug, Args)]
+pub struct OneArg {
+    /// Image alias or fingerprint, optionally REMOTE:IMAGE
+    pub image: String,
+}
+
+/// Several image arguments.
+#[derive(Debug, Args)]
+pub struct ManyArgs {
+    /// Image aliases or fingerprints, optionally REMOTE:IMAGE
+    #[arg(required = true)]
+    pub images: Vec<String>,
+}
+
+/// `image alias ...`.
+#[derive(Debug, Subcommand)]
+pub enum AliasCommand {
+    /// Create an alias for an image
+    Create {
+        /// Alias name, optionally REMOTE:ALIAS
+        alias: String,
+        /// Fingerprint (or unique prefix) of the image
+        fingerprint: String,
+        /// Alias description
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Delete an alias
+    #[command(visible_alias = "rm")]
+    Delete {
+        /// Alias name, optionally REMOTE:ALIAS
+        alias: String,
+    },
+    /// List aliases
+    #[command(visible_alias = "ls")]
+    List {
+        /// REMOTE: to list
+        remote: Option<String>,
+        /// Format (table, compact, csv, json, yaml)
+        #[arg(short = 'f', long, default_value = "table")]
+        format: Format,
+    },
+}
+
+/// An entry of `GET /1.0/images/aliases?recursion=1`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct AliasEntry {
+    pub name: String,
+    #[serde(default)]
+    pub target: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+/// Lists the aliases of a remote.
+pub async fn list_aliases(client: &Client) -> Result<Vec<AliasEntry>, ClientError> {
+    client.get("/1.0/images/aliases?recursion=1").await
+}
+
+/// Resolves an alias or fingerprint prefix to a full fingerprint.
+pub async fn resolve_image(client: &Client, image: &str) -> anyhow::Result<String> {
+    if let Some(a) = list_aliases(client)
+        .await?
+        .into_iter()
+        .find(|a| a.name == image)
+    {
+        return Ok(a.target);
+    }
+    if image.is_empty() || !image.chars().all(|c| c.is_ascii_hexdigit()) {
+        anyhow::bail!("image \"{image}\" not found");
+    }
+    let img: Image = client.get(&format!("/1.0/images/{image}")).await?;
+    Ok(img.fingerprint)
+}
+
+fn check_aliases(aliases: &[String]) -> anyhow::Result<()> {
+    for a in aliases {
+        berth_proto::api::names::validate_image_alias(a).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    Ok(())
+}
+
+/// Runs an image subcommand.
+pub async fn run(ctx: &Ctx, command: ImageCommand) -> anyhow::Result<i32> {
+    match command {
+        ImageCommand::Build(a) => build(ctx, a).await,
+        ImageCommand::Import(a) => import(ctx, a).await,
+        ImageCommand::List(a) => list(ctx, a).await,
+        ImageCommand::Info(a) => info(ctx, a).await,
+        ImageCommand::Delete(a) => delete(ctx, a).await,
+        ImageCommand::Alias { command } => alias(ctx, command).await,
+    }
+}
+
+fn fingerprint_of(op: &berth_proto::api::Operation) -> anyhow::Result<String> {
+    op.metadata
+        .get("fingerprint")
+        .and_then(|f| f.as_str())
+        .map(str::to_string)
+        .ok_or_else(|| anyhow::anyhow!("the server did not say which image it made"))
+}
+
+async fn build(ctx: &Ctx, args: BuildArgs) -> anyhow::Result<i32> {
+    let (client, recipe) = ctx.resolve_lenient(&args.recipe)?;
+    let aliases = if args.aliases.is_empty() {
+        vec![recipe.to_string()]
+    } else {
+        args.aliases
+    };
+    check_aliases(&aliases)?;
+    let req = ImagesPost {
+        source: ImageSource {
+            kind: "build".into(),
+            recipe: recipe.into(),
+            mirror: args.mirror.unwrap_or_default(),
+        },
+        aliases: aliases
+            .into_iter()
+            .map(|name| ImageAlias {
+                name,
+                description: String::new(),
+            })
+            .collect(),
+    };
+    say(&format!("Building image {recipe}"));
+    let op = client.run(Method::POST, "/1.0/images", Some(&req)).await?;
+    say(&format!(
+        "Image built with fingerprint: {}",
+        fingerprint_of(&op)?
+    ));
+    Ok(0)
+}
+
+/// A body streamed from files in order, read in 1 MiB chunks.
+pub fn files_body(paths: Vec<PathBuf>) -> Body {
+    struct State {
+        files: std::vec::IntoIter<PathBuf>,
+        current: Option<tokio::fs::File>,
+    }
+    let state = State {
+        files: paths.into_iter(),
+        current: None,
+    };
+    let stream = futures::stream::unfold(state, |mut st| async move {
+        loop {
+            if st.current.is_none() {
+                let path = st.files.next()?;
+                match tokio::fs::File::open(&path).await {
+                    Ok(f) => st.current = Some(f),
+                    Err(e) => return Some((Err(e), st)),
+                }
+            }
+            let file = st.current.as_mut()?;
+            let mut buf = BytesMut::with_capacity(1 << 20);
+            match file.read_buf(&mut buf).await {
+                Ok(0) => st.current = None,
+                Ok(_) => return Some((Ok(Frame::data(buf.freeze())), st)),
+                Err(e) => return Some((Err(e), st)),
+            }
+        }
+    });
+    BodyExt::boxed_unsync(StreamBody::new(stream))
+}
+
+fn file_len(path: &Path) -> anyhow::Result<u64> {
+    let md = std::fs::metadata(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    if !md.is_file() {
+        anyhow::bail!("{} is not a regular file", path.display());
+    }
+    Ok(md.len())
+}
+
+async fn import(ctx: &Ctx, args: ImportArgs) -> anyhow::Result<i32> {
+    check_aliases(&args.aliases)?;
+    let client = ctx.client(args.remote.as_deref())?;
+    let meta_len = file_len(&args.file)?;
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    let mut files = vec![args.file.clone()];
+    let total = match &args.rootfs {
+        Some(rootfs) => {
+            let rootfs_len = file_len(rootfs)?;
+            headers.insert("X-Berth-Image-Format", HeaderValue::from_static("split"));
+            headers.insert("X-Berth-Metadata-Size", HeaderValue::from(meta_len));
+            files.push(rootfs.clone());
+            meta_len + rootfs_len
+        }
+        None => {
+            headers.insert("X-Berth-Image-Format", HeaderValue::from_static("unified"));
+            meta_len
+        }
+    };
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(total));
+    if !args.aliases.is_empty() {
+        headers.insert(
+            "X-Berth-Aliases",
+            HeaderValue::from_str(&args.aliases.join(","))?,
+        );
+    }
+    say(&format!(
+        "Uploading {} ({})",
+        args.file.display(),
+        human_bytes(total)
+    ));
+    let resp = client
+        .envelope(Method::POST, "/1.0/images", headers, files_body(files))
+        .await?;
+    let op = client.finish(resp).await?;
+    say(&format!(
+        "Image imported with fingerprint: {}",
+        fingerprint_of(&op)?
+    ));
+    Ok(0)
+}
+
+fn image_description(i: &Image) -> String {
+    i.properties.get("description").cloned().unwrap_or_default()
+}
+
+/// The table rows of `image list`.
+pub fn image_rows(images: &[Image]) -> Vec<Vec<String>> {
+    images
+        .iter()
+        .map(|i| {
+            vec![
+                i.aliases
+                    .iter()
+                    .map(|a| a.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                i.fingerprint.chars().take(12).collect(),
+                image_description(i),
+                i.architecture.clone(),
+                "CONTAINER".into(),
+                human_bytes(i.size),
+                i.uploaded_at.clone(),
+            ]
+        })
+        .collect()
+}
+
+async fn list(ctx: &Ctx, args: ListArgs) -> anyhow::Result<i32> {
+    let mut remote = None;
+    let mut filters = Vec::new();
+    for (n, f) in args.filters.iter().enumerate() {
+        match crate::config::split_remote(f) {
+            (Some(r), rest) if n == 0 && ctx.config.remotes.contains_key(r) => {
+                remote = Some(r);
+                if !rest.is_empty() {
+                    filters.push(rest.to_string());
+                }
+            }
+            _ => filters.push(f.clone()),
+        }
+    }
+    let client = ctx.client(remote)?;
+    let mut images: Vec<Image> = client.get("/1.0/images?recursion=1").await?;
+    images.retain(|i| {
+        filters.iter().all(|f| {
+            i.fingerprint.starts_with(f.as_str()) || i.aliases.iter().any(|a| a.name.contains(f))
+        })
+    });
+    images.sort_by(|a, b| {
+        let an = a.aliases.first().map(|x| x.name.as_str()).unwrap_or("");
+        let bn = b.aliases.first().map(|x| x.name.as_str()).unwrap_or("");
+        (an.is_empty(), an, &a.fingerprint).cmp(&(bn.is_empty(), bn, &b.fingerprint))
+    });
+    let header = [
+        "ALIAS",
+        "FINGERPRINT",
+        "DESCRIPTION",
+        "ARCHITECTURE",
+        "TYPE",
+        "SIZE",
+        "UPLOAD DATE",
+    ];
+    print(&output::render(
+        args.format,
+        &header,
+        &image_rows(&images),
+        &images,
+    )?);
+    Ok(0)
+}
+
+/// The text of `image info`.
+pub fn render_image_info(i: &Image) -> String {
+    let mut o = format!(
+        "Fingerprint: {}\nSize: {}\nArchitecture: {}\nType: container\nTimestamps:\n    Created: {}\n    Uploaded: {}\n",
+        i.fingerprint,
+        human_bytes(i.size),
+        i.architecture,
+        i.created_at,
+        i.uploaded_at
+    );
+    o.push_str("Properties:\n");
+    for (k, v) in &i.properties {
+        o.push_str(&format!("    {k}: {v}\n"));
+    }
+    o.push_str("Aliases:\n");
+    for a in &i.aliases {
+        if a.description.is_empty() {
+            o.push_str(&format!("    - {}\n", a.name));
+        } else {
+            o.push_str(&format!("    - {} ({})\n", a.name, a.description));
+        }
+    }
+    if !i.locations.is_empty() {
+        o.push_str("Locations:\n");
+        for l in &i.locations {
+            o.push_str(&format!("    - {l}\n"));
+        }
+    }
+    o
+}
+
+async fn info(ctx: &Ctx, args: OneArg) -> anyhow::Result<i32> {
+    let (client, image) = ctx.resolve_lenient(&args.image)?;
+    let fp = resolve_image(&client, image).await?;
+    let img: Image = client.get(&format!("/1.0/images/{fp}")).await?;
+    print(&render_image_info(&img));
+    Ok(0)
+}
+
+async fn delete(ctx: &Ctx, args: ManyArgs) -> anyhow::Result<i32> {
+    for arg in &args.images {
+        let (client, image) = ctx.resolve_lenient(arg)?;
+        let fp = resolve_image(&client, image).await?;
+        client
+            .run::<()>(Method::DELETE, &format!("/1.0/images/{fp}"), None)
+            .await?;
+    }
+    Ok(0)
+}
+
+async fn alias(ctx: &Ctx, command: AliasCommand) -> anyhow::Result<i32> {
+    match command {
+        AliasCommand::Create {
+            alias,
+            fingerprint,
+            description,
+        } => {
+            let (client, name) = ctx.resolve_lenient(&alias)?;
+            check_aliases(&[name.to_string()])?;
+            if fingerprint.is_empty() || !fingerprint.chars().all(|c| c.is_ascii_hexdigit()) {
+                anyhow::bail!("\"{fingerprint}\" is not an image fingerprint");
+            }
+            let img: Image = client.get(&format!("/1.0/images/{fingerprint}")).await?;
+            let req = ImageAliasesPost {
+                name: name.into(),
+                description,
+                target: img.fingerprint,
+            };
+            client
+                .sync(Method::POST, "/1.0/images/aliases", Some(&req))
+                .await?;
+        }
+        AliasCommand::Delete { alias } => {
+            let (client, name) = ctx.resolve_lenient(&alias)?;
+            check_aliases(&[name.to_string()])?;
+            client
+                .sync::<()>(
+                    Method::DELETE,
+                    &format!("/1.0/images/aliases/{}", encode_alias(name)),
+                    None,
+                )
+                .await?;
+        }
+        AliasCommand::List { remote, format } => {
+            let remote = remote.as_deref().map(|r| r.trim_end_matches(':'));
+            let client = ctx.client(remote)?;
+            let mut aliases = list_aliases(&client).await?;
+            aliases.sort_by(|a, b| a.name.cmp(&b.name));
+            let rows: Vec<Vec<String>> = aliases
+                .iter()
+                .map(|a| {
+                    vec![
+                        a.name.clone(),
+                        a.target.chars().take(12).collect(),
+                        a.description.clone(),
+                    ]
+                })
+                .collect();
+            print(&output::render(
+                format,
+                &["ALIAS", "FINGERPRINT", "DESCRIPTION"],
+                &rows,
+                &aliases,
+            )?);
+        }
+    }
+    Ok(0)
+}
+
+/// An alias in a path: kept as-is (with its `/`), only characters unsafe in a URI escaped.
+fn encode_alias(name: &str) -> String {
+    encode_query(name).replace("%3A", ":")
+}
+
+/// Bytes of a small body (for tests of [`files_body`]).
+#[cfg(test)]
+async fn collect(body: Body) -> bytes::Bytes {
+    body.collect().await.unwrap().to_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn files_are_streamed_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        std::fs::write(&a, vec![1u8; 3 << 20]).unwrap();
+        std::fs::write(&b, b"tail").unwrap();
+        let bytes = collect(files_body(vec![a, b])).await;
+        assert_eq!(bytes.len(), (3 << 20) + 4);
+        assert_eq!(&bytes[bytes.len() - 4..], b"tail");
+        let missing = dir.path().join("missing");
+        assert!(files_body(vec![missing]).collect().await.is_err());
+    }
+
+    #[test]
+    fn alias_paths_keep_slashes() {
+        assert_eq!(encode_alias("debian/12"), "debian/12");
+        assert_eq!(encode_alias("a:b"), "a:b");
+    }
+
+    #[test]
+    fn image_table() {
+        let img = Image {
+            fingerprint: "0123456789abcdef".into(),
+            aliases: vec![ImageAlias {
+                name: "busybox".into(),
+                description: String::new(),
+            }],
+            architecture: "x86_64".into(),
+            size: 2 << 20,
+            uploaded_at: "2026-11-29T19:00:00Z".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            image_rows(std::slice::from_ref(&img)),
+            vec![vec![
+                "busybox".to_string(),
+                "0123456789ab".into(),
+                String::new(),
+                "x86_64".into(),
+                "CONTAINER".into(),
+                "2.00MiB".into(),
+                "2026-11-29T19:00:00Z".into(),
+            ]]
+        );
+        let info = render_image_info(&img);
+        assert!(info.starts_with("Fingerprint: 0123456789abcdef\nSize: 2.00MiB\n"));
+        assert!(info.contains("Aliases:\n    - busybox\n"));
+    }
+}

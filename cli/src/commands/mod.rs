@@ -1,0 +1,86 @@
+//! One module per command family, plus small helpers they share.
+
+pub mod config;
+pub mod exec;
+pub mod file;
+pub mod image;
+pub mod instance;
+pub mod operation;
+pub mod remote;
+
+use std::collections::BTreeMap;
+
+use berth_proto::api::Server;
+
+use crate::{Ctx, say};
+
+/// Splits `KEY=VALUE`; the key must not be empty.
+pub fn parse_key_value(arg: &str) -> anyhow::Result<(String, String)> {
+    match arg.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => anyhow::bail!("bad key=value pair \"{arg}\""),
+    }
+}
+
+/// Parses `KEY=VALUE` config pairs and checks each against the server's rules before any request.
+pub fn parse_config_pairs(args: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut map = BTreeMap::new();
+    for arg in args {
+        let (k, v) = parse_key_value(arg)?;
+        berth_proto::api::config::validate_key_value(&k, &v)
+            .map_err(|e| anyhow::anyhow!("{}", e.0))?;
+        map.insert(k, v);
+    }
+    Ok(map)
+}
+
+/// Checks an instance name before sending it.
+pub fn check_instance_name(name: &str) -> anyhow::Result<()> {
+    berth_proto::api::names::validate_instance_name(name).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// `berth version`: the client's version, and the server's when it answers.
+pub async fn version(ctx: &Ctx) -> anyhow::Result<i32> {
+    say(&format!("Client version: {}", berth_proto::VERSION));
+    let server = match ctx.client(None) {
+        Ok(c) => c
+            .get::<Server>("/1.0")
+            .await
+            .ok()
+            .map(|s| s.environment.server_version),
+        Err(_) => None,
+    };
+    match server {
+        Some(v) if !v.is_empty() => say(&format!("Server version: {v}")),
+        _ => say("Server version: unreachable"),
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_values() {
+        assert_eq!(
+            parse_key_value("a=b=c").unwrap(),
+            ("a".to_string(), "b=c".to_string())
+        );
+        assert_eq!(
+            parse_key_value("a=").unwrap(),
+            ("a".to_string(), String::new())
+        );
+        assert!(parse_key_value("=b").is_err());
+        assert!(parse_key_value("ab").is_err());
+    }
+
+    #[test]
+    fn config_pairs_are_checked_locally() {
+        let m = parse_config_pairs(&["limits.memory=512MiB".into(), "user.x=1".into()]).unwrap();
+        assert_eq!(m["limits.memory"], "512MiB");
+        assert!(parse_config_pairs(&["limits.memory=lots".into()]).is_err());
+        assert!(parse_config_pairs(&["nonsense.key=1".into()]).is_err());
+        assert!(parse_config_pairs(&["novalue".into()]).is_err());
+    }
+}

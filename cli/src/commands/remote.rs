@@ -1,0 +1,222 @@
+//! `berth remote add|list|remove|switch|get-default`.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use clap::Subcommand;
+use serde::Serialize;
+
+use crate::client::{fetch_fingerprint, parse_url};
+use crate::config::{Config, Remote};
+use crate::output::{self, Format};
+use crate::{Ctx, print, say};
+
+/// Remote subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RemoteCommand {
+    /// Add a new remote server
+    Add {
+        /// Name of the remote
+        name: String,
+        /// URL of the remote, https://HOST[:PORT]
+        url: String,
+        /// File holding the API key
+        #[arg(long, value_name = "FILE")]
+        key_file: PathBuf,
+        /// Cluster CA certificate (PEM) to verify the server with
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
+        /// Without --ca-file: trust the server's certificate without asking
+        #[arg(long)]
+        accept_certificate: bool,
+    },
+    /// List the available remotes
+    #[command(visible_alias = "ls")]
+    List {
+        /// Format (table, compact, csv, json, yaml)
+        #[arg(short = 'f', long, default_value = "table")]
+        format: Format,
+    },
+    /// Remove remotes
+    #[command(visible_alias = "rm")]
+    Remove {
+        /// Name of the remote
+        name: String,
+    },
+    /// Set the default remote
+    Switch {
+        /// Name of the remote
+        name: String,
+    },
+    /// Show the default remote
+    GetDefault,
+}
+
+/// A remote as `remote list --format json|yaml` shows it (never the key itself).
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct RemoteEntry {
+    pub name: String,
+    pub url: String,
+    pub key_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub fingerprint: Option<String>,
+    pub current: bool,
+}
+
+/// The entries of `remote list`, sorted by name.
+pub fn remote_entries(config: &Config, current: &str) -> Vec<RemoteEntry> {
+    config
+        .remotes
+        .iter()
+        .map(|(name, r)| RemoteEntry {
+            name: name.clone(),
+            url: r.url.clone(),
+            key_file: r.key_file.clone(),
+            ca_file: r.ca_file.clone(),
+            fingerprint: r.fingerprint.clone(),
+            current: name == current,
+        })
+        .collect()
+}
+
+fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::canonicalize(path).map_err(|e| anyhow::anyhow!("cannot use {}: {e}", path.display()))
+}
+
+/// Runs a remote subcommand.
+pub async fn run(ctx: &Ctx, command: RemoteCommand) -> anyhow::Result<i32> {
+    let mut config = ctx.config.clone();
+    match command {
+        RemoteCommand::Add {
+            name,
+            url,
+            key_file,
+            ca_file,
+            accept_certificate,
+        } => {
+            crate::config::validate_remote_name(&name)?;
+            if config.remotes.contains_key(&name) {
+                anyhow::bail!("remote \"{name}\" already exists");
+            }
+            parse_url(&url)?;
+            let mut remote = Remote {
+                url: url.trim_end_matches('/').to_string(),
+                key_file: Some(absolute(&key_file)?),
+                ca_file: ca_file.as_deref().map(absolute).transpose()?,
+                ..Remote::default()
+            };
+            remote.api_key(&name)?;
+            if let Some(ca) = &remote.ca_file {
+                crate::client::Client::new(&crate::config::Target {
+                    name: name.clone(),
+                    url: remote.url.clone(),
+                    key: String::new(),
+                    ca_file: Some(ca.clone()),
+                    fingerprint: None,
+                })?;
+            } else {
+                let fp = fetch_fingerprint(&remote.url).await?;
+                if !accept_certificate {
+                    say(&format!("Certificate fingerprint: {fp}"));
+                    if !confirm("ok (y/n)? ")? {
+                        anyhow::bail!("server certificate not accepted");
+                    }
+                }
+                remote.fingerprint = Some(fp);
+            }
+            config.add_remote(&name, remote)?;
+            config.save(&ctx.config_path)?;
+        }
+        RemoteCommand::List { format } => {
+            let current = ctx
+                .env
+                .remote
+                .clone()
+                .unwrap_or_else(|| config.default_remote.clone());
+            let entries = remote_entries(&config, &current);
+            let rows: Vec<Vec<String>> = entries
+                .iter()
+                .map(|e| {
+                    let shown = |p: &Option<PathBuf>| {
+                        p.as_ref()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_default()
+                    };
+                    vec![
+                        if e.current && format == Format::Table {
+                            format!("{} (current)", e.name)
+                        } else {
+                            e.name.clone()
+                        },
+                        e.url.clone(),
+                        shown(&e.key_file),
+                        match (&e.ca_file, &e.fingerprint) {
+                            (Some(ca), _) => ca.display().to_string(),
+                            (None, Some(fp)) => format!("pinned {}", &fp[..fp.len().min(12)]),
+                            (None, None) => String::new(),
+                        },
+                    ]
+                })
+                .collect();
+            print(&output::render(
+                format,
+                &["NAME", "URL", "KEY FILE", "TRUST"],
+                &rows,
+                &entries,
+            )?);
+        }
+        RemoteCommand::Remove { name } => {
+            config.remove_remote(&name)?;
+            config.save(&ctx.config_path)?;
+        }
+        RemoteCommand::Switch { name } => {
+            config.switch_remote(&name)?;
+            config.save(&ctx.config_path)?;
+        }
+        RemoteCommand::GetDefault => {
+            say(ctx.env.remote.as_deref().unwrap_or(&config.default_remote));
+        }
+    }
+    Ok(0)
+}
+
+/// Asks a yes/no question on the terminal; without a terminal the answer is no.
+fn confirm(question: &str) -> anyhow::Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!(
+            "cannot ask to accept the server certificate without a terminal: pass --ca-file or --accept-certificate"
+        );
+    }
+    let mut out = std::io::stdout();
+    let _ = out.write_all(question.as_bytes());
+    let _ = out.flush();
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    Ok(matches!(line.trim(), "y" | "Y" | "yes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_hide_keys_and_mark_current() {
+        let mut c = Config::default();
+        c.add_remote(
+            "local",
+            Remote {
+                url: "https://127.0.0.1:8443".into(),
+                key: Some("secret".into()),
+                ..Remote::default()
+            },
+        )
+        .unwrap();
+        let e = remote_entries(&c, "local");
+        assert_eq!(e.len(), 1);
+        assert!(e[0].current);
+        let json = output::json(&e).unwrap();
+        assert!(!json.contains("secret"));
+        assert!(json.contains("\"key-file\": null"));
+    }
+}
