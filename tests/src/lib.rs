@@ -1,1 +1,395 @@
-//! End-to-end harness.
+//! End-to-end harness: starts the real `berthd` and `berth-agent` on a private btrfs loop file,
+//! bridge and ports, drives them with the real `berth` CLI, and tears everything down again,
+//! also when a test fails.
+//!
+//! These tests need root and the kernel features a machine container needs. Without root they
+//! fail with a message saying so (never skip silently: CI runs as root).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// Where the workspace's binaries are: next to the test binary's `deps/` directory, or
+/// `$BERTH_BIN_DIR`.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("BERTH_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .map(Path::to_path_buf)
+        .expect("the test binary lives in target/<profile>/deps")
+}
+
+/// Polls `cond` until it is true or `timeout` passes.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port on loopback")
+}
+
+fn random_hex(n: usize) -> String {
+    let mut s = String::new();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+        ^ (std::process::id() as u128) << 64;
+    let mut x = seed as u64 ^ (seed >> 64) as u64;
+    for _ in 0..n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.push(char::from_digit((x % 16) as u32, 16).unwrap_or('0'));
+    }
+    s
+}
+
+/// Fails the test unless we are root: the engine needs it, and CI runs as root.
+pub fn require_root() {
+    // SAFETY-free check: read our effective uid from /proc.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let euid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or("1");
+    assert_eq!(
+        euid, "0",
+        "end-to-end tests boot real containers and must run as root (CI does); run them with sudo"
+    );
+}
+
+/// A running single-node cluster for one test.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub api_port: u16,
+    pub bridge: String,
+    controller: Option<Child>,
+    agent: Option<Child>,
+    controller_config: PathBuf,
+    agent_config: PathBuf,
+    cli_conf: PathBuf,
+    pool_mount: PathBuf,
+    loop_file: PathBuf,
+}
+
+impl Cluster {
+    /// Starts berthd and berth-agent, joins the agent, and points a private CLI config at them.
+    pub fn start() -> Result<Cluster> {
+        require_root();
+        let id = random_hex(6);
+        let dir = PathBuf::from(format!("/tmp/berth-e2e-{id}"));
+        std::fs::create_dir_all(&dir)?;
+        let api_port = free_port();
+        let peer_port = free_port();
+        let agent_port = free_port();
+        let bridge = format!("bte{id}");
+        let pool_mount = dir.join("pool");
+        let loop_file = dir.join("pool.img");
+        let controller_config = dir.join("berthd.toml");
+        std::fs::write(
+            &controller_config,
+            format!(
+                "name = \"ctl\"\nstate_dir = \"{}\"\napi_listen = \"127.0.0.1:{api_port}\"\npeer_listen = \"127.0.0.1:{peer_port}\"\n",
+                dir.join("controller").display()
+            ),
+        )?;
+        let agent_config = dir.join("agent.toml");
+        std::fs::write(
+            &agent_config,
+            format!(
+                "name = \"node1\"\nstate_dir = \"{}\"\nlisten = \"127.0.0.1:{agent_port}\"\n\
+                 [storage]\ndriver = \"btrfs\"\nloop_file = \"{}\"\nloop_size = \"8GiB\"\nmount = \"{}\"\n\
+                 [network]\nbridge = \"{bridge}\"\n\
+                 [images]\ncache_dir = \"/var/cache/berth-ci/images\"\n",
+                dir.join("agent").display(),
+                loop_file.display(),
+                pool_mount.display(),
+            ),
+        )?;
+        let mut c = Cluster {
+            dir: dir.clone(),
+            api_port,
+            bridge,
+            controller: None,
+            agent: None,
+            controller_config,
+            agent_config,
+            cli_conf: dir.join("cli"),
+            pool_mount,
+            loop_file,
+        };
+        c.start_controller()?;
+        let ctl = dir.join("controller");
+        wait_for("berthd to bootstrap", Duration::from_secs(60), || {
+            ctl.join("admin.key").exists() && ctl.join("join-token").exists()
+        })?;
+        c.start_agent(Some(&ctl.join("join-token")))?;
+        std::fs::create_dir_all(&c.cli_conf)?;
+        c.berth_ok(&[
+            "remote",
+            "add",
+            "e2e",
+            &format!("https://127.0.0.1:{api_port}"),
+            "--key-file",
+            &ctl.join("admin.key").display().to_string(),
+            "--ca-file",
+            &ctl.join("cluster.crt").display().to_string(),
+        ])?;
+        c.berth_ok(&["remote", "switch", "e2e"])?;
+        wait_for("the node to join", Duration::from_secs(60), || {
+            c.berth(&["cluster", "list"])
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("node1"))
+                .unwrap_or(false)
+        })?;
+        Ok(c)
+    }
+
+    fn log(&self, name: &str) -> Result<std::fs::File> {
+        Ok(std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(name))?)
+    }
+
+    /// Starts (or restarts) berthd.
+    pub fn start_controller(&mut self) -> Result<()> {
+        let log = self.log("berthd.log")?;
+        let child = Command::new(bin_dir().join("berthd"))
+            .arg("--config")
+            .arg(&self.controller_config)
+            .env("BERTH_LOG", "info,berth_controller=debug")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context(
+                "cannot start berthd (build the workspace binaries first: cargo build --workspace)",
+            )?;
+        self.controller = Some(child);
+        Ok(())
+    }
+
+    /// Starts (or restarts) berth-agent, joining with `token` when given.
+    pub fn start_agent(&mut self, token: Option<&Path>) -> Result<()> {
+        let log = self.log("agent.log")?;
+        let mut cmd = Command::new(bin_dir().join("berth-agent"));
+        cmd.arg("--config").arg(&self.agent_config);
+        if let Some(t) = token {
+            cmd.arg("--join-token-file").arg(t);
+        }
+        let child = cmd
+            .env("BERTH_LOG", "info,berth_agent=debug")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start berth-agent")?;
+        self.agent = Some(child);
+        Ok(())
+    }
+
+    fn stop_child(child: &mut Option<Child>) {
+        if let Some(mut c) = child.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops the agent process (SIGTERM); instances keep running.
+    pub fn stop_agent(&mut self) {
+        Self::stop_child(&mut self.agent);
+    }
+
+    /// Stops berthd (SIGTERM).
+    pub fn stop_controller(&mut self) {
+        Self::stop_child(&mut self.controller);
+    }
+
+    /// Runs `berth ARGS` with this cluster's CLI config.
+    pub fn berth(&self, args: &[&str]) -> Result<Output> {
+        Command::new(bin_dir().join("berth"))
+            .args(args)
+            .env("BERTH_CONF", &self.cli_conf)
+            .env_remove("BERTH_REMOTE")
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run berth")
+    }
+
+    /// Runs `berth ARGS` and fails unless it succeeds; returns stdout.
+    pub fn berth_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.berth(args)?;
+        if !out.status.success() {
+            bail!(
+                "berth {} failed ({}):\nstdout: {}\nstderr: {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `berth ARGS`, expecting failure; returns stderr.
+    pub fn berth_err(&self, args: &[&str]) -> Result<String> {
+        let out = self.berth(args)?;
+        if out.status.success() {
+            bail!(
+                "berth {} succeeded but should have failed:\n{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// `berth exec NAME -- CMD...`: (exit code, stdout, stderr).
+    pub fn exec(&self, name: &str, cmd: &[&str]) -> Result<(i32, String, String)> {
+        let mut args = vec!["exec", name, "--"];
+        args.extend_from_slice(cmd);
+        let out = self.berth(&args)?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// The instance as `berth list --format json` shows it.
+    pub fn instance_json(&self, name: &str) -> Result<serde_json::Value> {
+        let out = self.berth_ok(&["list", "--format", "json"])?;
+        let list: serde_json::Value = serde_json::from_str(&out).context("list output is JSON")?;
+        list.as_array()
+            .and_then(|a| a.iter().find(|i| i["name"] == name).cloned())
+            .with_context(|| format!("instance {name} is not in the list"))
+    }
+
+    /// Host PID of an instance's init (0 when stopped).
+    pub fn init_pid(&self, name: &str) -> Result<i64> {
+        Ok(self.instance_json(name)?["state"]["pid"]
+            .as_i64()
+            .unwrap_or(0))
+    }
+
+    /// The API's base URL, for raw HTTP checks.
+    pub fn api_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.api_port)
+    }
+
+    /// The admin key.
+    pub fn admin_key(&self) -> Result<String> {
+        Ok(
+            std::fs::read_to_string(self.dir.join("controller/admin.key"))?
+                .trim()
+                .to_string(),
+        )
+    }
+
+    /// The cluster CA certificate file.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("controller/cluster.crt")
+    }
+
+    /// The agent's log so far (to print when a test fails).
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Deletes every instance (stopping it first).
+    pub fn delete_all(&self) {
+        if let Ok(out) = self.berth(&["list", "--format", "json"])
+            && let Ok(serde_json::Value::Array(list)) = serde_json::from_slice(&out.stdout)
+        {
+            for i in list {
+                if let Some(name) = i["name"].as_str() {
+                    let _ = self.berth(&["delete", "--force", name]);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Instances outlive their agent, so delete them while the daemons still run.
+        if self.controller.is_some() && self.agent.is_some() {
+            self.delete_all();
+        }
+        Self::stop_child(&mut self.agent);
+        Self::stop_child(&mut self.controller);
+        // Anything still running from this cluster (a test that killed a daemon early): its
+        // monitors are `berth-agent __monitor <dir>/agent/...` processes.
+        let agent_dir = self.dir.join("agent");
+        kill_processes_mentioning(&agent_dir);
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.pool_mount)
+            .status();
+        if let Ok(out) = Command::new("losetup")
+            .arg("-j")
+            .arg(&self.loop_file)
+            .output()
+        {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                if let Some(dev) = line.split(':').next() {
+                    let _ = Command::new("losetup").arg("-d").arg(dev).status();
+                }
+            }
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &format!("berth_{}", self.bridge)])
+            .stderr(Stdio::null())
+            .status();
+        if std::env::var_os("BERTH_E2E_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Kills processes whose command line mentions `path`.
+fn kill_processes_mentioning(path: &Path) {
+    let needle = path.display().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline"))
+            && String::from_utf8_lossy(&cmdline).contains(&needle)
+        {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! Debian 12 with systemd boots to `running`, unprivileged, and stops cleanly.
+
+use std::time::{Duration, Instant};
+
+use berth_tests::Cluster;
+
+#[test]
+fn debian12_boots_systemd() -> anyhow::Result<()> {
+    let c = Cluster::start()?;
+    let result = run(&c);
+    if result.is_err() {
+        eprintln!("---- agent log ----\n{}", c.agent_log());
+        if let Ok(out) = c.berth(&["console", "t30-d1", "--show-log"]) {
+            eprintln!(
+                "---- console ----\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    }
+    result
+}
+
+fn run(c: &Cluster) -> anyhow::Result<()> {
+    let t = Instant::now();
+    c.berth_ok(&["image", "build", "debian/12"])?;
+    eprintln!("debian/12 image ready in {:?}", t.elapsed());
+    let t = Instant::now();
+    c.berth_ok(&["launch", "debian/12", "t30-d1"])?;
+    // systemd's bus comes up a moment after init starts: retry until it answers.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let state = loop {
+        let (_, out, _) = c.exec("t30-d1", &["systemctl", "is-system-running", "--wait"])?;
+        let s = out.trim().to_string();
+        if s == "running" || s == "degraded" || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("debian/12 reached {state} {:?} after launch", t.elapsed());
+    if state != "running" {
+        let (_, failed, _) = c.exec("t30-d1", &["systemctl", "--failed", "--no-legend"])?;
+        panic!("systemd is {state}; failed units:\n{failed}");
+    }
+    let (_, out, _) = c.exec("t30-d1", &["id", "-u"])?;
+    assert_eq!(out.trim(), "0");
+    let inst = c.instance_json("t30-d1")?;
+    let addr = inst["state"]["network"]["eth0"]["addresses"][0]["address"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let (_, out, _) = c.exec("t30-d1", &["ip", "-4", "-o", "addr", "show", "eth0"])?;
+    assert!(
+        !addr.is_empty() && out.contains(&addr),
+        "networkd kept {addr}: {out}"
+    );
+    let t = Instant::now();
+    c.berth_ok(&["restart", "t30-d1"])?;
+    eprintln!("debian/12 restart took {:?}", t.elapsed());
+    c.berth_ok(&["stop", "t30-d1"])?;
+    c.berth_ok(&["delete", "t30-d1"])?;
+    Ok(())
+}
