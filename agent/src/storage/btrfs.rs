@@ -260,7 +260,8 @@ fn set_readonly(path: &Path, ro: bool) -> Result<(), StorageError> {
 /// Absolute paths of all subvolumes below `path` (itself a subvolume), at any depth.
 fn nested_subvolumes(path: &Path) -> Result<Vec<PathBuf>, StorageError> {
     // `btrfs subvolume show` prints the path relative to the filesystem's top level first;
-    // `btrfs subvolume list` prints every subvolume's path relative to that same top level.
+    // `btrfs subvolume list -o` lists the subvolumes directly below the one holding its
+    // argument, with paths relative to that same top level.
     let show = run(Command::new("btrfs").args(["subvolume", "show"]).arg(path))?;
     let own = show
         .lines()
@@ -269,14 +270,24 @@ fn nested_subvolumes(path: &Path) -> Result<Vec<PathBuf>, StorageError> {
         .trim()
         .trim_matches('/')
         .to_string();
-    let list = run(Command::new("btrfs").args(["subvolume", "list"]).arg(path))?;
-    Ok(parse_nested(&own, &list)
-        .into_iter()
-        .map(|rel| path.join(rel))
-        .collect())
+    let mut found: Vec<PathBuf> = Vec::new();
+    let mut todo: Vec<PathBuf> = vec![path.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        let list = run(Command::new("btrfs")
+            .args(["subvolume", "list", "-o"])
+            .arg(&dir))?;
+        for rel in parse_nested(&own, &list) {
+            let abs = path.join(rel);
+            if !found.contains(&abs) {
+                found.push(abs.clone());
+                todo.push(abs);
+            }
+        }
+    }
+    Ok(found)
 }
 
-/// From `btrfs subvolume list` output, the paths (relative to the subvolume at top-level path
+/// From `btrfs subvolume list -o` output, the paths (relative to the subvolume at top-level path
 /// `own`) of subvolumes nested below it.
 fn parse_nested(own: &str, list: &str) -> Vec<String> {
     let prefix = if own.is_empty() {

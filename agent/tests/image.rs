@@ -1,0 +1,508 @@
+//! Image builds and imports against real storage (run as root: the btrfs test formats and
+//! mounts a loop file; every test cleans up after itself through Drop guards).
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use berth_agent::image::{ImageError, ImageStore, ImportFormat};
+use berth_agent::storage::{BtrfsConfig, BtrfsDriver, BtrfsSource, DirDriver, StorageDriver};
+use sha2::{Digest, Sha256};
+
+fn sh(cmd: &str) {
+    let st = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
+    assert!(st.success(), "{cmd}: {st}");
+}
+
+fn sha256_hex(files: &[&Path]) -> String {
+    let mut h = Sha256::new();
+    for f in files {
+        h.update(std::fs::read(f).unwrap());
+    }
+    hex::encode(h.finalize())
+}
+
+struct DirStore {
+    _tmp: tempfile::TempDir,
+    store: ImageStore,
+    pool: PathBuf,
+}
+
+fn dir_store() -> DirStore {
+    let tmp = tempfile::tempdir().unwrap();
+    let pool = tmp.path().join("pool");
+    let driver: Arc<dyn StorageDriver> = Arc::new(DirDriver::open(&pool).unwrap());
+    let store =
+        ImageStore::new(driver, tmp.path().join("state"), tmp.path().join("cache")).unwrap();
+    DirStore {
+        _tmp: tmp,
+        store,
+        pool,
+    }
+}
+
+#[test]
+fn busybox_build_is_deterministic_and_complete() {
+    let s = dir_store();
+    let t0 = Instant::now();
+    let img = s.store.build("busybox", None).unwrap();
+    eprintln!("busybox build took {:?}", t0.elapsed());
+    assert_eq!(img.fingerprint.len(), 64);
+    assert_eq!(img.os, "busybox");
+    assert_eq!(img.aliases, vec!["busybox".to_string()]);
+    let again = s.store.build("busybox", None).unwrap();
+    assert_eq!(again.fingerprint, img.fingerprint);
+    assert_eq!(s.store.list().unwrap().len(), 1);
+
+    let vol = s.store.volume_path(&img.fingerprint).unwrap().unwrap();
+    let root = vol.join("rootfs");
+    assert_eq!(
+        std::fs::read_link(root.join("sbin/init")).unwrap(),
+        Path::new("/bin/busybox")
+    );
+    assert_eq!(
+        std::fs::read_link(root.join("bin/sh")).unwrap(),
+        Path::new("/bin/busybox")
+    );
+    let inittab = std::fs::read_to_string(root.join("etc/inittab")).unwrap();
+    assert!(!inittab.contains("respawn"));
+    assert!(
+        std::fs::read_to_string(root.join("etc/passwd"))
+            .unwrap()
+            .starts_with("root:x:0:0:")
+    );
+    let tmp_mode = std::fs::metadata(root.join("tmp"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(tmp_mode & 0o7777, 0o1777);
+    for d in ["dev", "proc", "sys", "run", "var", "root"] {
+        assert!(root.join(d).is_dir(), "{d}");
+    }
+    let meta = std::fs::read_to_string(vol.join("metadata.yaml")).unwrap();
+    assert!(meta.contains("architecture:") && meta.contains("os: busybox"));
+    // Host protection: the pool's image tree is root-only.
+    let mode = std::fs::metadata(s.pool.join("images"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700);
+
+    assert!(matches!(
+        s.store.build("centos/7", None),
+        Err(ImageError::UnknownRecipe(_))
+    ));
+    s.store.delete(&img.fingerprint).unwrap();
+    assert!(s.store.get(&img.fingerprint).unwrap().is_none());
+    assert!(s.store.list().unwrap().is_empty());
+    assert!(matches!(
+        s.store.delete(&img.fingerprint),
+        Err(ImageError::NotFound(_))
+    ));
+    assert!(matches!(
+        s.store.get("../../etc/passwd"),
+        Err(ImageError::InvalidFingerprint(_))
+    ));
+}
+
+/// Kills a process (and its descendants by pid namespace death) on drop.
+struct Kill(std::process::Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// busybox init from the image stays up without a console and powers off on SIGPWR (the
+/// namespace's init then dies "killed by SIGINT", the kernel's mark of a power-off).
+#[test]
+fn busybox_init_powers_off_on_sigpwr() {
+    let s = dir_store();
+    let img = s.store.build("busybox", None).unwrap();
+    let root = s
+        .store
+        .volume_path(&img.fingerprint)
+        .unwrap()
+        .unwrap()
+        .join("rootfs");
+    // `unshare --fork --pid` runs init as PID 1 of a new PID namespace, chrooted into the image.
+    let child = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount", "--kill-child"])
+        .arg(format!("--mount-proc={}", root.join("proc").display()))
+        .arg("chroot")
+        .arg(&root)
+        .arg("/sbin/init")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = Kill(child);
+    // Find init (the unshare's child) and check it stays up.
+    let mut init = None;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        let out = Command::new("pgrep")
+            .args(["-P", &child.0.id().to_string()])
+            .output()
+            .unwrap();
+        if let Some(pid) = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+        {
+            init = Some(pid.to_string());
+            break;
+        }
+    }
+    let init = init.expect("busybox init did not start");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "busybox init exited on its own"
+    );
+    let hostname = std::fs::read_to_string(format!("/proc/{init}/root/etc/hostname")).unwrap();
+    assert_eq!(hostname.trim(), "busybox");
+    sh(&format!("kill -PWR {init}"));
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = child.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "busybox did not power off"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!(
+        "busybox power-off took {:?}, status {status:?}",
+        t0.elapsed()
+    );
+    // unshare mirrors the child's fatal signal.
+    assert!(
+        status.signal() == Some(libc::SIGINT) || status.code() == Some(128 + libc::SIGINT),
+        "{status:?}"
+    );
+}
+
+/// Builds a tarball with `tar` from `dir` (member names relative to it).
+fn tar_dir(out: &Path, dir: &Path, compress: &str) {
+    sh(&format!(
+        "tar {compress} --numeric-owner -C {} -cf {} .",
+        dir.display(),
+        out.display()
+    ));
+}
+
+#[test]
+fn import_unified_and_split() {
+    let s = dir_store();
+    let work = tempfile::tempdir().unwrap();
+    let stage = work.path().join("stage");
+    std::fs::create_dir_all(stage.join("rootfs/etc")).unwrap();
+    std::fs::create_dir_all(stage.join("templates")).unwrap();
+    std::fs::write(stage.join("rootfs/etc/hostname"), "imported\n").unwrap();
+    std::fs::write(
+        stage.join("metadata.yaml"),
+        "architecture: x86_64\ncreation_date: 1700000000\nproperties:\n  os: Alpine\n  release: \"3.19\"\n  description: test image\n  variant: default\n",
+    )
+    .unwrap();
+    let unified = work.path().join("unified.tar.gz");
+    tar_dir(&unified, &stage, "-z");
+
+    let img = s
+        .store
+        .import(ImportFormat::Unified, None, &unified, vec!["alp".into()])
+        .unwrap();
+    assert_eq!(img.fingerprint, sha256_hex(&[&unified]));
+    assert_eq!(img.os, "Alpine");
+    assert_eq!(img.release, "3.19");
+    assert_eq!(img.architecture, "x86_64");
+    assert_eq!(img.created_at, 1_700_000_000);
+    assert_eq!(img.aliases, vec!["alp".to_string()]);
+    let vol = s.store.volume_path(&img.fingerprint).unwrap().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(vol.join("rootfs/etc/hostname")).unwrap(),
+        "imported\n"
+    );
+    // Same bytes again: the same image, with the new alias added.
+    let again = s
+        .store
+        .import(ImportFormat::Unified, None, &unified, vec!["alp2".into()])
+        .unwrap();
+    assert_eq!(again.fingerprint, img.fingerprint);
+    assert_eq!(again.aliases, vec!["alp".to_string(), "alp2".to_string()]);
+
+    // Split: metadata tarball + rootfs tar.xz.
+    let meta_stage = work.path().join("meta");
+    std::fs::create_dir_all(&meta_stage).unwrap();
+    std::fs::copy(
+        stage.join("metadata.yaml"),
+        meta_stage.join("metadata.yaml"),
+    )
+    .unwrap();
+    let meta_tar = work.path().join("meta.tar.xz");
+    tar_dir(&meta_tar, &meta_stage, "-J");
+    let rootfs_tar = work.path().join("rootfs.tar.xz");
+    tar_dir(&rootfs_tar, &stage.join("rootfs"), "-J");
+    let split = s
+        .store
+        .import(ImportFormat::Split, Some(&meta_tar), &rootfs_tar, vec![])
+        .unwrap();
+    assert_eq!(split.fingerprint, sha256_hex(&[&meta_tar, &rootfs_tar]));
+    let vol = s.store.volume_path(&split.fingerprint).unwrap().unwrap();
+    assert!(vol.join("rootfs/etc/hostname").is_file());
+
+    // Garbage is a clear error and leaves nothing behind.
+    let junk = work.path().join("junk.tar");
+    std::fs::write(&junk, b"this is not a tarball").unwrap();
+    let err = s
+        .store
+        .import(ImportFormat::Unified, None, &junk, vec![])
+        .unwrap_err();
+    assert!(matches!(err, ImageError::InvalidImage(_)), "{err}");
+    assert_eq!(s.store.list().unwrap().len(), 2);
+    assert!(
+        std::fs::read_dir(s.pool.join("images")).unwrap().count() == 2,
+        "a failed import left a volume behind"
+    );
+    // A tarball without metadata.yaml is refused.
+    let bare = work.path().join("bare");
+    std::fs::create_dir_all(bare.join("rootfs")).unwrap();
+    let bare_tar = work.path().join("bare.tar");
+    tar_dir(&bare_tar, &bare, "");
+    let err = s
+        .store
+        .import(ImportFormat::Unified, None, &bare_tar, vec![])
+        .unwrap_err();
+    assert!(matches!(err, ImageError::InvalidImage(_)), "{err}");
+}
+
+/// Hostile tarballs: `..` members, absolute members, a symlink to a host directory followed by
+/// a member written "through" it, a metadata.yaml symlinked to a host file, and device nodes.
+#[test]
+fn import_refuses_escapes() {
+    let s = dir_store();
+    let work = tempfile::tempdir().unwrap();
+    let outside = work.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let stage = work.path().join("stage");
+    std::fs::create_dir_all(stage.join("rootfs")).unwrap();
+    std::fs::create_dir_all(stage.join("x")).unwrap();
+    std::fs::write(stage.join("x/pwned"), "pwned").unwrap();
+    std::fs::write(
+        stage.join("metadata.yaml"),
+        "architecture: x86_64\nproperties:\n  os: evil\n",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(&outside, stage.join("evil")).unwrap();
+    sh(&format!(
+        "mknod {} b 7 0",
+        stage.join("rootfs/loopdev").display()
+    ));
+    sh(&format!(
+        "mknod {} c 1 3",
+        stage.join("rootfs/nulldev").display()
+    ));
+    let evil = work.path().join("evil.tar");
+    let d = stage.display();
+    let e = evil.display();
+    // Members in order: metadata.yaml, rootfs/, rootfs/evil -> <outside>, rootfs/evil/pwned,
+    // ../escape-dotdot, <absolute>/escape-abs.
+    sh(&format!("tar -C {d} -cf {e} metadata.yaml rootfs"));
+    sh(&format!(
+        "tar -C {d} -rPf {e} --transform 's,^evil$,rootfs/evil,' evil"
+    ));
+    sh(&format!(
+        "tar -C {d} -rPf {e} --transform 's,^x/pwned$,rootfs/evil/pwned,' x/pwned"
+    ));
+    sh(&format!(
+        "tar -C {d} -rPf {e} --transform 's,^x/pwned$,../escape-dotdot,' x/pwned"
+    ));
+    let abs = outside.join("escape-abs");
+    sh(&format!(
+        "tar -C {d} -rPf {e} --transform 's,^x/pwned$,{},' x/pwned",
+        abs.display()
+    ));
+    let listing = Command::new("tar").arg("-tvf").arg(&evil).output().unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&listing.stdout));
+
+    let res = s.store.import(ImportFormat::Unified, None, &evil, vec![]);
+    eprintln!("import result: {res:?}");
+    // Whatever the outcome, nothing landed outside the volume.
+    assert!(!outside.join("pwned").exists(), "wrote through a symlink");
+    assert!(
+        !outside.join("escape-abs").exists(),
+        "absolute member escaped"
+    );
+    assert!(!s.pool.join("images/escape-dotdot").exists());
+    assert!(!s.pool.join("escape-dotdot").exists());
+    // GNU tar refuses the `..` member and the write through the symlink: the import fails
+    // as a whole and leaves no volume behind.
+    assert!(matches!(res, Err(ImageError::InvalidImage(_))), "{res:?}");
+    assert_eq!(std::fs::read_dir(s.pool.join("images")).unwrap().count(), 0);
+
+    // A well-formed image carrying device nodes: imported without them.
+    let stage3 = work.path().join("stage3");
+    std::fs::create_dir_all(stage3.join("rootfs/dev")).unwrap();
+    std::fs::copy(stage.join("metadata.yaml"), stage3.join("metadata.yaml")).unwrap();
+    sh(&format!(
+        "mknod {} b 7 0",
+        stage3.join("rootfs/loopdev").display()
+    ));
+    sh(&format!(
+        "mknod {} c 1 3",
+        stage3.join("rootfs/dev/null").display()
+    ));
+    std::fs::write(stage3.join("rootfs/keep"), "k").unwrap();
+    let t3 = work.path().join("devnodes.tar");
+    tar_dir(&t3, &stage3, "");
+    let img = s
+        .store
+        .import(ImportFormat::Unified, None, &t3, vec![])
+        .unwrap();
+    let vol = s.store.volume_path(&img.fingerprint).unwrap().unwrap();
+    assert!(vol.join("rootfs/keep").is_file());
+    assert!(std::fs::symlink_metadata(vol.join("rootfs/loopdev")).is_err());
+    assert!(std::fs::symlink_metadata(vol.join("rootfs/dev/null")).is_err());
+
+    // metadata.yaml as a symlink to a host file is refused (never read through).
+    let stage2 = work.path().join("stage2");
+    std::fs::create_dir_all(stage2.join("rootfs")).unwrap();
+    std::fs::write(outside.join("secret"), "architecture: leaked\n").unwrap();
+    std::os::unix::fs::symlink(outside.join("secret"), stage2.join("metadata.yaml")).unwrap();
+    let t2 = work.path().join("symlinked-meta.tar");
+    tar_dir(&t2, &stage2, "");
+    let err = s
+        .store
+        .import(ImportFormat::Unified, None, &t2, vec![])
+        .unwrap_err();
+    assert!(matches!(err, ImageError::InvalidImage(_)), "{err}");
+}
+
+/// Tears down a btrfs loop pool even when the test fails.
+struct BtrfsPool {
+    tmp: tempfile::TempDir,
+    driver: Option<Arc<BtrfsDriver>>,
+}
+
+impl BtrfsPool {
+    fn cfg(&self) -> BtrfsConfig {
+        BtrfsConfig {
+            source: BtrfsSource::LoopFile {
+                path: self.tmp.path().join("pool.img"),
+                size_bytes: 1 << 30,
+            },
+            mount_point: self.tmp.path().join("mnt"),
+        }
+    }
+}
+
+impl Drop for BtrfsPool {
+    fn drop(&mut self) {
+        let mnt = self.tmp.path().join("mnt");
+        let _ = Command::new("umount").arg(&mnt).status();
+        let out = Command::new("losetup")
+            .arg("-j")
+            .arg(self.tmp.path().join("pool.img"))
+            .output();
+        if let Ok(out) = out {
+            for l in String::from_utf8_lossy(&out.stdout).lines() {
+                if let Some((dev, _)) = l.split_once(':') {
+                    let _ = Command::new("losetup").args(["-d", dev]).status();
+                }
+            }
+        }
+        self.driver = None;
+    }
+}
+
+#[test]
+fn busybox_on_btrfs_then_instance_snapshot() {
+    let mut pool = BtrfsPool {
+        tmp: tempfile::tempdir().unwrap(),
+        driver: None,
+    };
+    let driver = Arc::new(BtrfsDriver::open(pool.cfg()).unwrap());
+    pool.driver = Some(driver.clone());
+    let state = pool.tmp.path().join("state");
+    let store = ImageStore::new(driver.clone(), state, pool.tmp.path().join("cache")).unwrap();
+    let img = store.build("busybox", None).unwrap();
+    let vol = store.volume_path(&img.fingerprint).unwrap().unwrap();
+    // Sealed read-only.
+    let err = std::fs::write(vol.join("rootfs/etc/new"), "x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    let t0 = Instant::now();
+    let inst = driver
+        .create_instance_volume("bb1", &img.fingerprint)
+        .unwrap();
+    eprintln!("instance snapshot took {:?}", t0.elapsed());
+    std::fs::write(inst.join("rootfs/etc/new"), "x").unwrap();
+    assert!(inst.join("rootfs/sbin/init").exists());
+    driver.delete_instance_volume("bb1").unwrap();
+    store.delete(&img.fingerprint).unwrap();
+    assert!(driver.image_volume(&img.fingerprint).is_none());
+    driver.unmount().unwrap();
+}
+
+/// The full debian/12 build: debootstrap from the mirror (minutes, network), cached as
+/// /var/cache/berth/images/debian-12-<arch>.tar so the next run takes seconds.
+#[test]
+#[ignore = "debootstraps Debian 12 from a mirror (minutes); run with --ignored"]
+fn debian12_build() {
+    let tmp = tempfile::tempdir().unwrap();
+    let driver: Arc<dyn StorageDriver> =
+        Arc::new(DirDriver::open(tmp.path().join("pool")).unwrap());
+    let store = ImageStore::new(
+        driver,
+        tmp.path().join("state"),
+        PathBuf::from("/var/cache/berth/images"),
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let img = store.build("debian/12", None).unwrap();
+    eprintln!(
+        "debian/12 build took {:?}; size {} bytes",
+        t0.elapsed(),
+        img.size_bytes
+    );
+    let root = store
+        .volume_path(&img.fingerprint)
+        .unwrap()
+        .unwrap()
+        .join("rootfs");
+    assert_eq!(std::fs::read(root.join("etc/machine-id")).unwrap().len(), 0);
+    assert!(
+        root.join("etc/systemd/system/multi-user.target.wants/systemd-networkd.service")
+            .symlink_metadata()
+            .is_ok()
+    );
+    assert!(root.join("etc/systemd/network/eth0.network").is_file());
+    assert!(root.join("lib/systemd/systemd-networkd").exists());
+    assert!(root.join("sbin/init").exists());
+    assert_eq!(std::fs::read_dir(root.join("dev")).unwrap().count(), 0);
+    let shadow = std::fs::read_to_string(root.join("etc/shadow")).unwrap();
+    assert!(
+        shadow.starts_with("root:!") || shadow.starts_with("root:*"),
+        "{shadow}"
+    );
+    // A fresh node (new pool and state): built from the cached tarball, same fingerprint.
+    let tmp2 = tempfile::tempdir().unwrap();
+    let driver2: Arc<dyn StorageDriver> =
+        Arc::new(DirDriver::open(tmp2.path().join("pool")).unwrap());
+    let store2 = ImageStore::new(
+        driver2,
+        tmp2.path().join("state"),
+        PathBuf::from("/var/cache/berth/images"),
+    )
+    .unwrap();
+    let t1 = Instant::now();
+    let again = store2.build("debian/12", None).unwrap();
+    assert_eq!(again.fingerprint, img.fingerprint);
+    eprintln!("cached rebuild took {:?}", t1.elapsed());
+}
