@@ -1,1 +1,1008 @@
-//! (being written)
+//! The instance lifecycle on this node: create, start, stop, restart, delete, status, live
+//! limit updates, console log, exec and files. Async at its surface; blocking work runs in
+//! `spawn_blocking` or in helper processes (`__monitor`, `__exec`, `__file`).
+//!
+//! Running instances outlive the agent: each has a detached monitor process (see
+//! [`crate::runtime::monitor`]); an [`Engine`] built after an agent restart finds them again
+//! from the files in `<state_dir>/instances/<name>/`.
+//!
+//! Every call is idempotent (create with the same spec, start of a running instance, stop of a
+//! stopped one succeed and change nothing). Calls on one instance are serialized by a
+//! per-instance lock; different instances proceed in parallel.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use berth_proto::v1::{InstanceSpec, InstanceState, InstanceStatus, NetworkSpec};
+use tokio::io::AsyncRead;
+
+use crate::cgroup::{CgroupError, Cgroups, Limits};
+use crate::network::{Network, NetworkError};
+use crate::runtime::exec::{ExecError, ExecRequest, ExecSession};
+use crate::runtime::files::{FileError, FileKind, FileMeta, FileRoot};
+use crate::runtime::monitor::{BridgeSettings, MonitorConfig};
+use crate::runtime::{
+    InstanceDir, InstanceRecord, NetworkRecord, Phase, RuntimeError, RuntimeState,
+};
+use crate::storage::{StorageDriver, StorageError};
+
+/// Default clean-stop timeout.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// `/var/lib/berth/agent`: instance dirs live in `instances/` below it.
+    pub state_dir: PathBuf,
+    /// Where the engine mounts lxcfs when none runs (`/var/lib/berth/lxcfs`). A running lxcfs
+    /// at `/var/lib/lxcfs` is reused.
+    pub lxcfs_dir: PathBuf,
+    /// Start lxcfs when none is mounted.
+    pub start_lxcfs: bool,
+    /// Whether the host network does outbound NAT (passed on to monitors that wire veths).
+    pub nat: bool,
+    /// The agent binary run as `__monitor`, `__exec` and `__file` (default: this executable).
+    pub helper_exe: PathBuf,
+    /// Parent of instance cgroups under each hierarchy root ("" = the roots).
+    pub cgroup_parent: String,
+    /// How long a start may take until init runs.
+    pub start_timeout: Duration,
+}
+
+impl EngineConfig {
+    /// Defaults for a state directory.
+    pub fn new(state_dir: PathBuf) -> EngineConfig {
+        EngineConfig {
+            state_dir,
+            lxcfs_dir: PathBuf::from("/var/lib/berth/lxcfs"),
+            start_lxcfs: true,
+            nat: true,
+            helper_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
+            cgroup_parent: String::new(),
+            start_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Errors of engine calls. The first variants are the caller's fault or a state conflict
+/// (the service maps them to 4xx-like gRPC codes).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("instance {0} not found")]
+    NotFound(String),
+    #[error("instance {0} already exists with a different spec")]
+    AlreadyExists(String),
+    #[error("instance {0} is not running")]
+    NotRunning(String),
+    #[error("instance {0} is busy: {1}")]
+    Busy(String, String),
+    #[error("invalid path: {0}")]
+    InvalidPath(String),
+    #[error("invalid config: {0}")]
+    InvalidConfig(String),
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    #[error("network: {0}")]
+    Network(#[from] NetworkError),
+    #[error("cgroups: {0}")]
+    Cgroup(#[from] CgroupError),
+    #[error("runtime: {0}")]
+    Runtime(String),
+    #[error("exec: {0}")]
+    Exec(#[from] ExecError),
+    #[error("files: {0}")]
+    Files(FileError),
+    #[error("i/o on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<RuntimeError> for EngineError {
+    fn from(e: RuntimeError) -> Self {
+        EngineError::Runtime(e.to_string())
+    }
+}
+
+impl From<FileError> for EngineError {
+    fn from(e: FileError) -> Self {
+        match e {
+            FileError::InvalidPath(p) | FileError::Escape(p) => EngineError::InvalidPath(p),
+            other => EngineError::Files(other),
+        }
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
+    move |source| EngineError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+) -> Result<T, EngineError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| EngineError::Runtime(format!("blocking task failed: {e}")))?
+}
+
+/// Parameters of an exec (the engine fills in the instance's init, cgroups and environment).
+#[derive(Debug, Clone, Default)]
+pub struct ExecParams {
+    pub instance: String,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    pub uid: u32,
+    pub gid: u32,
+    /// (cols, rows) for a pty; None for pipes.
+    pub tty: Option<(u16, u16)>,
+}
+
+struct Inner {
+    cfg: EngineConfig,
+    storage: Arc<dyn StorageDriver>,
+    network: Option<Arc<Network>>,
+    cgroups: Cgroups,
+}
+
+/// The container engine of this node. `Send + Sync`; share it with an `Arc`.
+pub struct Engine {
+    inner: Arc<Inner>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Engine {
+    /// An engine wiring instances with an address to the host bridge of `network`.
+    pub fn new(
+        cfg: EngineConfig,
+        storage: Arc<dyn StorageDriver>,
+        network: Arc<Network>,
+    ) -> Result<Engine, EngineError> {
+        Self::build(cfg, storage, Some(network))
+    }
+
+    /// An engine without host networking: instances get only `lo` in their own netns.
+    pub fn without_network(
+        cfg: EngineConfig,
+        storage: Arc<dyn StorageDriver>,
+    ) -> Result<Engine, EngineError> {
+        Self::build(cfg, storage, None)
+    }
+
+    fn build(
+        cfg: EngineConfig,
+        storage: Arc<dyn StorageDriver>,
+        network: Option<Arc<Network>>,
+    ) -> Result<Engine, EngineError> {
+        let dir = cfg.state_dir.join("instances");
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let cgroups = Cgroups::detect()?.with_parent(&cfg.cgroup_parent);
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                cfg,
+                storage,
+                network,
+                cgroups,
+            }),
+            locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The host's cgroup layout ("v2", "v1-hybrid", "v1").
+    pub fn cgroup_layout(&self) -> &'static str {
+        self.inner.cgroups.layout().as_str()
+    }
+
+    /// Whether instance root filesystems are attached through idmapped mounts.
+    pub fn idmapped_mounts(&self) -> bool {
+        self.inner.storage.supports_idmapped_mounts()
+    }
+
+    fn lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(name.to_string()).or_default().clone()
+    }
+
+    fn dir(&self, name: &str) -> InstanceDir {
+        InstanceDir::new(&self.inner.cfg.state_dir, name)
+    }
+
+    fn check_name(name: &str) -> Result<(), EngineError> {
+        berth_proto::api::names::validate_instance_name(name).map_err(EngineError::InvalidConfig)
+    }
+
+    fn record(&self, name: &str) -> Result<InstanceRecord, EngineError> {
+        Self::check_name(name)?;
+        let dir = self.dir(name);
+        if !dir.record_path().is_file() {
+            return Err(EngineError::NotFound(name.to_string()));
+        }
+        Ok(dir.read_record()?)
+    }
+
+    /// At agent start: finds running instances again, clears what crashed instances left
+    /// behind, and starts instances that should run (`boot.autostart=true`, or unset and
+    /// running when the host went down).
+    pub async fn recover(&self) -> Result<(), EngineError> {
+        let names = crate::runtime::list_instances(&self.inner.cfg.state_dir);
+        for name in names {
+            let lock = self.lock(&name);
+            let guard = lock.lock().await;
+            let dir = self.dir(&name);
+            if dir.live_monitor().is_some() {
+                tracing::info!(instance = %name, "found running instance");
+                continue;
+            }
+            let state = dir.read_state();
+            if matches!(
+                state.phase,
+                Phase::Running | Phase::Starting | Phase::Stopping
+            ) {
+                tracing::warn!(instance = %name, "instance monitor is gone; cleaning up");
+                let inner = self.inner.clone();
+                let n = name.clone();
+                blocking(move || inner.cleanup_leftovers(&n)).await?;
+            }
+            let rec = match dir.read_record() {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(instance = %name, "skipping unreadable instance: {e}");
+                    continue;
+                }
+            };
+            let autostart = match rec.config.get("boot.autostart") {
+                Some(v) => {
+                    berth_proto::api::config::parse_bool("boot.autostart", v).unwrap_or(false)
+                }
+                None => state.last_running,
+            };
+            drop(guard);
+            if autostart {
+                tracing::info!(instance = %name, "autostarting instance");
+                if let Err(e) = self.start(&name).await {
+                    tracing::warn!(instance = %name, "autostart failed: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates an instance: its volume from the image, its id range, the guest's identity and
+    /// network config written into the rootfs, and its record. Idempotent for the same spec.
+    pub async fn create(&self, spec: &InstanceSpec) -> Result<InstanceStatus, EngineError> {
+        let name = spec.name.clone();
+        Self::check_name(&name)?;
+        berth_proto::api::config::validate(&spec.config.clone().into_iter().collect())
+            .map_err(|e| EngineError::InvalidConfig(e.0))?;
+        let lock = self.lock(&name);
+        let _g = lock.lock().await;
+        let dir = self.dir(&name);
+        let net = spec.network.clone().unwrap_or_default();
+        let network = NetworkRecord {
+            ipv4_cidr: net.ipv4_cidr.clone(),
+            gateway: net.gateway.clone(),
+            nameservers: net.nameservers.clone(),
+            hwaddr: net.hwaddr.clone(),
+        };
+        let config: BTreeMap<String, String> = spec.config.clone().into_iter().collect();
+        if dir.record_path().is_file() {
+            let rec = dir.read_record()?;
+            if rec.image == spec.image && rec.config == config && rec.network == network {
+                drop(_g);
+                return self.status(&name).await;
+            }
+            return Err(EngineError::AlreadyExists(name));
+        }
+        let inner = self.inner.clone();
+        let image = spec.image.clone();
+        let n = name.clone();
+        blocking(move || inner.create_blocking(&n, &image, config, network, &net)).await?;
+        drop(_g);
+        self.status(&name).await
+    }
+
+    /// Starts an instance and returns once its init runs. Starting a running one returns its
+    /// status.
+    pub async fn start(&self, name: &str) -> Result<InstanceStatus, EngineError> {
+        let lock = self.lock(name);
+        let _g = lock.lock().await;
+        self.start_locked(name).await?;
+        drop(_g);
+        self.status(name).await
+    }
+
+    async fn start_locked(&self, name: &str) -> Result<(), EngineError> {
+        let mut rec = self.record(name)?;
+        let dir = self.dir(name);
+        if dir.live_monitor().is_some() {
+            if dir.live_init().is_some() {
+                return Ok(());
+            }
+            return self.wait_started(name).await;
+        }
+        if !rec.privileged() && rec.idmap_base == 0 {
+            rec.idmap_base = self.inner.allocate_idmap(name)?;
+            dir.write_record(&rec)?;
+        }
+        let inner = self.inner.clone();
+        let n = name.to_string();
+        blocking(move || inner.spawn_monitor(&n)).await?;
+        self.wait_started(name).await
+    }
+
+    async fn wait_started(&self, name: &str) -> Result<(), EngineError> {
+        let dir = self.dir(name);
+        let deadline = Instant::now() + self.inner.cfg.start_timeout;
+        let mut monitor_seen = false;
+        loop {
+            let st = dir.read_state();
+            let monitor = dir.live_monitor();
+            monitor_seen |= monitor.is_some();
+            match st.phase {
+                Phase::Running if dir.live_init().is_some() => return Ok(()),
+                Phase::Error => {
+                    return Err(EngineError::Runtime(format!(
+                        "instance {name} failed to start: {}",
+                        st.error
+                    )));
+                }
+                Phase::Stopped if monitor.is_none() => {
+                    let why = if st.error.is_empty() {
+                        "init exited at once".to_string()
+                    } else {
+                        st.error
+                    };
+                    return Err(EngineError::Runtime(format!(
+                        "instance {name} stopped while starting: {why}"
+                    )));
+                }
+                _ => {}
+            }
+            if monitor.is_none() && (monitor_seen || Instant::now() > deadline) {
+                // Give the monitor a moment to have written its pid file.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if dir.live_monitor().is_none() && dir.read_state().phase == Phase::Starting {
+                    let log = tail(&dir.monitor_log_path(), 2000);
+                    let inner = self.inner.clone();
+                    let n = name.to_string();
+                    blocking(move || inner.cleanup_leftovers(&n)).await?;
+                    return Err(EngineError::Runtime(format!(
+                        "instance {name}: monitor exited during start: {log}"
+                    )));
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(EngineError::Runtime(format!(
+                    "instance {name} did not start within {:?}",
+                    self.inner.cfg.start_timeout
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Stops an instance: a clean shutdown request to init (SIGRTMIN+3 for systemd, SIGPWR
+    /// otherwise), SIGKILL after `timeout`; `force` kills at once. Returns once everything the
+    /// instance used on the host is gone. Stopping a stopped instance returns its status.
+    pub async fn stop(
+        &self,
+        name: &str,
+        force: bool,
+        timeout: Duration,
+    ) -> Result<InstanceStatus, EngineError> {
+        let lock = self.lock(name);
+        let _g = lock.lock().await;
+        self.stop_locked(name, force, timeout).await?;
+        drop(_g);
+        self.status(name).await
+    }
+
+    async fn stop_locked(
+        &self,
+        name: &str,
+        force: bool,
+        timeout: Duration,
+    ) -> Result<(), EngineError> {
+        self.record(name)?;
+        let dir = self.dir(name);
+        let mut st = dir.read_state();
+        st.last_running = false;
+        dir.write_state(&st)?;
+        let Some(monitor) = dir.live_monitor() else {
+            if st.phase != Phase::Stopped {
+                let inner = self.inner.clone();
+                let n = name.to_string();
+                blocking(move || inner.cleanup_leftovers(&n)).await?;
+            }
+            return Ok(());
+        };
+        std::fs::write(dir.stop_requested_path(), b"")
+            .map_err(io_err(&dir.stop_requested_path()))?;
+        let init = dir.live_init();
+        let kill_init = |sig: i32| {
+            if let Some(i) = dir.live_init() {
+                let _ = crate::sys::process::kill(i.pid, sig);
+            }
+        };
+        if force || init.is_none() {
+            kill_init(libc::SIGKILL);
+        } else if let Some(i) = init {
+            let sig = if blocks_signal(i.pid, crate::sys::process::sigrtmin_plus(3)) {
+                crate::sys::process::sigrtmin_plus(3)
+            } else {
+                libc::SIGPWR
+            };
+            tracing::info!(instance = name, signal = sig, "asking init to shut down");
+            kill_init(sig);
+        }
+        let timeout = if force {
+            Duration::from_secs(0)
+        } else {
+            timeout
+        };
+        let mut deadline = Instant::now() + timeout;
+        let mut killed = force;
+        loop {
+            if !monitor.alive() {
+                break;
+            }
+            if Instant::now() > deadline {
+                if !killed {
+                    tracing::info!(instance = name, "clean stop timed out; killing init");
+                    kill_init(libc::SIGKILL);
+                    killed = true;
+                    deadline = Instant::now() + Duration::from_secs(15);
+                } else {
+                    // The monitor is stuck: kill it and clean up here.
+                    let _ = crate::sys::process::kill(monitor.pid, libc::SIGKILL);
+                    let inner = self.inner.clone();
+                    let n = name.to_string();
+                    blocking(move || inner.cleanup_leftovers(&n)).await?;
+                    break;
+                }
+            } else if force && init.is_none() && dir.live_init().is_none() && !killed {
+                kill_init(libc::SIGKILL);
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let _ = std::fs::remove_file(dir.stop_requested_path());
+        // The monitor cleans up; make sure nothing is left if it died mid-way.
+        let inner = self.inner.clone();
+        let n = name.to_string();
+        if blocking(move || Ok(inner.cgroups.exists(&n))).await? {
+            let inner = self.inner.clone();
+            let n = name.to_string();
+            blocking(move || inner.cleanup_leftovers(&n)).await?;
+        }
+        Ok(())
+    }
+
+    /// Stop (as [`Engine::stop`]) then start.
+    pub async fn restart(
+        &self,
+        name: &str,
+        force: bool,
+        timeout: Duration,
+    ) -> Result<InstanceStatus, EngineError> {
+        let lock = self.lock(name);
+        let _g = lock.lock().await;
+        self.stop_locked(name, force, timeout).await?;
+        self.start_locked(name).await?;
+        drop(_g);
+        self.status(name).await
+    }
+
+    /// Deletes an instance and its volume. A running instance is refused unless `force`, which
+    /// kills it first. Deleting a missing instance succeeds.
+    pub async fn delete(&self, name: &str, force: bool) -> Result<(), EngineError> {
+        Self::check_name(name)?;
+        let lock = self.lock(name);
+        let _g = lock.lock().await;
+        let dir = self.dir(name);
+        if !dir.path().exists() {
+            return Ok(());
+        }
+        if dir.live_monitor().is_some() {
+            if !force {
+                return Err(EngineError::Busy(
+                    name.to_string(),
+                    "it is running (stop it first or delete with force)".into(),
+                ));
+            }
+            self.stop_locked(name, true, Duration::ZERO).await?;
+        }
+        let inner = self.inner.clone();
+        let n = name.to_string();
+        blocking(move || {
+            inner.cleanup_leftovers(&n)?;
+            inner.storage.delete_instance_volume(&n)?;
+            let d = InstanceDir::new(&inner.cfg.state_dir, &n);
+            std::fs::remove_dir_all(d.path()).map_err(io_err(d.path()))?;
+            Ok(())
+        })
+        .await?;
+        tracing::info!(instance = name, "deleted instance");
+        Ok(())
+    }
+
+    /// The instance's state, usage and effective limits.
+    pub async fn status(&self, name: &str) -> Result<InstanceStatus, EngineError> {
+        let rec = self.record(name)?;
+        let inner = self.inner.clone();
+        blocking(move || Ok(inner.status_blocking(&rec))).await
+    }
+
+    /// Status of every instance on this node.
+    pub async fn list(&self) -> Result<Vec<InstanceStatus>, EngineError> {
+        let inner = self.inner.clone();
+        blocking(move || {
+            let mut out = Vec::new();
+            for name in crate::runtime::list_instances(&inner.cfg.state_dir) {
+                let dir = InstanceDir::new(&inner.cfg.state_dir, &name);
+                if let Ok(rec) = dir.read_record() {
+                    out.push(inner.status_blocking(&rec));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Replaces the instance's config. Limits take effect at once when it runs (applied before
+    /// the config is stored, so a refused limit changes nothing).
+    pub async fn update(
+        &self,
+        name: &str,
+        config: BTreeMap<String, String>,
+    ) -> Result<InstanceStatus, EngineError> {
+        berth_proto::api::config::validate(&config).map_err(|e| EngineError::InvalidConfig(e.0))?;
+        let lock = self.lock(name);
+        let _g = lock.lock().await;
+        let mut rec = self.record(name)?;
+        let dir = self.dir(name);
+        let inner = self.inner.clone();
+        let running = dir.live_init().is_some();
+        let cfg = config.clone();
+        let n = name.to_string();
+        blocking(move || {
+            let (cpus, mem) = crate::cgroup::host_resources(&inner.cgroups);
+            let limits = Limits::from_config(&cfg, &cpus, mem)
+                .map_err(|e| EngineError::InvalidConfig(e.to_string()))?;
+            if running {
+                inner.cgroups.apply_limits(&n, &limits)?;
+            }
+            Ok(())
+        })
+        .await?;
+        rec.config = config;
+        dir.write_record(&rec)?;
+        drop(_g);
+        self.status(name).await
+    }
+
+    /// The newest `max_bytes` of the console log (0: all that is kept, up to 2 MiB).
+    pub async fn console_log(&self, name: &str, max_bytes: u64) -> Result<Vec<u8>, EngineError> {
+        self.record(name)?;
+        let dir = self.dir(name);
+        blocking(move || {
+            let cur = dir.console_log_path();
+            let old = crate::runtime::monitor::rotated(&cur);
+            let mut data = std::fs::read(&old).unwrap_or_default();
+            data.extend(std::fs::read(&cur).unwrap_or_default());
+            let max = if max_bytes == 0 { u64::MAX } else { max_bytes };
+            let skip = data
+                .len()
+                .saturating_sub(max.min(usize::MAX as u64) as usize);
+            Ok(data.split_off(skip))
+        })
+        .await
+    }
+
+    /// Runs a command in a running instance ([`EngineError::NotRunning`] otherwise). The
+    /// instance's `environment.*` config is added to the environment (the request's own
+    /// variables win).
+    pub async fn exec(&self, p: ExecParams) -> Result<ExecSession, EngineError> {
+        let rec = self.record(&p.instance)?;
+        let dir = self.dir(&p.instance);
+        let init = dir
+            .live_init()
+            .ok_or_else(|| EngineError::NotRunning(p.instance.clone()))?;
+        let inner = self.inner.clone();
+        let n = p.instance.clone();
+        let cgroup_procs = blocking(move || Ok(inner.cgroups.exec_procs_files(&n)?)).await?;
+        let mut env: BTreeMap<String, String> = rec
+            .config
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("environment.")?.to_string(), v.clone())))
+            .collect();
+        env.extend(p.env);
+        let req = ExecRequest {
+            init_pid: init.pid,
+            cgroup_procs,
+            command: p.command,
+            env,
+            cwd: p.cwd,
+            uid: p.uid,
+            gid: p.gid,
+            tty: p.tty,
+            helper_exe: self.inner.cfg.helper_exe.clone(),
+        };
+        Ok(ExecSession::spawn(req).await?)
+    }
+
+    fn file_root(&self, name: &str) -> Result<FileRoot, EngineError> {
+        let rec = self.record(name)?;
+        Ok(match self.dir(name).live_init() {
+            Some(init) => FileRoot::Running {
+                init_pid: init.pid,
+                helper_exe: self.inner.cfg.helper_exe.clone(),
+            },
+            None => FileRoot::Stopped { rootfs: rec.rootfs },
+        })
+    }
+
+    /// Pushes a file, directory or symlink into the instance (ids are container ids).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn push_file(
+        &self,
+        instance: &str,
+        path: &str,
+        kind: FileKind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        target: Option<String>,
+        data: impl AsyncRead + Unpin + Send,
+    ) -> Result<FileMeta, EngineError> {
+        let root = self.file_root(instance)?;
+        Ok(
+            crate::runtime::files::push(&root, path, kind, mode, uid, gid, target.as_deref(), data)
+                .await?,
+        )
+    }
+
+    /// Pulls a file's metadata and, for a regular file, its content.
+    pub async fn pull_file(
+        &self,
+        instance: &str,
+        path: &str,
+    ) -> Result<(FileMeta, Option<Pin<Box<dyn AsyncRead + Send>>>), EngineError> {
+        let root = self.file_root(instance)?;
+        Ok(crate::runtime::files::pull(&root, path).await?)
+    }
+
+    /// Deletes a file, symlink or empty directory in the instance.
+    pub async fn delete_file(&self, instance: &str, path: &str) -> Result<(), EngineError> {
+        let root = self.file_root(instance)?;
+        Ok(crate::runtime::files::delete(&root, path).await?)
+    }
+}
+
+impl Inner {
+    fn allocate_idmap(&self, except: &str) -> Result<u32, EngineError> {
+        let used: Vec<u32> = crate::runtime::list_instances(&self.cfg.state_dir)
+            .iter()
+            .filter(|n| n.as_str() != except)
+            .filter_map(|n| InstanceDir::new(&self.cfg.state_dir, n).read_record().ok())
+            .map(|r| r.idmap_base)
+            .filter(|b| *b != 0)
+            .collect();
+        let mut reserved = Vec::new();
+        for f in ["/etc/subuid", "/etc/subgid"] {
+            if let Ok(t) = std::fs::read_to_string(f) {
+                reserved.extend(crate::runtime::parse_subid(&t));
+            }
+        }
+        Ok(crate::runtime::allocate_idmap(&used, &reserved)?)
+    }
+
+    fn create_blocking(
+        &self,
+        name: &str,
+        image: &str,
+        config: BTreeMap<String, String>,
+        network: NetworkRecord,
+        net: &NetworkSpec,
+    ) -> Result<(), EngineError> {
+        let dir = InstanceDir::new(&self.cfg.state_dir, name);
+        let mut undo: Vec<Box<dyn FnOnce()>> = Vec::new();
+        let result = (|| {
+            std::fs::create_dir_all(dir.path()).map_err(io_err(dir.path()))?;
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+                    .map_err(io_err(dir.path()))?;
+            }
+            let d = dir.path().to_path_buf();
+            undo.push(Box::new(move || {
+                let _ = std::fs::remove_dir_all(&d);
+            }));
+            let vol = self.storage.create_instance_volume(name, image)?;
+            let storage = self.storage.clone();
+            let n = name.to_string();
+            undo.push(Box::new(move || {
+                let _ = storage.delete_instance_volume(&n);
+            }));
+            let rootfs = vol.join("rootfs");
+            let mut rec = InstanceRecord {
+                name: name.to_string(),
+                image: image.to_string(),
+                config,
+                network,
+                idmap_base: 0,
+                shifted_on_disk: false,
+                rootfs: rootfs.clone(),
+                created_at: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or(0),
+            };
+            // Identity and network config, written with container ids (uid 0 on disk).
+            crate::network::write_guest_config(&rootfs, name, net)?;
+            if !rec.privileged() {
+                rec.idmap_base = self.allocate_idmap(name)?;
+                if !self.storage.supports_idmapped_mounts() {
+                    tracing::info!(
+                        instance = name,
+                        base = rec.idmap_base,
+                        "shifting rootfs owners on disk"
+                    );
+                    shift_tree(&rootfs, rec.idmap_base)?;
+                    rec.shifted_on_disk = true;
+                }
+            }
+            dir.write_record(&rec)?;
+            dir.write_state(&RuntimeState::default())?;
+            tracing::info!(
+                instance = name,
+                image,
+                idmap_base = rec.idmap_base,
+                "created instance"
+            );
+            Ok(())
+        })();
+        if result.is_err() {
+            for u in undo.into_iter().rev() {
+                u();
+            }
+        }
+        result
+    }
+
+    fn spawn_monitor(&self, name: &str) -> Result<(), EngineError> {
+        let dir = InstanceDir::new(&self.cfg.state_dir, name);
+        let lxcfs_dir = if self.cfg.start_lxcfs {
+            ensure_lxcfs(&self.cfg.lxcfs_dir, &self.cfg.state_dir)
+        } else {
+            existing_lxcfs(&self.cfg.lxcfs_dir)
+        };
+        let mcfg = MonitorConfig {
+            state_dir: self.cfg.state_dir.clone(),
+            lxcfs_dir,
+            bridge: self.network.as_ref().map(|n| BridgeSettings {
+                name: n.bridge().to_string(),
+                cidr: n.bridge_cidr(),
+                nat: self.cfg.nat,
+            }),
+            cgroup_parent: self.cfg.cgroup_parent.clone(),
+        };
+        crate::runtime::write_json(&dir.monitor_config_path(), &mcfg)?;
+        let _ = std::fs::remove_file(dir.stop_requested_path());
+        let mut st = dir.read_state();
+        st.phase = Phase::Starting;
+        st.error.clear();
+        st.last_running = true;
+        dir.write_state(&st)?;
+        let log_path = dir.monitor_log_path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io_err(&log_path))?;
+        let log2 = log.try_clone().map_err(io_err(&log_path))?;
+        let mut child = std::process::Command::new(&self.cfg.helper_exe)
+            .arg("__monitor")
+            .arg(dir.path())
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(io_err(&self.cfg.helper_exe))?;
+        // The monitor forks and its first process exits at once.
+        let status = child.wait().map_err(io_err(&self.cfg.helper_exe))?;
+        if !status.success() {
+            st.phase = Phase::Error;
+            st.error = format!("monitor failed to start: {status}");
+            dir.write_state(&st)?;
+            return Err(EngineError::Runtime(st.error));
+        }
+        Ok(())
+    }
+
+    /// Removes what a dead monitor may have left: stray processes and cgroups, the host veth,
+    /// the staging mount; marks the instance stopped.
+    fn cleanup_leftovers(&self, name: &str) -> Result<(), EngineError> {
+        let dir = InstanceDir::new(&self.cfg.state_dir, name);
+        if let Some(m) = dir.live_monitor() {
+            let _ = crate::sys::process::kill(m.pid, libc::SIGKILL);
+        }
+        if let Some(i) = dir.live_init() {
+            let _ = crate::sys::process::kill(i.pid, libc::SIGKILL);
+        }
+        self.cgroups.destroy(name)?;
+        if let Some(net) = &self.network {
+            net.delete_veth(&Network::host_veth_name(name))?;
+        }
+        let staging = dir.rootfs_mount();
+        if crate::sys::mount::is_mount_point(&staging) {
+            crate::sys::mount::detach(&staging).map_err(io_err(&staging))?;
+        }
+        let _ = std::fs::remove_file(dir.init_pid_path());
+        if dir.path().exists() {
+            let mut st = dir.read_state();
+            if st.phase != Phase::Error {
+                st.phase = Phase::Stopped;
+            }
+            st.init_pid = 0;
+            st.started_at = 0;
+            dir.write_state(&st)?;
+        }
+        Ok(())
+    }
+
+    fn status_blocking(&self, rec: &InstanceRecord) -> InstanceStatus {
+        let dir = InstanceDir::new(&self.cfg.state_dir, &rec.name);
+        let st = dir.read_state();
+        let init = dir.live_init();
+        let monitor = dir.live_monitor();
+        let state = match (init, monitor) {
+            (Some(_), _) => InstanceState::Running,
+            (None, Some(_)) if st.phase == Phase::Stopping => InstanceState::Running,
+            _ if st.phase == Phase::Error => InstanceState::Error,
+            _ => InstanceState::Stopped,
+        };
+        let mut s = InstanceStatus {
+            name: rec.name.clone(),
+            state: state as i32,
+            image: rec.image.clone(),
+            idmap_base: rec.idmap_base,
+            ipv4: rec
+                .network
+                .ipv4_cidr
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            error: st.error.clone(),
+            ..Default::default()
+        };
+        if let Some(i) = init {
+            let u = self.cgroups.usage(&rec.name);
+            let limits = self.cgroups.read_limits(&rec.name);
+            s.pid = i.pid as i64;
+            s.processes = u.processes as i64;
+            s.memory_usage_bytes = u.memory_bytes;
+            s.cpu_usage_ns = u.cpu_ns;
+            s.memory_limit_bytes = limits
+                .get("limits.memory")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            s.limits = limits.into_iter().collect();
+            s.started_at = st.started_at;
+        }
+        s
+    }
+}
+
+/// Whether `pid` blocks signal `sig` (SigBlk in /proc/<pid>/status).
+fn blocks_signal(pid: i32, sig: i32) -> bool {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    s.lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .map(|mask| (1..=64).contains(&sig) && mask & (1u64 << (sig - 1)) != 0)
+        .unwrap_or(false)
+}
+
+fn tail(path: &Path, max: usize) -> String {
+    let data = std::fs::read(path).unwrap_or_default();
+    let start = data.len().saturating_sub(max);
+    String::from_utf8_lossy(&data[start..]).trim().to_string()
+}
+
+/// A mounted lxcfs: the system one at /var/lib/lxcfs, else ours at `dir`.
+fn existing_lxcfs(dir: &Path) -> Option<PathBuf> {
+    [Path::new("/var/lib/lxcfs"), dir]
+        .into_iter()
+        .find(|d| crate::sys::mount::is_mount_point(d) && d.join("proc/meminfo").exists())
+        .map(Path::to_path_buf)
+}
+
+/// Returns a mounted lxcfs, starting one at `dir` when none runs. Failures are logged and
+/// leave instances without lxcfs views.
+fn ensure_lxcfs(dir: &Path, state_dir: &Path) -> Option<PathBuf> {
+    if let Some(d) = existing_lxcfs(dir) {
+        return Some(d);
+    }
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        tracing::warn!("cannot create lxcfs dir {}: {e}", dir.display());
+        return None;
+    }
+    let pidfile = state_dir.join("lxcfs.pid");
+    let logfile = state_dir.join("lxcfs.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&logfile)
+        .ok();
+    let mut cmd = std::process::Command::new("lxcfs");
+    cmd.arg("-p")
+        .arg(&pidfile)
+        .arg(dir)
+        .stdin(std::process::Stdio::null());
+    if let Some(l) = log
+        && let Ok(l2) = l.try_clone()
+    {
+        cmd.stdout(l).stderr(l2);
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("cannot start lxcfs: {e}");
+            return None;
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Some(d) = existing_lxcfs(dir) {
+            tracing::info!(dir = %d.display(), "lxcfs started");
+            // Reap it whenever it exits (it may stay in the foreground).
+            std::thread::spawn(move || {
+                let _ = child.wait();
+            });
+            return Some(d);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    tracing::warn!("lxcfs did not come up at {}", dir.display());
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// Shifts every owner in `root` by `base` (for filesystems without idmapped mounts), once at
+/// create time. Symlinks are not followed; setuid/setgid bits (cleared by chown) are restored.
+fn shift_tree(root: &Path, base: u32) -> Result<(), EngineError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let m = std::fs::symlink_metadata(&p).map_err(io_err(&p))?;
+        std::os::unix::fs::lchown(&p, Some(m.uid() + base), Some(m.gid() + base))
+            .map_err(io_err(&p))?;
+        if !m.file_type().is_symlink() && m.mode() & 0o6000 != 0 {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(m.mode() & 0o7777))
+                .map_err(io_err(&p))?;
+        }
+        if m.is_dir() {
+            for e in std::fs::read_dir(&p).map_err(io_err(&p))? {
+                stack.push(e.map_err(io_err(&p))?.path());
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,382 @@
+//! Runtime integration tests: boot real containers (as root) from a busybox rootfs made from the
+//! host's busybox-static, through the real engine, dir storage and cgroups.
+//!
+//! Run: `cargo test -p berth-agent --test runtime -- --test-threads=1`
+//! (the Debian/systemd test is `#[ignore]`d: it needs a debootstrapped rootfs at
+//! /var/cache/berth-ci/debian12-rootfs; run it with `-- --ignored debian`).
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_agent::cgroup::Cgroups;
+use berth_agent::engine::{Engine, EngineConfig, ExecParams};
+use berth_agent::runtime::InstanceDir;
+use berth_agent::runtime::files::FileKind;
+use berth_agent::storage::StorageDriver;
+use berth_agent::storage::dir::DirDriver;
+use berth_proto::v1::{InstanceSpec, InstanceState};
+use tokio::io::AsyncReadExt;
+
+const FP: &str = "b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0";
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "runtime tests need root (they boot containers)"
+    );
+}
+
+/// Kills and removes whatever an instance left when a test fails half-way.
+struct Guard {
+    state_dir: PathBuf,
+    name: String,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let dir = InstanceDir::new(&self.state_dir, &self.name);
+        for p in [dir.live_init(), dir.live_monitor()].into_iter().flatten() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        if let Ok(cg) = Cgroups::detect() {
+            let _ = cg.destroy(&self.name);
+        }
+        let _ = nix::mount::umount2(&dir.rootfs_mount(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+struct Env {
+    _tmp: tempfile::TempDir,
+    state_dir: PathBuf,
+    storage: Arc<dyn StorageDriver>,
+}
+
+fn env() -> Env {
+    require_root();
+    let tmp = tempfile::Builder::new()
+        .prefix("berth-rt-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let state_dir = tmp.path().join("state");
+    let pool = tmp.path().join("pool");
+    std::fs::create_dir_all(&pool).unwrap();
+    let storage: Arc<dyn StorageDriver> = Arc::new(DirDriver::open(&pool).unwrap());
+    Env {
+        state_dir,
+        storage,
+        _tmp: tmp,
+    }
+}
+
+/// An image volume holding a busybox rootfs.
+fn busybox_image(storage: &dyn StorageDriver) {
+    let vol = storage.create_image_volume(FP).unwrap();
+    let root = vol.join("rootfs");
+    for d in [
+        "bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "root", "run",
+        "var",
+    ] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    let list = std::process::Command::new("/bin/busybox")
+        .arg("--list-full")
+        .output()
+        .unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        let p = root.join(applet);
+        if applet == "bin/busybox" || p.exists() {
+            continue;
+        }
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink("/bin/busybox", &p).unwrap();
+    }
+    std::fs::write(
+        root.join("etc/inittab"),
+        "console::sysinit:/bin/echo berth-busybox-booted\nconsole::shutdown:/bin/echo berth-busybox-halting\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
+    storage.finish_image_volume(FP).unwrap();
+}
+
+fn engine(e: &Env) -> Engine {
+    let mut cfg = EngineConfig::new(e.state_dir.clone());
+    cfg.helper_exe = PathBuf::from(env!("CARGO_BIN_EXE_berth-agent"));
+    Engine::without_network(cfg, e.storage.clone()).unwrap()
+}
+
+fn spec(name: &str, config: &[(&str, &str)]) -> InstanceSpec {
+    InstanceSpec {
+        name: name.to_string(),
+        image: FP.to_string(),
+        config: config
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        network: None,
+    }
+}
+
+async fn run(engine: &Engine, name: &str, cmd: &[&str]) -> (i32, String) {
+    let mut s = engine
+        .exec(ExecParams {
+            instance: name.to_string(),
+            command: cmd.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    drop(s.take_stdin());
+    let mut out = s.take_stdout().unwrap();
+    let mut err = s.take_stderr().unwrap();
+    let mut so = Vec::new();
+    let mut se = Vec::new();
+    let (a, b) = tokio::join!(out.read_to_end(&mut so), err.read_to_end(&mut se));
+    a.unwrap();
+    b.unwrap();
+    let code = s.wait().await.unwrap();
+    if !se.is_empty() {
+        eprintln!("{cmd:?} stderr: {}", String::from_utf8_lossy(&se));
+    }
+    (code, String::from_utf8_lossy(&so).into_owned())
+}
+
+fn mounted_under(p: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let p = p.to_string_lossy();
+    info.lines().any(|l| l.contains(p.as_ref()))
+}
+
+fn field(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_default()
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busybox_unprivileged_lifecycle() {
+    let e = env();
+    busybox_image(e.storage.as_ref());
+    let name = "rt-bb1";
+    let _guard = Guard {
+        state_dir: e.state_dir.clone(),
+        name: name.to_string(),
+    };
+    let eng = engine(&e);
+    let s = eng
+        .create(&spec(
+            name,
+            &[("limits.memory", "64MiB"), ("limits.cpu", "1")],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(s.state, InstanceState::Stopped as i32);
+    assert!(s.idmap_base >= 1_000_000);
+    // Idempotent create.
+    eng.create(&spec(
+        name,
+        &[("limits.memory", "64MiB"), ("limits.cpu", "1")],
+    ))
+    .await
+    .unwrap();
+
+    let s = eng.start(name).await.unwrap();
+    assert_eq!(s.state, InstanceState::Running as i32, "{s:?}");
+    let pid = s.pid as i32;
+    assert!(pid > 0);
+    let base = s.idmap_base;
+    // Start of a running instance is a no-op.
+    assert_eq!(eng.start(name).await.unwrap().pid, s.pid);
+
+    // Host view: init runs as the instance's base uid.
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert_eq!(field(&st, "Uid:"), base.to_string());
+    assert_eq!(field(&st, "Gid:"), base.to_string());
+    // Bounding set lacks sys_module (bit 16) and sys_time (bit 25).
+    let bnd = u64::from_str_radix(&field(&st, "CapBnd:"), 16).unwrap();
+    assert_eq!(bnd & (1 << 16), 0);
+    assert_eq!(bnd & (1 << 25), 0);
+    assert_ne!(bnd & (1 << 22), 0, "sys_boot must stay");
+    assert_eq!(field(&st, "Seccomp:"), "2");
+    let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert_eq!(env, b"container=berth\0");
+
+    // Inside.
+    assert_eq!(
+        run(&eng, name, &["cat", "/proc/1/comm"]).await,
+        (0, "init\n".into())
+    );
+    assert_eq!(run(&eng, name, &["id", "-u"]).await, (0, "0\n".into()));
+    assert_eq!(
+        run(&eng, name, &["hostname"]).await,
+        (0, format!("{name}\n"))
+    );
+    assert_eq!(run(&eng, name, &["sh", "-c", "exit 7"]).await.0, 7);
+    let (_, ls) = run(&eng, name, &["ls", "-ln", "/bin/busybox"]).await;
+    assert!(ls.contains(" 0 ") && ls.contains("busybox"), "{ls}");
+
+    // Limits: cgroup files and the views inside.
+    let cg = Cgroups::detect().unwrap();
+    let mem = cg
+        .paths(name)
+        .into_iter()
+        .find(|p| p.starts_with("/sys/fs/cgroup/memory"))
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(mem.join("memory.limit_in_bytes"))
+            .unwrap()
+            .trim(),
+        (64u64 << 20).to_string()
+    );
+    assert_eq!(run(&eng, name, &["nproc"]).await, (0, "1\n".into()));
+    // lxcfs's /proc/meminfo (what procps `free` reads; busybox `free` uses sysinfo(2), which
+    // lxcfs cannot virtualize).
+    let (_, meminfo) = run(&eng, name, &["head", "-1", "/proc/meminfo"]).await;
+    assert_eq!(
+        meminfo.split_whitespace().nth(1),
+        Some("65536"),
+        "MemTotal inside: {meminfo}"
+    );
+    let s = eng.status(name).await.unwrap();
+    assert_eq!(s.memory_limit_bytes, 64 << 20);
+    assert_eq!(s.limits.get("limits.cpu").map(String::as_str), Some("0"));
+    assert!(s.processes >= 1);
+
+    // Live limit change.
+    let mut cfg = BTreeMap::new();
+    cfg.insert("limits.memory".to_string(), "128MiB".to_string());
+    let s = eng.update(name, cfg).await.unwrap();
+    assert_eq!(s.memory_limit_bytes, 128 << 20);
+    assert!(!s.limits.contains_key("limits.cpu"), "{:?}", s.limits);
+
+    // Files: round trip and refused escapes.
+    let data: &[u8] = b"hello from the host\n";
+    eng.push_file(
+        name,
+        "/root/hello.txt",
+        FileKind::File,
+        0o640,
+        0,
+        0,
+        None,
+        data,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        run(&eng, name, &["cat", "/root/hello.txt"]).await,
+        (0, "hello from the host\n".into())
+    );
+    let (meta, content) = eng.pull_file(name, "/root/hello.txt").await.unwrap();
+    assert_eq!((meta.mode, meta.uid, meta.gid), (0o640, 0, 0));
+    let mut buf = Vec::new();
+    content.unwrap().read_to_end(&mut buf).await.unwrap();
+    assert_eq!(buf, data);
+    assert!(eng.pull_file(name, "../../etc/passwd").await.is_err());
+    run(&eng, name, &["ln", "-s", "/etc", "/root/hostetc"]).await;
+    let (m, c) = eng.pull_file(name, "/root/hostetc/passwd").await.unwrap();
+    let mut buf = Vec::new();
+    c.unwrap().read_to_end(&mut buf).await.unwrap();
+    assert_eq!(m.size as usize, buf.len());
+    assert_eq!(
+        buf, b"root:x:0:0:root:/root:/bin/sh\n",
+        "must be the instance's passwd"
+    );
+
+    // Console.
+    let log = eng.console_log(name, 0).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&log).contains("berth-busybox-booted"),
+        "{}",
+        String::from_utf8_lossy(&log)
+    );
+
+    // Agent restart: a new engine finds the running instance.
+    drop(eng);
+    let eng = engine(&e);
+    eng.recover().await.unwrap();
+    let s = eng.status(name).await.unwrap();
+    assert_eq!(s.state, InstanceState::Running as i32);
+    assert_eq!(s.pid as i32, pid);
+    assert_eq!(run(&eng, name, &["cat", "/proc/1/comm"]).await.0, 0);
+
+    // Clean stop (busybox gets SIGPWR) leaves nothing behind.
+    let s = eng
+        .stop(name, false, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(s.state, InstanceState::Stopped as i32, "{s:?}");
+    assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    assert!(!cg.exists(name));
+    assert!(!mounted_under(&e.state_dir));
+    let log = eng.console_log(name, 0).await.unwrap();
+    assert!(String::from_utf8_lossy(&log).contains("berth-busybox-halting"));
+    // Stop of a stopped instance is a no-op; exec refuses.
+    eng.stop(name, false, Duration::from_secs(1)).await.unwrap();
+    assert!(matches!(
+        eng.exec(ExecParams {
+            instance: name.into(),
+            command: vec!["true".into()],
+            ..Default::default()
+        })
+        .await,
+        Err(berth_agent::engine::EngineError::NotRunning(_))
+    ));
+    // Files of a stopped instance.
+    let (meta, _) = eng.pull_file(name, "/root/hello.txt").await.unwrap();
+    assert_eq!(meta.size, data.len() as u64);
+
+    // Restart and force stop, then delete.
+    let s = eng
+        .restart(name, false, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(s.state, InstanceState::Running as i32);
+    let s = eng.stop(name, true, Duration::ZERO).await.unwrap();
+    assert_eq!(s.state, InstanceState::Stopped as i32);
+    assert!(!cg.exists(name));
+    eng.delete(name, false).await.unwrap();
+    assert!(eng.status(name).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busybox_privileged_boots() {
+    let e = env();
+    busybox_image(e.storage.as_ref());
+    let name = "rt-bbpriv";
+    let _guard = Guard {
+        state_dir: e.state_dir.clone(),
+        name: name.to_string(),
+    };
+    let eng = engine(&e);
+    eng.create(&spec(name, &[("security.privileged", "true")]))
+        .await
+        .unwrap();
+    let s = eng.start(name).await.unwrap();
+    assert_eq!(s.state, InstanceState::Running as i32);
+    assert_eq!(s.idmap_base, 0);
+    let st = std::fs::read_to_string(format!("/proc/{}/status", s.pid)).unwrap();
+    assert_eq!(field(&st, "Uid:"), "0");
+    assert_eq!(
+        run(&eng, name, &["cat", "/proc/1/comm"]).await,
+        (0, "init\n".into())
+    );
+    eng.delete(name, true).await.unwrap();
+    assert!(!Cgroups::detect().unwrap().exists(name));
+}
