@@ -14,7 +14,7 @@ use openraft::{Config, ServerState, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{ClientTlsConfig, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, Server, ServerTlsConfig};
 
 use super::network::Network;
 use super::service::RaftService;
@@ -28,6 +28,21 @@ use crate::store::{self, StateMachineStore, StoreError};
 pub struct PeerTls {
     pub server: ServerTlsConfig,
     pub client: ClientTlsConfig,
+}
+
+impl PeerTls {
+    /// Mutual TLS from PEM: every peer presents `cert_pem`/`key_pem` (which must name the
+    /// host of its peer address, DNS name or IP) and trusts only certificates from `ca_pem`.
+    pub fn from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> PeerTls {
+        let ca = Certificate::from_pem(ca_pem);
+        let identity = Identity::from_pem(cert_pem, key_pem);
+        PeerTls {
+            server: ServerTlsConfig::new()
+                .identity(identity.clone())
+                .client_ca_root(ca.clone()),
+            client: ClientTlsConfig::new().ca_certificate(ca).identity(identity),
+        }
+    }
 }
 
 /// Errors starting the Raft node.

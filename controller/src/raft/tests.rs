@@ -9,8 +9,9 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use super::{ControlPlane, WriteError};
+use super::{ControlPlane, PeerTls, WriteError};
 use crate::state::{ApiKey, ApplyOk, Command, Role};
+use crate::tls::ClusterCa;
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -56,9 +57,19 @@ fn bootstrap_cmd() -> Command {
 
 /// Opens a store, retrying while a previous instance still holds the sled lock.
 async fn open_retry(dir: &Path, id: u64, addr: &str, bootstrap: bool) -> ControlPlane {
+    open_tls(dir, id, addr, bootstrap, None).await
+}
+
+async fn open_tls(
+    dir: &Path,
+    id: u64,
+    addr: &str,
+    bootstrap: bool,
+    tls: Option<PeerTls>,
+) -> ControlPlane {
     let mut last_err = None;
     for _ in 0..100 {
-        match ControlPlane::open(dir, id, addr.to_string(), bootstrap, None).await {
+        match ControlPlane::open(dir, id, addr.to_string(), bootstrap, tls.clone()).await {
             Ok(cp) => return cp,
             Err(e) => last_err = Some(e),
         }
@@ -154,8 +165,18 @@ impl TestNode {
 }
 
 async fn start_node(dir: &Path, id: u64, listener: TcpListener, bootstrap: bool) -> TestNode {
+    start_node_tls(dir, id, listener, bootstrap, None).await
+}
+
+async fn start_node_tls(
+    dir: &Path,
+    id: u64,
+    listener: TcpListener,
+    bootstrap: bool,
+    tls: Option<PeerTls>,
+) -> TestNode {
     let addr = listener.local_addr().unwrap().to_string();
-    let cp = open_retry(dir, id, &addr, bootstrap).await;
+    let cp = open_tls(dir, id, &addr, bootstrap, tls).await;
     let (stop, stopped) = oneshot::channel::<()>();
     let server_cp = cp.clone();
     let server = tokio::spawn(async move {
@@ -276,4 +297,105 @@ async fn three_nodes_replicate_and_survive_leader_loss() {
     for node in nodes.iter_mut().skip(1) {
         node.stop().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_over_mutual_tls() {
+    let ca = ClusterCa::generate("test").unwrap();
+    let other_ca = ClusterCa::generate("other").unwrap();
+    let names = vec!["127.0.0.1".to_string()];
+    let peer_tls = |ca: &ClusterCa, cn: &str| {
+        let cert = ca.issue(cn, &names).unwrap();
+        PeerTls::from_pem(&ca.cert_pem, &cert.cert_pem, &cert.key_pem)
+    };
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let addrs: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    let mut listeners = listeners.into_iter();
+    let mut n1 = start_node_tls(
+        dirs[0].path(),
+        1,
+        listeners.next().unwrap(),
+        true,
+        Some(peer_tls(&ca, "c1")),
+    )
+    .await;
+    let mut n2 = start_node_tls(
+        dirs[1].path(),
+        2,
+        listeners.next().unwrap(),
+        false,
+        Some(peer_tls(&ca, "c2")),
+    )
+    .await;
+    // A node whose certificate comes from another CA.
+    let mut stranger = start_node_tls(
+        dirs[2].path(),
+        3,
+        listeners.next().unwrap(),
+        false,
+        Some(peer_tls(&other_ca, "c3")),
+    )
+    .await;
+
+    let cp1 = n1.cp.clone();
+    assert!(
+        wait_for(|| async { cp1.is_leader() }, TIMEOUT).await,
+        "node 1 never led"
+    );
+    cp1.add_member(2, addrs[1].clone()).await.unwrap();
+    cp1.write(bootstrap_cmd()).await.unwrap();
+    let cp2 = n2.cp.clone();
+    assert!(
+        wait_for(
+            || async { cp2.read_local(|s| s.cluster.bootstrapped) },
+            TIMEOUT
+        )
+        .await,
+        "node 2 did not apply the write over tls"
+    );
+
+    // The stranger is rejected by TLS: as a learner it never receives the log.
+    cp1.raft()
+        .add_learner(
+            3,
+            super::RaftPeer {
+                addr: addrs[2].clone(),
+            },
+            false,
+        )
+        .await
+        .unwrap();
+    let sc = stranger.cp.clone();
+    let reached = wait_for(
+        || async { sc.read_local(|s| s.cluster.bootstrapped) },
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(
+        !reached,
+        "a peer with a foreign certificate received the log"
+    );
+    let matched = cp1
+        .raft()
+        .metrics()
+        .borrow()
+        .replication
+        .as_ref()
+        .and_then(|r| r.get(&3).cloned())
+        .flatten();
+    assert_eq!(
+        matched, None,
+        "replication to the stranger matched {matched:?}"
+    );
+
+    stranger.stop().await;
+    n2.stop().await;
+    n1.stop().await;
 }
