@@ -380,3 +380,66 @@ async fn busybox_privileged_boots() {
     eng.delete(name, true).await.unwrap();
     assert!(!Cgroups::detect().unwrap().exists(name));
 }
+
+const DEBIAN_ROOTFS: &str = "/var/cache/berth-ci/debian12-rootfs";
+
+/// Boots Debian 12 (systemd 252) unprivileged and waits for `systemctl is-system-running`.
+/// Needs `debootstrap --variant=minbase --include=systemd-sysv,udev,iproute2,iputils-ping,procps,ca-certificates bookworm /var/cache/berth-ci/debian12-rootfs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a debootstrapped rootfs at /var/cache/berth-ci/debian12-rootfs"]
+async fn debian12_systemd_unprivileged() {
+    assert!(
+        Path::new(DEBIAN_ROOTFS).join("sbin/init").exists(),
+        "no debian rootfs at {DEBIAN_ROOTFS}"
+    );
+    let e = env();
+    let vol = e.storage.create_image_volume(FP).unwrap();
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{DEBIAN_ROOTFS}/."))
+        .arg(vol.join("rootfs"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    e.storage.finish_image_volume(FP).unwrap();
+    let name = "rt-deb12";
+    let _guard = Guard {
+        state_dir: e.state_dir.clone(),
+        name: name.to_string(),
+    };
+    let eng = engine(&e);
+    eng.create(&spec(name, &[("limits.memory", "512MiB")]))
+        .await
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let s = eng.start(name).await.unwrap();
+    assert_eq!(s.state, InstanceState::Running as i32);
+    let mut last = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while std::time::Instant::now() < deadline {
+        let (_, out) = run(&eng, name, &["systemctl", "is-system-running"]).await;
+        last = out.trim().to_string();
+        if last == "running" || last == "degraded" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "debian12: is-system-running = {last} after {:?}",
+        t0.elapsed()
+    );
+    let (_, failed) = run(&eng, name, &["systemctl", "--failed", "--no-legend"]).await;
+    eprintln!("failed units: {failed}");
+    let (_, meminfo) = run(&eng, name, &["head", "-1", "/proc/meminfo"]).await;
+    eprintln!("meminfo: {meminfo}");
+    assert_eq!(last, "running", "failed units: {failed}");
+    let t1 = std::time::Instant::now();
+    let s = eng
+        .stop(name, false, Duration::from_secs(30))
+        .await
+        .unwrap();
+    eprintln!("debian12: clean stop took {:?}", t1.elapsed());
+    assert_eq!(s.state, InstanceState::Stopped as i32);
+    assert!(!Cgroups::detect().unwrap().exists(name));
+    eng.delete(name, false).await.unwrap();
+}
