@@ -30,6 +30,8 @@ pub enum ImageError {
     UnknownRecipe(String),
     #[error("image {0} not found")]
     NotFound(String),
+    #[error("image {0} is in use: a build or import is running; retry when it has finished")]
+    InUse(String),
     #[error("invalid image fingerprint {0:?}: expected 64 lowercase hex digits")]
     InvalidFingerprint(String),
     #[error("invalid image: {0}")]
@@ -106,15 +108,25 @@ impl ImageStore {
         cache_dir: PathBuf,
     ) -> Result<Self, ImageError> {
         let records_dir = state_dir.join("images");
-        for d in [&records_dir, &cache_dir] {
+        let spool = cache_dir.join("spool");
+        for d in [&records_dir, &cache_dir, &spool] {
             std::fs::create_dir_all(d).map_err(util::io_err(d))?;
         }
+        // Uploads may be private images: root only.
+        std::fs::set_permissions(&spool, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(util::io_err(&spool))?;
         Ok(ImageStore {
             storage,
             records_dir,
             cache_dir,
             lock: Mutex::new(()),
         })
+    }
+
+    /// A directory for spooling uploads before [`ImageStore::import`] (`<cache_dir>/spool`);
+    /// callers make their own private subdirectory in it and remove it afterwards.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.cache_dir.join("spool")
     }
 
     /// The storage driver images live on.
@@ -201,10 +213,18 @@ impl ImageStore {
         Ok(self.storage.image_volume(fingerprint))
     }
 
-    /// Deletes an image (volume and record). Instances made from it are not affected.
+    /// Deletes an image (volume and record). Instances made from it are not affected (their
+    /// volumes are snapshots or copies). Refused with [`ImageError::InUse`] while a build or
+    /// import runs.
     pub fn delete(&self, fingerprint: &str) -> Result<(), ImageError> {
         check_fingerprint(fingerprint)?;
-        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = match self.lock.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return Err(ImageError::InUse(fingerprint.to_string()));
+            }
+        };
         if self.read_record(fingerprint)?.is_none()
             && self.storage.image_volume(fingerprint).is_none()
         {

@@ -32,7 +32,10 @@ impl DirDriver {
         ensure_dir(&root, 0o711)?;
         ensure_dir(&root.join(IMAGES_DIR), 0o700)?;
         ensure_dir(&root.join(CONTAINERS_DIR), 0o700)?;
-        let idmap = idmap_capable_fs(&root)?;
+        let idmap = probe_idmapped_mount(&root).unwrap_or_else(|e| {
+            tracing::warn!(pool = %root.display(), error = %e, "idmapped mount probe failed; judging by filesystem type");
+            idmap_capable_fs(&root).unwrap_or(false)
+        });
         tracing::info!(pool = %root.display(), idmapped_mounts = idmap, "dir storage pool ready");
         Ok(DirDriver { root, idmap })
     }
@@ -51,6 +54,34 @@ impl DirDriver {
         check_volume_name(name)?;
         Ok(self.root.join(CONTAINERS_DIR).join(name))
     }
+}
+
+/// Tries an idmapped bind mount of the pool's `images/` onto a scratch directory (then detaches
+/// it). `Ok(false)` when the kernel refuses the idmapping for this filesystem; `Err` when the
+/// probe itself could not run.
+fn probe_idmapped_mount(root: &Path) -> std::io::Result<bool> {
+    let probe = root.join(".idmap-probe");
+    std::fs::create_dir_all(&probe)?;
+    let result = (|| {
+        let userns = crate::sys::mount::userns_with_map(100_000, 65_536)?;
+        match crate::sys::mount::idmapped_bind(&root.join(IMAGES_DIR), &probe, &userns) {
+            Ok(()) => {
+                crate::sys::mount::detach(&probe)?;
+                Ok(true)
+            }
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL) | Some(libc::EOPNOTSUPP)
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    })();
+    let _ = std::fs::remove_dir(&probe);
+    result
 }
 
 /// Whether the filesystem holding `path` is one that supports idmapped mounts.
@@ -177,5 +208,21 @@ impl StorageDriver for DirDriver {
             return Err(StorageError::VolumeExists(to.to_string()));
         }
         fs::rename(&src, &dst).map_err(io_err(&src))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Needs root (as CI runs): an idmapped mount of an ext4/tmpfs directory works here.
+    #[test]
+    fn idmap_probe_on_local_fs() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join(IMAGES_DIR)).unwrap();
+        assert!(probe_idmapped_mount(t.path()).unwrap());
+        assert!(!t.path().join(".idmap-probe").exists());
+        assert!(idmap_capable_fs(t.path()).unwrap());
     }
 }
