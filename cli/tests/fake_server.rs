@@ -1,0 +1,1144 @@
+//! Runs the real `berth` binary against a small in-process fake of the Berth REST API over
+//! HTTPS (a throwaway CA and server certificate), covering the client's wire behaviour:
+//! TLS trust, the envelope, operations, exec websockets, file transfers and images.
+
+#![allow(clippy::unwrap_used)] // a test: failures should panic loudly
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use berth_proto::api::{
+    ExecControl, Image, ImageAlias, Instance, InstanceExecPost, InstanceState, InstancesPost,
+    Operation, OperationStatus, Response as Envelope, Server, ServerEnvironment, file_headers,
+};
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+const KEY: &str = "test-key-123";
+
+#[derive(Clone, Debug)]
+struct FileEntry {
+    kind: String,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    data: Vec<u8>,
+}
+
+#[derive(Default)]
+struct State {
+    instances: BTreeMap<String, Instance>,
+    ops: HashMap<String, Operation>,
+    files: BTreeMap<String, FileEntry>,
+    images: Vec<Image>,
+    aliases: Vec<serde_json::Value>,
+    execs: HashMap<String, InstanceExecPost>,
+    requests: Vec<String>,
+    imports: Vec<(BTreeMap<String, String>, usize)>,
+    next: u64,
+}
+
+type Shared = Arc<Mutex<State>>;
+
+fn json_response(status: StatusCode, env: &Envelope) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec(env).unwrap())))
+        .unwrap()
+}
+
+fn sync(v: serde_json::Value) -> Response<Full<Bytes>> {
+    json_response(StatusCode::OK, &Envelope::sync(v))
+}
+
+fn error(code: u16, msg: &str) -> Response<Full<Bytes>> {
+    json_response(
+        StatusCode::from_u16(code).unwrap(),
+        &Envelope::error(code, msg),
+    )
+}
+
+/// Records a finished (or failed) operation and answers 202 with it still "Running", so the
+/// client has to wait for it.
+fn start_op(
+    st: &mut State,
+    metadata: serde_json::Value,
+    err: Option<&str>,
+) -> Response<Full<Bytes>> {
+    st.next += 1;
+    let id = format!("op{}", st.next);
+    let (status, e) = match err {
+        Some(e) => (OperationStatus::Failure, e.to_string()),
+        None => (OperationStatus::Success, String::new()),
+    };
+    let done = Operation {
+        id: id.clone(),
+        class: "task".into(),
+        status,
+        status_code: status.code(),
+        metadata: metadata.clone(),
+        err: e,
+        ..Default::default()
+    };
+    st.ops.insert(id.clone(), done);
+    let running = Operation {
+        id,
+        class: "task".into(),
+        status: OperationStatus::Running,
+        status_code: 103,
+        metadata,
+        ..Default::default()
+    };
+    json_response(StatusCode::ACCEPTED, &Envelope::asynchronous(&running))
+}
+
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for pair in req.uri().query().unwrap_or("").split('&') {
+        if let Some((k, v)) = pair.split_once('=') {
+            out.insert(k.to_string(), decode(v));
+        }
+    }
+    out
+}
+
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 3 <= b.len() {
+            out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+fn header(req: &Request<Incoming>, name: &str) -> String {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+fn instance(name: &str, running: bool, config: BTreeMap<String, String>) -> Instance {
+    let status = if running { "Running" } else { "Stopped" };
+    Instance {
+        name: name.into(),
+        status: status.into(),
+        status_code: if running { 103 } else { 102 },
+        location: "node1".into(),
+        kind: "container".into(),
+        architecture: "x86_64".into(),
+        config,
+        profiles: vec!["default".into()],
+        image: "abcdef0123456789".into(),
+        created_at: "2026-11-29T19:00:00Z".into(),
+        ..Default::default()
+    }
+}
+
+fn with_state(mut i: Instance) -> Instance {
+    i.state = Some(InstanceState {
+        status: i.status.clone(),
+        status_code: i.status_code,
+        pid: if i.status_code == 103 { 4242 } else { 0 },
+        ..Default::default()
+    });
+    i
+}
+
+async fn handle(
+    shared: Shared,
+    mut req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let q = query(&req);
+    shared
+        .lock()
+        .unwrap()
+        .requests
+        .push(format!("{method} {}", req.uri()));
+    if header(&req, "authorization") != format!("Bearer {KEY}") {
+        return Ok(error(403, "not authorized"));
+    }
+    // Websocket upgrade for exec.
+    if path.ends_with("/websocket") {
+        let id = path.split('/').nth(3).unwrap_or("").to_string();
+        let exec = shared.lock().unwrap().execs.get(&q["secret"]).cloned();
+        let Some(exec) = exec else {
+            return Ok(error(403, "bad secret"));
+        };
+        let key = header(&req, "sec-websocket-key");
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let upgraded = upgrade.await.unwrap();
+            let ws =
+                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+            run_exec(ws, exec).await;
+            let _ = id;
+        });
+        return Ok(Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-accept", accept)
+            .body(Full::new(Bytes::new()))
+            .unwrap());
+    }
+    let headers: BTreeMap<String, String> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let mut st = shared.lock().unwrap();
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let resp = match (&method, segs.as_slice()) {
+        (&Method::GET, ["1.0"]) => sync(
+            serde_json::to_value(Server {
+                environment: ServerEnvironment {
+                    server_version: "9.9.9".into(),
+                    ..Default::default()
+                },
+                ..Default::default()
+            })
+            .unwrap(),
+        ),
+        (&Method::GET, ["1.0", "instances"]) => {
+            let list: Vec<Instance> = st.instances.values().cloned().map(with_state).collect();
+            sync(serde_json::to_value(list).unwrap())
+        }
+        (&Method::POST, ["1.0", "instances"]) => {
+            let post: InstancesPost = serde_json::from_slice(&body).unwrap();
+            if st.instances.contains_key(&post.name) {
+                error(409, &format!("instance \"{}\" already exists", post.name))
+            } else if post.source.alias.is_empty() && post.source.fingerprint != "abcdef" {
+                error(404, "image not found")
+            } else {
+                let i = instance(&post.name, post.start, post.config.clone());
+                st.instances.insert(post.name.clone(), i);
+                start_op(&mut st, serde_json::Value::Null, None)
+            }
+        }
+        (m, ["1.0", "instances", name, rest @ ..]) => {
+            let name = name.to_string();
+            if !st.instances.contains_key(&name) {
+                error(404, &format!("instance \"{name}\" not found"))
+            } else {
+                instance_route(&mut st, m, &name, rest, &q, &headers, &body)
+            }
+        }
+        (&Method::GET, ["1.0", "operations", id, "wait"]) => match st.ops.get(*id) {
+            Some(op) => sync(serde_json::to_value(op).unwrap()),
+            None => error(404, "operation not found"),
+        },
+        (&Method::GET, ["1.0", "operations"]) => {
+            let ops: Vec<Operation> = st.ops.values().cloned().collect();
+            sync(serde_json::json!({ "success": ops }))
+        }
+        (&Method::GET, ["1.0", "images", "aliases"]) => {
+            sync(serde_json::Value::Array(st.aliases.clone()))
+        }
+        (&Method::POST, ["1.0", "images", "aliases"]) => {
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            st.aliases.push(v);
+            sync(serde_json::Value::Null)
+        }
+        (&Method::DELETE, ["1.0", "images", "aliases", alias @ ..]) => {
+            let alias = alias.join("/");
+            let before = st.aliases.len();
+            st.aliases.retain(|a| a["name"] != alias.as_str());
+            if st.aliases.len() == before {
+                error(404, &format!("alias \"{alias}\" not found"))
+            } else {
+                sync(serde_json::Value::Null)
+            }
+        }
+        (&Method::GET, ["1.0", "images"]) => sync(serde_json::to_value(&st.images).unwrap()),
+        (&Method::GET, ["1.0", "images", fp]) => {
+            match st.images.iter().find(|i| i.fingerprint.starts_with(*fp)) {
+                Some(i) => sync(serde_json::to_value(i).unwrap()),
+                None => error(404, "image not found"),
+            }
+        }
+        (&Method::DELETE, ["1.0", "images", fp]) => {
+            let fp = fp.to_string();
+            st.images.retain(|i| i.fingerprint != fp);
+            start_op(&mut st, serde_json::Value::Null, None)
+        }
+        (&Method::POST, ["1.0", "images"]) => {
+            let fp = format!("{:064x}", st.next + 0xfeed);
+            let aliases: Vec<String> = if headers.get("content-type").map(String::as_str)
+                == Some("application/octet-stream")
+            {
+                st.imports.push((headers.clone(), body.len()));
+                headers
+                    .get("x-berth-aliases")
+                    .map(|a| a.split(',').map(str::to_string).collect())
+                    .unwrap_or_default()
+            } else {
+                let post: berth_proto::api::ImagesPost = serde_json::from_slice(&body).unwrap();
+                if post.source.recipe == "broken" {
+                    return Ok(start_op(
+                        &mut st,
+                        serde_json::Value::Null,
+                        Some("debootstrap failed: no network"),
+                    ));
+                }
+                post.aliases.into_iter().map(|a| a.name).collect()
+            };
+            for a in &aliases {
+                st.aliases
+                    .push(serde_json::json!({"name": a, "target": fp, "description": ""}));
+            }
+            st.images.push(Image {
+                fingerprint: fp.clone(),
+                aliases: aliases
+                    .iter()
+                    .map(|a| ImageAlias {
+                        name: a.clone(),
+                        description: String::new(),
+                    })
+                    .collect(),
+                architecture: "x86_64".into(),
+                size: body.len() as u64,
+                ..Default::default()
+            });
+            start_op(&mut st, serde_json::json!({ "fingerprint": fp }), None)
+        }
+        _ => error(404, &format!("no route for {method} {path}")),
+    };
+    Ok(resp)
+}
+
+fn parent(path: &str) -> String {
+    match path.trim_end_matches('/').rsplit_once('/') {
+        Some(("", _)) | None => "/".into(),
+        Some((p, _)) => p.into(),
+    }
+}
+
+fn instance_route(
+    st: &mut State,
+    m: &Method,
+    name: &str,
+    rest: &[&str],
+    q: &HashMap<String, String>,
+    headers: &BTreeMap<String, String>,
+    body: &Bytes,
+) -> Response<Full<Bytes>> {
+    let running = st.instances[name].status == "Running";
+    match (m, rest) {
+        (&Method::GET, []) => sync(serde_json::to_value(&st.instances[name]).unwrap()),
+        (&Method::GET, ["state"]) => {
+            sync(serde_json::to_value(with_state(st.instances[name].clone()).state).unwrap())
+        }
+        (&Method::PUT, ["state"]) => {
+            let put: berth_proto::api::InstanceStatePut = serde_json::from_slice(body).unwrap();
+            let i = st.instances.get_mut(name).unwrap();
+            let run = put.action != "stop";
+            i.status = if run { "Running" } else { "Stopped" }.into();
+            i.status_code = if run { 103 } else { 102 };
+            start_op(st, serde_json::Value::Null, None)
+        }
+        (&Method::DELETE, []) if running => error(
+            400,
+            &format!("instance \"{name}\" is running: stop it first or use --force"),
+        ),
+        (&Method::DELETE, []) => {
+            st.instances.remove(name);
+            start_op(st, serde_json::Value::Null, None)
+        }
+        (&Method::POST, []) => {
+            let post: berth_proto::api::InstancePost = serde_json::from_slice(body).unwrap();
+            let mut i = st.instances.remove(name).unwrap();
+            i.name = post.name.clone();
+            st.instances.insert(post.name, i);
+            start_op(st, serde_json::Value::Null, None)
+        }
+        (&Method::PATCH, []) => {
+            let patch: berth_proto::api::InstancePatch = serde_json::from_slice(body).unwrap();
+            let i = st.instances.get_mut(name).unwrap();
+            for (k, v) in patch.config.unwrap_or_default() {
+                match v {
+                    Some(v) => i.config.insert(k, v),
+                    None => i.config.remove(&k),
+                };
+            }
+            start_op(st, serde_json::Value::Null, None)
+        }
+        (&Method::PUT, []) => {
+            let put: berth_proto::api::InstancePut = serde_json::from_slice(body).unwrap();
+            let i = st.instances.get_mut(name).unwrap();
+            i.config = put.config;
+            i.description = put.description;
+            start_op(st, serde_json::Value::Null, None)
+        }
+        (&Method::GET, ["console"]) => Response::new(Full::new(Bytes::from_static(
+            b"[  OK  ] Reached target Multi-User System.\n",
+        ))),
+        (&Method::POST, ["exec"]) => {
+            let post: InstanceExecPost = serde_json::from_slice(body).unwrap();
+            st.next += 1;
+            let secret = format!("secret-{}", st.next);
+            st.execs.insert(secret.clone(), post);
+            st.next += 1;
+            let op = Operation {
+                id: format!("op{}", st.next),
+                class: "websocket".into(),
+                status: OperationStatus::Running,
+                status_code: 103,
+                metadata: serde_json::json!({"fds": {"0": secret, "control": "unused"}}),
+                ..Default::default()
+            };
+            json_response(StatusCode::ACCEPTED, &Envelope::asynchronous(&op))
+        }
+        (&Method::GET, ["files"]) => {
+            let path = &q["path"];
+            let Some(f) = st.files.get(path.as_str()).cloned() else {
+                return error(404, &format!("{path} not found"));
+            };
+            let builder = Response::builder()
+                .header(file_headers::TYPE, f.kind.as_str())
+                .header(file_headers::UID, f.uid)
+                .header(file_headers::GID, f.gid)
+                .header(file_headers::MODE, format!("{:04o}", f.mode));
+            if f.kind == "directory" {
+                let prefix = if path == "/" {
+                    "/".to_string()
+                } else {
+                    format!("{path}/")
+                };
+                let names: Vec<String> = st
+                    .files
+                    .keys()
+                    .filter(|k| {
+                        k.starts_with(&prefix) && *k != path && !k[prefix.len()..].contains('/')
+                    })
+                    .map(|k| k[prefix.len()..].to_string())
+                    .collect();
+                let env = Envelope::sync(serde_json::to_value(names).unwrap());
+                builder
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(serde_json::to_vec(&env).unwrap())))
+                    .unwrap()
+            } else {
+                builder.body(Full::new(Bytes::from(f.data))).unwrap()
+            }
+        }
+        (&Method::POST, ["files"]) => {
+            let path = q["path"].clone();
+            let par = parent(&path);
+            if st.files.get(&par).map(|f| f.kind.as_str()) != Some("directory") {
+                return error(404, &format!("parent directory of {path} does not exist"));
+            }
+            let get = |k: &str| headers.get(&k.to_lowercase()).cloned().unwrap_or_default();
+            let entry = FileEntry {
+                kind: get(file_headers::TYPE),
+                mode: u32::from_str_radix(&get(file_headers::MODE), 8).unwrap_or(0o644),
+                uid: get(file_headers::UID).parse().unwrap_or(0),
+                gid: get(file_headers::GID).parse().unwrap_or(0),
+                data: body.to_vec(),
+            };
+            st.files.insert(path, entry);
+            sync(serde_json::Value::Null)
+        }
+        (&Method::DELETE, ["files"]) => match st.files.remove(&q["path"]) {
+            Some(_) => sync(serde_json::Value::Null),
+            None => error(404, "not found"),
+        },
+        _ => error(404, "no such instance route"),
+    }
+}
+
+async fn run_exec(ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>, exec: InstanceExecPost) {
+    let (mut tx, mut rx) = ws.split();
+    let frame = |stream: u8, data: &[u8]| {
+        let mut v = vec![stream];
+        v.extend_from_slice(data);
+        Message::binary(v)
+    };
+    let exit =
+        |code: i32| Message::text(serde_json::to_string(&ExecControl::Exit { code }).unwrap());
+    match exec.command[0].as_str() {
+        "cat" => {
+            while let Some(Ok(msg)) = rx.next().await {
+                match msg {
+                    Message::Binary(b) if b.first() == Some(&0) => {
+                        tx.send(frame(1, &b[1..])).await.unwrap();
+                    }
+                    Message::Text(t)
+                        if serde_json::from_str::<ExecControl>(t.as_str()).unwrap()
+                            == ExecControl::StdinEof =>
+                    {
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            tx.send(exit(0)).await.unwrap();
+        }
+        "fail" => {
+            tx.send(frame(2, b"oops\n")).await.unwrap();
+            tx.send(exit(3)).await.unwrap();
+        }
+        "env" => {
+            let mut out = String::new();
+            for (k, v) in &exec.environment {
+                out.push_str(&format!("{k}={v}\n"));
+            }
+            out.push_str(&format!(
+                "interactive={} cwd={} user={} args={}\n",
+                exec.interactive,
+                exec.cwd,
+                exec.user,
+                exec.command[1..].join(" ")
+            ));
+            tx.send(frame(1, out.as_bytes())).await.unwrap();
+            tx.send(exit(0)).await.unwrap();
+        }
+        "wait-signal" => {
+            tx.send(frame(1, b"ready\n")).await.unwrap();
+            while let Some(Ok(msg)) = rx.next().await {
+                if let Message::Text(t) = msg
+                    && let Ok(ExecControl::Signal { signal }) =
+                        serde_json::from_str::<ExecControl>(t.as_str())
+                {
+                    tx.send(exit(128 + signal)).await.unwrap();
+                    break;
+                }
+            }
+        }
+        _ => {
+            tx.send(exit(127)).await.unwrap();
+        }
+    }
+    let _ = tx.close().await;
+}
+
+struct Fake {
+    addr: SocketAddr,
+    state: Shared,
+    dir: tempfile::TempDir,
+    ca: PathBuf,
+    key: PathBuf,
+}
+
+/// Starts the fake on 127.0.0.1 with a certificate signed by a fresh CA. The certificate's
+/// only SAN is `sans` (so the "name does not match" path can be exercised).
+async fn start(sans: &[&str]) -> Fake {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params =
+        rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    let cert = params.signed_by(&key, &ca).unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    let key_path = dir.path().join("key");
+    std::fs::write(&key_path, format!("{KEY}\n")).unwrap();
+
+    let server_config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state: Shared = Arc::new(Mutex::new(State::default()));
+    state.lock().unwrap().files.insert(
+        "/".into(),
+        FileEntry {
+            kind: "directory".into(),
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            data: vec![],
+        },
+    );
+    let st = state.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let st = st.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    Fake {
+        addr,
+        state,
+        ca: ca_path,
+        key: key_path,
+        dir,
+    }
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Fake {
+    fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.addr.port())
+    }
+
+    fn conf_dir(&self) -> PathBuf {
+        self.dir.path().join("conf")
+    }
+
+    fn command(&self, args: &[&str], use_env_url: bool) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_berth"));
+        c.args(args)
+            .env("BERTH_CONF", self.conf_dir())
+            .env_remove("BERTH_REMOTE")
+            .env_remove("BERTH_KEY")
+            .env_remove("BERTH_URL")
+            .env_remove("BERTH_KEY_FILE")
+            .env_remove("BERTH_CA")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if use_env_url {
+            c.env("BERTH_URL", self.url())
+                .env("BERTH_KEY_FILE", &self.key)
+                .env("BERTH_CA", &self.ca);
+        }
+        c
+    }
+
+    async fn run_with(&self, args: &[&str], stdin: &[u8], use_env_url: bool) -> Out {
+        let mut child = self.command(args, use_env_url).spawn().unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin).await.unwrap();
+        drop(input);
+        let out =
+            tokio::time::timeout(std::time::Duration::from_secs(60), child.wait_with_output())
+                .await
+                .expect("berth did not finish in 60s")
+                .unwrap();
+        Out {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    async fn run(&self, args: &[&str]) -> Out {
+        self.run_with(args, b"", true).await
+    }
+
+    async fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args).await;
+        assert_eq!(o.code, 0, "berth {args:?} failed: {}{}", o.stdout, o.stderr);
+        o.stdout
+    }
+
+    fn request_count(&self) -> usize {
+        self.state.lock().unwrap().requests.len()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t10_instances_lifecycle() {
+    let f = start(&["127.0.0.1", "localhost"]).await;
+    assert!(f.ok(&["version"]).await.contains("Server version: 9.9.9"));
+
+    // Empty list: just the header.
+    assert_eq!(
+        f.ok(&["list"]).await,
+        "+------+-------+------+------+-----------+\n| NAME | STATE | IPV4 | TYPE | SNAPSHOTS |\n+------+-------+------+------+-----------+\n"
+    );
+    assert_eq!(f.ok(&["list", "--format", "json"]).await, "[]\n");
+
+    f.state
+        .lock()
+        .unwrap()
+        .aliases
+        .push(serde_json::json!({"name": "busybox", "target": "abcdef"}));
+    let out = f
+        .ok(&["launch", "busybox", "web1", "-c", "limits.cpu=1"])
+        .await;
+    assert_eq!(out, "Creating web1\nStarting web1\n");
+    assert_eq!(f.ok(&["init", "abcdef", "db"]).await, "Creating db\n");
+    let o = f.run(&["init", "nosuchimage", "db2"]).await;
+    assert_eq!((o.code, o.stderr.as_str()), (1, "Error: image not found\n"));
+
+    assert_eq!(
+        f.ok(&["list", "-c", "ns", "--format", "csv"]).await,
+        "db,STOPPED\nweb1,RUNNING\n"
+    );
+    let list: Vec<Instance> =
+        serde_json::from_str(&f.ok(&["list", "--format", "json"]).await).unwrap();
+    assert_eq!(list.len(), 2);
+    assert!(list[1].state.is_some());
+    assert_eq!(
+        f.ok(&["list", "we", "-c", "n", "-f", "csv"]).await,
+        "web1\n"
+    );
+
+    let info = f.ok(&["info", "web1", "--show-log"]).await;
+    assert!(info.starts_with("Name: web1\nStatus: RUNNING\n"), "{info}");
+    assert!(info.contains("PID: 4242"), "{info}");
+    assert!(info.contains("Log:\n\n[  OK  ] Reached target"), "{info}");
+
+    // Config.
+    f.ok(&["config", "set", "web1", "limits.memory", "256MiB"])
+        .await;
+    f.ok(&["config", "set", "web1", "user.a=1", "user.b=2"])
+        .await;
+    assert_eq!(f.ok(&["config", "get", "web1", "user.b"]).await, "2\n");
+    f.ok(&["config", "unset", "web1", "user.b"]).await;
+    let show = f.ok(&["config", "show", "web1"]).await;
+    assert!(show.contains("limits.memory: 256MiB"), "{show}");
+    assert!(!show.contains("user.b"), "{show}");
+    let edited = show.replace("user.a: '1'", "user.a: edited");
+    f.run_with(&["config", "edit", "web1"], edited.as_bytes(), true)
+        .await;
+    assert_eq!(f.ok(&["config", "get", "web1", "user.a"]).await, "edited\n");
+
+    // Bad local input never reaches the server.
+    let before = f.request_count();
+    let o = f
+        .run(&["config", "set", "web1", "limits.memory", "lots"])
+        .await;
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.starts_with("Error: "), "{}", o.stderr);
+    let o = f.run(&["launch", "busybox", "x", "-c", "nokey"]).await;
+    assert_eq!(o.stderr, "Error: bad key=value pair \"nokey\"\n");
+    let o = f.run(&["list", "--format", "xml"]).await;
+    assert_eq!(o.code, 1);
+    let o = f.run(&["list", "-c", "nZ"]).await;
+    assert_eq!(o.stderr, "Error: unknown column \"Z\"\n");
+    let o = f.run(&["start", "bad_name"]).await;
+    assert_eq!(o.code, 1);
+    assert_eq!(f.request_count(), before);
+
+    // Errors from the server are one sentence.
+    let o = f.run(&["info", "nope"]).await;
+    assert_eq!(
+        (o.code, o.stderr.as_str()),
+        (1, "Error: instance \"nope\" not found\n")
+    );
+    let o = f.run(&["delete", "web1"]).await;
+    assert_eq!(o.code, 1);
+    assert_eq!(
+        o.stderr,
+        "Error: instance \"web1\" is running: stop it first or use --force\n"
+    );
+
+    f.ok(&["stop", "web1", "--timeout", "5"]).await;
+    assert_eq!(
+        f.ok(&["list", "web1", "-c", "s", "-f", "csv"]).await,
+        "STOPPED\n"
+    );
+    f.ok(&["start", "web1", "db"]).await;
+    f.ok(&["restart", "web1", "--force"]).await;
+    let o = f.run(&["stop", "web1", "ghost"]).await;
+    assert_eq!(o.code, 1);
+    assert_eq!(o.stderr, "Error: ghost: instance \"ghost\" not found\n");
+    f.ok(&["rename", "db", "db2"]).await;
+    f.ok(&["move", "db2", "db3"]).await;
+    f.ok(&["delete", "--force", "web1", "db3"]).await;
+    assert_eq!(f.ok(&["list", "-f", "csv"]).await, "");
+    // A stopped instance gets no stop request before the delete.
+    let reqs = f.state.lock().unwrap().requests.clone();
+    assert!(reqs.iter().any(|r| r == "PATCH /1.0/instances/web1"));
+    assert!(
+        reqs.iter()
+            .any(|r| r.starts_with("GET /1.0/operations/op") && r.ends_with("/wait?timeout=30"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t20_exec() {
+    let f = start(&["127.0.0.1"]).await;
+    f.state
+        .lock()
+        .unwrap()
+        .instances
+        .insert("c1".into(), instance("c1", true, BTreeMap::new()));
+    let o = f
+        .run_with(&["exec", "c1", "--", "cat"], b"hello\nworld\n", true)
+        .await;
+    assert_eq!(
+        (o.code, o.stdout.as_str()),
+        (0, "hello\nworld\n"),
+        "{}",
+        o.stderr
+    );
+    let o = f.run(&["exec", "c1", "--", "fail"]).await;
+    assert_eq!((o.code, o.stderr.as_str()), (3, "oops\n"));
+    let o = f
+        .run(&[
+            "exec", "c1", "-T", "--env", "A=b", "--cwd", "/tmp", "--user", "7", "--", "env", "-x",
+            "y",
+        ])
+        .await;
+    assert_eq!(
+        o.stdout,
+        "A=b\ninteractive=false cwd=/tmp user=7 args=-x y\n"
+    );
+    let o = f.run(&["exec", "c1", "--", "unknown"]).await;
+    assert_eq!(o.code, 127);
+
+    // SIGINT is forwarded to the command when not interactive.
+    let mut child = f
+        .command(&["exec", "c1", "--", "wait-signal"], true)
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut buf = [0u8; 6];
+    tokio::io::AsyncReadExt::read_exact(&mut stdout, &mut buf)
+        .await
+        .unwrap();
+    assert_eq!(&buf, b"ready\n");
+    let pid = child.id().unwrap().to_string();
+    let st = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let status = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(130));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t30_files() {
+    let f = start(&["127.0.0.1"]).await;
+    f.state
+        .lock()
+        .unwrap()
+        .instances
+        .insert("c1".into(), instance("c1", true, BTreeMap::new()));
+    let local = f.dir.path().join("local");
+    std::fs::create_dir_all(local.join("tree/sub")).unwrap();
+    std::fs::write(local.join("a.txt"), b"alpha").unwrap();
+    std::fs::set_permissions(
+        local.join("a.txt"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o640),
+    )
+    .unwrap();
+    std::fs::write(local.join("tree/sub/b.txt"), b"beta").unwrap();
+    std::os::unix::fs::symlink("sub/b.txt", local.join("tree/link")).unwrap();
+    let a = local.join("a.txt");
+    let a = a.to_str().unwrap();
+
+    // Parent missing without -p.
+    let o = f.run(&["file", "push", a, "c1/root/x/a.txt"]).await;
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("parent directory"), "{}", o.stderr);
+    f.ok(&["file", "push", "-p", a, "c1/root/x/"]).await;
+    f.ok(&[
+        "file",
+        "push",
+        "--mode",
+        "0600",
+        "--uid",
+        "1000",
+        "--gid",
+        "5",
+        a,
+        "c1/root/x/renamed",
+    ])
+    .await;
+    {
+        let st = f.state.lock().unwrap();
+        let e = &st.files["/root/x/a.txt"];
+        assert_eq!(
+            (e.kind.as_str(), e.mode, e.uid, e.data.as_slice()),
+            ("file", 0o640, 0, &b"alpha"[..])
+        );
+        let e = &st.files["/root/x/renamed"];
+        assert_eq!((e.mode, e.uid, e.gid), (0o600, 1000, 5));
+        assert_eq!(st.files["/root"].kind, "directory");
+    }
+    let tree = local.join("tree");
+    let o = f
+        .run(&["file", "push", tree.to_str().unwrap(), "c1/root/"])
+        .await;
+    assert_eq!(o.code, 1, "directories need -r");
+    f.ok(&["file", "push", "-r", tree.to_str().unwrap(), "c1/root/"])
+        .await;
+    {
+        let st = f.state.lock().unwrap();
+        assert_eq!(st.files["/root/tree/sub/b.txt"].data, b"beta");
+        assert_eq!(st.files["/root/tree/link"].kind, "symlink");
+        assert_eq!(st.files["/root/tree/link"].data, b"sub/b.txt");
+    }
+
+    // Pull: to stdout, to a file, into a directory, recursively.
+    assert_eq!(
+        f.ok(&["file", "pull", "c1/root/x/a.txt", "-"]).await,
+        "alpha"
+    );
+    let dest = f.dir.path().join("pulled");
+    std::fs::create_dir(&dest).unwrap();
+    f.ok(&["file", "pull", "c1/root/x/renamed", dest.to_str().unwrap()])
+        .await;
+    assert_eq!(std::fs::read(dest.join("renamed")).unwrap(), b"alpha");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dest.join("renamed"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let single = dest.join("single.txt");
+    f.ok(&["file", "pull", "c1/root/x/a.txt", single.to_str().unwrap()])
+        .await;
+    assert_eq!(std::fs::read(&single).unwrap(), b"alpha");
+    let o = f
+        .run(&["file", "pull", "c1/root/tree", dest.to_str().unwrap()])
+        .await;
+    assert_eq!(o.code, 1, "directories need -r");
+    f.ok(&["file", "pull", "-r", "c1/root/tree", dest.to_str().unwrap()])
+        .await;
+    assert_eq!(std::fs::read(dest.join("tree/sub/b.txt")).unwrap(), b"beta");
+    assert_eq!(
+        std::fs::read_link(dest.join("tree/link")).unwrap(),
+        Path::new("sub/b.txt")
+    );
+
+    f.ok(&["file", "delete", "c1/root/x/renamed"]).await;
+    let o = f.run(&["file", "pull", "c1/root/x/renamed", "-"]).await;
+    assert_eq!(
+        (o.code, o.stderr.as_str()),
+        (1, "Error: /root/x/renamed not found\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t40_images_and_operations() {
+    let f = start(&["127.0.0.1"]).await;
+    let out = f.ok(&["image", "build", "busybox"]).await;
+    assert!(out.contains("Image built with fingerprint: "), "{out}");
+    let o = f.run(&["image", "build", "broken"]).await;
+    assert_eq!(
+        (o.code, o.stderr.as_str()),
+        (1, "Error: debootstrap failed: no network\n")
+    );
+    let o = f
+        .run(&["image", "build", "debian/12", "--alias", "../bad"])
+        .await;
+    assert_eq!(o.code, 1);
+
+    let meta = f.dir.path().join("meta.tar");
+    let rootfs = f.dir.path().join("rootfs.squashfs");
+    std::fs::write(&meta, vec![7u8; 1000]).unwrap();
+    std::fs::write(&rootfs, vec![9u8; 3 << 20]).unwrap();
+    let out = f
+        .ok(&[
+            "image",
+            "import",
+            meta.to_str().unwrap(),
+            rootfs.to_str().unwrap(),
+            "--alias",
+            "mine/1",
+            "--alias",
+            "m2",
+        ])
+        .await;
+    assert!(out.contains("Image imported with fingerprint: "), "{out}");
+    {
+        let st = f.state.lock().unwrap();
+        let (h, len) = &st.imports[0];
+        assert_eq!(*len, 1000 + (3 << 20));
+        assert_eq!(h["x-berth-image-format"], "split");
+        assert_eq!(h["x-berth-metadata-size"], "1000");
+        assert_eq!(h["x-berth-aliases"], "mine/1,m2");
+    }
+    let csv = f.ok(&["image", "list", "-f", "csv"]).await;
+    assert!(csv.contains("busybox,"), "{csv}");
+    assert!(csv.contains("\"mine/1\nm2\","), "{csv}");
+    let info = f.ok(&["image", "info", "mine/1"]).await;
+    assert!(
+        info.contains("Aliases:\n    - mine/1\n    - m2\n"),
+        "{info}"
+    );
+    let fp = info
+        .lines()
+        .next()
+        .unwrap()
+        .trim_start_matches("Fingerprint: ")
+        .to_string();
+
+    f.ok(&["image", "alias", "create", "other", &fp[..12]])
+        .await;
+    let aliases = f.ok(&["image", "alias", "list", "-f", "csv"]).await;
+    assert!(
+        aliases.contains(&format!("other,{},", &fp[..12])),
+        "{aliases}"
+    );
+    f.ok(&["image", "alias", "delete", "mine/1"]).await;
+    assert!(
+        f.state
+            .lock()
+            .unwrap()
+            .requests
+            .iter()
+            .any(|r| r == "DELETE /1.0/images/aliases/mine/1")
+    );
+    f.ok(&["image", "delete", "m2"]).await;
+    assert!(!f.ok(&["image", "list", "-f", "csv"]).await.contains("m2"));
+
+    let ops = f.ok(&["operation", "list", "-f", "csv"]).await;
+    assert!(ops.contains(",TASK,"), "{ops}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t50_remotes_and_trust() {
+    // The certificate names another host: trusted through the CA, name check waived.
+    let f = start(&["node-a.internal"]).await;
+    let url = f.url();
+    let key = f.key.to_str().unwrap().to_string();
+    let ca = f.ca.to_str().unwrap().to_string();
+    let o = f
+        .run_with(
+            &[
+                "remote",
+                "add",
+                "r1",
+                &url,
+                "--key-file",
+                &key,
+                "--ca-file",
+                &ca,
+            ],
+            b"",
+            false,
+        )
+        .await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    // No terminal and no --accept-certificate: refused.
+    let o = f
+        .run_with(
+            &["remote", "add", "r2", &url, "--key-file", &key],
+            b"",
+            false,
+        )
+        .await;
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("--accept-certificate"), "{}", o.stderr);
+    let o = f
+        .run_with(
+            &[
+                "remote",
+                "add",
+                "r2",
+                &url,
+                "--key-file",
+                &key,
+                "--accept-certificate",
+            ],
+            b"",
+            false,
+        )
+        .await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let conf = std::fs::read_to_string(f.conf_dir().join("config.toml")).unwrap();
+    assert!(conf.contains("fingerprint = "), "{conf}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(f.conf_dir().join("config.toml"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+
+    let o = f.run_with(&["list", "r1:", "-f", "csv"], b"", false).await;
+    assert_eq!((o.code, o.stdout.as_str()), (0, ""), "{}", o.stderr);
+    let o = f.run_with(&["list", "r2:", "-f", "csv"], b"", false).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let o = f.run_with(&["info", "r2:nope"], b"", false).await;
+    assert_eq!(o.stderr, "Error: instance \"nope\" not found\n");
+    let o = f.run_with(&["list"], b"", false).await;
+    assert_eq!(o.stderr, "Error: remote \"local\" does not exist\n");
+    f.run_with(&["remote", "switch", "r2"], b"", false).await;
+    let o = f.run_with(&["remote", "get-default"], b"", false).await;
+    assert_eq!(o.stdout, "r2\n");
+    let o = f
+        .run_with(&["remote", "list", "-f", "csv"], b"", false)
+        .await;
+    assert!(o.stdout.starts_with(&format!("r1,{url},")), "{}", o.stdout);
+    let o = f.run_with(&["remote", "remove", "r2"], b"", false).await;
+    assert_eq!(o.code, 1, "the default remote cannot be removed");
+    f.run_with(&["remote", "remove", "r1"], b"", false).await;
+    let o = f.run_with(&["list", "r1:"], b"", false).await;
+    assert_eq!(o.stderr, "Error: remote \"r1\" does not exist\n");
+
+    // A CA that did not sign the server certificate is refused.
+    let other = start(&["127.0.0.1"]).await;
+    let o = f
+        .command(&["list"], false)
+        .env("BERTH_URL", f.url())
+        .env("BERTH_KEY_FILE", &f.key)
+        .env("BERTH_CA", &other.ca)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.starts_with(&format!("Error: cannot connect to {}", f.url())),
+        "{err}"
+    );
+    // A wrong key gets the server's answer.
+    let bad = f.dir.path().join("badkey");
+    std::fs::write(&bad, "nope").unwrap();
+    let o = f
+        .command(&["list"], true)
+        .env("BERTH_KEY_FILE", &bad)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        "Error: not authorized\n"
+    );
+}
