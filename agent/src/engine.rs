@@ -21,7 +21,7 @@ use tokio::io::AsyncRead;
 
 use crate::cgroup::{CgroupError, Cgroups, Limits};
 use crate::network::{Network, NetworkError};
-use crate::runtime::exec::{ExecError, ExecRequest, ExecSession};
+use crate::runtime::exec::{ExecError, ExecRequest as HelperExecRequest, ExecSession};
 use crate::runtime::files::{FileError, FileKind, FileMeta, FileRoot};
 use crate::runtime::monitor::{BridgeSettings, MonitorConfig};
 use crate::runtime::{
@@ -77,8 +77,8 @@ pub enum EngineError {
     AlreadyExists(String),
     #[error("instance {0} is not running")]
     NotRunning(String),
-    #[error("instance {0} is busy: {1}")]
-    Busy(String, String),
+    #[error("instance busy: {0}")]
+    Busy(String),
     #[error("invalid path: {0}")]
     InvalidPath(String),
     #[error("invalid config: {0}")]
@@ -133,9 +133,10 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| EngineError::Runtime(format!("blocking task failed: {e}")))?
 }
 
-/// Parameters of an exec (the engine fills in the instance's init, cgroups and environment).
+/// What to run in an instance (the engine fills in the instance's init, cgroups and
+/// environment).
 #[derive(Debug, Clone, Default)]
-pub struct ExecParams {
+pub struct ExecRequest {
     pub instance: String,
     pub command: Vec<String>,
     pub env: BTreeMap<String, String>,
@@ -512,10 +513,9 @@ impl Engine {
         }
         if dir.live_monitor().is_some() {
             if !force {
-                return Err(EngineError::Busy(
-                    name.to_string(),
-                    "it is running (stop it first or delete with force)".into(),
-                ));
+                return Err(EngineError::Busy(format!(
+                    "{name} is running (stop it first or delete with force)"
+                )));
             }
             self.stop_locked(name, true, Duration::ZERO).await?;
         }
@@ -531,6 +531,66 @@ impl Engine {
         .await?;
         tracing::info!(instance = name, "deleted instance");
         Ok(())
+    }
+
+    /// Renames a stopped instance (its volume, runtime files and hostname). Renaming to the
+    /// same name returns the status.
+    pub async fn rename(&self, name: &str, new_name: &str) -> Result<InstanceStatus, EngineError> {
+        Self::check_name(new_name)?;
+        if name == new_name {
+            return self.status(name).await;
+        }
+        let lock = self.lock(name);
+        let _g = lock.lock().await;
+        let lock2 = self.lock(new_name);
+        let _g2 = lock2.lock().await;
+        let rec = self.record(name)?;
+        let dir = self.dir(name);
+        if dir.live_monitor().is_some() {
+            return Err(EngineError::Busy(format!(
+                "{name} is running (stop it first)"
+            )));
+        }
+        let new_dir = self.dir(new_name);
+        if new_dir.path().exists() || self.inner.storage.instance_volume(new_name).is_some() {
+            return Err(EngineError::AlreadyExists(new_name.to_string()));
+        }
+        let inner = self.inner.clone();
+        let (from, to) = (name.to_string(), new_name.to_string());
+        blocking(move || {
+            inner.cleanup_leftovers(&from)?;
+            inner.storage.rename_instance_volume(&from, &to)?;
+            let undo_volume = |inner: &Inner| {
+                let _ = inner.storage.rename_instance_volume(&to, &from);
+            };
+            if let Err(e) = std::fs::rename(dir.path(), new_dir.path()) {
+                undo_volume(&inner);
+                return Err(io_err(dir.path())(e));
+            }
+            let mut rec = rec;
+            rec.name = to.clone();
+            if let Some(vol) = inner.storage.instance_volume(&to) {
+                rec.rootfs = vol.join("rootfs");
+            }
+            let net = NetworkSpec {
+                ipv4_cidr: rec.network.ipv4_cidr.clone(),
+                gateway: rec.network.gateway.clone(),
+                nameservers: rec.network.nameservers.clone(),
+                hwaddr: rec.network.hwaddr.clone(),
+            };
+            if !rec.shifted_on_disk
+                && let Err(e) = crate::network::write_guest_config(&rec.rootfs, &to, &net)
+            {
+                tracing::warn!(instance = %to, "rewriting guest identity after rename: {e}");
+            }
+            new_dir.write_record(&rec)?;
+            Ok(())
+        })
+        .await?;
+        drop(_g2);
+        drop(_g);
+        tracing::info!(instance = name, new_name, "renamed instance");
+        self.status(new_name).await
     }
 
     /// The instance's state, usage and effective limits.
@@ -609,7 +669,7 @@ impl Engine {
     /// Runs a command in a running instance ([`EngineError::NotRunning`] otherwise). The
     /// instance's `environment.*` config is added to the environment (the request's own
     /// variables win).
-    pub async fn exec(&self, p: ExecParams) -> Result<ExecSession, EngineError> {
+    pub async fn exec(&self, p: ExecRequest) -> Result<ExecSession, EngineError> {
         let rec = self.record(&p.instance)?;
         let dir = self.dir(&p.instance);
         let init = dir
@@ -624,7 +684,7 @@ impl Engine {
             .filter_map(|(k, v)| Some((k.strip_prefix("environment.")?.to_string(), v.clone())))
             .collect();
         env.extend(p.env);
-        let req = ExecRequest {
+        let req = HelperExecRequest {
             init_pid: init.pid,
             cgroup_procs,
             command: p.command,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_agent::cgroup::Cgroups;
-use berth_agent::engine::{Engine, EngineConfig, ExecParams};
+use berth_agent::engine::{Engine, EngineConfig, ExecRequest};
 use berth_agent::runtime::InstanceDir;
 use berth_agent::runtime::files::FileKind;
 use berth_agent::storage::StorageDriver;
@@ -130,7 +130,7 @@ fn spec(name: &str, config: &[(&str, &str)]) -> InstanceSpec {
 
 async fn run(engine: &Engine, name: &str, cmd: &[&str]) -> (i32, String) {
     let mut s = engine
-        .exec(ExecParams {
+        .exec(ExecRequest {
             instance: name.to_string(),
             command: cmd.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
@@ -330,7 +330,7 @@ async fn busybox_unprivileged_lifecycle() {
     // Stop of a stopped instance is a no-op; exec refuses.
     eng.stop(name, false, Duration::from_secs(1)).await.unwrap();
     assert!(matches!(
-        eng.exec(ExecParams {
+        eng.exec(ExecRequest {
             instance: name.into(),
             command: vec!["true".into()],
             ..Default::default()

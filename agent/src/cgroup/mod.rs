@@ -56,7 +56,18 @@ pub enum Layout {
     V1,
 }
 
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl Layout {
+    /// The layout of this host (from /proc/self/mountinfo).
+    pub fn detect() -> Result<Layout, CgroupError> {
+        Ok(Cgroups::detect()?.layout())
+    }
+
     /// "v2", "v1-hybrid" or "v1" (as in `NodeInfo.cgroup_layout`).
     pub fn as_str(self) -> &'static str {
         match self {
