@@ -443,3 +443,61 @@ async fn debian12_systemd_unprivileged() {
     assert!(!Cgroups::detect().unwrap().exists(name));
     eng.delete(name, false).await.unwrap();
 }
+
+/// Removes the test bridge and its nftables table.
+struct NetGuard(Arc<berth_agent::network::Network>);
+
+impl Drop for NetGuard {
+    fn drop(&mut self) {
+        let _ = self.0.teardown();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busybox_with_network() {
+    use berth_agent::network::{Network, NetworkConfig};
+    let e = env();
+    busybox_image(e.storage.as_ref());
+    let net = Arc::new(
+        Network::setup(
+            NetworkConfig {
+                bridge: "berthrt0".into(),
+                ipv4_cidr: Some("10.252.77.1/24".into()),
+                nat: false,
+            },
+            &e.state_dir,
+        )
+        .unwrap(),
+    );
+    let _ng = NetGuard(net.clone());
+    let name = "rt-bbnet";
+    let _guard = Guard {
+        state_dir: e.state_dir.clone(),
+        name: name.to_string(),
+    };
+    let mut cfg = EngineConfig::new(e.state_dir.clone());
+    cfg.helper_exe = PathBuf::from(env!("CARGO_BIN_EXE_berth-agent"));
+    cfg.nat = false;
+    let eng = Engine::new(cfg, e.storage.clone(), net.clone()).unwrap();
+    let mut sp = spec(name, &[]);
+    sp.network = Some(berth_proto::v1::NetworkSpec {
+        ipv4_cidr: "10.252.77.10/24".into(),
+        gateway: "10.252.77.1".into(),
+        nameservers: vec![],
+        hwaddr: "00:16:3e:12:34:56".into(),
+    });
+    eng.create(&sp).await.unwrap();
+    let s = eng.start(name).await.unwrap();
+    assert_eq!(s.state, InstanceState::Running as i32);
+    assert_eq!(s.ipv4, "10.252.77.10");
+    let (_, addr) = run(&eng, name, &["ip", "addr", "show", "eth0"]).await;
+    assert!(addr.contains("10.252.77.10/24"), "{addr}");
+    assert!(addr.contains("00:16:3e:12:34:56"), "{addr}");
+    let (code, out) = run(&eng, name, &["ping", "-c", "1", "-W", "3", "10.252.77.1"]).await;
+    assert_eq!(code, 0, "{out}");
+    let host_veth = Network::host_veth_name(name);
+    assert!(Path::new("/sys/class/net").join(&host_veth).exists());
+    eng.stop(name, true, Duration::ZERO).await.unwrap();
+    assert!(!Path::new("/sys/class/net").join(&host_veth).exists());
+    eng.delete(name, false).await.unwrap();
+}
