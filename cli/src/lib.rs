@@ -14,7 +14,9 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::client::Client;
-use crate::commands::{config as config_cmd, exec, file, image, instance, operation, remote};
+use crate::commands::{
+    cluster, config as config_cmd, exec, file, image, instance, operation, remote,
+};
 use crate::config::{Config, EnvOverrides, split_remote};
 
 /// Command line client for Berth machine containers.
@@ -80,6 +82,11 @@ pub enum Command {
     Operation {
         #[command(subcommand)]
         command: operation::OperationCommand,
+    },
+    /// Manage cluster members
+    Cluster {
+        #[command(subcommand)]
+        command: cluster::ClusterCommand,
     },
     /// Manage the list of remote servers
     Remote {
@@ -181,6 +188,7 @@ async fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<i32> {
         Command::Config { command } => config_cmd::run(ctx, command).await,
         Command::Image { command } => image::run(ctx, command).await,
         Command::Operation { command } => operation::run(ctx, command).await,
+        Command::Cluster { command } => cluster::run(ctx, command).await,
         Command::Remote { command } => remote::run(ctx, command).await,
         Command::Version => commands::version(ctx).await,
     }

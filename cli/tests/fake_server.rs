@@ -328,6 +328,14 @@ async fn handle(
             });
             start_op(&mut st, serde_json::json!({ "fingerprint": fp }), None)
         }
+        (&Method::GET, ["1.0", "cluster", "members"]) => sync(serde_json::json!([
+            {"server_name": "node1", "url": "https://10.0.0.1:8444", "roles": ["agent"],
+             "status": "Online", "message": ""}
+        ])),
+        (&Method::POST, ["1.0", "cluster", "join-tokens"]) => {
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            sync(serde_json::json!({"token": "dG9rZW4=", "name": v["name"]}))
+        }
         _ => error(404, &format!("no route for {method} {path}")),
     };
     Ok(resp)
@@ -1028,6 +1036,14 @@ async fn t40_images_and_operations() {
     f.ok(&["image", "delete", "m2"]).await;
     assert!(!f.ok(&["image", "list", "-f", "csv"]).await.contains("m2"));
 
+    assert_eq!(
+        f.ok(&["cluster", "list", "-f", "csv"]).await,
+        "node1,https://10.0.0.1:8444,agent,ONLINE,\n"
+    );
+    assert_eq!(
+        f.ok(&["cluster", "add", "node2"]).await,
+        "Member node2 join token:\ndG9rZW4=\n"
+    );
     let ops = f.ok(&["operation", "list", "-f", "csv"]).await;
     assert!(ops.contains(",TASK,"), "{ops}");
 }
