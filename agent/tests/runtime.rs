@@ -501,3 +501,202 @@ async fn busybox_with_network() {
     assert!(!Path::new("/sys/class/net").join(&host_veth).exists());
     eng.delete(name, false).await.unwrap();
 }
+
+async fn wait_for<F: Fn(&InstanceStatusLike) -> bool>(
+    eng: &Engine,
+    name: &str,
+    secs: u64,
+    f: F,
+) -> InstanceStatusLike {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let s = eng.status(name).await.unwrap();
+        if f(&s) || std::time::Instant::now() > deadline {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+type InstanceStatusLike = berth_proto::v1::InstanceStatus;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busybox_reboot_and_crash_recovery() {
+    let e = env();
+    busybox_image(e.storage.as_ref());
+    let name = "rt-bbreboot";
+    let _guard = Guard {
+        state_dir: e.state_dir.clone(),
+        name: name.to_string(),
+    };
+    let eng = engine(&e);
+    eng.create(&spec(name, &[])).await.unwrap();
+    let s = eng.start(name).await.unwrap();
+    let pid1 = s.pid;
+
+    // `reboot` inside: init dies of SIGHUP, the monitor boots the instance again.
+    let _ = run(&eng, name, &["reboot"]).await;
+    let s = wait_for(&eng, name, 20, |s| {
+        s.state == InstanceState::Running as i32 && s.pid != 0 && s.pid != pid1
+    })
+    .await;
+    assert_eq!(s.state, InstanceState::Running as i32, "{s:?}");
+    assert_ne!(s.pid, pid1);
+    assert_eq!(run(&eng, name, &["cat", "/proc/1/comm"]).await.0, 0);
+
+    // `poweroff` inside: the instance stops and its cgroups go away.
+    let _ = run(&eng, name, &["poweroff"]).await;
+    let s = wait_for(&eng, name, 20, |s| s.state == InstanceState::Stopped as i32).await;
+    assert_eq!(s.state, InstanceState::Stopped as i32, "{s:?}");
+    let cg = Cgroups::detect().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while cg.exists(name) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!cg.exists(name));
+
+    // A monitor killed outright (as by a host crash): init dies with it; recovery cleans up and
+    // starts the instance again because it was running.
+    let s = eng.start(name).await.unwrap();
+    let pid2 = s.pid;
+    let mon = InstanceDir::new(&e.state_dir, name).live_monitor().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(mon.pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{pid2}")).exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(eng);
+    let eng = engine(&e);
+    eng.recover().await.unwrap();
+    let s = eng.status(name).await.unwrap();
+    assert_eq!(s.state, InstanceState::Running as i32, "{s:?}");
+    assert_ne!(s.pid, pid2);
+
+    // boot.autostart=false wins over the last state.
+    let mut cfg = BTreeMap::new();
+    cfg.insert("boot.autostart".to_string(), "false".to_string());
+    eng.update(name, cfg).await.unwrap();
+    let mon = InstanceDir::new(&e.state_dir, name).live_monitor().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(mon.pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let eng = engine(&e);
+    eng.recover().await.unwrap();
+    let s = eng.status(name).await.unwrap();
+    assert_eq!(s.state, InstanceState::Stopped as i32, "{s:?}");
+    assert!(!cg.exists(name));
+    eng.delete(name, true).await.unwrap();
+}
+
+/// A storage driver that claims no idmapped mount support (on-disk shift fallback).
+struct NoIdmap(DirDriver);
+
+impl StorageDriver for NoIdmap {
+    fn name(&self) -> &'static str {
+        "dir"
+    }
+    fn supports_idmapped_mounts(&self) -> bool {
+        false
+    }
+    fn usage(&self) -> Result<berth_agent::storage::PoolUsage, berth_agent::storage::StorageError> {
+        self.0.usage()
+    }
+    fn create_image_volume(&self, f: &str) -> Result<PathBuf, berth_agent::storage::StorageError> {
+        self.0.create_image_volume(f)
+    }
+    fn finish_image_volume(&self, f: &str) -> Result<(), berth_agent::storage::StorageError> {
+        self.0.finish_image_volume(f)
+    }
+    fn image_volume(&self, f: &str) -> Option<PathBuf> {
+        self.0.image_volume(f)
+    }
+    fn delete_image_volume(&self, f: &str) -> Result<(), berth_agent::storage::StorageError> {
+        self.0.delete_image_volume(f)
+    }
+    fn rename_image_volume(
+        &self,
+        a: &str,
+        b: &str,
+    ) -> Result<(), berth_agent::storage::StorageError> {
+        self.0.rename_image_volume(a, b)
+    }
+    fn create_instance_volume(
+        &self,
+        n: &str,
+        f: &str,
+    ) -> Result<PathBuf, berth_agent::storage::StorageError> {
+        self.0.create_instance_volume(n, f)
+    }
+    fn instance_volume(&self, n: &str) -> Option<PathBuf> {
+        self.0.instance_volume(n)
+    }
+    fn delete_instance_volume(&self, n: &str) -> Result<(), berth_agent::storage::StorageError> {
+        self.0.delete_instance_volume(n)
+    }
+    fn rename_instance_volume(
+        &self,
+        a: &str,
+        b: &str,
+    ) -> Result<(), berth_agent::storage::StorageError> {
+        self.0.rename_instance_volume(a, b)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busybox_shifted_rootfs_and_rename() {
+    use std::os::unix::fs::MetadataExt;
+    let mut e = env();
+    let pool = e.state_dir.parent().unwrap().join("pool");
+    e.storage = Arc::new(NoIdmap(DirDriver::open(&pool).unwrap()));
+    busybox_image(e.storage.as_ref());
+    let name = "rt-bbshift";
+    let _guard = Guard {
+        state_dir: e.state_dir.clone(),
+        name: name.to_string(),
+    };
+    let _guard2 = Guard {
+        state_dir: e.state_dir.clone(),
+        name: "rt-bbshift2".to_string(),
+    };
+    let eng = engine(&e);
+    let s = eng.create(&spec(name, &[])).await.unwrap();
+    let base = s.idmap_base;
+    let rootfs = e.storage.instance_volume(name).unwrap().join("rootfs");
+    let m = std::fs::metadata(rootfs.join("bin/busybox")).unwrap();
+    assert_eq!(
+        (m.uid(), m.gid()),
+        (base, base),
+        "owners shifted once at create"
+    );
+    eng.start(name).await.unwrap();
+    assert_eq!(run(&eng, name, &["id", "-u"]).await, (0, "0\n".into()));
+    let (_, ls) = run(&eng, name, &["stat", "-c", "%u", "/bin/busybox"]).await;
+    assert_eq!(ls.trim(), "0");
+    // A restart does not shift again.
+    eng.restart(name, true, Duration::ZERO).await.unwrap();
+    let m = std::fs::metadata(rootfs.join("bin/busybox")).unwrap();
+    assert_eq!(m.uid(), base);
+    // Rename needs a stopped instance.
+    assert!(matches!(
+        eng.rename(name, "rt-bbshift2").await,
+        Err(berth_agent::engine::EngineError::Busy(_))
+    ));
+    eng.stop(name, true, Duration::ZERO).await.unwrap();
+    let s = eng.rename(name, "rt-bbshift2").await.unwrap();
+    assert_eq!(s.name, "rt-bbshift2");
+    assert!(eng.status(name).await.is_err());
+    let s = eng.start("rt-bbshift2").await.unwrap();
+    assert_eq!(s.state, InstanceState::Running as i32);
+    assert_eq!(
+        run(&eng, "rt-bbshift2", &["hostname"]).await.1,
+        "rt-bbshift2\n"
+    );
+    eng.delete("rt-bbshift2", true).await.unwrap();
+}
