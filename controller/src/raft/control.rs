@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, Server, ServerTlsConfig};
 
-use super::network::Network;
+use super::network::{Network, NetworkFaults};
 use super::service::RaftService;
 use super::types::{NodeId, Raft, RaftPeer};
 use crate::state::{ApplyError, ApplyOk, Command, State};
@@ -108,6 +108,7 @@ struct Inner {
     raft: Raft,
     sm: StateMachineStore,
     tls: Option<PeerTls>,
+    faults: NetworkFaults,
 }
 
 /// A running Raft member with its replicated [`State`]. Cheap to clone.
@@ -147,7 +148,8 @@ impl ControlPlane {
     ) -> Result<ControlPlane, RaftSetupError> {
         let (log, sm) = store::open(dir)?;
         let config = Arc::new(raft_config()?);
-        let network = Network::new(tls.as_ref().map(|t| t.client.clone()));
+        let faults = NetworkFaults::default();
+        let network = Network::new(tls.as_ref().map(|t| t.client.clone()), faults.clone());
         let raft = Raft::new(id, config, network, log, sm.clone())
             .await
             .map_err(|e| RaftSetupError::Start(e.to_string()))?;
@@ -174,6 +176,7 @@ impl ControlPlane {
                 raft,
                 sm,
                 tls,
+                faults,
             }),
         })
     }
@@ -186,6 +189,11 @@ impl ControlPlane {
     /// This node's peer address.
     pub fn addr(&self) -> &str {
         &self.inner.addr
+    }
+
+    /// Fault injection for this node's outgoing Raft RPCs (tests, chaos drills).
+    pub fn faults(&self) -> &NetworkFaults {
+        &self.inner.faults
     }
 
     /// The underlying openraft handle (metrics, membership changes).

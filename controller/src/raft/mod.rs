@@ -10,7 +10,7 @@ mod types;
 
 pub use codec::MAX_MESSAGE_BYTES;
 pub use control::{ControlPlane, PeerTls, RaftSetupError, ReadError, ServeError, WriteError};
-pub use network::{Network, PeerClient, PeerConnectError};
+pub use network::{InjectedFault, Network, NetworkFaults, PeerClient, PeerConnectError};
 pub use service::RaftService;
 pub use types::{
     Entry, LogId, NodeId, Raft, RaftPeer, SnapshotMeta, StorageError, StoredMembership, TypeConfig,

@@ -1,5 +1,7 @@
 //! The Raft network: tonic clients that carry openraft RPCs to peers.
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use berth_proto::v1::RaftRequest;
@@ -37,16 +39,70 @@ pub enum PeerConnectError {
     },
 }
 
+/// Fault injection for outgoing Raft RPCs (tests and chaos drills): RPCs to blocked peers fail
+/// as unreachable, and every RPC can be delayed. Empty by default, which costs one uncontended
+/// lock per RPC.
+#[derive(Debug, Clone, Default)]
+pub struct NetworkFaults {
+    inner: Arc<Mutex<FaultState>>,
+}
+
+#[derive(Debug, Default)]
+struct FaultState {
+    blocked: BTreeSet<NodeId>,
+    delay: Duration,
+}
+
+/// The synthetic error of a blocked RPC.
+#[derive(Debug, thiserror::Error)]
+#[error("raft rpc to peer {0} dropped by fault injection")]
+pub struct InjectedFault(NodeId);
+
+impl NetworkFaults {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FaultState> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops every later RPC from this node to `peer`.
+    pub fn block(&self, peer: NodeId) {
+        self.lock().blocked.insert(peer);
+    }
+
+    /// Lets RPCs to `peer` through again.
+    pub fn unblock(&self, peer: NodeId) {
+        self.lock().blocked.remove(&peer);
+    }
+
+    /// Delays every later RPC from this node by `delay` (zero turns it off).
+    pub fn set_delay(&self, delay: Duration) {
+        self.lock().delay = delay;
+    }
+
+    /// Removes every fault.
+    pub fn heal(&self) {
+        *self.lock() = FaultState::default();
+    }
+
+    fn check(&self, peer: NodeId) -> Result<Duration, InjectedFault> {
+        let state = self.lock();
+        if state.blocked.contains(&peer) {
+            return Err(InjectedFault(peer));
+        }
+        Ok(state.delay)
+    }
+}
+
 /// Makes one [`PeerClient`] per target peer.
 #[derive(Clone, Default)]
 pub struct Network {
     tls: Option<ClientTlsConfig>,
+    faults: NetworkFaults,
 }
 
 impl Network {
-    /// A network that uses TLS with `tls` when set, plain HTTP/2 otherwise.
-    pub fn new(tls: Option<ClientTlsConfig>) -> Network {
-        Network { tls }
+    /// A network that uses TLS with `tls` when set, plain HTTP/2 otherwise, subject to `faults`.
+    pub fn new(tls: Option<ClientTlsConfig>, faults: NetworkFaults) -> Network {
+        Network { tls, faults }
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, PeerConnectError> {
@@ -87,6 +143,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             node: node.clone(),
             client,
+            faults: self.faults.clone(),
         }
     }
 }
@@ -96,6 +153,7 @@ pub struct PeerClient {
     target: NodeId,
     node: RaftPeer,
     client: Result<RaftClient<Channel>, PeerConnectError>,
+    faults: NetworkFaults,
 }
 
 /// Which RPC to call.
@@ -118,6 +176,11 @@ impl PeerClient {
         E: std::error::Error,
         Result<Resp, RaftError<NodeId, E>>: DeserializeOwned,
     {
+        match self.faults.check(self.target) {
+            Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&e))),
+            Ok(delay) if !delay.is_zero() => tokio::time::sleep(delay).await,
+            Ok(_) => {}
+        }
         let client = match &mut self.client {
             Ok(c) => c,
             Err(e) => return Err(RPCError::Unreachable(Unreachable::new(e))),

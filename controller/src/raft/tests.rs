@@ -399,3 +399,104 @@ async fn two_nodes_over_mutual_tls() {
     n2.stop().await;
     n1.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_leader_is_replaced_and_rejoins() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let addrs: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    let mut nodes = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        nodes.push(start_node(dirs[i].path(), i as u64 + 1, listener, i == 0).await);
+    }
+    let cps: Vec<ControlPlane> = nodes.iter().map(|n| n.cp.clone()).collect();
+    let (n1, n2, n3) = (cps[0].clone(), cps[1].clone(), cps[2].clone());
+    assert!(
+        wait_for(|| async { n1.is_leader() }, TIMEOUT).await,
+        "node 1 never led"
+    );
+    n1.add_member(2, addrs[1].clone()).await.unwrap();
+    n1.add_member(3, addrs[2].clone()).await.unwrap();
+    n1.write(bootstrap_cmd()).await.unwrap();
+
+    // Cut node 1 off in both directions.
+    n1.faults().block(2);
+    n1.faults().block(3);
+    n2.faults().block(1);
+    n3.faults().block(1);
+    assert!(
+        wait_for(|| async { n2.is_leader() || n3.is_leader() }, TIMEOUT).await,
+        "the majority side elected no leader"
+    );
+    let new_leader = if n2.is_leader() {
+        n2.clone()
+    } else {
+        n3.clone()
+    };
+    new_leader
+        .write(Command::AddApiKey {
+            key: key("majority"),
+        })
+        .await
+        .unwrap();
+
+    // The old leader can neither commit nor serve linearizable reads.
+    let stale_write = tokio::time::timeout(
+        Duration::from_secs(2),
+        n1.write(Command::AddApiKey {
+            key: key("minority"),
+        }),
+    )
+    .await;
+    assert!(
+        !matches!(stale_write, Ok(Ok(_))),
+        "an isolated leader committed a write: {stale_write:?}"
+    );
+    let stale_read = tokio::time::timeout(Duration::from_secs(2), n1.read(|_| ())).await;
+    assert!(
+        !matches!(stale_read, Ok(Ok(()))),
+        "an isolated leader served a linearizable read"
+    );
+
+    // Heal: node 1 steps down, drops its uncommitted entry and catches up.
+    for cp in &cps {
+        cp.faults().heal();
+    }
+    assert!(
+        wait_for(
+            || async { !n1.is_leader() && n1.read_local(|s| s.api_keys.contains_key("majority")) },
+            TIMEOUT
+        )
+        .await,
+        "node 1 did not rejoin"
+    );
+    assert!(
+        wait_for(|| async { cps.iter().any(|cp| cp.is_leader()) }, TIMEOUT).await,
+        "no leader after healing"
+    );
+    let leader = cps.iter().find(|cp| cp.is_leader()).unwrap().clone();
+    leader
+        .write(Command::AddApiKey { key: key("healed") })
+        .await
+        .unwrap();
+    let expected = leader.read(|s| s.clone()).await.unwrap();
+    assert!(!expected.api_keys.contains_key("minority"));
+    for cp in &cps {
+        let cp = cp.clone();
+        let want = expected.clone();
+        assert!(
+            wait_for(|| async { cp.read_local(|s| *s == want) }, TIMEOUT).await,
+            "node {} diverged",
+            cp.id()
+        );
+    }
+    for node in nodes.iter_mut() {
+        node.stop().await;
+    }
+}
