@@ -730,7 +730,7 @@ async fn t10_instances_lifecycle() {
     );
 
     let info = f.ok(&["info", "web1", "--show-log"]).await;
-    assert!(info.starts_with("Name: web1\nStatus: RUNNING\n"), "{info}");
+    assert!(info.starts_with("Name: web1\nStatus: Running\n"), "{info}");
     assert!(info.contains("PID: 4242"), "{info}");
     assert!(info.contains("Log:\n\n[  OK  ] Reached target"), "{info}");
 
@@ -833,6 +833,34 @@ async fn t20_exec() {
     );
     let o = f.run(&["exec", "c1", "--", "unknown"]).await;
     assert_eq!(o.code, 127);
+
+    // On a terminal (script(1) provides one) exec is interactive, passes TERM and a size,
+    // and puts the terminal back the way it was.
+    let bin = env!("CARGO_BIN_EXE_berth");
+    let o = f.command(&[], true).as_std().get_program().to_owned();
+    assert_eq!(o, std::ffi::OsStr::new(bin));
+    let shell = format!(
+        "stty -g > {dir}/before; {bin} exec c1 -- env; code=$?; stty -g > {dir}/after; exit $code",
+        dir = f.dir.path().display()
+    );
+    let out = tokio::process::Command::new("script")
+        .args(["-qec", &shell, "/dev/null"])
+        .env("BERTH_CONF", f.conf_dir())
+        .env("BERTH_URL", f.url())
+        .env("BERTH_KEY_FILE", &f.key)
+        .env("BERTH_CA", &f.ca)
+        .env("TERM", "xterm-test")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("TERM=xterm-test"), "{text}");
+    assert!(text.contains("interactive=true"), "{text}");
+    let before = std::fs::read_to_string(f.dir.path().join("before")).unwrap();
+    let after = std::fs::read_to_string(f.dir.path().join("after")).unwrap();
+    assert_eq!(before, after, "terminal settings restored");
 
     // SIGINT is forwarded to the command when not interactive.
     let mut child = f

@@ -231,14 +231,28 @@ async fn forward_stdin(tx: mpsc::Sender<Message>) {
     }
 }
 
-async fn forward_signals(tx: mpsc::Sender<Message>, interactive: bool) -> std::io::Result<()> {
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut winch = signal(SignalKind::window_change())?;
+/// Forwards SIGINT, SIGTERM and SIGHUP to the command, and SIGWINCH as a resize when
+/// interactive. Returns on the third SIGINT (like lxc: the user insists on leaving); never
+/// returns when the handlers cannot be installed.
+async fn forward_signals(tx: mpsc::Sender<Message>, interactive: bool) {
+    let (Ok(mut int), Ok(mut term), Ok(mut hup), Ok(mut winch)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+        signal(SignalKind::window_change()),
+    ) else {
+        return std::future::pending().await;
+    };
+    let mut interrupts = 0;
     loop {
         let msg = tokio::select! {
-            _ = int.recv() => ExecControl::Signal { signal: libc_signal::SIGINT },
+            _ = int.recv() => {
+                interrupts += 1;
+                if interrupts >= 3 {
+                    return;
+                }
+                ExecControl::Signal { signal: libc_signal::SIGINT }
+            }
             _ = term.recv() => ExecControl::Signal { signal: libc_signal::SIGTERM },
             _ = hup.recv() => ExecControl::Signal { signal: libc_signal::SIGHUP },
             _ = winch.recv(), if interactive => match window_size() {
@@ -247,7 +261,7 @@ async fn forward_signals(tx: mpsc::Sender<Message>, interactive: bool) -> std::i
             },
         };
         if tx.send(control_frame(&msg)).await.is_err() {
-            return Ok(());
+            return std::future::pending().await;
         }
     }
 }
@@ -273,12 +287,20 @@ async fn pump(ws: crate::client::WebSocket, interactive: bool) -> anyhow::Result
         let _ = sink.close().await;
     });
     let stdin_task = tokio::spawn(forward_stdin(tx.clone()));
-    let signal_task = tokio::spawn(forward_signals(tx.clone(), interactive));
+    let mut signal_task = tokio::spawn(forward_signals(tx.clone(), interactive));
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();
     let mut code = None;
     let mut failure = None;
-    while let Some(msg) = stream.next().await {
+    loop {
+        let next = tokio::select! {
+            m = stream.next() => m,
+            _ = &mut signal_task => {
+                failure = Some("interrupted; the command may still be running".to_string());
+                break;
+            }
+        };
+        let Some(msg) = next else { break };
         let msg = match msg {
             Ok(m) => m,
             Err(e) => {

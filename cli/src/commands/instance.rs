@@ -415,7 +415,8 @@ pub fn render_info(i: &Instance, state: Option<&InstanceState>) -> String {
     if !i.description.is_empty() {
         line(format!("Description: {}", i.description));
     }
-    line(format!("Status: {}", i.status.to_uppercase()));
+    // The status as the server spells it ("Running"): scripts grep for it.
+    line(format!("Status: {}", i.status));
     line(format!(
         "Type: {}{}",
         if i.kind.is_empty() {
@@ -462,6 +463,12 @@ pub fn render_info(i: &Instance, state: Option<&InstanceState>) -> String {
                     "    Memory (limit): {}",
                     human_bytes(s.memory.total)
                 ));
+            }
+            if !s.limits.is_empty() {
+                line("  Limits:".into());
+                for (k, v) in &s.limits {
+                    line(format!("    {k}: {v}"));
+                }
             }
             let ifaces: Vec<_> = s.network.iter().filter(|(n, _)| *n != "lo").collect();
             if !ifaces.is_empty() {
@@ -716,6 +723,7 @@ mod tests {
                 pid: 4242,
                 processes: 7,
                 network,
+                limits: [("limits.memory".to_string(), "64MiB".to_string())].into(),
                 ..Default::default()
             }),
             ..Default::default()
@@ -805,9 +813,10 @@ mod tests {
     fn info_text() {
         let i = &fixture()[1];
         let text = render_info(i, i.state.as_ref());
-        assert!(text.starts_with("Name: web1\nStatus: RUNNING\nType: container\n"));
+        assert!(text.starts_with("Name: web1\nStatus: Running\nType: container\n"));
         assert!(text.contains("PID: 4242\n"));
         assert!(text.contains("  Processes: 7\n"));
+        assert!(text.contains("  Limits:\n    limits.memory: 64MiB\n"));
         assert!(text.contains("        inet:  10.87.0.5/24 (global)\n"));
         assert!(!text.contains("lo:"));
     }
