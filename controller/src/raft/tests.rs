@@ -500,3 +500,68 @@ async fn partitioned_leader_is_replaced_and_rejoins() {
         node.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_member_catches_up_from_a_snapshot() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let l1 = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l2 = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr2 = l2.local_addr().unwrap().to_string();
+    let mut n1 = start_node(dirs[0].path(), 1, l1, true).await;
+    let cp1 = n1.cp.clone();
+    assert!(
+        wait_for(|| async { cp1.is_leader() }, TIMEOUT).await,
+        "node 1 never led"
+    );
+    cp1.write(bootstrap_cmd()).await.unwrap();
+    // Enough data that the snapshot spans several 1 MiB chunks on the wire.
+    let big = "x".repeat(64 * 1024);
+    for i in 0..40 {
+        let mut k = key(&format!("k{i}"));
+        k.name = big.clone();
+        cp1.write(Command::AddApiKey { key: k }).await.unwrap();
+    }
+    cp1.raft().trigger().snapshot().await.unwrap();
+    let raft = cp1.raft().clone();
+    assert!(
+        wait_for(
+            || {
+                let raft = raft.clone();
+                async move { raft.metrics().borrow().snapshot.is_some() }
+            },
+            TIMEOUT
+        )
+        .await,
+        "no snapshot"
+    );
+    let snap_index = raft.metrics().borrow().snapshot.map(|s| s.index).unwrap();
+    raft.trigger().purge_log(snap_index).await.unwrap();
+    assert!(
+        wait_for(
+            || {
+                let raft = raft.clone();
+                async move { raft.metrics().borrow().purged.map(|p| p.index) == Some(snap_index) }
+            },
+            TIMEOUT
+        )
+        .await,
+        "log not purged"
+    );
+
+    // Node 2 can only catch up through install_snapshot over gRPC.
+    let mut n2 = start_node(dirs[1].path(), 2, l2, false).await;
+    cp1.add_member(2, addr2).await.unwrap();
+    cp1.write(Command::AddApiKey { key: key("after") })
+        .await
+        .unwrap();
+    let want = cp1.read(|s| s.clone()).await.unwrap();
+    let cp2 = n2.cp.clone();
+    assert!(
+        wait_for(|| async { cp2.read_local(|s| *s == want) }, TIMEOUT).await,
+        "node 2 did not catch up"
+    );
+    let installed = cp2.raft().metrics().borrow().snapshot;
+    assert!(installed.is_some(), "node 2 caught up without a snapshot");
+    n2.stop().await;
+    n1.stop().await;
+}
