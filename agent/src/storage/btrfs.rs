@@ -10,7 +10,7 @@ use std::process::Command;
 
 use super::{
     CONTAINERS_DIR, IMAGES_DIR, PoolUsage, StorageDriver, StorageError, check_volume_name,
-    ensure_dir, io_err, run, statvfs_usage,
+    create_dir_if_missing, ensure_dir, io_err, run, statvfs_usage,
 };
 
 /// statfs magic of btrfs.
@@ -68,7 +68,7 @@ impl BtrfsDriver {
     pub fn open(cfg: BtrfsConfig) -> Result<BtrfsDriver, StorageError> {
         let root = match &cfg.source {
             BtrfsSource::Directory(dir) => {
-                ensure_dir(dir, 0o711)?;
+                create_dir_if_missing(dir, 0o711)?;
                 dir.clone()
             }
             BtrfsSource::LoopFile { path, size_bytes } => {
@@ -376,7 +376,7 @@ fn loop_devices_of(file: &Path) -> Result<Vec<String>, StorageError> {
 fn attach_loop_file(file: &Path, size: u64) -> Result<PathBuf, StorageError> {
     if !file.exists() {
         if let Some(parent) = file.parent() {
-            ensure_dir(parent, 0o700)?;
+            create_dir_if_missing(parent, 0o700)?;
         }
         let f = fs::OpenOptions::new()
             .write(true)
@@ -438,7 +438,7 @@ fn format_if_blank(target: &Path) -> Result<(), StorageError> {
 }
 
 fn mount_device(dev: &Path, mount_point: &Path) -> Result<(), StorageError> {
-    ensure_dir(mount_point, 0o711)?;
+    create_dir_if_missing(mount_point, 0o711)?;
     run(Command::new("mount")
         .args(["-t", "btrfs", "-o", "user_subvol_rm_allowed"])
         .arg(dev)

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use super::{
     CONTAINERS_DIR, IMAGES_DIR, PoolUsage, StorageDriver, StorageError, check_volume_name,
-    ensure_dir, io_err, run, statvfs_usage,
+    create_dir_if_missing, ensure_dir, io_err, run, statvfs_usage,
 };
 
 /// statfs magics of filesystems that support idmapped mounts on the kernels Berth targets.
@@ -29,7 +29,7 @@ impl DirDriver {
     /// Opens (creating when missing) a directory pool rooted at `root`.
     pub fn open(root: impl Into<PathBuf>) -> Result<DirDriver, StorageError> {
         let root = root.into();
-        ensure_dir(&root, 0o711)?;
+        create_dir_if_missing(&root, 0o711)?;
         ensure_dir(&root.join(IMAGES_DIR), 0o700)?;
         ensure_dir(&root.join(CONTAINERS_DIR), 0o700)?;
         let idmap = probe_idmapped_mount(&root).unwrap_or_else(|e| {

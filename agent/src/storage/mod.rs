@@ -147,6 +147,15 @@ pub(crate) fn ensure_dir(dir: &Path, mode: u32) -> Result<(), StorageError> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(io_err(dir))
 }
 
+/// Creates `dir` (and parents) when missing, giving the new leaf directory `mode`; leaves an
+/// existing directory as it is (it may belong to the operator).
+pub(crate) fn create_dir_if_missing(dir: &Path, mode: u32) -> Result<(), StorageError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    ensure_dir(dir, mode)
+}
+
 /// Space of the filesystem holding `path`, from statvfs.
 pub(crate) fn statvfs_usage(path: &Path) -> Result<PoolUsage, StorageError> {
     let st = rustix::fs::statvfs(path).map_err(|e| StorageError::Io {
