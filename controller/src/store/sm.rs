@@ -26,8 +26,11 @@ const KEY_SNAPSHOT_DATA: &[u8] = b"snapshot_data";
 /// snapshot builder always see a consistent triple.
 #[derive(Debug, Default)]
 pub struct Applied {
+    /// The replicated state.
     pub state: State,
+    /// The last log entry applied to `state`.
     pub last_applied: Option<LogId>,
+    /// The last membership applied.
     pub membership: StoredMembership,
 }
 
