@@ -323,11 +323,21 @@ impl Engine {
     async fn start_locked(&self, name: &str) -> Result<(), EngineError> {
         let mut rec = self.record(name)?;
         let dir = self.dir(name);
-        if dir.live_monitor().is_some() {
+        if let Some(m) = dir.live_monitor() {
             if dir.live_init().is_some() {
                 return Ok(());
             }
-            return self.wait_started(name).await;
+            if dir.read_state().phase == Phase::Starting {
+                return self.wait_started(name).await;
+            }
+            // The previous boot's monitor is still tearing down: let it finish.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while m.alive() {
+                if Instant::now() > deadline {
+                    return Err(EngineError::Busy(format!("{name} is still shutting down")));
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
         }
         if !rec.privileged() && rec.idmap_base == 0 {
             rec.idmap_base = self.inner.allocate_idmap(name)?;
@@ -903,6 +913,7 @@ impl Inner {
             let _ = crate::sys::process::kill(i.pid, libc::SIGKILL);
         }
         self.cgroups.destroy(name)?;
+        self.cgroups.leave_monitor(name, None)?;
         if let Some(net) = &self.network {
             net.delete_veth(&Network::host_veth_name(name))?;
         }

@@ -47,6 +47,7 @@ impl Drop for Guard {
         std::thread::sleep(Duration::from_millis(300));
         if let Ok(cg) = Cgroups::detect() {
             let _ = cg.destroy(&self.name);
+            let _ = cg.leave_monitor(&self.name, None);
         }
         let _ = nix::mount::umount2(&dir.rootfs_mount(), nix::mount::MntFlags::MNT_DETACH);
     }
@@ -324,6 +325,10 @@ async fn busybox_unprivileged_lifecycle() {
     assert_eq!(s.state, InstanceState::Stopped as i32, "{s:?}");
     assert!(!Path::new(&format!("/proc/{pid}")).exists());
     assert!(!cg.exists(name));
+    for h in cg.hierarchies() {
+        let m = h.mount.join(format!("berth.monitor.{name}"));
+        assert!(!m.exists(), "{m:?} left behind");
+    }
     assert!(!mounted_under(&e.state_dir));
     let log = eng.console_log(name, 0).await.unwrap();
     assert!(String::from_utf8_lossy(&log).contains("berth-busybox-halting"));
@@ -439,6 +444,11 @@ async fn debian12_systemd_unprivileged() {
         .await
         .unwrap();
     eprintln!("debian12: clean stop took {:?}", t1.elapsed());
+    let log = eng.console_log(name, 600).await.unwrap();
+    eprintln!("console tail:\n{}", String::from_utf8_lossy(&log));
+    let mlog = std::fs::read_to_string(InstanceDir::new(&e.state_dir, name).monitor_log_path())
+        .unwrap_or_default();
+    eprintln!("monitor log:\n{mlog}");
     assert_eq!(s.state, InstanceState::Stopped as i32);
     assert!(!Cgroups::detect().unwrap().exists(name));
     eng.delete(name, false).await.unwrap();

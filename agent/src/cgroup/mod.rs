@@ -179,6 +179,11 @@ pub fn payload_name(instance: &str) -> String {
     format!("berth.payload.{instance}")
 }
 
+/// The cgroup directory name of an instance's monitor process.
+pub fn monitor_name(instance: &str) -> String {
+    format!("berth.monitor.{instance}")
+}
+
 /// The leaf inside the unified payload cgroup that exec'd processes join (like LXD's `.lxc`).
 pub const EXEC_LEAF: &str = ".berth";
 
@@ -304,6 +309,47 @@ impl Cgroups {
                         chown(&p, gid, 0o664)?;
                     }
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the monitor process `pid` into its own `berth.monitor.<name>` cgroup in every
+    /// hierarchy, out of the agent's cgroup (so a service manager stopping the agent does not
+    /// take running instances with it).
+    pub fn enter_monitor(&self, instance: &str, pid: i32) -> Result<(), CgroupError> {
+        for h in &self.hierarchies {
+            let parent = self.parent_dir(h);
+            if !parent.is_dir() {
+                std::fs::create_dir_all(&parent).map_err(io_err(&parent))?;
+                if h.has("cpuset") && !h.is_v2() {
+                    copy_cpuset(&h.mount, &parent)?;
+                }
+            }
+            let dir = parent.join(monitor_name(instance));
+            match std::fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_err(&dir)(e)),
+            }
+            if !h.is_v2() && h.has("cpuset") {
+                copy_cpuset(&parent, &dir)?;
+            }
+            write(&dir.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Moves the monitor `pid` back to the hierarchy roots and removes its cgroups (also when
+    /// the monitor is gone: then only the directories are removed).
+    pub fn leave_monitor(&self, instance: &str, pid: Option<i32>) -> Result<(), CgroupError> {
+        for h in &self.hierarchies {
+            if let Some(pid) = pid {
+                let _ = std::fs::write(h.mount.join("cgroup.procs"), pid.to_string());
+            }
+            let dir = self.parent_dir(h).join(monitor_name(instance));
+            if dir.is_dir() {
+                self.remove_one(&dir)?;
             }
         }
         Ok(())

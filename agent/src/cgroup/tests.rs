@@ -226,3 +226,24 @@ fn parent_is_configurable() {
         "0-3"
     );
 }
+
+#[test]
+fn monitor_cgroup_enter_and_leave() {
+    let f = fake_hybrid();
+    f.cg.enter_monitor("c8", 4242).unwrap();
+    let d = f.root.join("memory/berth.monitor.c8");
+    assert_eq!(
+        std::fs::read_to_string(d.join("cgroup.procs")).unwrap(),
+        "4242"
+    );
+    assert_eq!(
+        std::fs::read_to_string(f.root.join("cpuset/berth.monitor.c8/cpuset.cpus")).unwrap(),
+        "0-3"
+    );
+    f.cg.leave_monitor("c8", Some(4242)).unwrap();
+    assert!(!d.exists());
+    assert_eq!(
+        std::fs::read_to_string(f.root.join("memory/cgroup.procs")).unwrap(),
+        "4242"
+    );
+}

@@ -117,6 +117,12 @@ fn run(dir: &InstanceDir) -> Result<(), MonitorError> {
     let rec = dir.read_record()?;
     let cfg: MonitorConfig = super::read_json(&dir.monitor_config_path())?;
     let name = rec.name.clone();
+    let own_cgroups = Cgroups::detect().map(|c| c.with_parent(&cfg.cgroup_parent));
+    if let Ok(cg) = &own_cgroups
+        && let Err(e) = cg.enter_monitor(&name, me.pid)
+    {
+        tracing::warn!(instance = %name, "cannot move the monitor into its own cgroup: {e}");
+    }
     let result = loop {
         match boot_once(dir, &rec, &cfg) {
             Ok(BootEnd::Reboot) if !dir.stop_requested_path().exists() => {
@@ -149,6 +155,11 @@ fn run(dir: &InstanceDir) -> Result<(), MonitorError> {
         }
     }
     dir.write_state(&st)?;
+    if let Ok(cg) = &own_cgroups
+        && let Err(e) = cg.leave_monitor(&name, Some(me.pid))
+    {
+        tracing::warn!(instance = %name, "cannot remove the monitor cgroup: {e}");
+    }
     let _ = std::fs::remove_file(dir.monitor_pid_path());
     result.map(drop)
 }
@@ -382,6 +393,7 @@ fn boot_inner<'a>(
 
     let status = watch(dir, pid, master);
     td.child = None;
+    tracing::info!(instance = name, pid, ?status, "init exited");
     let end = match status {
         Ok(ExitStatus::Signaled(libc::SIGHUP)) => BootEnd::Reboot,
         Ok(ExitStatus::Signaled(libc::SIGINT)) | Ok(ExitStatus::Signaled(libc::SIGKILL)) => {

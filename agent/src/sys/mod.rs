@@ -1,5 +1,3 @@
-#![allow(unsafe_code)]
-
 //! The only module of the workspace with `unsafe` code: raw syscalls and process-level operations
 //! (clone into new namespaces, mounts, idmapped mounts, seccomp, capabilities, pty and fd passing).
 //! Each `unsafe` block carries a `// SAFETY:` comment.
