@@ -209,15 +209,27 @@ async fn build(ctx: &Ctx, args: BuildArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// Called with the number of bytes sent so far.
+pub type Progress = Box<dyn FnMut(u64) + Send>;
+
 /// A body streamed from files in order, read in 1 MiB chunks.
 pub fn files_body(paths: Vec<PathBuf>) -> Body {
+    files_body_with_progress(paths, None)
+}
+
+/// Like [`files_body`], reporting the bytes sent so far to `progress`.
+pub fn files_body_with_progress(paths: Vec<PathBuf>, progress: Option<Progress>) -> Body {
     struct State {
         files: std::vec::IntoIter<PathBuf>,
         current: Option<tokio::fs::File>,
+        sent: u64,
+        progress: Option<Progress>,
     }
     let state = State {
         files: paths.into_iter(),
         current: None,
+        sent: 0,
+        progress,
     };
     let stream = futures::stream::unfold(state, |mut st| async move {
         loop {
@@ -232,12 +244,42 @@ pub fn files_body(paths: Vec<PathBuf>) -> Body {
             let mut buf = BytesMut::with_capacity(1 << 20);
             match file.read_buf(&mut buf).await {
                 Ok(0) => st.current = None,
-                Ok(_) => return Some((Ok(Frame::data(buf.freeze())), st)),
+                Ok(n) => {
+                    st.sent += n as u64;
+                    if let Some(p) = st.progress.as_mut() {
+                        p(st.sent);
+                    }
+                    return Some((Ok(Frame::data(buf.freeze())), st));
+                }
                 Err(e) => return Some((Err(e), st)),
             }
         }
     });
     BodyExt::boxed_unsync(StreamBody::new(stream))
+}
+
+/// A progress line on stderr (only when stderr is a terminal), like lxc's transfer progress.
+fn terminal_progress(total: u64) -> Option<Progress> {
+    use std::io::{IsTerminal, Write};
+    if !std::io::stderr().is_terminal() || total == 0 {
+        return None;
+    }
+    let mut last_pct = u64::MAX;
+    Some(Box::new(move |sent: u64| {
+        let pct = sent.saturating_mul(100) / total;
+        if pct != last_pct {
+            last_pct = pct;
+            let _ = write!(
+                std::io::stderr(),
+                "\rTransferring image: {pct}% ({}/{})\x1b[K",
+                human_bytes(sent),
+                human_bytes(total)
+            );
+            if sent >= total {
+                let _ = writeln!(std::io::stderr());
+            }
+        }
+    }))
 }
 
 fn file_len(path: &Path) -> anyhow::Result<u64> {
@@ -279,13 +321,13 @@ async fn import(ctx: &Ctx, args: ImportArgs) -> anyhow::Result<i32> {
             HeaderValue::from_str(&args.aliases.join(","))?,
         );
     }
-    say(&format!(
-        "Uploading {} ({})",
-        args.file.display(),
-        human_bytes(total)
-    ));
     let resp = client
-        .envelope(Method::POST, "/1.0/images", headers, files_body(files))
+        .envelope(
+            Method::POST,
+            "/1.0/images",
+            headers,
+            files_body_with_progress(files, terminal_progress(total)),
+        )
         .await?;
     let op = client.finish(resp).await?;
     say(&format!(
@@ -496,8 +538,14 @@ mod tests {
         let b = dir.path().join("b");
         std::fs::write(&a, vec![1u8; 3 << 20]).unwrap();
         std::fs::write(&b, b"tail").unwrap();
-        let bytes = collect(files_body(vec![a, b])).await;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        let progress: Progress = Box::new(move |n| s2.lock().unwrap().push(n));
+        let bytes = collect(files_body_with_progress(vec![a, b], Some(progress))).await;
         assert_eq!(bytes.len(), (3 << 20) + 4);
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.last(), Some(&((3 << 20) + 4)));
+        assert!(seen.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(&bytes[bytes.len() - 4..], b"tail");
         let missing = dir.path().join("missing");
         assert!(files_body(vec![missing]).collect().await.is_err());
