@@ -25,8 +25,7 @@ use crate::config::{Config, EnvOverrides, split_remote};
     name = "berth",
     version = berth_proto::VERSION,
     about = "Command line client for Berth",
-    long_about = "Command line client for Berth: manage machine containers and images on a Berth cluster.\n\nInstances and remotes are named like lxc's: NAME or REMOTE:NAME.",
-    propagate_version = true
+    long_about = "Command line client for Berth: manage machine containers and images on a Berth cluster.\n\nInstances and remotes are named like lxc's: NAME or REMOTE:NAME."
 )]
 pub struct Cli {
     #[command(subcommand)]

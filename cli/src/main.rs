@@ -19,7 +19,7 @@ fn main() {
     let code = match runtime.block_on(berth_cli::run(std::env::args_os())) {
         Ok(code) => code,
         Err(e) => {
-            let _ = writeln!(std::io::stderr(), "Error: {e:#}");
+            let _ = writeln!(std::io::stderr(), "Error: {e}");
             1
         }
     };

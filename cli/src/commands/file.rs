@@ -47,9 +47,12 @@ pub struct PushArgs {
     /// Owner GID of pushed files
     #[arg(long, value_name = "GID")]
     pub gid: Option<u32>,
-    /// Local sources, then the target NAME/PATH (a trailing / makes it a directory)
-    #[arg(required = true, num_args = 2.., value_name = "PATHS")]
-    pub paths: Vec<String>,
+    /// Local files (directories with -r)
+    #[arg(required = true, value_name = "SOURCE")]
+    pub sources: Vec<String>,
+    /// Target NAME/PATH in the instance (a trailing / makes it a directory)
+    #[arg(value_name = "TARGET")]
+    pub target: String,
 }
 
 /// `file pull`.
@@ -61,9 +64,12 @@ pub struct PullArgs {
     /// Create any local directories that are missing
     #[arg(short = 'p', long = "create-dirs")]
     pub create_dirs: bool,
-    /// Sources NAME/PATH, then the local target (a directory, a file, or - for stdout)
-    #[arg(required = true, num_args = 2.., value_name = "PATHS")]
-    pub paths: Vec<String>,
+    /// Files in instances, NAME/PATH
+    #[arg(required = true, value_name = "SOURCE")]
+    pub sources: Vec<String>,
+    /// Local target: a directory, a file, or - for stdout
+    #[arg(value_name = "TARGET")]
+    pub target: String,
 }
 
 /// `file delete`.
@@ -323,11 +329,8 @@ fn parent_of(path: &str) -> &str {
 }
 
 async fn push(ctx: &Ctx, args: PushArgs) -> anyhow::Result<i32> {
-    let (sources, target) = match args.paths.split_last() {
-        Some((t, s)) if !s.is_empty() => (s.to_vec(), t.clone()),
-        _ => anyhow::bail!("push needs at least one source and a target"),
-    };
-    let target = parse_instance_path(&target)?;
+    let sources = args.sources;
+    let target = parse_instance_path(&args.target)?;
     let mode = args.mode.as_deref().map(parse_mode).transpose()?;
     let owner = Owner {
         mode,
@@ -453,11 +456,9 @@ async fn write_body(
 }
 
 async fn pull(ctx: &Ctx, args: PullArgs) -> anyhow::Result<i32> {
-    let (sources, dest) = match args.paths.split_last() {
-        Some((d, s)) if !s.is_empty() => (s.to_vec(), d.clone()),
-        _ => anyhow::bail!("pull needs at least one source and a target"),
-    };
-    let sources: Vec<InstancePath> = sources
+    let dest = args.target;
+    let sources: Vec<InstancePath> = args
+        .sources
         .iter()
         .map(|s| parse_instance_path(s))
         .collect::<anyhow::Result<_>>()?;

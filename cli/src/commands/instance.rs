@@ -560,7 +560,7 @@ where
         if let Err(e) = f(name.clone()).await {
             let _ = std::io::Write::write_all(
                 &mut std::io::stderr(),
-                format!("Error: {name}: {e:#}\n").as_bytes(),
+                format!("Error: {name}: {e}\n").as_bytes(),
             );
             code = 1;
         }
