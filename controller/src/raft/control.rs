@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use berth_proto::v1::raft_server::RaftServer;
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
-use openraft::{Config, ServerState, SnapshotPolicy};
+use openraft::{ChangeMembers, Config, ServerState, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -269,6 +269,32 @@ impl ControlPlane {
             .get_node(&id)
             .map(|n| n.addr.clone())?;
         Some((id, addr))
+    }
+
+    /// Removes node `id` from the cluster (as a voter and as a learner). Must run on the
+    /// leader; the remaining voters must still form a quorum.
+    pub async fn remove_member(&self, id: NodeId) -> Result<(), WriteError> {
+        let raft = &self.inner.raft;
+        let voters: BTreeSet<NodeId> = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        if voters.contains(&id) {
+            let rest: BTreeSet<NodeId> = voters.into_iter().filter(|v| *v != id).collect();
+            raft.change_membership(rest, false)
+                .await
+                .map_err(write_error)?;
+        }
+        if self.members().contains_key(&id) {
+            raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                .await
+                .map_err(write_error)?;
+        }
+        tracing::info!(node = id, "removed raft member");
+        Ok(())
     }
 
     /// The current Raft members (voters and learners) with their peer addresses.

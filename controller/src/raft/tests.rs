@@ -294,6 +294,15 @@ async fn three_nodes_replicate_and_survive_leader_loss() {
         .await,
         "the remaining follower did not apply the write"
     );
+    // The dead node can be removed; the two survivors remain a working cluster.
+    leader.remove_member(1).await.unwrap();
+    assert_eq!(leader.members().keys().copied().collect::<Vec<_>>(), [2, 3]);
+    leader
+        .write(Command::AddApiKey {
+            key: key("after-removal"),
+        })
+        .await
+        .unwrap();
     for node in nodes.iter_mut().skip(1) {
         node.stop().await;
     }
