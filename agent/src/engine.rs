@@ -872,11 +872,15 @@ impl Inner {
         st.last_running = true;
         dir.write_state(&st)?;
         let log_path = dir.monitor_log_path();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(io_err(&log_path))?;
+        let log = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&log_path)
+                .map_err(io_err(&log_path))?
+        };
         let log2 = log.try_clone().map_err(io_err(&log_path))?;
         let mut child = std::process::Command::new(&self.cfg.helper_exe)
             .arg("__monitor")

@@ -387,16 +387,23 @@ impl Cgroups {
     /// Writes the limits (all of them: `None` resets to unlimited). Works while running.
     pub fn apply_limits(&self, instance: &str, limits: &Limits) -> Result<(), CgroupError> {
         if let Some((dir, v2)) = self.dir_for(instance, "cpuset") {
-            let parent = dir.parent().map(Path::to_path_buf).unwrap_or_default();
-            let cpus = match &limits.cpus {
-                Some(c) => format_cpu_set(c),
-                None => read(&parent.join(if v2 {
-                    "cpuset.cpus.effective"
-                } else {
-                    "cpuset.cpus"
-                }))?,
-            };
-            write_cpuset_tree(&dir, cpus.trim())?;
+            if v2 {
+                // cgroup2: an empty cpuset.cpus means "the parent's"; children stay the
+                // instance's own business.
+                let cpus = limits
+                    .cpus
+                    .as_deref()
+                    .map(format_cpu_set)
+                    .unwrap_or_default();
+                write(&dir.join("cpuset.cpus"), &cpus)?;
+            } else {
+                let parent = dir.parent().map(Path::to_path_buf).unwrap_or_default();
+                let cpus = match &limits.cpus {
+                    Some(c) => format_cpu_set(c),
+                    None => read(&parent.join("cpuset.cpus"))?,
+                };
+                write_cpuset_tree(&dir, cpus.trim())?;
+            }
         } else if limits.cpus.is_some() {
             return Err(CgroupError::InvalidLimit(
                 "limits.cpu needs the cpuset controller, which this host lacks".into(),

@@ -247,3 +247,65 @@ fn monitor_cgroup_enter_and_leave() {
         "4242"
     );
 }
+
+#[test]
+fn v2_limits_and_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    std::fs::write(
+        root.join("cgroup.controllers"),
+        "cpuset cpu io memory pids\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("cpuset.cpus.effective"), "0-1\n").unwrap();
+    let cg = Cgroups::with_hierarchies(
+        vec![Hierarchy {
+            mount: root.clone(),
+            controllers: None,
+        }],
+        false,
+    );
+    assert_eq!(cg.layout(), Layout::V2);
+    for f in ["cgroup.procs", "cgroup.threads", "cgroup.subtree_control"] {
+        std::fs::create_dir_all(root.join("berth.payload.v")).unwrap();
+        std::fs::write(root.join("berth.payload.v").join(f), "").unwrap();
+    }
+    cg.create("v", Some(2_000_000)).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(root.join("cgroup.subtree_control")).unwrap(),
+        "+cpu +cpuset +memory +pids"
+    );
+    let mut cfg = BTreeMap::new();
+    cfg.insert("limits.cpu".to_string(), "1".to_string());
+    cfg.insert("limits.cpu.allowance".to_string(), "25ms/100ms".to_string());
+    cfg.insert("limits.memory".to_string(), "1GiB".to_string());
+    cfg.insert("limits.processes".to_string(), "50".to_string());
+    let l = Limits::from_config(&cfg, &[0, 1], 4 << 30).unwrap();
+    cg.apply_limits("v", &l).unwrap();
+    let d = root.join("berth.payload.v");
+    let rd = |f: &str| std::fs::read_to_string(d.join(f)).unwrap();
+    assert_eq!(rd("cpu.max"), "25000 100000");
+    assert_eq!(rd("memory.max"), (1u64 << 30).to_string());
+    assert_eq!(rd("pids.max"), "50");
+    assert_eq!(rd("cpuset.cpus"), "0");
+    let back = cg.read_limits("v");
+    assert_eq!(
+        back.get("limits.cpu.allowance").map(String::as_str),
+        Some("25ms/100ms")
+    );
+    assert_eq!(back.get("limits.processes").map(String::as_str), Some("50"));
+    cg.apply_limits("v", &Limits::default()).unwrap();
+    assert_eq!(rd("cpu.max"), "max 100000");
+    assert_eq!(rd("memory.max"), "max");
+    assert_eq!(rd("pids.max"), "max");
+    assert_eq!(rd("cpuset.cpus"), "");
+    std::fs::write(d.join("memory.current"), "8192\n").unwrap();
+    std::fs::write(d.join("cpu.stat"), "usage_usec 7\nuser_usec 5\n").unwrap();
+    let u = cg.usage("v");
+    assert_eq!((u.memory_bytes, u.cpu_ns), (8192, 7000));
+    let files = cg.exec_procs_files("v").unwrap();
+    assert_eq!(files, vec![d.join(".berth/cgroup.procs")]);
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(d.join("cgroup.subtree_control")).unwrap();
+    assert_eq!((m.gid(), m.mode() & 0o777), (2_000_000, 0o664));
+}

@@ -477,9 +477,11 @@ struct ConsoleLog {
 
 impl ConsoleLog {
     fn open(path: PathBuf) -> ConsoleLog {
+        use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&path)
             .ok();
         let size = file
