@@ -304,3 +304,30 @@ fn dir_pool_lifecycle() {
         Err(StorageError::InvalidName(_))
     ));
 }
+
+#[test]
+fn btrfs_block_device_source() {
+    // A loop device we attach ourselves stands in for a disk.
+    let pool = Pool::new();
+    std::fs::create_dir_all(pool.file().parent().unwrap()).unwrap();
+    let f = std::fs::File::create(pool.file()).unwrap();
+    f.set_len(1 << 30).unwrap();
+    let dev = run(&["losetup", "--find", "--show", pool.file().to_str().unwrap()]);
+    let dev = PathBuf::from(dev.trim());
+    let cfg = BtrfsConfig {
+        source: BtrfsSource::Device(dev.clone()),
+        mount_point: pool.mnt(),
+    };
+    let d = BtrfsDriver::open(cfg.clone()).unwrap();
+    assert!(is_mounted(&pool.mnt()));
+    let fstype = run(&["blkid", "-o", "value", "-s", "TYPE", dev.to_str().unwrap()]);
+    assert_eq!(fstype.trim(), "btrfs");
+    d.create_image_volume("v").unwrap();
+    d.unmount().unwrap();
+    assert!(!is_mounted(&pool.mnt()));
+    // Already formatted: opened again without mkfs, data kept.
+    let d = BtrfsDriver::open(cfg).unwrap();
+    assert!(d.image_volume("v").is_some());
+    d.unmount().unwrap();
+    // The Pool guard detaches the device.
+}
