@@ -229,6 +229,15 @@ async fn busybox_unprivileged_lifecycle() {
         (0, format!("{name}\n"))
     );
     assert_eq!(run(&eng, name, &["sh", "-c", "exit 7"]).await.0, 7);
+    // Own network namespace with only lo, up.
+    let (_, links) = run(&eng, name, &["ls", "/sys/class/net"]).await;
+    assert_eq!(links.trim(), "lo");
+    assert_eq!(
+        run(&eng, name, &["ping", "-c", "1", "-W", "2", "127.0.0.1"])
+            .await
+            .0,
+        0
+    );
     let (_, ls) = run(&eng, name, &["ls", "-ln", "/bin/busybox"]).await;
     assert!(ls.contains(" 0 ") && ls.contains("busybox"), "{ls}");
 

@@ -175,6 +175,8 @@ fn child_setup(cfg: &ChildConfig, chan: &Channel) -> io::Result<Never> {
         "unshare network namespace",
         nixr(nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)),
     )?;
+    // Not fatal: the instance's own init usually brings lo up as well.
+    let _ = loopback_up();
     chan.send(b"netns")?;
     step("waiting for network setup", chan.expect("net"))?;
     step(
@@ -188,6 +190,33 @@ fn child_setup(cfg: &ChildConfig, chan: &Channel) -> io::Result<Never> {
     chan.send(b"ready")?;
     step("waiting for the exec go-ahead", chan.expect("exec"))?;
     exec_init(cfg)
+}
+
+/// Brings `lo` up in the caller's network namespace.
+fn loopback_up() -> io::Result<()> {
+    // SAFETY: plain socket(2) call; the fd is owned right below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS fills `ifr.ifr_ifru.ifru_flags` of a valid ifreq we own.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: reading and writing the flags member of the union SIOCGIFFLAGS just filled.
+    unsafe { ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    // SAFETY: SIOCSIFFLAGS reads a valid ifreq we own.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn create_file(p: &Path) -> io::Result<()> {
