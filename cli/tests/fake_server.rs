@@ -1133,6 +1133,22 @@ async fn t50_remotes_and_trust() {
     );
     assert_eq!(mode & 0o777, 0o600);
 
+    // A pinned fingerprint that does not match is refused.
+    let mut conf = std::fs::read_to_string(f.conf_dir().join("config.toml")).unwrap();
+    conf.push_str(&format!(
+        "\n[remotes.r3]\nurl = \"{url}\"\nkey-file = \"{key}\"\nfingerprint = \"{}\"\n",
+        "00".repeat(32)
+    ));
+    std::fs::write(f.conf_dir().join("config.toml"), conf).unwrap();
+    let o = f.run_with(&["list", "r3:"], b"", false).await;
+    assert_eq!(o.code, 1);
+    assert!(
+        o.stderr.contains("does not match the pinned"),
+        "{}",
+        o.stderr
+    );
+    f.run_with(&["remote", "remove", "r3"], b"", false).await;
+
     let o = f.run_with(&["list", "r1:", "-f", "csv"], b"", false).await;
     assert_eq!((o.code, o.stdout.as_str()), (0, ""), "{}", o.stderr);
     let o = f.run_with(&["list", "r2:", "-f", "csv"], b"", false).await;
