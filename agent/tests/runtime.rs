@@ -215,6 +215,12 @@ async fn busybox_unprivileged_lifecycle() {
     assert_eq!(bnd & (1 << 25), 0);
     assert_ne!(bnd & (1 << 22), 0, "sys_boot must stay");
     assert_eq!(field(&st, "Seccomp:"), "2");
+    assert_eq!(field(&st, "NoNewPrivs:"), "0");
+    // Inherits no ignored or blocked signal from the Rust monitor (busybox init sets its own).
+    assert_eq!(
+        u64::from_str_radix(&field(&st, "SigIgn:"), 16).unwrap() & (1 << (libc::SIGPIPE - 1)),
+        0
+    );
     let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     assert_eq!(env, b"container=berth\0");
 

@@ -421,6 +421,7 @@ fn open_console(pts: &Path) -> io::Result<Master> {
 }
 
 fn exec_init(cfg: &ChildConfig) -> io::Result<Never> {
+    super::process::reset_signals()?;
     let null = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

@@ -104,3 +104,26 @@ pub fn set_parent_death_signal(sig: libc::c_int) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Restores the default disposition of every catchable signal and unblocks all signals, so
+/// what the calling process execs next starts clean (Rust ignores SIGPIPE in every binary,
+/// and an ignored signal survives execve).
+pub fn reset_signals() -> io::Result<()> {
+    for sig in 1..=libc::SIGRTMAX() {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: installing SIG_DFL runs no handler code; invalid numbers (reserved glibc
+        // real-time signals) just fail with EINVAL, which is ignored.
+        unsafe { libc::signal(sig, libc::SIG_DFL) };
+    }
+    // SAFETY: `set` is a valid sigset_t initialised by sigemptyset before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
