@@ -37,6 +37,14 @@ pub fn parse_config_pairs(args: &[String]) -> anyhow::Result<BTreeMap<String, St
 
 /// Checks an instance name before sending it.
 pub fn check_instance_name(name: &str) -> anyhow::Result<()> {
+    // Checked here first: the shared validator slices long names at a byte offset.
+    if name.len() > 63 {
+        let head: String = name.chars().take(20).collect();
+        anyhow::bail!(
+            "instance name \"{}...\" is longer than 63 characters",
+            head.escape_default()
+        );
+    }
     berth_proto::api::names::validate_instance_name(name).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
@@ -61,6 +69,12 @@ pub async fn version(ctx: &Ctx) -> anyhow::Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_non_ascii_names_do_not_panic() {
+        assert!(check_instance_name(&"€".repeat(30)).is_err());
+        assert!(check_instance_name("web1").is_ok());
+    }
 
     #[test]
     fn key_values() {

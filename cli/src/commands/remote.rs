@@ -153,7 +153,9 @@ pub async fn run(ctx: &Ctx, command: RemoteCommand) -> anyhow::Result<i32> {
                         shown(&e.key_file),
                         match (&e.ca_file, &e.fingerprint) {
                             (Some(ca), _) => ca.display().to_string(),
-                            (None, Some(fp)) => format!("pinned {}", &fp[..fp.len().min(12)]),
+                            (None, Some(fp)) => {
+                                format!("pinned {}", fp.chars().take(12).collect::<String>())
+                            }
                             (None, None) => String::new(),
                         },
                     ]
