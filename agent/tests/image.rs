@@ -92,6 +92,15 @@ fn busybox_build_is_deterministic_and_complete() {
         .mode();
     assert_eq!(mode & 0o777, 0o700);
 
+    // A build interrupted by a crash leaves a `build-*` volume: a new store removes it.
+    let driver = s.store.storage().clone();
+    driver.create_image_volume("build-deadbeef").unwrap();
+    let state = s.pool.parent().unwrap().join("state");
+    let cache = s.pool.parent().unwrap().join("cache");
+    let _store2 = ImageStore::new(driver.clone(), state, cache).unwrap();
+    assert!(driver.image_volume("build-deadbeef").is_none());
+    assert!(driver.image_volume(&img.fingerprint).is_some());
+
     assert!(matches!(
         s.store.build("centos/7", None),
         Err(ImageError::UnknownRecipe(_))

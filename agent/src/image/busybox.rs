@@ -34,7 +34,7 @@ pub(super) fn build(store: &ImageStore) -> Result<ImageRecord, ImageError> {
     check_static(busybox)?;
     let version = busybox_version(busybox)?;
 
-    let tmp_name = format!("build-{}", util::random_hex(8));
+    let tmp_name = format!("{}{}", super::BUILD_PREFIX, util::random_hex(8));
     let vol = store.storage.create_image_volume(&tmp_name)?;
     let populated = populate(busybox, &vol.join("rootfs"))
         .and_then(|()| util::tree_fingerprint(&vol.join("rootfs")));

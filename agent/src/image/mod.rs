@@ -56,6 +56,9 @@ pub enum ImageError {
     Storage(#[from] StorageError),
 }
 
+/// Name prefix of image volumes being built (renamed to the fingerprint when done).
+const BUILD_PREFIX: &str = "build-";
+
 /// Built-in build recipes.
 pub const RECIPES: &[&str] = &["busybox", "debian/12"];
 
@@ -115,6 +118,13 @@ impl ImageStore {
         // Uploads may be private images: root only.
         std::fs::set_permissions(&spool, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .map_err(util::io_err(&spool))?;
+        // Leftovers of builds interrupted by a crash.
+        for name in storage.list_image_volumes()? {
+            if name.starts_with(BUILD_PREFIX) {
+                tracing::info!(volume = %name, "removing an interrupted image build");
+                storage.delete_image_volume(&name)?;
+            }
+        }
         Ok(ImageStore {
             storage,
             records_dir,
@@ -137,7 +147,8 @@ impl ImageStore {
     /// Builds an image from a built-in recipe (`busybox`, `debian/12`). Blocking: seconds for
     /// busybox, minutes for a first debian build (then seconds, from the cached tarball).
     /// Building an image that exists already returns the existing one (with `recipe` added to
-    /// its aliases). `mirror` is a Debian mirror URL; `None` for the host's.
+    /// its aliases). `mirror` is a Debian mirror URL; `None` for the host's. A cached debian
+    /// tarball is used whatever the mirror; delete it from the cache directory to rebuild.
     pub fn build(&self, recipe: &str, mirror: Option<&str>) -> Result<Image, ImageError> {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let started = std::time::Instant::now();

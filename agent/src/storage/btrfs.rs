@@ -204,6 +204,10 @@ impl StorageDriver for BtrfsDriver {
         fs::rename(&src, &dst).map_err(io_err(&src))
     }
 
+    fn list_image_volumes(&self) -> Result<Vec<String>, StorageError> {
+        super::list_names(&self.root.join(IMAGES_DIR))
+    }
+
     fn create_instance_volume(
         &self,
         name: &str,

@@ -70,6 +70,10 @@ pub trait StorageDriver: Send + Sync {
     fn delete_image_volume(&self, fingerprint: &str) -> Result<(), StorageError>;
     /// Renames a finished or unfinished image volume (a build learns its fingerprint only at the end).
     fn rename_image_volume(&self, from: &str, to: &str) -> Result<(), StorageError>;
+    /// Names of all image volumes in the pool (finished or not). The default lists none.
+    fn list_image_volumes(&self) -> Result<Vec<String>, StorageError> {
+        Ok(Vec::new())
+    }
 
     /// Makes an instance volume from an image volume (a writable snapshot on btrfs) and returns
     /// its directory (`containers/<name>`).
@@ -154,6 +158,20 @@ pub(crate) fn create_dir_if_missing(dir: &Path, mode: u32) -> Result<(), Storage
         return Ok(());
     }
     ensure_dir(dir, mode)
+}
+
+/// Names of the entries of `dir` (skipping dot-names), sorted.
+pub(crate) fn list_names(dir: &Path) -> Result<Vec<String>, StorageError> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let e = e.map_err(io_err(dir))?;
+        let n = e.file_name().to_string_lossy().into_owned();
+        if !n.starts_with('.') {
+            out.push(n);
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Space of the filesystem holding `path`, from statvfs.
