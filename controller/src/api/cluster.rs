@@ -134,7 +134,10 @@ pub async fn join(
         .await
         .map_err(|e| match e {
             crate::raft::WriteError::Rejected(a)
-                if a.kind == crate::state::ApplyErrorKind::NotFound =>
+                if matches!(
+                    a.kind,
+                    crate::state::ApplyErrorKind::NotFound | crate::state::ApplyErrorKind::Invalid
+                ) =>
             {
                 ApiError::new(
                     http::StatusCode::FORBIDDEN,
