@@ -453,6 +453,20 @@ async fn debian12_systemd_unprivileged() {
     let (_, meminfo) = run(&eng, name, &["head", "-1", "/proc/meminfo"]).await;
     eprintln!("meminfo: {meminfo}");
     assert_eq!(last, "running", "failed units: {failed}");
+    let (_, virt) = run(&eng, name, &["systemd-detect-virt"]).await;
+    eprintln!("systemd-detect-virt: {virt}");
+    // Live CPU pinning reaches systemd's sub-cgroups too.
+    let mut cfg = BTreeMap::new();
+    cfg.insert("limits.memory".to_string(), "512MiB".to_string());
+    cfg.insert("limits.cpu".to_string(), "1".to_string());
+    let s = eng.update(name, cfg.clone()).await.unwrap();
+    assert_eq!(s.limits.get("limits.cpu").map(String::as_str), Some("0"));
+    assert_eq!(run(&eng, name, &["nproc"]).await, (0, "1\n".into()));
+    cfg.remove("limits.cpu");
+    let s = eng.update(name, cfg).await.unwrap();
+    assert!(!s.limits.contains_key("limits.cpu"));
+    let (_, n) = run(&eng, name, &["nproc"]).await;
+    assert_eq!(n.trim().parse::<usize>().unwrap(), num_cpus());
     let t1 = std::time::Instant::now();
     let s = eng
         .stop(name, false, Duration::from_secs(30))
@@ -724,4 +738,8 @@ async fn busybox_shifted_rootfs_and_rename() {
         "rt-bbshift2\n"
     );
     eng.delete("rt-bbshift2", true).await.unwrap();
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().unwrap().get()
 }
