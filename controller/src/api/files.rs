@@ -174,6 +174,10 @@ pub async fn push(
         uid,
         gid,
         target: String::new(),
+        size: headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok()),
     };
     let mut data = body.into_data_stream();
     if kind == v1::FileType::Symlink {

@@ -8,9 +8,10 @@ pub fn validate_instance_name(name: &str) -> Result<(), String> {
         return Err("instance name is empty".into());
     }
     if name.len() > 63 {
+        let start: String = name.chars().take(20).collect();
         return Err(format!(
             "instance name \"{}...\" is longer than 63 characters",
-            &name[..20.min(name.len())]
+            start.escape_default()
         ));
     }
     if let Some(c) = name
@@ -76,6 +77,7 @@ mod tests {
             "é",
             &"x".repeat(64),
             "a/b",
+            &"€".repeat(30),
         ] {
             assert!(validate_instance_name(bad).is_err(), "{bad}");
         }
