@@ -1046,6 +1046,16 @@ fn ensure_lxcfs(dir: &Path, state_dir: &Path) -> Option<PathBuf> {
     while Instant::now() < deadline {
         if let Some(d) = existing_lxcfs(dir) {
             tracing::info!(dir = %d.display(), "lxcfs started");
+            // Out of the agent's cgroup, so stopping the agent's service leaves it running.
+            let pid = std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok())
+                .unwrap_or(child.id() as i32);
+            if let Ok(cg) = Cgroups::detect()
+                && let Err(e) = cg.enter_own("berth.lxcfs", pid)
+            {
+                tracing::warn!("cannot move lxcfs into its own cgroup: {e}");
+            }
             // Reap it whenever it exits (it may stay in the foreground).
             std::thread::spawn(move || {
                 let _ = child.wait();

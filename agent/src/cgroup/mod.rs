@@ -318,6 +318,12 @@ impl Cgroups {
     /// hierarchy, out of the agent's cgroup (so a service manager stopping the agent does not
     /// take running instances with it).
     pub fn enter_monitor(&self, instance: &str, pid: i32) -> Result<(), CgroupError> {
+        self.enter_own(&monitor_name(instance), pid)
+    }
+
+    /// Moves `pid` into a cgroup `dirname` (under the configured parent) in every hierarchy,
+    /// created when missing (cpuset values copied from the parent).
+    pub fn enter_own(&self, dirname: &str, pid: i32) -> Result<(), CgroupError> {
         for h in &self.hierarchies {
             let parent = self.parent_dir(h);
             if !parent.is_dir() {
@@ -326,7 +332,7 @@ impl Cgroups {
                     copy_cpuset(&h.mount, &parent)?;
                 }
             }
-            let dir = parent.join(monitor_name(instance));
+            let dir = parent.join(dirname);
             match std::fs::create_dir(&dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
