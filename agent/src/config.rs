@@ -1,1 +1,255 @@
-//! (being written)
+//! `berth-agent` configuration: a TOML file read into [`RawConfig`] (unknown keys refused),
+//! validated once into [`Config`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config value {key} is not valid: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// This node's name (default: the host name).
+    pub name: Option<String>,
+    /// Where instance state, TLS material and image metadata live (default /var/lib/berth/agent).
+    pub state_dir: Option<PathBuf>,
+    /// The gRPC listen address (default 127.0.0.1:8445).
+    pub listen: Option<String>,
+    /// The address controllers reach this agent at (default: `listen`).
+    pub advertise: Option<String>,
+    #[serde(default)]
+    pub storage: RawStorage,
+    #[serde(default)]
+    pub network: RawNetwork,
+    #[serde(default)]
+    pub images: RawImages,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStorage {
+    /// "btrfs" (default) or "dir".
+    pub driver: Option<String>,
+    /// btrfs: a block device or a directory on a mounted btrfs; empty means a loop file.
+    /// dir: the directory to keep volumes in.
+    pub source: Option<PathBuf>,
+    /// btrfs without `source`: the sparse loop file (default /var/lib/berth/disks/default.img).
+    pub loop_file: Option<PathBuf>,
+    /// Size of a new loop file (default 30GiB).
+    pub loop_size: Option<String>,
+    /// Where the pool is mounted (default /var/lib/berth/storage/default).
+    pub mount: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNetwork {
+    /// The host bridge (default berthbr0).
+    pub bridge: Option<String>,
+    /// The bridge's address and prefix, e.g. "10.87.3.1/24"; default: a free /24 in 10.0.0.0/8.
+    pub ipv4_cidr: Option<String>,
+    /// Masquerade instance traffic leaving the host (default true).
+    pub nat: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawImages {
+    /// Where built image tarballs are cached (default /var/cache/berth/images).
+    pub cache_dir: Option<PathBuf>,
+    /// Debian mirror for `debian/12` builds (default: the host's).
+    pub debian_mirror: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageDriverKind {
+    Btrfs,
+    Dir,
+}
+
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    pub driver: StorageDriverKind,
+    pub source: Option<PathBuf>,
+    pub loop_file: PathBuf,
+    pub loop_size: u64,
+    pub mount: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub name: String,
+    pub state_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub advertise: SocketAddr,
+    pub storage: StorageConfig,
+    pub bridge: String,
+    pub bridge_ipv4_cidr: Option<String>,
+    pub nat: bool,
+    pub image_cache: PathBuf,
+    pub debian_mirror: Option<String>,
+}
+
+impl Config {
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let raw = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                toml::from_str::<RawConfig>(&text).map_err(|e| ConfigError::Parse {
+                    path: p.to_path_buf(),
+                    message: e.message().to_string(),
+                })?
+            }
+            None => RawConfig::default(),
+        };
+        Config::validate(raw)
+    }
+
+    pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+        let name = raw.name.unwrap_or_else(host_name);
+        berth_proto::api::names::validate_instance_name(&name).map_err(|e| {
+            ConfigError::Invalid {
+                key: "name",
+                message: e.replace("instance name", "node name"),
+            }
+        })?;
+        let addr = |key: &'static str, v: &str| {
+            v.parse::<SocketAddr>().map_err(|_| ConfigError::Invalid {
+                key,
+                message: format!("\"{v}\" is not an address:port"),
+            })
+        };
+        let listen = addr("listen", raw.listen.as_deref().unwrap_or("127.0.0.1:8445"))?;
+        let advertise = match raw.advertise.as_deref() {
+            Some(a) => addr("advertise", a)?,
+            None if listen.ip().is_unspecified() => {
+                SocketAddr::from(([127, 0, 0, 1], listen.port()))
+            }
+            None => listen,
+        };
+        let driver = match raw.storage.driver.as_deref().unwrap_or("btrfs") {
+            "btrfs" => StorageDriverKind::Btrfs,
+            "dir" => StorageDriverKind::Dir,
+            other => {
+                return Err(ConfigError::Invalid {
+                    key: "storage.driver",
+                    message: format!("\"{other}\" is not btrfs or dir"),
+                });
+            }
+        };
+        let loop_size = match raw.storage.loop_size.as_deref() {
+            None => 30 << 30,
+            Some(s) => {
+                berth_proto::api::config::parse_bytes(s).map_err(|e| ConfigError::Invalid {
+                    key: "storage.loop_size",
+                    message: e.0,
+                })?
+            }
+        };
+        if loop_size < (1 << 30) {
+            return Err(ConfigError::Invalid {
+                key: "storage.loop_size",
+                message: "must be at least 1GiB".into(),
+            });
+        }
+        let bridge = raw.network.bridge.unwrap_or_else(|| "berthbr0".into());
+        if bridge.is_empty()
+            || bridge.len() > 15
+            || !bridge
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(ConfigError::Invalid {
+                key: "network.bridge",
+                message: format!("\"{bridge}\" must be 1 to 15 letters, digits, - or _"),
+            });
+        }
+        Ok(Config {
+            name,
+            state_dir: raw
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from("/var/lib/berth/agent")),
+            listen,
+            advertise,
+            storage: StorageConfig {
+                driver,
+                source: raw.storage.source,
+                loop_file: raw
+                    .storage
+                    .loop_file
+                    .unwrap_or_else(|| PathBuf::from("/var/lib/berth/disks/default.img")),
+                loop_size,
+                mount: raw
+                    .storage
+                    .mount
+                    .unwrap_or_else(|| PathBuf::from("/var/lib/berth/storage/default")),
+            },
+            bridge,
+            bridge_ipv4_cidr: raw.network.ipv4_cidr.filter(|s| !s.is_empty()),
+            nat: raw.network.nat.unwrap_or(true),
+            image_cache: raw
+                .images
+                .cache_dir
+                .unwrap_or_else(|| PathBuf::from("/var/cache/berth/images")),
+            debian_mirror: raw.images.debian_mirror.filter(|s| !s.is_empty()),
+        })
+    }
+}
+
+/// The host's name, or "localhost" when it cannot be read.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_errors() {
+        let raw: RawConfig = toml::from_str("name = \"node1\"").unwrap();
+        let c = Config::validate(raw).unwrap();
+        assert_eq!(c.bridge, "berthbr0");
+        assert_eq!(c.storage.driver, StorageDriverKind::Btrfs);
+        assert_eq!(c.storage.loop_size, 30 << 30);
+        assert_eq!(c.advertise, c.listen);
+        for bad in [
+            "name = \"node1\"\nbogus = 1",
+            "name = \"node1\"\n[storage]\ndriver = \"zfs\"",
+            "name = \"node1\"\n[storage]\nloop_size = \"10MiB\"",
+            "name = \"node1\"\n[network]\nbridge = \"this-name-is-too-long\"",
+            "name = \"1node\"",
+            "name = \"node1\"\nlisten = \"nowhere\"",
+        ] {
+            let parsed: Result<RawConfig, _> = toml::from_str(bad);
+            assert!(
+                parsed
+                    .map(Config::validate)
+                    .map(|r| r.is_err())
+                    .unwrap_or(true),
+                "{bad}"
+            );
+        }
+    }
+}

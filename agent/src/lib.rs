@@ -13,6 +13,7 @@
 
 pub mod cgroup;
 pub mod config;
+pub mod daemon;
 pub mod engine;
 pub mod image;
 pub mod network;

@@ -1,1 +1,332 @@
-//! (being written)
+//! Joining a cluster and the agent's TLS identity.
+//!
+//! A join token (base64 JSON: controller addresses, the cluster CA's sha256 fingerprint and a
+//! one-time secret) is all an agent needs. The agent makes its own key, sends a CSR with the
+//! secret to `POST /1.0/cluster/join` over TLS, accepting the controller only if its chain holds
+//! a CA with the token's fingerprint, and stores the certificate it gets back. From then on it
+//! serves gRPC with mutual TLS: only holders of certificates from the same CA may call it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use base64::Engine as _;
+use berth_proto::api::{self, ClusterJoinPost, ClusterJoinResponse, JoinToken};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error("the join token is not valid: {0}")]
+    BadToken(String),
+    #[error("cannot reach the controller at {addr}: {detail}")]
+    Unreachable { addr: String, detail: String },
+    #[error("the controller refused the join: {0}")]
+    Refused(String),
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error("cannot store the agent's certificate in {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The agent's certificate, key and the cluster CA, as PEM.
+#[derive(Clone)]
+pub struct Identity {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+}
+
+impl Identity {
+    fn dir(state_dir: &Path) -> PathBuf {
+        state_dir.join("tls")
+    }
+
+    /// Loads the identity saved by an earlier join, if any.
+    pub fn load(state_dir: &Path) -> Option<Identity> {
+        let d = Self::dir(state_dir);
+        Some(Identity {
+            cert_pem: std::fs::read_to_string(d.join("agent.crt")).ok()?,
+            key_pem: std::fs::read_to_string(d.join("agent.key")).ok()?,
+            ca_pem: std::fs::read_to_string(d.join("ca.crt")).ok()?,
+        })
+    }
+
+    fn save(&self, state_dir: &Path) -> Result<(), JoinError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let d = Self::dir(state_dir);
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| JoinError::Io { path, source }
+        };
+        std::fs::create_dir_all(&d).map_err(io(&d))?;
+        for (name, contents, mode) in [
+            ("agent.key", &self.key_pem, 0o600),
+            ("agent.crt", &self.cert_pem, 0o644),
+            ("ca.crt", &self.ca_pem, 0o644),
+        ] {
+            let path = d.join(name);
+            let tmp = d.join(format!("{name}.tmp"));
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(mode)
+                .open(&tmp)
+                .map_err(io(&tmp))?;
+            f.write_all(contents.as_bytes()).map_err(io(&tmp))?;
+            f.sync_all().map_err(io(&tmp))?;
+            std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        }
+        Ok(())
+    }
+
+    /// The tonic server TLS config: this identity, and client certificates required from the CA.
+    pub fn server_tls(&self) -> tonic::transport::ServerTlsConfig {
+        tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(
+                &self.cert_pem,
+                &self.key_pem,
+            ))
+            .client_ca_root(tonic::transport::Certificate::from_pem(&self.ca_pem))
+    }
+}
+
+/// Decodes a join token.
+pub fn decode_token(token: &str) -> Result<JoinToken, JoinError> {
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(token.trim())
+        .map_err(|_| JoinError::BadToken("it is not base64".into()))?;
+    let t: JoinToken = serde_json::from_slice(&raw)
+        .map_err(|e| JoinError::BadToken(format!("it does not hold the expected fields: {e}")))?;
+    if t.addresses.is_empty() {
+        return Err(JoinError::BadToken("it names no controller address".into()));
+    }
+    if t.fingerprint.len() != 64 || !t.fingerprint.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(JoinError::BadToken(
+            "its CA fingerprint is not a sha256".into(),
+        ));
+    }
+    if t.secret.is_empty() {
+        return Err(JoinError::BadToken("it has no secret".into()));
+    }
+    Ok(t)
+}
+
+/// What the agent tells the controller about itself when joining.
+pub struct JoinFacts {
+    pub name: String,
+    pub address: String,
+    pub bridge_ipv4_cidr: String,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+}
+
+/// Joins the cluster with `token` and saves the identity under `state_dir`.
+pub async fn join(state_dir: &Path, token: &str, facts: JoinFacts) -> Result<Identity, JoinError> {
+    let token = decode_token(token)?;
+    let key = rcgen::KeyPair::generate().map_err(|e| JoinError::Tls(e.to_string()))?;
+    let csr = rcgen::CertificateParams::new(vec![facts.name.clone()])
+        .and_then(|p| p.serialize_request(&key))
+        .and_then(|c| c.pem())
+        .map_err(|e| JoinError::Tls(e.to_string()))?;
+    let body = ClusterJoinPost {
+        secret: token.secret.clone(),
+        name: facts.name.clone(),
+        address: facts.address.clone(),
+        csr,
+        bridge_ipv4_cidr: facts.bridge_ipv4_cidr.clone(),
+        cpus: facts.cpus,
+        memory_bytes: facts.memory_bytes,
+    };
+    let mut last = None;
+    for addr in &token.addresses {
+        match post_join(addr, &token.fingerprint, &body).await {
+            Ok(resp) => {
+                let id = Identity {
+                    cert_pem: resp.certificate,
+                    key_pem: key.serialize_pem(),
+                    ca_pem: resp.ca,
+                };
+                if fingerprint_of_pem(&id.ca_pem).as_deref() != Some(token.fingerprint.as_str()) {
+                    return Err(JoinError::Tls(
+                        "the CA the controller returned does not match the token".into(),
+                    ));
+                }
+                id.save(state_dir)?;
+                return Ok(id);
+            }
+            Err(e @ JoinError::Refused(_)) => return Err(e),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| JoinError::BadToken("it names no controller address".into())))
+}
+
+fn fingerprint_of_pem(pem: &str) -> Option<String> {
+    use rustls::pki_types::pem::PemObject;
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
+    Some(hex::encode(Sha256::digest(der.as_ref())))
+}
+
+async fn post_join(
+    addr: &str,
+    fingerprint: &str,
+    body: &ClusterJoinPost,
+) -> Result<ClusterJoinResponse, JoinError> {
+    let unreachable = |detail: String| JoinError::Unreachable {
+        addr: addr.to_string(),
+        detail,
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| JoinError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCa {
+            fingerprint: fingerprint.to_ascii_lowercase(),
+            provider,
+        }))
+        .with_no_client_auth();
+    let tcp = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .map_err(|_| unreachable("connection timed out".into()))?
+    .map_err(|e| unreachable(e.to_string()))?;
+    let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+    let server_name = ServerName::try_from(host.trim_matches(['[', ']']).to_string())
+        .map_err(|_| unreachable("the address is not a host:port".into()))?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| JoinError::Tls(e.to_string()))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    tokio::spawn(conn);
+    let json = serde_json::to_vec(body).map_err(|e| JoinError::Tls(e.to_string()))?;
+    let req = http::Request::post("/1.0/cluster/join")
+        .header(http::header::HOST, addr)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(bytes::Bytes::from(json)))
+        .map_err(|e| unreachable(e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let status = resp.status();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| unreachable(e.to_string()))?
+        .to_bytes();
+    let envelope: api::Response = serde_json::from_slice(&bytes)
+        .map_err(|_| unreachable(format!("the answer (HTTP {status}) is not Berth's API")))?;
+    if envelope.kind != api::ResponseType::Sync {
+        return Err(JoinError::Refused(envelope.error));
+    }
+    serde_json::from_value(envelope.metadata)
+        .map_err(|e| JoinError::Refused(format!("the answer lacks the certificate: {e}")))
+}
+
+/// Accepts a server whose presented chain includes the pinned CA and whose leaf that CA signed.
+#[derive(Debug)]
+struct PinnedCa {
+    fingerprint: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| hex::encode(Sha256::digest(c.as_ref())) == self.fingerprint)
+            .ok_or_else(|| {
+                rustls::Error::General(
+                    "the controller's certificate is not from the token's CA".into(),
+                )
+            })?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        verifier.verify_server_cert(end_entity, &[], server_name, &[], now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens() {
+        assert!(decode_token("not base64!").is_err());
+        let enc =
+            |v: serde_json::Value| base64::engine::general_purpose::STANDARD.encode(v.to_string());
+        assert!(
+            decode_token(&enc(
+                serde_json::json!({"addresses": [], "fingerprint": "a".repeat(64), "secret": "s"})
+            ))
+            .is_err()
+        );
+        assert!(decode_token(&enc(serde_json::json!({"addresses": ["127.0.0.1:8443"], "fingerprint": "xyz", "secret": "s"}))).is_err());
+        let ok = decode_token(&enc(serde_json::json!({"addresses": ["127.0.0.1:8443"], "fingerprint": "a".repeat(64), "secret": "s"}))).unwrap();
+        assert_eq!(ok.addresses, vec!["127.0.0.1:8443".to_string()]);
+    }
+}

@@ -1,0 +1,190 @@
+//! Starting `berth-agent`: storage, network, images and the engine; joining the cluster; then
+//! serving the gRPC service over mutual TLS until asked to stop. Instances keep running when
+//! the agent stops.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use berth_proto::v1::agent_server::AgentServer;
+use tracing::info;
+
+use crate::config::{Config, StorageDriverKind};
+use crate::engine::{Engine, EngineConfig};
+use crate::image::ImageStore;
+use crate::network::{Network, NetworkConfig};
+use crate::service::AgentService;
+use crate::storage::StorageDriver;
+use crate::storage::btrfs::{BtrfsConfig, BtrfsDriver, BtrfsSource};
+use crate::storage::dir::DirDriver;
+use crate::tls::{Identity, JoinFacts};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot prepare {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("storage: {0}")]
+    Storage(#[from] crate::storage::StorageError),
+    #[error("network: {0}")]
+    Network(#[from] crate::network::NetworkError),
+    #[error("images: {0}")]
+    Image(#[from] crate::image::ImageError),
+    #[error("engine: {0}")]
+    Engine(#[from] crate::engine::EngineError),
+    #[error("join: {0}")]
+    Join(#[from] crate::tls::JoinError),
+    #[error(
+        "this agent has not joined a cluster yet: start it once with --join-token-file (the token is made by `berth cluster add NAME`, or by berthd at bootstrap)"
+    )]
+    NotJoined,
+    #[error("grpc server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Everything the agent runs on, set up from the config.
+pub struct Node {
+    pub cfg: Config,
+    pub storage: Arc<dyn StorageDriver>,
+    pub network: Arc<Network>,
+    pub images: Arc<ImageStore>,
+    pub engine: Arc<Engine>,
+}
+
+/// Sets up storage, the host network, the image store and the engine (blocking).
+pub fn prepare(cfg: Config) -> Result<Node, StartError> {
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| StartError::Io {
+        path: cfg.state_dir.clone(),
+        source,
+    })?;
+    let storage: Arc<dyn StorageDriver> = match cfg.storage.driver {
+        StorageDriverKind::Btrfs => {
+            let source = match &cfg.storage.source {
+                None => BtrfsSource::LoopFile {
+                    path: cfg.storage.loop_file.clone(),
+                    size_bytes: cfg.storage.loop_size,
+                },
+                Some(p) if p.starts_with("/dev/") => BtrfsSource::Device(p.clone()),
+                Some(p) => BtrfsSource::Directory(p.clone()),
+            };
+            Arc::new(BtrfsDriver::open(BtrfsConfig {
+                source,
+                mount_point: cfg.storage.mount.clone(),
+            })?)
+        }
+        StorageDriverKind::Dir => Arc::new(DirDriver::open(
+            cfg.storage
+                .source
+                .clone()
+                .unwrap_or_else(|| cfg.storage.mount.clone()),
+        )?),
+    };
+    let network = Arc::new(Network::setup(
+        NetworkConfig {
+            bridge: cfg.bridge.clone(),
+            ipv4_cidr: cfg.bridge_ipv4_cidr.clone(),
+            nat: cfg.nat,
+        },
+        &cfg.state_dir,
+    )?);
+    let images = Arc::new(ImageStore::new(
+        storage.clone(),
+        cfg.state_dir.clone(),
+        cfg.image_cache.clone(),
+    )?);
+    let engine = Arc::new(Engine::new(
+        EngineConfig::new(cfg.state_dir.clone()),
+        storage.clone(),
+        network.clone(),
+    )?);
+    Ok(Node {
+        cfg,
+        storage,
+        network,
+        images,
+        engine,
+    })
+}
+
+/// Joins the cluster if this agent has no identity yet.
+pub async fn ensure_joined(node: &Node, token: Option<&str>) -> Result<Identity, StartError> {
+    if let Some(id) = Identity::load(&node.cfg.state_dir) {
+        return Ok(id);
+    }
+    let token = token.ok_or(StartError::NotJoined)?;
+    let facts = JoinFacts {
+        name: node.cfg.name.clone(),
+        address: node.cfg.advertise.to_string(),
+        bridge_ipv4_cidr: node.network.bridge_cidr(),
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1),
+        memory_bytes: host_memory_bytes(),
+    };
+    let id = crate::tls::join(&node.cfg.state_dir, token, facts).await?;
+    info!(node = %node.cfg.name, "joined the cluster");
+    Ok(id)
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(cfg: Config, token: Option<String>) -> Result<(), StartError> {
+    let node = tokio::task::spawn_blocking(move || prepare(cfg))
+        .await
+        .map_err(|e| StartError::Io {
+            path: PathBuf::from("/"),
+            source: std::io::Error::other(e.to_string()),
+        })??;
+    let identity = ensure_joined(&node, token.as_deref()).await?;
+    node.engine.recover().await?;
+    let service = AgentService::new(
+        node.cfg.name.clone(),
+        node.engine.clone(),
+        node.images.clone(),
+        node.network.clone(),
+        node.storage.clone(),
+        node.cfg.debian_mirror.clone(),
+    );
+    info!(node = %node.cfg.name, listen = %node.cfg.listen, "berth-agent is serving");
+    tonic::transport::Server::builder()
+        .tls_config(identity.server_tls())?
+        .add_service(
+            AgentServer::new(service)
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+        )
+        .serve_with_shutdown(node.cfg.listen, shutdown_signal())
+        .await?;
+    info!("berth-agent stopped; instances keep running");
+    Ok(())
+}
+
+/// Total host memory from /proc/meminfo, in bytes (0 when unreadable).
+pub fn host_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
