@@ -351,7 +351,8 @@ impl Engine {
 
     async fn wait_started(&self, name: &str) -> Result<(), EngineError> {
         let dir = self.dir(name);
-        let deadline = Instant::now() + self.inner.cfg.start_timeout;
+        let spawned = Instant::now();
+        let deadline = spawned + self.inner.cfg.start_timeout;
         let mut monitor_seen = false;
         loop {
             let st = dir.read_state();
@@ -377,7 +378,8 @@ impl Engine {
                 }
                 _ => {}
             }
-            if monitor.is_none() && (monitor_seen || Instant::now() > deadline) {
+            let never_came = !monitor_seen && Instant::now() > spawned + Duration::from_secs(10);
+            if monitor.is_none() && (monitor_seen || never_came || Instant::now() > deadline) {
                 // Give the monitor a moment to have written its pid file.
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 if dir.live_monitor().is_none() && dir.read_state().phase == Phase::Starting {

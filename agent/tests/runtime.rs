@@ -743,3 +743,32 @@ async fn busybox_shifted_rootfs_and_rename() {
 fn num_cpus() -> usize {
     std::thread::available_parallelism().unwrap().get()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_start_undoes_itself() {
+    let e = env();
+    busybox_image(e.storage.as_ref());
+    let name = "rt-bbfail";
+    let _guard = Guard {
+        state_dir: e.state_dir.clone(),
+        name: name.to_string(),
+    };
+    let eng = engine(&e);
+    eng.create(&spec(name, &[])).await.unwrap();
+    let rootfs = e.storage.instance_volume(name).unwrap().join("rootfs");
+    std::fs::remove_file(rootfs.join("sbin/init")).unwrap();
+    let err = eng.start(name).await.unwrap_err().to_string();
+    assert!(err.contains("/sbin/init"), "{err}");
+    let s = eng.status(name).await.unwrap();
+    assert_eq!(s.state, InstanceState::Error as i32, "{s:?}");
+    assert!(s.error.contains("/sbin/init"), "{s:?}");
+    let cg = Cgroups::detect().unwrap();
+    assert!(!cg.exists(name));
+    assert!(!mounted_under(&e.state_dir));
+    // Fixed, it starts.
+    std::os::unix::fs::symlink("/bin/busybox", rootfs.join("sbin/init")).unwrap();
+    let s = eng.start(name).await.unwrap();
+    assert_eq!(s.state, InstanceState::Running as i32);
+    assert!(s.error.is_empty());
+    eng.delete(name, true).await.unwrap();
+}

@@ -114,8 +114,21 @@ fn run(dir: &InstanceDir) -> Result<(), MonitorError> {
         source: std::io::Error::other("no /proc/self/stat"),
     })?;
     dir.write_monitor(me)?;
-    let rec = dir.read_record()?;
-    let cfg: MonitorConfig = super::read_json(&dir.monitor_config_path())?;
+    let loaded = dir.read_record().and_then(|rec| {
+        let cfg: MonitorConfig = super::read_json(&dir.monitor_config_path())?;
+        Ok((rec, cfg))
+    });
+    let (rec, cfg) = match loaded {
+        Ok(v) => v,
+        Err(e) => {
+            let mut st = dir.read_state();
+            st.phase = Phase::Error;
+            st.error = e.to_string();
+            let _ = dir.write_state(&st);
+            let _ = std::fs::remove_file(dir.monitor_pid_path());
+            return Err(e.into());
+        }
+    };
     let name = rec.name.clone();
     let own_cgroups = Cgroups::detect().map(|c| c.with_parent(&cfg.cgroup_parent));
     if let Ok(cg) = &own_cgroups
