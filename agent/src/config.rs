@@ -123,7 +123,9 @@ impl Config {
     }
 
     pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
-        let name = raw.name.unwrap_or_else(host_name);
+        let name = raw
+            .name
+            .unwrap_or_else(|| berth_proto::api::names::node_name_from_host(&host_name()));
         berth_proto::api::names::validate_instance_name(&name).map_err(|e| {
             ConfigError::Invalid {
                 key: "name",

@@ -45,7 +45,7 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("berth-agent: {e:#}");
+            eprintln!("berth-agent: {e}");
             ExitCode::FAILURE
         }
     }

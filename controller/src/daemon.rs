@@ -175,9 +175,8 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         } else {
             cfg.api_listen.to_string()
         };
-        match api::cluster::issue_join_token(&state, &crate::config::host_name(), vec![api_addr])
-            .await
-        {
+        let first_node = berth_proto::api::names::node_name_from_host(&crate::config::host_name());
+        match api::cluster::issue_join_token(&state, &first_node, vec![api_addr]).await {
             Ok(token) => write_private(
                 &dir.join(BootstrapFiles::JOIN_TOKEN),
                 &format!("{token}\n"),

@@ -116,13 +116,14 @@ impl Cluster {
         std::fs::write(
             &agent_config,
             format!(
-                "name = \"node1\"\nstate_dir = \"{}\"\nlisten = \"127.0.0.1:{agent_port}\"\n\
+                "name = \"{node}\"\nstate_dir = \"{}\"\nlisten = \"127.0.0.1:{agent_port}\"\n\
                  [storage]\ndriver = \"btrfs\"\nloop_file = \"{}\"\nloop_size = \"8GiB\"\nmount = \"{}\"\n\
                  [network]\nbridge = \"{bridge}\"\n\
                  [images]\ncache_dir = \"/var/cache/berth-ci/images\"\n",
                 dir.join("agent").display(),
                 loop_file.display(),
                 pool_mount.display(),
+                node = node_name(),
             ),
         )?;
         let mut c = Cluster {
@@ -157,7 +158,7 @@ impl Cluster {
         c.berth_ok(&["remote", "switch", "e2e"])?;
         wait_for("the node to join", Duration::from_secs(60), || {
             c.berth(&["cluster", "list"])
-                .map(|o| String::from_utf8_lossy(&o.stdout).contains("node1"))
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains(&node_name()))
                 .unwrap_or(false)
         })?;
         Ok(c)
@@ -374,6 +375,12 @@ impl Drop for Cluster {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// The name the first node gets: the one berthd's bootstrap join token is made for.
+pub fn node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    berth_proto::api::names::node_name_from_host(host.trim())
 }
 
 /// Kills processes whose command line mentions `path`.

@@ -30,6 +30,9 @@ use crate::state::{Command, Node};
 /// How long an exec session waits for its websocket.
 pub const CONNECT_WINDOW: Duration = Duration::from_secs(30);
 
+/// How long the server waits for the client's close after the exit message.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
 /// The largest command line accepted (bytes, all arguments together).
 const MAX_COMMAND_BYTES: usize = 128 * 1024;
 
@@ -280,13 +283,9 @@ async fn run_session(
                 Message::Close(_) => break,
                 _ => continue,
             };
-            if to_agent
-                .send(v1::ExecInput { msg: Some(input) })
-                .await
-                .is_err()
-            {
-                break;
-            }
+            // Once the command has ended the agent stops listening; keep reading anyway so
+            // that the client's close handshake completes and no data is lost to a reset.
+            let _ = to_agent.send(v1::ExecInput { msg: Some(input) }).await;
         }
     };
     let input = tokio::spawn(input);
@@ -318,12 +317,18 @@ async fn run_session(
             break;
         }
     }
-    input.abort();
-    let code =
-        exit_code.ok_or_else(|| ApiError::internal("the command ended without an exit code"))?;
+    let Some(code) = exit_code else {
+        input.abort();
+        let _ = ws_tx.send(Message::Close(None)).await;
+        return Err(ApiError::internal("the command ended without an exit code"));
+    };
     let ctl = serde_json::to_string(&ExecControl::Exit { code }).unwrap_or_default();
     let _ = ws_tx.send(Message::Text(ctl.into())).await;
     let _ = ws_tx.send(Message::Close(None)).await;
+    // Wait (bounded) for the client's close, so the exit message is read before the socket goes.
+    if tokio::time::timeout(CLOSE_WAIT, input).await.is_err() {
+        debug!("the exec client did not close the websocket in time");
+    }
     Ok(code)
 }
 

@@ -38,6 +38,30 @@ pub fn validate_instance_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A node name made from a host name: its first label, lowercased, with characters outside the
+/// name rule turned into hyphens (`ip-10-0-0-1.ec2.internal` gives `ip-10-0-0-1`, `42box` gives
+/// `node-42box`). Controllers and agents derive the first node's name the same way.
+pub fn node_name_from_host(host: &str) -> String {
+    let label = host
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let mut name: String = label
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    name = name.trim_matches('-').to_string();
+    if name.is_empty() {
+        name = "node".into();
+    }
+    if name.as_bytes()[0].is_ascii_digit() {
+        name = format!("node-{name}");
+    }
+    name.truncate(63);
+    name.trim_end_matches('-').to_string()
+}
+
 /// Image aliases: 1 to 128 characters of letters, digits and `-_./:`, no `..`, not starting with `/`.
 pub fn validate_image_alias(alias: &str) -> Result<(), String> {
     if alias.is_empty() || alias.len() > 128 {
@@ -80,6 +104,24 @@ mod tests {
             &"€".repeat(30),
         ] {
             assert!(validate_instance_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn node_names() {
+        assert_eq!(
+            node_name_from_host("ip-10-0-0-1.ec2.internal"),
+            "ip-10-0-0-1"
+        );
+        assert_eq!(node_name_from_host("42box"), "node-42box");
+        assert_eq!(node_name_from_host("My_Host"), "my-host");
+        assert_eq!(node_name_from_host(""), "node");
+        assert_eq!(node_name_from_host("--"), "node");
+        for h in ["a.b", "_x_", "9", &"y".repeat(80)] {
+            assert!(
+                validate_instance_name(&node_name_from_host(h)).is_ok(),
+                "{h}"
+            );
         }
     }
 
