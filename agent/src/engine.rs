@@ -1013,6 +1013,8 @@ fn existing_lxcfs(dir: &Path) -> Option<PathBuf> {
 /// Returns a mounted lxcfs, starting one at `dir` when none runs. Failures are logged and
 /// leave instances without lxcfs views.
 fn ensure_lxcfs(dir: &Path, state_dir: &Path) -> Option<PathBuf> {
+    static STARTING: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = STARTING.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(d) = existing_lxcfs(dir) {
         return Some(d);
     }

@@ -2,7 +2,7 @@
 //! detaching, and user namespaces made only to carry an id map.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -19,48 +19,42 @@ struct MountAttr {
 
 /// Makes a user namespace whose uid and gid maps are both `0 <base> <count>` and returns an fd
 /// of it (the fd keeps the namespace alive). Forks a short-lived child that unshares the user
-/// namespace; the child only makes raw syscalls, so this is usable from any process.
+/// namespace and sleeps until it is killed; the child only makes raw async-signal-safe
+/// syscalls, so this is usable from any process, also concurrently from several threads.
 pub fn userns_with_map(base: u32, count: u32) -> io::Result<OwnedFd> {
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both fds were just created by pipe2 and are owned by nobody else.
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: the child below only calls async-signal-safe raw syscalls and _exit.
+    // SAFETY: the child below only calls async-signal-safe raw syscalls and never returns.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(io::Error::last_os_error());
     }
     if pid == 0 {
-        // SAFETY: raw syscalls on fds we own; the child ends with _exit.
+        // SAFETY: raw syscalls only; the child ends by _exit or by the parent's SIGKILL.
         unsafe {
-            libc::close(wr.as_raw_fd());
-            let code = if libc::unshare(libc::CLONE_NEWUSER) == 0 {
-                0
-            } else {
-                1
-            };
-            let mut b = 0u8;
-            // Wait until the parent has written the maps and opened the namespace (EOF).
-            libc::read(rd.as_raw_fd(), &mut b as *mut u8 as *mut libc::c_void, 1);
-            libc::_exit(code);
+            if libc::unshare(libc::CLONE_NEWUSER) != 0 {
+                libc::_exit(1);
+            }
+            loop {
+                libc::pause();
+            }
         }
     }
-    drop(rd);
     let result = (|| {
-        // Give the child time to unshare: poll its user ns until it differs from ours.
+        // Wait until the child's user namespace differs from ours.
         let own = std::fs::read_link("/proc/self/ns/user")?;
         let ns_path = format!("/proc/{pid}/ns/user");
-        let mut tries = 0;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
-            let ns = std::fs::read_link(&ns_path)?;
-            if ns != own {
-                break;
+            match std::fs::read_link(&ns_path) {
+                Ok(ns) if ns != own => break,
+                Ok(_) => {}
+                // The child exited: unshare failed.
+                Err(_) => {
+                    return Err(io::Error::other(
+                        "the helper could not create a user namespace",
+                    ));
+                }
             }
-            tries += 1;
-            if tries > 2000 {
+            if std::time::Instant::now() > deadline {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "child did not unshare its user namespace",
@@ -74,10 +68,12 @@ pub fn userns_with_map(base: u32, count: u32) -> io::Result<OwnedFd> {
         let f = std::fs::File::open(&ns_path)?;
         Ok(OwnedFd::from(f))
     })();
-    drop(wr);
-    let mut status = 0;
-    // SAFETY: reaping our own child; `status` is a valid out pointer.
-    unsafe { libc::waitpid(pid, &mut status, 0) };
+    // SAFETY: signalling and reaping our own child; `status` is a valid out pointer.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        let mut status = 0;
+        libc::waitpid(pid, &mut status, 0);
+    }
     result
 }
 
@@ -211,4 +207,27 @@ pub fn pivot_into(new_root: &Path) -> io::Result<()> {
     nix::mount::umount2(".", nix::mount::MntFlags::MNT_DETACH).map_err(io::Error::from)?;
     std::env::set_current_dir("/")?;
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn userns_concurrently() {
+        let threads: Vec<_> = (0..4)
+            .map(|i| std::thread::spawn(move || userns_with_map(2_000_000 + i * 65536, 65536)))
+            .collect();
+        for t in threads {
+            let fd = t.join().unwrap().unwrap();
+            let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+            assert!(
+                std::fs::read_link(path)
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("user:")
+            );
+        }
+    }
 }
