@@ -148,6 +148,7 @@ pub struct ExecRequest {
 }
 
 struct Inner {
+    idmap_lock: Mutex<()>,
     cfg: EngineConfig,
     storage: Arc<dyn StorageDriver>,
     network: Option<Arc<Network>>,
@@ -188,6 +189,7 @@ impl Engine {
         let cgroups = Cgroups::detect()?.with_parent(&cfg.cgroup_parent);
         Ok(Engine {
             inner: Arc::new(Inner {
+                idmap_lock: Mutex::new(()),
                 cfg,
                 storage,
                 network,
@@ -340,8 +342,7 @@ impl Engine {
             }
         }
         if !rec.privileged() && rec.idmap_base == 0 {
-            rec.idmap_base = self.inner.allocate_idmap(name)?;
-            dir.write_record(&rec)?;
+            self.inner.assign_idmap(&dir, &mut rec)?;
         }
         let inner = self.inner.clone();
         let n = name.to_string();
@@ -759,6 +760,15 @@ impl Engine {
 }
 
 impl Inner {
+    /// Picks a free id range for `rec` and records it at once, under a lock, so concurrent
+    /// creates never pick the same range.
+    fn assign_idmap(&self, dir: &InstanceDir, rec: &mut InstanceRecord) -> Result<(), EngineError> {
+        let _one_at_a_time = self.idmap_lock.lock().unwrap_or_else(|p| p.into_inner());
+        rec.idmap_base = self.allocate_idmap(&rec.name)?;
+        dir.write_record(rec)?;
+        Ok(())
+    }
+
     fn allocate_idmap(&self, except: &str) -> Result<u32, EngineError> {
         let used: Vec<u32> = crate::runtime::list_instances(&self.cfg.state_dir)
             .iter()
@@ -820,7 +830,7 @@ impl Inner {
             // Identity and network config, written with container ids (uid 0 on disk).
             crate::network::write_guest_config(&rootfs, name, net)?;
             if !rec.privileged() {
-                rec.idmap_base = self.allocate_idmap(name)?;
+                self.assign_idmap(&dir, &mut rec)?;
                 if !self.storage.supports_idmapped_mounts() {
                     tracing::info!(
                         instance = name,

@@ -1,7 +1,7 @@
 //! Runtime integration tests: boot real containers (as root) from a busybox rootfs made from the
 //! host's busybox-static, through the real engine, dir storage and cgroups.
 //!
-//! Run: `cargo test -p berth-agent --test runtime -- --test-threads=1`
+//! Run: `cargo test -p berth-agent --test runtime`
 //! (the Debian/systemd test is `#[ignore]`d: it needs a debootstrapped rootfs at
 //! /var/cache/berth-ci/debian12-rootfs; run it with `-- --ignored debian`).
 #![allow(clippy::unwrap_used)]
@@ -771,4 +771,50 @@ async fn failed_start_undoes_itself() {
     assert_eq!(s.state, InstanceState::Running as i32);
     assert!(s.error.is_empty());
     eng.delete(name, true).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_in_parallel() {
+    let e = env();
+    busybox_image(e.storage.as_ref());
+    let names: Vec<String> = (0..4).map(|i| format!("rt-par{i}")).collect();
+    let _guards: Vec<Guard> = names
+        .iter()
+        .map(|n| Guard {
+            state_dir: e.state_dir.clone(),
+            name: n.clone(),
+        })
+        .collect();
+    let eng = Arc::new(engine(&e));
+    let mut tasks = Vec::new();
+    for n in &names {
+        let (eng, n) = (eng.clone(), n.clone());
+        tasks.push(tokio::spawn(async move {
+            eng.create(&spec(&n, &[])).await.unwrap();
+            eng.start(&n).await.unwrap()
+        }));
+    }
+    let mut bases = Vec::new();
+    for t in tasks {
+        let s = t.await.unwrap();
+        assert_eq!(s.state, InstanceState::Running as i32);
+        bases.push(s.idmap_base);
+    }
+    bases.sort_unstable();
+    bases.dedup();
+    assert_eq!(bases.len(), names.len(), "id ranges must not be shared");
+    assert_eq!(eng.list().await.unwrap().len(), names.len());
+    let mut tasks = Vec::new();
+    for n in &names {
+        let (eng, n) = (eng.clone(), n.clone());
+        tasks.push(tokio::spawn(async move {
+            assert_eq!(run(&eng, &n, &["hostname"]).await.1, format!("{n}\n"));
+            eng.delete(&n, true).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let cg = Cgroups::detect().unwrap();
+    assert!(names.iter().all(|n| !cg.exists(n)));
 }
