@@ -397,6 +397,28 @@ async fn busybox_privileged_boots() {
         run(&eng, name, &["cat", "/proc/1/comm"]).await,
         (0, "init\n".into())
     );
+    // Host knobs stay read-only and raw devices closed, even for a privileged instance.
+    let (code, _) = run(
+        &eng,
+        name,
+        &["sh", "-c", "echo 1 > /proc/sys/vm/drop_caches"],
+    )
+    .await;
+    assert_ne!(code, 0);
+    let (code, _) = run(
+        &eng,
+        name,
+        &["sh", "-c", "echo x > /sys/kernel/uevent_helper"],
+    )
+    .await;
+    assert_ne!(code, 0);
+    let (code, _) = run(
+        &eng,
+        name,
+        &["sh", "-c", "mknod /tmp/vda b 254 0 && head -c 1 /tmp/vda"],
+    )
+    .await;
+    assert_ne!(code, 0, "block devices must not be readable");
     eng.delete(name, true).await.unwrap();
     assert!(!Cgroups::detect().unwrap().exists(name));
 }
@@ -408,6 +430,16 @@ const DEBIAN_ROOTFS: &str = "/var/cache/berth-ci/debian12-rootfs";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a debootstrapped rootfs at /var/cache/berth-ci/debian12-rootfs"]
 async fn debian12_systemd_unprivileged() {
+    boot_debian("rt-deb12", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a debootstrapped rootfs at /var/cache/berth-ci/debian12-rootfs"]
+async fn debian12_systemd_privileged() {
+    boot_debian("rt-deb12p", true).await;
+}
+
+async fn boot_debian(name: &str, privileged: bool) {
     assert!(
         Path::new(DEBIAN_ROOTFS).join("sbin/init").exists(),
         "no debian rootfs at {DEBIAN_ROOTFS}"
@@ -422,15 +454,21 @@ async fn debian12_systemd_unprivileged() {
         .unwrap();
     assert!(st.success());
     e.storage.finish_image_volume(FP).unwrap();
-    let name = "rt-deb12";
     let _guard = Guard {
         state_dir: e.state_dir.clone(),
         name: name.to_string(),
     };
     let eng = engine(&e);
-    eng.create(&spec(name, &[("limits.memory", "512MiB")]))
-        .await
-        .unwrap();
+    let privileged = if privileged { "true" } else { "false" };
+    eng.create(&spec(
+        name,
+        &[
+            ("limits.memory", "512MiB"),
+            ("security.privileged", privileged),
+        ],
+    ))
+    .await
+    .unwrap();
     let t0 = std::time::Instant::now();
     let s = eng.start(name).await.unwrap();
     assert_eq!(s.state, InstanceState::Running as i32);
@@ -458,6 +496,7 @@ async fn debian12_systemd_unprivileged() {
     // Live CPU pinning reaches systemd's sub-cgroups too.
     let mut cfg = BTreeMap::new();
     cfg.insert("limits.memory".to_string(), "512MiB".to_string());
+    cfg.insert("security.privileged".to_string(), privileged.to_string());
     cfg.insert("limits.cpu".to_string(), "1".to_string());
     let s = eng.update(name, cfg.clone()).await.unwrap();
     assert_eq!(s.limits.get("limits.cpu").map(String::as_str), Some("0"));

@@ -184,6 +184,23 @@ pub fn monitor_name(instance: &str) -> String {
     format!("berth.monitor.{instance}")
 }
 
+/// Device rules of privileged instances (see [`Cgroups::restrict_devices`]).
+pub const DEVICE_ALLOW: &[&str] = &[
+    "c *:* m",
+    "b *:* m",
+    "c 1:3 rwm",
+    "c 1:5 rwm",
+    "c 1:7 rwm",
+    "c 1:8 rwm",
+    "c 1:9 rwm",
+    "c 5:0 rwm",
+    "c 5:1 rwm",
+    "c 5:2 rwm",
+    "c 136:* rwm",
+    "c 10:229 rwm",
+    "c 10:200 rwm",
+];
+
 /// The leaf inside the unified payload cgroup that exec'd processes join (like LXD's `.lxc`).
 pub const EXEC_LEAF: &str = ".berth";
 
@@ -357,6 +374,21 @@ impl Cgroups {
             if dir.is_dir() {
                 self.remove_one(&dir)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Restricts device access of a privileged instance (v1 `devices` controller) to the nodes a
+    /// machine container needs: the standard character devices, ttys and ptys, fuse and tun;
+    /// mknod stays allowed, but opening other devices is refused. Without a v1 devices
+    /// hierarchy (cgroup2 needs a BPF program for this) nothing is written.
+    pub fn restrict_devices(&self, instance: &str) -> Result<(), CgroupError> {
+        let Some((dir, false)) = self.dir_for(instance, "devices") else {
+            return Ok(());
+        };
+        write(&dir.join("devices.deny"), "a")?;
+        for rule in DEVICE_ALLOW {
+            write(&dir.join("devices.allow"), rule)?;
         }
         Ok(())
     }

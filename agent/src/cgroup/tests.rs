@@ -38,7 +38,9 @@ fn fake_hybrid() -> Fake {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
     let mut hs = Vec::new();
-    for c in ["cpu", "cpuacct", "cpuset", "memory", "pids", "systemd"] {
+    for c in [
+        "cpu", "cpuacct", "cpuset", "memory", "pids", "devices", "systemd",
+    ] {
         std::fs::create_dir(root.join(c)).unwrap();
         let name = if c == "systemd" { "name=systemd" } else { c };
         hs.push(Hierarchy {
@@ -209,7 +211,7 @@ fn exec_files_use_unified_leaf() {
     let f = fake_hybrid();
     f.cg.create("c6", None).unwrap();
     let files = f.cg.exec_procs_files("c6").unwrap();
-    assert_eq!(files.len(), 7);
+    assert_eq!(files.len(), 8);
     assert!(files.contains(&f.root.join("unified/berth.payload.c6/.berth/cgroup.procs")));
     assert!(files.contains(&f.root.join("memory/berth.payload.c6/cgroup.procs")));
 }
@@ -308,4 +310,21 @@ fn v2_limits_and_usage() {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(d.join("cgroup.subtree_control")).unwrap();
     assert_eq!((m.gid(), m.mode() & 0o777), (2_000_000, 0o664));
+}
+
+#[test]
+fn privileged_device_rules() {
+    let f = fake_hybrid();
+    f.cg.create("c9", None).unwrap();
+    f.cg.restrict_devices("c9").unwrap();
+    let d = f.root.join("devices/berth.payload.c9");
+    assert_eq!(
+        std::fs::read_to_string(d.join("devices.deny")).unwrap(),
+        "a"
+    );
+    // The fake keeps the last write only.
+    assert_eq!(
+        std::fs::read_to_string(d.join("devices.allow")).unwrap(),
+        *DEVICE_ALLOW.last().unwrap()
+    );
 }

@@ -280,6 +280,9 @@ fn boot_inner<'a>(
     let (host_cpus, host_mem) = crate::cgroup::host_resources(cgroups);
     let limits = Limits::from_config(&rec.config, &host_cpus, host_mem)?;
     cgroups.apply_limits(name, &limits)?;
+    if !userns {
+        cgroups.restrict_devices(name)?;
+    }
 
     // The root filesystem at the staging path: idmapped unless privileged or shifted on disk.
     let staging = dir.rootfs_mount();

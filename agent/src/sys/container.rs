@@ -264,15 +264,27 @@ fn setup_mounts(cfg: &ChildConfig, chan: &Channel) -> io::Result<()> {
     )?;
     let sys_dir = root.join("sys");
     mkdir_p(&sys_dir, 0o555)?;
+    let mut sys_flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    if !cfg.userns {
+        // Privileged: container root is host root, so the kernel's knobs stay read-only.
+        sys_flags |= MsFlags::MS_RDONLY;
+    }
     step(
         "mounting sysfs",
-        mount::mount_fs(
-            "sysfs",
-            &sys_dir,
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-            None,
-        ),
+        mount::mount_fs("sysfs", &sys_dir, sys_flags, None),
     )?;
+    if !cfg.userns {
+        for p in ["sys", "sysrq-trigger"] {
+            let path = proc_dir.join(p);
+            if !path.exists() {
+                continue;
+            }
+            step(
+                &format!("making /proc/{p} read-only"),
+                mount::bind(&path, &path, false).and_then(|()| mount::remount_bind_readonly(&path)),
+            )?;
+        }
+    }
 
     // /dev: a small tmpfs with bind-mounted host nodes (mknod is impossible in a user ns).
     let dev = root.join("dev");
