@@ -404,7 +404,8 @@ impl Engine {
     }
 
     /// Stops an instance: a clean shutdown request to init (SIGRTMIN+3 for systemd, SIGPWR
-    /// otherwise), SIGKILL after `timeout`; `force` kills at once. Returns once everything the
+    /// otherwise), SIGKILL after `timeout` (zero: the instance's `boot.stop.timeout`, else
+    /// [`DEFAULT_STOP_TIMEOUT`]); `force` kills at once. Returns once everything the
     /// instance used on the host is gone. Stopping a stopped instance returns its status.
     pub async fn stop(
         &self,
@@ -425,7 +426,16 @@ impl Engine {
         force: bool,
         timeout: Duration,
     ) -> Result<(), EngineError> {
-        self.record(name)?;
+        let rec = self.record(name)?;
+        let timeout = if timeout.is_zero() && !force {
+            rec.config
+                .get("boot.stop.timeout")
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs)
+                .unwrap_or(DEFAULT_STOP_TIMEOUT)
+        } else {
+            timeout
+        };
         let dir = self.dir(name);
         let mut st = dir.read_state();
         st.last_running = false;
