@@ -742,3 +742,31 @@ async fn t21_files_in_a_stopped_instance() {
     };
     file_round_trip(&inst, &root).await;
 }
+
+#[tokio::test]
+async fn t22_files_in_a_stopped_instance_shifted_on_disk() {
+    // The unprivileged test rootfs has owners shifted on disk by the instance's base (like
+    // the dir driver's fallback without idmapped mounts): container ids are translated.
+    let inst = TestInstance::start(false);
+    let root = FileRoot::StoppedShifted {
+        rootfs: inst.rootfs.clone(),
+        id_base: inst.base,
+    };
+    file_round_trip(&inst, &root).await;
+    let (meta, _) = pull_all(&root, "/home/user").await;
+    assert_eq!((meta.uid, meta.gid), (1000, 1000));
+    assert!(matches!(
+        files::push(
+            &root,
+            "/tmp/x",
+            FileKind::File,
+            0o644,
+            70000,
+            0,
+            None,
+            &b"x"[..]
+        )
+        .await,
+        Err(FileError::InvalidId(_))
+    ));
+}

@@ -91,8 +91,75 @@ pub enum FileRoot {
     /// A running instance: work inside the namespaces of its init (host pid), through the
     /// `__file` helper started from `helper_exe` (normally `/proc/self/exe`).
     Running { init_pid: i32, helper_exe: PathBuf },
-    /// A stopped instance: its root filesystem on the host.
+    /// A stopped instance: its root filesystem on the host, with container ids on disk (it is
+    /// attached through an idmapped mount when running).
     Stopped { rootfs: PathBuf },
+    /// A stopped instance whose rootfs owners were shifted on disk by `id_base` (no idmapped
+    /// mounts): container id N is host id `id_base + N` for N < [`crate::runtime::IDMAP_SIZE`].
+    StoppedShifted { rootfs: PathBuf, id_base: u32 },
+}
+
+/// Translation between container ids and on-disk ids of a stopped instance's rootfs.
+#[derive(Debug, Clone, Copy)]
+struct IdShift {
+    base: u32,
+}
+
+impl IdShift {
+    fn disk_id(self, id: u32) -> Result<u32, FileError> {
+        if self.base == 0 {
+            return Ok(id);
+        }
+        if id >= crate::runtime::IDMAP_SIZE {
+            return Err(FileError::InvalidId(format!(
+                "{id} is outside the instance's id range 0-{}",
+                crate::runtime::IDMAP_SIZE - 1
+            )));
+        }
+        self.base
+            .checked_add(id)
+            .ok_or_else(|| FileError::InvalidId(id.to_string()))
+    }
+
+    /// On-disk id to container id; ids outside the range show as the overflow id 65534.
+    fn container_id(self, id: u32) -> u32 {
+        if self.base == 0 {
+            return id;
+        }
+        match id.checked_sub(self.base) {
+            Some(n) if n < crate::runtime::IDMAP_SIZE => n,
+            _ => OVERFLOW_ID,
+        }
+    }
+
+    fn meta_from_disk(self, mut meta: FileMeta) -> FileMeta {
+        meta.uid = self.container_id(meta.uid);
+        meta.gid = self.container_id(meta.gid);
+        meta
+    }
+}
+
+/// The id unmapped owners show as inside a user namespace (`nobody`).
+const OVERFLOW_ID: u32 = 65534;
+
+/// Where an operation runs: on the host on a stopped instance's rootfs (with its id
+/// translation), or through the helper in a running instance.
+enum Where<'a> {
+    Local(PathBuf, IdShift),
+    Helper(i32, &'a Path),
+}
+
+fn where_is(root: &FileRoot) -> Where<'_> {
+    match root {
+        FileRoot::Stopped { rootfs } => Where::Local(rootfs.clone(), IdShift { base: 0 }),
+        FileRoot::StoppedShifted { rootfs, id_base } => {
+            Where::Local(rootfs.clone(), IdShift { base: *id_base })
+        }
+        FileRoot::Running {
+            init_pid,
+            helper_exe,
+        } => Where::Helper(*init_pid, helper_exe),
+    }
 }
 
 /// Errors of file operations. The first variants are the caller's fault (4xx).
@@ -116,6 +183,8 @@ pub enum FileError {
     PermissionDenied(String),
     #[error("unsupported file type: {0}")]
     Unsupported(String),
+    #[error("invalid owner: {0}")]
+    InvalidId(String),
     #[error("file helper failed: {0}")]
     Helper(String),
     #[error("file operation failed: {0}")]
@@ -123,7 +192,8 @@ pub enum FileError {
 }
 
 impl FileError {
-    fn code(&self) -> &'static str {
+    /// A stable code naming the variant (`not_found`, `escape`, ...), for API error codes.
+    pub fn code(&self) -> &'static str {
         match self {
             FileError::InvalidPath(_) => "invalid_path",
             FileError::NotFound(_) => "not_found",
@@ -134,6 +204,7 @@ impl FileError {
             FileError::Escape(_) => "escape",
             FileError::PermissionDenied(_) => "permission_denied",
             FileError::Unsupported(_) => "unsupported",
+            FileError::InvalidId(_) => "invalid_id",
             FileError::Helper(_) => "helper",
             FileError::Io(_) => "io",
         }
@@ -150,6 +221,7 @@ impl FileError {
             | FileError::Escape(s)
             | FileError::PermissionDenied(s)
             | FileError::Unsupported(s)
+            | FileError::InvalidId(s)
             | FileError::Helper(s)
             | FileError::Io(s) => s,
         }
@@ -166,6 +238,7 @@ impl FileError {
             "escape" => FileError::Escape(detail),
             "permission_denied" => FileError::PermissionDenied(detail),
             "unsupported" => FileError::Unsupported(detail),
+            "invalid_id" => FileError::InvalidId(detail),
             "io" => FileError::Io(detail),
             _ => FileError::Helper(detail),
         }
@@ -528,7 +601,7 @@ pub async fn push(
     uid: u32,
     gid: u32,
     target: Option<&str>,
-    mut data: impl AsyncRead + Unpin + Send,
+    data: impl AsyncRead + Unpin + Send,
 ) -> Result<FileMeta, FileError> {
     validate_path(path)?;
     split_path(path)?;
@@ -541,101 +614,130 @@ pub async fn push(
         }
         _ => None,
     };
-    match root {
-        FileRoot::Stopped { rootfs } => {
-            let rootfs = rootfs.clone();
-            let path = path.to_string();
-            match kind {
-                FileKind::Directory => {
-                    blocking(move || {
-                        push_directory(open_stopped_root(&rootfs)?.as_fd(), &path, mode, uid, gid)
-                    })
-                    .await
-                }
-                FileKind::Symlink => {
-                    let target = target.unwrap_or_default();
-                    blocking(move || {
-                        push_symlink(
-                            open_stopped_root(&rootfs)?.as_fd(),
-                            &path,
-                            &target,
-                            uid,
-                            gid,
-                        )
-                    })
-                    .await
-                }
-                FileKind::File => {
-                    let p = path.clone();
-                    let mut pending = blocking(move || {
-                        PendingFile::create(open_stopped_root(&rootfs)?.as_fd(), &p)
-                    })
-                    .await?;
-                    let std_file = pending
-                        .file
-                        .take()
-                        .ok_or_else(|| FileError::Io(format!("{path}: no temporary file")))?;
-                    let mut out = tokio::fs::File::from_std(std_file);
-                    tokio::io::copy(&mut data, &mut out)
-                        .await
-                        .map_err(|e| FileError::from_io(e, "write", &path))?;
-                    out.flush()
-                        .await
-                        .map_err(|e| FileError::from_io(e, "write", &path))?;
-                    pending.file = Some(out.into_std().await);
-                    blocking(move || pending.finish(mode, uid, gid)).await
-                }
-            }
+    match where_is(root) {
+        Where::Local(rootfs, shift) => {
+            let (disk_uid, disk_gid) = (shift.disk_id(uid)?, shift.disk_id(gid)?);
+            let meta =
+                push_local(rootfs, path, kind, mode, disk_uid, disk_gid, target, data).await?;
+            Ok(shift.meta_from_disk(meta))
         }
-        FileRoot::Running {
-            init_pid,
-            helper_exe,
-        } => {
-            let mut args = vec![
-                "push".to_string(),
-                "--kind".to_string(),
-                kind.as_str().to_string(),
-                "--mode".to_string(),
-                format!("{:o}", mode & 0o7777),
-                "--uid".to_string(),
-                uid.to_string(),
-                "--gid".to_string(),
-                gid.to_string(),
-            ];
-            if let Some(t) = target {
-                args.push("--target".to_string());
-                args.push(t);
-            }
-            let mut child = spawn_helper(helper_exe, *init_pid, path, &args)?;
-            let stdin = child.stdin.take();
-            let stdout = child
-                .stdout
-                .take()
-                .ok_or_else(|| FileError::Helper("no stdout".to_string()))?;
-            let mut reader = BufReader::new(stdout);
-            let copy = async {
-                if let Some(mut stdin) = stdin {
-                    if kind == FileKind::File {
-                        // A helper that refuses early stops reading: its reply says why, so
-                        // a broken pipe here is not the error to report.
-                        let _ = tokio::io::copy(&mut data, &mut stdin).await;
-                        let _ = stdin.shutdown().await;
-                    }
-                    drop(stdin);
-                }
-            };
-            let (_, reply) = tokio::join!(copy, read_reply(&mut reader));
-            let status = child
-                .wait()
-                .await
-                .map_err(|e| FileError::Helper(format!("wait: {e}")))?;
-            let meta = reply?;
-            if !status.success() {
-                return Err(FileError::Helper(format!("helper exited with {status}")));
-            }
-            meta.ok_or_else(|| FileError::Helper("no metadata in reply".to_string()))
+        Where::Helper(init_pid, helper_exe) => {
+            push_helper(
+                init_pid, helper_exe, path, kind, mode, uid, gid, target, data,
+            )
+            .await
         }
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn push_local(
+    rootfs: PathBuf,
+    path: &str,
+    kind: FileKind,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    target: Option<String>,
+    mut data: impl AsyncRead + Unpin + Send,
+) -> Result<FileMeta, FileError> {
+    let path = path.to_string();
+    match kind {
+        FileKind::Directory => {
+            blocking(move || {
+                push_directory(open_stopped_root(&rootfs)?.as_fd(), &path, mode, uid, gid)
+            })
+            .await
+        }
+        FileKind::Symlink => {
+            let target = target.unwrap_or_default();
+            blocking(move || {
+                push_symlink(
+                    open_stopped_root(&rootfs)?.as_fd(),
+                    &path,
+                    &target,
+                    uid,
+                    gid,
+                )
+            })
+            .await
+        }
+        FileKind::File => {
+            let p = path.clone();
+            let mut pending =
+                blocking(move || PendingFile::create(open_stopped_root(&rootfs)?.as_fd(), &p))
+                    .await?;
+            let std_file = pending
+                .file
+                .take()
+                .ok_or_else(|| FileError::Io(format!("{path}: no temporary file")))?;
+            let mut out = tokio::fs::File::from_std(std_file);
+            tokio::io::copy(&mut data, &mut out)
+                .await
+                .map_err(|e| FileError::from_io(e, "write", &path))?;
+            out.flush()
+                .await
+                .map_err(|e| FileError::from_io(e, "write", &path))?;
+            pending.file = Some(out.into_std().await);
+            blocking(move || pending.finish(mode, uid, gid)).await
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn push_helper(
+    init_pid: i32,
+    helper_exe: &Path,
+    path: &str,
+    kind: FileKind,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    target: Option<String>,
+    mut data: impl AsyncRead + Unpin + Send,
+) -> Result<FileMeta, FileError> {
+    let mut args = vec![
+        "push".to_string(),
+        "--kind".to_string(),
+        kind.as_str().to_string(),
+        "--mode".to_string(),
+        format!("{:o}", mode & 0o7777),
+        "--uid".to_string(),
+        uid.to_string(),
+        "--gid".to_string(),
+        gid.to_string(),
+    ];
+    if let Some(t) = target {
+        args.push("--target".to_string());
+        args.push(t);
+    }
+    let mut child = spawn_helper(helper_exe, init_pid, path, &args)?;
+    let stdin = child.stdin.take();
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| FileError::Helper("no stdout".to_string()))?;
+    let mut reader = BufReader::new(stdout);
+    let copy = async {
+        if let Some(mut stdin) = stdin
+            && kind == FileKind::File
+        {
+            // A helper that refuses early stops reading: its reply says why, so a broken
+            // pipe here is not the error to report.
+            let _ = tokio::io::copy(&mut data, &mut stdin).await;
+            let _ = stdin.shutdown().await;
+        }
+    };
+    let (_, reply) = tokio::join!(copy, read_reply(&mut reader));
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| FileError::Helper(format!("wait: {e}")))?;
+    let meta = reply?;
+    if !status.success() {
+        return Err(FileError::Helper(format!("helper exited with {status}")));
+    }
+    meta.ok_or_else(|| FileError::Helper("no metadata in reply".to_string()))
 }
 
 /// Pulls `path`: its metadata, plus a stream of its bytes when it is a regular file
@@ -645,92 +747,84 @@ pub async fn pull(
     path: &str,
 ) -> Result<(FileMeta, Option<Pin<Box<dyn AsyncRead + Send>>>), FileError> {
     validate_path(path)?;
-    match root {
-        FileRoot::Stopped { rootfs } => {
-            let rootfs = rootfs.clone();
+    let (init_pid, helper_exe) = match where_is(root) {
+        Where::Local(rootfs, shift) => {
             let p = path.to_string();
             let pulled =
                 blocking(move || pull_blocking(open_stopped_root(&rootfs)?.as_fd(), &p)).await?;
+            let meta = shift.meta_from_disk(pulled.meta);
             let stream = pulled.file.map(|f| {
-                Box::pin(tokio::fs::File::from_std(f).take(pulled.meta.size))
+                Box::pin(tokio::fs::File::from_std(f).take(meta.size))
                     as Pin<Box<dyn AsyncRead + Send>>
             });
-            Ok((pulled.meta, stream))
+            return Ok((meta, stream));
         }
-        FileRoot::Running {
-            init_pid,
-            helper_exe,
-        } => {
-            let mut child = spawn_helper(helper_exe, *init_pid, path, &["pull".to_string()])?;
-            drop(child.stdin.take());
-            let stdout = child
-                .stdout
-                .take()
-                .ok_or_else(|| FileError::Helper("no stdout".to_string()))?;
-            let mut reader = BufReader::new(stdout);
-            let meta = match read_reply(&mut reader).await {
-                Ok(Some(meta)) => meta,
-                Ok(None) => {
-                    let _ = child.wait().await;
-                    return Err(FileError::Helper("no metadata in reply".to_string()));
-                }
-                Err(e) => {
-                    let _ = child.wait().await;
-                    return Err(e);
-                }
-            };
-            if meta.kind != FileKind::File {
-                let status = child
-                    .wait()
-                    .await
-                    .map_err(|e| FileError::Helper(format!("wait: {e}")))?;
-                if !status.success() {
-                    return Err(FileError::Helper(format!("helper exited with {status}")));
-                }
-                return Ok((meta, None));
-            }
-            let stream = HelperStream {
-                inner: reader.take(meta.size),
-                wait: Some(Box::pin(async move { child.wait().await })),
-            };
-            Ok((meta, Some(Box::pin(stream))))
+        Where::Helper(init_pid, helper_exe) => (init_pid, helper_exe),
+    };
+    let mut child = spawn_helper(helper_exe, init_pid, path, &["pull".to_string()])?;
+    drop(child.stdin.take());
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| FileError::Helper("no stdout".to_string()))?;
+    let mut reader = BufReader::new(stdout);
+    let meta = match read_reply(&mut reader).await {
+        Ok(Some(meta)) => meta,
+        Ok(None) => {
+            let _ = child.wait().await;
+            return Err(FileError::Helper("no metadata in reply".to_string()));
         }
+        Err(e) => {
+            let _ = child.wait().await;
+            return Err(e);
+        }
+    };
+    if meta.kind != FileKind::File {
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| FileError::Helper(format!("wait: {e}")))?;
+        if !status.success() {
+            return Err(FileError::Helper(format!("helper exited with {status}")));
+        }
+        return Ok((meta, None));
     }
+    let stream = HelperStream {
+        inner: reader.take(meta.size),
+        wait: Some(Box::pin(async move { child.wait().await })),
+    };
+    Ok((meta, Some(Box::pin(stream))))
 }
 
 /// Deletes a file, symlink or empty directory.
 pub async fn delete(root: &FileRoot, path: &str) -> Result<(), FileError> {
     validate_path(path)?;
     split_path(path)?;
-    match root {
-        FileRoot::Stopped { rootfs } => {
-            let rootfs = rootfs.clone();
+    let (init_pid, helper_exe) = match where_is(root) {
+        Where::Local(rootfs, _) => {
             let p = path.to_string();
-            blocking(move || delete_blocking(open_stopped_root(&rootfs)?.as_fd(), &p)).await
+            return blocking(move || delete_blocking(open_stopped_root(&rootfs)?.as_fd(), &p))
+                .await;
         }
-        FileRoot::Running {
-            init_pid,
-            helper_exe,
-        } => {
-            let mut child = spawn_helper(helper_exe, *init_pid, path, &["delete".to_string()])?;
-            drop(child.stdin.take());
-            let stdout = child
-                .stdout
-                .take()
-                .ok_or_else(|| FileError::Helper("no stdout".to_string()))?;
-            let mut reader = BufReader::new(stdout);
-            let reply = read_reply(&mut reader).await;
-            let status = child
-                .wait()
-                .await
-                .map_err(|e| FileError::Helper(format!("wait: {e}")))?;
-            reply?;
-            if !status.success() {
-                return Err(FileError::Helper(format!("helper exited with {status}")));
-            }
-            Ok(())
-        }
+        Where::Helper(init_pid, helper_exe) => (init_pid, helper_exe),
+    };
+    let mut child = spawn_helper(helper_exe, init_pid, path, &["delete".to_string()])?;
+    drop(child.stdin.take());
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| FileError::Helper("no stdout".to_string()))?;
+    let mut reader = BufReader::new(stdout);
+    let reply = read_reply(&mut reader).await;
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| FileError::Helper(format!("wait: {e}")))?;
+    reply?;
+    if !status.success() {
+        return Err(FileError::Helper(format!("helper exited with {status}")));
     }
+    Ok(())
 }
 
 type WaitFuture =
@@ -1067,12 +1161,26 @@ mod tests {
             FileError::Escape("x".into()),
             FileError::PermissionDenied("x".into()),
             FileError::Unsupported("x".into()),
+            FileError::InvalidId("x".into()),
             FileError::Helper("x".into()),
             FileError::Io("x".into()),
         ] {
             let back = FileError::from_code(e.code(), e.detail().to_string());
             assert_eq!(back.code(), e.code());
         }
+    }
+
+    #[test]
+    fn id_shift() {
+        let none = IdShift { base: 0 };
+        assert_eq!((none.disk_id(5).unwrap(), none.container_id(5)), (5, 5));
+        let s = IdShift { base: 1_000_000 };
+        assert_eq!(s.disk_id(0).unwrap(), 1_000_000);
+        assert_eq!(s.disk_id(65535).unwrap(), 1_065_535);
+        assert!(matches!(s.disk_id(65536), Err(FileError::InvalidId(_))));
+        assert_eq!(s.container_id(1_000_033), 33);
+        assert_eq!(s.container_id(0), OVERFLOW_ID);
+        assert_eq!(s.container_id(1_065_536), OVERFLOW_ID);
     }
 
     #[test]
