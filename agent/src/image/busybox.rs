@@ -24,6 +24,36 @@ const INITTAB: &str = "\
 ::ctrlaltdel:/sbin/reboot
 ";
 
+/// `free` for the image: busybox's applet asks sysinfo(2), which reports the whole host; this
+/// reads /proc/meminfo, where the runtime mounts lxcfs's view of the instance's own memory
+/// (docs/decisions/0009-busybox-free.md).
+const FREE_SH: &str = r#"#!/bin/sh
+# free for the Berth busybox image. busybox's own applet asks the kernel (sysinfo(2)), which
+# reports the whole host; this one reads /proc/meminfo, which shows the instance's own memory
+# limit and use (the runtime mounts lxcfs's view there), as procps' free does.
+div=1024
+case "$1" in
+  -b) div=1 ;;
+  -k|"") div=1024 ;;
+  -m) div=1048576 ;;
+  -g) div=1073741824 ;;
+  -h|--help) echo "usage: free [-b|-k|-m|-g]"; exit 0 ;;
+  *) echo "free: unknown option $1" >&2; exit 1 ;;
+esac
+exec awk -v div="$div" '
+  { v[$1] = $2 * 1024 }
+  END {
+    t = v["MemTotal:"]; f = v["MemFree:"]; b = v["Buffers:"]
+    c = v["Cached:"] + v["SReclaimable:"]; s = v["Shmem:"]
+    a = ("MemAvailable:" in v) ? v["MemAvailable:"] : f + b + c
+    u = t - f - b - c; if (u < 0) u = t - f
+    st = v["SwapTotal:"]; sf = v["SwapFree:"]
+    printf "%19s%12s%12s%12s%12s%12s\n", "total", "used", "free", "shared", "buff/cache", "available"
+    printf "%-7s%12d%12d%12d%12d%12d%12d\n", "Mem:", int(t/div), int(u/div), int(f/div), int(s/div), int((b+c)/div), int(a/div)
+    printf "%-7s%12d%12d%12d\n", "Swap:", int(st/div), int((st-sf)/div), int(sf/div)
+  }' /proc/meminfo
+"#;
+
 const PASSWD: &str =
     "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n";
 const GROUP: &str = "root:x:0:\ntty:x:5:\nnogroup:x:65534:\n";
@@ -204,6 +234,10 @@ fn populate(busybox: &Path, root: &Path) -> Result<(), ImageError> {
             .map_err(util::io_err(&root.join("sbin/init")))?;
     }
     symlink("../run", root.join("var/run")).map_err(util::io_err(&root.join("var/run")))?;
+    for rel in ["usr/bin/free", "bin/free"] {
+        let _ = std::fs::remove_file(root.join(rel));
+    }
+    write(root, "usr/bin/free", FREE_SH, 0o755)?;
 
     write(root, "etc/inittab", INITTAB, 0o644)?;
     write(root, "etc/passwd", PASSWD, 0o644)?;
