@@ -679,6 +679,24 @@ fn lookup_passwd(contents: &str, uid: u32) -> Option<PasswdEntry> {
     })
 }
 
+/// Reads the instance's `/etc/passwd` (empty when it is missing or not a regular file: the
+/// instance controls it, so a FIFO must not block the exec, nor a huge file exhaust memory).
+fn read_passwd() -> String {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut text = String::new();
+    let Ok(file) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open("/etc/passwd")
+    else {
+        return text;
+    };
+    if file.metadata().map(|m| m.is_file()).unwrap_or(false) {
+        let _ = file.take(4 << 20).read_to_string(&mut text);
+    }
+    text
+}
+
 /// The command's environment: defaults, overridden by the requested variables.
 fn build_env(args: &HelperArgs, pw: Option<&PasswdEntry>) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
@@ -802,11 +820,7 @@ fn child_main(args: &HelperArgs, status: &mut Option<std::fs::File>, helper_pid:
     if let Err(e) = sys::apply_instance_restrictions() {
         return fail(status, &e.to_string());
     }
-    let mut passwd = String::new();
-    if let Ok(mut f) = std::fs::File::open("/etc/passwd") {
-        let _ = f.read_to_string(&mut passwd);
-    }
-    let pw = lookup_passwd(&passwd, args.uid);
+    let pw = lookup_passwd(&read_passwd(), args.uid);
     let env = build_env(args, pw.as_ref());
     if let Err(e) = sys::set_ids(args.uid, args.gid) {
         return fail(status, &e.to_string());

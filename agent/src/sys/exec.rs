@@ -10,7 +10,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use nix::sched::CloneFlags;
 use nix::sys::signal::{SigSet, Signal};
@@ -300,11 +300,6 @@ pub fn async_fd(fd: OwnedFd) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd
     // `as_raw_fd` always returns the same number, so the descriptor stays open and refers to
     // the same file description for the whole life of the `AsyncFd`, which owns it.
     unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
-}
-
-/// Whether `path` exists and is a directory (a small helper for the exec child).
-pub fn is_dir(path: &Path) -> bool {
-    std::fs::metadata(path).map(|m| m.is_dir()).unwrap_or(false)
 }
 
 #[cfg(test)]
