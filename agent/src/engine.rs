@@ -450,50 +450,52 @@ impl Engine {
         };
         std::fs::write(dir.stop_requested_path(), b"")
             .map_err(io_err(&dir.stop_requested_path()))?;
-        let init = dir.live_init();
-        let kill_init = |sig: i32| {
-            if let Some(i) = dir.live_init() {
-                let _ = crate::sys::process::kill(i.pid, sig);
-            }
-        };
-        if force || init.is_none() {
-            kill_init(libc::SIGKILL);
-        } else if let Some(i) = init {
-            let sig = if blocks_signal(i.pid, crate::sys::process::sigrtmin_plus(3)) {
-                crate::sys::process::sigrtmin_plus(3)
+        // The clean-stop signal init expects: SIGRTMIN+3 when it blocks it (systemd), else
+        // SIGPWR (busybox, sysvinit). Every init seen during the stop gets it once (a monitor
+        // between boots may still start a new one).
+        let clean_signal = |pid: i32| {
+            let rt3 = crate::sys::process::sigrtmin_plus(3);
+            if blocks_signal(pid, rt3) {
+                rt3
             } else {
                 libc::SIGPWR
-            };
-            tracing::info!(instance = name, signal = sig, "asking init to shut down");
-            kill_init(sig);
-        }
-        let timeout = if force {
-            Duration::from_secs(0)
-        } else {
-            timeout
+            }
         };
+        let timeout = if force { Duration::ZERO } else { timeout };
         let mut deadline = Instant::now() + timeout;
-        let mut killed = force;
+        let mut killing = force;
+        let mut signalled: Option<crate::runtime::ProcId> = None;
         loop {
             if !monitor.alive() {
                 break;
             }
-            if Instant::now() > deadline {
-                if !killed {
-                    tracing::info!(instance = name, "clean stop timed out; killing init");
-                    kill_init(libc::SIGKILL);
-                    killed = true;
-                    deadline = Instant::now() + Duration::from_secs(15);
+            if let Some(init) = dir.live_init()
+                && signalled != Some(init)
+            {
+                let sig = if killing {
+                    libc::SIGKILL
                 } else {
-                    // The monitor is stuck: kill it and clean up here.
-                    let _ = crate::sys::process::kill(monitor.pid, libc::SIGKILL);
-                    let inner = self.inner.clone();
-                    let n = name.to_string();
-                    blocking(move || inner.cleanup_leftovers(&n)).await?;
-                    break;
+                    clean_signal(init.pid)
+                };
+                tracing::info!(instance = name, signal = sig, "stopping init");
+                let _ = crate::sys::process::kill(init.pid, sig);
+                signalled = Some(init);
+            }
+            if Instant::now() > deadline {
+                if !killing {
+                    tracing::info!(instance = name, "clean stop timed out; killing init");
+                    killing = true;
+                    signalled = None;
+                    deadline = Instant::now() + Duration::from_secs(15);
+                    continue;
                 }
-            } else if force && init.is_none() && dir.live_init().is_none() && !killed {
-                kill_init(libc::SIGKILL);
+                // The monitor is stuck: kill it and clean up here.
+                tracing::warn!(instance = name, "monitor did not finish; killing it");
+                let _ = crate::sys::process::kill(monitor.pid, libc::SIGKILL);
+                let inner = self.inner.clone();
+                let n = name.to_string();
+                blocking(move || inner.cleanup_leftovers(&n)).await?;
+                break;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -727,6 +729,10 @@ impl Engine {
             Some(init) => FileRoot::Running {
                 init_pid: init.pid,
                 helper_exe: self.inner.cfg.helper_exe.clone(),
+            },
+            None if rec.shifted_on_disk => FileRoot::StoppedShifted {
+                rootfs: rec.rootfs,
+                id_base: rec.idmap_base,
             },
             None => FileRoot::Stopped { rootfs: rec.rootfs },
         })

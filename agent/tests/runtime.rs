@@ -767,6 +767,9 @@ async fn busybox_shifted_rootfs_and_rename() {
         Err(berth_agent::engine::EngineError::Busy(_))
     ));
     eng.stop(name, true, Duration::ZERO).await.unwrap();
+    // Files of a stopped shifted instance show container ids.
+    let (meta, _) = eng.pull_file(name, "/bin/busybox").await.unwrap();
+    assert_eq!((meta.uid, meta.gid), (0, 0));
     let s = eng.rename(name, "rt-bbshift2").await.unwrap();
     assert_eq!(s.name, "rt-bbshift2");
     assert!(eng.status(name).await.is_err());
