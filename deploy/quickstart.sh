@@ -84,7 +84,7 @@ done
 
 # 3. Start the daemons (restart them when the binaries changed; instances keep running).
 mkdir -p "$STATE" "$LOGS" "$RUN" "$ETC"
-chmod 0700 "$STATE"
+chmod 0711 "$STATE"   # instances (unprivileged) must traverse it to reach their root filesystem
 if have_systemd; then
   install -m 0644 "$REPO/deploy/systemd/berthd.service" /etc/systemd/system/berthd.service
   install -m 0644 "$REPO/deploy/systemd/berth-agent.service" /etc/systemd/system/berth-agent.service

@@ -40,6 +40,10 @@ pub enum StartError {
         "this agent has not joined a cluster yet: start it once with --join-token-file (the token is made by `berth cluster add NAME`, or by berthd at bootstrap)"
     )]
     NotJoined,
+    #[error(
+        "{0} must be searchable by everyone (chmod o+x): unprivileged instances reach their root filesystem through it"
+    )]
+    NotTraversable(PathBuf),
     #[error("grpc server: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -59,6 +63,7 @@ pub fn prepare(cfg: Config) -> Result<Node, StartError> {
         path: cfg.state_dir.clone(),
         source,
     })?;
+    check_traversable(&cfg.state_dir)?;
     let storage: Arc<dyn StorageDriver> = match cfg.storage.driver {
         StorageDriverKind::Btrfs => {
             let source = match &cfg.storage.source {
@@ -94,11 +99,9 @@ pub fn prepare(cfg: Config) -> Result<Node, StartError> {
         cfg.state_dir.clone(),
         cfg.image_cache.clone(),
     )?);
-    let engine = Arc::new(Engine::new(
-        EngineConfig::new(cfg.state_dir.clone()),
-        storage.clone(),
-        network.clone(),
-    )?);
+    let mut engine_cfg = EngineConfig::new(cfg.state_dir.clone());
+    engine_cfg.nat = cfg.nat;
+    let engine = Arc::new(Engine::new(engine_cfg, storage.clone(), network.clone())?);
     Ok(Node {
         cfg,
         storage,
@@ -106,6 +109,22 @@ pub fn prepare(cfg: Config) -> Result<Node, StartError> {
         images,
         engine,
     })
+}
+
+/// Unprivileged instances open their root filesystem under the state directory as their own
+/// (unprivileged) root, so every directory on the way must be searchable by others.
+fn check_traversable(dir: &std::path::Path) -> Result<(), StartError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut p = Some(dir);
+    while let Some(d) = p {
+        if let Ok(m) = std::fs::metadata(d)
+            && m.permissions().mode() & 0o001 == 0
+        {
+            return Err(StartError::NotTraversable(d.to_path_buf()));
+        }
+        p = d.parent();
+    }
+    Ok(())
 }
 
 /// Joins the cluster if this agent has no identity yet.

@@ -1044,11 +1044,24 @@ fn ensure_lxcfs(dir: &Path, state_dir: &Path) -> Option<PathBuf> {
     if let Some(d) = existing_lxcfs(dir) {
         return Some(d);
     }
+    // A mount whose lxcfs died answers nothing ("transport endpoint is not connected"):
+    // detach it and start afresh.
+    if crate::sys::mount::is_mount_point(dir) {
+        tracing::warn!(dir = %dir.display(), "lxcfs mount is dead; remounting");
+        if let Err(e) = crate::sys::mount::detach(dir) {
+            tracing::warn!("cannot detach the dead lxcfs mount {}: {e}", dir.display());
+            return None;
+        }
+    }
     if let Err(e) = std::fs::create_dir_all(dir) {
         tracing::warn!("cannot create lxcfs dir {}: {e}", dir.display());
         return None;
     }
-    let pidfile = state_dir.join("lxcfs.pid");
+    // One lxcfs serves every agent on the host, so its pid file is the host's, not this
+    // agent's (an agent's state directory may be removed while lxcfs keeps serving).
+    let run_dir = Path::new("/run/berth");
+    let _ = std::fs::create_dir_all(run_dir);
+    let pidfile = run_dir.join("lxcfs.pid");
     let logfile = state_dir.join("lxcfs.log");
     let log = std::fs::OpenOptions::new()
         .create(true)

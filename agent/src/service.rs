@@ -24,8 +24,6 @@ use crate::network::Network;
 use crate::runtime::files::{FileKind, FileMeta};
 use crate::storage::StorageDriver;
 
-/// Default clean-stop timeout.
-const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Chunk size for streamed files.
 const CHUNK: usize = 256 * 1024;
 
@@ -70,6 +68,30 @@ pub fn engine_status(e: EngineError) -> Status {
         EngineError::Busy(_) => Status::aborted(msg),
         EngineError::InvalidPath(_) | EngineError::InvalidConfig(_) => {
             Status::invalid_argument(msg)
+        }
+        EngineError::Files(ref f) => {
+            use crate::runtime::files::FileError as F;
+            match f {
+                F::NotFound(..) => Status::not_found(msg),
+                F::NotADirectory(..)
+                | F::IsADirectory(..)
+                | F::AlreadyExists(..)
+                | F::NotEmpty(..) => Status::failed_precondition(msg),
+                F::InvalidPath(..) | F::Escape(..) | F::InvalidId(..) | F::Unsupported(..) => {
+                    Status::invalid_argument(msg)
+                }
+                F::PermissionDenied(..) => Status::permission_denied(msg),
+                _ => {
+                    warn!(error = %msg, "file operation failed");
+                    Status::internal(msg)
+                }
+            }
+        }
+        EngineError::Exec(crate::runtime::exec::ExecError::InvalidRequest(_)) => {
+            Status::invalid_argument(msg)
+        }
+        EngineError::Exec(crate::runtime::exec::ExecError::Setup(_)) => {
+            Status::failed_precondition(msg)
         }
         other => {
             warn!(error = %other, "engine call failed");
@@ -187,8 +209,9 @@ impl Agent for AgentService {
         req: Request<v1::StopInstanceRequest>,
     ) -> Result<Response<v1::InstanceStatus>, Status> {
         let r = req.into_inner();
+        // Zero lets the engine use the instance's boot.stop.timeout (default 30 s).
         let timeout = if r.timeout_secs == 0 {
-            DEFAULT_STOP_TIMEOUT
+            Duration::ZERO
         } else {
             Duration::from_secs(u64::from(r.timeout_secs.min(3600)))
         };
@@ -207,8 +230,9 @@ impl Agent for AgentService {
         req: Request<v1::StopInstanceRequest>,
     ) -> Result<Response<v1::InstanceStatus>, Status> {
         let r = req.into_inner();
+        // Zero lets the engine use the instance's boot.stop.timeout (default 30 s).
         let timeout = if r.timeout_secs == 0 {
-            DEFAULT_STOP_TIMEOUT
+            Duration::ZERO
         } else {
             Duration::from_secs(u64::from(r.timeout_secs.min(3600)))
         };
