@@ -360,7 +360,12 @@ impl Engine {
             let monitor = dir.live_monitor();
             monitor_seen |= monitor.is_some();
             match st.phase {
-                Phase::Running if dir.live_init().is_some() => return Ok(()),
+                Phase::Running if dir.live_init().is_some() => {
+                    if let Some(init) = dir.live_init() {
+                        wait_init_ready(name, init.pid).await;
+                    }
+                    return Ok(());
+                }
                 Phase::Error => {
                     return Err(EngineError::Runtime(format!(
                         "instance {name} failed to start: {}",
@@ -1026,6 +1031,35 @@ fn tail(path: &Path, max: usize) -> String {
     let data = std::fs::read(path).unwrap_or_default();
     let start = data.len().saturating_sub(max);
     String::from_utf8_lossy(&data[start..]).trim().to_string()
+}
+
+/// How long a start waits for systemd to accept commands.
+const SYSTEMD_READY_WAIT: Duration = Duration::from_secs(10);
+
+/// A start is complete when init can be talked to: for systemd, once its private socket
+/// (what `systemctl` uses as root) exists, so that `berth exec NAME -- systemctl ...` right
+/// after a launch works. Other inits are ready when they run. Never fails: a systemd that is
+/// slow to come up is reported running, with a warning.
+async fn wait_init_ready(name: &str, pid: i32) {
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let is_systemd = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.to_string_lossy().contains("systemd"))
+        .unwrap_or(false);
+    if !is_systemd {
+        return;
+    }
+    let socket = root.join("run/systemd/private");
+    let deadline = Instant::now() + SYSTEMD_READY_WAIT;
+    while Instant::now() < deadline {
+        if socket.exists() {
+            return;
+        }
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::warn!(instance = %name, "systemd did not open its control socket within {SYSTEMD_READY_WAIT:?}");
 }
 
 /// A mounted lxcfs: the system one at /var/lib/lxcfs, else ours at `dir`.
