@@ -1,6 +1,6 @@
 //! Debian 12 with systemd boots to `running`, unprivileged, and stops cleanly.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use berth_tests::Cluster;
 
