@@ -140,8 +140,10 @@ fn busybox_init_powers_off_on_sigpwr() {
         .unwrap()
         .join("rootfs");
     // `unshare --fork --pid` runs init as PID 1 of a new PID namespace, chrooted into the image.
+    // Its own UTS namespace too: the image's sysinit sets the host name.
+    let host_before = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
     let child = Command::new("unshare")
-        .args(["--pid", "--fork", "--mount", "--kill-child"])
+        .args(["--pid", "--fork", "--mount", "--uts", "--kill-child"])
         .arg(format!("--mount-proc={}", root.join("proc").display()))
         .arg("chroot")
         .arg(&root)
@@ -176,6 +178,11 @@ fn busybox_init_powers_off_on_sigpwr() {
     );
     let hostname = std::fs::read_to_string(format!("/proc/{init}/root/etc/hostname")).unwrap();
     assert_eq!(hostname.trim(), "busybox");
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap(),
+        host_before,
+        "the image's init changed the host's name"
+    );
     sh(&format!("kill -PWR {init}"));
     let t0 = Instant::now();
     let status = loop {

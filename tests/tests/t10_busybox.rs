@@ -31,6 +31,7 @@ fn busybox_lifecycle() -> anyhow::Result<()> {
 
 fn run(c: &Cluster) -> anyhow::Result<()> {
     let name = "t10-b1";
+    let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname")?;
     c.berth_ok(&["image", "build", "busybox"])?;
     c.berth_ok(&["launch", "busybox", name])?;
 
@@ -70,6 +71,11 @@ fn run(c: &Cluster) -> anyhow::Result<()> {
     // Hostname is the instance name, and it has an address on the bridge.
     let (_, out, _) = c.exec(name, &["hostname"])?;
     assert_eq!(out.trim(), name);
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/kernel/hostname")?,
+        host_name,
+        "booting an instance changed the host's name"
+    );
     let inst = c.instance_json(name)?;
     let addr = inst["state"]["network"]["eth0"]["addresses"][0]["address"]
         .as_str()
