@@ -15,7 +15,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-ms() { date +%s%N | awk '{printf "%d", $1/1000000}'; }
+ms() { echo $(( $(date +%s%N) / 1000000 )); }
 median() { sort -n | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print int((a[NR/2]+a[NR/2+1])/2)}'; }
 
 # $1 = tool (berth|lxc), $2 = image, $3 = name prefix, $4 = "ready" check command
