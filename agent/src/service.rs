@@ -114,6 +114,12 @@ fn image_status(e: ImageError) -> Status {
     }
 }
 
+/// A stop request's timeout: zero lets the engine use the instance's `boot.stop.timeout`
+/// (default 30 s); anything else is capped at an hour.
+fn stop_timeout(secs: u32) -> Duration {
+    Duration::from_secs(u64::from(secs.min(3600)))
+}
+
 fn blocking_failed(e: tokio::task::JoinError) -> Status {
     Status::internal(format!("background task failed: {e}"))
 }
@@ -209,12 +215,7 @@ impl Agent for AgentService {
         req: Request<v1::StopInstanceRequest>,
     ) -> Result<Response<v1::InstanceStatus>, Status> {
         let r = req.into_inner();
-        // Zero lets the engine use the instance's boot.stop.timeout (default 30 s).
-        let timeout = if r.timeout_secs == 0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs(u64::from(r.timeout_secs.min(3600)))
-        };
+        let timeout = stop_timeout(r.timeout_secs);
         let span = info_span!("stop", instance = %r.name, force = r.force);
         Ok(Response::new(
             self.engine
@@ -230,12 +231,7 @@ impl Agent for AgentService {
         req: Request<v1::StopInstanceRequest>,
     ) -> Result<Response<v1::InstanceStatus>, Status> {
         let r = req.into_inner();
-        // Zero lets the engine use the instance's boot.stop.timeout (default 30 s).
-        let timeout = if r.timeout_secs == 0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs(u64::from(r.timeout_secs.min(3600)))
-        };
+        let timeout = stop_timeout(r.timeout_secs);
         let span = info_span!("restart", instance = %r.name);
         Ok(Response::new(
             self.engine
