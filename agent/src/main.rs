@@ -38,11 +38,19 @@ fn main() -> ExitCode {
     }
     // --- end of hidden helper subcommands ---
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
-        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("berth-agent: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _telemetry = {
+        let _in_runtime = rt.enter();
+        berth_proto::telemetry::init("berth-agent", &args.log)
+    };
     let _ = rustls::crypto::ring::default_provider().install_default();
-    match run(args) {
+    match run(args, rt) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("berth-agent: {e}");
@@ -51,7 +59,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
+fn run(args: Args, rt: tokio::runtime::Runtime) -> anyhow::Result<()> {
     let cfg = berth_agent::config::Config::load(args.config.as_deref())?;
     let token = match &args.join_token_file {
         Some(p) => Some(
@@ -62,7 +70,6 @@ fn run(args: Args) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let rt = tokio::runtime::Runtime::new()?;
     match args.command.unwrap_or(Cmd::Run) {
         Cmd::Run => rt.block_on(berth_agent::daemon::run(cfg, token))?,
         Cmd::Join => rt.block_on(async {

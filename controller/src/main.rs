@@ -18,12 +18,13 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
-        .init();
+    let rt = tokio::runtime::Runtime::new()?;
+    let _telemetry = {
+        let _in_runtime = rt.enter();
+        berth_proto::telemetry::init("berthd", &args.log)
+    };
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cfg = berth_controller::config::Config::load(args.config.as_deref())?;
-    let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(berth_controller::daemon::run(cfg))?;
     Ok(())
 }

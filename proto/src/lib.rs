@@ -2,6 +2,8 @@
 //! the gRPC services between controllers and agents ([`v1`]) and the REST API's JSON types ([`api`]).
 
 pub mod api;
+#[cfg(feature = "telemetry")]
+pub mod telemetry;
 
 /// Generated gRPC types and services (`proto/berth/v1/*.proto`).
 #[allow(clippy::all, missing_docs)]
