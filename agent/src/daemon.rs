@@ -168,11 +168,12 @@ pub async fn run(cfg: Config, token: Option<String>) -> Result<(), StartError> {
     info!(node = %node.cfg.name, listen = %node.cfg.listen, "berth-agent is serving");
     tonic::transport::Server::builder()
         .tls_config(identity.server_tls())?
-        .add_service(
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             AgentServer::new(service)
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
-        )
+            crate::tls::require_controller,
+        ))
         .serve_with_shutdown(node.cfg.listen, shutdown_signal())
         .await?;
     info!("berth-agent stopped; instances keep running");

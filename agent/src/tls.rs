@@ -240,7 +240,8 @@ async fn post_join(
         .map_err(|e| JoinError::Refused(format!("the answer lacks the certificate: {e}")))
 }
 
-/// Accepts a server whose presented chain includes the pinned CA and whose leaf that CA signed.
+/// Accepts a server whose presented chain includes the pinned CA and whose leaf that CA signed
+/// for a controller.
 #[derive(Debug)]
 struct PinnedCa {
     fingerprint: String,
@@ -272,7 +273,11 @@ impl ServerCertVerifier for PinnedCa {
         )
         .build()
         .map_err(|e| rustls::Error::General(e.to_string()))?;
-        verifier.verify_server_cert(end_entity, &[], server_name, &[], now)
+        // Whatever address was dialled, only a controller's certificate will do.
+        let _ = server_name;
+        let controller = ServerName::try_from(berth_proto::CONTROLLER_TLS_NAME)
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        verifier.verify_server_cert(end_entity, &[], &controller, &[], now)
     }
 
     fn verify_tls12_signature(
@@ -310,9 +315,60 @@ impl ServerCertVerifier for PinnedCa {
     }
 }
 
+/// Refuses gRPC calls whose client certificate is not a controller's. The TLS layer already
+/// checked that the certificate chains to the cluster CA; this checks the role, so that a
+/// certificate the CA gave another agent cannot drive this one.
+#[allow(clippy::result_large_err)]
+pub fn require_controller(req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    let certs = req
+        .peer_certs()
+        .ok_or_else(|| tonic::Status::unauthenticated("a client certificate is required"))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| tonic::Status::unauthenticated("a client certificate is required"))?;
+    if !is_controller_cert(leaf) {
+        return Err(tonic::Status::permission_denied(
+            "only controllers may call a node agent",
+        ));
+    }
+    Ok(req)
+}
+
+/// Whether a certificate (already verified against the cluster CA) names the controller role.
+pub fn is_controller_cert(der: &CertificateDer<'_>) -> bool {
+    let Ok(cert) = webpki::EndEntityCert::try_from(der) else {
+        return false;
+    };
+    let Ok(name) = ServerName::try_from(berth_proto::CONTROLLER_TLS_NAME) else {
+        return false;
+    };
+    cert.verify_is_valid_for_subject_name(&name).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn controller_role_from_the_certificate() {
+        let make = |names: Vec<String>| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            rcgen::CertificateParams::new(names)
+                .unwrap()
+                .self_signed(&key)
+                .unwrap()
+                .der()
+                .clone()
+        };
+        let ctl = make(vec![
+            berth_proto::CONTROLLER_TLS_NAME.into(),
+            "127.0.0.1".into(),
+        ]);
+        let agent = make(vec!["node1.agent.berth".into(), "127.0.0.1".into()]);
+        assert!(is_controller_cert(&ctl));
+        assert!(!is_controller_cert(&agent));
+        assert!(!is_controller_cert(&CertificateDer::from(vec![1, 2, 3])));
+    }
 
     #[test]
     fn tokens() {

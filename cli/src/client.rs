@@ -147,8 +147,9 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
         .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
 }
 
-/// Verifies the chain against the cluster CA; the host name check is waived only when the
-/// certificate has no SAN matching the address we dialled (a cluster member reached by another name).
+/// Verifies the chain against the cluster CA, and that the certificate is a controller's
+/// ([`berth_proto::CONTROLLER_TLS_NAME`]): whatever address was dialled, a certificate the CA
+/// gave a node agent is refused.
 #[derive(Debug)]
 struct CaVerifier {
     inner: Arc<rustls::client::WebPkiServerVerifier>,
@@ -163,14 +164,18 @@ impl ServerCertVerifier for CaVerifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        // webpki checks the chain before the name, so a name error means the chain is trusted.
+        let _ = server_name;
+        let controller = ServerName::try_from(berth_proto::CONTROLLER_TLS_NAME)
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
         match self
             .inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+            .verify_server_cert(end_entity, intermediates, &controller, ocsp, now)
         {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
+            )) => Err(rustls::Error::General(
+                "the server's certificate is from the cluster CA but is not a controller's".into(),
+            )),
             other => other,
         }
     }

@@ -554,9 +554,15 @@ struct Fake {
     key: PathBuf,
 }
 
-/// Starts the fake on 127.0.0.1 with a certificate signed by a fresh CA. The certificate's
-/// only SAN is `sans` (so the "name does not match" path can be exercised).
+/// Starts the fake on 127.0.0.1 with a controller certificate signed by a fresh CA, with the
+/// SANs `sans` besides the controller name.
 async fn start(sans: &[&str]) -> Fake {
+    start_as(sans, true).await
+}
+
+/// Like [`start`]; with `controller` false the certificate lacks the controller name (an
+/// agent's certificate from the same CA).
+async fn start_as(sans: &[&str], controller: bool) -> Fake {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let ca_key = rcgen::KeyPair::generate().unwrap();
@@ -564,9 +570,11 @@ async fn start(sans: &[&str]) -> Fake {
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
-    let params =
-        rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .unwrap();
+    let mut names: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+    if controller {
+        names.push(berth_proto::CONTROLLER_TLS_NAME.to_string());
+    }
+    let params = rcgen::CertificateParams::new(names).unwrap();
     let cert = params.signed_by(&key, &ca).unwrap();
     let ca_path = dir.path().join("ca.pem");
     std::fs::write(&ca_path, ca.pem()).unwrap();
@@ -1076,7 +1084,7 @@ async fn t40_images_and_operations() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t50_remotes_and_trust() {
-    // The certificate names another host: trusted through the CA, name check waived.
+    // The certificate names another host: trusted through the CA and the controller name.
     let f = start(&["node-a.internal"]).await;
     let url = f.url();
     let key = f.key.to_str().unwrap().to_string();
@@ -1199,4 +1207,21 @@ async fn t50_remotes_and_trust() {
         String::from_utf8_lossy(&o.stderr),
         "Error: not authorized\n"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t51_agent_certificate_is_not_a_controller() {
+    // Same CA, right address, but not a controller's certificate: refused.
+    let f = start_as(&["127.0.0.1"], false).await;
+    let o = f
+        .command(&["list"], false)
+        .env("BERTH_URL", f.url())
+        .env("BERTH_KEY_FILE", &f.key)
+        .env("BERTH_CA", &f.ca)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("not a controller"), "{err}");
 }

@@ -1,5 +1,5 @@
 //! Starting `berthd`: open the replicated state, bootstrap a new cluster, load TLS material,
-//! and run the REST API, the Raft peer service and the leader loops until asked to stop.
+//! and run the REST API and the leader loops until asked to stop.
 
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -141,6 +141,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
 
     // This controller's certificate: for the REST API and as the client identity towards agents.
     let mut names = vec![
+        berth_proto::CONTROLLER_TLS_NAME.to_string(),
         "127.0.0.1".to_string(),
         "::1".to_string(),
         "localhost".to_string(),
@@ -199,31 +200,20 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         }
     });
 
+    // The Raft peer service is for other controllers. A single-voter cluster has none, and
+    // an unauthenticated peer port would let anyone who reaches it rewrite the state, so it is
+    // not served until controllers can join with mutual TLS (the replicated control plane).
     let peer_addr = cfg.peer_listen;
-    let raft_service = cp.raft_service();
-    let peer_listener = tokio::net::TcpListener::bind(peer_addr)
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: peer_addr,
-            source,
-        })?;
-    let peer_task = tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(peer_listener);
-        if let Err(e) = tonic::transport::Server::builder()
-            .add_service(raft_service)
-            .serve_with_incoming(incoming)
-            .await
-        {
-            error!(error = %e, "the Raft peer service stopped");
-        }
-    });
+    info!(
+        peer = %peer_addr,
+        "single controller: the Raft peer service is not served"
+    );
     let observer = tokio::spawn(reconcile::run(state.clone()));
-    info!(name = %cfg.name, api = %cfg.api_listen, peer = %peer_addr, "berthd is running");
+    info!(name = %cfg.name, api = %cfg.api_listen, "berthd is running");
 
     shutdown_signal().await;
     info!("shutting down");
     api_task.abort();
-    peer_task.abort();
     observer.abort();
     cp.shutdown().await;
     Ok(())

@@ -11,5 +11,11 @@ pub mod v1 {
     tonic::include_proto!("berth.v1");
 }
 
+/// The DNS name every controller certificate carries and only controller certificates carry.
+/// Clients (the CLI, joining agents) verify the API's certificate against this name, and agents
+/// accept gRPC calls only from certificates with it: a certificate the cluster CA gave an agent
+/// can never pass for a controller.
+pub const CONTROLLER_TLS_NAME: &str = "controller.berth";
+
 /// The version every Berth binary reports.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
