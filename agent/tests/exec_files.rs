@@ -770,3 +770,67 @@ async fn t22_files_in_a_stopped_instance_shifted_on_disk() {
         Err(FileError::InvalidId(_))
     ));
 }
+
+/// A reader that yields `good` bytes, then fails: an upload that broke off.
+struct BrokenUpload {
+    left: usize,
+}
+
+impl tokio::io::AsyncRead for BrokenUpload {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "client went away",
+            )));
+        }
+        let n = self.left.min(buf.remaining()).min(4096);
+        buf.put_slice(&vec![b'x'; n]);
+        self.left -= n;
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[tokio::test]
+async fn t23_a_broken_upload_leaves_the_old_file() {
+    let inst = TestInstance::start(false);
+    let roots = [
+        inst.running_root(),
+        FileRoot::StoppedShifted {
+            rootfs: inst.rootfs.clone(),
+            id_base: inst.base,
+        },
+    ];
+    for root in roots {
+        files::push(
+            &root,
+            "/tmp/keep",
+            FileKind::File,
+            0o644,
+            0,
+            0,
+            None,
+            &b"original\n"[..],
+        )
+        .await
+        .unwrap();
+        let r = files::push(
+            &root,
+            "/tmp/keep",
+            FileKind::File,
+            0o644,
+            0,
+            0,
+            None,
+            BrokenUpload { left: 100_000 },
+        )
+        .await;
+        assert!(r.is_err(), "a broken upload must fail");
+        let (_, data) = pull_all(&root, "/tmp/keep").await;
+        assert_eq!(data, b"original\n", "the old file stays whole");
+    }
+}

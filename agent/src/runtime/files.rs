@@ -718,21 +718,38 @@ async fn push_helper(
         .take()
         .ok_or_else(|| FileError::Helper("no stdout".to_string()))?;
     let mut reader = BufReader::new(stdout);
-    let copy = async {
-        if let Some(mut stdin) = stdin
-            && kind == FileKind::File
-        {
+    let helper = &mut child;
+    let copy = async move {
+        let mut stdin = stdin.filter(|_| kind == FileKind::File)?;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match data.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    // The upload broke off: the helper must not see an end of file and
+                    // commit a short file, so it dies before its stdin closes.
+                    let _ = helper.start_kill();
+                    return Some(e);
+                }
+            };
             // A helper that refuses early stops reading: its reply says why, so a broken
             // pipe here is not the error to report.
-            let _ = tokio::io::copy(&mut data, &mut stdin).await;
-            let _ = stdin.shutdown().await;
+            if stdin.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
         }
+        let _ = stdin.shutdown().await;
+        None
     };
-    let (_, reply) = tokio::join!(copy, read_reply(&mut reader));
+    let (upload_error, reply) = tokio::join!(copy, read_reply(&mut reader));
     let status = child
         .wait()
         .await
         .map_err(|e| FileError::Helper(format!("wait: {e}")))?;
+    if let Some(e) = upload_error {
+        return Err(FileError::Io(format!("{path}: the upload failed: {e}")));
+    }
     let meta = reply?;
     if !status.success() {
         return Err(FileError::Helper(format!("helper exited with {status}")));

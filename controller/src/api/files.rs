@@ -200,8 +200,11 @@ pub async fn push(
             ));
         }
     }
-    // Forward the body through a channel: the gRPC call streams it as it arrives.
+    // Forward the body through a channel: the gRPC call streams it as it arrives. If the
+    // client's upload breaks off, the call is cancelled (not ended), so the agent keeps the
+    // old file rather than committing a short one.
     let (tx, rx) = tokio::sync::mpsc::channel::<v1::FilePushChunk>(8);
+    let (broke_tx, broke_rx) = tokio::sync::oneshot::channel::<String>();
     let send_data = kind == v1::FileType::File;
     tokio::spawn(async move {
         if tx
@@ -215,10 +218,12 @@ pub async fn push(
             return;
         }
         while let Some(chunk) = data.next().await {
-            let Ok(bytes) = chunk else {
-                // The client went away mid-upload: dropping the sender ends the call, and
-                // the agent only replaces the file once the whole content arrived.
-                return;
+            let bytes = match chunk {
+                Ok(b) => b,
+                Err(e) => {
+                    let _ = broke_tx.send(e.to_string());
+                    return;
+                }
             };
             let msg = v1::FilePushChunk {
                 msg: Some(file_push_chunk::Msg::Data(bytes)),
@@ -229,12 +234,13 @@ pub async fn push(
         }
     });
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let info = state
-        .agents
-        .client(&n)?
-        .push_file(stream)
-        .await?
-        .into_inner();
+    let mut client = state.agents.client(&n)?;
+    let info = tokio::select! {
+        r = client.push_file(stream) => r?.into_inner(),
+        Ok(why) = broke_rx => {
+            return Err(ApiError::bad_request(format!("the upload broke off: {why}")));
+        }
+    };
     Ok(sync(
         serde_json::json!({ "path": info.path, "size": info.size }),
     ))
