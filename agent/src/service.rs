@@ -382,6 +382,7 @@ impl Agent for AgentService {
             .map_err(engine_status)?;
         let (tx, rx) = mpsc::channel::<Result<v1::ExecOutput, Status>>(32);
         let control = session.control();
+        let killer = session.control();
         let stdin = session.take_stdin();
         let stdout = session.take_stdout();
         let stderr = session.take_stderr();
@@ -454,7 +455,18 @@ impl Agent for AgentService {
         let err_task = pump(stderr, true, tx.clone());
         tokio::spawn(
             async move {
-                let code = session.wait().await;
+                // When the caller goes away (the controller cancels the stream), the command
+                // is killed rather than left running with nobody to talk to.
+                let wait = session.wait();
+                tokio::pin!(wait);
+                let code = tokio::select! {
+                    code = &mut wait => code,
+                    _ = tx.closed() => {
+                        debug!("exec caller went away; killing the command");
+                        let _ = killer.signal(libc::SIGKILL);
+                        wait.await
+                    }
+                };
                 let _ = out_task.await;
                 let _ = err_task.await;
                 input_task.abort();

@@ -183,6 +183,29 @@ fn run(c: &Cluster) -> anyhow::Result<()> {
         "../ resolves inside the instance root"
     );
 
+    // An exec whose client goes away does not leave its command running.
+    let mut cli = std::process::Command::new(berth_tests::bin_dir().join("berth"))
+        .args(["exec", name, "--", "sleep", "1234"])
+        .env("BERTH_CONF", c.dir.join("cli"))
+        .stdin(std::process::Stdio::null())
+        .spawn()?;
+    wait_for("the exec'd sleep to run", Duration::from_secs(10), || {
+        c.exec(name, &["ps"])
+            .map(|(_, out, _)| out.contains("sleep 1234"))
+            .unwrap_or(false)
+    })?;
+    cli.kill()?;
+    cli.wait()?;
+    wait_for(
+        "the abandoned command to be killed",
+        Duration::from_secs(10),
+        || {
+            c.exec(name, &["ps"])
+                .map(|(_, out, _)| !out.contains("sleep 1234"))
+                .unwrap_or(false)
+        },
+    )?;
+
     // Stop leaves nothing behind; start brings it back with the same limits.
     c.berth_ok(&["stop", name])?;
     assert!(

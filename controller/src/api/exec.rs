@@ -292,8 +292,22 @@ async fn run_session(
 
     // Agent to client.
     let mut exit_code = None;
+    let mut input = input;
     loop {
-        let msg = match output.message().await {
+        let next = tokio::select! {
+            m = output.message() => Some(m),
+            // The client closed the websocket (or it broke) before the command ended.
+            _ = &mut input => None,
+        };
+        let Some(next) = next else {
+            // Dropping the agent stream cancels it, and the agent kills the command.
+            drop(output);
+            warn!("exec client disconnected before the command ended");
+            return Err(ApiError::bad_request(
+                "the exec client disconnected before the command ended",
+            ));
+        };
+        let msg = match next {
             Ok(Some(m)) => m,
             Ok(None) => break,
             Err(e) => {
@@ -312,9 +326,14 @@ async fn run_session(
             None => continue,
         };
         if ws_tx.send(Message::Binary(frame.into())).await.is_err() {
-            // The client went away; the agent's stream ends when we drop it.
+            // The client went away: dropping the agent stream cancels it (the agent kills
+            // the command).
+            input.abort();
+            drop(output);
             warn!("exec client disconnected before the command ended");
-            break;
+            return Err(ApiError::bad_request(
+                "the exec client disconnected before the command ended",
+            ));
         }
     }
     let Some(code) = exit_code else {
