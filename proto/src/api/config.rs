@@ -140,33 +140,39 @@ pub fn parse_cpu(value: &str) -> Result<CpuLimit, ConfigError> {
 
 /// Parses a kernel CPU list ("0-3,5").
 pub fn parse_cpu_set(value: &str) -> Result<Vec<u32>, ConfigError> {
-    let mut cpus = Vec::new();
+    // A bitmap, so that repeated ranges cost nothing however long the value is.
+    let mut set = vec![false; 4096];
+    let bad = || err(format!("\"{}\" is not a CPU list", shorten(value)));
     for part in value.trim().split(',') {
-        let bad = || err(format!("\"{value}\" is not a CPU list"));
-        match part.split_once('-') {
-            Some((a, b)) => {
-                let a: u32 = a.trim().parse().map_err(|_| bad())?;
-                let b: u32 = b.trim().parse().map_err(|_| bad())?;
-                if a > b || b > 4095 {
-                    return Err(bad());
-                }
-                cpus.extend(a..=b);
-            }
-            None => {
-                let a: u32 = part.trim().parse().map_err(|_| bad())?;
-                if a > 4095 {
-                    return Err(bad());
-                }
-                cpus.push(a);
-            }
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a, b),
+            None => (part, part),
+        };
+        let a: usize = a.trim().parse().map_err(|_| bad())?;
+        let b: usize = b.trim().parse().map_err(|_| bad())?;
+        if a > b || b > 4095 {
+            return Err(bad());
         }
+        set[a..=b].iter_mut().for_each(|c| *c = true);
     }
-    cpus.sort_unstable();
-    cpus.dedup();
+    let cpus: Vec<u32> = (0u32..)
+        .zip(set)
+        .filter(|(_, on)| *on)
+        .map(|(i, _)| i)
+        .collect();
     if cpus.is_empty() {
-        return Err(err(format!("\"{value}\" is not a CPU list")));
+        return Err(bad());
     }
     Ok(cpus)
+}
+
+/// A value as quoted in an error: at most 64 characters of it.
+fn shorten(value: &str) -> String {
+    if value.chars().count() <= 64 {
+        value.to_string()
+    } else {
+        format!("{}...", value.chars().take(64).collect::<String>())
+    }
 }
 
 /// Formats CPU ids as a kernel CPU list ("0-3,5").
@@ -209,9 +215,11 @@ pub fn parse_cpu_allowance(value: &str) -> Result<CpuAllowance, ConfigError> {
     }
     if let Some((q, p)) = v.split_once('/') {
         let ms = |s: &str| -> Option<u64> { s.trim().strip_suffix("ms")?.trim().parse().ok() };
+        // The quota may exceed the period (several CPUs' worth) but not absurdly: at most
+        // 4096 CPUs' worth of one period.
         if let (Some(q), Some(p)) = (ms(q), ms(p))
-            && q >= 1
             && (1..=1000).contains(&p)
+            && (1..=p * 4096).contains(&q)
         {
             return Ok(CpuAllowance::Quota {
                 quota_us: q * 1000,
@@ -357,6 +365,12 @@ mod tests {
         );
         assert!(parse_cpu_allowance("150%").is_err());
         assert!(parse_cpu_allowance("25ms/0ms").is_err());
+        assert!(parse_cpu_allowance("18446744073709552ms/100ms").is_err());
+        // Long values are cheap and quoted short.
+        let long = "0-4095,".repeat(9000) + "1";
+        assert_eq!(parse_cpu_set(&long).map(|v| v.len()), Ok(4096));
+        let e = parse_cpu_set(&"x".repeat(5000)).unwrap_err();
+        assert!(e.0.len() < 120, "{}", e.0);
     }
 
     #[test]
