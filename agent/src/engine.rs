@@ -1154,7 +1154,10 @@ fn shift_tree(root: &Path, base: u32) -> Result<(), EngineError> {
     let mut stack = vec![root.to_path_buf()];
     while let Some(p) = stack.pop() {
         let m = std::fs::symlink_metadata(&p).map_err(io_err(&p))?;
-        std::os::unix::fs::lchown(&p, Some(m.uid() + base), Some(m.gid() + base))
+        // Ids outside the instance's range (an image may carry any) become its nobody
+        // (65534), never another range's ids or a wrapped-around host id.
+        let shift = |id: u32| base + if id < 65536 { id } else { 65534 };
+        std::os::unix::fs::lchown(&p, Some(shift(m.uid())), Some(shift(m.gid())))
             .map_err(io_err(&p))?;
         if !m.file_type().is_symlink() && m.mode() & 0o6000 != 0 {
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(m.mode() & 0o7777))

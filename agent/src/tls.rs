@@ -121,6 +121,9 @@ pub fn decode_token(token: &str) -> Result<JoinToken, JoinError> {
     Ok(t)
 }
 
+/// How long one join attempt may take, all of it (connect, handshake, answer).
+const JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// What the agent tells the controller about itself when joining.
 pub struct JoinFacts {
     pub name: String,
@@ -149,7 +152,15 @@ pub async fn join(state_dir: &Path, token: &str, facts: JoinFacts) -> Result<Ide
     };
     let mut last = None;
     for addr in &token.addresses {
-        match post_join(addr, &token.fingerprint, &body).await {
+        let attempt =
+            tokio::time::timeout(JOIN_TIMEOUT, post_join(addr, &token.fingerprint, &body));
+        let result = attempt.await.unwrap_or_else(|_| {
+            Err(JoinError::Unreachable {
+                addr: addr.clone(),
+                detail: format!("no answer within {JOIN_TIMEOUT:?}"),
+            })
+        });
+        match result {
             Ok(resp) => {
                 let id = Identity {
                     cert_pem: resp.certificate,

@@ -8,6 +8,11 @@ use berth_tests::{Cluster, wait_for};
 
 fn cgroup_dirs(name: &str) -> Vec<String> {
     let mut found = vec![];
+    // On a cgroup v2 host the payload cgroup sits at the root itself.
+    let v2 = format!("/sys/fs/cgroup/berth.payload.{name}");
+    if std::path::Path::new(&v2).exists() {
+        found.push(v2);
+    }
     if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
         for h in entries.flatten() {
             let p = h.path().join(format!("berth.payload.{name}"));

@@ -296,8 +296,10 @@ pub fn random_hwaddr() -> String {
 }
 
 fn short_hash(s: &str) -> String {
+    // 48 bits: "vb" + 12 hex digits fits the kernel's 15-character limit, and collisions (which
+    // would make one instance's start delete another's veth) are out of reach.
     let d = Sha256::digest(s.as_bytes());
-    hex::encode(&d[..4])
+    hex::encode(&d[..6])
 }
 
 /// The nftables table name for a bridge.
@@ -566,7 +568,7 @@ mod tests {
     #[test]
     fn veth_names() {
         let h = Network::host_veth_name("web1");
-        assert_eq!(h.len(), 10);
+        assert_eq!(h.len(), 14);
         assert!(h.starts_with("vb"));
         assert_eq!(h, Network::host_veth_name("web1"));
         assert_ne!(h, Network::host_veth_name("web2"));

@@ -107,6 +107,24 @@ pub async fn join(
     if !body.bridge_ipv4_cidr.is_empty() {
         validate_cidr(&body.bridge_ipv4_cidr)?;
     }
+    // Check the token before doing any signing work for an unauthenticated caller (the
+    // JoinNode command checks it again, atomically, when the node is added).
+    let token_hash = key_hash(&body.secret);
+    let now = clock::now();
+    let valid = state
+        .cp
+        .read(|s| {
+            s.join_tokens
+                .get(&token_hash)
+                .is_some_and(|t| t.node_name == body.name && t.expires_at.as_str() > now.as_str())
+        })
+        .await?;
+    if !valid {
+        return Err(ApiError::new(
+            http::StatusCode::FORBIDDEN,
+            "the join token is not valid or has expired",
+        ));
+    }
     let names = vec![agent_tls_name(&body.name), addr.ip().to_string()];
     let cert = state
         .ca
@@ -118,7 +136,7 @@ pub async fn join(
     state
         .cp
         .write(Command::JoinNode {
-            token_hash: key_hash(&body.secret),
+            token_hash,
             node: Node {
                 name: body.name.clone(),
                 address: body.address.clone(),

@@ -164,6 +164,13 @@ pub async fn post_exec(
     op.metadata = serde_json::json!({ "fds": { "0": secret } });
     let id = op.id.clone();
     let answer_op = op.clone();
+    // The operation ends when the session does; if nobody connects in time, it fails.
+    state
+        .cp
+        .write(Command::PutOperation {
+            operation: op.clone(),
+        })
+        .await?;
     state.execs.insert(
         id.clone(),
         PendingExec {
@@ -173,13 +180,6 @@ pub async fn post_exec(
             start,
         },
     );
-    // The operation ends when the session does; if nobody connects in time, it fails.
-    state
-        .cp
-        .write(Command::PutOperation {
-            operation: op.clone(),
-        })
-        .await?;
     let st = state.clone();
     tokio::spawn(async move {
         tokio::time::sleep(CONNECT_WINDOW).await;

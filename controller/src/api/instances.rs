@@ -396,6 +396,9 @@ pub async fn create(
         },
         instance_resources(&req.name),
     );
+    // Hold the instance's lock from the commit until the agent has made it, so that no
+    // delete or update of the same name can slip in between.
+    let guard = state.instance_lock(&req.name).lock_owned().await;
     let stored = match state
         .cp
         .write(Command::CreateInstance {
@@ -414,8 +417,7 @@ pub async fn create(
     let st = state.clone();
     let start = req.start;
     run_task(&state, op, async move {
-        let lock = st.instance_lock(&stored.name);
-        let _guard = lock.lock().await;
+        let _guard = guard;
         let n = st
             .cp
             .read(|s| s.nodes.get(&stored.node).cloned())
@@ -473,16 +475,26 @@ pub async fn get_state(
     Ok(sync(live_state(&state, &i, &n).await?))
 }
 
-/// Applies a new config (and description) to an instance: stored through Raft, then pushed to
-/// the agent so that live keys take effect at once on a running instance.
-async fn apply_update(
-    state: SharedState,
-    name: String,
-    config: BTreeMap<String, String>,
-    description: String,
-) -> Result<Response, ApiError> {
-    api::config::validate(&config).map_err(|e| ApiError::bad_request(e.0))?;
-    let (current, _) = find(&state, &name).await?;
+/// Applies a new config (and description) to an instance under its lock: `build` computes
+/// them from the current instance (so that concurrent PATCHes never lose each other's keys),
+/// the agent applies them (live keys take effect at once; it also refuses values the host
+/// cannot honour), then they are stored through Raft.
+async fn apply_update<F>(state: SharedState, name: String, build: F) -> Result<Response, ApiError>
+where
+    F: FnOnce(&Instance) -> Result<(BTreeMap<String, String>, String), ApiError>,
+{
+    let lock = state.instance_lock(&name);
+    let guard = lock.lock_owned().await;
+    let (current, n) = find(&state, &name).await?;
+    let (config, description) = build(&current)?;
+    api::config::validate(
+        &config
+            .iter()
+            .filter(|(k, _)| !k.starts_with("volatile.") && !k.starts_with("image."))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    )
+    .map_err(|e| ApiError::bad_request(e.0))?;
     // image.* and volatile.* keys are the server's: keep them whatever the client sent.
     let mut merged: BTreeMap<String, String> = config
         .into_iter()
@@ -499,20 +511,17 @@ async fn apply_update(
         "Updating instance",
         instance_resources(&name),
     );
-    let st = state.clone();
-    let lock = st.instance_lock(&name);
-    let guard = lock.lock_owned().await;
-    // The agent checks values against the host (e.g. more CPUs than it has) before anything is stored.
-    let (i, n) = find(&st, &name).await?;
-    let mut client = st.agents.client(&n)?;
-    let s = client
+    let s = state
+        .agents
+        .client(&n)?
         .update_instance(v1::UpdateInstanceRequest {
-            name: i.name.clone(),
+            name: current.name.clone(),
             config: merged.clone().into_iter().collect(),
         })
         .await?
         .into_inner();
-    st.cp
+    state
+        .cp
         .write(Command::UpdateInstance {
             name: name.clone(),
             config: merged,
@@ -521,7 +530,7 @@ async fn apply_update(
         })
         .await?;
     drop(guard);
-    observe(&st, &name, &s).await;
+    observe(&state, &name, &s).await;
     run_task(&state, op, async move { Ok(serde_json::Value::Null) }).await
 }
 
@@ -541,7 +550,8 @@ pub async fn put(
             "ephemeral instances are not supported yet",
         ));
     }
-    apply_update(state, name, body.config, body.description).await
+    api::config::validate(&body.config).map_err(|e| ApiError::bad_request(e.0))?;
+    apply_update(state, name, move |_| Ok((body.config, body.description))).await
 }
 
 /// `PATCH /1.0/instances/{name}`: changes only what is given; a config key set to null is removed.
@@ -550,19 +560,24 @@ pub async fn patch(
     Path(name): Path<String>,
     JsonBody(body): JsonBody<InstancePatch>,
 ) -> Result<Response, ApiError> {
-    let (current, _) = find(&state, &name).await?;
-    let mut config = current.config.clone();
-    if let Some(changes) = body.config {
+    // Everything the client sent is checked before any lock is taken.
+    if let Some(changes) = &body.config {
         for (k, v) in changes {
             if k.starts_with("volatile.") || k.starts_with("image.") {
                 return Err(ApiError::bad_request(format!(
                     "config key {k} is set by the server and cannot be changed"
                 )));
             }
+            if let Some(v) = v {
+                api::config::validate_key_value(k, v).map_err(|e| ApiError::bad_request(e.0))?;
+            }
+        }
+    }
+    apply_update(state, name, move |current| {
+        let mut config = current.config.clone();
+        for (k, v) in body.config.unwrap_or_default() {
             match v {
                 Some(v) => {
-                    api::config::validate_key_value(&k, &v)
-                        .map_err(|e| ApiError::bad_request(e.0))?;
                     config.insert(k, v);
                 }
                 None => {
@@ -570,9 +585,13 @@ pub async fn patch(
                 }
             }
         }
-    }
-    let description = body.description.unwrap_or(current.description);
-    apply_update(state, name, config, description).await
+        Ok((
+            config,
+            body.description
+                .unwrap_or_else(|| current.description.clone()),
+        ))
+    })
+    .await
 }
 
 /// `POST /1.0/instances/{name}`: rename a stopped instance.
