@@ -187,6 +187,8 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         }
     }
 
+    // Operations created from here on belong to this run; older running ones were interrupted.
+    let started = clock::now();
     let listener = tokio::net::TcpListener::bind(cfg.api_listen)
         .await
         .map_err(|source| StartError::Listen {
@@ -208,6 +210,8 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         peer = %peer_addr,
         "single controller: the Raft peer service is not served"
     );
+    let recovering = state.clone();
+    tokio::spawn(async move { reconcile::recover_interrupted(&recovering, &started).await });
     let observer = tokio::spawn(reconcile::run(state.clone()));
     info!(name = %cfg.name, api = %cfg.api_listen, "berthd is running");
 

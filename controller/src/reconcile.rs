@@ -132,6 +132,84 @@ pub async fn observe_once(state: &Arc<AppState>) {
     }
 }
 
+/// Run once when a controller takes over (today: at start, as the single voter). Work in
+/// flight lived in the memory of the controller that ran it, so an operation still `Running`
+/// was interrupted: it fails with a clear error. An instance still `Pending` (its create was
+/// interrupted) is looked up on its node: if the agent has it, its status is recorded; if
+/// not, the half-made record is removed, since the instance never came to be.
+pub async fn recover_interrupted(state: &Arc<AppState>, started: &str) {
+    let (ops, pending): (Vec<_>, Vec<_>) = state.cp.read_local(|s| {
+        (
+            s.operations
+                .values()
+                .filter(|o| !o.status.is_final() && o.created_at.as_str() < started)
+                .cloned()
+                .collect(),
+            s.instances
+                .values()
+                .filter(|i| i.observed.status == InstanceStatusCode::Pending)
+                .map(|i| (i.clone(), s.nodes.get(&i.node).cloned()))
+                .collect(),
+        )
+    });
+    for mut op in ops {
+        op.status = berth_proto::api::OperationStatus::Failure;
+        op.status_code = op.status.code();
+        op.err = "the operation was interrupted by a controller restart".into();
+        op.updated_at = clock::now();
+        info!(op = %op.id, "failing an operation interrupted by a restart");
+        if let Err(e) = state
+            .cp
+            .write(Command::PutOperation { operation: op })
+            .await
+        {
+            warn!(error = %e, "could not fail an interrupted operation");
+        }
+    }
+    for (inst, node) in pending {
+        let Some(node) = node else { continue };
+        let reply = match state.agents.client(&node) {
+            Ok(mut c) => {
+                let mut req = tonic::Request::new(v1::InstanceRef {
+                    name: inst.name.clone(),
+                });
+                req.set_timeout(Duration::from_secs(10));
+                c.instance_state(req).await
+            }
+            Err(_) => continue,
+        };
+        let cmd = match reply {
+            Ok(s) => {
+                let s = s.into_inner();
+                Command::ObserveInstance {
+                    name: inst.name.clone(),
+                    observed: Observed {
+                        status: match v1::InstanceState::try_from(s.state) {
+                            Ok(v1::InstanceState::Running) => InstanceStatusCode::Running,
+                            Ok(v1::InstanceState::Error) => InstanceStatusCode::Error,
+                            _ => InstanceStatusCode::Stopped,
+                        },
+                        pid: s.pid,
+                        updated_at: clock::now(),
+                        error: s.error,
+                    },
+                }
+            }
+            Err(e) if e.code() == tonic::Code::NotFound => {
+                info!(instance = %inst.name, "removing an instance whose create was interrupted");
+                Command::DeleteInstance {
+                    name: inst.name.clone(),
+                }
+            }
+            // The node does not answer now; the observer will keep it as it is.
+            Err(_) => continue,
+        };
+        if let Err(e) = state.cp.write(cmd).await {
+            warn!(instance = %inst.name, error = %e, "could not settle an interrupted create");
+        }
+    }
+}
+
 async fn prune_operations(state: &Arc<AppState>) {
     let cutoff = clock::format_unix(
         std::time::SystemTime::now()

@@ -112,6 +112,10 @@ fn api_refuses_bad_requests() -> anyhow::Result<()> {
     assert_eq!(code, 404, "{body}");
     let (code, _) = curl(&c, key, "GET", "/1.0/operations/ghost", None)?;
     assert_eq!(code, 404);
+    // Even a malformed query string gets the envelope.
+    let (code, body) = curl(&c, key, "GET", "/1.0/instances?recursion=300", None)?;
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(body["type"], "error", "{body}");
 
     // A good create, then bad updates that change nothing.
     c.berth_ok(&["init", "busybox", "t15-a", "-c", "limits.memory=128MiB"])?;

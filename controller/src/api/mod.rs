@@ -125,9 +125,38 @@ pub fn router(state: SharedState) -> Router {
         .route("/1.0/cluster/join", post(cluster::join))
         .merge(authed)
         .fallback(not_found)
+        .layer(middleware::map_response(envelope_rejections))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .layer(middleware::from_fn(trace_requests))
         .with_state(state)
+}
+
+/// Errors that axum's own extractors answer (a malformed query string, a bad path) come as
+/// plain text; every error of this API is the LXD envelope, so rewrap them.
+async fn envelope_rejections(resp: Response) -> Response {
+    let status = resp.status();
+    let is_text = resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/plain"));
+    if !(status.is_client_error() || status.is_server_error()) || !is_text {
+        return resp;
+    }
+    let body = axum::body::to_bytes(resp.into_body(), 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&body);
+    let message = text.trim().trim_end_matches('.').to_string();
+    ApiError::new(
+        status,
+        if message.is_empty() {
+            status.canonical_reason().unwrap_or("error").to_lowercase()
+        } else {
+            message
+        },
+    )
+    .into_response()
 }
 
 async fn not_found() -> ApiError {
