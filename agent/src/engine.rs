@@ -399,6 +399,11 @@ impl Engine {
                 }
             }
             if Instant::now() > deadline {
+                // Nothing half-started stays behind: the monitor, init, cgroups, veth and
+                // staging mount all go.
+                let inner = self.inner.clone();
+                let n = name.to_string();
+                blocking(move || inner.cleanup_leftovers(&n)).await?;
                 return Err(EngineError::Runtime(format!(
                     "instance {name} did not start within {:?}",
                     self.inner.cfg.start_timeout
