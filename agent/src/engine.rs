@@ -833,6 +833,12 @@ impl Inner {
             undo.push(Box::new(move || {
                 let _ = std::fs::remove_dir_all(&d);
             }));
+            // A volume without a record is what a crash in the middle of an earlier create
+            // leaves: it belongs to no instance, so it goes before the new one is made.
+            if self.storage.instance_volume(name).is_some() {
+                tracing::warn!(instance = %name, "removing a volume an interrupted create left");
+                self.storage.delete_instance_volume(name)?;
+            }
             let vol = self.storage.create_instance_volume(name, image)?;
             let storage = self.storage.clone();
             let n = name.to_string();
