@@ -14,6 +14,17 @@ use crate::state::Node;
 /// Agent calls that can take long (image builds, clean stops) get this deadline.
 pub const LONG_CALL: Duration = Duration::from_secs(30 * 60);
 
+/// Quick agent calls (state, lists, config, small file operations) get this deadline, so that
+/// a stalled agent cannot hold a request, or an instance's lock, forever.
+pub const SHORT_CALL: Duration = Duration::from_secs(30);
+
+/// A request with the [`SHORT_CALL`] deadline.
+pub fn short<T>(msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.set_timeout(SHORT_CALL);
+    req
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("node {0} has an invalid address")]

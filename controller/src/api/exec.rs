@@ -124,9 +124,9 @@ pub async fn post_exec(
     let status = state
         .agents
         .client(&node)?
-        .instance_state(v1::InstanceRef {
+        .instance_state(crate::agents::short(v1::InstanceRef {
             name: i.name.clone(),
-        })
+        }))
         .await?
         .into_inner();
     if status.state != v1::InstanceState::Running as i32 {

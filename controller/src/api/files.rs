@@ -257,10 +257,10 @@ pub async fn delete(
     state
         .agents
         .client(&n)?
-        .delete_file(v1::FileDeleteRequest {
+        .delete_file(crate::agents::short(v1::FileDeleteRequest {
             instance: i.name.clone(),
             path,
-        })
+        }))
         .await?;
     Ok(sync(serde_json::Value::Null))
 }

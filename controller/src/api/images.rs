@@ -316,9 +316,9 @@ pub async fn delete(
             match st
                 .agents
                 .client(&n)?
-                .delete_image(v1::DeleteImageRequest {
+                .delete_image(crate::agents::short(v1::DeleteImageRequest {
                     fingerprint: img.fingerprint.clone(),
-                })
+                }))
                 .await
             {
                 Ok(_) => {}

@@ -165,9 +165,9 @@ async fn live_state(
     let s = state
         .agents
         .client(n)?
-        .instance_state(v1::InstanceRef {
+        .instance_state(crate::agents::short(v1::InstanceRef {
             name: i.name.clone(),
-        })
+        }))
         .await?
         .into_inner();
     Ok(state_from_agent(i, node_prefix(n), &s))
@@ -203,7 +203,7 @@ pub async fn list(
                 async move {
                     let r = match st.agents.client(n) {
                         Ok(mut c) => c
-                            .list_instances(v1::ListInstancesRequest {})
+                            .list_instances(crate::agents::short(v1::ListInstancesRequest {}))
                             .await
                             .map(|r| r.into_inner().instances)
                             .map_err(|e| e.to_string()),
@@ -514,10 +514,10 @@ where
     let s = state
         .agents
         .client(&n)?
-        .update_instance(v1::UpdateInstanceRequest {
+        .update_instance(crate::agents::short(v1::UpdateInstanceRequest {
             name: current.name.clone(),
             config: merged.clone().into_iter().collect(),
-        })
+        }))
         .await?
         .into_inner();
     state
@@ -627,9 +627,9 @@ pub async fn rename(
         let _guard = lock.lock().await;
         let mut client = st.agents.client(&n)?;
         let s = client
-            .instance_state(v1::InstanceRef {
+            .instance_state(crate::agents::short(v1::InstanceRef {
                 name: i.name.clone(),
-            })
+            }))
             .await?
             .into_inner();
         if s.state == v1::InstanceState::Running as i32 {
@@ -672,9 +672,9 @@ pub async fn delete(
         let _guard = lock.lock().await;
         let mut client = st.agents.client(&n)?;
         let s = client
-            .instance_state(v1::InstanceRef {
+            .instance_state(crate::agents::short(v1::InstanceRef {
                 name: i.name.clone(),
-            })
+            }))
             .await;
         match s {
             Ok(s) if s.get_ref().state == v1::InstanceState::Running as i32 => {
@@ -812,10 +812,10 @@ pub async fn console(
     let log = state
         .agents
         .client(&n)?
-        .console_log(v1::ConsoleLogRequest {
+        .console_log(crate::agents::short(v1::ConsoleLogRequest {
             name: i.name.clone(),
             max_bytes: 1 << 20,
-        })
+        }))
         .await?
         .into_inner();
     Ok((
