@@ -1,0 +1,143 @@
+//! Images through the API: an LXD-format image imported with the CLI (unified and split
+//! tarballs) launches; aliases and deletion work.
+
+use std::path::Path;
+use std::process::Command;
+
+use berth_tests::Cluster;
+
+/// A minimal machine rootfs from the host's static busybox, with LXD's metadata.yaml.
+fn make_image(dir: &Path) -> anyhow::Result<()> {
+    let root = dir.join("rootfs");
+    for d in [
+        "bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "root", "run",
+    ] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))?;
+    for applet in [
+        "sh", "cat", "id", "hostname", "sleep", "ls", "mkdir", "umount",
+    ] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
+    }
+    std::os::unix::fs::symlink("/bin/busybox", root.join("sbin/init"))?;
+    std::fs::write(
+        root.join("etc/inittab"),
+        "::sysinit:/bin/hostname -F /etc/hostname\n::shutdown:/bin/umount -a -r\n",
+    )?;
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
+    std::fs::write(root.join("etc/group"), "root:x:0:\n")?;
+    std::fs::write(root.join("etc/hostname"), "imported\n")?;
+    std::fs::write(
+        dir.join("metadata.yaml"),
+        "architecture: x86_64\ncreation_date: 1700000000\nproperties:\n  os: testos\n  release: \"1\"\n  description: an imported test image\n",
+    )?;
+    let tar = |args: &[&str]| -> anyhow::Result<()> {
+        let ok = Command::new("tar")
+            .current_dir(dir)
+            .args(args)
+            .status()?
+            .success();
+        anyhow::ensure!(ok, "tar {args:?} failed");
+        Ok(())
+    };
+    tar(&[
+        "--numeric-owner",
+        "--owner=0",
+        "--group=0",
+        "-cJf",
+        "unified.tar.xz",
+        "metadata.yaml",
+        "rootfs",
+    ])?;
+    tar(&["-cf", "meta.tar", "metadata.yaml"])?;
+    tar(&[
+        "--numeric-owner",
+        "--owner=0",
+        "--group=0",
+        "-czf",
+        "rootfs.tar.gz",
+        "-C",
+        "rootfs",
+        ".",
+    ])?;
+    Ok(())
+}
+
+#[test]
+fn imported_images_launch() -> anyhow::Result<()> {
+    let c = Cluster::start()?;
+    let work = tempfile::tempdir()?;
+    make_image(work.path())?;
+    let p = |f: &str| work.path().join(f).display().to_string();
+
+    let out = c.berth_ok(&[
+        "image",
+        "import",
+        &p("unified.tar.xz"),
+        "--alias",
+        "t40/unified",
+    ])?;
+    assert!(out.contains("fingerprint"), "{out}");
+    c.berth_ok(&[
+        "image",
+        "import",
+        &p("meta.tar"),
+        &p("rootfs.tar.gz"),
+        "--alias",
+        "t40-split",
+    ])?;
+    let list = c.berth_ok(&["image", "list", "--format", "json"])?;
+    assert!(
+        list.contains("t40/unified") && list.contains("t40-split"),
+        "{list}"
+    );
+    let info = c.berth_ok(&["image", "info", "t40/unified"])?;
+    assert!(info.contains("testos"), "{info}");
+
+    for (image, name) in [("t40/unified", "t40-a"), ("t40-split", "t40-b")] {
+        c.berth_ok(&["launch", image, name])?;
+        let (code, out, err) = c.exec(name, &["cat", "/proc/1/comm"])?;
+        assert_eq!((code, out.trim()), (0, "init"), "{image}: {err}");
+        let (_, out, _) = c.exec(name, &["hostname"])?;
+        assert_eq!(out.trim(), name);
+        c.berth_ok(&["delete", "--force", name])?;
+    }
+
+    // A tarball that is not an image is refused, and nothing is added.
+    std::fs::write(work.path().join("junk.tar"), b"this is not a tarball")?;
+    let err = c.berth_err(&["image", "import", &p("junk.tar")])?;
+    assert!(!err.is_empty());
+    let before = c.berth_ok(&["image", "list", "--format", "json"])?;
+    let count = |s: &str| {
+        serde_json::from_str::<serde_json::Value>(s)
+            .map(|v| v.as_array().map(Vec::len).unwrap_or(0))
+            .unwrap_or(0)
+    };
+
+    // Aliases and deletion.
+    let images: serde_json::Value = serde_json::from_str(&before)?;
+    let fingerprint = images
+        .as_array()
+        .and_then(|a| {
+            a.iter().find(|i| {
+                i["aliases"]
+                    .as_array()
+                    .is_some_and(|al| al.iter().any(|x| x["name"] == "t40/unified"))
+            })
+        })
+        .and_then(|i| i["fingerprint"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(fingerprint.len(), 64, "{before}");
+    c.berth_ok(&["image", "alias", "create", "t40-other", &fingerprint])?;
+    let aliases = c.berth_ok(&["image", "alias", "list"])?;
+    assert!(aliases.contains("t40-other"), "{aliases}");
+    c.berth_ok(&["image", "alias", "delete", "t40-other"])?;
+    c.berth_ok(&["image", "delete", "t40/unified"])?;
+    let after = c.berth_ok(&["image", "list", "--format", "json"])?;
+    assert_eq!(count(&after), count(&before) - 1, "{after}");
+    let err = c.berth_err(&["launch", "t40/unified", "t40-c"])?;
+    assert!(err.contains("not found"), "{err}");
+    Ok(())
+}
