@@ -187,8 +187,14 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         }
     }
 
-    // Operations created from here on belong to this run; older running ones were interrupted.
-    let started = clock::now();
+    // Operations running before this controller serves anything were interrupted.
+    let interrupted: Vec<String> = cp.read_local(|s| {
+        s.operations
+            .values()
+            .filter(|o| !o.status.is_final())
+            .map(|o| o.id.clone())
+            .collect()
+    });
     let listener = tokio::net::TcpListener::bind(cfg.api_listen)
         .await
         .map_err(|source| StartError::Listen {
@@ -211,7 +217,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         "single controller: the Raft peer service is not served"
     );
     let recovering = state.clone();
-    tokio::spawn(async move { reconcile::recover_interrupted(&recovering, &started).await });
+    tokio::spawn(async move { reconcile::recover_interrupted(&recovering, interrupted).await });
     let observer = tokio::spawn(reconcile::run(state.clone()));
     info!(name = %cfg.name, api = %cfg.api_listen, "berthd is running");
 

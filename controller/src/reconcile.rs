@@ -133,16 +133,17 @@ pub async fn observe_once(state: &Arc<AppState>) {
 }
 
 /// Run once when a controller takes over (today: at start, as the single voter). Work in
-/// flight lived in the memory of the controller that ran it, so an operation still `Running`
-/// was interrupted: it fails with a clear error. An instance still `Pending` (its create was
+/// flight lived in the memory of the controller that ran it, so an operation that was
+/// already running before this controller served anything (`interrupted`) fails with a
+/// clear error. An instance still `Pending` (its create was
 /// interrupted) is looked up on its node: if the agent has it, its status is recorded; if
 /// not, the half-made record is removed, since the instance never came to be.
-pub async fn recover_interrupted(state: &Arc<AppState>, started: &str) {
+pub async fn recover_interrupted(state: &Arc<AppState>, interrupted: Vec<String>) {
     let (ops, pending): (Vec<_>, Vec<_>) = state.cp.read_local(|s| {
         (
             s.operations
                 .values()
-                .filter(|o| !o.status.is_final() && o.created_at.as_str() < started)
+                .filter(|o| !o.status.is_final() && interrupted.contains(&o.id))
                 .cloned()
                 .collect(),
             s.instances

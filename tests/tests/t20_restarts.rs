@@ -41,7 +41,22 @@ fn run(c: &mut Cluster) -> anyhow::Result<()> {
 
     // Controller restart: every instance, with its config and state, is still there.
     c.berth_ok(&["config", "set", "t20-b", "user.note", "kept"])?;
+    // An exec in flight when the controller goes: its operation must not stay running.
+    let mut cli = std::process::Command::new(berth_tests::bin_dir().join("berth"))
+        .args(["exec", "t20-a", "--", "sleep", "300"])
+        .env("BERTH_CONF", c.dir.join("cli"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    wait_for("the exec to run", Duration::from_secs(10), || {
+        c.exec("t20-a", &["ps"])
+            .map(|(_, out, _)| out.contains("sleep 300"))
+            .unwrap_or(false)
+    })?;
     c.stop_controller();
+    let _ = cli.kill();
+    let _ = cli.wait();
     c.start_controller()?;
     wait_for("berthd to answer again", Duration::from_secs(30), || {
         c.berth(&["list"])
@@ -58,5 +73,24 @@ fn run(c: &mut Cluster) -> anyhow::Result<()> {
     );
     let (code, out, _) = c.exec("t20-a", &["cat", "/proc/1/comm"])?;
     assert_eq!((code, out.trim()), (0, "init"));
+    let ops = c.berth_ok(&["operation", "list", "--format", "json"])?;
+    let ops: serde_json::Value = serde_json::from_str(&ops)?;
+    let running: Vec<_> = ops
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|o| o["status"] == "Running" && o["description"] == "Executing command")
+                .collect()
+        })
+        .unwrap_or_default();
+    // Only the exec just above may still be finishing; the interrupted one has failed.
+    assert!(running.len() <= 1, "interrupted exec still running: {ops}");
+    assert!(
+        ops.as_array().is_some_and(|a| a.iter().any(|o| o["err"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("interrupted"))),
+        "the interrupted operation failed with a reason: {ops}"
+    );
     Ok(())
 }

@@ -161,9 +161,12 @@ pub async fn post_exec(
         "Executing command",
         instance_resources(&name),
     );
-    op.metadata = serde_json::json!({ "fds": { "0": secret } });
+    // The secret goes to the caller only; the stored (replicated, listable) operation does
+    // not carry it.
+    op.metadata = serde_json::json!({ "fds": { "0": "" } });
+    let mut answer_op = op.clone();
+    answer_op.metadata = serde_json::json!({ "fds": { "0": secret } });
     let id = op.id.clone();
-    let answer_op = op.clone();
     // The operation ends when the session does; if nobody connects in time, it fails.
     state
         .cp
