@@ -728,6 +728,11 @@ impl Engine {
             uid: p.uid,
             gid: p.gid,
             tty: p.tty,
+            pty_owner: if rec.privileged() {
+                None
+            } else {
+                Some((rec.idmap_base, rec.idmap_base))
+            },
             helper_exe: self.inner.cfg.helper_exe.clone(),
         };
         Ok(ExecSession::spawn(req).await?)

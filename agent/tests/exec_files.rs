@@ -187,6 +187,11 @@ impl TestInstance {
             uid: 0,
             gid: 0,
             tty: None,
+            pty_owner: if self.base == 0 {
+                None
+            } else {
+                Some((self.base, self.base))
+            },
             helper_exe: PathBuf::from(HELPER),
         }
     }
@@ -475,6 +480,7 @@ async fn t16_exec_into_a_dead_instance_fails_cleanly() {
         uid: 0,
         gid: 0,
         tty: None,
+        pty_owner: None,
         helper_exe: PathBuf::from(HELPER),
     };
     match ExecSession::spawn(req).await {

@@ -188,6 +188,31 @@ fn run(c: &Cluster) -> anyhow::Result<()> {
         "../ resolves inside the instance root"
     );
 
+    // Interactive exec gets a terminal from the instance's own devpts, owned by its root.
+    let out = std::process::Command::new("script")
+        .args([
+            "-qec",
+            &format!(
+                "{} exec {name} -- sh -c 'tty; stat -c %u $(tty); stty size'",
+                berth_tests::bin_dir().join("berth").display()
+            ),
+            "/dev/null",
+        ])
+        .env("BERTH_CONF", c.dir.join("cli"))
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines.first().is_some_and(|l| l.starts_with("/dev/pts/")),
+        "tty inside: {text}"
+    );
+    assert_eq!(
+        lines.get(1).copied(),
+        Some("0"),
+        "the pty belongs to the instance's root: {text}"
+    );
+
     // An exec whose client goes away does not leave its command running.
     let mut cli = std::process::Command::new(berth_tests::bin_dir().join("berth"))
         .args(["exec", name, "--", "sleep", "1234"])

@@ -77,6 +77,9 @@ pub struct ExecRequest {
     pub gid: u32,
     /// A pty of this size (cols, rows) instead of pipes.
     pub tty: Option<(u16, u16)>,
+    /// Host uid and gid of the instance's root, who owns the pty inside (`None`: host root,
+    /// for privileged instances).
+    pub pty_owner: Option<(u32, u32)>,
     /// The agent binary (normally `/proc/self/exe`).
     pub helper_exe: PathBuf,
 }
@@ -188,22 +191,69 @@ fn validate(req: &ExecRequest) -> Result<(), ExecError> {
     Ok(())
 }
 
-/// A pty master and its slave, allocated on the host.
-fn open_pty(cols: u16, rows: u16) -> std::io::Result<(OwnedFd, OwnedFd)> {
+/// A pty master and its slave. With `instance` (init's pid and the host ids of the instance's
+/// root), the pty comes from the instance's own devpts, owned by its root: inside, the command's
+/// terminal is a real `/dev/pts/N` (`tty`, `ttyname`, `sudo`, `screen` work). Without it, or
+/// when the instance has no devpts, it comes from the host's.
+fn open_pty(
+    instance: Option<(i32, Option<(u32, u32)>)>,
+    cols: u16,
+    rows: u16,
+) -> std::io::Result<(OwnedFd, OwnedFd)> {
     use rustix::pty::OpenptFlags;
-    let master =
-        rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
+    let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
+    let from_instance = match instance {
+        Some((pid, owner)) => open_instance_ptmx(pid, owner).ok(),
+        None => None,
+    };
+    let master = match from_instance {
+        Some(m) => m,
+        None => rustix::pty::openpt(flags)?,
+    };
     rustix::pty::grantpt(&master)?;
     rustix::pty::unlockpt(&master)?;
-    let name = rustix::pty::ptsname(&master, Vec::new())?;
-    let slave = rustix::fs::open(
-        name.as_c_str(),
-        OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
+    // The peer of this master, opened through the master itself: no path lookup, so it is the
+    // right pty whichever devpts it lives in.
+    let slave = rustix::pty::ioctl_tiocgptpeer(&master, flags)?;
     set_winsize(master.as_fd(), cols, rows)?;
     rustix::io::ioctl_fionbio(&master, true)?;
     Ok((master, slave))
+}
+
+/// Opens `/dev/ptmx` of the instance whose init is `pid`. devpts gives a new pty the opener's
+/// file-system ids, so the open runs with the instance root's host ids (`owner`; `None` for a
+/// privileged instance, whose root is host root). File-system ids are per thread: this runs on
+/// a thread of its own and restores them before it ends.
+fn open_instance_ptmx(pid: i32, owner: Option<(u32, u32)>) -> std::io::Result<OwnedFd> {
+    let dev = rustix::fs::open(
+        format!("/proc/{pid}/root/dev"),
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let saved = owner.map(|(uid, gid)| {
+                    (
+                        nix::unistd::setfsgid(nix::unistd::Gid::from_raw(gid)),
+                        nix::unistd::setfsuid(nix::unistd::Uid::from_raw(uid)),
+                    )
+                });
+                let master = rustix::fs::openat(
+                    &dev,
+                    "ptmx",
+                    OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                );
+                if let Some((gid, uid)) = saved {
+                    nix::unistd::setfsuid(uid);
+                    nix::unistd::setfsgid(gid);
+                }
+                master.map_err(std::io::Error::from)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the pty thread panicked")))
+    })
 }
 
 impl ExecSession {
@@ -236,7 +286,8 @@ impl ExecSession {
 
         let mut master = None;
         if let Some((cols, rows)) = req.tty {
-            let (m, slave) = open_pty(cols, rows).map_err(ExecError::Pty)?;
+            let (m, slave) = open_pty(Some((req.init_pid, req.pty_owner)), cols, rows)
+                .map_err(ExecError::Pty)?;
             let s1 = slave.try_clone().map_err(ExecError::Pty)?;
             let s2 = slave.try_clone().map_err(ExecError::Pty)?;
             cmd.stdin(Stdio::from(slave))
@@ -988,6 +1039,7 @@ mod tests {
             uid: 0,
             gid: 0,
             tty: None,
+            pty_owner: None,
             helper_exe: PathBuf::from("/proc/self/exe"),
         };
         assert!(validate(&ok).is_ok());
