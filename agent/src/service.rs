@@ -58,6 +58,29 @@ impl AgentService {
     }
 }
 
+impl AgentService {
+    async fn stop_or_restart(
+        &self,
+        r: v1::StopInstanceRequest,
+        restart: bool,
+    ) -> Result<Response<v1::InstanceStatus>, Status> {
+        let timeout = stop_timeout(r.timeout_secs);
+        let span = info_span!("stop", instance = %r.name, force = r.force, restart);
+        let status = if restart {
+            self.engine
+                .restart(&r.name, r.force, timeout)
+                .instrument(span)
+                .await
+        } else {
+            self.engine
+                .stop(&r.name, r.force, timeout)
+                .instrument(span)
+                .await
+        };
+        Ok(Response::new(status.map_err(engine_status)?))
+    }
+}
+
 /// Engine errors as gRPC statuses: what the caller got wrong is a 4xx-like code, the rest internal.
 pub fn engine_status(e: EngineError) -> Status {
     let msg = e.to_string();
@@ -214,32 +237,14 @@ impl Agent for AgentService {
         &self,
         req: Request<v1::StopInstanceRequest>,
     ) -> Result<Response<v1::InstanceStatus>, Status> {
-        let r = req.into_inner();
-        let timeout = stop_timeout(r.timeout_secs);
-        let span = info_span!("stop", instance = %r.name, force = r.force);
-        Ok(Response::new(
-            self.engine
-                .stop(&r.name, r.force, timeout)
-                .instrument(span)
-                .await
-                .map_err(engine_status)?,
-        ))
+        self.stop_or_restart(req.into_inner(), false).await
     }
 
     async fn restart_instance(
         &self,
         req: Request<v1::StopInstanceRequest>,
     ) -> Result<Response<v1::InstanceStatus>, Status> {
-        let r = req.into_inner();
-        let timeout = stop_timeout(r.timeout_secs);
-        let span = info_span!("restart", instance = %r.name);
-        Ok(Response::new(
-            self.engine
-                .restart(&r.name, r.force, timeout)
-                .instrument(span)
-                .await
-                .map_err(engine_status)?,
-        ))
+        self.stop_or_restart(req.into_inner(), true).await
     }
 
     async fn delete_instance(
