@@ -263,10 +263,11 @@ impl ExecSession {
     pub async fn spawn(req: ExecRequest) -> Result<ExecSession, ExecError> {
         validate(&req)?;
         let mut cmd = tokio::process::Command::new(&req.helper_exe);
-        cmd.arg("__exec")
-            .arg("--pid")
-            .arg(req.init_pid.to_string())
-            .arg("--uid")
+        cmd.arg("__exec").arg("--pid").arg(req.init_pid.to_string());
+        if let Some(start) = crate::runtime::proc_start_time(req.init_pid) {
+            cmd.arg("--start").arg(start.to_string());
+        }
+        cmd.arg("--uid")
             .arg(req.uid.to_string())
             .arg("--gid")
             .arg(req.gid.to_string());
@@ -651,6 +652,9 @@ impl Drop for ExecStdin {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct HelperArgs {
     pid: i32,
+    /// Start time of the process at `pid` when the engine chose it: checked again once the
+    /// namespaces are open, so a pid reused in between is never entered.
+    start: Option<u64>,
     uid: u32,
     gid: u32,
     cwd: Option<String>,
@@ -664,6 +668,7 @@ struct HelperArgs {
 fn parse_helper_args(args: &[String]) -> Result<HelperArgs, String> {
     let mut parsed = HelperArgs {
         pid: 0,
+        start: None,
         uid: 0,
         gid: 0,
         cwd: None,
@@ -687,6 +692,7 @@ fn parse_helper_args(args: &[String]) -> Result<HelperArgs, String> {
         let bad = || format!("bad value for {flag}: {value}");
         match flag.as_str() {
             "--pid" => parsed.pid = value.parse().map_err(|_| bad())?,
+            "--start" => parsed.start = Some(value.parse().map_err(|_| bad())?),
             "--uid" => parsed.uid = value.parse().map_err(|_| bad())?,
             "--gid" => parsed.gid = value.parse().map_err(|_| bad())?,
             "--cwd" => parsed.cwd = Some(value.clone()),
@@ -798,6 +804,9 @@ pub fn helper_main(args: &[String]) -> i32 {
         Ok(ns) => ns,
         Err(e) => return fail(&mut status, &e.to_string()),
     };
+    if parsed.start.is_some() && crate::runtime::proc_start_time(parsed.pid) != parsed.start {
+        return fail(&mut status, "the instance stopped");
+    }
     if let Err(e) = sys::join_cgroups(&parsed.cgroups) {
         return fail(&mut status, &e.to_string());
     }

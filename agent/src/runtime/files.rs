@@ -893,9 +893,11 @@ fn spawn_helper(
     args: &[String],
 ) -> Result<tokio::process::Child, FileError> {
     let mut cmd = tokio::process::Command::new(helper_exe);
-    cmd.arg("__file")
-        .arg(&args[0])
-        .arg("--pid")
+    cmd.arg("__file").arg(&args[0]);
+    if let Some(start) = crate::runtime::proc_start_time(init_pid) {
+        cmd.arg("--start").arg(start.to_string());
+    }
+    cmd.arg("--pid")
         .arg(init_pid.to_string())
         .arg("--path")
         .arg(path)
@@ -990,6 +992,8 @@ impl From<FileError> for HelperFailure {
 struct HelperArgs {
     op: String,
     pid: i32,
+    /// Start time of `pid` when the engine chose it (see the exec helper).
+    start: Option<u64>,
     path: String,
     kind: FileKind,
     mode: u32,
@@ -1008,6 +1012,7 @@ fn parse_helper_args(args: &[String]) -> Result<HelperArgs, FileError> {
     let mut parsed = HelperArgs {
         op,
         pid: 0,
+        start: None,
         path: String::new(),
         kind: FileKind::File,
         mode: 0o644,
@@ -1022,6 +1027,9 @@ fn parse_helper_args(args: &[String]) -> Result<HelperArgs, FileError> {
         let num = |v: &str| v.parse::<u32>().map_err(|_| bad(format!("{flag} {v}")));
         match flag.as_str() {
             "--pid" => parsed.pid = value.parse().map_err(|_| bad(format!("--pid {value}")))?,
+            "--start" => {
+                parsed.start = Some(value.parse().map_err(|_| bad(format!("--start {value}")))?)
+            }
             "--path" => parsed.path = value.clone(),
             "--kind" => {
                 parsed.kind =
@@ -1048,6 +1056,9 @@ fn run_helper(args: &[String], out: &mut impl Write) -> Result<(), HelperFailure
     let a = parse_helper_args(args)?;
     let ns =
         NamespaceFds::open(a.pid, FILE_NAMESPACES).map_err(|e| FileError::Helper(e.to_string()))?;
+    if a.start.is_some() && crate::runtime::proc_start_time(a.pid) != a.start {
+        return Err(FileError::Helper("the instance stopped".to_string()).into());
+    }
     ns.join().map_err(|e| FileError::Helper(e.to_string()))?;
     if ns.has_user_namespace() {
         become_namespace_root().map_err(|e| FileError::Helper(e.to_string()))?;
