@@ -11,8 +11,8 @@
 set -euo pipefail
 
 PREFIX=${PREFIX:-/usr/local/bin}
-STATE=${BERTH_STATE:-/var/lib/berth}
-LOGS=${BERTH_LOGS:-/var/log/berth}
+STATE=/var/lib/berth
+LOGS=/var/log/berth
 RUN=/run/berth
 ETC=/etc/berth
 CLUSTER_DIR=$STATE/controller
@@ -53,23 +53,30 @@ esac
 
 [ "$(id -u)" = 0 ] || die "run me as root (Berth manages namespaces, cgroups, btrfs and bridges)"
 
-# 1. Host packages.
-PKGS="btrfs-progs busybox-static debootstrap lxcfs nftables iproute2 util-linux tar xz-utils ca-certificates"
+# 1. Host packages: what Berth runs on, what building it needs (a C compiler and linker), and
+#    what the test command (`make test`) uses.
+PKGS="btrfs-progs busybox-static debootstrap lxcfs nftables iproute2 util-linux tar xz-utils ca-certificates
+      gcc libc6-dev make curl iputils-ping procps"
 missing=""
-for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+for p in $PKGS; do
+  dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null | grep -q '^ii' || missing="$missing $p"
+done
 if [ -n "$missing" ]; then
   say "installing:$missing"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q
+  apt-get -o DPkg::Lock::Timeout=600 update -q
   # shellcheck disable=SC2086
-  apt-get install -y -q $missing
+  apt-get -o DPkg::Lock::Timeout=600 install -y -q $missing
 fi
 
 # 2. Build.
 if ! command -v cargo >/dev/null 2>&1; then
   [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
 fi
-command -v cargo >/dev/null 2>&1 || die "no Rust toolchain found: install one with rustup (see https://rustup.rs: curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh), then run me again"
+RUSTUP_HINT="install one with rustup (see https://rustup.rs: curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh), then run me again"
+command -v cargo >/dev/null 2>&1 || die "no Rust toolchain found: $RUSTUP_HINT"
+minor=$(cargo --version | sed -n 's/^cargo 1\.\([0-9]*\).*/\1/p')
+[ "${minor:-0}" -ge 89 ] || die "Berth needs Rust 1.89 or newer, this is $(cargo --version): $RUSTUP_HINT"
 say "building release binaries (the first build takes several minutes)"
 (cd "$REPO" && cargo build --release --workspace --bins)
 TARGET=${CARGO_TARGET_DIR:-$REPO/target}/release
@@ -83,13 +90,14 @@ for b in berthd berth-agent berth; do
 done
 
 # 3. Start the daemons (restart them when the binaries changed; instances keep running).
-mkdir -p "$STATE" "$LOGS" "$RUN" "$ETC"
+mkdir -p "$STATE" "$LOGS" "$RUN" "$ETC"   # $ETC: berthd.toml / agent.toml, read when present
 chmod 0711 "$STATE"   # instances (unprivileged) must traverse it to reach their root filesystem
 if have_systemd; then
   install -m 0644 "$REPO/deploy/systemd/berthd.service" /etc/systemd/system/berthd.service
   install -m 0644 "$REPO/deploy/systemd/berth-agent.service" /etc/systemd/system/berth-agent.service
   systemctl daemon-reload
-  [ "$changed" = 1 ] && systemctl restart berthd || systemctl enable --now berthd
+  systemctl enable berthd
+  if [ "$changed" = 1 ]; then systemctl restart berthd; else systemctl start berthd; fi
 else
   if pid=$(daemon_pid berthd) && [ "$changed" = 1 ]; then stop_daemons; fi
   if ! daemon_pid berthd >/dev/null; then
@@ -111,7 +119,8 @@ JOIN=()
 [ -f "$STATE/agent/tls/agent.crt" ] || JOIN=(--join-token-file "$CLUSTER_DIR/join-token")
 if have_systemd; then
   if [ ${#JOIN[@]} -gt 0 ]; then "$PREFIX/berth-agent" join --join-token-file "$CLUSTER_DIR/join-token"; fi
-  [ "$changed" = 1 ] && systemctl restart berth-agent || systemctl enable --now berth-agent
+  systemctl enable berth-agent
+  if [ "$changed" = 1 ]; then systemctl restart berth-agent; else systemctl start berth-agent; fi
 else
   if ! daemon_pid berth-agent >/dev/null; then
     say "starting berth-agent (log: $LOGS/berth-agent.log)"
@@ -131,10 +140,12 @@ fi
 "$PREFIX/berth" remote switch local >/dev/null
 
 say "waiting for the node to join"
+joined=0
 for _ in $(seq 1 300); do
-  "$PREFIX/berth" cluster list 2>/dev/null | grep -qi online && break
+  if "$PREFIX/berth" cluster list 2>/dev/null | grep -qi online; then joined=1; break; fi
   sleep 0.2
 done
+[ "$joined" = 1 ] || die "the node did not join within a minute; see $LOGS/berth-agent.log"
 
 # 5. An image and an instance.
 if ! "$PREFIX/berth" image info busybox >/dev/null 2>&1; then

@@ -5,11 +5,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// Read when present and no --config is given.
+const DEFAULT_CONFIG: &str = "/etc/berth/agent.toml";
+
 /// Berth's node agent: runs machine containers on this host for the controllers.
 #[derive(Parser, Debug)]
 #[command(name = "berth-agent", version, about)]
 struct Args {
-    /// Config file (TOML); without it, built-in defaults.
+    /// Config file (TOML); default: /etc/berth/agent.toml when it exists, else built-in defaults.
     #[arg(long, short, env = "BERTH_AGENT_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// A file holding a join token, used when this agent has not joined a cluster yet.
@@ -60,7 +63,13 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args, rt: tokio::runtime::Runtime) -> anyhow::Result<()> {
-    let cfg = berth_agent::config::Config::load(args.config.as_deref())?;
+    // Without --config, the conventional file is read when it exists.
+    let default = std::path::Path::new(DEFAULT_CONFIG);
+    let config = args
+        .config
+        .as_deref()
+        .or_else(|| default.exists().then_some(default));
+    let cfg = berth_agent::config::Config::load(config)?;
     let token = match &args.join_token_file {
         Some(p) => Some(
             std::fs::read_to_string(p)

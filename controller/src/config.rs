@@ -54,7 +54,7 @@ pub struct Config {
 }
 
 impl Config {
-    /// Reads and validates a config file; a missing file at the default path means defaults.
+    /// Reads and validates a config file; `None` means built-in defaults.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let raw = match path {
             Some(p) => {

@@ -4,11 +4,14 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+/// Read when present and no --config is given.
+const DEFAULT_CONFIG: &str = "/etc/berth/berthd.toml";
+
 /// Berth's controller: keeps the cluster's state (Raft) and serves the REST API.
 #[derive(Parser, Debug)]
 #[command(name = "berthd", version, about)]
 struct Args {
-    /// Config file (TOML); without it, built-in defaults.
+    /// Config file (TOML); default: /etc/berth/berthd.toml when it exists, else built-in defaults.
     #[arg(long, short, env = "BERTHD_CONFIG")]
     config: Option<PathBuf>,
     /// Log filter (tracing's EnvFilter syntax), e.g. "info" or "berth_controller=debug".
@@ -24,7 +27,13 @@ fn main() -> anyhow::Result<()> {
         berth_proto::telemetry::init("berthd", &args.log)
     };
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let cfg = berth_controller::config::Config::load(args.config.as_deref())?;
+    // Without --config, the conventional file is read when it exists.
+    let default = std::path::Path::new(DEFAULT_CONFIG);
+    let config = args
+        .config
+        .as_deref()
+        .or_else(|| default.exists().then_some(default));
+    let cfg = berth_controller::config::Config::load(config)?;
     rt.block_on(berth_controller::daemon::run(cfg))?;
     Ok(())
 }

@@ -322,14 +322,41 @@ impl Cluster {
         std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
     }
 
-    /// Deletes every instance (stopping it first).
+    /// Runs `berth ARGS`, killing it after `limit` (cleanup must never hang a test run).
+    fn berth_bounded(&self, args: &[&str], limit: Duration) -> Option<Output> {
+        let mut child = Command::new(bin_dir().join("berth"))
+            .args(args)
+            .env("BERTH_CONF", &self.cli_conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let deadline = Instant::now() + limit;
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => return child.wait_with_output().ok(),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Deletes every instance (stopping it first), each step bounded in time.
     pub fn delete_all(&self) {
-        if let Ok(out) = self.berth(&["list", "--format", "json"])
+        let limit = Duration::from_secs(60);
+        if let Some(out) = self.berth_bounded(&["list", "--format", "json"], limit)
             && let Ok(serde_json::Value::Array(list)) = serde_json::from_slice(&out.stdout)
         {
             for i in list {
                 if let Some(name) = i["name"].as_str() {
-                    let _ = self.berth(&["delete", "--force", name]);
+                    let _ = self.berth_bounded(&["delete", "--force", name], limit);
                 }
             }
         }
@@ -348,6 +375,7 @@ impl Drop for Cluster {
         // monitors are `berth-agent __monitor <dir>/agent/...` processes.
         let agent_dir = self.dir.join("agent");
         kill_processes_mentioning(&agent_dir);
+        kill_leftover_instances(&agent_dir);
         let _ = Command::new("umount")
             .arg("-l")
             .arg(&self.pool_mount)
@@ -381,6 +409,46 @@ impl Drop for Cluster {
 pub fn node_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     berth_proto::api::names::node_name_from_host(host.trim())
+}
+
+/// Kills whatever still runs in the cgroups of this cluster's instances (left when a test
+/// failed before it could delete them) and removes those cgroups, deepest first.
+fn kill_leftover_instances(agent_dir: &Path) {
+    let Ok(instances) = std::fs::read_dir(agent_dir.join("instances")) else {
+        return;
+    };
+    let names: Vec<String> = instances
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    let mut roots: Vec<PathBuf> = hierarchies.flatten().map(|h| h.path()).collect();
+    roots.push(PathBuf::from("/sys/fs/cgroup"));
+    for name in &names {
+        for root in &roots {
+            let cg = root.join(format!("berth.payload.{name}"));
+            if let Ok(procs) = std::fs::read_to_string(cg.join("cgroup.procs")) {
+                for pid in procs.split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    for name in &names {
+        for root in &roots {
+            let cg = root.join(format!("berth.payload.{name}"));
+            if cg.is_dir() {
+                let _ = Command::new("find")
+                    .arg(&cg)
+                    .args(["-depth", "-type", "d", "-exec", "rmdir", "{}", ";"])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
 }
 
 /// Kills processes whose command line mentions `path`.

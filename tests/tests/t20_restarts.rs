@@ -49,7 +49,7 @@ fn run(c: &mut Cluster) -> anyhow::Result<()> {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()?;
-    wait_for("the exec to run", Duration::from_secs(10), || {
+    wait_for("the exec to run", Duration::from_secs(30), || {
         c.exec("t20-a", &["ps"])
             .map(|(_, out, _)| out.contains("sleep 300"))
             .unwrap_or(false)

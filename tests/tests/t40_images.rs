@@ -30,7 +30,10 @@ fn make_image(dir: &Path) -> anyhow::Result<()> {
     std::fs::write(root.join("etc/hostname"), "imported\n")?;
     std::fs::write(
         dir.join("metadata.yaml"),
-        "architecture: x86_64\ncreation_date: 1700000000\nproperties:\n  os: testos\n  release: \"1\"\n  description: an imported test image\n",
+        format!(
+            "architecture: {}\ncreation_date: 1700000000\nproperties:\n  os: testos\n  release: \"1\"\n  description: an imported test image\n",
+            std::env::consts::ARCH
+        ),
     )?;
     let tar = |args: &[&str]| -> anyhow::Result<()> {
         let ok = Command::new("tar")
