@@ -55,7 +55,7 @@ esac
 
 # 1. Host packages: what Berth runs on, what building it needs (a C compiler and linker), and
 #    what the test command (`make test`) uses.
-PKGS="btrfs-progs busybox-static debootstrap lxcfs nftables iproute2 util-linux tar xz-utils ca-certificates
+PKGS="btrfs-progs busybox-static debootstrap debian-archive-keyring lxcfs nftables iproute2 util-linux tar xz-utils ca-certificates
       gcc libc6-dev make curl iputils-ping procps"
 missing=""
 for p in $PKGS; do
