@@ -13,9 +13,7 @@ use base64::Engine as _;
 use berth_proto::api::{self, ClusterJoinPost, ClusterJoinResponse, JoinToken};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::{CertificateDer, ServerName};
 use sha2::{Digest, Sha256};
 
 #[derive(Debug, thiserror::Error)]
@@ -202,10 +200,9 @@ async fn post_join(
         .with_safe_default_protocol_versions()
         .map_err(|e| JoinError::Tls(e.to_string()))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedCa {
-            fingerprint: fingerprint.to_ascii_lowercase(),
-            provider,
-        }))
+        .with_custom_certificate_verifier(Arc::new(
+            berth_proto::tls::ControllerVerifier::with_ca_fingerprint(fingerprint, provider),
+        ))
         .with_no_client_auth();
     let tcp = tokio::time::timeout(
         std::time::Duration::from_secs(10),
@@ -249,81 +246,6 @@ async fn post_join(
     }
     serde_json::from_value(envelope.metadata)
         .map_err(|e| JoinError::Refused(format!("the answer lacks the certificate: {e}")))
-}
-
-/// Accepts a server whose presented chain includes the pinned CA and whose leaf that CA signed
-/// for a controller.
-#[derive(Debug)]
-struct PinnedCa {
-    fingerprint: String,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinnedCa {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let ca = intermediates
-            .iter()
-            .find(|c| hex::encode(Sha256::digest(c.as_ref())) == self.fingerprint)
-            .ok_or_else(|| {
-                rustls::Error::General(
-                    "the controller's certificate is not from the token's CA".into(),
-                )
-            })?;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca.clone().into_owned())?;
-        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
-            self.provider.clone(),
-        )
-        .build()
-        .map_err(|e| rustls::Error::General(e.to_string()))?;
-        // Whatever address was dialled, only a controller's certificate will do.
-        let _ = server_name;
-        let controller = ServerName::try_from(berth_proto::CONTROLLER_TLS_NAME)
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
-        verifier.verify_server_cert(end_entity, &[], &controller, &[], now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
 
 /// Refuses gRPC calls whose client certificate is not a controller's. The TLS layer already

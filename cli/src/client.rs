@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
@@ -145,62 +145,6 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     rustls::crypto::CryptoProvider::get_default()
         .cloned()
         .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
-}
-
-/// Verifies the chain against the cluster CA, and that the certificate is a controller's
-/// ([`berth_proto::CONTROLLER_TLS_NAME`]): whatever address was dialled, a certificate the CA
-/// gave a node agent is refused.
-#[derive(Debug)]
-struct CaVerifier {
-    inner: Arc<rustls::client::WebPkiServerVerifier>,
-}
-
-impl ServerCertVerifier for CaVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let _ = server_name;
-        let controller = ServerName::try_from(berth_proto::CONTROLLER_TLS_NAME)
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
-        match self
-            .inner
-            .verify_server_cert(end_entity, intermediates, &controller, ocsp, now)
-        {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Err(rustls::Error::General(
-                "the server's certificate is from the cluster CA but is not a controller's".into(),
-            )),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
 }
 
 /// Accepts exactly one certificate, by sha256 fingerprint; with `pin = None` it accepts any
@@ -342,13 +286,10 @@ impl Client {
         let verifier: Arc<dyn ServerCertVerifier> = match (&target.ca_file, &target.fingerprint) {
             (Some(ca), _) => {
                 let roots = read_ca(ca)?;
-                let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-                    Arc::new(roots),
-                    provider(),
+                Arc::new(
+                    berth_proto::tls::ControllerVerifier::with_roots(roots, provider())
+                        .map_err(|e| ClientError::TlsSetup(e.to_string()))?,
                 )
-                .build()
-                .map_err(|e| ClientError::TlsSetup(e.to_string()))?;
-                Arc::new(CaVerifier { inner })
             }
             (None, Some(fp)) => Arc::new(PinVerifier {
                 pin: Some(fp.clone()),

@@ -4,6 +4,8 @@
 pub mod api;
 #[cfg(feature = "telemetry")]
 pub mod telemetry;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 /// Generated gRPC types and services (`proto/berth/v1/*.proto`).
 #[allow(clippy::all, missing_docs)]
