@@ -2,7 +2,11 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-env-changed=PROTOC");
-    for proto in ["berth/v1/agent.proto", "berth/v1/raft.proto"] {
+    for proto in [
+        "berth/v1/agent.proto",
+        "berth/v1/raft.proto",
+        "berth/v1/controller.proto",
+    ] {
         println!("cargo:rerun-if-changed={proto}");
     }
     let protoc = match std::env::var_os("PROTOC") {
@@ -14,7 +18,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.bytes(["."]);
     tonic_prost_build::configure().compile_with_config(
         config,
-        &["berth/v1/agent.proto", "berth/v1/raft.proto"],
+        &[
+            "berth/v1/agent.proto",
+            "berth/v1/raft.proto",
+            "berth/v1/controller.proto",
+        ],
         &["."],
     )?;
     Ok(())

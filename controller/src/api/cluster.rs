@@ -59,6 +59,7 @@ pub async fn issue_join_token(
             hash: key_hash(&secret),
             record: JoinTokenRecord {
                 node_name: name.to_string(),
+                kind: crate::state::JoinKind::Node,
                 created_at: clock::now(),
                 expires_at: clock::after(JOIN_TOKEN_TTL),
             },
@@ -146,6 +147,7 @@ pub async fn join(
                 joined_at: now.clone(),
                 cpus: body.cpus,
                 memory_bytes: body.memory_bytes,
+                ..Default::default()
             },
             now,
         })
@@ -168,6 +170,12 @@ pub async fn join(
     Ok(sync(ClusterJoinResponse {
         certificate: cert,
         ca: state.ca.cert_pem.clone(),
+        controllers: state.cp.read_local(|s| {
+            s.controllers
+                .values()
+                .map(|c| c.peer_address.clone())
+                .collect()
+        }),
     }))
 }
 

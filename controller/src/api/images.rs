@@ -96,10 +96,21 @@ pub async fn get_one(
 async fn pick_node(state: &SharedState) -> Result<crate::state::Node, ApiError> {
     state
         .cp
-        .read(|s: &ClusterState| crate::scheduler::place(s, None).map(|n| s.nodes.get(&n).cloned()))
+        .read(|s: &ClusterState| {
+            let usage = crate::scheduler::node_usage(s);
+            s.nodes
+                .values()
+                .filter(|n| n.status == crate::state::NodeStatus::Online)
+                .min_by_key(|n| {
+                    (
+                        usage.get(&n.name).map(|u| u.instances).unwrap_or(0),
+                        n.name.clone(),
+                    )
+                })
+                .cloned()
+        })
         .await?
-        .map_err(ApiError::bad_request)?
-        .ok_or_else(|| ApiError::internal("the chosen node vanished"))
+        .ok_or_else(|| ApiError::bad_request("no node is online to hold the image"))
 }
 
 async fn record_image(

@@ -332,12 +332,11 @@ pub async fn create(
     } else {
         q.target.clone()
     };
-    let (image, node, exists) = state
+    let (image, exists) = state
         .cp
         .read(|s| {
             (
                 s.resolve_image(&wanted).cloned(),
-                crate::scheduler::place(s, Some(target.as_str())),
                 s.instances.contains_key(&req.name),
             )
         })
@@ -350,13 +349,8 @@ pub async fn create(
     }
     let image =
         image.ok_or_else(|| ApiError::not_found(format!("image \"{wanted}\" not found")))?;
-    let node = node.map_err(ApiError::bad_request)?;
-    if !image.locations.contains(&node) {
-        return Err(ApiError::bad_request(format!(
-            "image {} is not on node {node} (copying images between nodes is not supported yet)",
-            &image.fingerprint[..12.min(image.fingerprint.len())]
-        )));
-    }
+    // An empty node lets the scheduler choose when the create is applied.
+    let node = target;
     let mut config = req.config.clone();
     for (k, v) in &image.properties {
         config
@@ -385,6 +379,7 @@ pub async fn create(
             updated_at: now,
             error: String::new(),
         },
+        pending: None,
     };
     let op = new_operation(
         &state,

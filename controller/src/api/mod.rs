@@ -46,6 +46,8 @@ pub struct AppState {
     pub name: String,
     /// Operations that run on this controller: exec sessions waiting for their websocket.
     pub execs: exec::PendingExecs,
+    /// Node liveness from agent heartbeats (meaningful on the leader).
+    pub liveness: crate::liveness::Liveness,
     /// One lock per instance: changes to one instance never interleave.
     pub instance_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }

@@ -3,8 +3,12 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
+use berth_proto::api::{InstanceStatusCode, OperationStatus};
+
 use super::command::{ApplyError, ApplyOk, ApplyResult, Command};
-use super::model::{ClusterInfo, DesiredState, Instance, State};
+use super::model::{
+    Action, ClusterInfo, ControllerRecord, DesiredState, Instance, JoinKind, JoinTokenRecord, State,
+};
 use super::time::Rfc3339;
 
 impl State {
@@ -47,28 +51,7 @@ impl State {
                 node,
                 now,
             } => {
-                let Some(token) = self.join_tokens.get(&token_hash) else {
-                    return Err(ApplyError::not_found(
-                        "the join token is unknown or already used",
-                    ));
-                };
-                let now_t = Rfc3339::parse(&now)
-                    .ok_or_else(|| ApplyError::invalid(format!("invalid time {now:?}")))?;
-                let expires = Rfc3339::parse(&token.expires_at).ok_or_else(|| {
-                    ApplyError::invalid(format!(
-                        "the join token has an invalid expiry time {:?}",
-                        token.expires_at
-                    ))
-                })?;
-                if now_t >= expires {
-                    return Err(ApplyError::invalid("the join token has expired"));
-                }
-                if token.node_name != node.name {
-                    return Err(ApplyError::invalid(format!(
-                        "the join token is for node {:?}, not {:?}",
-                        token.node_name, node.name
-                    )));
-                }
+                self.check_join_token(&token_hash, JoinKind::Node, &node.name, &now)?;
                 if self.nodes.contains_key(&node.name) {
                     return Err(ApplyError::conflict(format!(
                         "node {:?} already exists",
@@ -90,6 +73,165 @@ impl State {
                 node.status = status;
                 Ok(ApplyOk::Done)
             }
+            Command::RegisterController { record } => {
+                if let Some(other) = self
+                    .controllers
+                    .values()
+                    .find(|c| c.id == record.id && c.name != record.name)
+                {
+                    return Err(ApplyError::conflict(format!(
+                        "raft id {} already belongs to controller {:?}",
+                        record.id, other.name
+                    )));
+                }
+                self.controllers.insert(record.name.clone(), record);
+                Ok(ApplyOk::Done)
+            }
+            Command::JoinController {
+                token_hash,
+                name,
+                peer_address,
+                api_address,
+                now,
+            } => {
+                self.check_join_token(&token_hash, JoinKind::Controller, &name, &now)?;
+                if self.controllers.contains_key(&name) {
+                    return Err(ApplyError::conflict(format!(
+                        "controller {name:?} already exists"
+                    )));
+                }
+                if let Some(other) = self
+                    .controllers
+                    .values()
+                    .find(|c| c.peer_address == peer_address)
+                {
+                    return Err(ApplyError::conflict(format!(
+                        "controller {:?} already uses peer address {peer_address}",
+                        other.name
+                    )));
+                }
+                let id = self.controllers.values().map(|c| c.id).max().unwrap_or(0) + 1;
+                self.join_tokens.remove(&token_hash);
+                self.controllers.insert(
+                    name.clone(),
+                    ControllerRecord {
+                        name,
+                        id,
+                        peer_address,
+                        api_address,
+                        joined_at: now,
+                    },
+                );
+                Ok(ApplyOk::ControllerId(id))
+            }
+            Command::RemoveController { name } => {
+                self.controllers.remove(&name).ok_or_else(|| {
+                    ApplyError::not_found(format!("controller {name:?} not found"))
+                })?;
+                Ok(ApplyOk::Done)
+            }
+            Command::RemoveNode { name } => {
+                if !self.nodes.contains_key(&name) {
+                    return Err(ApplyError::not_found(format!("node {name:?} not found")));
+                }
+                let count = self.instances.values().filter(|i| i.node == name).count();
+                if count > 0 {
+                    return Err(ApplyError::conflict(format!(
+                        "node {name:?} still has {count} instances; move or delete them first"
+                    )));
+                }
+                self.nodes.remove(&name);
+                Ok(ApplyOk::Done)
+            }
+            Command::SetNodeConfig { name, config } => {
+                let node = self
+                    .nodes
+                    .get_mut(&name)
+                    .ok_or_else(|| ApplyError::not_found(format!("node {name:?} not found")))?;
+                node.config = config;
+                Ok(ApplyOk::Done)
+            }
+            Command::UpdateNodeCapacity { name, capacity } => {
+                let node = self
+                    .nodes
+                    .get_mut(&name)
+                    .ok_or_else(|| ApplyError::not_found(format!("node {name:?} not found")))?;
+                node.cpus = capacity.cpus;
+                node.memory_bytes = capacity.memory_bytes;
+                node.storage_total_bytes = capacity.storage_total_bytes;
+                node.storage_free_bytes = capacity.storage_free_bytes;
+                node.architecture = capacity.architecture;
+                node.labels = capacity.labels;
+                Ok(ApplyOk::Done)
+            }
+            Command::SetInstanceAction {
+                name,
+                pending,
+                desired,
+                mut operation,
+                now,
+            } => {
+                let inst = self.instance_mut(&name)?;
+                if let Some(busy) = &inst.pending {
+                    return Err(ApplyError::conflict(format!(
+                        "instance {name:?} is busy with operation {}",
+                        busy.op
+                    )));
+                }
+                operation.id.clone_from(&pending.op);
+                inst.pending = Some(pending);
+                if let Some(desired) = desired {
+                    inst.desired = desired;
+                    if desired == DesiredState::Running {
+                        inst.last_used_at = now;
+                    }
+                }
+                self.operations.insert(operation.id.clone(), operation);
+                Ok(ApplyOk::Done)
+            }
+            Command::FinishAction {
+                name,
+                op,
+                observed,
+                error,
+                now,
+            } => {
+                let Some(inst) = self.instances.get_mut(&name) else {
+                    return Ok(ApplyOk::Done);
+                };
+                let Some(pending) = inst.pending.as_ref().filter(|p| p.op == op) else {
+                    return Ok(ApplyOk::Done);
+                };
+                let action = pending.action;
+                inst.pending = None;
+                if let Some(mut observed) = observed {
+                    if !error.is_empty() && observed.error.is_empty() {
+                        observed.error.clone_from(&error);
+                    }
+                    inst.observed = observed;
+                }
+                let remove = match action {
+                    Action::Delete { .. } => error.is_empty(),
+                    Action::Create { .. } => {
+                        !error.is_empty() && inst.observed.status == InstanceStatusCode::Pending
+                    }
+                    _ => false,
+                };
+                if remove {
+                    self.instances.remove(&name);
+                }
+                if let Some(operation) = self.operations.get_mut(&op) {
+                    operation.status = if error.is_empty() {
+                        OperationStatus::Success
+                    } else {
+                        OperationStatus::Failure
+                    };
+                    operation.status_code = operation.status.code();
+                    operation.err = error;
+                    operation.updated_at = now;
+                }
+                Ok(ApplyOk::Done)
+            }
             Command::CreateInstance {
                 mut instance,
                 operation,
@@ -106,6 +248,8 @@ impl State {
                         instance.image
                     )));
                 }
+                instance.node = crate::scheduler::place_instance(self, &instance)
+                    .map_err(|e| ApplyError::invalid(e.to_string()))?;
                 instance.ipv4 = self
                     .allocate_ipv4(&instance.node)?
                     .map(|a| a.to_string())
@@ -155,6 +299,12 @@ impl State {
             }
             Command::ObserveInstance { name, observed } => {
                 if let Some(inst) = self.instances.get_mut(&name) {
+                    if inst.pending.is_none()
+                        && inst.observed.status == InstanceStatusCode::Running
+                        && observed.status == InstanceStatusCode::Stopped
+                    {
+                        inst.desired = DesiredState::Stopped;
+                    }
                     inst.observed = observed;
                 }
                 Ok(ApplyOk::Done)
@@ -219,6 +369,45 @@ impl State {
                 Ok(ApplyOk::Done)
             }
         }
+    }
+
+    /// Checks that `hash` names an unexpired token of `kind` issued for `name`.
+    fn check_join_token(
+        &self,
+        hash: &str,
+        kind: JoinKind,
+        name: &str,
+        now: &str,
+    ) -> Result<&JoinTokenRecord, ApplyError> {
+        let Some(token) = self.join_tokens.get(hash) else {
+            return Err(ApplyError::not_found(
+                "the join token is unknown or already used",
+            ));
+        };
+        let now_t = Rfc3339::parse(now)
+            .ok_or_else(|| ApplyError::invalid(format!("invalid time {now:?}")))?;
+        let expires = Rfc3339::parse(&token.expires_at).ok_or_else(|| {
+            ApplyError::invalid(format!(
+                "the join token has an invalid expiry time {:?}",
+                token.expires_at
+            ))
+        })?;
+        if now_t >= expires {
+            return Err(ApplyError::invalid("the join token has expired"));
+        }
+        if token.kind != kind {
+            return Err(ApplyError::invalid(match kind {
+                JoinKind::Node => "the join token is for a controller, not a node",
+                JoinKind::Controller => "the join token is for a node, not a controller",
+            }));
+        }
+        if token.node_name != name {
+            return Err(ApplyError::invalid(format!(
+                "the join token is for {:?}, not {:?}",
+                token.node_name, name
+            )));
+        }
+        Ok(token)
     }
 
     fn instance_mut(&mut self, name: &str) -> Result<&mut Instance, ApplyError> {

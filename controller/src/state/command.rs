@@ -6,7 +6,8 @@ use berth_proto::api::Operation;
 use serde::{Deserialize, Serialize};
 
 use super::model::{
-    Alias, ApiKey, DesiredState, Image, Instance, JoinTokenRecord, Node, NodeStatus, Observed,
+    Alias, ApiKey, ControllerRecord, DesiredState, Image, Instance, JoinTokenRecord, Node,
+    NodeStatus, Observed, PendingAction,
 };
 
 /// A change to the replicated state, proposed through Raft. Times (`now`) are stamped by the
@@ -38,7 +39,40 @@ pub enum Command {
         name: String,
         status: NodeStatus,
     },
+    /// Records a controller, or updates its addresses (each controller registers itself at
+    /// start). Its id must not belong to another name.
+    RegisterController {
+        record: ControllerRecord,
+    },
+    /// Consumes a valid, unexpired controller join token for `name` and records the new
+    /// controller with the next free Raft id (answered as [`ApplyOk::ControllerId`]).
+    JoinController {
+        token_hash: String,
+        name: String,
+        peer_address: String,
+        api_address: String,
+        now: String,
+    },
+    /// Forgets a controller (after it left the Raft membership).
+    RemoveController {
+        name: String,
+    },
+    /// Removes a node; refused while instances are placed on it.
+    RemoveNode {
+        name: String,
+    },
+    /// Replaces the node's API-set config (`scheduler.instance`, label overrides).
+    SetNodeConfig {
+        name: String,
+        config: BTreeMap<String, String>,
+    },
+    /// Records what the node's agent reports about itself (only written when it changed).
+    UpdateNodeCapacity {
+        name: String,
+        capacity: NodeCapacity,
+    },
     /// Adds an instance, allocating its IPv4 address on its node's subnet; stores `operation` too.
+    /// An empty `instance.node` lets the scheduler choose; a set one is a target it checks.
     CreateInstance {
         instance: Instance,
         operation: Option<Operation>,
@@ -61,7 +95,27 @@ pub enum Command {
         desired: DesiredState,
         now: String,
     },
-    /// Records an agent's report; ignored if the instance is gone.
+    /// Gives the reconciler work for an instance and stores the operation that waits for it;
+    /// refused while another action is pending. `desired`, when set, becomes the intent.
+    SetInstanceAction {
+        name: String,
+        pending: PendingAction,
+        desired: Option<DesiredState>,
+        operation: Operation,
+        now: String,
+    },
+    /// Ends the pending action `op` of an instance: records `observed` (when given) and ends
+    /// the operation, in success when `error` is empty. A finished `Delete` removes the
+    /// instance; a failed `Create` removes the half-made record. Stale `op` ids are ignored.
+    FinishAction {
+        name: String,
+        op: String,
+        observed: Option<Observed>,
+        error: String,
+        now: String,
+    },
+    /// Records an agent's report; ignored if the instance is gone. An instance at rest that
+    /// stopped by itself (powered off from inside) is also wanted stopped from then on.
     ObserveInstance {
         name: String,
         observed: Observed,
@@ -102,13 +156,26 @@ pub enum Command {
     },
 }
 
+/// What a node's agent reports about itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCapacity {
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    pub storage_total_bytes: u64,
+    pub storage_free_bytes: u64,
+    pub architecture: String,
+    pub labels: BTreeMap<String, String>,
+}
+
 /// What a successful `apply` returns.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ApplyOk {
     Done,
-    /// The instance as stored (with its allocated address).
+    /// The instance as stored (with its node and allocated address).
     Instance(Instance),
+    /// The Raft id given to a joining controller.
+    ControllerId(u64),
 }
 
 /// Why a command was rejected.

@@ -15,6 +15,7 @@ pub enum ObjectKey {
     Operation(String),
     ApiKey(String),
     JoinToken(String),
+    Controller(String),
 }
 
 /// Errors decoding a stored object.
@@ -41,6 +42,7 @@ impl ObjectKey {
             ObjectKey::Operation(n) => format!("operations/{n}"),
             ObjectKey::ApiKey(n) => format!("api_keys/{n}"),
             ObjectKey::JoinToken(n) => format!("join_tokens/{n}"),
+            ObjectKey::Controller(n) => format!("controllers/{n}"),
         }
     }
 
@@ -59,6 +61,7 @@ impl ObjectKey {
             "operations" => ObjectKey::Operation(name),
             "api_keys" => ObjectKey::ApiKey(name),
             "join_tokens" => ObjectKey::JoinToken(name),
+            "controllers" => ObjectKey::Controller(name),
             _ => return None,
         })
     }
@@ -78,7 +81,30 @@ impl Command {
                 ObjectKey::JoinToken(token_hash.clone()),
                 ObjectKey::Node(node.name.clone()),
             ],
-            Command::SetNodeStatus { name, .. } => vec![ObjectKey::Node(name.clone())],
+            Command::SetNodeStatus { name, .. }
+            | Command::RemoveNode { name }
+            | Command::SetNodeConfig { name, .. }
+            | Command::UpdateNodeCapacity { name, .. } => vec![ObjectKey::Node(name.clone())],
+            Command::RegisterController { record } => {
+                vec![ObjectKey::Controller(record.name.clone())]
+            }
+            Command::JoinController {
+                token_hash, name, ..
+            } => vec![
+                ObjectKey::JoinToken(token_hash.clone()),
+                ObjectKey::Controller(name.clone()),
+            ],
+            Command::RemoveController { name } => vec![ObjectKey::Controller(name.clone())],
+            Command::SetInstanceAction {
+                name, operation, ..
+            } => vec![
+                ObjectKey::Instance(name.clone()),
+                ObjectKey::Operation(operation.id.clone()),
+            ],
+            Command::FinishAction { name, op, .. } => vec![
+                ObjectKey::Instance(name.clone()),
+                ObjectKey::Operation(op.clone()),
+            ],
             Command::CreateInstance {
                 instance,
                 operation,
@@ -139,6 +165,7 @@ impl State {
             ObjectKey::Operation(n) => enc(self.operations.get(n)),
             ObjectKey::ApiKey(n) => enc(self.api_keys.get(n)),
             ObjectKey::JoinToken(n) => enc(self.join_tokens.get(n)),
+            ObjectKey::Controller(n) => enc(self.controllers.get(n)),
         }
     }
 
@@ -152,6 +179,7 @@ impl State {
         keys.extend(self.operations.keys().cloned().map(ObjectKey::Operation));
         keys.extend(self.api_keys.keys().cloned().map(ObjectKey::ApiKey));
         keys.extend(self.join_tokens.keys().cloned().map(ObjectKey::JoinToken));
+        keys.extend(self.controllers.keys().cloned().map(ObjectKey::Controller));
         let mut out = Vec::with_capacity(keys.len());
         for key in keys {
             if let Some(v) = self.encode_object(&key)? {
@@ -201,6 +229,10 @@ impl State {
             }
             ObjectKey::JoinToken(n) => {
                 self.join_tokens
+                    .insert(n, serde_json::from_slice(value).map_err(err)?);
+            }
+            ObjectKey::Controller(n) => {
+                self.controllers
                     .insert(n, serde_json::from_slice(value).map_err(err)?);
             }
         }

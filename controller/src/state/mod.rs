@@ -7,11 +7,12 @@ mod keys;
 mod model;
 mod time;
 
-pub use command::{ApplyError, ApplyErrorKind, ApplyOk, ApplyResult, Command};
+pub use command::{ApplyError, ApplyErrorKind, ApplyOk, ApplyResult, Command, NodeCapacity};
 pub use keys::{ObjectDecodeError, ObjectKey};
 pub use model::{
-    Alias, ApiKey, ClusterInfo, DesiredState, Image, Instance, JoinTokenRecord,
-    MIN_FINGERPRINT_PREFIX, Node, NodeStatus, Observed, Role, State,
+    Action, Alias, ApiKey, ClusterInfo, ControllerRecord, DesiredState, Image, Instance, JoinKind,
+    JoinTokenRecord, MIN_FINGERPRINT_PREFIX, Node, NodeStatus, Observed, PendingAction, Role,
+    State,
 };
 pub use time::Rfc3339;
 

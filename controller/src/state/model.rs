@@ -24,6 +24,25 @@ pub struct State {
     pub api_keys: BTreeMap<String, ApiKey>,
     /// Pending join tokens by the hex sha256 of their secret.
     pub join_tokens: BTreeMap<String, JoinTokenRecord>,
+    /// Controllers (Raft members) by name.
+    #[serde(default)]
+    pub controllers: BTreeMap<String, ControllerRecord>,
+}
+
+/// A controller: its Raft id and where it is reached. The Raft membership is the authority on
+/// who votes; this record gives members names and API addresses.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerRecord {
+    /// The controller's unique name.
+    pub name: String,
+    /// Its Raft node id.
+    pub id: u64,
+    /// `host:port` of its peer (Raft and agent heartbeat) listener.
+    pub peer_address: String,
+    /// `host:port` of its REST API.
+    pub api_address: String,
+    /// When it joined (RFC 3339).
+    pub joined_at: String,
 }
 
 /// The cluster's identity and CA.
@@ -66,10 +85,30 @@ pub struct Node {
     pub status: NodeStatus,
     /// When the node joined (RFC 3339).
     pub joined_at: String,
-    /// CPUs the node reported at join.
+    /// CPUs the node reported (at join, then in heartbeats).
     pub cpus: u32,
-    /// Memory the node reported at join.
+    /// Memory the node reported.
     pub memory_bytes: u64,
+    /// Size of the node's storage pool.
+    #[serde(default)]
+    pub storage_total_bytes: u64,
+    /// Free space in the node's storage pool, as last written (updated when it changes by
+    /// more than a small margin, not on every heartbeat).
+    #[serde(default)]
+    pub storage_free_bytes: u64,
+    /// CPU architecture, e.g. `x86_64`.
+    #[serde(default)]
+    pub architecture: String,
+    /// Labels from the agent's config file (`rack=r1`, `ssd=true`).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Settings made through the API (`berth cluster set`): `scheduler.instance`
+    /// (`all` or `manual`) and label overrides, which win over the agent's labels.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+    /// True while the node is evacuated: no new instances are placed on it.
+    #[serde(default)]
+    pub evacuated: bool,
 }
 
 /// What the user wants an instance to be doing.
@@ -120,6 +159,37 @@ pub struct Instance {
     pub desired: DesiredState,
     /// What the agent last reported.
     pub observed: Observed,
+    /// Work the reconciler still has to do for the instance, with the operation that waits
+    /// for it; `None` when the instance is at rest.
+    #[serde(default)]
+    pub pending: Option<PendingAction>,
+}
+
+/// A change the leader's reconciler carries out on the instance's node. It is replicated, so
+/// a new leader finishes what the old one started; every action is idempotent on the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingAction {
+    /// The operation that ends when the action does.
+    pub op: String,
+    /// What to do.
+    pub action: Action,
+    /// When it was requested (RFC 3339).
+    pub since: String,
+}
+
+/// What a [`PendingAction`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Action {
+    /// Create the instance on its node, then start it when `start`.
+    Create { start: bool },
+    /// Start it.
+    Start,
+    /// Stop it: cleanly within `timeout_secs`, then by force (or at once with `force`).
+    Stop { force: bool, timeout_secs: u32 },
+    /// Stop it (as `Stop`), then start it.
+    Restart { force: bool, timeout_secs: u32 },
+    /// Remove it from its node and from the state; `force` stops it first when running.
+    Delete { force: bool },
 }
 
 /// An image known to the cluster.
@@ -185,11 +255,24 @@ pub struct ApiKey {
     pub expires_at: Option<String>,
 }
 
-/// A one-time token that lets a node join.
+/// What a join token lets join.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JoinKind {
+    /// A node agent.
+    #[default]
+    Node,
+    /// A controller (a new Raft member).
+    Controller,
+}
+
+/// A one-time token that lets a node or a controller join.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinTokenRecord {
-    /// The name the joining node must use.
+    /// The name the joining node (or controller) must use.
     pub node_name: String,
+    /// Whether the token is for an agent or a controller.
+    #[serde(default)]
+    pub kind: JoinKind,
     /// When the token was issued (RFC 3339).
     pub created_at: String,
     /// When the token stops working (RFC 3339).

@@ -31,6 +31,7 @@ fn node(name: &str, cidr: &str) -> Node {
         joined_at: NOW.into(),
         cpus: 2,
         memory_bytes: 1 << 30,
+        ..Default::default()
     }
 }
 
@@ -99,7 +100,7 @@ fn create(s: &mut State, name: &str) -> Result<Instance, ApplyError> {
     })
     .map(|r| match r {
         ApplyOk::Instance(i) => i,
-        ApplyOk::Done => panic!("create returned Done"),
+        other => panic!("create returned {other:?}"),
     })
 }
 
@@ -125,6 +126,7 @@ fn bootstrap_once() {
 fn token(name: &str, expires: &str) -> JoinTokenRecord {
     JoinTokenRecord {
         node_name: name.into(),
+        kind: JoinKind::Node,
         created_at: NOW.into(),
         expires_at: expires.into(),
     }

@@ -125,6 +125,8 @@ pub enum InstanceStatusCode {
     Stopping,
     Error,
     Pending,
+    /// The instance's node is offline: its real state cannot be known (a Berth addition).
+    Unknown,
 }
 
 impl InstanceStatusCode {
@@ -136,6 +138,7 @@ impl InstanceStatusCode {
             InstanceStatusCode::Stopping => 107,
             InstanceStatusCode::Error => 400,
             InstanceStatusCode::Pending => 105,
+            InstanceStatusCode::Unknown => 118,
         }
     }
 
@@ -147,6 +150,7 @@ impl InstanceStatusCode {
             InstanceStatusCode::Stopping => "Stopping",
             InstanceStatusCode::Error => "Error",
             InstanceStatusCode::Pending => "Pending",
+            InstanceStatusCode::Unknown => "Unknown",
         }
     }
 }
@@ -512,6 +516,122 @@ pub struct ClusterJoinResponse {
     pub certificate: String,
     /// PEM cluster CA certificate.
     pub ca: String,
+    /// Peer addresses (host:port) of the controllers, where the agent sends heartbeats.
+    #[serde(default)]
+    pub controllers: Vec<String>,
+}
+
+/// `POST /1.0/cluster/join-controller`: a new controller presents its one-time token and a
+/// CSR (`berthd --join ADDRESS --token TOKEN`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerJoinPost {
+    /// The secret part of the join token.
+    pub secret: String,
+    /// The new controller's name.
+    pub name: String,
+    /// PEM certificate signing request for the controller's key.
+    pub csr: String,
+    /// Where its peer (Raft) listener is reached, host:port.
+    pub peer_address: String,
+    /// Where its REST API is reached, host:port.
+    pub api_address: String,
+}
+
+/// The answer to a controller join: its certificate and Raft id. The controller is added as a
+/// learner and promoted to voter once it has caught up.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct ControllerJoinResponse {
+    /// PEM certificate for the controller, signed by the cluster CA.
+    pub certificate: String,
+    /// PEM cluster CA certificate.
+    pub ca: String,
+    /// The controller's Raft id.
+    pub id: u64,
+}
+
+/// `POST /1.0/cluster/join-tokens` and `/1.0/cluster/controller-tokens`: who the token is for.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct JoinTokenPost {
+    /// The name the joining node or controller will have.
+    pub name: String,
+}
+
+/// The answer to a token request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct JoinTokenResponse {
+    pub name: String,
+    /// The token (base64 of [`JoinToken`]); shown once.
+    pub token: String,
+    /// The command to run on the new machine.
+    #[serde(default)]
+    pub command: String,
+}
+
+/// A controller as `GET /1.0/cluster` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct ClusterController {
+    pub name: String,
+    /// Raft id.
+    pub id: u64,
+    pub peer_address: String,
+    pub api_address: String,
+    /// "leader", "voter" or "learner".
+    pub role: String,
+    /// "online", "unreachable" (the leader has not heard from it lately) or "unknown" (asked
+    /// of a controller that cannot see the leader).
+    pub state: String,
+}
+
+/// Resource figures of a node.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct NodeResources {
+    pub cpus: u64,
+    pub memory_bytes: u64,
+    pub storage_bytes: u64,
+}
+
+/// A node (agent) as `GET /1.0/cluster` and `GET /1.0/cluster/members/{name}` show it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct ClusterNode {
+    pub name: String,
+    /// The agent's gRPC address.
+    pub address: String,
+    /// "Online" or "Offline".
+    pub status: String,
+    pub evacuated: bool,
+    pub architecture: String,
+    /// Effective labels: the agent's, overridden by those set through the API.
+    pub labels: BTreeMap<String, String>,
+    /// Settings made through the API (`scheduler.instance`, label overrides).
+    pub config: BTreeMap<String, String>,
+    /// What the node has.
+    pub total: NodeResources,
+    /// What its instances' limits claim.
+    pub allocated: NodeResources,
+    /// Free space in its storage pool, as last reported.
+    pub storage_free_bytes: u64,
+    pub instances: u32,
+    pub joined_at: String,
+}
+
+/// `GET /1.0/cluster`: the controllers and the nodes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct Cluster {
+    pub name: String,
+    /// The controller that answered.
+    pub answered_by: String,
+    pub controllers: Vec<ClusterController>,
+    pub nodes: Vec<ClusterNode>,
+}
+
+/// `PATCH /1.0/cluster/members/{name}`: node settings; a null value removes the key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterMemberPatch {
+    #[serde(default)]
+    pub config: BTreeMap<String, Option<String>>,
 }
 
 /// A join token as handed to an operator: base64 of this JSON.
