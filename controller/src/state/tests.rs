@@ -278,7 +278,7 @@ fn create_instance_errors() {
             instance: inst("b", "nowhere"),
             operation: None,
         },
-        ApplyErrorKind::NotFound,
+        ApplyErrorKind::Invalid,
     );
     let mut no_image = inst("c", "n1");
     no_image.image = "bbbb".into();
