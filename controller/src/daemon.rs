@@ -167,6 +167,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         ca: ca.clone(),
         name: cfg.name.clone(),
         execs: Default::default(),
+        metrics: Default::default(),
         liveness: crate::liveness::Liveness::new(crate::liveness::DEFAULT_OFFLINE_THRESHOLD),
         instance_locks: Default::default(),
     });

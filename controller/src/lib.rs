@@ -16,6 +16,7 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod liveness;
+pub mod metrics;
 pub mod raft;
 pub mod reconcile;
 pub mod scheduler;

@@ -205,3 +205,64 @@ fn validate_cidr(cidr: &str) -> Result<(), ApiError> {
         _ => Err(bad()),
     }
 }
+
+// The handlers below are filled in by the replicated-control-plane work; until then they
+// answer 501 so that the routes exist.
+
+/// `GET /1.0/cluster`: controllers and nodes.
+pub async fn overview(State(_state): State<SharedState>) -> Result<Response, ApiError> {
+    Err(ApiError::new(
+        http::StatusCode::NOT_IMPLEMENTED,
+        "not implemented yet",
+    ))
+}
+
+/// `PATCH /1.0/cluster`: cluster-wide settings.
+pub async fn patch_cluster(State(_state): State<SharedState>) -> Result<Response, ApiError> {
+    Err(ApiError::new(
+        http::StatusCode::NOT_IMPLEMENTED,
+        "not implemented yet",
+    ))
+}
+
+/// `GET /1.0/cluster/members/{name}`: one node or controller.
+pub async fn member(State(_state): State<SharedState>) -> Result<Response, ApiError> {
+    Err(ApiError::new(
+        http::StatusCode::NOT_IMPLEMENTED,
+        "not implemented yet",
+    ))
+}
+
+/// `PATCH /1.0/cluster/members/{name}`: node settings.
+pub async fn patch_member(State(_state): State<SharedState>) -> Result<Response, ApiError> {
+    Err(ApiError::new(
+        http::StatusCode::NOT_IMPLEMENTED,
+        "not implemented yet",
+    ))
+}
+
+/// `DELETE /1.0/cluster/members/{name}`: remove a node or a controller.
+pub async fn remove_member(State(_state): State<SharedState>) -> Result<Response, ApiError> {
+    Err(ApiError::new(
+        http::StatusCode::NOT_IMPLEMENTED,
+        "not implemented yet",
+    ))
+}
+
+/// `POST /1.0/cluster/controller-tokens`: a token a new controller joins with.
+pub async fn create_controller_token(
+    State(_state): State<SharedState>,
+) -> Result<Response, ApiError> {
+    Err(ApiError::new(
+        http::StatusCode::NOT_IMPLEMENTED,
+        "not implemented yet",
+    ))
+}
+
+/// `POST /1.0/cluster/join-controller`: a new controller presents its token and a CSR.
+pub async fn join_controller(State(_state): State<SharedState>) -> Result<Response, ApiError> {
+    Err(ApiError::new(
+        http::StatusCode::NOT_IMPLEMENTED,
+        "not implemented yet",
+    ))
+}

@@ -7,6 +7,7 @@ pub mod exec;
 pub mod files;
 pub mod images;
 pub mod instances;
+pub mod metrics;
 pub mod operations;
 pub mod server;
 
@@ -46,6 +47,8 @@ pub struct AppState {
     pub name: String,
     /// Operations that run on this controller: exec sessions waiting for their websocket.
     pub execs: exec::PendingExecs,
+    /// Request counts and latencies of this controller's API.
+    pub metrics: crate::metrics::ApiMetrics,
     /// Node liveness from agent heartbeats (meaningful on the leader).
     pub liveness: crate::liveness::Liveness,
     /// One lock per instance: changes to one instance never interleave.
@@ -119,16 +122,39 @@ pub fn router(state: SharedState) -> Router {
         )
         .route("/1.0/operations/{id}/wait", get(operations::wait))
         .route("/1.0/operations/{id}/websocket", get(exec::websocket))
+        .route(
+            "/1.0/cluster",
+            get(cluster::overview).patch(cluster::patch_cluster),
+        )
         .route("/1.0/cluster/members", get(cluster::members))
+        .route(
+            "/1.0/cluster/members/{name}",
+            get(cluster::member)
+                .patch(cluster::patch_member)
+                .delete(cluster::remove_member),
+        )
         .route("/1.0/cluster/join-tokens", post(cluster::create_join_token))
+        .route(
+            "/1.0/cluster/controller-tokens",
+            post(cluster::create_controller_token),
+        )
+        .route("/1.0/metrics", get(metrics::get))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/", get(server::get_root))
         .route("/1.0/cluster/join", post(cluster::join))
+        .route(
+            "/1.0/cluster/join-controller",
+            post(cluster::join_controller),
+        )
         .merge(authed)
         .fallback(not_found)
         .layer(middleware::map_response(envelope_rejections))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::metrics::track_requests,
+        ))
         .layer(middleware::from_fn(trace_requests))
         .with_state(state)
 }

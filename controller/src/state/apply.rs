@@ -33,8 +33,13 @@ impl State {
                     ca_cert_pem,
                     ca_key_pem,
                     created_at: now,
+                    config: Default::default(),
                 };
                 self.api_keys.insert(admin_key.id.clone(), admin_key);
+                Ok(ApplyOk::Done)
+            }
+            Command::SetClusterConfig { config } => {
+                self.cluster.config = config;
                 Ok(ApplyOk::Done)
             }
             Command::AddJoinToken { hash, record } => {

@@ -24,6 +24,10 @@ pub enum Command {
         admin_key: ApiKey,
         now: String,
     },
+    /// Replaces the cluster-wide settings (validated by the API before).
+    SetClusterConfig {
+        config: BTreeMap<String, String>,
+    },
     /// Stores a join token under the hex sha256 of its secret.
     AddJoinToken {
         hash: String,

@@ -74,6 +74,7 @@ impl Command {
             Command::Bootstrap { admin_key, .. } => {
                 vec![ObjectKey::Cluster, ObjectKey::ApiKey(admin_key.id.clone())]
             }
+            Command::SetClusterConfig { .. } => vec![ObjectKey::Cluster],
             Command::AddJoinToken { hash, .. } => vec![ObjectKey::JoinToken(hash.clone())],
             Command::JoinNode {
                 token_hash, node, ..

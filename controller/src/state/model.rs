@@ -58,6 +58,9 @@ pub struct ClusterInfo {
     pub ca_key_pem: String,
     /// When the cluster was bootstrapped (RFC 3339).
     pub created_at: String,
+    /// Cluster-wide settings (`scheduler.policy`, ...), changed through `PATCH /1.0/cluster`.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
 }
 
 /// Whether a node's agent is reachable.
