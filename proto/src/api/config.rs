@@ -261,6 +261,168 @@ pub fn parse_bool(key: &str, value: &str) -> Result<bool, ConfigError> {
     }
 }
 
+/// One term of `placement.constraints`: a node label that must (or must not) have a value.
+/// A node without the label never equals the value, so it fails `key=value` and passes
+/// `key!=value`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Constraint {
+    /// The label's key, e.g. `rack`.
+    pub key: String,
+    /// The value compared with the node's label.
+    pub value: String,
+    /// True for `key!=value`.
+    pub negated: bool,
+}
+
+impl Constraint {
+    /// Whether a node whose label `key` is `label` (`None` when it has none) satisfies the term.
+    pub fn matches(&self, label: Option<&str>) -> bool {
+        let equal = label == Some(self.value.as_str());
+        equal != self.negated
+    }
+}
+
+impl std::fmt::Display for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let op = if self.negated { "!=" } else { "=" };
+        write!(f, "{}{op}{}", self.key, self.value)
+    }
+}
+
+/// The most terms one `placement.constraints` value may have.
+pub const MAX_CONSTRAINTS: usize = 32;
+
+fn is_label_key(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))
+}
+
+fn is_label_value(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 256
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/' | ':' | '@'))
+}
+
+/// Parses `placement.constraints`: terms `key=value` or `key!=value` joined by commas, all of
+/// which must hold ("rack!=r1,ssd=true"). An empty value means no constraint.
+pub fn parse_constraints(value: &str) -> Result<Vec<Constraint>, ConfigError> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for term in v.split(',') {
+        let term = term.trim();
+        if term.is_empty() {
+            return Err(err(format!(
+                "placement.constraints \"{}\" has an empty term (terms are key=value or key!=value joined by commas)",
+                shorten(value)
+            )));
+        }
+        let (key, val, negated) = match term.split_once("!=") {
+            Some((k, v)) => (k, v, true),
+            None => match term.split_once('=') {
+                Some((k, v)) => (k, v, false),
+                None => {
+                    return Err(err(format!(
+                        "placement.constraints term \"{}\" is neither key=value nor key!=value",
+                        shorten(term)
+                    )));
+                }
+            },
+        };
+        let (key, val) = (key.trim(), val.trim());
+        if !is_label_key(key) {
+            return Err(err(format!(
+                "placement.constraints term \"{}\" needs a label key of letters, digits, '.', '_', '-' or '/'",
+                shorten(term)
+            )));
+        }
+        if !is_label_value(val) {
+            return Err(err(format!(
+                "placement.constraints term \"{}\" needs a value of letters, digits, '.', '_', '-', '/', ':' or '@'",
+                shorten(term)
+            )));
+        }
+        out.push(Constraint {
+            key: key.to_string(),
+            value: val.to_string(),
+            negated,
+        });
+    }
+    if out.len() > MAX_CONSTRAINTS {
+        return Err(err(format!(
+            "placement.constraints has {} terms, more than the {MAX_CONSTRAINTS} allowed",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// Checks a placement group name (`placement.group`): 1 to 63 letters, digits, '-', '_' or '.'.
+pub fn parse_placement_group(value: &str) -> Result<&str, ConfigError> {
+    let v = value.trim();
+    if !v.is_empty()
+        && v.len() <= 63
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        Ok(v)
+    } else {
+        Err(err(format!(
+            "placement.group \"{}\" must be 1 to 63 letters, digits, '-', '_' or '.'",
+            shorten(value)
+        )))
+    }
+}
+
+/// How the members of a placement group are placed relative to each other.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum GroupPolicy {
+    /// Apart: on different nodes (anti-affinity).
+    #[default]
+    Spread,
+    /// Together: on the nodes the group already uses (affinity).
+    Compact,
+}
+
+/// Parses `placement.group.policy`: `spread` or `compact`.
+pub fn parse_group_policy(value: &str) -> Result<GroupPolicy, ConfigError> {
+    match value.trim() {
+        "spread" => Ok(GroupPolicy::Spread),
+        "compact" => Ok(GroupPolicy::Compact),
+        _ => Err(err(format!(
+            "placement.group.policy \"{}\" must be spread or compact",
+            shorten(value)
+        ))),
+    }
+}
+
+/// Whether a placement group's policy is a rule or a preference.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum GroupEnforce {
+    /// A rule: placement fails rather than break it.
+    #[default]
+    Strict,
+    /// A preference: broken when nothing else fits.
+    Permissive,
+}
+
+/// Parses `placement.group.enforce`: `strict` or `permissive`.
+pub fn parse_group_enforce(value: &str) -> Result<GroupEnforce, ConfigError> {
+    match value.trim() {
+        "strict" => Ok(GroupEnforce::Strict),
+        "permissive" => Ok(GroupEnforce::Permissive),
+        _ => Err(err(format!(
+            "placement.group.enforce \"{}\" must be strict or permissive",
+            shorten(value)
+        ))),
+    }
+}
+
 /// Keys that take effect on a running instance without a restart.
 pub const LIVE_KEYS: &[&str] = &[
     "limits.cpu",
@@ -285,6 +447,10 @@ pub fn validate_key_value(key: &str, value: &str) -> Result<(), ConfigError> {
         "security.privileged" | "boot.autostart" | "security.nesting" => {
             parse_bool(key, value).map(drop)
         }
+        "placement.constraints" => parse_constraints(value).map(drop),
+        "placement.group" => parse_placement_group(value).map(drop),
+        "placement.group.policy" => parse_group_policy(value).map(drop),
+        "placement.group.enforce" => parse_group_enforce(value).map(drop),
         "boot.stop.timeout" => match value.trim().parse::<u32>() {
             Ok(n) if n <= 3600 => Ok(()),
             _ => Err(err(format!(
@@ -371,6 +537,75 @@ mod tests {
         assert_eq!(parse_cpu_set(&long).map(|v| v.len()), Ok(4096));
         let e = parse_cpu_set(&"x".repeat(5000)).unwrap_err();
         assert!(e.0.len() < 120, "{}", e.0);
+    }
+
+    #[test]
+    fn constraints() {
+        let c = parse_constraints("rack!=r1, ssd=true").unwrap();
+        assert_eq!(
+            c,
+            vec![
+                Constraint {
+                    key: "rack".into(),
+                    value: "r1".into(),
+                    negated: true
+                },
+                Constraint {
+                    key: "ssd".into(),
+                    value: "true".into(),
+                    negated: false
+                }
+            ]
+        );
+        assert_eq!(c[0].to_string(), "rack!=r1");
+        assert!(c[0].matches(None));
+        assert!(c[0].matches(Some("r2")));
+        assert!(!c[0].matches(Some("r1")));
+        assert!(!c[1].matches(None));
+        assert!(c[1].matches(Some("true")));
+        assert_eq!(parse_constraints(""), Ok(vec![]));
+        let e = parse_constraints("rack").unwrap_err();
+        assert_eq!(
+            e.0,
+            "placement.constraints term \"rack\" is neither key=value nor key!=value"
+        );
+        assert!(
+            parse_constraints("a=b,")
+                .unwrap_err()
+                .0
+                .contains("empty term")
+        );
+        assert!(parse_constraints("=b").unwrap_err().0.contains("label key"));
+        assert!(parse_constraints("a=").unwrap_err().0.contains("value"));
+        assert!(parse_constraints("a==b").unwrap_err().0.contains("value"));
+        assert!(parse_constraints("a b=c").is_err());
+        let many = vec!["a=b"; MAX_CONSTRAINTS + 1].join(",");
+        assert!(
+            parse_constraints(&many)
+                .unwrap_err()
+                .0
+                .contains("more than")
+        );
+    }
+
+    #[test]
+    fn groups() {
+        assert_eq!(parse_placement_group("web-1"), Ok("web-1"));
+        assert!(parse_placement_group("").is_err());
+        assert!(parse_placement_group("a b").is_err());
+        assert!(parse_placement_group(&"x".repeat(64)).is_err());
+        assert_eq!(parse_group_policy("compact"), Ok(GroupPolicy::Compact));
+        assert!(parse_group_policy("pack").is_err());
+        assert_eq!(
+            parse_group_enforce("permissive"),
+            Ok(GroupEnforce::Permissive)
+        );
+        assert!(parse_group_enforce("soft").is_err());
+        assert!(validate_key_value("placement.group", "web").is_ok());
+        assert!(validate_key_value("placement.group.policy", "spread").is_ok());
+        assert!(validate_key_value("placement.group.enforce", "strict").is_ok());
+        assert!(validate_key_value("placement.constraints", "rack!=r1,ssd=true").is_ok());
+        assert!(validate_key_value("placement.constraints", "rack").is_err());
     }
 
     #[test]
