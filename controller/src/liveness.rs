@@ -1,14 +1,19 @@
 //! Node liveness: agents heartbeat to the leader, which keeps the time of each node's last
-//! heartbeat in memory. Only transitions (online, offline after [`Liveness::threshold`]) and
-//! changed capacity go through Raft.
+//! heartbeat in memory. Only transitions (online, offline after [`Liveness::threshold`]),
+//! changed capacity and changed instance states go through Raft.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use berth_proto::api::InstanceStatusCode;
 use berth_proto::v1;
+use tracing::{info, warn};
 
 use crate::api::SharedState;
+use crate::api::instances::observed_from;
+use crate::clock;
+use crate::state::{Command, Node, NodeCapacity, NodeStatus};
 
 /// How often agents are asked to heartbeat.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
@@ -16,10 +21,25 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 /// Default time without a heartbeat after which a node is marked offline.
 pub const DEFAULT_OFFLINE_THRESHOLD: Duration = Duration::from_secs(10);
 
+/// A recorded observation newer than this is not overwritten by a heartbeat: the report may
+/// have been made before the action that recorded it finished.
+const FRESH_OBSERVATION_SECS: i64 = 3;
+
+/// Storage free space is written again when it moved by more than this share of the total.
+const STORAGE_FREE_SLACK: u64 = 100; // 1 %
+
 /// Last heartbeat per node, in the leader's memory.
 pub struct Liveness {
     threshold: Duration,
-    last_seen: Mutex<HashMap<String, Instant>>,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    last_seen: HashMap<String, Instant>,
+    /// Nodes that have not heartbeat to this leader are judged from here.
+    grace_from: Instant,
+    /// Last heartbeat sequence per node, to ignore reordered reports.
+    sequence: HashMap<String, u64>,
 }
 
 impl Liveness {
@@ -27,7 +47,11 @@ impl Liveness {
     pub fn new(threshold: Duration) -> Liveness {
         Liveness {
             threshold,
-            last_seen: Mutex::new(HashMap::new()),
+            inner: Mutex::new(Inner {
+                last_seen: HashMap::new(),
+                grace_from: Instant::now(),
+                sequence: HashMap::new(),
+            }),
         }
     }
 
@@ -36,47 +60,219 @@ impl Liveness {
         self.threshold
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
-        self.last_seen.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a heartbeat from `node` now.
-    pub fn seen(&self, node: &str) {
-        self.lock().insert(node.to_string(), Instant::now());
+    /// Records a heartbeat from `node` now; false if `sequence` is older than one already
+    /// seen from the same agent process (a reordered report, to be ignored).
+    pub fn seen(&self, node: &str, sequence: u64) -> bool {
+        let mut inner = self.lock();
+        inner.last_seen.insert(node.to_string(), Instant::now());
+        let last = inner.sequence.entry(node.to_string()).or_insert(0);
+        // Each agent awaits one heartbeat before the next, so only a retried or slightly
+        // delayed report can come late; a large step back is a restarted agent.
+        let fresh = sequence > *last || *last - sequence >= 10 || sequence == 0;
+        if fresh {
+            *last = sequence;
+        }
+        fresh
     }
 
-    /// When `node` last heartbeat, as far as this controller knows.
-    pub fn last_seen(&self, node: &str) -> Option<Instant> {
-        self.lock().get(node).copied()
+    /// How long `node` has been silent, as far as this leader knows: since its last heartbeat,
+    /// or since this controller started leading when it has not heard from it.
+    pub fn silent_for(&self, node: &str) -> Duration {
+        let inner = self.lock();
+        let since = match inner.last_seen.get(node) {
+            Some(t) if *t > inner.grace_from => *t,
+            _ => inner.grace_from,
+        };
+        since.elapsed()
+    }
+
+    /// Called when this controller becomes the leader: silence is counted from now.
+    pub fn start_grace(&self) {
+        self.lock().grace_from = Instant::now();
+    }
+
+    /// Called when this controller stops leading.
+    pub fn forget(&self) {
+        let mut inner = self.lock();
+        inner.last_seen.clear();
+        inner.sequence.clear();
     }
 }
 
-/// Handles one heartbeat from the agent of `node` (the name comes from its certificate).
-pub async fn heartbeat(
-    state: &SharedState,
-    node: &str,
-    _req: v1::HeartbeatRequest,
-) -> v1::HeartbeatReply {
+fn reply(state: &SharedState, accepted: bool) -> v1::HeartbeatReply {
     let controllers: Vec<String> = state.cp.read_local(|s| {
         s.controllers
             .values()
             .map(|c| c.peer_address.clone())
             .collect()
     });
-    let leader = state.cp.leader().map(|(_, addr)| addr).unwrap_or_default();
-    if !state.cp.is_leader() {
-        return v1::HeartbeatReply {
-            accepted: false,
-            leader,
-            controllers,
-            interval_ms: HEARTBEAT_INTERVAL.as_millis() as u32,
-        };
-    }
-    state.liveness.seen(node);
     v1::HeartbeatReply {
-        accepted: true,
-        leader,
+        accepted,
+        leader: state.cp.leader().map(|(_, addr)| addr).unwrap_or_default(),
         controllers,
         interval_ms: HEARTBEAT_INTERVAL.as_millis() as u32,
+    }
+}
+
+/// The capacity an agent reported, as the state stores it.
+fn capacity(c: &v1::NodeCapacity) -> NodeCapacity {
+    NodeCapacity {
+        cpus: c.cpus,
+        memory_bytes: c.memory_bytes,
+        storage_total_bytes: c.storage_total_bytes,
+        storage_free_bytes: c.storage_free_bytes,
+        architecture: c.architecture.clone(),
+        labels: c.labels.clone().into_iter().collect(),
+    }
+}
+
+/// Whether the reported capacity differs enough from the stored one to be written.
+fn capacity_changed(node: &Node, c: &NodeCapacity) -> bool {
+    let slack = c.storage_total_bytes / STORAGE_FREE_SLACK;
+    node.cpus != c.cpus
+        || node.memory_bytes != c.memory_bytes
+        || node.storage_total_bytes != c.storage_total_bytes
+        || node.architecture != c.architecture
+        || node.labels != c.labels
+        || node.storage_free_bytes.abs_diff(c.storage_free_bytes) > slack
+}
+
+/// Handles one heartbeat from the agent of `node` (the name comes from its certificate).
+/// Only the leader accepts heartbeats; a follower answers with the leader's address.
+pub async fn heartbeat(
+    state: &SharedState,
+    node: &str,
+    req: v1::HeartbeatRequest,
+) -> v1::HeartbeatReply {
+    if !state.cp.is_leader() {
+        return reply(state, false);
+    }
+    if !state.liveness.seen(node, req.sequence) {
+        return reply(state, true);
+    }
+    let found = state.cp.read_local(|s| {
+        s.nodes.get(node).cloned().map(|n| {
+            let instances: Vec<_> = s
+                .instances
+                .values()
+                .filter(|i| i.node == node)
+                .cloned()
+                .collect();
+            (n, instances)
+        })
+    });
+    let Some((record, instances)) = found else {
+        warn!(%node, "heartbeat from a node that is not a member");
+        return reply(state, true);
+    };
+    let mut commands = Vec::new();
+    if record.status != NodeStatus::Online {
+        info!(%node, "heartbeat received; node is online");
+        commands.push(Command::SetNodeStatus {
+            name: node.to_string(),
+            status: NodeStatus::Online,
+        });
+    }
+    if let Some(c) = &req.capacity {
+        let c = capacity(c);
+        if capacity_changed(&record, &c) {
+            commands.push(Command::UpdateNodeCapacity {
+                name: node.to_string(),
+                capacity: c,
+            });
+        }
+    }
+    let reported: BTreeMap<&str, &v1::InstanceStatus> =
+        req.instances.iter().map(|s| (s.name.as_str(), s)).collect();
+    let fresh_after = clock::format_unix(unix_now() - FRESH_OBSERVATION_SECS);
+    for inst in &instances {
+        // Instances with work in flight are the reconciler's to record.
+        if inst.pending.is_some()
+            || inst.observed.status == InstanceStatusCode::Pending
+            || inst.observed.updated_at >= fresh_after
+        {
+            continue;
+        }
+        let observed = match reported.get(inst.name.as_str()) {
+            Some(s) => observed_from(s),
+            None => crate::state::Observed {
+                status: InstanceStatusCode::Error,
+                pid: 0,
+                updated_at: clock::now(),
+                error: format!("the instance is missing on node {node}"),
+            },
+        };
+        if observed.status != inst.observed.status
+            || observed.pid != inst.observed.pid
+            || observed.error != inst.observed.error
+        {
+            info!(instance = %inst.name, %node, status = ?observed.status, "observed a change");
+            commands.push(Command::ObserveInstance {
+                name: inst.name.clone(),
+                observed,
+            });
+        }
+    }
+    for cmd in commands {
+        if let Err(e) = state.cp.write(cmd).await {
+            warn!(%node, error = %e, "could not record what the heartbeat reported");
+            break;
+        }
+    }
+    reply(state, true)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silence_counts_from_grace_then_heartbeats() {
+        let l = Liveness::new(Duration::from_secs(10));
+        assert!(l.silent_for("n1") < Duration::from_secs(1));
+        assert!(l.seen("n1", 1));
+        assert!(!l.seen("n1", 1), "a repeated sequence is stale");
+        assert!(l.seen("n1", 2));
+        assert!(l.seen("n1", 0), "a restarted agent may start from zero");
+        assert!(l.silent_for("n1") < Duration::from_secs(1));
+        l.forget();
+        assert!(l.seen("n1", 5));
+    }
+
+    #[test]
+    fn capacity_change_ignores_small_free_space_moves() {
+        let node = Node {
+            cpus: 2,
+            memory_bytes: 1 << 30,
+            storage_total_bytes: 10_000,
+            storage_free_bytes: 5_000,
+            architecture: "x86_64".into(),
+            ..Default::default()
+        };
+        let mut c = NodeCapacity {
+            cpus: 2,
+            memory_bytes: 1 << 30,
+            storage_total_bytes: 10_000,
+            storage_free_bytes: 5_050,
+            architecture: "x86_64".into(),
+            labels: Default::default(),
+        };
+        assert!(!capacity_changed(&node, &c));
+        c.storage_free_bytes = 5_200;
+        assert!(capacity_changed(&node, &c));
+        c.storage_free_bytes = 5_000;
+        c.labels.insert("rack".into(), "r1".into());
+        assert!(capacity_changed(&node, &c));
     }
 }

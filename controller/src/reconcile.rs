@@ -1,157 +1,420 @@
 //! Leader-only loops.
 //!
-//! The observer asks every agent what runs there and records changes (an instance that powered
-//! itself off, a node that stopped answering) through Raft; it also drops finished operations
-//! after an hour. It is level-triggered: each pass looks at the whole picture, so running it
-//! again, or on a new leader after a failover, is always safe.
+//! **Reconciler.** Every change to an instance's lifecycle (create, start, stop, restart,
+//! delete) is committed as a [`PendingAction`] on the instance, together with the operation
+//! that waits for it. The leader's reconciler picks pending actions up, carries them out on
+//! the instance's node (every agent call is idempotent: creating an instance that exists with
+//! the same spec, starting a running one or deleting a missing one succeed) and ends them with
+//! one `FinishAction` command, which also ends the operation. Because the action is replicated,
+//! a leader change half-way loses nothing: the next leader sees the same pending action and
+//! runs it again. An action whose node is offline, or that keeps failing, ends in failure with
+//! a clear reason, so that no operation stays running forever.
+//!
+//! **Liveness.** Agents heartbeat to the leader ([`crate::liveness`]); each pass marks nodes
+//! that missed heartbeats for longer than the threshold offline.
+//!
+//! Finished operations are dropped after an hour.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use berth_proto::api::InstanceStatusCode;
 use berth_proto::v1;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::agents::LONG_CALL;
 use crate::api::AppState;
+use crate::api::instances::{agent_spec, observed_from};
 use crate::clock;
-use crate::state::{Command, NodeStatus, Observed};
+use crate::state::{Action, Command, NodeStatus, Observed, PendingAction};
 
-/// How often the observer runs.
-pub const OBSERVE_EVERY: Duration = Duration::from_secs(5);
+/// How often the loops run when nothing changes.
+pub const TICK: Duration = Duration::from_secs(1);
 
 /// Finished operations are kept this long.
 pub const OPERATION_TTL: Duration = Duration::from_secs(3600);
 
-/// Runs the observer until the process ends.
+/// Wait before retrying an action that failed for a passing reason (node unreachable, busy).
+const RETRY_BACKOFF: Duration = Duration::from_secs(2);
+
+/// An action that failed for passing reasons this many times in a row ends in failure.
+const MAX_ATTEMPTS: u32 = 150;
+
+/// Pending actions the reconciler still has to carry out (its queue depth).
+pub fn queue_depth(state: &AppState) -> usize {
+    state
+        .cp
+        .read_local(|s| s.instances.values().filter(|i| i.pending.is_some()).count())
+}
+
+/// What the leader's reconciler has in flight (memory only; rebuilt by a new leader).
+#[derive(Default)]
+struct Work {
+    /// Instances whose action runs right now.
+    running: HashSet<String>,
+    /// Instances whose action waits for a retry: when, and how many attempts were made.
+    retry: HashMap<String, (Instant, u32)>,
+}
+
+type SharedWork = Arc<Mutex<Work>>;
+
+fn lock(work: &SharedWork) -> std::sync::MutexGuard<'_, Work> {
+    work.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs the leader loops until the process ends.
 pub async fn run(state: Arc<AppState>) {
-    let mut tick = tokio::time::interval(OBSERVE_EVERY);
+    let work: SharedWork = Arc::default();
+    let mut changes = state.cp.subscribe();
+    let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_leader = false;
+    let mut last_slow_pass = Instant::now();
     loop {
-        tick.tick().await;
+        let ticked = tokio::select! {
+            _ = tick.tick() => true,
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                false
+            }
+        };
         if !state.cp.is_leader() {
+            if was_leader {
+                info!("no longer the leader; reconciler idle");
+                state.liveness.forget();
+            }
+            was_leader = false;
             continue;
         }
-        observe_once(&state).await;
-        prune_operations(&state).await;
-    }
-}
-
-/// One pass of the observer.
-pub async fn observe_once(state: &Arc<AppState>) {
-    let (nodes, instances) = state.cp.read_local(|s| {
-        (
-            s.nodes.values().cloned().collect::<Vec<_>>(),
-            s.instances.values().cloned().collect::<Vec<_>>(),
-        )
-    });
-    for node in nodes {
-        let reply = match state.agents.client(&node) {
-            Ok(mut c) => {
-                let mut req = tonic::Request::new(v1::ListInstancesRequest {});
-                req.set_timeout(Duration::from_secs(10));
-                c.list_instances(req)
-                    .await
-                    .map(|r| r.into_inner().instances)
-            }
-            Err(e) => {
-                warn!(node = %node.name, error = %e, "no client for the node");
-                continue;
-            }
-        };
-        let reported = match reply {
-            Ok(list) => {
-                if node.status != NodeStatus::Online {
-                    info!(node = %node.name, "node is back online");
-                    let _ = state
-                        .cp
-                        .write(Command::SetNodeStatus {
-                            name: node.name.clone(),
-                            status: NodeStatus::Online,
-                        })
-                        .await;
-                }
-                list.into_iter()
-                    .map(|s| (s.name.clone(), s))
-                    .collect::<BTreeMap<_, _>>()
-            }
-            Err(e) => {
-                if node.status == NodeStatus::Online {
-                    warn!(node = %node.name, error = %e.message(), "node does not answer; marking it offline");
-                    let _ = state
-                        .cp
-                        .write(Command::SetNodeStatus {
-                            name: node.name.clone(),
-                            status: NodeStatus::Offline,
-                        })
-                        .await;
-                }
-                continue;
-            }
-        };
-        for inst in instances.iter().filter(|i| i.node == node.name) {
-            // Pending instances are being created by an operation; leave them to it.
-            if inst.observed.status == InstanceStatusCode::Pending {
-                continue;
-            }
-            let (status, pid, error) = match reported.get(&inst.name) {
-                Some(s) => (
-                    match v1::InstanceState::try_from(s.state) {
-                        Ok(v1::InstanceState::Running) => InstanceStatusCode::Running,
-                        Ok(v1::InstanceState::Error) => InstanceStatusCode::Error,
-                        _ => InstanceStatusCode::Stopped,
-                    },
-                    s.pid,
-                    s.error.clone(),
-                ),
-                None => (
-                    InstanceStatusCode::Error,
-                    0,
-                    format!("the instance is missing on node {}", node.name),
-                ),
-            };
-            if status != inst.observed.status
-                || pid != inst.observed.pid
-                || error != inst.observed.error
-            {
-                debug!(instance = %inst.name, ?status, pid, "observed a change");
-                let _ = state
-                    .cp
-                    .write(Command::ObserveInstance {
-                        name: inst.name.clone(),
-                        observed: Observed {
-                            status,
-                            pid,
-                            updated_at: clock::now(),
-                            error,
-                        },
-                    })
-                    .await;
+        if !was_leader {
+            was_leader = true;
+            info!("leading: reconciler and liveness checks running");
+            // Nodes get a full threshold from now before they can be marked offline: the
+            // heartbeats went to the previous leader.
+            state.liveness.start_grace();
+        }
+        dispatch(&state, &work);
+        if ticked {
+            check_liveness(&state).await;
+            if last_slow_pass.elapsed() >= Duration::from_secs(30) {
+                last_slow_pass = Instant::now();
+                prune_operations(&state).await;
             }
         }
     }
 }
 
-/// Run once when a controller takes over (today: at start, as the single voter). Work in
-/// flight lived in the memory of the controller that ran it, so an operation that was
-/// already running before this controller served anything (`interrupted`) fails with a
-/// clear error. An instance still `Pending` (its create was
-/// interrupted) is looked up on its node: if the agent has it, its status is recorded; if
-/// not, the half-made record is removed, since the instance never came to be.
+/// Starts a worker for every pending action that is not running or waiting for a retry.
+fn dispatch(state: &Arc<AppState>, work: &SharedWork) {
+    let pending: Vec<(String, PendingAction)> = state.cp.read_local(|s| {
+        s.instances
+            .values()
+            .filter_map(|i| i.pending.clone().map(|p| (i.name.clone(), p)))
+            .collect()
+    });
+    let now = Instant::now();
+    let mut w = lock(work);
+    let live: HashSet<&String> = pending.iter().map(|(n, _)| n).collect();
+    w.retry.retain(|name, _| live.contains(name));
+    for (name, action) in pending {
+        if w.running.contains(&name) {
+            continue;
+        }
+        let attempts = match w.retry.get(&name) {
+            Some((at, _)) if *at > now => continue,
+            Some((_, n)) => *n,
+            None => 0,
+        };
+        w.running.insert(name.clone());
+        let st = state.clone();
+        let wk = work.clone();
+        let span = info_span!("reconcile", instance = %name, op = %action.op);
+        tokio::spawn(
+            async move {
+                let outcome = execute(&st, &name, &action).await;
+                let finish = match outcome {
+                    Outcome::Retry(reason) if attempts + 1 < MAX_ATTEMPTS => {
+                        debug!(%reason, attempt = attempts + 1, "will retry");
+                        let mut w = lock(&wk);
+                        w.running.remove(&name);
+                        w.retry
+                            .insert(name.clone(), (Instant::now() + RETRY_BACKOFF, attempts + 1));
+                        return;
+                    }
+                    Outcome::Retry(reason) => Some((
+                        None,
+                        format!("gave up after {MAX_ATTEMPTS} attempts: {reason}"),
+                    )),
+                    Outcome::Done(observed) => Some((observed, String::new())),
+                    Outcome::Failed(observed, error) => Some((observed, error)),
+                    Outcome::Gone => None,
+                };
+                if let Some((observed, error)) = finish {
+                    if error.is_empty() {
+                        info!("action done");
+                    } else {
+                        warn!(%error, "action failed");
+                    }
+                    if let Err(e) = st
+                        .cp
+                        .write(Command::FinishAction {
+                            name: name.clone(),
+                            op: action.op.clone(),
+                            observed,
+                            error,
+                            now: clock::now(),
+                        })
+                        .await
+                    {
+                        // The action stays pending; the next pass (here or on a new leader)
+                        // runs it again, which is safe.
+                        warn!(error = %e, "could not record the end of the action");
+                    }
+                }
+                let mut w = lock(&wk);
+                w.running.remove(&name);
+                w.retry.remove(&name);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// How one attempt at an action ended.
+enum Outcome {
+    /// Done; the instance's status as the agent reported it.
+    Done(Option<Observed>),
+    /// Failed for good, with one sentence.
+    Failed(Option<Observed>, String),
+    /// Failed for a passing reason (node unreachable, instance busy): try again.
+    Retry(String),
+    /// The instance or its action is gone (finished elsewhere): nothing to record.
+    Gone,
+}
+
+fn passing(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Aborted
+    )
+}
+
+/// A request with a deadline.
+fn call<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(timeout);
+    r
+}
+
+/// One attempt at `action` on the instance's node.
+async fn execute(state: &Arc<AppState>, name: &str, action: &PendingAction) -> Outcome {
+    let found = state.cp.read_local(|s| {
+        s.instances
+            .get(name)
+            .filter(|i| i.pending.as_ref() == Some(action))
+            .map(|i| (i.clone(), s.nodes.get(&i.node).cloned()))
+    });
+    let Some((inst, node)) = found else {
+        return Outcome::Gone;
+    };
+    let Some(node) = node else {
+        return Outcome::Failed(
+            None,
+            format!(
+                "instance {name} is placed on node {}, which is gone",
+                inst.node
+            ),
+        );
+    };
+    if node.status == NodeStatus::Offline {
+        return Outcome::Failed(
+            None,
+            format!(
+                "node {} is offline; the instance's state is unknown until it returns",
+                node.name
+            ),
+        );
+    }
+    let mut client = match state.agents.client(&node) {
+        Ok(c) => c,
+        Err(e) => return Outcome::Failed(None, e.to_string()),
+    };
+    let result: Result<v1::InstanceStatus, tonic::Status> = match action.action {
+        Action::Create { start } => {
+            let created = client
+                .create_instance(call(
+                    v1::CreateInstanceRequest {
+                        spec: Some(agent_spec(&inst, &node)),
+                    },
+                    LONG_CALL,
+                ))
+                .await;
+            match created {
+                Ok(s) if start => {
+                    let created = observed_from(s.get_ref());
+                    match client
+                        .start_instance(call(
+                            v1::InstanceRef {
+                                name: name.to_string(),
+                            },
+                            LONG_CALL,
+                        ))
+                        .await
+                    {
+                        Ok(s) => Ok(s.into_inner()),
+                        // Created but not started: keep the instance, report the failure.
+                        Err(e) if !passing(&e) => {
+                            return Outcome::Failed(
+                                Some(created),
+                                format!(
+                                    "the instance was created but did not start: {}",
+                                    e.message()
+                                ),
+                            );
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                other => other.map(|r| r.into_inner()),
+            }
+        }
+        Action::Start => client
+            .start_instance(call(
+                v1::InstanceRef {
+                    name: name.to_string(),
+                },
+                LONG_CALL,
+            ))
+            .await
+            .map(|r| r.into_inner()),
+        Action::Stop {
+            force,
+            timeout_secs,
+        } => client
+            .stop_instance(call(
+                v1::StopInstanceRequest {
+                    name: name.to_string(),
+                    force,
+                    timeout_secs,
+                },
+                Duration::from_secs(u64::from(timeout_secs) + 60),
+            ))
+            .await
+            .map(|r| r.into_inner()),
+        Action::Restart {
+            force,
+            timeout_secs,
+        } => client
+            .restart_instance(call(
+                v1::StopInstanceRequest {
+                    name: name.to_string(),
+                    force,
+                    timeout_secs,
+                },
+                Duration::from_secs(u64::from(timeout_secs) + 60) + LONG_CALL,
+            ))
+            .await
+            .map(|r| r.into_inner()),
+        Action::Delete { force } => {
+            let deleted = client
+                .delete_instance(call(
+                    v1::DeleteInstanceRequest {
+                        name: name.to_string(),
+                        force,
+                    },
+                    LONG_CALL,
+                ))
+                .await;
+            return match deleted {
+                Ok(_) => Outcome::Done(None),
+                // The agent never had it (a create that failed half-way).
+                Err(e) if e.code() == tonic::Code::NotFound => Outcome::Done(None),
+                // Running and not forced: the agent refuses (busy) and says why.
+                Err(e) if e.code() == tonic::Code::Aborted && !force => Outcome::Failed(
+                    None,
+                    format!("instance {name} is running; stop it first or use --force"),
+                ),
+                Err(e) if passing(&e) => Outcome::Retry(e.message().to_string()),
+                Err(e) => Outcome::Failed(None, e.message().to_string()),
+            };
+        }
+    };
+    match result {
+        Ok(s) => {
+            let observed = observed_from(&s);
+            if matches!(
+                action.action,
+                Action::Start | Action::Restart { .. } | Action::Create { start: true }
+            ) && observed.status != InstanceStatusCode::Running
+            {
+                let why = if s.error.is_empty() {
+                    "init exited at once".to_string()
+                } else {
+                    s.error.clone()
+                };
+                return Outcome::Failed(
+                    Some(observed),
+                    format!("the instance did not start: {why}"),
+                );
+            }
+            Outcome::Done(Some(observed))
+        }
+        Err(e) if passing(&e) => Outcome::Retry(e.message().to_string()),
+        Err(e) => Outcome::Failed(None, e.message().to_string()),
+    }
+}
+
+/// Marks nodes offline that have not heartbeat for longer than the threshold.
+async fn check_liveness(state: &Arc<AppState>) {
+    let nodes: Vec<String> = state.cp.read_local(|s| {
+        s.nodes
+            .values()
+            .filter(|n| n.status == NodeStatus::Online)
+            .map(|n| n.name.clone())
+            .collect()
+    });
+    for name in nodes {
+        let silent = state.liveness.silent_for(&name);
+        if silent < state.liveness.threshold() {
+            continue;
+        }
+        warn!(node = %name, silent_secs = silent.as_secs(), "no heartbeat; marking the node offline");
+        if let Err(e) = state
+            .cp
+            .write(Command::SetNodeStatus {
+                name: name.clone(),
+                status: NodeStatus::Offline,
+            })
+            .await
+        {
+            warn!(node = %name, error = %e, "could not mark the node offline");
+        }
+    }
+}
+
+/// Run once when a controller starts: operations this controller ran in its memory (image
+/// builds, renames, exec sessions) were interrupted and fail with a clear error. Operations
+/// that wait for an instance's pending action are the reconciler's and stay.
 pub async fn recover_interrupted(state: &Arc<AppState>, interrupted: Vec<String>) {
-    let (ops, pending): (Vec<_>, Vec<_>) = state.cp.read_local(|s| {
-        (
-            s.operations
-                .values()
-                .filter(|o| !o.status.is_final() && interrupted.contains(&o.id))
-                .cloned()
-                .collect(),
-            s.instances
-                .values()
-                .filter(|i| i.observed.status == InstanceStatusCode::Pending)
-                .map(|i| (i.clone(), s.nodes.get(&i.node).cloned()))
-                .collect(),
-        )
+    let ops: Vec<_> = state.cp.read_local(|s| {
+        let owned: HashSet<&str> = s
+            .instances
+            .values()
+            .filter_map(|i| i.pending.as_ref().map(|p| p.op.as_str()))
+            .collect();
+        s.operations
+            .values()
+            .filter(|o| {
+                !o.status.is_final()
+                    && o.location == state.name
+                    && interrupted.contains(&o.id)
+                    && !owned.contains(o.id.as_str())
+            })
+            .cloned()
+            .collect()
     });
     for mut op in ops {
         op.status = berth_proto::api::OperationStatus::Failure;
@@ -165,48 +428,6 @@ pub async fn recover_interrupted(state: &Arc<AppState>, interrupted: Vec<String>
             .await
         {
             warn!(error = %e, "could not fail an interrupted operation");
-        }
-    }
-    for (inst, node) in pending {
-        let Some(node) = node else { continue };
-        let reply = match state.agents.client(&node) {
-            Ok(mut c) => {
-                let mut req = tonic::Request::new(v1::InstanceRef {
-                    name: inst.name.clone(),
-                });
-                req.set_timeout(Duration::from_secs(10));
-                c.instance_state(req).await
-            }
-            Err(_) => continue,
-        };
-        let cmd = match reply {
-            Ok(s) => {
-                let s = s.into_inner();
-                Command::ObserveInstance {
-                    name: inst.name.clone(),
-                    observed: Observed {
-                        status: match v1::InstanceState::try_from(s.state) {
-                            Ok(v1::InstanceState::Running) => InstanceStatusCode::Running,
-                            Ok(v1::InstanceState::Error) => InstanceStatusCode::Error,
-                            _ => InstanceStatusCode::Stopped,
-                        },
-                        pid: s.pid,
-                        updated_at: clock::now(),
-                        error: s.error,
-                    },
-                }
-            }
-            Err(e) if e.code() == tonic::Code::NotFound => {
-                info!(instance = %inst.name, "removing an instance whose create was interrupted");
-                Command::DeleteInstance {
-                    name: inst.name.clone(),
-                }
-            }
-            // The node does not answer now; the observer will keep it as it is.
-            Err(_) => continue,
-        };
-        if let Err(e) = state.cp.write(cmd).await {
-            warn!(instance = %inst.name, error = %e, "could not settle an interrupted create");
         }
     }
 }

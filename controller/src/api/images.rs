@@ -10,7 +10,7 @@ use berth_proto::v1::{self, image_import_chunk};
 use futures::StreamExt;
 use http::HeaderMap;
 use serde::Deserialize;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::operations::{new_operation, run_task, sync};
 use super::{ApiError, JsonBody, SharedState};
@@ -135,10 +135,18 @@ async fn record_image(
     Ok(())
 }
 
+/// `?target=NODE`.
+#[derive(Debug, Default, Deserialize)]
+pub struct TargetQuery {
+    #[serde(default)]
+    target: String,
+}
+
 /// `POST /1.0/images`: a JSON body builds an image on a node; an `application/octet-stream`
 /// body imports an LXD/Incus image tarball.
 pub async fn create(
     State(state): State<SharedState>,
+    Query(target): Query<TargetQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -184,7 +192,11 @@ pub async fn create(
     } else {
         req.aliases.clone()
     };
-    let node = pick_node(&state).await?;
+    // Every online node builds the image unless one is named: instances can then be placed
+    // anywhere (nodes do not copy images between themselves yet). Recipes are reproducible
+    // where they can be (busybox gives the same fingerprint everywhere); where they are not
+    // (debootstrap), each node's build is its own image and the alias names the first.
+    let nodes = build_nodes(&state, &target.target).await?;
     let op = new_operation(
         &state,
         "task",
@@ -193,23 +205,88 @@ pub async fn create(
     );
     let st = state.clone();
     run_task(&state, op, async move {
-        let mut call = tonic::Request::new(v1::BuildImageRequest {
-            recipe: req.source.recipe.clone(),
-            mirror: req.source.mirror.clone(),
+        let builds = nodes.iter().map(|node| {
+            let st = st.clone();
+            let recipe = req.source.recipe.clone();
+            let mirror = req.source.mirror.clone();
+            async move {
+                let mut call = tonic::Request::new(v1::BuildImageRequest { recipe, mirror });
+                call.set_timeout(LONG_CALL);
+                let built = match st.agents.client(node) {
+                    Ok(mut c) => c
+                        .build_image(call)
+                        .await
+                        .map(|r| r.into_inner())
+                        .map_err(ApiError::from),
+                    Err(e) => Err(e.into()),
+                };
+                (node.name.clone(), built)
+            }
         });
-        call.set_timeout(LONG_CALL);
-        let img = st
-            .agents
-            .client(&node)?
-            .build_image(call)
-            .await?
-            .into_inner();
-        info!(fingerprint = %img.fingerprint, node = %node.name, "image built");
-        let fp = img.fingerprint.clone();
-        record_image(&st, from_agent(&img, &node.name), &aliases).await?;
-        Ok(serde_json::json!({ "fingerprint": fp }))
+        let mut first = None;
+        let mut failures = Vec::new();
+        for (node, built) in futures::future::join_all(builds).await {
+            match built {
+                Ok(img) => {
+                    info!(fingerprint = %img.fingerprint, %node, "image built");
+                    let names: &[ImageAlias] = if first.is_none() { &aliases } else { &[] };
+                    if first.as_ref().is_some_and(|fp| *fp != img.fingerprint) {
+                        warn!(%node, fingerprint = %img.fingerprint, "the build is not reproducible; the node keeps its own image");
+                    }
+                    record_image(&st, from_agent(&img, &node), names).await?;
+                    first.get_or_insert(img.fingerprint);
+                }
+                Err(e) => {
+                    warn!(%node, error = %e.message, "image build failed");
+                    failures.push(format!("{node}: {}", e.message));
+                }
+            }
+        }
+        match first {
+            Some(fp) if failures.is_empty() => Ok(serde_json::json!({ "fingerprint": fp })),
+            Some(_) => Err(ApiError::internal(format!(
+                "the image was built on some nodes but failed on {}",
+                failures.join("; ")
+            ))),
+            None => Err(ApiError::internal(format!(
+                "the image build failed: {}",
+                failures.join("; ")
+            ))),
+        }
     })
     .await
+}
+
+/// The nodes that build an image: `target` when given (it must be online), else every
+/// online node.
+async fn build_nodes(
+    state: &SharedState,
+    target: &str,
+) -> Result<Vec<crate::state::Node>, ApiError> {
+    let nodes: Vec<crate::state::Node> = state
+        .cp
+        .read(|s| {
+            s.nodes
+                .values()
+                .filter(|n| n.status == crate::state::NodeStatus::Online)
+                .cloned()
+                .collect()
+        })
+        .await?;
+    if target.is_empty() {
+        if nodes.is_empty() {
+            return Err(ApiError::bad_request(
+                "no node is online to build the image",
+            ));
+        }
+        return Ok(nodes);
+    }
+    match nodes.into_iter().find(|n| n.name == target) {
+        Some(n) => Ok(vec![n]),
+        None => Err(ApiError::bad_request(format!(
+            "node {target} does not exist or is offline"
+        ))),
+    }
 }
 
 async fn import(state: SharedState, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {

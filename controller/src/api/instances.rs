@@ -1,7 +1,6 @@
 //! `/1.0/instances`: list, create, get, update, rename, delete, state, console.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
@@ -15,9 +14,10 @@ use tracing::{info, warn};
 
 use super::operations::{instance_resources, new_operation, run_task, sync};
 use super::{ApiError, JsonBody, SharedState};
-use crate::agents::LONG_CALL;
 use crate::clock;
-use crate::state::{Command, DesiredState, Instance, Node, Observed};
+use crate::state::{
+    Action, Command, DesiredState, Instance, Node, NodeStatus, Observed, PendingAction,
+};
 
 #[derive(Deserialize)]
 pub struct ListQuery {
@@ -25,13 +25,23 @@ pub struct ListQuery {
     recursion: u8,
 }
 
+/// The status the API shows: what was last observed, or `Unknown` while the instance's node
+/// is offline (its real state cannot be known then).
+pub fn shown_status(i: &Instance, node: Option<&Node>) -> InstanceStatusCode {
+    match node {
+        Some(n) if n.status == NodeStatus::Offline => InstanceStatusCode::Unknown,
+        _ => i.observed.status,
+    }
+}
+
 /// Converts the stored instance to its API shape (without live state).
-pub fn to_api(i: &Instance) -> api::Instance {
+pub fn to_api(i: &Instance, node: Option<&Node>) -> api::Instance {
+    let status = shown_status(i, node);
     api::Instance {
         name: i.name.clone(),
         description: i.description.clone(),
-        status: i.observed.status.as_str().into(),
-        status_code: i.observed.status.code(),
+        status: status.as_str().into(),
+        status_code: status.code(),
         location: i.node.clone(),
         kind: "container".into(),
         architecture: std::env::consts::ARCH.into(),
@@ -107,7 +117,8 @@ fn state_from_agent(i: &Instance, prefix: u8, s: &v1::InstanceStatus) -> api::In
     }
 }
 
-fn observed_from(s: &v1::InstanceStatus) -> Observed {
+/// What the state records from an agent's report.
+pub fn observed_from(s: &v1::InstanceStatus) -> Observed {
     Observed {
         status: match v1::InstanceState::try_from(s.state) {
             Ok(v1::InstanceState::Running) => InstanceStatusCode::Running,
@@ -156,6 +167,27 @@ pub async fn find(state: &SharedState, name: &str) -> Result<(Instance, Node), A
     }
 }
 
+/// Refuses a change while the instance has an action in flight (409, naming its operation)
+/// or while its node is offline (503).
+fn ensure_at_rest(i: &Instance, n: &Node) -> Result<(), ApiError> {
+    if let Some(p) = &i.pending {
+        return Err(ApiError::conflict(format!(
+            "instance \"{}\" is busy with operation {}; wait for it to end",
+            i.name, p.op
+        )));
+    }
+    if n.status == NodeStatus::Offline {
+        return Err(ApiError::new(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "node {} is offline; instance \"{}\" cannot be changed until it returns",
+                n.name, i.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The live state of one instance, asked of its agent.
 async fn live_state(
     state: &SharedState,
@@ -194,24 +226,32 @@ pub async fn list(
                 .map(|i| format!("/1.0/instances/{}", i.name))
                 .collect::<Vec<_>>(),
         )),
-        1 => Ok(sync(instances.iter().map(to_api).collect::<Vec<_>>())),
+        1 => Ok(sync(
+            instances
+                .iter()
+                .map(|i| to_api(i, nodes.iter().find(|n| n.name == i.node)))
+                .collect::<Vec<_>>(),
+        )),
         _ => {
             // One call per node, all nodes at once.
             let mut per_node = BTreeMap::new();
-            let calls = nodes.iter().map(|n| {
-                let st = state.clone();
-                async move {
-                    let r = match st.agents.client(n) {
-                        Ok(mut c) => c
-                            .list_instances(crate::agents::short(v1::ListInstancesRequest {}))
-                            .await
-                            .map(|r| r.into_inner().instances)
-                            .map_err(|e| e.to_string()),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    (n.name.clone(), r)
-                }
-            });
+            let calls = nodes
+                .iter()
+                .filter(|n| n.status == NodeStatus::Online)
+                .map(|n| {
+                    let st = state.clone();
+                    async move {
+                        let r = match st.agents.client(n) {
+                            Ok(mut c) => c
+                                .list_instances(crate::agents::short(v1::ListInstancesRequest {}))
+                                .await
+                                .map(|r| r.into_inner().instances)
+                                .map_err(|e| e.to_string()),
+                            Err(e) => Err(e.to_string()),
+                        };
+                        (n.name.clone(), r)
+                    }
+                });
             for (node, r) in futures::future::join_all(calls).await {
                 match r {
                     Ok(list) => {
@@ -228,7 +268,7 @@ pub async fn list(
             let out: Vec<api::Instance> = instances
                 .iter()
                 .map(|i| {
-                    let mut a = to_api(i);
+                    let mut a = to_api(i, nodes.iter().find(|n| n.name == i.node));
                     if let Some(s) = per_node.get(&i.node).and_then(|m| m.get(&i.name)) {
                         let prefix = nodes
                             .iter()
@@ -391,65 +431,23 @@ pub async fn create(
         },
         instance_resources(&req.name),
     );
-    // Hold the instance's lock from the commit until the agent has made it, so that no
-    // delete or update of the same name can slip in between.
-    let guard = state.instance_lock(&req.name).lock_owned().await;
-    let stored = match state
+    let mut instance = instance;
+    instance.pending = Some(PendingAction {
+        op: op.id.clone(),
+        action: Action::Create { start: req.start },
+        since: op.created_at.clone(),
+    });
+    // One entry: the instance, its placement (chosen inside apply), its pending creation and
+    // the operation. The leader's reconciler does the rest.
+    state
         .cp
         .write(Command::CreateInstance {
             instance,
-            operation: None,
+            operation: Some(op.clone()),
         })
-        .await?
-    {
-        crate::state::ApplyOk::Instance(i) => i,
-        _ => {
-            return Err(ApiError::internal(
-                "the create command returned no instance",
-            ));
-        }
-    };
-    let st = state.clone();
-    let start = req.start;
-    run_task(&state, op, async move {
-        let _guard = guard;
-        let n = st
-            .cp
-            .read(|s| s.nodes.get(&stored.node).cloned())
-            .await?
-            .ok_or_else(|| ApiError::internal("the instance's node vanished"))?;
-        let mut client = st.agents.client(&n)?;
-        let mut req = tonic::Request::new(v1::CreateInstanceRequest {
-            spec: Some(agent_spec(&stored, &n)),
-        });
-        req.set_timeout(LONG_CALL);
-        let created = match client.create_instance(req).await {
-            Ok(r) => r.into_inner(),
-            Err(e) => {
-                // Undo: the instance never came to be.
-                let _ = st
-                    .cp
-                    .write(Command::DeleteInstance {
-                        name: stored.name.clone(),
-                    })
-                    .await;
-                return Err(e.into());
-            }
-        };
-        observe(&st, &stored.name, &created).await;
-        info!(instance = %stored.name, node = %n.name, "instance created");
-        if start {
-            let mut req = tonic::Request::new(v1::InstanceRef {
-                name: stored.name.clone(),
-            });
-            req.set_timeout(LONG_CALL);
-            let s = client.start_instance(req).await?.into_inner();
-            observe(&st, &stored.name, &s).await;
-            info!(instance = %stored.name, "instance started");
-        }
-        Ok(serde_json::Value::Null)
-    })
-    .await
+        .await?;
+    info!(instance = %req.name, op = %op.id, "instance create accepted");
+    Ok(super::operations::accepted(&op))
 }
 
 /// `GET /1.0/instances/{name}`.
@@ -457,8 +455,8 @@ pub async fn get_one(
     State(state): State<SharedState>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let (i, _) = find(&state, &name).await?;
-    Ok(sync(to_api(&i)))
+    let (i, n) = find(&state, &name).await?;
+    Ok(sync(to_api(&i, Some(&n))))
 }
 
 /// `GET /1.0/instances/{name}/state`.
@@ -467,6 +465,14 @@ pub async fn get_state(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let (i, n) = find(&state, &name).await?;
+    if n.status == NodeStatus::Offline {
+        let status = InstanceStatusCode::Unknown;
+        return Ok(sync(api::InstanceState {
+            status: status.as_str().into(),
+            status_code: status.code(),
+            ..Default::default()
+        }));
+    }
     Ok(sync(live_state(&state, &i, &n).await?))
 }
 
@@ -481,6 +487,7 @@ where
     let lock = state.instance_lock(&name);
     let guard = lock.lock_owned().await;
     let (current, n) = find(&state, &name).await?;
+    ensure_at_rest(&current, &n)?;
     let (config, description) = build(&current)?;
     api::config::validate(
         &config
@@ -597,6 +604,7 @@ pub async fn rename(
 ) -> Result<Response, ApiError> {
     api::names::validate_instance_name(&body.name).map_err(ApiError::bad_request)?;
     let (i, n) = find(&state, &name).await?;
+    ensure_at_rest(&i, &n)?;
     if body.name == name {
         return Err(ApiError::bad_request("the new name is the current name"));
     }
@@ -655,47 +663,19 @@ pub async fn delete(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let (i, n) = find(&state, &name).await?;
+    ensure_at_rest(&i, &n)?;
+    if i.observed.status == InstanceStatusCode::Running {
+        return Err(ApiError::bad_request(format!(
+            "instance \"{name}\" is running; stop it first or use --force"
+        )));
+    }
     let op = new_operation(
         &state,
         "task",
         "Deleting instance",
         instance_resources(&name),
     );
-    let st = state.clone();
-    run_task(&state, op, async move {
-        let lock = st.instance_lock(&name);
-        let _guard = lock.lock().await;
-        let mut client = st.agents.client(&n)?;
-        let s = client
-            .instance_state(crate::agents::short(v1::InstanceRef {
-                name: i.name.clone(),
-            }))
-            .await;
-        match s {
-            Ok(s) if s.get_ref().state == v1::InstanceState::Running as i32 => {
-                return Err(ApiError::bad_request(format!(
-                    "instance \"{name}\" is running; stop it first or use --force"
-                )));
-            }
-            Ok(_) => {
-                let mut req = tonic::Request::new(v1::DeleteInstanceRequest {
-                    name: name.clone(),
-                    force: false,
-                });
-                req.set_timeout(LONG_CALL);
-                client.delete_instance(req).await?;
-            }
-            // The agent has never heard of it (a create that failed half-way): nothing to remove there.
-            Err(e) if e.code() == tonic::Code::NotFound => {}
-            Err(e) => return Err(e.into()),
-        }
-        st.cp
-            .write(Command::DeleteInstance { name: name.clone() })
-            .await?;
-        info!(instance = %name, "instance deleted");
-        Ok(serde_json::Value::Null)
-    })
-    .await
+    request_action(&state, &name, op, Action::Delete { force: false }, None).await
 }
 
 /// `PUT /1.0/instances/{name}/state`: start, stop or restart.
@@ -705,6 +685,7 @@ pub async fn put_state(
     JsonBody(body): JsonBody<InstanceStatePut>,
 ) -> Result<Response, ApiError> {
     let (i, n) = find(&state, &name).await?;
+    ensure_at_rest(&i, &n)?;
     if body.stateful {
         return Err(ApiError::bad_request(
             "stateful stop and start are not supported",
@@ -734,55 +715,46 @@ pub async fn put_state(
         }
     };
     let op = new_operation(&state, "task", description, instance_resources(&name));
-    let st = state.clone();
-    let action = body.action.clone();
-    let force = body.force;
-    run_task(&state, op, async move {
-        let lock = st.instance_lock(&name);
-        let _guard = lock.lock().await;
-        st.cp
-            .write(Command::SetDesiredState {
-                name: name.clone(),
-                desired,
-                now: clock::now(),
-            })
-            .await?;
-        let mut client = st.agents.client(&n)?;
-        // Clean stops wait for init: give the call the stop timeout and a margin.
-        let deadline = Duration::from_secs(u64::from(timeout) + 60);
-        let s = match action.as_str() {
-            "start" => {
-                let mut r = tonic::Request::new(v1::InstanceRef {
-                    name: i.name.clone(),
-                });
-                r.set_timeout(LONG_CALL);
-                client.start_instance(r).await?
-            }
-            "stop" => {
-                let mut r = tonic::Request::new(v1::StopInstanceRequest {
-                    name: i.name.clone(),
-                    force,
-                    timeout_secs: timeout,
-                });
-                r.set_timeout(deadline);
-                client.stop_instance(r).await?
-            }
-            _ => {
-                let mut r = tonic::Request::new(v1::StopInstanceRequest {
-                    name: i.name.clone(),
-                    force,
-                    timeout_secs: timeout,
-                });
-                r.set_timeout(deadline + LONG_CALL);
-                client.restart_instance(r).await?
-            }
-        }
-        .into_inner();
-        observe(&st, &name, &s).await;
-        info!(instance = %name, action = %action, "instance state changed");
-        Ok(serde_json::Value::Null)
-    })
-    .await
+    let timeout_secs = timeout;
+    let action = match body.action.as_str() {
+        "start" => Action::Start,
+        "stop" => Action::Stop {
+            force: body.force,
+            timeout_secs,
+        },
+        _ => Action::Restart {
+            force: body.force,
+            timeout_secs,
+        },
+    };
+    request_action(&state, &name, op, action, Some(desired)).await
+}
+
+/// Commits `action` for the instance with the operation that waits for it; answers 202.
+/// A second action while one is pending is refused (409, naming the operation).
+async fn request_action(
+    state: &SharedState,
+    name: &str,
+    op: berth_proto::api::Operation,
+    action: Action,
+    desired: Option<DesiredState>,
+) -> Result<Response, ApiError> {
+    state
+        .cp
+        .write(Command::SetInstanceAction {
+            name: name.to_string(),
+            pending: PendingAction {
+                op: op.id.clone(),
+                action,
+                since: op.created_at.clone(),
+            },
+            desired,
+            operation: op.clone(),
+            now: clock::now(),
+        })
+        .await?;
+    info!(instance = %name, op = %op.id, ?action, "instance action accepted");
+    Ok(super::operations::accepted(&op))
 }
 
 #[derive(Deserialize)]
