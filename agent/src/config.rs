@@ -1,6 +1,7 @@
 //! `berth-agent` configuration: a TOML file read into [`RawConfig`] (unknown keys refused),
 //! validated once into [`Config`].
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -31,12 +32,37 @@ pub struct RawConfig {
     pub listen: Option<String>,
     /// The address controllers reach this agent at (default: `listen`).
     pub advertise: Option<String>,
+    /// Host-wide runtime files of this agent, e.g. the pid file of the lxcfs it starts
+    /// (default /run/berth).
+    pub run_dir: Option<PathBuf>,
+    /// Controllers' peer addresses (host:port) to send heartbeats to until the cluster has
+    /// told the agent its controllers (at join, then in every heartbeat reply).
+    #[serde(default)]
+    pub controllers: Vec<String>,
+    /// Labels the scheduler matches placement constraints against (e.g. rack = "r1").
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub runtime: RawRuntime,
     #[serde(default)]
     pub storage: RawStorage,
     #[serde(default)]
     pub network: RawNetwork,
     #[serde(default)]
     pub images: RawImages,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRuntime {
+    /// Where the agent mounts lxcfs when none runs (default /var/lib/berth/lxcfs; a system
+    /// lxcfs at /var/lib/lxcfs is always preferred).
+    pub lxcfs_dir: Option<PathBuf>,
+    /// First host uid/gid handed to unprivileged instances (default 1000000).
+    pub idmap_start: Option<u32>,
+    /// How many host ids from `idmap_start` this agent may hand out (default: up to the top
+    /// of the id space). Agents sharing a host need ranges that do not overlap.
+    pub idmap_size: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -90,12 +116,19 @@ pub struct StorageConfig {
     pub mount: PathBuf,
 }
 
+/// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub name: String,
     pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
     pub listen: SocketAddr,
     pub advertise: SocketAddr,
+    /// Peer addresses to heartbeat to before the cluster has named its controllers.
+    pub controllers: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub lxcfs_dir: PathBuf,
+    pub idmap_range: crate::runtime::IdRange,
     pub storage: StorageConfig,
     pub bridge: String,
     pub bridge_ipv4_cidr: Option<String>,
@@ -183,13 +216,34 @@ impl Config {
                 message: format!("\"{bridge}\" must be 1 to 15 letters, digits, - or _"),
             });
         }
+        for c in &raw.controllers {
+            check_host_port(c).map_err(|message| ConfigError::Invalid {
+                key: "controllers",
+                message,
+            })?;
+        }
+        for (k, v) in &raw.labels {
+            check_label(k, v).map_err(|message| ConfigError::Invalid {
+                key: "labels",
+                message,
+            })?;
+        }
+        let idmap_range = idmap_range(raw.runtime.idmap_start, raw.runtime.idmap_size)?;
         Ok(Config {
             name,
             state_dir: raw
                 .state_dir
                 .unwrap_or_else(|| PathBuf::from("/var/lib/berth/agent")),
+            run_dir: raw.run_dir.unwrap_or_else(|| PathBuf::from("/run/berth")),
             listen,
             advertise,
+            controllers: raw.controllers,
+            labels: raw.labels,
+            lxcfs_dir: raw
+                .runtime
+                .lxcfs_dir
+                .unwrap_or_else(|| PathBuf::from("/var/lib/berth/lxcfs")),
+            idmap_range,
             storage: StorageConfig {
                 driver,
                 source: raw.storage.source,
@@ -215,6 +269,70 @@ impl Config {
     }
 }
 
+/// Checks a `host:port` address (a name or an IP; IPv6 in brackets).
+pub fn check_host_port(addr: &str) -> Result<(), String> {
+    let bad = || format!("\"{addr}\" is not a host:port");
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty()
+        || host.contains(['/', ' '])
+        || port.parse::<u16>().ok().filter(|p| *p != 0).is_none()
+    {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+/// Checks a label: the key is 1 to 63 letters, digits, `.`, `_`, `-` or `/`; the value up to
+/// 63 letters, digits, `.`, `_` or `-` (so `key=value,key!=value` constraints stay unambiguous).
+pub fn check_label(key: &str, value: &str) -> Result<(), String> {
+    let ok_key = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/');
+    let ok_value = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if key.is_empty() || key.len() > 63 || !key.chars().all(ok_key) {
+        return Err(format!(
+            "label key \"{key}\" must be 1 to 63 letters, digits, '.', '_', '-' or '/'"
+        ));
+    }
+    if value.len() > 63 || !value.chars().all(ok_value) {
+        return Err(format!(
+            "label {key} value \"{value}\" must be up to 63 letters, digits, '.', '_' or '-'"
+        ));
+    }
+    Ok(())
+}
+
+fn idmap_range(
+    start: Option<u32>,
+    size: Option<u32>,
+) -> Result<crate::runtime::IdRange, ConfigError> {
+    use crate::runtime::{IDMAP_SIZE, IdRange};
+    let start = start.unwrap_or(IdRange::default().start);
+    if start < IDMAP_SIZE {
+        return Err(ConfigError::Invalid {
+            key: "runtime.idmap_start",
+            message: format!("must be at least {IDMAP_SIZE} (ids below are the host's own)"),
+        });
+    }
+    let room = u32::MAX - start;
+    let count = size.unwrap_or(room);
+    if count < IDMAP_SIZE {
+        return Err(ConfigError::Invalid {
+            key: "runtime.idmap_size",
+            message: format!("must be at least {IDMAP_SIZE} (one instance's range)"),
+        });
+    }
+    if count > room {
+        return Err(ConfigError::Invalid {
+            key: "runtime.idmap_size",
+            message: format!(
+                "idmap_start + idmap_size passes the top of the id space ({})",
+                u32::MAX
+            ),
+        });
+    }
+    Ok(IdRange { start, count })
+}
+
 /// The host's name, or "localhost" when it cannot be read.
 pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -236,6 +354,26 @@ mod tests {
         assert_eq!(c.storage.driver, StorageDriverKind::Btrfs);
         assert_eq!(c.storage.loop_size, 30 << 30);
         assert_eq!(c.advertise, c.listen);
+        assert_eq!(c.run_dir, PathBuf::from("/run/berth"));
+        assert_eq!(c.idmap_range, crate::runtime::IdRange::default());
+        assert!(c.labels.is_empty() && c.controllers.is_empty());
+        let raw: RawConfig = toml::from_str(
+            "name = \"n1\"\ncontrollers = [\"10.99.0.11:8444\", \"ctl.example:8444\"]\n\
+             [labels]\nrack = \"r1\"\nssd = \"true\"\n\
+             [runtime]\nidmap_start = 200000000\nidmap_size = 6553600\nlxcfs_dir = \"/x/lxcfs\"",
+        )
+        .unwrap();
+        let c = Config::validate(raw).unwrap();
+        assert_eq!(c.labels.get("rack").map(String::as_str), Some("r1"));
+        assert_eq!(c.controllers.len(), 2);
+        assert_eq!(
+            c.idmap_range,
+            crate::runtime::IdRange {
+                start: 200_000_000,
+                count: 6_553_600
+            }
+        );
+        assert_eq!(c.lxcfs_dir, PathBuf::from("/x/lxcfs"));
         for bad in [
             "name = \"node1\"\nbogus = 1",
             "name = \"node1\"\n[storage]\ndriver = \"zfs\"",
@@ -243,6 +381,13 @@ mod tests {
             "name = \"node1\"\n[network]\nbridge = \"this-name-is-too-long\"",
             "name = \"1node\"",
             "name = \"node1\"\nlisten = \"nowhere\"",
+            "name = \"node1\"\ncontrollers = [\"10.0.0.1\"]",
+            "name = \"node1\"\ncontrollers = [\"10.0.0.1:0\"]",
+            "name = \"node1\"\n[labels]\nrack = \"r1,ssd=true\"",
+            "name = \"node1\"\n[labels]\n\"\" = \"x\"",
+            "name = \"node1\"\n[runtime]\nidmap_start = 1000",
+            "name = \"node1\"\n[runtime]\nidmap_size = 100",
+            "name = \"node1\"\n[runtime]\nidmap_start = 4294960000\nidmap_size = 65536",
         ] {
             let parsed: Result<RawConfig, _> = toml::from_str(bad);
             assert!(

@@ -1,5 +1,5 @@
 //! Starting `berth-agent`: storage, network, images and the engine; joining the cluster; then
-//! serving the gRPC service over mutual TLS until asked to stop. Instances keep running when
+//! serving the gRPC service over mutual TLS and sending heartbeats until asked to stop. Instances keep running when
 //! the agent stops.
 
 use std::path::PathBuf;
@@ -101,6 +101,9 @@ pub fn prepare(cfg: Config) -> Result<Node, StartError> {
     )?);
     let mut engine_cfg = EngineConfig::new(cfg.state_dir.clone());
     engine_cfg.nat = cfg.nat;
+    engine_cfg.idmap_range = cfg.idmap_range;
+    engine_cfg.lxcfs_dir = cfg.lxcfs_dir.clone();
+    engine_cfg.run_dir = cfg.run_dir.clone();
     let engine = Arc::new(Engine::new(engine_cfg, storage.clone(), network.clone())?);
     Ok(Node {
         cfg,
@@ -165,8 +168,14 @@ pub async fn run(cfg: Config, token: Option<String>) -> Result<(), StartError> {
         node.storage.clone(),
         node.cfg.debian_mirror.clone(),
     );
+    let heartbeats = crate::heartbeat::spawn(
+        &node.cfg,
+        &identity,
+        node.storage.clone(),
+        node.engine.clone(),
+    );
     info!(node = %node.cfg.name, listen = %node.cfg.listen, "berth-agent is serving");
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
         .tls_config(identity.server_tls())?
         .add_service(tonic::service::interceptor::InterceptedService::new(
             AgentServer::new(service)
@@ -175,7 +184,9 @@ pub async fn run(cfg: Config, token: Option<String>) -> Result<(), StartError> {
             crate::tls::require_controller,
         ))
         .serve_with_shutdown(node.cfg.listen, shutdown_signal())
-        .await?;
+        .await;
+    heartbeats.abort();
+    served?;
     info!("berth-agent stopped; instances keep running");
     Ok(())
 }

@@ -50,6 +50,10 @@ pub struct EngineConfig {
     pub cgroup_parent: String,
     /// How long a start may take until init runs.
     pub start_timeout: Duration,
+    /// Host ids this engine hands to unprivileged instances.
+    pub idmap_range: crate::runtime::IdRange,
+    /// Where the lxcfs this engine starts writes its pid file (`/run/berth`).
+    pub run_dir: PathBuf,
 }
 
 impl EngineConfig {
@@ -63,6 +67,8 @@ impl EngineConfig {
             helper_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
             cgroup_parent: String::new(),
             start_timeout: Duration::from_secs(60),
+            idmap_range: crate::runtime::IdRange::default(),
+            run_dir: PathBuf::from("/run/berth"),
         }
     }
 }
@@ -814,7 +820,11 @@ impl Inner {
                 reserved.extend(crate::runtime::parse_subid(&t));
             }
         }
-        Ok(crate::runtime::allocate_idmap(&used, &reserved)?)
+        Ok(crate::runtime::allocate_idmap(
+            &used,
+            &reserved,
+            self.cfg.idmap_range,
+        )?)
     }
 
     fn create_blocking(
@@ -899,7 +909,7 @@ impl Inner {
     fn spawn_monitor(&self, name: &str) -> Result<(), EngineError> {
         let dir = InstanceDir::new(&self.cfg.state_dir, name);
         let lxcfs_dir = if self.cfg.start_lxcfs {
-            ensure_lxcfs(&self.cfg.lxcfs_dir, &self.cfg.state_dir)
+            ensure_lxcfs(&self.cfg.lxcfs_dir, &self.cfg.run_dir, &self.cfg.state_dir)
         } else {
             existing_lxcfs(&self.cfg.lxcfs_dir)
         };
@@ -1088,7 +1098,7 @@ fn existing_lxcfs(dir: &Path) -> Option<PathBuf> {
 
 /// Returns a mounted lxcfs, starting one at `dir` when none runs. Failures are logged and
 /// leave instances without lxcfs views.
-fn ensure_lxcfs(dir: &Path, state_dir: &Path) -> Option<PathBuf> {
+fn ensure_lxcfs(dir: &Path, run_dir: &Path, state_dir: &Path) -> Option<PathBuf> {
     static STARTING: Mutex<()> = Mutex::new(());
     let _one_at_a_time = STARTING.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(d) = existing_lxcfs(dir) {
@@ -1107,9 +1117,9 @@ fn ensure_lxcfs(dir: &Path, state_dir: &Path) -> Option<PathBuf> {
         tracing::warn!("cannot create lxcfs dir {}: {e}", dir.display());
         return None;
     }
-    // One lxcfs serves every agent on the host, so its pid file is the host's, not this
-    // agent's (an agent's state directory may be removed while lxcfs keeps serving).
-    let run_dir = Path::new("/run/berth");
+    // By default one lxcfs serves every agent on the host, so its pid file is in the run
+    // directory, not this agent's state directory (which may be removed while lxcfs keeps
+    // serving).
     let _ = std::fs::create_dir_all(run_dir);
     let pidfile = run_dir.join("lxcfs.pid");
     let logfile = state_dir.join("lxcfs.log");

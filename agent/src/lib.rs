@@ -9,12 +9,14 @@
 //! - [`image`]: image builds and imports,
 //! - [`network`]: the host bridge, veth pairs and NAT,
 //! - [`sys`]: the only module with `unsafe`: raw syscalls, each with a `// SAFETY:` comment.
-//! - [`service`]: the gRPC service that maps requests onto the engine.
+//! - [`service`]: the gRPC service that maps requests onto the engine,
+//! - [`heartbeat`]: capacity and instance reports to the leading controller.
 
 pub mod cgroup;
 pub mod config;
 pub mod daemon;
 pub mod engine;
+pub mod heartbeat;
 pub mod image;
 pub mod network;
 pub mod runtime;

@@ -131,7 +131,8 @@ pub struct JoinFacts {
     pub memory_bytes: u64,
 }
 
-/// Joins the cluster with `token` and saves the identity under `state_dir`.
+/// Joins the cluster with `token` and saves the identity, and the controllers' peer addresses
+/// the answer names, under `state_dir`.
 pub async fn join(state_dir: &Path, token: &str, facts: JoinFacts) -> Result<Identity, JoinError> {
     let token = decode_token(token)?;
     let key = rcgen::KeyPair::generate().map_err(|e| JoinError::Tls(e.to_string()))?;
@@ -160,6 +161,7 @@ pub async fn join(state_dir: &Path, token: &str, facts: JoinFacts) -> Result<Ide
         });
         match result {
             Ok(resp) => {
+                let controllers = resp.controllers.clone();
                 let id = Identity {
                     cert_pem: resp.certificate,
                     key_pem: key.serialize_pem(),
@@ -171,6 +173,18 @@ pub async fn join(state_dir: &Path, token: &str, facts: JoinFacts) -> Result<Ide
                     ));
                 }
                 id.save(state_dir)?;
+                if !controllers.is_empty() {
+                    let known = crate::heartbeat::KnownControllers {
+                        controllers,
+                        leader: String::new(),
+                    };
+                    known.save(state_dir).map_err(|e| match e {
+                        crate::heartbeat::HeartbeatError::Io { path, source } => {
+                            JoinError::Io { path, source }
+                        }
+                        other => JoinError::Tls(other.to_string()),
+                    })?;
+                }
                 return Ok(id);
             }
             Err(e @ JoinError::Refused(_)) => return Err(e),

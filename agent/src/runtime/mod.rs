@@ -63,8 +63,26 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RuntimeError + '_
 
 /// Size of each instance's id range.
 pub const IDMAP_SIZE: u32 = 65536;
-/// First host id handed to instances.
+/// First host id handed to instances by default.
 pub const IDMAP_START: u32 = 1_000_000;
+
+/// The host ids one agent hands to its instances: `[start, start + count)`. Agents sharing a
+/// host must be given ranges that do not overlap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdRange {
+    pub start: u32,
+    pub count: u32,
+}
+
+impl Default for IdRange {
+    /// From [`IDMAP_START`] to the top of the id space.
+    fn default() -> Self {
+        IdRange {
+            start: IDMAP_START,
+            count: u32::MAX - IDMAP_START,
+        }
+    }
+}
 
 /// The network part of an instance record (mirrors `berth_proto::v1::NetworkSpec`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -312,13 +330,19 @@ pub fn parse_subid(text: &str) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// Picks the base of a free id range: `IDMAP_START + slot * IDMAP_SIZE` for the lowest slot
-/// that is not used by another instance and does not overlap any `reserved` range.
-pub fn allocate_idmap(used: &[u32], reserved: &[(u64, u64)]) -> Result<u32, RuntimeError> {
+/// Picks the base of a free id range: `range.start + slot * IDMAP_SIZE` for the lowest slot
+/// that lies inside `range`, is not used by another instance and does not overlap any
+/// `reserved` range.
+pub fn allocate_idmap(
+    used: &[u32],
+    reserved: &[(u64, u64)],
+    range: IdRange,
+) -> Result<u32, RuntimeError> {
     let size = IDMAP_SIZE as u64;
+    let end = (range.start as u64 + range.count as u64).min(u32::MAX as u64);
     for slot in 0u64.. {
-        let base = IDMAP_START as u64 + slot * size;
-        if base + size > u32::MAX as u64 {
+        let base = range.start as u64 + slot * size;
+        if base + size > end {
             break;
         }
         if used.iter().any(|u| *u as u64 == base) {
@@ -357,22 +381,46 @@ mod tests {
 
     #[test]
     fn idmap_lowest_free_slot() {
-        assert_eq!(allocate_idmap(&[], &[]).unwrap(), IDMAP_START);
+        let r = IdRange::default();
+        assert_eq!(allocate_idmap(&[], &[], r).unwrap(), IDMAP_START);
         assert_eq!(
-            allocate_idmap(&[IDMAP_START], &[]).unwrap(),
+            allocate_idmap(&[IDMAP_START], &[], r).unwrap(),
             IDMAP_START + IDMAP_SIZE
         );
         assert_eq!(
-            allocate_idmap(&[IDMAP_START + IDMAP_SIZE], &[]).unwrap(),
+            allocate_idmap(&[IDMAP_START + IDMAP_SIZE], &[], r).unwrap(),
             IDMAP_START
         );
+    }
+
+    #[test]
+    fn idmap_stays_inside_its_range() {
+        let r = IdRange {
+            start: 5_000_000,
+            count: 2 * IDMAP_SIZE,
+        };
+        assert_eq!(allocate_idmap(&[], &[], r).unwrap(), 5_000_000);
+        let one = allocate_idmap(&[5_000_000], &[], r).unwrap();
+        assert_eq!(one, 5_000_000 + IDMAP_SIZE);
+        assert!(matches!(
+            allocate_idmap(&[5_000_000, one], &[], r),
+            Err(RuntimeError::IdRangeExhausted)
+        ));
+        // A reserved range inside it takes those slots away.
+        assert!(allocate_idmap(&[], &[(5_000_000, 2 * IDMAP_SIZE as u64)], r).is_err());
+        // The top of the id space is never passed.
+        let top = IdRange {
+            start: u32::MAX - IDMAP_SIZE + 1,
+            count: IDMAP_SIZE,
+        };
+        assert!(allocate_idmap(&[], &[], top).is_err());
     }
 
     #[test]
     fn idmap_avoids_subuid_ranges() {
         let reserved = parse_subid("root:100000:10000001\n# x\nbad line\n");
         assert_eq!(reserved, vec![(100000, 10000001)]);
-        let base = allocate_idmap(&[], &reserved).unwrap();
+        let base = allocate_idmap(&[], &reserved, IdRange::default()).unwrap();
         assert!(base as u64 >= 100000 + 10000001, "{base}");
         assert_eq!((base - IDMAP_START) % IDMAP_SIZE, 0);
     }
