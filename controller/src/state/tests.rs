@@ -748,3 +748,268 @@ fn touched_objects_round_trip() {
     assert_eq!(all, store);
     assert!(reloaded.load_object("bogus/x", b"{}").is_err());
 }
+
+fn op(id: &str) -> Operation {
+    Operation {
+        id: id.into(),
+        status: berth_proto::api::OperationStatus::Running,
+        ..Default::default()
+    }
+}
+
+fn pending(op: &str, action: Action) -> PendingAction {
+    PendingAction {
+        op: op.into(),
+        action,
+        since: NOW.into(),
+    }
+}
+
+fn observed(status: InstanceStatusCode) -> Observed {
+    Observed {
+        status,
+        pid: 7,
+        updated_at: NOW.into(),
+        error: String::new(),
+    }
+}
+
+#[test]
+fn actions_are_exclusive_and_finish_their_operation() {
+    let mut s = base("10.0.0.1/24");
+    create(&mut s, "a").unwrap();
+    ok(
+        &mut s,
+        Command::SetInstanceAction {
+            name: "a".into(),
+            pending: pending("op1", Action::Start),
+            desired: Some(DesiredState::Running),
+            operation: op("op1"),
+            now: NOW.into(),
+        },
+    );
+    assert_eq!(s.instances["a"].desired, DesiredState::Running);
+    assert_eq!(s.instances["a"].last_used_at, NOW);
+    let busy = rejected(
+        &mut s,
+        Command::SetInstanceAction {
+            name: "a".into(),
+            pending: pending(
+                "op2",
+                Action::Stop {
+                    force: false,
+                    timeout_secs: 30,
+                },
+            ),
+            desired: Some(DesiredState::Stopped),
+            operation: op("op2"),
+            now: NOW.into(),
+        },
+        ApplyErrorKind::Conflict,
+    );
+    assert!(busy.message.contains("op1"), "{busy}");
+    // A stale id changes nothing.
+    let before = s.clone();
+    ok(
+        &mut s,
+        Command::FinishAction {
+            name: "a".into(),
+            op: "other".into(),
+            observed: None,
+            error: String::new(),
+            now: NOW.into(),
+        },
+    );
+    assert_eq!(s, before);
+    ok(
+        &mut s,
+        Command::FinishAction {
+            name: "a".into(),
+            op: "op1".into(),
+            observed: Some(observed(InstanceStatusCode::Running)),
+            error: String::new(),
+            now: "2026-11-29T12:00:05Z".into(),
+        },
+    );
+    let a = &s.instances["a"];
+    assert!(a.pending.is_none());
+    assert_eq!(a.observed.status, InstanceStatusCode::Running);
+    let o = &s.operations["op1"];
+    assert_eq!(o.status, berth_proto::api::OperationStatus::Success);
+    assert_eq!(o.updated_at, "2026-11-29T12:00:05Z");
+}
+
+#[test]
+fn failed_create_removes_the_record_and_delete_removes_the_instance() {
+    let mut s = base("10.0.0.1/24");
+    let mut i = inst("a", "n1");
+    i.observed.status = InstanceStatusCode::Pending;
+    i.pending = Some(pending("op1", Action::Create { start: true }));
+    ok(
+        &mut s,
+        Command::CreateInstance {
+            instance: i,
+            operation: Some(op("op1")),
+        },
+    );
+    ok(
+        &mut s,
+        Command::FinishAction {
+            name: "a".into(),
+            op: "op1".into(),
+            observed: None,
+            error: "no space left".into(),
+            now: NOW.into(),
+        },
+    );
+    assert!(!s.instances.contains_key("a"));
+    assert_eq!(
+        s.operations["op1"].status,
+        berth_proto::api::OperationStatus::Failure
+    );
+    assert_eq!(s.operations["op1"].err, "no space left");
+
+    // Created but not started: the instance stays, with the error.
+    let mut i = inst("b", "n1");
+    i.observed.status = InstanceStatusCode::Pending;
+    i.pending = Some(pending("op2", Action::Create { start: true }));
+    ok(
+        &mut s,
+        Command::CreateInstance {
+            instance: i,
+            operation: Some(op("op2")),
+        },
+    );
+    ok(
+        &mut s,
+        Command::FinishAction {
+            name: "b".into(),
+            op: "op2".into(),
+            observed: Some(observed(InstanceStatusCode::Stopped)),
+            error: "init exited".into(),
+            now: NOW.into(),
+        },
+    );
+    assert_eq!(s.instances["b"].observed.error, "init exited");
+
+    ok(
+        &mut s,
+        Command::SetInstanceAction {
+            name: "b".into(),
+            pending: pending("op3", Action::Delete { force: false }),
+            desired: None,
+            operation: op("op3"),
+            now: NOW.into(),
+        },
+    );
+    ok(
+        &mut s,
+        Command::FinishAction {
+            name: "b".into(),
+            op: "op3".into(),
+            observed: None,
+            error: String::new(),
+            now: NOW.into(),
+        },
+    );
+    assert!(!s.instances.contains_key("b"));
+    assert_eq!(
+        s.operations["op3"].status,
+        berth_proto::api::OperationStatus::Success
+    );
+}
+
+#[test]
+fn an_instance_that_powers_itself_off_is_wanted_stopped() {
+    let mut s = base("10.0.0.1/24");
+    create(&mut s, "a").unwrap();
+    s.instances.get_mut("a").unwrap().desired = DesiredState::Running;
+    ok(
+        &mut s,
+        Command::ObserveInstance {
+            name: "a".into(),
+            observed: observed(InstanceStatusCode::Running),
+        },
+    );
+    assert_eq!(s.instances["a"].desired, DesiredState::Running);
+    ok(
+        &mut s,
+        Command::ObserveInstance {
+            name: "a".into(),
+            observed: observed(InstanceStatusCode::Stopped),
+        },
+    );
+    assert_eq!(s.instances["a"].desired, DesiredState::Stopped);
+}
+
+#[test]
+fn controllers_join_with_their_own_tokens() {
+    let mut s = base("10.0.0.1/24");
+    ok(
+        &mut s,
+        Command::RegisterController {
+            record: ControllerRecord {
+                name: "c1".into(),
+                id: 1,
+                peer_address: "10.0.0.11:8444".into(),
+                api_address: "10.0.0.11:8443".into(),
+                joined_at: NOW.into(),
+            },
+        },
+    );
+    let mut t = token("c2", "2026-11-30T12:00:00Z");
+    t.kind = JoinKind::Controller;
+    s.join_tokens.insert("tc".into(), t);
+    s.join_tokens
+        .insert("tn".into(), token("c3", "2026-11-30T12:00:00Z"));
+    let join = |hash: &str, name: &str, peer: &str| Command::JoinController {
+        token_hash: hash.into(),
+        name: name.into(),
+        peer_address: peer.into(),
+        api_address: "x:1".into(),
+        now: NOW.into(),
+    };
+    // A node token does not admit a controller.
+    rejected(
+        &mut s,
+        join("tn", "c3", "10.0.0.13:8444"),
+        ApplyErrorKind::Invalid,
+    );
+    // Nor does a token for another name, nor a peer address in use.
+    rejected(
+        &mut s,
+        join("tc", "c9", "10.0.0.12:8444"),
+        ApplyErrorKind::Invalid,
+    );
+    rejected(
+        &mut s,
+        join("tc", "c2", "10.0.0.11:8444"),
+        ApplyErrorKind::Conflict,
+    );
+    assert_eq!(
+        ok(&mut s, join("tc", "c2", "10.0.0.12:8444")),
+        ApplyOk::ControllerId(2)
+    );
+    // Used once.
+    rejected(
+        &mut s,
+        join("tc", "c2", "10.0.0.12:8444"),
+        ApplyErrorKind::NotFound,
+    );
+    ok(&mut s, Command::RemoveController { name: "c2".into() });
+    assert!(!s.controllers.contains_key("c2"));
+}
+
+#[test]
+fn nodes_with_instances_are_not_removed() {
+    let mut s = base("10.0.0.1/24");
+    create(&mut s, "a").unwrap();
+    rejected(
+        &mut s,
+        Command::RemoveNode { name: "n1".into() },
+        ApplyErrorKind::Conflict,
+    );
+    ok(&mut s, Command::DeleteInstance { name: "a".into() });
+    ok(&mut s, Command::RemoveNode { name: "n1".into() });
+    assert!(s.nodes.is_empty());
+}
