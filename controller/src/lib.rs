@@ -17,6 +17,7 @@ pub mod config;
 pub mod daemon;
 pub mod liveness;
 pub mod metrics;
+pub mod peer;
 pub mod raft;
 pub mod reconcile;
 pub mod scheduler;

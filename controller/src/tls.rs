@@ -189,6 +189,68 @@ pub fn api_server_config(
     Ok(Arc::new(config))
 }
 
+/// What a verified client certificate on the peer port is allowed to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerRole {
+    /// A controller: the certificate carries [`berth_proto::CONTROLLER_TLS_NAME`].
+    Controller,
+    /// The agent of this node: the certificate carries `<node>.agent.berth`.
+    Agent(String),
+}
+
+/// The role a certificate (already verified against the cluster CA) names, from its DNS
+/// subject alternative names; `None` when it names neither role (or cannot be parsed).
+/// A certificate that names the controller role is a controller whatever else it names.
+pub fn peer_role(der: &CertificateDer<'_>) -> Option<PeerRole> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let mut agent = None;
+    for name in &san.value.general_names {
+        if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
+            if *dns == berth_proto::CONTROLLER_TLS_NAME {
+                return Some(PeerRole::Controller);
+            }
+            if let Some(node) = dns.strip_suffix(".agent.berth")
+                && !node.is_empty()
+                && agent.is_none()
+            {
+                agent = Some(node.to_string());
+            }
+        }
+    }
+    agent.map(PeerRole::Agent)
+}
+
+/// The role of the caller of a gRPC request on a mutual-TLS listener: the first certificate
+/// the client presented (tonic has verified its chain against the cluster CA).
+pub fn caller_role<T>(req: &tonic::Request<T>) -> Result<PeerRole, tonic::Status> {
+    let certs = req.peer_certs().ok_or_else(|| {
+        tonic::Status::unauthenticated("a client certificate from the cluster CA is required")
+    })?;
+    let leaf = certs.first().ok_or_else(|| {
+        tonic::Status::unauthenticated("a client certificate from the cluster CA is required")
+    })?;
+    peer_role(leaf).ok_or_else(|| {
+        tonic::Status::permission_denied(
+            "the client certificate names neither a controller nor an agent",
+        )
+    })
+}
+
+/// Checks that the caller is a controller (when `tls` is on; plain listeners exist only in
+/// tests).
+pub fn require_controller<T>(req: &tonic::Request<T>, tls: bool) -> Result<(), tonic::Status> {
+    if !tls {
+        return Ok(());
+    }
+    match caller_role(req)? {
+        PeerRole::Controller => Ok(()),
+        PeerRole::Agent(_) => Err(tonic::Status::permission_denied(
+            "only controllers may call this service",
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,5 +275,27 @@ mod tests {
         let signed = ca.sign_csr(&csr, "node1", &["node1".into()]).unwrap();
         assert!(parse_certs(&signed).is_ok());
         assert!(ca.sign_csr("not a csr", "n", &[]).is_err());
+    }
+
+    #[test]
+    fn roles_from_certificates() {
+        let ca = ClusterCa::generate("test").unwrap();
+        let der = |names: &[&str]| {
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            parse_certs(&ca.issue("x", &names).unwrap().cert_pem)
+                .unwrap()
+                .remove(0)
+        };
+        assert_eq!(
+            peer_role(&der(&["controller.berth", "127.0.0.1"])),
+            Some(PeerRole::Controller)
+        );
+        assert_eq!(
+            peer_role(&der(&["n1.agent.berth", "10.0.0.1"])),
+            Some(PeerRole::Agent("n1".into()))
+        );
+        assert_eq!(peer_role(&der(&["example.com"])), None);
+        assert_eq!(peer_role(&der(&[".agent.berth"])), None);
+        assert_eq!(peer_role(&CertificateDer::from(vec![1, 2, 3])), None);
     }
 }

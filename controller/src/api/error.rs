@@ -75,16 +75,12 @@ impl From<WriteError> for ApiError {
     fn from(e: WriteError) -> Self {
         match e {
             WriteError::Rejected(a) => a.into(),
-            WriteError::NotLeader { leader } => ApiError::new(
+            WriteError::Unavailable(u) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, u.to_string())
+            }
+            WriteError::Raft(e) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                match leader {
-                    Some(l) => format!("this controller is not the leader; the leader is {l}"),
-                    None => "the cluster has no leader right now; try again shortly".to_string(),
-                },
-            ),
-            other => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("the cluster could not commit the change: {other}"),
+                format!("the cluster could not commit the change: {e}"),
             ),
         }
     }
@@ -92,10 +88,15 @@ impl From<WriteError> for ApiError {
 
 impl From<ReadError> for ApiError {
     fn from(e: ReadError) -> Self {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("the cluster state cannot be read right now: {e}"),
-        )
+        match e {
+            ReadError::Unavailable(u) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, u.to_string())
+            }
+            ReadError::Raft(e) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the cluster state cannot be read right now: {e}"),
+            ),
+        }
     }
 }
 

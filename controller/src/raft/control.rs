@@ -1,29 +1,83 @@
 //! [`ControlPlane`]: the handle the rest of the controller uses to read and change the
 //! replicated state.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
+use berth_proto::v1::controller_client::ControllerClient;
 use berth_proto::v1::raft_server::RaftServer;
+use berth_proto::v1::{ForwardRequest, ReadIndexRequest};
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{ChangeMembers, Config, ServerState, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity, Server, ServerTlsConfig};
 
 use super::network::{Network, NetworkFaults};
 use super::service::RaftService;
 use super::types::{NodeId, Raft, RaftPeer};
-use crate::state::{ApplyError, ApplyOk, Command, State};
+use crate::state::{ApplyError, ApplyOk, ApplyResult, Command, State};
+
+/// Prefix of the message of an UNAVAILABLE status the leader itself answers (as opposed to a
+/// transport failure), so that the follower can tell the two apart.
+pub(crate) const LEADER_UNAVAILABLE: &str = "leader unavailable: ";
+
+/// Checks whether removing voter `id` (named `name`) from `voters` keeps a reachable majority.
+pub(crate) fn removal_check(
+    name: &str,
+    id: NodeId,
+    voters: &BTreeSet<NodeId>,
+    reachable: impl Fn(NodeId) -> bool,
+) -> Result<(), String> {
+    if !voters.contains(&id) {
+        return Ok(());
+    }
+    let rest: Vec<NodeId> = voters.iter().copied().filter(|v| *v != id).collect();
+    if rest.is_empty() {
+        return Err(format!(
+            "controller {name} is the last voter; a cluster cannot remove its last controller"
+        ));
+    }
+    let up = rest.iter().filter(|v| reachable(**v)).count();
+    let need = rest.len() / 2 + 1;
+    if up < need {
+        return Err(format!(
+            "removing controller {name} would leave {} voters of which only {up} are reachable, fewer than the {need} a majority needs",
+            rest.len()
+        ));
+    }
+    Ok(())
+}
 use crate::store::{self, StateMachineStore, StoreError};
 
-/// TLS for the peer (Raft) plane: the server side for [`ControlPlane::serve`], the client side
-/// for outgoing RPCs. Both should require and verify certificates from the cluster CA.
+/// The longest election timeout: a follower that hears nothing from its leader for this long
+/// starts an election, and a leader that has not heard from a majority for this long has
+/// lost its quorum.
+pub const ELECTION_TIMEOUT_MAX: Duration = Duration::from_millis(2000);
+
+/// How long a request waits for a reachable leader (an election in progress, a leader
+/// change) before it fails as unavailable.
+pub const LEADER_WAIT: Duration = Duration::from_millis(2500);
+
+/// How long the leader waits for a proposed command to commit and apply.
+pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a follower waits for its state machine to reach a read index.
+pub const APPLY_WAIT: Duration = Duration::from_secs(5);
+
+/// Deadline of a forwarded write on the wire (the leader's commit time plus slack).
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(7);
+
+/// Deadline of a read-index request on the wire.
+const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// TLS for the peer plane: the server side for [`ControlPlane::serve`], the client side for
+/// outgoing RPCs. Both require and verify certificates from the cluster CA; the client accepts
+/// only servers whose certificate names [`berth_proto::CONTROLLER_TLS_NAME`].
 #[derive(Clone)]
 pub struct PeerTls {
     pub server: ServerTlsConfig,
@@ -31,8 +85,8 @@ pub struct PeerTls {
 }
 
 impl PeerTls {
-    /// Mutual TLS from PEM: every peer presents `cert_pem`/`key_pem` (which must name the
-    /// host of its peer address, DNS name or IP) and trusts only certificates from `ca_pem`.
+    /// Mutual TLS from PEM: every controller presents `cert_pem`/`key_pem` (which must carry
+    /// the controller name) and trusts only certificates from `ca_pem`.
     pub fn from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> PeerTls {
         let ca = Certificate::from_pem(ca_pem);
         let identity = Identity::from_pem(cert_pem, key_pem);
@@ -40,7 +94,10 @@ impl PeerTls {
             server: ServerTlsConfig::new()
                 .identity(identity.clone())
                 .client_ca_root(ca.clone()),
-            client: ClientTlsConfig::new().ca_certificate(ca).identity(identity),
+            client: ClientTlsConfig::new()
+                .ca_certificate(ca)
+                .identity(identity)
+                .domain_name(berth_proto::CONTROLLER_TLS_NAME),
         }
     }
 }
@@ -58,15 +115,43 @@ pub enum RaftSetupError {
     Initialize(String),
 }
 
+/// Why no leader could take a request right now. Each message is one sentence naming the
+/// cause; the API answers them with 503.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unavailable {
+    /// No leader is known (an election is going on, or this controller is on the minority
+    /// side of a partition).
+    #[error("no raft leader: this controller cannot reach a majority of the controllers")]
+    NoLeader,
+    /// This controller leads but has not heard from a majority within the election timeout.
+    #[error(
+        "no raft quorum: this controller was the leader but cannot reach a majority of the controllers"
+    )]
+    NoQuorum,
+    /// The leader is known but does not answer this controller.
+    #[error("the raft leader at {leader} cannot be reached from this controller: {detail}")]
+    LeaderUnreachable { leader: String, detail: String },
+    /// The leader answered but could not serve the request.
+    #[error("the raft leader at {leader} cannot serve the request: {detail}")]
+    Leader { leader: String, detail: String },
+    /// The leader did not commit in time (it may have lost its quorum meanwhile).
+    #[error("the raft leader did not commit the change within {0:?}")]
+    CommitTimeout(Duration),
+    /// A follower did not apply the log up to the read index in time.
+    #[error("this controller has not applied the raft log up to index {0} yet")]
+    Lagging(u64),
+}
+
 /// Why a write did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
-    /// The command was committed but `apply` rejected it; nothing changed.
+    /// The command was committed but `apply` rejected it (or the leader refused it before
+    /// proposing, e.g. a removal that would lose quorum); nothing changed.
     #[error("{0}")]
     Rejected(ApplyError),
-    /// This node is not the leader; `leader` is the leader's peer address when known.
-    #[error("this controller is not the raft leader")]
-    NotLeader { leader: Option<String> },
+    /// No leader could take the write; see [`Unavailable`].
+    #[error("{0}")]
+    Unavailable(Unavailable),
     /// Raft failed (shutting down, storage error, ...).
     #[error("raft failed: {0}")]
     Raft(String),
@@ -75,9 +160,9 @@ pub enum WriteError {
 /// Why a linearizable read could not be served.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
-    /// This node is not the leader (or lost leadership); `leader` is the leader's peer address.
-    #[error("this controller is not the raft leader")]
-    NotLeader { leader: Option<String> },
+    /// No leader could confirm the read; see [`Unavailable`].
+    #[error("{0}")]
+    Unavailable(Unavailable),
     #[error("raft failed: {0}")]
     Raft(String),
 }
@@ -93,11 +178,18 @@ pub enum ServeError {
     Serve(tonic::transport::Error),
 }
 
+/// The outcome of one attempt to reach the leader.
+pub(crate) enum Attempt<T> {
+    Done(T),
+    /// Try again (leader changed, unreachable, no leader yet) until the deadline.
+    Retry(Unavailable),
+}
+
 fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, RaftPeer>>) -> WriteError {
     match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => WriteError::NotLeader {
-            leader: f.leader_node.map(|n| n.addr),
-        },
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+            WriteError::Unavailable(Unavailable::NoLeader)
+        }
         e => WriteError::Raft(e.to_string()),
     }
 }
@@ -107,8 +199,11 @@ struct Inner {
     addr: String,
     raft: Raft,
     sm: StateMachineStore,
-    tls: Option<PeerTls>,
+    tls: RwLock<Option<PeerTls>>,
+    network: Network,
     faults: NetworkFaults,
+    /// Channels to other controllers' peer listeners, by address (Forward, ReadIndex).
+    channels: Mutex<HashMap<String, Channel>>,
 }
 
 /// A running Raft member with its replicated [`State`]. Cheap to clone.
@@ -123,7 +218,7 @@ fn raft_config() -> Result<Config, RaftSetupError> {
         cluster_name: "berth".to_string(),
         heartbeat_interval: 250,
         election_timeout_min: 1000,
-        election_timeout_max: 2000,
+        election_timeout_max: ELECTION_TIMEOUT_MAX.as_millis() as u64,
         install_snapshot_timeout: 5000,
         // JSON-encoded chunks stay far below the 64 MiB message limit.
         snapshot_max_chunk_size: 1024 * 1024,
@@ -150,7 +245,7 @@ impl ControlPlane {
         let config = Arc::new(raft_config()?);
         let faults = NetworkFaults::default();
         let network = Network::new(tls.as_ref().map(|t| t.client.clone()), faults.clone());
-        let raft = Raft::new(id, config, network, log, sm.clone())
+        let raft = Raft::new(id, config, network.clone(), log, sm.clone())
             .await
             .map_err(|e| RaftSetupError::Start(e.to_string()))?;
         if bootstrap {
@@ -175,8 +270,10 @@ impl ControlPlane {
                 addr,
                 raft,
                 sm,
-                tls,
+                tls: RwLock::new(tls),
+                network,
                 faults,
+                channels: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -201,12 +298,254 @@ impl ControlPlane {
         &self.inner.raft
     }
 
+    /// Sets the peer TLS (server and client side) for connections made from now on. A new
+    /// cluster's CA only exists once its first command is applied, so the first controller
+    /// sets it after opening.
+    pub fn set_tls(&self, tls: PeerTls) {
+        self.inner.network.set_tls(tls.client.clone());
+        *self.inner.tls.write().unwrap_or_else(|p| p.into_inner()) = Some(tls);
+        self.inner
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// Whether peer TLS is configured.
+    pub fn has_tls(&self) -> bool {
+        self.inner
+            .tls
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
     /// Proposes `cmd` through Raft and waits until it is applied; returns `apply`'s answer.
+    /// On a follower the command is forwarded to the leader (Controller.Forward), retried
+    /// while the leader changes. Without a reachable leader with a quorum it fails within
+    /// about [`LEADER_WAIT`] with [`WriteError::Unavailable`], never hangs.
     pub async fn write(&self, cmd: Command) -> Result<ApplyOk, WriteError> {
-        match self.inner.raft.client_write(cmd).await {
-            Ok(resp) => resp.data.map_err(WriteError::Rejected),
-            Err(e) => Err(write_error(e)),
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        loop {
+            let attempt = match self.leader_for_request() {
+                None => Attempt::Retry(Unavailable::NoLeader),
+                Some((id, _)) if id == self.inner.id => self.write_local(cmd.clone()).await?,
+                Some((id, addr)) => self.forward(id, &addr, &cmd).await?,
+            };
+            match attempt {
+                Attempt::Done(ok) => return Ok(ok),
+                Attempt::Retry(why) => {
+                    if !self.pause_before_retry(deadline).await {
+                        return Err(WriteError::Unavailable(why));
+                    }
+                }
+            }
         }
+    }
+
+    /// Proposes `cmd` on this node, which must lead with a quorum. Used by [`Self::write`] and
+    /// by the Forward service on the leader.
+    pub(crate) async fn write_local(&self, cmd: Command) -> Result<Attempt<ApplyOk>, WriteError> {
+        if !self.is_leader() {
+            return Ok(Attempt::Retry(Unavailable::NoLeader));
+        }
+        if !self.has_quorum() {
+            return Err(WriteError::Unavailable(Unavailable::NoQuorum));
+        }
+        if let Command::RemoveController { name } = &cmd {
+            self.check_controller_removal(name)
+                .map_err(|m| WriteError::Rejected(ApplyError::conflict(m)))?;
+        }
+        let proposal = self.inner.raft.client_write(cmd);
+        tokio::select! {
+            r = proposal => match r {
+                Ok(resp) => resp.data.map(Attempt::Done).map_err(WriteError::Rejected),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                    Ok(Attempt::Retry(Unavailable::NoLeader))
+                }
+                Err(e) => Err(write_error(e)),
+            },
+            _ = self.quorum_lost() => Err(WriteError::Unavailable(Unavailable::NoQuorum)),
+            _ = tokio::time::sleep(COMMIT_TIMEOUT) => {
+                Err(WriteError::Unavailable(Unavailable::CommitTimeout(COMMIT_TIMEOUT)))
+            }
+        }
+    }
+
+    /// Hands `cmd` to the leader `id` at `addr`.
+    async fn forward(
+        &self,
+        id: NodeId,
+        addr: &str,
+        cmd: &Command,
+    ) -> Result<Attempt<ApplyOk>, WriteError> {
+        let unreachable = |detail: String| {
+            Attempt::Retry(Unavailable::LeaderUnreachable {
+                leader: addr.to_string(),
+                detail,
+            })
+        };
+        let mut client = match self.controller_client(id, addr).await {
+            Ok(c) => c,
+            Err(detail) => return Ok(unreachable(detail)),
+        };
+        let data = serde_json::to_vec(cmd)
+            .map_err(|e| WriteError::Raft(format!("cannot encode the command: {e}")))?;
+        let mut req = tonic::Request::new(ForwardRequest {
+            command: data.into(),
+        });
+        req.set_timeout(FORWARD_TIMEOUT);
+        match client.forward(req).await {
+            Ok(reply) => {
+                self.inner.network.health().record(id);
+                let result: ApplyResult = serde_json::from_slice(&reply.into_inner().result)
+                    .map_err(|e| {
+                        WriteError::Raft(format!("cannot decode the leader's answer: {e}"))
+                    })?;
+                result.map(Attempt::Done).map_err(WriteError::Rejected)
+            }
+            Err(status) => Ok(self.classify(addr, status)?),
+        }
+    }
+
+    /// Maps a failed Forward or ReadIndex call: retry on a leader change or an unreachable
+    /// leader, fail on anything else.
+    fn classify<T>(&self, addr: &str, status: tonic::Status) -> Result<Attempt<T>, WriteError> {
+        use tonic::Code;
+        match status.code() {
+            // The receiver is no longer the leader.
+            Code::FailedPrecondition => Ok(Attempt::Retry(Unavailable::NoLeader)),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
+                if let Some(detail) = status.message().strip_prefix(LEADER_UNAVAILABLE) {
+                    Ok(Attempt::Retry(Unavailable::Leader {
+                        leader: addr.to_string(),
+                        detail: detail.to_string(),
+                    }))
+                } else {
+                    Ok(Attempt::Retry(Unavailable::LeaderUnreachable {
+                        leader: addr.to_string(),
+                        detail: status.message().to_string(),
+                    }))
+                }
+            }
+            _ => Err(WriteError::Raft(format!(
+                "the raft leader at {addr} refused the request: {}",
+                status.message()
+            ))),
+        }
+    }
+
+    /// A client for the Controller service of peer `id`, subject to fault injection.
+    async fn controller_client(
+        &self,
+        id: NodeId,
+        addr: &str,
+    ) -> Result<ControllerClient<Channel>, String> {
+        match self.inner.faults.check(id) {
+            Err(e) => return Err(e.to_string()),
+            Ok(delay) if !delay.is_zero() => tokio::time::sleep(delay).await,
+            Ok(_) => {}
+        }
+        let channel = {
+            let mut channels = self
+                .inner
+                .channels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match channels.get(addr) {
+                Some(ch) => ch.clone(),
+                None => {
+                    let ch = self
+                        .inner
+                        .network
+                        .channel(addr)
+                        .map_err(|e| e.to_string())?;
+                    channels.insert(addr.to_string(), ch.clone());
+                    ch
+                }
+            }
+        };
+        Ok(ControllerClient::new(channel))
+    }
+
+    /// Waits a little (for a leader change to show) before the next attempt; false when
+    /// `deadline` has passed.
+    async fn pause_before_retry(&self, deadline: tokio::time::Instant) -> bool {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        let mut metrics = self.inner.raft.metrics();
+        metrics.borrow_and_update();
+        let pause = (deadline - now).min(Duration::from_millis(100));
+        let _ = tokio::time::timeout(pause, metrics.changed()).await;
+        // Let a burst of metric changes settle without spinning.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        true
+    }
+
+    /// The leader to send a request to: this node when it leads, else the known leader.
+    fn leader_for_request(&self) -> Option<(NodeId, String)> {
+        if self.is_leader() {
+            return Some((self.inner.id, self.inner.addr.clone()));
+        }
+        self.leader()
+    }
+
+    /// Resolves after this leader has gone [`ELECTION_TIMEOUT_MAX`] without hearing from a
+    /// majority of the voters (checked every 100 ms).
+    async fn quorum_lost(&self) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if !self.has_quorum() {
+                return;
+            }
+        }
+    }
+
+    /// Whether peer `id` answered this node's Raft RPCs within [`ELECTION_TIMEOUT_MAX`] (this
+    /// node itself always counts). Meaningful on the leader.
+    pub fn peer_reachable(&self, id: NodeId) -> bool {
+        id == self.inner.id
+            || self
+                .inner
+                .network
+                .health()
+                .last_answer(id)
+                .is_some_and(|t| t.elapsed() <= ELECTION_TIMEOUT_MAX)
+    }
+
+    /// When peer `id` last answered this node's Raft RPCs.
+    pub fn peer_last_answer(&self, id: NodeId) -> Option<Instant> {
+        self.inner.network.health().last_answer(id)
+    }
+
+    /// Whether a majority of the voters is reachable from this node.
+    pub fn has_quorum(&self) -> bool {
+        let voters = self.voters();
+        let reachable = voters.iter().filter(|v| self.peer_reachable(**v)).count();
+        reachable > voters.len() / 2
+    }
+
+    /// The voters of the current membership.
+    pub fn voters(&self) -> BTreeSet<NodeId> {
+        self.inner
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+
+    /// Why removing controller `name` would be unsafe, if it would: it is the last voter, or
+    /// the remaining voters would not have a reachable majority (as this leader sees them).
+    pub fn check_controller_removal(&self, name: &str) -> Result<(), String> {
+        let Some(id) = self.read_local(|s| s.controllers.get(name).map(|c| c.id)) else {
+            return Ok(());
+        };
+        removal_check(name, id, &self.voters(), |v| self.peer_reachable(v))
     }
 
     /// Adds node `id` (peer address `addr`) as a voter: first as a learner that catches up,
@@ -231,17 +570,92 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Linearizable read: confirms leadership with a quorum (read barrier), waits until the
-    /// state machine has caught up, then runs `f` on the state.
+    /// Linearizable read: gets a read index confirmed by a quorum from the leader (itself, or
+    /// over Controller.ReadIndex), waits until this node has applied that far, then runs `f`
+    /// on the state. Fails like [`Self::write`] when no leader with a quorum answers.
     pub async fn read<R>(&self, f: impl FnOnce(&State) -> R) -> Result<R, ReadError> {
-        match self.inner.raft.ensure_linearizable().await {
-            Ok(_) => Ok(self.read_local(f)),
-            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
-                Err(ReadError::NotLeader {
-                    leader: f.leader_node.map(|n| n.addr),
-                })
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        let index = loop {
+            let attempt = match self.leader_for_request() {
+                None => Attempt::Retry(Unavailable::NoLeader),
+                Some((id, _)) if id == self.inner.id => self.read_index_local().await?,
+                Some((id, addr)) => self.read_index_remote(id, &addr).await?,
+            };
+            match attempt {
+                Attempt::Done(index) => break index,
+                Attempt::Retry(why) => {
+                    if !self.pause_before_retry(deadline).await {
+                        return Err(ReadError::Unavailable(why));
+                    }
+                }
             }
-            Err(e) => Err(ReadError::Raft(e.to_string())),
+        };
+        self.wait_applied(index).await?;
+        Ok(self.read_local(f))
+    }
+
+    /// The read index on the leader: its commit index, confirmed by a quorum of heartbeats.
+    pub(crate) async fn read_index_local(&self) -> Result<Attempt<u64>, ReadError> {
+        if !self.is_leader() {
+            return Ok(Attempt::Retry(Unavailable::NoLeader));
+        }
+        if !self.has_quorum() {
+            return Err(ReadError::Unavailable(Unavailable::NoQuorum));
+        }
+        tokio::select! {
+            r = self.inner.raft.get_read_log_id() => match r {
+                Ok((read, applied)) => {
+                    let read = read.map(|l| l.index).unwrap_or(0);
+                    let applied = applied.map(|l| l.index).unwrap_or(0);
+                    Ok(Attempt::Done(read.max(applied)))
+                }
+                Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(_))) => {
+                    Ok(Attempt::Retry(Unavailable::NoLeader))
+                }
+                Err(RaftError::APIError(e)) => {
+                    tracing::debug!(error = %e, "read index not confirmed");
+                    Ok(Attempt::Retry(Unavailable::NoQuorum))
+                }
+                Err(e) => Err(ReadError::Raft(e.to_string())),
+            },
+            _ = self.quorum_lost() => Err(ReadError::Unavailable(Unavailable::NoQuorum)),
+            _ = tokio::time::sleep(READ_INDEX_TIMEOUT) => Err(ReadError::Unavailable(Unavailable::NoQuorum)),
+        }
+    }
+
+    async fn read_index_remote(&self, id: NodeId, addr: &str) -> Result<Attempt<u64>, ReadError> {
+        let to_read = |e: WriteError| match e {
+            WriteError::Unavailable(u) => ReadError::Unavailable(u),
+            other => ReadError::Raft(other.to_string()),
+        };
+        let mut client = match self.controller_client(id, addr).await {
+            Ok(c) => c,
+            Err(detail) => {
+                return Ok(Attempt::Retry(Unavailable::LeaderUnreachable {
+                    leader: addr.to_string(),
+                    detail,
+                }));
+            }
+        };
+        let mut req = tonic::Request::new(ReadIndexRequest {});
+        req.set_timeout(READ_INDEX_TIMEOUT);
+        match client.read_index(req).await {
+            Ok(reply) => {
+                self.inner.network.health().record(id);
+                Ok(Attempt::Done(reply.into_inner().index))
+            }
+            Err(status) => self.classify(addr, status).map_err(to_read),
+        }
+    }
+
+    /// Waits until this node's state machine has applied `index` (bounded by [`APPLY_WAIT`]).
+    async fn wait_applied(&self, index: u64) -> Result<(), ReadError> {
+        let mut applied = self.subscribe();
+        let wait = applied.wait_for(|a| *a >= index);
+        match tokio::time::timeout(APPLY_WAIT, wait).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(ReadError::Raft("the state machine stopped".into())),
+            Err(_) => Err(ReadError::Unavailable(Unavailable::Lagging(index))),
         }
     }
 
@@ -309,6 +723,86 @@ impl ControlPlane {
             .collect()
     }
 
+    /// Brings the Raft membership in line with the controller records (leader only; call it
+    /// periodically): a recorded controller that is not a member joins as a learner, a learner
+    /// that has caught up becomes a voter, and a member whose record was removed leaves.
+    /// Does nothing until this leader's own record exists (a cluster upgraded from one
+    /// controller registers itself at start).
+    pub async fn reconcile_membership(&self) {
+        if !self.is_leader() {
+            return;
+        }
+        let records: BTreeMap<NodeId, (String, String)> = self.read_local(|s| {
+            s.controllers
+                .values()
+                .map(|c| (c.id, (c.name.clone(), c.peer_address.clone())))
+                .collect()
+        });
+        if !records.contains_key(&self.inner.id) {
+            return;
+        }
+        let (members, voters, last_log, replication) = {
+            let m = self.inner.raft.metrics();
+            let m = m.borrow();
+            let members: BTreeSet<NodeId> =
+                m.membership_config.nodes().map(|(id, _)| *id).collect();
+            let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+            (
+                members,
+                voters,
+                m.last_log_index.unwrap_or(0),
+                m.replication.clone().unwrap_or_default(),
+            )
+        };
+        let raft = &self.inner.raft;
+        for (id, (name, addr)) in &records {
+            if !members.contains(id) {
+                tracing::info!(controller = %name, node = id, %addr, "adding controller as a raft learner");
+                if let Err(e) = raft
+                    .add_learner(*id, RaftPeer { addr: addr.clone() }, false)
+                    .await
+                {
+                    tracing::warn!(controller = %name, node = id, error = %e, "cannot add raft learner");
+                }
+                continue;
+            }
+            if voters.contains(id) {
+                continue;
+            }
+            let matched = replication.get(id).cloned().flatten().map(|l| l.index);
+            // Caught up: within a few entries of the leader's log (in-flight writes).
+            if matched.is_some_and(|m| m + 8 >= last_log) {
+                tracing::info!(controller = %name, node = id, "learner caught up; promoting it to voter");
+                match raft
+                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([*id])), false)
+                    .await
+                {
+                    Ok(_) => {
+                        tracing::info!(controller = %name, node = id, "controller is a raft voter")
+                    }
+                    Err(e) => {
+                        tracing::warn!(controller = %name, node = id, error = %e, "cannot promote learner")
+                    }
+                }
+            }
+        }
+        for id in members.iter().filter(|id| !records.contains_key(id)) {
+            let change = if voters.contains(id) {
+                ChangeMembers::RemoveVoters(BTreeSet::from([*id]))
+            } else {
+                ChangeMembers::RemoveNodes(BTreeSet::from([*id]))
+            };
+            tracing::info!(
+                node = id,
+                "removing raft member whose controller record is gone"
+            );
+            match raft.change_membership(change, false).await {
+                Ok(_) => tracing::info!(node = id, "removed raft member"),
+                Err(e) => tracing::warn!(node = id, error = %e, "cannot remove raft member"),
+            }
+        }
+    }
+
     /// A watch on the last applied log index; changes whenever an entry is applied.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.inner.sm.subscribe()
@@ -316,37 +810,37 @@ impl ControlPlane {
 
     /// The `berth.v1.Raft` gRPC service for this node, to mount on the peer listener.
     pub fn raft_service(&self) -> RaftServer<RaftService> {
-        RaftService::into_server(self.inner.raft.clone())
+        RaftService::into_server(self.inner.raft.clone(), self.has_tls())
     }
 
-    /// Serves the Raft service on `listener` (with the server TLS given to `open`, if any)
-    /// until `shutdown` completes.
+    /// Serves the peer listener on `listener` until `shutdown` completes: `berth.v1.Raft` and
+    /// `berth.v1.Controller` (with heartbeats when `heartbeats` is given), over the TLS set
+    /// with [`Self::set_tls`] or given to `open`, if any.
     pub async fn serve(
         &self,
         listener: TcpListener,
+        heartbeats: Option<crate::api::SharedState>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServeError> {
         let mut builder = Server::builder();
-        if let Some(tls) = &self.inner.tls {
-            builder = builder
-                .tls_config(tls.server.clone())
-                .map_err(ServeError::Tls)?;
+        let tls = self
+            .inner
+            .tls
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls.server).map_err(ServeError::Tls)?;
         }
         builder
             .add_service(self.raft_service())
+            .add_service(crate::peer::PeerService::into_server(
+                self.clone(),
+                heartbeats,
+            ))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
             .await
             .map_err(ServeError::Serve)
-    }
-
-    /// Binds `addr` and serves the Raft service until `shutdown` completes.
-    pub async fn serve_addr(
-        &self,
-        addr: SocketAddr,
-        shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<(), ServeError> {
-        let listener = TcpListener::bind(addr).await.map_err(ServeError::Bind)?;
-        self.serve(listener, shutdown).await
     }
 
     /// Waits until this node sees a leader, or `timeout` passes; returns the leader's id.

@@ -9,8 +9,14 @@ mod service;
 mod types;
 
 pub use codec::MAX_MESSAGE_BYTES;
-pub use control::{ControlPlane, PeerTls, RaftSetupError, ReadError, ServeError, WriteError};
-pub use network::{InjectedFault, Network, NetworkFaults, PeerClient, PeerConnectError};
+pub use control::{
+    APPLY_WAIT, COMMIT_TIMEOUT, ControlPlane, ELECTION_TIMEOUT_MAX, LEADER_WAIT, PeerTls,
+    RaftSetupError, ReadError, ServeError, Unavailable, WriteError,
+};
+pub(crate) use control::{Attempt, LEADER_UNAVAILABLE};
+pub use network::{
+    InjectedFault, Network, NetworkFaults, PeerClient, PeerConnectError, PeerHealth,
+};
 pub use service::RaftService;
 pub use types::{
     Entry, LogId, NodeId, Raft, RaftPeer, SnapshotMeta, StorageError, StoredMembership, TypeConfig,

@@ -1,8 +1,8 @@
 //! The Raft network: tonic clients that carry openraft RPCs to peers.
 
-use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use berth_proto::v1::RaftRequest;
 use berth_proto::v1::raft_client::RaftClient;
@@ -83,7 +83,8 @@ impl NetworkFaults {
         *self.lock() = FaultState::default();
     }
 
-    fn check(&self, peer: NodeId) -> Result<Duration, InjectedFault> {
+    /// Fails with [`InjectedFault`] when `peer` is blocked, else gives the delay to apply.
+    pub fn check(&self, peer: NodeId) -> Result<Duration, InjectedFault> {
         let state = self.lock();
         if state.blocked.contains(&peer) {
             return Err(InjectedFault(peer));
@@ -92,21 +93,68 @@ impl NetworkFaults {
     }
 }
 
-/// Makes one [`PeerClient`] per target peer.
+/// When each peer last answered one of this node's Raft RPCs (any answer, even a refusal,
+/// proves the peer is up and reachable). Meaningful on the leader, which talks to every member.
+#[derive(Debug, Clone, Default)]
+pub struct PeerHealth {
+    inner: Arc<Mutex<HashMap<NodeId, Instant>>>,
+}
+
+impl PeerHealth {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Instant>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records an answer from `peer` now.
+    pub fn record(&self, peer: NodeId) {
+        self.lock().insert(peer, Instant::now());
+    }
+
+    /// When `peer` last answered, if ever.
+    pub fn last_answer(&self, peer: NodeId) -> Option<Instant> {
+        self.lock().get(&peer).copied()
+    }
+}
+
+/// Makes one [`PeerClient`] per target peer. The client TLS settings can be set after the
+/// node starts (a new cluster's CA exists only once the first command is applied); clients made
+/// later use them.
 #[derive(Clone, Default)]
 pub struct Network {
-    tls: Option<ClientTlsConfig>,
+    tls: Arc<RwLock<Option<ClientTlsConfig>>>,
     faults: NetworkFaults,
+    health: PeerHealth,
 }
 
 impl Network {
     /// A network that uses TLS with `tls` when set, plain HTTP/2 otherwise, subject to `faults`.
     pub fn new(tls: Option<ClientTlsConfig>, faults: NetworkFaults) -> Network {
-        Network { tls, faults }
+        Network {
+            tls: Arc::new(RwLock::new(tls)),
+            faults,
+            health: PeerHealth::default(),
+        }
     }
 
-    fn channel(&self, addr: &str) -> Result<Channel, PeerConnectError> {
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
+    /// Sets the client TLS settings for connections made from now on.
+    pub fn set_tls(&self, tls: ClientTlsConfig) {
+        *self.tls.write().unwrap_or_else(|p| p.into_inner()) = Some(tls);
+    }
+
+    /// Whether client TLS is configured.
+    pub fn has_tls(&self) -> bool {
+        self.tls.read().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// Per-peer reachability as seen from this node.
+    pub fn health(&self) -> &PeerHealth {
+        &self.health
+    }
+
+    /// A lazily connected channel to the peer listener at `addr`.
+    pub fn channel(&self, addr: &str) -> Result<Channel, PeerConnectError> {
+        let tls = self.tls.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
             .map_err(|source| PeerConnectError::Address {
                 addr: addr.to_string(),
@@ -114,14 +162,13 @@ impl Network {
             })?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true);
-        if let Some(tls) = &self.tls {
-            endpoint =
-                endpoint
-                    .tls_config(tls.clone())
-                    .map_err(|source| PeerConnectError::Tls {
-                        addr: addr.to_string(),
-                        source,
-                    })?;
+        if let Some(tls) = tls {
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|source| PeerConnectError::Tls {
+                    addr: addr.to_string(),
+                    source,
+                })?;
         }
         Ok(endpoint.connect_lazy())
     }
@@ -144,6 +191,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             node: node.clone(),
             client,
             faults: self.faults.clone(),
+            health: self.health.clone(),
         }
     }
 }
@@ -154,6 +202,7 @@ pub struct PeerClient {
     node: RaftPeer,
     client: Result<RaftClient<Channel>, PeerConnectError>,
     faults: NetworkFaults,
+    health: PeerHealth,
 }
 
 /// Which RPC to call.
@@ -194,7 +243,10 @@ impl PeerClient {
             Rpc::InstallSnapshot => client.install_snapshot(request).await,
         };
         let reply = match reply {
-            Ok(r) => r.into_inner(),
+            Ok(r) => {
+                self.health.record(self.target);
+                r.into_inner()
+            }
             Err(status) => {
                 return Err(match status.code() {
                     tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {

@@ -8,17 +8,20 @@ use tonic::{Request, Response, Status};
 
 use super::codec::{self, MAX_MESSAGE_BYTES};
 use super::types::Raft;
+use crate::tls::require_controller;
 
 /// Serves `berth.v1.Raft` for one local openraft node.
 #[derive(Clone)]
 pub struct RaftService {
     raft: Raft,
+    tls: bool,
 }
 
 impl RaftService {
     /// Wraps `raft` in a tonic server with a message size limit that fits snapshot chunks.
-    pub fn into_server(raft: Raft) -> RaftServer<RaftService> {
-        RaftServer::new(RaftService { raft })
+    /// With `tls`, every call must come from a controller certificate.
+    pub fn into_server(raft: Raft, tls: bool) -> RaftServer<RaftService> {
+        RaftServer::new(RaftService { raft, tls })
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
@@ -41,11 +44,13 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
+        require_controller(&request, self.tls)?;
         let req = decode_request(request)?;
         reply(&self.raft.append_entries(req).await)
     }
 
     async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        require_controller(&request, self.tls)?;
         let req = decode_request(request)?;
         reply(&self.raft.vote(req).await)
     }
@@ -54,6 +59,7 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
+        require_controller(&request, self.tls)?;
         let req = decode_request(request)?;
         reply(&self.raft.install_snapshot(req).await)
     }

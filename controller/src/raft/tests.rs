@@ -183,7 +183,7 @@ async fn start_node_tls(
         let shutdown = async {
             let _ = stopped.await;
         };
-        if let Err(e) = server_cp.serve(listener, shutdown).await {
+        if let Err(e) = server_cp.serve(listener, None, shutdown).await {
             panic!("peer server failed: {e}");
         }
     });
@@ -255,18 +255,19 @@ async fn three_nodes_replicate_and_survive_leader_loss() {
             cp.id()
         );
     }
-    // A follower refuses writes and names the leader.
-    match nodes[1]
+    // A follower forwards writes to the leader and serves linearizable reads.
+    nodes[1]
         .cp
         .write(Command::AddApiKey { key: key("x") })
         .await
-    {
-        Err(WriteError::NotLeader { leader }) => assert_eq!(leader.as_deref(), Some(&*addrs[0])),
-        other => panic!("expected NotLeader, got {other:?}"),
-    }
+        .unwrap();
     assert!(
-        nodes[1].cp.read(|_| ()).await.is_err(),
-        "follower served a linearizable read"
+        nodes[2]
+            .cp
+            .read(|s| s.api_keys.contains_key("x"))
+            .await
+            .unwrap(),
+        "a linearizable read on a follower missed an acknowledged write"
     );
 
     // The leader goes away; one of the others takes over and writes still commit.
@@ -312,7 +313,10 @@ async fn three_nodes_replicate_and_survive_leader_loss() {
 async fn two_nodes_over_mutual_tls() {
     let ca = ClusterCa::generate("test").unwrap();
     let other_ca = ClusterCa::generate("other").unwrap();
-    let names = vec!["127.0.0.1".to_string()];
+    let names = vec![
+        berth_proto::CONTROLLER_TLS_NAME.to_string(),
+        "127.0.0.1".to_string(),
+    ];
     let peer_tls = |ca: &ClusterCa, cn: &str| {
         let cert = ca.issue(cn, &names).unwrap();
         PeerTls::from_pem(&ca.cert_pem, &cert.cert_pem, &cert.key_pem)
@@ -573,4 +577,440 @@ async fn new_member_catches_up_from_a_snapshot() {
     assert!(installed.is_some(), "node 2 caught up without a snapshot");
     n2.stop().await;
     n1.stop().await;
+}
+
+// ---- The replicated control plane: mutual TLS, forwarding, read index, failing fast ----
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use berth_proto::v1::controller_client::ControllerClient;
+use berth_proto::v1::raft_client::RaftClient;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+use super::ReadError;
+use crate::state::ControllerRecord;
+
+/// A cluster of `n` controllers over mutual TLS; node 1 bootstraps and leads.
+struct TlsCluster {
+    ca: ClusterCa,
+    nodes: Vec<TestNode>,
+    addrs: Vec<String>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+impl TlsCluster {
+    async fn start(n: usize, voters: usize) -> TlsCluster {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let ca = ClusterCa::generate("test").unwrap();
+        let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+        let mut listeners = Vec::new();
+        for _ in 0..n {
+            listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
+        }
+        let addrs: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap().to_string())
+            .collect();
+        let mut nodes = Vec::new();
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let cert = ca
+                .issue(
+                    &format!("c{}", i + 1),
+                    &[
+                        berth_proto::CONTROLLER_TLS_NAME.to_string(),
+                        "127.0.0.1".to_string(),
+                    ],
+                )
+                .unwrap();
+            let tls = PeerTls::from_pem(&ca.cert_pem, &cert.cert_pem, &cert.key_pem);
+            nodes.push(
+                start_node_tls(dirs[i].path(), i as u64 + 1, listener, i == 0, Some(tls)).await,
+            );
+        }
+        let n1 = nodes[0].cp.clone();
+        assert!(
+            wait_for(|| async { n1.is_leader() }, TIMEOUT).await,
+            "node 1 never led"
+        );
+        for (i, addr) in addrs.iter().enumerate().take(voters).skip(1) {
+            n1.add_member(i as u64 + 1, addr.clone()).await.unwrap();
+        }
+        n1.write(bootstrap_cmd()).await.unwrap();
+        TlsCluster {
+            ca,
+            nodes,
+            addrs,
+            _dirs: dirs,
+        }
+    }
+
+    fn cp(&self, i: usize) -> ControlPlane {
+        self.nodes[i].cp.clone()
+    }
+
+    /// Cuts node `i` off from every other node, both ways.
+    fn isolate(&self, i: usize) {
+        for (j, node) in self.nodes.iter().enumerate() {
+            if j != i {
+                node.cp.faults().block(i as u64 + 1);
+                self.nodes[i].cp.faults().block(j as u64 + 1);
+            }
+        }
+    }
+
+    fn heal(&self) {
+        for node in &self.nodes {
+            node.cp.faults().heal();
+        }
+    }
+
+    /// A client certificate from the cluster CA with these names.
+    fn client_tls(&self, names: &[&str]) -> ClientTlsConfig {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let cert = self.ca.issue("client", &names).unwrap();
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca.cert_pem))
+            .identity(Identity::from_pem(&cert.cert_pem, &cert.key_pem))
+            .domain_name(berth_proto::CONTROLLER_TLS_NAME)
+    }
+
+    async fn stop(mut self) {
+        for node in self.nodes.iter_mut() {
+            node.stop().await;
+        }
+    }
+}
+
+fn record(name: &str, id: u64, addr: &str) -> Command {
+    Command::RegisterController {
+        record: ControllerRecord {
+            name: name.into(),
+            id,
+            peer_address: addr.into(),
+            api_address: format!("{name}:8443"),
+            joined_at: "2026-11-29T12:00:00Z".into(),
+        },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_writes_are_forwarded_and_reads_are_linearizable() {
+    let c = TlsCluster::start(3, 3).await;
+    let (leader, f1, f2) = (c.cp(0), c.cp(1), c.cp(2));
+    assert!(leader.is_leader());
+    for i in 0..20 {
+        let writer = if i % 2 == 0 { &f1 } else { &f2 };
+        let reader = if i % 2 == 0 { &f2 } else { &f1 };
+        let name = format!("fw{i}");
+        writer
+            .write(Command::AddApiKey { key: key(&name) })
+            .await
+            .unwrap();
+        // Acknowledged on one follower, so a linearizable read on the other sees it.
+        assert!(
+            reader
+                .read(|s| s.api_keys.contains_key(&name))
+                .await
+                .unwrap(),
+            "read on node {} missed {name}",
+            reader.id()
+        );
+    }
+    // A rejection on the leader comes back to the follower as such.
+    match f1.write(Command::AddApiKey { key: key("fw0") }).await {
+        Err(WriteError::Rejected(e)) => assert!(e.message.contains("already exists"), "{e}"),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    let want = leader.read(|s| s.clone()).await.unwrap();
+    for i in 0..3 {
+        let cp = c.cp(i);
+        let want = want.clone();
+        assert!(
+            wait_for(|| async { cp.read_local(|s| *s == want) }, TIMEOUT).await,
+            "node {} diverged",
+            i + 1
+        );
+    }
+    c.stop().await;
+}
+
+/// Asserts that a write and a read on `cp` fail as unavailable within `limit`.
+async fn assert_fails_fast(cp: &ControlPlane, limit: Duration) {
+    let started = Instant::now();
+    let w = cp.write(Command::AddApiKey { key: key("lost") }).await;
+    let took = started.elapsed();
+    assert!(
+        matches!(w, Err(WriteError::Unavailable(_))),
+        "write on an isolated node: {w:?}"
+    );
+    assert!(took <= limit, "the write took {took:?} to fail");
+    let started = Instant::now();
+    let r = cp.read(|_| ()).await;
+    let took = started.elapsed();
+    assert!(
+        matches!(r, Err(ReadError::Unavailable(_))),
+        "read on an isolated node: {r:?}"
+    );
+    assert!(took <= limit, "the read took {took:?} to fail");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolated_minority_fails_fast_and_majority_serves() {
+    let c = TlsCluster::start(3, 3).await;
+    let limit = Duration::from_millis(3500);
+
+    // An isolated follower.
+    c.isolate(2);
+    assert_fails_fast(&c.cp(2), limit).await;
+    c.cp(1)
+        .write(Command::AddApiKey { key: key("maj1") })
+        .await
+        .unwrap();
+    c.heal();
+    let n3 = c.cp(2);
+    assert!(
+        wait_for(
+            || async {
+                n3.read(|s| s.api_keys.contains_key("maj1"))
+                    .await
+                    .unwrap_or(false)
+            },
+            TIMEOUT
+        )
+        .await,
+        "the healed follower does not serve reads"
+    );
+
+    // An isolated leader: it loses its quorum and says so; the others elect and serve.
+    let old = c.cp(0);
+    assert!(old.is_leader());
+    c.isolate(0);
+    assert_fails_fast(&old, limit).await;
+    let (n2, n3) = (c.cp(1), c.cp(2));
+    assert!(
+        wait_for(|| async { n2.is_leader() || n3.is_leader() }, TIMEOUT).await,
+        "the majority elected no leader"
+    );
+    let started = Instant::now();
+    n3.write(Command::AddApiKey { key: key("maj2") })
+        .await
+        .unwrap();
+    assert!(n2.read(|s| s.api_keys.contains_key("maj2")).await.unwrap());
+    tracing::info!(took = ?started.elapsed(), "majority write");
+    match old.write(Command::AddApiKey { key: key("lost2") }).await {
+        Err(WriteError::Unavailable(u)) => {
+            assert!(!u.to_string().is_empty());
+        }
+        other => panic!("isolated old leader: {other:?}"),
+    }
+
+    // Slow links still work.
+    c.heal();
+    for node in &c.nodes {
+        node.cp.faults().set_delay(Duration::from_millis(50));
+    }
+    let any = c.cp(0);
+    assert!(
+        wait_for(
+            || async {
+                any.write(Command::AddApiKey { key: key("slow") })
+                    .await
+                    .is_ok()
+            },
+            TIMEOUT
+        )
+        .await,
+        "no write through slow links"
+    );
+    assert!(
+        !c.cp(0)
+            .read(|s| s.api_keys.contains_key("lost") || s.api_keys.contains_key("lost2"))
+            .await
+            .unwrap()
+    );
+    c.heal();
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_port_checks_certificate_roles() {
+    let c = TlsCluster::start(1, 1).await;
+    let addr = format!("https://{}", c.addrs[0]);
+    let channel = |tls: ClientTlsConfig| {
+        Endpoint::from_shared(addr.clone())
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect_lazy()
+    };
+    let vote = || {
+        tonic::Request::new(berth_proto::v1::RaftRequest {
+            data: b"{}".to_vec().into(),
+        })
+    };
+
+    // An agent certificate from the cluster CA: no Raft, no Forward, no ReadIndex.
+    let agent = channel(c.client_tls(&["n1.agent.berth", "127.0.0.1"]));
+    let e = RaftClient::new(agent.clone())
+        .vote(vote())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let e = ControllerClient::new(agent.clone())
+        .forward(berth_proto::v1::ForwardRequest {
+            command: b"{}".to_vec().into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let e = ControllerClient::new(agent.clone())
+        .read_index(berth_proto::v1::ReadIndexRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // It passes the role check for heartbeats (this test server takes none).
+    let e = ControllerClient::new(agent)
+        .heartbeat(berth_proto::v1::HeartbeatRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+
+    // A controller certificate may not heartbeat, but may ask for a read index.
+    let ctl = channel(c.client_tls(&[berth_proto::CONTROLLER_TLS_NAME]));
+    let e = ControllerClient::new(ctl.clone())
+        .heartbeat(berth_proto::v1::HeartbeatRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let index = ControllerClient::new(ctl)
+        .read_index(berth_proto::v1::ReadIndexRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .index;
+    assert!(index >= 2, "read index {index}");
+
+    // A certificate naming no role, and one from another CA, get nothing.
+    let nobody = channel(c.client_tls(&["example.com"]));
+    let e = RaftClient::new(nobody).vote(vote()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let other = ClusterCa::generate("other").unwrap();
+    let cert = other
+        .issue("x", &[berth_proto::CONTROLLER_TLS_NAME.to_string()])
+        .unwrap();
+    let foreign = channel(
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&c.ca.cert_pem))
+            .identity(Identity::from_pem(&cert.cert_pem, &cert.key_pem))
+            .domain_name(berth_proto::CONTROLLER_TLS_NAME),
+    );
+    let e = RaftClient::new(foreign).vote(vote()).await.unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+        ),
+        "{e:?}"
+    );
+    // No client certificate at all.
+    let anonymous = channel(
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&c.ca.cert_pem))
+            .domain_name(berth_proto::CONTROLLER_TLS_NAME),
+    );
+    let e = ControllerClient::new(anonymous)
+        .read_index(berth_proto::v1::ReadIndexRequest {})
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+        ),
+        "{e:?}"
+    );
+    c.stop().await;
+}
+
+#[test]
+fn removal_keeps_a_reachable_majority() {
+    use super::control::removal_check;
+    let voters = |ids: &[u64]| ids.iter().copied().collect::<BTreeSet<u64>>();
+    // The last voter.
+    let e = removal_check("c1", 1, &voters(&[1]), |_| true).unwrap_err();
+    assert!(e.contains("last voter"), "{e}");
+    // Three voters, one down: removing a healthy one leaves 1 of 2 reachable.
+    let e = removal_check("c2", 2, &voters(&[1, 2, 3]), |v| v != 3).unwrap_err();
+    assert!(e.contains("majority"), "{e}");
+    // Removing the one that is down is fine.
+    assert!(removal_check("c3", 3, &voters(&[1, 2, 3]), |v| v != 3).is_ok());
+    // Five voters, one down: removing a healthy one leaves 3 of 4.
+    assert!(removal_check("c2", 2, &voters(&[1, 2, 3, 4, 5]), |v| v != 5).is_ok());
+    // A learner (not a voter) always goes.
+    assert!(removal_check("c9", 9, &voters(&[1]), |_| false).is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controllers_join_and_leave_through_their_records() {
+    // Node 1 leads alone; nodes 2 and 3 run but are not members yet.
+    let c = TlsCluster::start(3, 1).await;
+    let leader = c.cp(0);
+    leader.write(record("c1", 1, &c.addrs[0])).await.unwrap();
+    leader.write(record("c2", 2, &c.addrs[1])).await.unwrap();
+    leader.write(record("c3", 3, &c.addrs[2])).await.unwrap();
+    assert!(
+        wait_for(
+            || async {
+                leader.reconcile_membership().await;
+                leader.voters() == BTreeSet::from([1, 2, 3])
+            },
+            TIMEOUT
+        )
+        .await,
+        "the recorded controllers did not become voters: {:?}",
+        leader.voters()
+    );
+    // Node 3 goes away: removing node 2 now would leave 1 of 2 voters reachable.
+    c.isolate(2);
+    assert!(
+        wait_for(|| async { !leader.peer_reachable(3) }, TIMEOUT).await,
+        "node 3 still looks reachable"
+    );
+    match c
+        .cp(1)
+        .write(Command::RemoveController { name: "c2".into() })
+        .await
+    {
+        Err(WriteError::Rejected(e)) => assert!(e.message.contains("majority"), "{e}"),
+        other => panic!("a removal that loses quorum was not refused: {other:?}"),
+    }
+    assert!(
+        leader
+            .read(|s| s.controllers.contains_key("c2"))
+            .await
+            .unwrap()
+    );
+    // Removing the unreachable one is fine; the membership follows the records.
+    c.cp(1)
+        .write(Command::RemoveController { name: "c3".into() })
+        .await
+        .unwrap();
+    assert!(
+        wait_for(
+            || async {
+                leader.reconcile_membership().await;
+                leader.members().keys().copied().collect::<Vec<_>>() == [1, 2]
+            },
+            TIMEOUT
+        )
+        .await,
+        "node 3 was not removed from the membership"
+    );
+    leader
+        .write(Command::AddApiKey { key: key("two") })
+        .await
+        .unwrap();
+    c.heal();
+    c.stop().await;
 }
