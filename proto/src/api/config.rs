@@ -306,6 +306,24 @@ fn is_label_value(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/' | ':' | '@'))
 }
 
+/// Checks a node label (from the agent's config or `berth cluster set`): the key is letters,
+/// digits, '.', '_', '-' or '/'; the value also allows ':' and '@'; neither is empty.
+pub fn validate_label(key: &str, value: &str) -> Result<(), ConfigError> {
+    if !is_label_key(key) {
+        return Err(err(format!(
+            "label key \"{}\" must be 1 to 128 letters, digits, '.', '_', '-' or '/'",
+            shorten(key)
+        )));
+    }
+    if !is_label_value(value) {
+        return Err(err(format!(
+            "label {key} value \"{}\" must be 1 to 256 letters, digits, '.', '_', '-', '/', ':' or '@'",
+            shorten(value)
+        )));
+    }
+    Ok(())
+}
+
 /// Parses `placement.constraints`: terms `key=value` or `key!=value` joined by commas, all of
 /// which must hold ("rack!=r1,ssd=true"). An empty value means no constraint.
 pub fn parse_constraints(value: &str) -> Result<Vec<Constraint>, ConfigError> {
@@ -579,6 +597,9 @@ mod tests {
         assert!(parse_constraints("a=").unwrap_err().0.contains("value"));
         assert!(parse_constraints("a==b").unwrap_err().0.contains("value"));
         assert!(parse_constraints("a b=c").is_err());
+        assert!(validate_label("rack", "r1").is_ok());
+        assert!(validate_label("rack", "").is_err());
+        assert!(validate_label("ra ck", "r1").is_err());
         let many = vec!["a=b"; MAX_CONSTRAINTS + 1].join(",");
         assert!(
             parse_constraints(&many)
