@@ -3,8 +3,9 @@
 //! operations.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use berth_proto::api::{Operation, OperationStatus, Response, ResponseType};
 use bytes::Bytes;
@@ -34,6 +35,14 @@ pub type WebSocket = tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>>;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Connect timeout per address when a remote has several: a controller that does not answer
+/// is skipped quickly in favour of the next one.
+const FAILOVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long requests that may be repeated keep being retried after a 503 answer or a broken
+/// connection (a Raft leader election takes one to two seconds).
+pub const RETRY_WINDOW: Duration = Duration::from_secs(5);
+
 /// Errors talking to a Berth server.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -45,6 +54,9 @@ pub enum ClientError {
     TlsSetup(String),
     #[error("cannot connect to {url}: {reason}")]
     Connect { url: String, reason: String },
+    /// None of a remote's several addresses could be reached.
+    #[error("cannot connect to any address of remote \"{remote}\": {reasons}")]
+    NoAddress { remote: String, reasons: String },
     #[error("request to {url} failed: {reason}")]
     Http { url: String, reason: String },
     /// The server answered with an error envelope (or an error status).
@@ -68,22 +80,64 @@ impl ClientError {
     }
 }
 
-/// One Berth endpoint with its credentials.
+/// One address of a remote.
 #[derive(Clone)]
-pub struct Client {
+struct Endpoint {
     /// `https://host:port` as given (for messages).
     url: String,
     host: String,
     port: u16,
-    key: String,
     server_name: ServerName<'static>,
+}
+
+impl Endpoint {
+    fn new(url: &str) -> Result<Endpoint, ClientError> {
+        let (host, port) = parse_url(url)?;
+        Ok(Endpoint {
+            url: url.trim_end_matches('/').to_string(),
+            server_name: server_name(&host, url)?,
+            host,
+            port,
+        })
+    }
+
+    fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// A Berth remote with its credentials: one address or several (the cluster's controllers).
+///
+/// Every request first connects to the address that answered last; when a connection cannot
+/// be made the next address is tried (nothing was sent, so this is safe for any request).
+/// Clones share the choice of address.
+#[derive(Clone)]
+pub struct Client {
+    /// The remote's name (for messages).
+    name: String,
+    endpoints: Arc<Vec<Endpoint>>,
+    /// Index into `endpoints` of the address to try first.
+    current: Arc<AtomicUsize>,
+    key: String,
     tls: TlsConnector,
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("url", &self.url).finish()
+        f.debug_struct("Client").field("url", &self.url()).finish()
     }
+}
+
+/// Whether a request with `method` that got a 503 answer (with or without a `Retry-After`
+/// header) may be sent again. Reads always may. A write may only when the server said, with
+/// `Retry-After`, that it did not commit it: a 503 alone can come after the command reached
+/// the Raft log (the leader died before answering), and sending it again could do it twice.
+pub fn may_retry_503(method: &Method, retry_after: bool) -> bool {
+    matches!(*method, Method::GET | Method::HEAD) || retry_after
 }
 
 /// Splits `https://host[:port][/]` into host and port (default 8443).
@@ -227,12 +281,17 @@ fn server_name(host: &str, url: &str) -> Result<ServerName<'static>, ClientError
     ServerName::try_from(host.to_string()).map_err(|_| ClientError::BadUrl(url.to_string()))
 }
 
-async fn tcp_connect(host: &str, port: u16, url: &str) -> Result<TcpStream, ClientError> {
+async fn tcp_connect(
+    host: &str,
+    port: u16,
+    url: &str,
+    timeout: Duration,
+) -> Result<TcpStream, ClientError> {
     let fail = |reason: String| ClientError::Connect {
         url: url.to_string(),
         reason,
     };
-    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port))).await {
+    match tokio::time::timeout(timeout, TcpStream::connect((host, port))).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
             Ok(s)
@@ -252,7 +311,7 @@ pub async fn fetch_fingerprint(url: &str) -> Result<String, ClientError> {
         provider: provider(),
     });
     let connector = TlsConnector::from(Arc::new(tls_config(verifier.clone())?));
-    let tcp = tcp_connect(&host, port, url).await?;
+    let tcp = tcp_connect(&host, port, url, CONNECT_TIMEOUT).await?;
     connector
         .connect(server_name(&host, url)?, tcp)
         .await
@@ -282,7 +341,10 @@ pub fn empty_body() -> Body {
 impl Client {
     /// A client for `target`: its CA file is read now.
     pub fn new(target: &Target) -> Result<Client, ClientError> {
-        let (host, port) = parse_url(&target.url)?;
+        let endpoints = std::iter::once(&target.url)
+            .chain(&target.more_urls)
+            .map(|u| Endpoint::new(u))
+            .collect::<Result<Vec<_>, _>>()?;
         let verifier: Arc<dyn ServerCertVerifier> = match (&target.ca_file, &target.fingerprint) {
             (Some(ca), _) => {
                 let roots = read_ca(ca)?;
@@ -304,37 +366,86 @@ impl Client {
             }
         };
         Ok(Client {
-            url: target.url.trim_end_matches('/').to_string(),
-            server_name: server_name(&host, &target.url)?,
-            host,
-            port,
+            name: target.name.clone(),
+            endpoints: Arc::new(endpoints),
+            current: Arc::new(AtomicUsize::new(0)),
             key: target.key.clone(),
             tls: TlsConnector::from(Arc::new(tls_config(verifier)?)),
         })
     }
 
-    /// The remote's URL.
-    pub fn url(&self) -> &str {
-        &self.url
+    /// The URL of the address tried first (the one that answered last).
+    pub fn url(&self) -> String {
+        self.endpoint(self.current_index()).url.clone()
     }
 
-    async fn connect(&self) -> Result<TlsStream<TcpStream>, ClientError> {
-        let tcp = tcp_connect(&self.host, self.port, &self.url).await?;
+    /// Every address of the remote, in configured order.
+    pub fn urls(&self) -> Vec<String> {
+        self.endpoints.iter().map(|e| e.url.clone()).collect()
+    }
+
+    fn current_index(&self) -> usize {
+        self.current.load(Ordering::Relaxed) % self.endpoints.len().max(1)
+    }
+
+    fn endpoint(&self, i: usize) -> &Endpoint {
+        // `new` refuses a target without addresses, so there is always an element 0.
+        &self.endpoints[i % self.endpoints.len()]
+    }
+
+    /// Makes the next address the one tried first (after a failure at the current one).
+    fn rotate(&self, from: usize) {
+        let next = (from + 1) % self.endpoints.len().max(1);
+        let _ = self
+            .current
+            .compare_exchange(from, next, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    async fn connect_to(&self, ep: &Endpoint) -> Result<TlsStream<TcpStream>, ClientError> {
+        let timeout = if self.endpoints.len() > 1 {
+            FAILOVER_CONNECT_TIMEOUT
+        } else {
+            CONNECT_TIMEOUT
+        };
+        let tcp = tcp_connect(&ep.host, ep.port, &ep.url, timeout).await?;
         self.tls
-            .connect(self.server_name.clone(), tcp)
+            .connect(ep.server_name.clone(), tcp)
             .await
             .map_err(|e| ClientError::Connect {
-                url: self.url.clone(),
+                url: ep.url.clone(),
                 reason: e.to_string(),
             })
     }
 
-    fn authority(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
+    /// Connects to the first address that answers, starting with the current one; returns the
+    /// stream and the index of the address.
+    async fn connect(&self) -> Result<(TlsStream<TcpStream>, usize), ClientError> {
+        let n = self.endpoints.len();
+        let start = self.current_index();
+        let mut errors = Vec::new();
+        for k in 0..n {
+            let i = (start + k) % n;
+            match self.connect_to(self.endpoint(i)).await {
+                Ok(stream) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return Ok((stream, i));
+                }
+                Err(e) => errors.push(e),
+            }
         }
+        if errors.len() == 1
+            && let Some(e) = errors.pop()
+        {
+            return Err(e);
+        }
+        Err(ClientError::NoAddress {
+            remote: self.name.clone(),
+            reasons: errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        })
     }
 
     /// Sends one request (a fresh connection each time) and returns the raw answer.
@@ -345,17 +456,22 @@ impl Client {
         headers: HeaderMap,
         body: Body,
     ) -> Result<http::Response<Incoming>, ClientError> {
-        let stream = self.connect().await?;
+        let (stream, i) = self.connect().await?;
+        let ep = self.endpoint(i);
+        let http_err = |e: &dyn std::fmt::Display| ClientError::Http {
+            url: format!("{}{}", ep.url, path),
+            reason: e.to_string(),
+        };
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| self.http_err(path, e))?;
+            .map_err(|e| http_err(&e))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
         let mut builder = http::Request::builder()
             .method(method)
             .uri(path)
-            .header(header::HOST, self.authority())
+            .header(header::HOST, ep.authority())
             .header(header::AUTHORIZATION, format!("Bearer {}", self.key))
             .header(
                 header::USER_AGENT,
@@ -364,18 +480,13 @@ impl Client {
         if let Some(h) = builder.headers_mut() {
             h.extend(headers);
         }
-        let req = builder.body(body).map_err(|e| self.http_err(path, e))?;
-        sender
-            .send_request(req)
-            .await
-            .map_err(|e| self.http_err(path, e))
-    }
-
-    fn http_err(&self, path: &str, e: impl std::fmt::Display) -> ClientError {
-        ClientError::Http {
-            url: format!("{}{}", self.url, path),
-            reason: e.to_string(),
+        let req = builder.body(body).map_err(|e| http_err(&e))?;
+        let result = sender.send_request(req).await.map_err(|e| http_err(&e));
+        if result.is_err() {
+            // The connection broke mid-request: start with another address next time.
+            self.rotate(i);
         }
+        result
     }
 
     /// Reads a whole answer body.
@@ -384,7 +495,10 @@ impl Client {
             .collect()
             .await
             .map(|c| c.to_bytes())
-            .map_err(|e| self.http_err("", e))
+            .map_err(|e| ClientError::Http {
+                url: self.url(),
+                reason: e.to_string(),
+            })
     }
 
     /// Sends a request and decodes the envelope; an `error` envelope (or an error status
@@ -403,6 +517,11 @@ impl Client {
     }
 
     /// Sends JSON (or nothing) and decodes the envelope.
+    ///
+    /// Retries for up to [`RETRY_WINDOW`], moving to the remote's next address each time:
+    /// reads after a 503 answer or a connection that broke mid-request; writes only after a
+    /// 503 answer with `Retry-After` (see [`may_retry_503`]). Other answers are returned as
+    /// they are.
     pub async fn call<B: Serialize>(
         &self,
         method: Method,
@@ -410,17 +529,54 @@ impl Client {
         body: Option<&B>,
     ) -> Result<Response, ClientError> {
         let mut headers = HeaderMap::new();
-        let body = match body {
+        let bytes = match body {
             Some(b) => {
                 headers.insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("application/json"),
                 );
-                full_body(serde_json::to_vec(b).map_err(|e| ClientError::Decode(e.to_string()))?)
+                Some(Bytes::from(
+                    serde_json::to_vec(b).map_err(|e| ClientError::Decode(e.to_string()))?,
+                ))
             }
-            None => empty_body(),
+            None => None,
         };
-        self.envelope(method, path, headers, body).await
+        let read = matches!(method, Method::GET | Method::HEAD);
+        let mut first_failure: Option<Instant> = None;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let body = bytes.clone().map(full_body).unwrap_or_else(empty_body);
+            let before = self.current_index();
+            let (result, retry) = match self.raw(method.clone(), path, headers.clone(), body).await
+            {
+                Ok(resp) => {
+                    let status = resp.status();
+                    let retry_after = resp.headers().contains_key(header::RETRY_AFTER);
+                    let bytes = self.read_body(resp).await;
+                    match bytes {
+                        Ok(b) => {
+                            let parsed = parse_envelope(status, &b);
+                            let retry = matches!(&parsed, Err(e) if e.status() == Some(503))
+                                && may_retry_503(&method, retry_after);
+                            (parsed, retry)
+                        }
+                        Err(e) => (Err(e), read),
+                    }
+                }
+                Err(e @ ClientError::Http { .. }) => (Err(e), read),
+                Err(e) => (Err(e), false),
+            };
+            if !retry {
+                return result;
+            }
+            let started = *first_failure.get_or_insert_with(Instant::now);
+            if started.elapsed() + pause > RETRY_WINDOW {
+                return result;
+            }
+            self.rotate(before);
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
     }
 
     /// `GET` a sync answer and decode its metadata.
@@ -501,8 +657,8 @@ impl Client {
     /// Opens a websocket at `path` (same TLS and bearer key as every request).
     pub async fn websocket(&self, path: &str) -> Result<WebSocket, ClientError> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let stream = self.connect().await?;
-        let url = format!("wss://{}{}", self.authority(), path);
+        let (stream, i) = self.connect().await?;
+        let url = format!("wss://{}{}", self.endpoint(i).authority(), path);
         let mut req = url
             .as_str()
             .into_client_request()

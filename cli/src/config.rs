@@ -75,8 +75,12 @@ impl Default for Config {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Remote {
-    /// `https://host:port`.
+    /// `https://host:port`: the first address tried.
     pub url: String,
+    /// More addresses of the same cluster (its other controllers), tried in order when the
+    /// ones before cannot be reached.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
     /// A file holding the API key (preferred over `key`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_file: Option<PathBuf>,
@@ -92,6 +96,27 @@ pub struct Remote {
 }
 
 impl Remote {
+    /// Every address of the remote: `url` first, then `addresses`, without repeats.
+    pub fn urls(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for u in std::iter::once(&self.url).chain(&self.addresses) {
+            let u = u.trim_end_matches('/').to_string();
+            if !u.is_empty() && !out.contains(&u) {
+                out.push(u);
+            }
+        }
+        out
+    }
+
+    /// Sets the addresses from a list (the first becomes `url`).
+    pub fn set_urls(&mut self, urls: &[String]) {
+        let mut urls = urls.iter();
+        self.url = urls.next().cloned().unwrap_or_default();
+        self.addresses = urls.cloned().collect();
+        let all = self.urls();
+        self.addresses = all.into_iter().skip(1).collect();
+    }
+
     /// Reads the API key (from `key-file` or `key`), trimmed.
     pub fn api_key(&self, name: &str) -> Result<String, ConfigError> {
         if let Some(path) = &self.key_file {
@@ -242,12 +267,24 @@ pub fn split_remote(arg: &str) -> (Option<&str>, &str) {
     }
 }
 
-/// Where requests go: a URL, a key, and how the server certificate is trusted.
+/// Splits a comma-separated list of URLs (`https://a:8443,https://b:8443`), dropping empty
+/// items and trailing slashes.
+pub fn split_urls(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(|u| u.trim().trim_end_matches('/').to_string())
+        .filter(|u| !u.is_empty())
+        .collect()
+}
+
+/// Where requests go: URLs (tried in order), a key, and how the server certificate is trusted.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Target {
     /// The remote's name (for messages), or "env" when it comes from `BERTH_URL`.
     pub name: String,
+    /// The first address.
     pub url: String,
+    /// Further addresses of the same cluster, tried when the ones before cannot be reached.
+    pub more_urls: Vec<String>,
     pub key: String,
     pub ca_file: Option<PathBuf>,
     pub fingerprint: Option<String>,
@@ -258,7 +295,7 @@ pub struct Target {
 pub struct EnvOverrides {
     /// `BERTH_REMOTE`: the default remote for this run.
     pub remote: Option<String>,
-    /// `BERTH_URL`: talk to this URL instead of a configured remote.
+    /// `BERTH_URL`: talk to this URL (or comma-separated URLs) instead of a configured remote.
     pub url: Option<String>,
     /// `BERTH_KEY_FILE` (or `BERTH_KEY`): path of the key file for `BERTH_URL`.
     pub key_file: Option<PathBuf>,
@@ -292,14 +329,15 @@ impl Config {
         if explicit.is_none()
             && let Some(url) = &env.url
         {
-            let remote = Remote {
-                url: url.clone(),
+            let mut remote = Remote {
                 key_file: env.key_file.clone(),
                 ..Remote::default()
             };
+            remote.set_urls(&split_urls(url));
             return Ok(Target {
                 name: "env".into(),
-                url: url.clone(),
+                url: remote.url.clone(),
+                more_urls: remote.addresses.clone(),
                 key: remote.api_key("BERTH_URL")?,
                 ca_file: env.ca_file.clone(),
                 fingerprint: None,
@@ -316,6 +354,7 @@ impl Config {
         Ok(Target {
             key: remote.api_key(&name)?,
             url: remote.url.clone(),
+            more_urls: remote.urls().into_iter().skip(1).collect(),
             ca_file: remote.ca_file.clone(),
             fingerprint: remote.fingerprint.clone(),
             name,
@@ -419,6 +458,43 @@ ca-file = "/root/.config/berth/local-ca.pem"
     }
 
     #[test]
+    fn several_addresses() {
+        let text = r#"
+[remotes.c]
+url = "https://10.0.0.1:8443"
+addresses = ["https://10.0.0.2:8443", "https://10.0.0.1:8443/", "https://10.0.0.3:8443"]
+key = "k"
+"#;
+        let c = Config::parse(text).unwrap();
+        let r = &c.remotes["c"];
+        assert_eq!(
+            r.urls(),
+            [
+                "https://10.0.0.1:8443",
+                "https://10.0.0.2:8443",
+                "https://10.0.0.3:8443"
+            ]
+        );
+        let t = c.target(Some("c"), &EnvOverrides::default()).unwrap();
+        assert_eq!(t.url, "https://10.0.0.1:8443");
+        assert_eq!(
+            t.more_urls,
+            ["https://10.0.0.2:8443", "https://10.0.0.3:8443"]
+        );
+        // A remote with one address writes no `addresses` line (old configs stay as they were).
+        let mut one = Remote::default();
+        one.set_urls(&split_urls("https://a:1/, ,https://a:1"));
+        assert_eq!((one.url.as_str(), one.addresses.len()), ("https://a:1", 0));
+        let mut cfg = Config::default();
+        cfg.add_remote("one", one).unwrap();
+        assert!(!cfg.to_toml().unwrap().contains("addresses"));
+        assert_eq!(
+            split_urls("https://a:1,https://b:2/"),
+            ["https://a:1", "https://b:2"]
+        );
+    }
+
+    #[test]
     fn remote_prefix() {
         assert_eq!(split_remote("web1"), (None, "web1"));
         assert_eq!(split_remote("prod:web1"), (Some("prod"), "web1"));
@@ -449,13 +525,14 @@ ca-file = "/root/.config/berth/local-ca.pem"
         };
         assert_eq!(c.target(None, &env).unwrap().name, "other");
         let env = EnvOverrides {
-            url: Some("https://h:1".into()),
+            url: Some("https://h:1,https://h:2".into()),
             key_file: Some(key),
             ca_file: Some("/ca".into()),
             ..Default::default()
         };
         let t = c.target(None, &env).unwrap();
         assert_eq!(t.url, "https://h:1");
+        assert_eq!(t.more_urls, ["https://h:2"]);
         assert_eq!(t.ca_file, Some(PathBuf::from("/ca")));
         // An explicit prefix beats BERTH_URL.
         assert_eq!(c.target(Some("other"), &env).unwrap().name, "other");

@@ -49,6 +49,16 @@ struct State {
     requests: Vec<String>,
     imports: Vec<(BTreeMap<String, String>, usize)>,
     next: u64,
+    /// This fake's own address (the API address of controller "c1").
+    self_addr: String,
+    /// API addresses of further controllers `GET /1.0/cluster` reports.
+    other_controllers: Vec<String>,
+    cluster_config: BTreeMap<String, String>,
+    node_config: BTreeMap<String, String>,
+    /// The next this many requests get 503 (no leader); with `retry_after` the answer says
+    /// nothing was committed.
+    unavailable: u32,
+    retry_after: bool,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -181,6 +191,21 @@ async fn handle(
         .push(format!("{method} {}", req.uri()));
     if header(&req, "authorization") != format!("Bearer {KEY}") {
         return Ok(error(403, "not authorized"));
+    }
+    {
+        let mut st = shared.lock().unwrap();
+        if st.unavailable > 0 {
+            st.unavailable -= 1;
+            let mut resp = error(
+                503,
+                "no raft leader: this controller cannot reach a majority of the controllers",
+            );
+            if st.retry_after {
+                resp.headers_mut()
+                    .insert("retry-after", http::HeaderValue::from_static("1"));
+            }
+            return Ok(resp);
+        }
     }
     // Websocket upgrade for exec.
     if path.ends_with("/websocket") {
@@ -334,7 +359,65 @@ async fn handle(
         ])),
         (&Method::POST, ["1.0", "cluster", "join-tokens"]) => {
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-            sync(serde_json::json!({"token": "dG9rZW4=", "name": v["name"]}))
+            if v["name"] == "withcmd" {
+                sync(serde_json::json!({"token": "dG9rZW4=", "name": v["name"],
+                    "command": "berth-agent join --token dG9rZW4="}))
+            } else {
+                sync(serde_json::json!({"token": "dG9rZW4=", "name": v["name"]}))
+            }
+        }
+        (&Method::POST, ["1.0", "cluster", "controller-tokens"]) => {
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            sync(serde_json::json!({"token": "Y3Rvaw==", "name": v["name"], "command": ""}))
+        }
+        (&Method::GET, ["1.0", "cluster"]) => {
+            let mut controllers = vec![serde_json::json!({"name": "c1", "id": 1,
+                "peer_address": "127.0.0.1:1", "api_address": st.self_addr,
+                "role": "leader", "state": "online"})];
+            for (i, a) in st.other_controllers.iter().enumerate() {
+                controllers.push(serde_json::json!({"name": format!("c{}", i + 2),
+                    "id": i + 2, "peer_address": "127.0.0.1:1", "api_address": a,
+                    "role": "voter", "state": "online"}));
+            }
+            sync(serde_json::json!({
+                "name": "berth", "answered_by": "c1", "controllers": controllers,
+                "config": st.cluster_config,
+                "nodes": [{"name": "node1", "address": "10.0.0.1:8444", "status": "Online",
+                    "evacuated": false, "architecture": "x86_64",
+                    "labels": {"rack": "r1"}, "config": st.node_config,
+                    "total": {"cpus": 4, "memory_bytes": 8589934592u64, "storage_bytes": 0},
+                    "allocated": {"cpus": 1, "memory_bytes": 0, "storage_bytes": 0},
+                    "storage_free_bytes": 0, "instances": 1, "joined_at": ""}]
+            }))
+        }
+        (&Method::PATCH, ["1.0", "cluster"]) => {
+            let v: berth_proto::api::ClusterMemberPatch = serde_json::from_slice(&body).unwrap();
+            for (k, val) in v.config {
+                match val {
+                    Some(val) => st.cluster_config.insert(k, val),
+                    None => st.cluster_config.remove(&k),
+                };
+            }
+            sync(serde_json::Value::Null)
+        }
+        (&Method::GET, ["1.0", "cluster", "members", "node1"]) => sync(serde_json::json!({
+            "name": "node1", "status": "Online", "config": st.node_config
+        })),
+        (&Method::PATCH, ["1.0", "cluster", "members", "node1"]) => {
+            let v: berth_proto::api::ClusterMemberPatch = serde_json::from_slice(&body).unwrap();
+            for (k, val) in v.config {
+                match val {
+                    Some(val) => st.node_config.insert(k, val),
+                    None => st.node_config.remove(&k),
+                };
+            }
+            sync(serde_json::Value::Null)
+        }
+        (&Method::DELETE, ["1.0", "cluster", "members", "node1"]) => {
+            start_op(&mut st, serde_json::Value::Null, None)
+        }
+        (_, ["1.0", "cluster", "members", name]) => {
+            error(404, &format!("cluster member \"{name}\" not found"))
         }
         _ => error(404, &format!("no route for {method} {path}")),
     };
@@ -591,7 +674,10 @@ async fn start_as(sans: &[&str], controller: bool) -> Fake {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let state: Shared = Arc::new(Mutex::new(State::default()));
+    let state: Shared = Arc::new(Mutex::new(State {
+        self_addr: addr.to_string(),
+        ..State::default()
+    }));
     state.lock().unwrap().files.insert(
         "/".into(),
         FileEntry {
@@ -1071,12 +1157,8 @@ async fn t40_images_and_operations() {
     assert!(!f.ok(&["image", "list", "-f", "csv"]).await.contains("m2"));
 
     assert_eq!(
-        f.ok(&["cluster", "list", "-f", "csv"]).await,
-        "node1,https://10.0.0.1:8444,agent,ONLINE,\n"
-    );
-    assert_eq!(
         f.ok(&["cluster", "add", "node2"]).await,
-        "Member node2 join token:\ndG9rZW4=\n"
+        "Member node2 join token:\ndG9rZW4=\n\nOn the new node run:\n  berth-agent --join-token-file FILE   (FILE holding the token)\n"
     );
     let ops = f.ok(&["operation", "list", "-f", "csv"]).await;
     assert!(ops.contains(",TASK,"), "{ops}");
@@ -1224,4 +1306,253 @@ async fn t51_agent_certificate_is_not_a_controller() {
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("not a controller"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t60_cluster_commands() {
+    let f = start(&["127.0.0.1"]).await;
+    let list = f.ok(&["cluster", "list"]).await;
+    assert!(list.starts_with("Controllers:\n"), "{list}");
+    assert!(list.contains("| c1   | 1  | leader | ONLINE |"), "{list}");
+    assert!(list.contains("| node1 | ONLINE | 1/4 "), "{list}");
+    assert_eq!(
+        f.ok(&["cluster", "list", "-f", "csv"]).await,
+        format!(
+            "controller,c1,1,leader,ONLINE,{},127.0.0.1:1\nnode,node1,ONLINE,1/4,0B/8.00GiB,,1,rack=r1\n",
+            f.addr
+        )
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&f.ok(&["cluster", "list", "-f", "json"]).await).unwrap();
+    assert_eq!(json["nodes"][0]["name"], "node1");
+
+    // Node settings.
+    f.ok(&["cluster", "set", "node1", "scheduler.instance", "manual"])
+        .await;
+    f.ok(&["cluster", "set", "node1", "ssd", "true"]).await;
+    assert!(
+        f.ok(&["cluster", "list", "-f", "csv"])
+            .await
+            .contains("node,node1,ONLINE (MANUAL),")
+    );
+    f.ok(&["cluster", "unset", "node1", "ssd"]).await;
+    let show = f.ok(&["cluster", "show", "node1"]).await;
+    assert_eq!(
+        show,
+        "config:\n  scheduler.instance: manual\nname: node1\nstatus: Online\n"
+    );
+    let o = f.run(&["cluster", "show", "ghost"]).await;
+    assert_eq!(
+        (o.code, o.stderr.as_str()),
+        (1, "Error: cluster member \"ghost\" not found\n")
+    );
+
+    // Cluster-wide settings.
+    assert_eq!(
+        f.ok(&["cluster", "get-config", "scheduler.policy"]).await,
+        "\n"
+    );
+    f.ok(&["cluster", "set-config", "scheduler.policy", "binpack"])
+        .await;
+    assert_eq!(
+        f.ok(&["cluster", "get-config", "scheduler.policy"]).await,
+        "binpack\n"
+    );
+    f.ok(&["cluster", "unset-config", "scheduler.policy"]).await;
+    assert!(f.state.lock().unwrap().cluster_config.is_empty());
+
+    // Tokens.
+    let out = f.ok(&["cluster", "add-controller", "c2"]).await;
+    assert_eq!(
+        out,
+        format!(
+            "Controller c2 join token:\nY3Rvaw==\n\nOn the new controller run:\n  berthd --join 127.0.0.1:{} --token Y3Rvaw==\n",
+            f.addr.port()
+        )
+    );
+    let out = f.ok(&["cluster", "add-node", "withcmd"]).await;
+    assert!(
+        out.ends_with("On the new node run:\n  berth-agent join --token dG9rZW4=\n"),
+        "{out}"
+    );
+
+    // Remove: without a terminal only with --force.
+    let before = f.request_count();
+    let o = f.run(&["cluster", "remove", "node1"]).await;
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("--force"), "{}", o.stderr);
+    assert_eq!(f.request_count(), before);
+    assert_eq!(
+        f.ok(&["cluster", "remove", "node1", "--force"]).await,
+        "Member node1 removed\n"
+    );
+
+    // launch --target passes ?target=.
+    f.state
+        .lock()
+        .unwrap()
+        .aliases
+        .push(serde_json::json!({"name": "busybox", "target": "abcdef"}));
+    f.ok(&["launch", "busybox", "w1", "--target", "node1"])
+        .await;
+    assert!(
+        f.state
+            .lock()
+            .unwrap()
+            .requests
+            .iter()
+            .any(|r| r == "POST /1.0/instances?target=node1")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t61_several_addresses_and_503() {
+    let f = start(&["127.0.0.1"]).await;
+    // An address where nothing listens.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("https://{}", l.local_addr().unwrap())
+    };
+    let key = f.key.to_str().unwrap().to_string();
+    let ca = f.ca.to_str().unwrap().to_string();
+    let urls = format!("{dead},{}", f.url());
+    f.state
+        .lock()
+        .unwrap()
+        .other_controllers
+        .push("127.0.0.1:9".into());
+    let o = f
+        .run_with(
+            &[
+                "remote",
+                "add",
+                "c",
+                &urls,
+                "--key-file",
+                &key,
+                "--ca-file",
+                &ca,
+            ],
+            b"",
+            false,
+        )
+        .await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    // The remote learned the third controller from GET /1.0/cluster.
+    let remotes: serde_json::Value = serde_json::from_str(
+        &f.run_with(&["remote", "list", "-f", "json"], b"", false)
+            .await
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(remotes[0]["url"], dead.as_str());
+    assert_eq!(
+        remotes[0]["addresses"],
+        serde_json::json!([f.url(), "https://127.0.0.1:9"])
+    );
+    // The dead first address is skipped.
+    f.run_with(&["remote", "switch", "c"], b"", false).await;
+    let o = f.run_with(&["list", "-f", "csv"], b"", false).await;
+    assert_eq!((o.code, o.stdout.as_str()), (0, ""), "{}", o.stderr);
+    // So is it with BERTH_URL.
+    let o = f
+        .command(&["list", "-f", "csv"], true)
+        .env("BERTH_URL", &urls)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // Every address dead: one error naming them all (a repeated address counts once).
+    let dead2 = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("https://{}", l.local_addr().unwrap())
+    };
+    let o = f
+        .command(&["list"], true)
+        .env("BERTH_URL", format!("{dead},{dead2},{dead}/"))
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.starts_with("Error: cannot connect to any address of remote \"env\": cannot connect to https://127.0.0.1:"),
+        "{err}"
+    );
+    assert!(err.contains(&dead2), "{err}");
+    // One address can be set again.
+    f.run_with(&["remote", "set-url", "c", &f.url()], b"", false)
+        .await;
+    let conf = std::fs::read_to_string(f.conf_dir().join("config.toml")).unwrap();
+    assert!(!conf.contains("addresses"), "{conf}");
+    // Several addresses need a CA.
+    let o = f
+        .run_with(
+            &[
+                "remote",
+                "add",
+                "p",
+                &urls,
+                "--key-file",
+                &key,
+                "--accept-certificate",
+            ],
+            b"",
+            false,
+        )
+        .await;
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("need --ca-file"), "{}", o.stderr);
+
+    // A read that meets 503 is retried.
+    f.state.lock().unwrap().unavailable = 2;
+    let o = f.run(&["list", "-f", "csv"]).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    // A write that meets 503 without Retry-After is not: the server's sentence is shown.
+    f.state
+        .lock()
+        .unwrap()
+        .aliases
+        .push(serde_json::json!({"name": "busybox", "target": "abcdef"}));
+    let before = f.request_count();
+    {
+        let mut st = f.state.lock().unwrap();
+        st.unavailable = 1;
+        st.retry_after = false;
+    }
+    let o = f
+        .run(&["cluster", "set-config", "scheduler.policy", "binpack"])
+        .await;
+    assert_eq!(
+        (o.code, o.stderr.as_str()),
+        (
+            1,
+            "Error: no raft leader: this controller cannot reach a majority of the controllers\n"
+        )
+    );
+    assert_eq!(f.request_count(), before + 1);
+    // With Retry-After (nothing committed) it is retried.
+    {
+        let mut st = f.state.lock().unwrap();
+        st.unavailable = 2;
+        st.retry_after = true;
+    }
+    f.ok(&["cluster", "set-config", "scheduler.policy", "binpack"])
+        .await;
+    assert_eq!(
+        f.state.lock().unwrap().cluster_config["scheduler.policy"],
+        "binpack"
+    );
+    // A read that keeps failing gives up after the retry window with the server's sentence.
+    f.state.lock().unwrap().unavailable = 1000;
+    let started = std::time::Instant::now();
+    let o = f.run(&["list"]).await;
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("no raft leader"), "{}", o.stderr);
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    f.state.lock().unwrap().unavailable = 0;
 }

@@ -155,6 +155,15 @@ pub async fn create(ctx: &Ctx, args: CreateArgs, start: bool) -> anyhow::Result<
         anyhow::bail!("no image given");
     }
     let source = image_source(&client, image).await?;
+    let target = args.target.unwrap_or_default();
+    let path = if target.is_empty() {
+        "/1.0/instances".to_string()
+    } else {
+        format!(
+            "/1.0/instances?target={}",
+            crate::client::encode_query(&target)
+        )
+    };
     let req = InstancesPost {
         name: name.to_string(),
         description: args.description,
@@ -162,13 +171,11 @@ pub async fn create(ctx: &Ctx, args: CreateArgs, start: bool) -> anyhow::Result<
         config,
         profiles: args.profiles,
         start,
-        target: args.target.unwrap_or_default(),
+        target,
         kind: "container".into(),
     };
     say(&format!("Creating {name}"));
-    let resp = client
-        .call(Method::POST, "/1.0/instances", Some(&req))
-        .await?;
+    let resp = client.call(Method::POST, &path, Some(&req)).await?;
     if start {
         say(&format!("Starting {name}"));
     }

@@ -18,7 +18,9 @@ pub enum RemoteCommand {
     Add {
         /// Name of the remote
         name: String,
-        /// URL of the remote, https://HOST[:PORT]
+        /// URL of the remote, https://HOST[:PORT]; a cluster's controllers as a comma-separated
+        /// list (each is tried in turn when one cannot be reached)
+        #[arg(value_name = "URL[,URL...]")]
         url: String,
         /// File holding the API key
         #[arg(long, value_name = "FILE")]
@@ -36,6 +38,14 @@ pub enum RemoteCommand {
         /// Format (table, compact, csv, json, yaml)
         #[arg(short = 'f', long, default_value = "table")]
         format: Format,
+    },
+    /// Set the URL(s) of a remote
+    SetUrl {
+        /// Name of the remote
+        name: String,
+        /// https://HOST[:PORT], or several comma-separated
+        #[arg(value_name = "URL[,URL...]")]
+        url: String,
     },
     /// Remove remotes
     #[command(visible_alias = "rm")]
@@ -58,6 +68,8 @@ pub enum RemoteCommand {
 pub struct RemoteEntry {
     pub name: String,
     pub url: String,
+    /// Further addresses (the cluster's other controllers).
+    pub addresses: Vec<String>,
     pub key_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
     pub fingerprint: Option<String>,
@@ -72,12 +84,28 @@ pub fn remote_entries(config: &Config, current: &str) -> Vec<RemoteEntry> {
         .map(|(name, r)| RemoteEntry {
             name: name.clone(),
             url: r.url.clone(),
+            addresses: r.urls().into_iter().skip(1).collect(),
             key_file: r.key_file.clone(),
             ca_file: r.ca_file.clone(),
             fingerprint: r.fingerprint.clone(),
             current: name == current,
         })
         .collect()
+}
+
+/// How long `remote add` waits for the cluster to tell its controllers' addresses.
+const LEARN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Parses `URL[,URL...]`, checking each.
+pub fn parse_urls(list: &str) -> anyhow::Result<Vec<String>> {
+    let urls = crate::config::split_urls(list);
+    if urls.is_empty() {
+        anyhow::bail!("no URL given");
+    }
+    for u in &urls {
+        parse_url(u)?;
+    }
+    Ok(urls)
 }
 
 fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
@@ -99,22 +127,35 @@ pub async fn run(ctx: &Ctx, command: RemoteCommand) -> anyhow::Result<i32> {
             if config.remotes.contains_key(&name) {
                 anyhow::bail!("remote \"{name}\" already exists");
             }
-            parse_url(&url)?;
+            let urls = parse_urls(&url)?;
             let mut remote = Remote {
-                url: url.trim_end_matches('/').to_string(),
                 key_file: Some(absolute(&key_file)?),
                 ca_file: ca_file.as_deref().map(absolute).transpose()?,
                 ..Remote::default()
             };
-            remote.api_key(&name)?;
+            remote.set_urls(&urls);
+            let key = remote.api_key(&name)?;
             if let Some(ca) = &remote.ca_file {
-                crate::client::Client::new(&crate::config::Target {
+                let client = crate::client::Client::new(&crate::config::Target {
                     name: name.clone(),
                     url: remote.url.clone(),
-                    key: String::new(),
+                    more_urls: remote.addresses.clone(),
+                    key,
                     ca_file: Some(ca.clone()),
                     fingerprint: None,
                 })?;
+                // Best effort: a cluster tells its other controllers' addresses.
+                if let Ok(Ok(learned)) =
+                    tokio::time::timeout(LEARN_TIMEOUT, super::cluster::learn_urls(&client)).await
+                {
+                    let mut all = remote.urls();
+                    all.extend(learned);
+                    remote.set_urls(&all);
+                }
+            } else if urls.len() > 1 {
+                anyhow::bail!(
+                    "several addresses need --ca-file: each controller has its own certificate, so one pinned fingerprint cannot trust them all"
+                );
             } else {
                 let fp = fetch_fingerprint(&remote.url).await?;
                 if !accept_certificate {
@@ -149,7 +190,11 @@ pub async fn run(ctx: &Ctx, command: RemoteCommand) -> anyhow::Result<i32> {
                         } else {
                             e.name.clone()
                         },
-                        e.url.clone(),
+                        std::iter::once(&e.url)
+                            .chain(&e.addresses)
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join("\n"),
                         shown(&e.key_file),
                         match (&e.ca_file, &e.fingerprint) {
                             (Some(ca), _) => ca.display().to_string(),
@@ -167,6 +212,25 @@ pub async fn run(ctx: &Ctx, command: RemoteCommand) -> anyhow::Result<i32> {
                 &rows,
                 &entries,
             )?);
+        }
+        RemoteCommand::SetUrl { name, url } => {
+            let urls = parse_urls(&url)?;
+            let remote = config
+                .remotes
+                .get_mut(&name)
+                .ok_or_else(|| crate::config::ConfigError::NoSuchRemote(name.clone()))?;
+            if urls.len() > 1 && remote.ca_file.is_none() {
+                anyhow::bail!(
+                    "several addresses need a CA file: remote \"{name}\" trusts one pinned certificate"
+                );
+            }
+            if remote.ca_file.is_none() && remote.fingerprint.is_some() && remote.url != urls[0] {
+                anyhow::bail!(
+                    "remote \"{name}\" trusts one pinned certificate: remove it and add it again to change its address"
+                );
+            }
+            remote.set_urls(&urls);
+            config.save(&ctx.config_path)?;
         }
         RemoteCommand::Remove { name } => {
             config.remove_remote(&name)?;
@@ -220,5 +284,15 @@ mod tests {
         let json = output::json(&e).unwrap();
         assert!(!json.contains("secret"));
         assert!(json.contains("\"key-file\": null"));
+    }
+
+    #[test]
+    fn url_lists() {
+        assert_eq!(
+            parse_urls("https://a:1, https://b:2/").unwrap(),
+            ["https://a:1", "https://b:2"]
+        );
+        assert!(parse_urls("https://a:1,http://b:2").is_err());
+        assert!(parse_urls(" , ").is_err());
     }
 }
