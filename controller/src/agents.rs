@@ -1,15 +1,24 @@
 //! gRPC clients to node agents, over mutual TLS with the cluster CA.
 //!
 //! One lazily connected channel per node; tonic reconnects by itself when an agent restarts.
+//! Every call carries the caller's trace context (W3C `traceparent`) when spans are exported,
+//! so the agent's spans join the controller's trace.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use berth_proto::v1::agent_client::AgentClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::state::Node;
+
+/// The interceptor every agent call goes through: it adds the trace context.
+pub type TraceInterceptor = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
+
+/// A client to one agent.
+pub type AgentConn = AgentClient<InterceptedService<Channel, TraceInterceptor>>;
 
 /// Agent calls that can take long (image builds, clean stops) get this deadline.
 pub const LONG_CALL: Duration = Duration::from_secs(30 * 60);
@@ -53,7 +62,7 @@ impl AgentPool {
     }
 
     /// A client for `node`'s agent (connected lazily, cheap to clone).
-    pub fn client(&self, node: &Node) -> Result<AgentClient<Channel>, AgentError> {
+    pub fn client(&self, node: &Node) -> Result<AgentConn, AgentError> {
         let mut channels = self
             .channels
             .lock()
@@ -82,8 +91,9 @@ impl AgentPool {
         Ok(Self::wrap(channel))
     }
 
-    fn wrap(channel: Channel) -> AgentClient<Channel> {
-        AgentClient::new(channel)
+    fn wrap(channel: Channel) -> AgentConn {
+        let inject: TraceInterceptor = berth_proto::telemetry::inject_trace_context;
+        AgentClient::with_interceptor(channel, inject)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20)
     }
