@@ -176,6 +176,7 @@ pub async fn run(cfg: Config, token: Option<String>) -> Result<(), StartError> {
     );
     info!(node = %node.cfg.name, listen = %node.cfg.listen, "berth-agent is serving");
     let served = tonic::transport::Server::builder()
+        .trace_fn(berth_proto::telemetry::grpc_server_span)
         .tls_config(identity.server_tls())?
         .add_service(tonic::service::interceptor::InterceptedService::new(
             AgentServer::new(service)
