@@ -73,7 +73,14 @@ where
         .await?;
     let answer = accepted(&op);
     let st = state.clone();
-    let span = info_span!("operation", op = %op.id, what = %op.description);
+    let instance = op
+        .resources
+        .get("instances")
+        .and_then(|v| v.first())
+        .and_then(|p| p.rsplit('/').next())
+        .unwrap_or_default()
+        .to_string();
+    let span = info_span!("operation", op = %op.id, instance = %instance, what = %op.description);
     tokio::spawn(
         async move {
             let result = work.await;
