@@ -461,8 +461,29 @@ fn ip(args: &[&str]) -> Result<String, NetworkError> {
     run_with_stdin(Command::new("ip").args(args), "")
 }
 
+/// Whether a link exists in this process's network namespace. Asks the kernel (netlink,
+/// through `ip`) rather than /sys/class/net, which shows the namespace sysfs was mounted in:
+/// an agent running in its own network namespace on a shared host would see the host's links.
 fn link_exists(name: &str) -> Result<bool, NetworkError> {
-    Ok(Path::new("/sys/class/net").join(name).exists())
+    let out = Command::new("ip")
+        .args(["-o", "link", "show", "dev", name])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| NetworkError::Command {
+            op: format!("ip -o link show dev {name}"),
+            detail: e.to_string(),
+        })?;
+    if out.status.success() {
+        return Ok(true);
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("does not exist") {
+        return Ok(false);
+    }
+    Err(NetworkError::Command {
+        op: format!("ip -o link show dev {name}"),
+        detail: err.trim().to_string(),
+    })
 }
 
 /// The IPv4 addresses of a link.
