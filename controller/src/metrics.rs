@@ -344,7 +344,8 @@ fn float(v: f64) -> String {
 
 /// Renders every figure in the Prometheus text format 0.0.4. Per-controller series (Raft, API)
 /// carry `controller="<name>"`; cluster-wide series do not, so scraping any one controller is
-/// enough. `queue_depth` is the reconciler's queue on this controller, when known.
+/// enough. `queue_depth` is the number of instance actions waiting for the reconciler (from
+/// the replicated state, so cluster-wide), when known.
 pub fn render(
     controller: &str,
     cluster: &ClusterFigures,
@@ -582,9 +583,9 @@ pub fn render(
             &mut out,
             "berth_reconcile_queue_depth",
             "gauge",
-            "Instances waiting for the reconciler on this controller.",
+            "Instance actions (start, stop, delete, ...) the leader's reconciler has still to finish.",
         );
-        sample(&mut out, "berth_reconcile_queue_depth", &c, depth);
+        sample(&mut out, "berth_reconcile_queue_depth", "", depth);
     }
 
     // The API of this controller.
@@ -734,7 +735,7 @@ mod tests {
             "berth_raft_is_leader{controller=\"c1\"} 1",
             "berth_raft_leader_changes_total{controller=\"c1\"} 2",
             "berth_raft_millis_since_quorum_ack{controller=\"c1\"} 12",
-            "berth_reconcile_queue_depth{controller=\"c1\"} 3",
+            "berth_reconcile_queue_depth 3",
             "# TYPE berth_api_requests_total counter",
             "berth_api_requests_total{controller=\"c1\",method=\"GET\",route=\"/1.0/instances/{name}\",status=\"404\"} 1",
             "# TYPE berth_api_request_duration_seconds histogram",

@@ -9,7 +9,7 @@ use crate::metrics::{ClusterFigures, RaftFigures, render};
 /// The content type of the Prometheus text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// `GET /1.0/metrics`: instances, nodes, operations (from this controller's copy of the
+/// `GET /1.0/metrics`: instances, nodes, operations, reconciler queue (from this controller's copy of the
 /// replicated state, without a read barrier, so that a controller cut off from the leader
 /// still answers), this controller's Raft figures and its API request figures. Any valid API
 /// key may read it.
@@ -20,12 +20,13 @@ pub async fn get(State(state): State<SharedState>) -> Result<Response, ApiError>
         let m = rx.borrow();
         RaftFigures::from_metrics(&m, state.metrics.leader_changes())
     };
+    let queue_depth = crate::reconcile::queue_depth(&state) as u64;
     let text = render(
         &state.name,
         &cluster,
         &raft,
         &state.metrics.api_figures(),
-        None,
+        Some(queue_depth),
     );
     Ok(([(http::header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response())
 }
