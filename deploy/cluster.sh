@@ -36,6 +36,7 @@
 #   BERTH_DEV_NFT_TABLE   host nft table for the test network's NAT (default berthdev)
 #   BERTH_DEV_LOOP_SIZE   each agent's sparse btrfs loop file (default 10GiB)
 #   BERTH_DEV_WAIT        seconds `up` waits for the cluster (default 120)
+#   BERTH_DEV_OFFLINE_THRESHOLD  controllers' offline_threshold in seconds (default: berthd's, 10)
 #   BERTH_LOG             daemons' log filter (default info); OTEL_* are passed through
 #
 # Processes start with `nsenter --net=/run/netns/NAME` (only the network namespace): a
@@ -54,6 +55,7 @@ NNODE=${BERTH_DEV_NODES:-3}
 NFT_TABLE=${BERTH_DEV_NFT_TABLE:-berthdev}
 LOOP_SIZE=${BERTH_DEV_LOOP_SIZE:-10GiB}
 WAIT=${BERTH_DEV_WAIT:-120}
+OFFLINE=${BERTH_DEV_OFFLINE_THRESHOLD:-}
 API_PORT=8443
 PEER_PORT=8444
 AGENT_PORT=8445
@@ -130,7 +132,10 @@ start_daemon() {
   echo "--- $(date -u +%FT%TZ) starting: $*" >>"$(log_of "$name")"
   # setsid (no fork: this shell does no job control, so the child leads no group) then nsenter
   # (exec) keep $! as the daemon's own pid.
-  BERTH_LOG=${BERTH_LOG:-info} setsid nsenter --net="/run/netns/$name" -- "$@" \
+  local envs=("BERTH_LOG=${BERTH_LOG:-info}")
+  # A controller's join token goes through the environment, not the command line (ps).
+  if [ -n "${JOIN_TOKEN:-}" ]; then envs+=("BERTHD_JOIN_TOKEN=$JOIN_TOKEN"); fi
+  env "${envs[@]}" setsid nsenter --net="/run/netns/$name" -- "$@" \
     </dev/null >>"$(log_of "$name")" 2>&1 &
   echo $! >"$(pidfile "$name")"
   disown || true
@@ -276,6 +281,7 @@ peer_listen = "$(addr_of "$m"):$PEER_PORT"
 EOF
     # Only the first controller bootstraps with a fixed id; the others get theirs at join.
     if [ "$i" = 1 ]; then echo 'node_id = 1' >>"$BASE/$m/berthd.toml"; fi
+    if [ -n "$OFFLINE" ]; then echo "offline_threshold = $OFFLINE" >>"$BASE/$m/berthd.toml"; fi
   done
   for m in "${NODES[@]}"; do
     i=$(index_of "$m")
@@ -371,7 +377,7 @@ cmd_up() {
     n=$((n + 1))
     say "joining $m"
     tok=$(token controller-tokens "$m")
-    start_member "$m" --join "$(api_of c1)" --token "$tok"
+    JOIN_TOKEN=$tok start_member "$m" --join "$(api_of c1)"
     wait_until 60 "$m" controllers_ready "$n" ||
       fail_up "$m did not join within 60 s (the cluster shows $(cluster_json | jq -r '[.controllers[].name] | join(",")' 2>/dev/null))"
   done
