@@ -11,8 +11,10 @@ use tracing::{error, info, warn};
 use crate::agents::AgentPool;
 use crate::api::{self, AppState};
 use crate::config::Config;
-use crate::raft::ControlPlane;
-use crate::state::{ApiKey, Command, Role};
+use crate::join::{JoinFacts, PeerIdentity};
+use crate::peer::HeartbeatSlot;
+use crate::raft::{ControlPlane, PeerTls};
+use crate::state::{ApiKey, Command, ControllerRecord, JoinKind, Role};
 use crate::tls::{CertifiedKeyPem, ClusterCa};
 use crate::{clock, reconcile};
 
@@ -30,6 +32,12 @@ pub enum StartError {
     NoLeader(Duration),
     #[error("tls: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("cannot join the cluster: {0}")]
+    Join(crate::join::JoinError),
+    #[error("join needs a join token (--token or join_token in the config file)")]
+    JoinWithoutToken,
+    #[error("the leader did not replicate the cluster state to this controller within {0:?}")]
+    JoinStalled(Duration),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -76,63 +84,207 @@ impl BootstrapFiles {
     pub const JOIN_TOKEN: &'static str = "join-token";
 }
 
+/// How long a joining controller waits to receive the cluster's state and become a voter.
+const JOIN_WAIT: Duration = Duration::from_secs(120);
+
+/// Binds the peer listener and serves it (Raft, Controller) in the background.
+async fn spawn_peer_listener(
+    cp: &ControlPlane,
+    addr: std::net::SocketAddr,
+    heartbeats: HeartbeatSlot,
+) -> Result<tokio::task::JoinHandle<()>, StartError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Listen { addr, source })?;
+    info!(peer = %addr, "peer listener (raft, controller service) serving with mutual TLS");
+    let cp = cp.clone();
+    Ok(tokio::spawn(async move {
+        if let Err(e) = cp
+            .serve(listener, heartbeats, std::future::pending::<()>())
+            .await
+        {
+            error!(error = %e, "the peer listener stopped");
+        }
+    }))
+}
+
+/// The host part of a `host:port`.
+fn host_part(addr: &str) -> String {
+    addr.rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(addr)
+        .trim_matches(['[', ']'])
+        .to_string()
+}
+
+/// Waits until `cond` holds, checking every 100 ms, for at most `limit`; logs `what` every
+/// 10 s meanwhile.
+async fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> bool {
+    let start = tokio::time::Instant::now();
+    let mut next_log = start + Duration::from_secs(10);
+    while !cond() {
+        let now = tokio::time::Instant::now();
+        if now - start > limit {
+            return false;
+        }
+        if now >= next_log {
+            info!(waited = ?(now - start), "{what}");
+            next_log = now + Duration::from_secs(10);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    true
+}
+
 /// Runs the controller until SIGINT or SIGTERM.
+///
+/// A controller starts in one of three ways: the first controller of a new cluster (no peer
+/// identity, no `join`): it bootstraps a single-voter cluster, makes the cluster CA and its own
+/// peer certificate; a new controller with `join` and a token: it joins through a running
+/// controller and is added to the Raft membership by the leader; a restart (a peer identity
+/// in the state directory): it rejoins its cluster with no token.
 pub async fn run(cfg: Config) -> Result<(), StartError> {
     let dir = &cfg.state_dir;
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
 
+    let mut identity = PeerIdentity::load(dir);
+    let mut joined_now = false;
+    if identity.is_none() {
+        match (&cfg.join, &cfg.join_token) {
+            (_, Some(token)) => {
+                info!(through = ?cfg.join, name = %cfg.name, "joining the cluster as a new controller");
+                let facts = JoinFacts {
+                    name: cfg.name.clone(),
+                    peer_address: cfg.peer_advertise.clone(),
+                    api_address: cfg.api_advertise.clone(),
+                };
+                let id = crate::join::join(cfg.join.as_deref(), token, &facts)
+                    .await
+                    .map_err(StartError::Join)?;
+                id.save(dir).map_err(StartError::Join)?;
+                info!(
+                    node = id.raft_id,
+                    "joined; waiting for the leader to replicate the cluster state"
+                );
+                identity = Some(id);
+                joined_now = true;
+            }
+            (Some(_), None) => return Err(StartError::JoinWithoutToken),
+            (None, None) => {}
+        }
+    } else if cfg.join_token.is_some() {
+        info!("this controller has joined before; the join token is not needed and is ignored");
+    }
+
+    let raft_id = identity.as_ref().map_or(cfg.node_id, |i| i.raft_id);
+    let peer_tls = identity
+        .as_ref()
+        .map(|i| PeerTls::from_pem(&i.ca_pem, &i.cert_pem, &i.key_pem));
     let cp = ControlPlane::open(
         &dir.join("raft"),
-        cfg.node_id,
-        cfg.peer_listen.to_string(),
-        true,
-        None,
+        raft_id,
+        cfg.peer_advertise.clone(),
+        identity.is_none(),
+        peer_tls,
     )
     .await
     .map_err(|e| StartError::State(e.to_string()))?;
 
-    // A single-voter cluster elects itself at once; give a slow disk some slack.
-    let wait = Duration::from_secs(30);
-    let deadline = tokio::time::Instant::now() + wait;
-    while !cp.is_leader() {
-        if tokio::time::Instant::now() > deadline {
-            return Err(StartError::NoLeader(wait));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    // With an identity the peer listener starts at once: a restarted controller must vote and
+    // replicate before anything else can happen.
+    let heartbeats = HeartbeatSlot::default();
+    let mut peer_task = None;
+    if identity.is_some() {
+        peer_task = Some(spawn_peer_listener(&cp, cfg.peer_listen, heartbeats.clone()).await?);
     }
 
-    let bootstrapped = cp.read_local(|s| s.cluster.bootstrapped);
     let mut first_token = None;
-    if !bootstrapped {
-        let ca = ClusterCa::generate(&cfg.cluster_name)?;
-        let secret = api::cluster::random_secret().map_err(|e| StartError::State(e.message))?;
-        let now = clock::now();
-        cp.write(Command::Bootstrap {
-            name: cfg.cluster_name.clone(),
-            ca_cert_pem: ca.cert_pem.clone(),
-            ca_key_pem: ca.key_pem.clone(),
-            admin_key: ApiKey {
-                id: uuid::Uuid::new_v4().simple().to_string(),
-                name: "admin".into(),
-                hash: api::key_hash(&secret),
-                role: Role::Admin,
-                project: "default".into(),
-                created_at: now.clone(),
-                expires_at: None,
-            },
-            now,
+    if identity.is_none() {
+        // The first controller of a cluster (or one from before the peer plane): it is the
+        // only voter, so it elects itself at once; give a slow disk some slack.
+        let wait = Duration::from_secs(30);
+        if !wait_until(wait, "waiting to become the leader", || cp.is_leader()).await {
+            return Err(StartError::NoLeader(wait));
+        }
+        if !cp.read_local(|s| s.cluster.bootstrapped) {
+            let ca = ClusterCa::generate(&cfg.cluster_name)?;
+            let secret = api::cluster::random_secret().map_err(|e| StartError::State(e.message))?;
+            let now = clock::now();
+            cp.write(Command::Bootstrap {
+                name: cfg.cluster_name.clone(),
+                ca_cert_pem: ca.cert_pem.clone(),
+                ca_key_pem: ca.key_pem.clone(),
+                admin_key: ApiKey {
+                    id: uuid::Uuid::new_v4().simple().to_string(),
+                    name: "admin".into(),
+                    hash: api::key_hash(&secret),
+                    role: Role::Admin,
+                    project: "default".into(),
+                    created_at: now.clone(),
+                    expires_at: None,
+                },
+                now,
+            })
+            .await
+            .map_err(|e| StartError::State(e.to_string()))?;
+            write_private(
+                &dir.join(BootstrapFiles::ADMIN_KEY),
+                &format!("{secret}\n"),
+                0o600,
+            )?;
+            info!(path = %dir.join(BootstrapFiles::ADMIN_KEY).display(), "cluster bootstrapped; the admin API key is in this file");
+            first_token = Some(());
+        }
+        let ca = cp.read_local(|s| ClusterCa {
+            cert_pem: s.cluster.ca_cert_pem.clone(),
+            key_pem: s.cluster.ca_key_pem.clone(),
+        });
+        let mut names = vec![
+            berth_proto::CONTROLLER_TLS_NAME.to_string(),
+            host_part(&cfg.peer_advertise),
+            host_part(&cfg.api_advertise),
+            cfg.name.clone(),
+        ];
+        names.sort();
+        names.dedup();
+        let cert = ca.issue(&cfg.name, &names)?;
+        let id = PeerIdentity {
+            raft_id,
+            cert_pem: cert.cert_pem,
+            key_pem: cert.key_pem,
+            ca_pem: ca.cert_pem.clone(),
+        };
+        id.save(dir).map_err(StartError::Join)?;
+        cp.set_tls(PeerTls::from_pem(&id.ca_pem, &id.cert_pem, &id.key_pem));
+        peer_task = Some(spawn_peer_listener(&cp, cfg.peer_listen, heartbeats.clone()).await?);
+    } else if !cp.read_local(|s| s.cluster.bootstrapped) {
+        // A new member: the leader adds it as a learner and sends it the log or a snapshot.
+        if !wait_until(
+            JOIN_WAIT,
+            "waiting for the leader to replicate the cluster state",
+            || cp.read_local(|s| s.cluster.bootstrapped),
+        )
+        .await
+        {
+            return Err(StartError::JoinStalled(JOIN_WAIT));
+        }
+    }
+    if joined_now {
+        if wait_until(JOIN_WAIT, "waiting to be promoted to raft voter", || {
+            cp.voters().contains(&raft_id)
         })
         .await
-        .map_err(|e| StartError::State(e.to_string()))?;
-        write_private(
-            &dir.join(BootstrapFiles::ADMIN_KEY),
-            &format!("{secret}\n"),
-            0o600,
-        )?;
-        info!(path = %dir.join(BootstrapFiles::ADMIN_KEY).display(), "cluster bootstrapped; the admin API key is in this file");
-        first_token = Some(());
+        {
+            info!(node = raft_id, "this controller is a raft voter");
+        } else {
+            warn!(
+                node = raft_id,
+                "not promoted to voter yet; serving as a learner meanwhile"
+            );
+        }
     }
+
     let ca = cp.read_local(|s| ClusterCa {
         cert_pem: s.cluster.ca_cert_pem.clone(),
         key_pem: s.cluster.ca_key_pem.clone(),
@@ -147,6 +299,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         "localhost".to_string(),
         cfg.name.clone(),
         crate::config::host_name(),
+        host_part(&cfg.api_advertise),
     ];
     if !cfg.api_listen.ip().is_unspecified() {
         names.push(cfg.api_listen.ip().to_string());
@@ -168,18 +321,57 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         name: cfg.name.clone(),
         execs: Default::default(),
         metrics: Default::default(),
-        liveness: crate::liveness::Liveness::new(crate::liveness::DEFAULT_OFFLINE_THRESHOLD),
+        liveness: crate::liveness::Liveness::new(cfg.offline_threshold),
         instance_locks: Default::default(),
     });
+    let _ = heartbeats.set(state.clone());
+
+    // Record this controller (name, Raft id, addresses) when its record is missing or stale.
+    let me = ControllerRecord {
+        name: cfg.name.clone(),
+        id: raft_id,
+        peer_address: cfg.peer_advertise.clone(),
+        api_address: cfg.api_advertise.clone(),
+        joined_at: clock::now(),
+    };
+    let registered = cp.read_local(|s| {
+        s.controllers.get(&me.name).is_some_and(|r| {
+            r.id == me.id && r.peer_address == me.peer_address && r.api_address == me.api_address
+        })
+    });
+    if !registered {
+        let record = ControllerRecord {
+            joined_at: cp
+                .read_local(|s| s.controllers.get(&me.name).map(|r| r.joined_at.clone()))
+                .unwrap_or(me.joined_at.clone()),
+            ..me
+        };
+        // The first controller leads: register now, so that tokens can name its address.
+        if first_token.is_some() || cp.is_leader() {
+            if let Err(e) = cp
+                .write(Command::RegisterController {
+                    record: record.clone(),
+                })
+                .await
+            {
+                warn!(error = %e, "cannot record this controller yet; retrying in the background");
+                tokio::spawn(register_until_done(cp.clone(), record));
+            }
+        } else {
+            tokio::spawn(register_until_done(cp.clone(), record));
+        }
+    }
 
     if first_token.is_some() {
-        let api_addr = if cfg.api_listen.ip().is_unspecified() {
-            format!("127.0.0.1:{}", cfg.api_listen.port())
-        } else {
-            cfg.api_listen.to_string()
-        };
         let first_node = berth_proto::api::names::node_name_from_host(&crate::config::host_name());
-        match api::cluster::issue_join_token(&state, &first_node, vec![api_addr]).await {
+        match api::cluster::issue_join_token(
+            &state,
+            &first_node,
+            JoinKind::Node,
+            vec![cfg.api_advertise.clone()],
+        )
+        .await
+        {
             Ok(token) => write_private(
                 &dir.join(BootstrapFiles::JOIN_TOKEN),
                 &format!("{token}\n"),
@@ -210,25 +402,49 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         }
     });
 
-    // The Raft peer service is for other controllers. A single-voter cluster has none, and
-    // an unauthenticated peer port would let anyone who reaches it rewrite the state, so it is
-    // not served until controllers can join with mutual TLS (the replicated control plane).
-    let peer_addr = cfg.peer_listen;
-    info!(
-        peer = %peer_addr,
-        "single controller: the Raft peer service is not served"
-    );
+    let membership_cp = cp.clone();
+    let membership = tokio::spawn(async move {
+        loop {
+            membership_cp.reconcile_membership().await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
     let recovering = state.clone();
     tokio::spawn(async move { reconcile::recover_interrupted(&recovering, interrupted).await });
     let observer = tokio::spawn(reconcile::run(state.clone()));
-    info!(name = %cfg.name, api = %cfg.api_listen, "berthd is running");
+    info!(name = %cfg.name, node = raft_id, api = %cfg.api_advertise, peer = %cfg.peer_advertise, "berthd is running");
 
     shutdown_signal().await;
     info!("shutting down");
     api_task.abort();
     observer.abort();
+    membership.abort();
+    if let Some(t) = peer_task {
+        t.abort();
+    }
     cp.shutdown().await;
     Ok(())
+}
+
+/// Writes this controller's record, retrying every second until a leader takes it.
+async fn register_until_done(cp: ControlPlane, record: ControllerRecord) {
+    loop {
+        match cp
+            .write(Command::RegisterController {
+                record: record.clone(),
+            })
+            .await
+        {
+            Ok(_) => {
+                info!(controller = %record.name, node = record.id, "controller recorded");
+                return;
+            }
+            Err(e) => {
+                warn!(controller = %record.name, error = %e, "cannot record this controller yet");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
 }
 
 fn load_or_issue(

@@ -17,6 +17,18 @@ struct Args {
     /// Log filter (tracing's EnvFilter syntax), e.g. "info" or "berth_controller=debug".
     #[arg(long, env = "BERTH_LOG", default_value = "info")]
     log: String,
+    /// Join an existing cluster through this controller's API address (host:port), on the
+    /// first start only; needs --token.
+    #[arg(long, value_name = "ADDRESS", requires = "token")]
+    join: Option<String>,
+    /// The controller join token (`berth cluster add-controller` prints it).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "BERTHD_JOIN_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,7 +45,14 @@ fn main() -> anyhow::Result<()> {
         .config
         .as_deref()
         .or_else(|| default.exists().then_some(default));
-    let cfg = berth_controller::config::Config::load(config)?;
+    let mut raw = berth_controller::config::Config::read_raw(config)?;
+    if args.join.is_some() {
+        raw.join = args.join;
+    }
+    if args.token.is_some() {
+        raw.join_token = args.token;
+    }
+    let cfg = berth_controller::config::Config::validate(raw)?;
     rt.block_on(berth_controller::daemon::run(cfg))?;
     Ok(())
 }

@@ -3,6 +3,8 @@
 //! (see [`crate::tls::peer_role`]): Forward and ReadIndex need a controller certificate,
 //! Heartbeat an agent certificate, whose name is the node's.
 
+use std::sync::{Arc, OnceLock};
+
 use berth_proto::v1::controller_server::{Controller, ControllerServer};
 use berth_proto::v1::{
     ForwardReply, ForwardRequest, HeartbeatReply, HeartbeatRequest, ReadIndexReply,
@@ -17,19 +19,24 @@ use crate::raft::{
 use crate::state::{ApplyResult, Command};
 use crate::tls::{PeerRole, caller_role, require_controller};
 
+/// Where the peer service finds the API state heartbeats need. The peer listener starts
+/// before the API state exists (a restarted controller must take part in elections at once),
+/// so the state is filled in later; until then heartbeats are answered UNAVAILABLE.
+pub type HeartbeatSlot = Arc<OnceLock<SharedState>>;
+
 /// Serves `berth.v1.Controller` for one controller.
 pub struct PeerService {
     cp: ControlPlane,
     tls: bool,
-    heartbeats: Option<SharedState>,
+    heartbeats: HeartbeatSlot,
 }
 
 impl PeerService {
-    /// The tonic server. Without `heartbeats` (tests of the Raft plane alone), Heartbeat
-    /// answers UNAVAILABLE after the role check.
+    /// The tonic server. While `heartbeats` is empty (and always in tests of the Raft plane
+    /// alone), Heartbeat answers UNAVAILABLE after the role check.
     pub fn into_server(
         cp: ControlPlane,
-        heartbeats: Option<SharedState>,
+        heartbeats: HeartbeatSlot,
     ) -> ControllerServer<PeerService> {
         let tls = cp.has_tls();
         ControllerServer::new(PeerService {
@@ -112,7 +119,7 @@ impl Controller for PeerService {
                 "heartbeats need a mutual-tls peer listener",
             ));
         };
-        let Some(state) = &self.heartbeats else {
+        let Some(state) = self.heartbeats.get() else {
             return Err(Status::unavailable(
                 "this controller does not take heartbeats yet",
             ));

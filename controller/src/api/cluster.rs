@@ -6,15 +6,24 @@ use axum::Extension;
 use axum::extract::State;
 use axum::response::Response;
 use base64::Engine as _;
-use berth_proto::api::{self, ClusterJoinPost, ClusterJoinResponse, ClusterMember, JoinToken};
+use std::collections::BTreeMap;
+
+use axum::extract::Path;
+use berth_proto::api::{
+    self, Cluster, ClusterController, ClusterJoinPost, ClusterJoinResponse, ClusterMember,
+    ClusterMemberPatch, ClusterNode, ControllerJoinPost, ControllerJoinResponse, JoinToken,
+    JoinTokenPost, JoinTokenResponse, NodeResources,
+};
+use http::HeaderMap;
 use serde::Deserialize;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::operations::sync;
 use super::{ApiError, Identity, JsonBody, SharedState, key_hash};
 use crate::agents::agent_tls_name;
 use crate::clock;
-use crate::state::{Command, JoinTokenRecord, Node, NodeStatus};
+use crate::raft::WriteError;
+use crate::state::{ApplyErrorKind, ApplyOk, Command, JoinKind, JoinTokenRecord, Node, NodeStatus};
 
 /// How long a join token stays valid.
 pub const JOIN_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -38,20 +47,18 @@ pub async fn members(State(state): State<SharedState>) -> Result<Response, ApiEr
     Ok(sync(members))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JoinTokenPost {
-    /// The name the joining node will have.
-    pub name: String,
-}
-
-/// Makes a one-time join token for node `name`, valid for [`JOIN_TOKEN_TTL`].
+/// Makes a one-time join token for the node or controller `name`, valid for
+/// [`JOIN_TOKEN_TTL`]; it names `api_addresses` as the controllers to join through.
 pub async fn issue_join_token(
     state: &SharedState,
     name: &str,
+    kind: JoinKind,
     api_addresses: Vec<String>,
 ) -> Result<String, ApiError> {
-    validate_node_name(name)?;
+    match kind {
+        JoinKind::Node => validate_node_name(name)?,
+        JoinKind::Controller => validate_controller_name(name)?,
+    }
     let secret = random_secret()?;
     state
         .cp
@@ -59,7 +66,7 @@ pub async fn issue_join_token(
             hash: key_hash(&secret),
             record: JoinTokenRecord {
                 node_name: name.to_string(),
-                kind: crate::state::JoinKind::Node,
+                kind,
                 created_at: clock::now(),
                 expires_at: clock::after(JOIN_TOKEN_TTL),
             },
@@ -77,16 +84,51 @@ pub async fn issue_join_token(
     Ok(base64::engine::general_purpose::STANDARD.encode(json))
 }
 
+/// Every controller's API address, for tokens (this controller's own when no record exists
+/// yet).
+async fn controller_api_addresses(state: &SharedState) -> Result<Vec<String>, ApiError> {
+    let mut addrs: Vec<String> = state
+        .cp
+        .read(|s| {
+            s.controllers
+                .values()
+                .map(|c| c.api_address.clone())
+                .collect()
+        })
+        .await?;
+    if addrs.is_empty() {
+        return Err(ApiError::new(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "no controller has registered its API address yet; try again shortly",
+        ));
+    }
+    addrs.sort();
+    Ok(addrs)
+}
+
 /// `POST /1.0/cluster/join-tokens` {name}: a token an agent joins with.
 pub async fn create_join_token(
     State(state): State<SharedState>,
     Extension(_who): Extension<Identity>,
     JsonBody(body): JsonBody<JoinTokenPost>,
 ) -> Result<Response, ApiError> {
-    let token = issue_join_token(&state, &body.name, vec![]).await?;
-    Ok(sync(
-        serde_json::json!({ "token": token, "name": body.name }),
-    ))
+    validate_node_name(&body.name)?;
+    if state.cp.read(|s| s.nodes.contains_key(&body.name)).await? {
+        return Err(ApiError::conflict(format!(
+            "node {} already exists",
+            body.name
+        )));
+    }
+    let addrs = controller_api_addresses(&state).await?;
+    let token = issue_join_token(&state, &body.name, JoinKind::Node, addrs).await?;
+    let command = format!(
+        "echo {token} > /etc/berth/join-token && berth-agent --join-token-file /etc/berth/join-token"
+    );
+    Ok(sync(JoinTokenResponse {
+        name: body.name,
+        token,
+        command,
+    }))
 }
 
 /// `POST /1.0/cluster/join`: an agent presents a join token's secret and a CSR and receives a
@@ -206,63 +248,512 @@ fn validate_cidr(cidr: &str) -> Result<(), ApiError> {
     }
 }
 
-// The handlers below are filled in by the replicated-control-plane work; until then they
-// answer 501 so that the routes exist.
-
-/// `GET /1.0/cluster`: controllers and nodes.
-pub async fn overview(State(_state): State<SharedState>) -> Result<Response, ApiError> {
-    Err(ApiError::new(
-        http::StatusCode::NOT_IMPLEMENTED,
-        "not implemented yet",
-    ))
+/// A controller name: 1 to 63 letters, digits, dots or hyphens (the berthd `name` rule).
+fn validate_controller_name(name: &str) -> Result<(), ApiError> {
+    if name.is_empty()
+        || name.len() > 63
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    {
+        return Err(ApiError::bad_request(format!(
+            "controller name \"{}\" must be 1 to 63 letters, digits, dots or hyphens",
+            name.escape_debug()
+        )));
+    }
+    Ok(())
 }
 
-/// `PATCH /1.0/cluster`: cluster-wide settings.
-pub async fn patch_cluster(State(_state): State<SharedState>) -> Result<Response, ApiError> {
-    Err(ApiError::new(
-        http::StatusCode::NOT_IMPLEMENTED,
-        "not implemented yet",
-    ))
+/// The host of a `host:port` address, checked (a DNS name or an IP address; IPv6 in
+/// brackets); `what` names the field in the error.
+fn host_of(addr: &str, what: &str) -> Result<String, ApiError> {
+    let bad = || {
+        ApiError::bad_request(format!(
+            "{what} \"{}\" is not host:port",
+            addr.escape_debug()
+        ))
+    };
+    if let Ok(sa) = addr.parse::<std::net::SocketAddr>() {
+        if sa.ip().is_unspecified() || sa.port() == 0 {
+            return Err(bad());
+        }
+        return Ok(sa.ip().to_string());
+    }
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err(bad()),
+    }
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    if ok { Ok(host.to_string()) } else { Err(bad()) }
 }
 
-/// `GET /1.0/cluster/members/{name}`: one node or controller.
-pub async fn member(State(_state): State<SharedState>) -> Result<Response, ApiError> {
-    Err(ApiError::new(
-        http::StatusCode::NOT_IMPLEMENTED,
-        "not implemented yet",
-    ))
+/// The refusal a joining caller gets for any token problem (never saying which).
+fn bad_token() -> ApiError {
+    ApiError::new(
+        http::StatusCode::FORBIDDEN,
+        "the join token is not valid or has expired",
+    )
 }
 
-/// `PATCH /1.0/cluster/members/{name}`: node settings.
-pub async fn patch_member(State(_state): State<SharedState>) -> Result<Response, ApiError> {
-    Err(ApiError::new(
-        http::StatusCode::NOT_IMPLEMENTED,
-        "not implemented yet",
-    ))
-}
-
-/// `DELETE /1.0/cluster/members/{name}`: remove a node or a controller.
-pub async fn remove_member(State(_state): State<SharedState>) -> Result<Response, ApiError> {
-    Err(ApiError::new(
-        http::StatusCode::NOT_IMPLEMENTED,
-        "not implemented yet",
-    ))
-}
-
-/// `POST /1.0/cluster/controller-tokens`: a token a new controller joins with.
+/// `POST /1.0/cluster/controller-tokens` {name}: a token a new controller joins with.
 pub async fn create_controller_token(
-    State(_state): State<SharedState>,
+    State(state): State<SharedState>,
+    Extension(_who): Extension<Identity>,
+    JsonBody(body): JsonBody<JoinTokenPost>,
 ) -> Result<Response, ApiError> {
-    Err(ApiError::new(
-        http::StatusCode::NOT_IMPLEMENTED,
-        "not implemented yet",
-    ))
+    validate_controller_name(&body.name)?;
+    if state
+        .cp
+        .read(|s| s.controllers.contains_key(&body.name))
+        .await?
+    {
+        return Err(ApiError::conflict(format!(
+            "controller {} already exists",
+            body.name
+        )));
+    }
+    let addrs = controller_api_addresses(&state).await?;
+    let first = addrs.first().cloned().unwrap_or_default();
+    let token = issue_join_token(&state, &body.name, JoinKind::Controller, addrs).await?;
+    let command = format!("berthd --join {first} --token {token}");
+    info!(controller = %body.name, "controller join token issued");
+    Ok(sync(JoinTokenResponse {
+        name: body.name,
+        token,
+        command,
+    }))
 }
 
-/// `POST /1.0/cluster/join-controller`: a new controller presents its token and a CSR.
-pub async fn join_controller(State(_state): State<SharedState>) -> Result<Response, ApiError> {
-    Err(ApiError::new(
-        http::StatusCode::NOT_IMPLEMENTED,
-        "not implemented yet",
-    ))
+/// `POST /1.0/cluster/join-controller`: a new controller presents its token's secret and a
+/// CSR; it gets a controller certificate and its Raft id. No API key: the one-time secret is
+/// the credential. The leader then adds it as a learner and promotes it to voter once it has
+/// caught up ([`crate::raft::ControlPlane::reconcile_membership`]).
+pub async fn join_controller(
+    State(state): State<SharedState>,
+    JsonBody(body): JsonBody<ControllerJoinPost>,
+) -> Result<Response, ApiError> {
+    validate_controller_name(&body.name)?;
+    if body.secret.is_empty() || body.secret.len() > 256 {
+        return Err(bad_token());
+    }
+    let peer_host = host_of(&body.peer_address, "peer address")?;
+    let api_host = host_of(&body.api_address, "API address")?;
+    // Check the token before signing anything for an unauthenticated caller (JoinController
+    // checks it again, atomically).
+    let token_hash = key_hash(&body.secret);
+    let now = clock::now();
+    let (valid, taken) = state
+        .cp
+        .read(|s| {
+            let valid = s.join_tokens.get(&token_hash).is_some_and(|t| {
+                t.kind == JoinKind::Controller
+                    && t.node_name == body.name
+                    && t.expires_at.as_str() > now.as_str()
+            });
+            (valid, s.controllers.contains_key(&body.name))
+        })
+        .await?;
+    if !valid {
+        return Err(bad_token());
+    }
+    if taken {
+        return Err(ApiError::conflict(format!(
+            "controller {} already exists",
+            body.name
+        )));
+    }
+    let mut names = vec![
+        berth_proto::CONTROLLER_TLS_NAME.to_string(),
+        peer_host,
+        api_host,
+        body.name.clone(),
+    ];
+    names.sort();
+    names.dedup();
+    let cert = state
+        .ca
+        .sign_csr(&body.csr, &body.name, &names)
+        .map_err(|e| ApiError::bad_request(format!("the certificate request is not valid: {e}")))?;
+    let result = state
+        .cp
+        .write(Command::JoinController {
+            token_hash,
+            name: body.name.clone(),
+            peer_address: body.peer_address.clone(),
+            api_address: body.api_address.clone(),
+            now: clock::now(),
+        })
+        .await
+        .map_err(|e| match e {
+            WriteError::Rejected(a)
+                if matches!(a.kind, ApplyErrorKind::NotFound | ApplyErrorKind::Invalid) =>
+            {
+                bad_token()
+            }
+            other => other.into(),
+        })?;
+    let ApplyOk::ControllerId(id) = result else {
+        return Err(ApiError::internal(
+            "joining the controller did not give it a raft id",
+        ));
+    };
+    info!(controller = %body.name, node = id, peer = %body.peer_address, api = %body.api_address, "controller joined; the leader adds it to the raft membership");
+    Ok(sync(ControllerJoinResponse {
+        certificate: cert,
+        ca: state.ca.cert_pem.clone(),
+        id,
+    }))
+}
+
+/// Header a controller sets when it asks the leader for its view, so that the request is not
+/// forwarded again.
+const FORWARDED: &str = "x-berth-forwarded";
+
+/// The controllers as this controller sees them: roles from the Raft membership, states from
+/// the leader's reachability view (`unknown` on a follower).
+fn controllers_view(state: &SharedState, s: &crate::state::State) -> Vec<ClusterController> {
+    let cp = &state.cp;
+    let leader = cp.leader().map(|(id, _)| id);
+    let voters = cp.voters();
+    let members = cp.members();
+    let is_leader = cp.is_leader();
+    let mut out: Vec<ClusterController> = s
+        .controllers
+        .values()
+        .map(|c| {
+            let role = if Some(c.id) == leader {
+                "leader"
+            } else if voters.contains(&c.id) {
+                "voter"
+            } else if members.contains_key(&c.id) {
+                "learner"
+            } else {
+                "joining"
+            };
+            let st = if c.id == cp.id() || (is_leader && cp.peer_reachable(c.id)) {
+                "online"
+            } else if is_leader {
+                "unreachable"
+            } else {
+                "unknown"
+            };
+            ClusterController {
+                name: c.name.clone(),
+                id: c.id,
+                peer_address: c.peer_address.clone(),
+                api_address: c.api_address.clone(),
+                role: role.into(),
+                state: st.into(),
+            }
+        })
+        .collect();
+    // Members without a record (a cluster from before controller records, mid-removal).
+    for (id, peer) in members {
+        if !s.controllers.values().any(|c| c.id == id) {
+            out.push(ClusterController {
+                name: format!("raft-{id}"),
+                id,
+                peer_address: peer.addr,
+                api_address: String::new(),
+                role: if Some(id) == leader {
+                    "leader"
+                } else if voters.contains(&id) {
+                    "voter"
+                } else {
+                    "learner"
+                }
+                .into(),
+                state: if id == cp.id() || (is_leader && cp.peer_reachable(id)) {
+                    "online"
+                } else if is_leader {
+                    "unreachable"
+                } else {
+                    "unknown"
+                }
+                .into(),
+            });
+        }
+    }
+    out
+}
+
+/// A node as the cluster API shows it.
+fn node_view(node: &Node, usage: Option<&crate::scheduler::NodeUsage>) -> ClusterNode {
+    ClusterNode {
+        name: node.name.clone(),
+        address: node.address.clone(),
+        status: format!("{:?}", node.status),
+        evacuated: node.evacuated,
+        architecture: node.architecture.clone(),
+        labels: crate::scheduler::effective_labels(node),
+        config: node.config.clone(),
+        total: NodeResources {
+            cpus: u64::from(node.cpus),
+            memory_bytes: node.memory_bytes,
+            storage_bytes: node.storage_total_bytes,
+        },
+        allocated: NodeResources {
+            cpus: usage.map_or(0, |u| u.cpus),
+            memory_bytes: usage.map_or(0, |u| u.memory_bytes),
+            // Instances claim no storage size; this is what the pool has in use.
+            storage_bytes: node
+                .storage_total_bytes
+                .saturating_sub(node.storage_free_bytes),
+        },
+        storage_free_bytes: node.storage_free_bytes,
+        instances: usage.map_or(0, |u| u.instances),
+        joined_at: node.joined_at.clone(),
+    }
+}
+
+/// `GET /1.0/cluster`: controllers and nodes. A follower asks the leader (whose view of
+/// which controllers are reachable is the one that matters) and answers its own view, with
+/// `unknown` controller states, when the leader cannot be asked.
+pub async fn overview(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if !state.cp.is_leader()
+        && !headers.contains_key(FORWARDED)
+        && let Some(view) = leader_overview(&state, &headers).await
+    {
+        return Ok(sync(view));
+    }
+    let (name, controllers, nodes) = state
+        .cp
+        .read(|s| {
+            let usage = crate::scheduler::node_usage(s);
+            let nodes: Vec<ClusterNode> = s
+                .nodes
+                .values()
+                .map(|n| node_view(n, usage.get(&n.name)))
+                .collect();
+            (s.cluster.name.clone(), controllers_view(&state, s), nodes)
+        })
+        .await?;
+    Ok(sync(Cluster {
+        name,
+        answered_by: state.name.clone(),
+        controllers,
+        nodes,
+    }))
+}
+
+/// The leader's `GET /1.0/cluster`, asked with the caller's API key.
+async fn leader_overview(state: &SharedState, headers: &HeaderMap) -> Option<Cluster> {
+    let bearer = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))?
+        .trim()
+        .to_string();
+    let (leader_id, _) = state.cp.leader()?;
+    let addr = state.cp.read_local(|s| {
+        s.controllers
+            .values()
+            .find(|c| c.id == leader_id)
+            .map(|c| c.api_address.clone())
+    })?;
+    let verifier = crate::join::verifier_for_ca(&state.ca.cert_pem).ok()?;
+    let ask = crate::join::https_json(
+        &addr,
+        verifier,
+        http::Method::GET,
+        "/1.0/cluster",
+        Some(&bearer),
+        None,
+    );
+    match tokio::time::timeout(std::time::Duration::from_secs(3), ask).await {
+        Ok(Ok(v)) => serde_json::from_value(v).ok(),
+        Ok(Err(e)) => {
+            warn!(leader = %addr, error = %e, "cannot ask the leader for the cluster view");
+            None
+        }
+        Err(_) => {
+            warn!(leader = %addr, "the leader did not answer the cluster view in time");
+            None
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterPatch {
+    #[serde(default)]
+    pub config: BTreeMap<String, Option<String>>,
+}
+
+/// `PATCH /1.0/cluster` {config: {key: value|null}}: cluster-wide settings; null removes.
+pub async fn patch_cluster(
+    State(state): State<SharedState>,
+    Extension(_who): Extension<Identity>,
+    JsonBody(body): JsonBody<ClusterPatch>,
+) -> Result<Response, ApiError> {
+    for (k, v) in &body.config {
+        if let Some(v) = v {
+            crate::scheduler::validate_cluster_config_key(k, v).map_err(ApiError::bad_request)?;
+        }
+    }
+    let mut config = state.cp.read(|s| s.cluster.config.clone()).await?;
+    for (k, v) in body.config {
+        match v {
+            Some(v) => config.insert(k, v.trim().to_string()),
+            None => config.remove(&k),
+        };
+    }
+    state
+        .cp
+        .write(Command::SetClusterConfig {
+            config: config.clone(),
+        })
+        .await?;
+    info!(?config, "cluster config changed");
+    Ok(sync(serde_json::json!({ "config": config })))
+}
+
+/// `GET /1.0/cluster/members/{name}`: a node (ClusterNode) or a controller (ClusterController).
+pub async fn member(
+    State(state): State<SharedState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    enum Found {
+        Node(ClusterNode),
+        Controller(ClusterController),
+        None,
+    }
+    let found = state
+        .cp
+        .read(|s| {
+            if let Some(n) = s.nodes.get(&name) {
+                let usage = crate::scheduler::node_usage(s);
+                return Found::Node(node_view(n, usage.get(&n.name)));
+            }
+            match controllers_view(&state, s)
+                .into_iter()
+                .find(|c| c.name == name)
+            {
+                Some(c) => Found::Controller(c),
+                None => Found::None,
+            }
+        })
+        .await?;
+    match found {
+        Found::Node(n) => Ok(sync(n)),
+        Found::Controller(c) => Ok(sync(c)),
+        Found::None => Err(ApiError::not_found(format!(
+            "cluster member {name} not found"
+        ))),
+    }
+}
+
+/// `PATCH /1.0/cluster/members/{name}`: node settings (`scheduler.instance`, labels); a null
+/// value removes the key.
+pub async fn patch_member(
+    State(state): State<SharedState>,
+    Extension(_who): Extension<Identity>,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<ClusterMemberPatch>,
+) -> Result<Response, ApiError> {
+    for (k, v) in &body.config {
+        match v {
+            Some(v) => crate::scheduler::validate_node_config_key(k, v),
+            None => crate::scheduler::validate_node_config_key(k, "all").or_else(|e| {
+                // Removing a label needs only a valid key.
+                if k.starts_with("scheduler.") {
+                    Err(e)
+                } else {
+                    Ok(())
+                }
+            }),
+        }
+        .map_err(ApiError::bad_request)?;
+    }
+    let current = state
+        .cp
+        .read(|s| {
+            (
+                s.nodes.get(&name).map(|n| n.config.clone()),
+                s.controllers.contains_key(&name),
+            )
+        })
+        .await?;
+    let mut config = match current {
+        (Some(c), _) => c,
+        (None, true) => {
+            return Err(ApiError::bad_request(format!(
+                "{name} is a controller; only nodes have settings"
+            )));
+        }
+        (None, false) => {
+            return Err(ApiError::not_found(format!(
+                "cluster member {name} not found"
+            )));
+        }
+    };
+    for (k, v) in body.config {
+        match v {
+            Some(v) => config.insert(k, v.trim().to_string()),
+            None => config.remove(&k),
+        };
+    }
+    state
+        .cp
+        .write(Command::SetNodeConfig {
+            name: name.clone(),
+            config,
+        })
+        .await?;
+    info!(node = %name, "node config changed");
+    let node = state
+        .cp
+        .read(|s| {
+            let usage = crate::scheduler::node_usage(s);
+            s.nodes.get(&name).map(|n| node_view(n, usage.get(&n.name)))
+        })
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("cluster member {name} not found")))?;
+    Ok(sync(node))
+}
+
+/// `DELETE /1.0/cluster/members/{name}`: removes a node (refused while it has instances) or
+/// a controller (refused when it is the last voter or the remaining voters would not have a
+/// reachable majority; the leader checks). A removed controller leaves the Raft membership.
+pub async fn remove_member(
+    State(state): State<SharedState>,
+    Extension(_who): Extension<Identity>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let (is_node, is_controller) = state
+        .cp
+        .read(|s| {
+            (
+                s.nodes.contains_key(&name),
+                s.controllers.contains_key(&name),
+            )
+        })
+        .await?;
+    if is_node {
+        state
+            .cp
+            .write(Command::RemoveNode { name: name.clone() })
+            .await?;
+        info!(node = %name, "node removed");
+        return Ok(sync(serde_json::json!({})));
+    }
+    if !is_controller {
+        return Err(ApiError::not_found(format!(
+            "cluster member {name} not found"
+        )));
+    }
+    state
+        .cp
+        .write(Command::RemoveController { name: name.clone() })
+        .await?;
+    info!(controller = %name, "controller removed; the leader takes it out of the raft membership");
+    Ok(sync(serde_json::json!({})))
 }

@@ -741,13 +741,18 @@ impl ControlPlane {
         if !records.contains_key(&self.inner.id) {
             return;
         }
-        let (members, voters, last_log, replication) = {
+        let (addresses, members, voters, last_log, replication) = {
             let m = self.inner.raft.metrics();
             let m = m.borrow();
-            let members: BTreeSet<NodeId> =
-                m.membership_config.nodes().map(|(id, _)| *id).collect();
+            let addresses: BTreeMap<NodeId, String> = m
+                .membership_config
+                .nodes()
+                .map(|(id, n)| (*id, n.addr.clone()))
+                .collect();
+            let members: BTreeSet<NodeId> = addresses.keys().copied().collect();
             let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
             (
+                addresses,
                 members,
                 voters,
                 m.last_log_index.unwrap_or(0),
@@ -756,6 +761,19 @@ impl ControlPlane {
         };
         let raft = &self.inner.raft;
         for (id, (name, addr)) in &records {
+            if let Some(old) = addresses.get(id)
+                && old != addr
+            {
+                tracing::info!(controller = %name, node = id, from = %old, to = %addr, "updating the peer address in the raft membership");
+                let nodes = BTreeMap::from([(*id, RaftPeer { addr: addr.clone() })]);
+                if let Err(e) = raft
+                    .change_membership(ChangeMembers::SetNodes(nodes), false)
+                    .await
+                {
+                    tracing::warn!(controller = %name, node = id, error = %e, "cannot update the peer address");
+                }
+                continue;
+            }
             if !members.contains(id) {
                 tracing::info!(controller = %name, node = id, %addr, "adding controller as a raft learner");
                 if let Err(e) = raft
@@ -814,12 +832,12 @@ impl ControlPlane {
     }
 
     /// Serves the peer listener on `listener` until `shutdown` completes: `berth.v1.Raft` and
-    /// `berth.v1.Controller` (with heartbeats when `heartbeats` is given), over the TLS set
+    /// `berth.v1.Controller` (heartbeats once `heartbeats` is filled in), over the TLS set
     /// with [`Self::set_tls`] or given to `open`, if any.
     pub async fn serve(
         &self,
         listener: TcpListener,
-        heartbeats: Option<crate::api::SharedState>,
+        heartbeats: crate::peer::HeartbeatSlot,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServeError> {
         let mut builder = Server::builder();

@@ -183,7 +183,10 @@ async fn start_node_tls(
         let shutdown = async {
             let _ = stopped.await;
         };
-        if let Err(e) = server_cp.serve(listener, None, shutdown).await {
+        if let Err(e) = server_cp
+            .serve(listener, Default::default(), shutdown)
+            .await
+        {
             panic!("peer server failed: {e}");
         }
     });
