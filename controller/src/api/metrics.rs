@@ -30,3 +30,106 @@ pub async fn get(State(state): State<SharedState>) -> Result<Response, ApiError>
     );
     Ok(([(http::header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use axum::body::Body;
+    use tower::ServiceExt as _;
+
+    use crate::api::{AppState, key_hash, router};
+    use crate::raft::ControlPlane;
+    use crate::state::{ApiKey, Command, Role};
+
+    #[tokio::test]
+    async fn metrics_endpoint_answers_prometheus_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = ControlPlane::open(dir.path(), 1, "127.0.0.1:1".into(), true, None)
+            .await
+            .unwrap();
+        assert!(cp.wait_for_leader(Duration::from_secs(10)).await.is_some());
+        cp.write(Command::AddApiKey {
+            key: ApiKey {
+                id: "k1".into(),
+                name: "admin".into(),
+                hash: key_hash("secret"),
+                role: Role::Admin,
+                ..Default::default()
+            },
+        })
+        .await
+        .unwrap();
+        let ca = crate::tls::ClusterCa::generate("test").unwrap();
+        let cert = ca.issue("c1", &["c1".into()]).unwrap();
+        let state = Arc::new(AppState {
+            cp: cp.clone(),
+            agents: crate::agents::AgentPool::new(ca.cert_pem.clone(), cert.cert_pem, cert.key_pem),
+            ca,
+            name: "c1".into(),
+            execs: Default::default(),
+            metrics: Default::default(),
+            liveness: crate::liveness::Liveness::new(Duration::from_secs(10)),
+            instance_locks: Default::default(),
+        });
+        let app = router(state);
+        let get = |path: &str, key: Option<&str>| {
+            let mut b = http::Request::builder().uri(path);
+            if let Some(k) = key {
+                b = b.header("authorization", format!("Bearer {k}"));
+            }
+            b.body(Body::empty()).unwrap()
+        };
+        // Without a key: 401, and that request is counted too.
+        let resp = app
+            .clone()
+            .oneshot(get("/1.0/metrics", None))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401);
+        let resp = app
+            .clone()
+            .oneshot(get("/1.0/instances/nope", Some("secret")))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 404);
+        let resp = app
+            .clone()
+            .oneshot(get("/1.0/metrics", Some("secret")))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.headers()["content-type"],
+            "text/plain; version=0.0.4; charset=utf-8"
+        );
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        for line in [
+            "berth_raft_is_leader{controller=\"c1\"} 1",
+            "berth_raft_leader_id{controller=\"c1\"} 1",
+            "berth_raft_state{controller=\"c1\",state=\"Leader\"} 1",
+            "berth_raft_voters{controller=\"c1\"} 1",
+            "berth_reconcile_queue_depth 0",
+            "berth_api_requests_total{controller=\"c1\",method=\"GET\",route=\"/1.0/metrics\",status=\"401\"} 1",
+            "berth_api_requests_total{controller=\"c1\",method=\"GET\",route=\"/1.0/instances/{name}\",status=\"404\"} 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        assert!(
+            text.contains("berth_raft_commit_index{controller=\"c1\"} "),
+            "{text}"
+        );
+        assert!(
+            !text.contains("/1.0/instances/nope"),
+            "raw paths never become labels"
+        );
+        cp.shutdown().await;
+    }
+}
