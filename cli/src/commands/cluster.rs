@@ -494,6 +494,7 @@ mod tests {
                 instances: 3,
                 ..Default::default()
             }],
+            config: BTreeMap::new(),
         }
     }
 

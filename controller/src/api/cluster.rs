@@ -524,7 +524,7 @@ pub async fn overview(
     {
         return Ok(sync(view));
     }
-    let (name, controllers, nodes) = state
+    let (name, controllers, nodes, config) = state
         .cp
         .read(|s| {
             let usage = crate::scheduler::node_usage(s);
@@ -533,7 +533,12 @@ pub async fn overview(
                 .values()
                 .map(|n| node_view(n, usage.get(&n.name)))
                 .collect();
-            (s.cluster.name.clone(), controllers_view(&state, s), nodes)
+            (
+                s.cluster.name.clone(),
+                controllers_view(&state, s),
+                nodes,
+                s.cluster.config.clone(),
+            )
         })
         .await?;
     Ok(sync(Cluster {
@@ -541,6 +546,7 @@ pub async fn overview(
         answered_by: state.name.clone(),
         controllers,
         nodes,
+        config,
     }))
 }
 

@@ -624,6 +624,9 @@ pub struct Cluster {
     pub answered_by: String,
     pub controllers: Vec<ClusterController>,
     pub nodes: Vec<ClusterNode>,
+    /// Cluster-wide settings (`scheduler.policy`, ...), as `PATCH /1.0/cluster` sets them.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
 }
 
 /// `PATCH /1.0/cluster/members/{name}`: node settings; a null value removes the key.
