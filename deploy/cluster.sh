@@ -13,6 +13,7 @@
 #   deploy/cluster.sh start NAME    start it again with the same state
 #   deploy/cluster.sh cut NAME      cut its network (link down on the host side of its veth)
 #   deploy/cluster.sh heal NAME     restore it
+#   deploy/cluster.sh exec NAME -- COMMAND...   run a command in that member's network namespace
 #   deploy/cluster.sh down          stop everything, kill the instances the dev cluster made,
 #                                   unmount, detach loop devices, remove namespaces, veths,
 #                                   bridge, nft table and the base dir (safe to run twice, and
@@ -208,9 +209,9 @@ wait_until() {
   done
 }
 
-controllers_ready() { # N: N controllers, exactly one leader
+controllers_ready() { # N: N voting controllers (the leader among them), exactly one leader
   local j; j=$(cluster_json) || return 1
-  [ "$(jq '[.controllers[]] | length' <<<"$j")" -ge "$1" ] &&
+  [ "$(jq '[.controllers[] | select(.role == "leader" or .role == "voter")] | length' <<<"$j")" -ge "$1" ] &&
     [ "$(jq '[.controllers[] | select(.role == "leader")] | length' <<<"$j")" = 1 ]
 }
 
@@ -436,6 +437,15 @@ cmd_status() {
   fi
 }
 
+# Runs a command in a member's network namespace (e.g. to ask a cut-off controller).
+cmd_exec() {
+  need_root; is_member "$1" || die "unknown member $1 (one of: ${MEMBERS[*]})"
+  local name=$1; shift
+  [ "${1:-}" = -- ] && shift
+  [ $# -gt 0 ] || die "exec needs a command"
+  exec nsenter --net="/run/netns/$name" -- "$@"
+}
+
 cmd_kill() { need_root; is_member "$1" || die "unknown member $1 (one of: ${MEMBERS[*]})"; kill_member "$1"; }
 
 cmd_start() {
@@ -513,6 +523,8 @@ cmd_down() {
     name=$(basename "$inst")
     remove_instance_cgroups "$name"
   done
+  # The lxcfs cgroup the agents made, when nothing (a host agent's lxcfs) is left in it.
+  rmdir /sys/fs/cgroup/*/berth.lxcfs /sys/fs/cgroup/berth.lxcfs 2>/dev/null || true
   # 3. Mounts under the base dir (pools, lxcfs, instance roots), deepest first.
   if [ -d "$BASE" ]; then
     local mounts
@@ -549,7 +561,7 @@ cmd_down() {
 }
 
 usage() {
-  sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
   exit 2
 }
 
@@ -562,6 +574,9 @@ main() {
     kill|start|cut|heal)
       [ $# -eq 2 ] || usage
       "cmd_$1" "$2" ;;
+    exec)
+      [ $# -ge 3 ] || usage
+      shift; cmd_exec "$@" ;;
     *) usage ;;
   esac
 }
