@@ -142,7 +142,7 @@ fi
 say "waiting for the node to join"
 joined=0
 for _ in $(seq 1 300); do
-  if "$PREFIX/berth" cluster list 2>/dev/null | grep -qi online; then joined=1; break; fi
+  if "$PREFIX/berth" cluster list -f csv 2>/dev/null | grep -q "^node,[^,]*,ONLINE"; then joined=1; break; fi
   sleep 0.2
 done
 [ "$joined" = 1 ] || die "the node did not join within a minute; see $LOGS/berth-agent.log"
