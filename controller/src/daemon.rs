@@ -325,6 +325,8 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         instance_locks: Default::default(),
     });
     let _ = heartbeats.set(state.clone());
+    // Count leader changes from the start (for /1.0/metrics).
+    state.metrics.watch_raft(cp.raft());
 
     // Record this controller (name, Raft id, addresses) when its record is missing or stale.
     let me = ControllerRecord {
