@@ -54,13 +54,21 @@ pub(crate) fn removal_check(
 }
 use crate::store::{self, StateMachineStore, StoreError};
 
-/// The longest election timeout: a follower that hears nothing from its leader for this long
-/// starts an election, and a leader that has not heard from a majority for this long has
-/// lost its quorum.
-pub const ELECTION_TIMEOUT_MAX: Duration = Duration::from_millis(2000);
+/// How often the leader sends heartbeats.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(150);
+
+/// The shortest election timeout.
+pub const ELECTION_TIMEOUT_MIN: Duration = Duration::from_millis(500);
+
+/// The longest election timeout: a leader that has not heard from a majority for this long
+/// has lost its quorum. openraft also uses it as the leader lease: a follower starts an
+/// election only after the lease plus its own random election timeout, so a dead leader is
+/// replaced within about twice this.
+pub const ELECTION_TIMEOUT_MAX: Duration = Duration::from_millis(1000);
 
 /// How long a request waits for a reachable leader (an election in progress, a leader
-/// change) before it fails as unavailable.
+/// change) before it fails as unavailable: long enough to ride out the replacement of a dead
+/// leader (lease plus election timeout), short enough to fail fast on a minority side.
 pub const LEADER_WAIT: Duration = Duration::from_millis(2500);
 
 /// How long the leader waits for a proposed command to commit and apply.
@@ -216,8 +224,8 @@ pub struct ControlPlane {
 fn raft_config() -> Result<Config, RaftSetupError> {
     Config {
         cluster_name: "berth".to_string(),
-        heartbeat_interval: 250,
-        election_timeout_min: 1000,
+        heartbeat_interval: HEARTBEAT_INTERVAL.as_millis() as u64,
+        election_timeout_min: ELECTION_TIMEOUT_MIN.as_millis() as u64,
         election_timeout_max: ELECTION_TIMEOUT_MAX.as_millis() as u64,
         install_snapshot_timeout: 5000,
         // JSON-encoded chunks stay far below the 64 MiB message limit.

@@ -10,8 +10,9 @@ mod types;
 
 pub use codec::MAX_MESSAGE_BYTES;
 pub use control::{
-    APPLY_WAIT, COMMIT_TIMEOUT, ControlPlane, ELECTION_TIMEOUT_MAX, LEADER_WAIT, PeerTls,
-    RaftSetupError, ReadError, ServeError, Unavailable, WriteError,
+    APPLY_WAIT, COMMIT_TIMEOUT, ControlPlane, ELECTION_TIMEOUT_MAX, ELECTION_TIMEOUT_MIN,
+    HEARTBEAT_INTERVAL, LEADER_WAIT, PeerTls, RaftSetupError, ReadError, ServeError, Unavailable,
+    WriteError,
 };
 pub(crate) use control::{Attempt, LEADER_UNAVAILABLE};
 pub use network::{

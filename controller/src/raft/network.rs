@@ -22,7 +22,12 @@ use super::codec::{self, MAX_MESSAGE_BYTES};
 use super::types::{NodeId, RaftPeer, TypeConfig};
 
 /// How long to wait for a TCP (and TLS) connection to a peer.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// HTTP/2 keepalive on peer connections: a peer that vanished (host down, network cut) is
+/// noticed within about interval + timeout, not only when a request times out.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(500);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Errors building a channel to a peer.
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +166,9 @@ impl Network {
                 source,
             })?
             .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .tcp_nodelay(true);
         if let Some(tls) = tls {
             endpoint = endpoint
