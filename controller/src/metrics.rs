@@ -402,7 +402,7 @@ pub fn render(
         ("berth_node_cpus", "CPUs the node has.", |n| n.cpus_total),
         (
             "berth_node_cpus_allocated",
-            "CPUs claimed by the limits of the node's instances (an instance without limits.cpu counts as one).",
+            "CPUs claimed by the limits.cpu of the node's instances (as the scheduler counts them).",
             |n| n.cpus_allocated,
         ),
         ("berth_node_memory_bytes", "Memory the node has.", |n| {
@@ -410,7 +410,7 @@ pub fn render(
         }),
         (
             "berth_node_memory_allocated_bytes",
-            "Memory claimed by the limits.memory of the node's instances.",
+            "Memory claimed by the limits.memory of the node's instances (as the scheduler counts it).",
             |n| n.memory_allocated_bytes,
         ),
         (
