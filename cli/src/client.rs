@@ -546,10 +546,13 @@ impl Client {
         let mut pause = Duration::from_millis(100);
         loop {
             let body = bytes.clone().map(full_body).unwrap_or_else(empty_body);
-            let before = self.current_index();
+            // The address to move away from before retrying (`raw` itself moves on from one
+            // whose connection broke).
+            let mut used = None;
             let (result, retry) = match self.raw(method.clone(), path, headers.clone(), body).await
             {
                 Ok(resp) => {
+                    used = Some(self.current_index());
                     let status = resp.status();
                     let retry_after = resp.headers().contains_key(header::RETRY_AFTER);
                     let bytes = self.read_body(resp).await;
@@ -573,7 +576,9 @@ impl Client {
             if started.elapsed() + pause > RETRY_WINDOW {
                 return result;
             }
-            self.rotate(before);
+            if let Some(i) = used {
+                self.rotate(i);
+            }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(1));
         }

@@ -632,6 +632,8 @@ async fn run_exec(ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>, exec: 
 struct Fake {
     addr: SocketAddr,
     state: Shared,
+    /// Its TLS setup, to serve a second "controller" with the same CA and certificate.
+    acceptor: tokio_rustls::TlsAcceptor,
     dir: tempfile::TempDir,
     ca: PathBuf,
     key: PathBuf,
@@ -672,6 +674,19 @@ async fn start_as(sans: &[&str], controller: bool) -> Fake {
         )
         .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+    let (addr, state) = serve(acceptor.clone()).await;
+    Fake {
+        addr,
+        state,
+        acceptor,
+        ca: ca_path,
+        key: key_path,
+        dir,
+    }
+}
+
+/// Serves the fake API with `acceptor`'s certificate on a new port, with a state of its own.
+async fn serve(acceptor: tokio_rustls::TlsAcceptor) -> (SocketAddr, Shared) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let state: Shared = Arc::new(Mutex::new(State {
@@ -708,13 +723,7 @@ async fn start_as(sans: &[&str], controller: bool) -> Fake {
             });
         }
     });
-    Fake {
-        addr,
-        state,
-        ca: ca_path,
-        key: key_path,
-        dir,
-    }
+    (addr, state)
 }
 
 struct Out {
@@ -1548,7 +1557,26 @@ async fn t61_several_addresses_and_503() {
         "binpack"
     );
     // A read that keeps failing gives up after the retry window with the server's sentence.
+    // A controller that answers 503 (minority side) is left for the next address, which
+    // serves the read.
+    let (addr2, state2) = serve(f.acceptor.clone()).await;
     f.state.lock().unwrap().unavailable = 1000;
+    let o = f
+        .command(&["list", "-f", "csv"], true)
+        .env("BERTH_URL", format!("{},https://{addr2}", f.url()))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        state2.lock().unwrap().requests,
+        ["GET /1.0/instances?recursion=2"]
+    );
     let started = std::time::Instant::now();
     let o = f.run(&["list"]).await;
     assert_eq!(o.code, 1);
