@@ -14,7 +14,8 @@ use tonic::{Request, Response, Status};
 
 use crate::api::SharedState;
 use crate::raft::{
-    Attempt, ControlPlane, LEADER_UNAVAILABLE, MAX_MESSAGE_BYTES, ReadError, WriteError,
+    Attempt, ControlPlane, LEADER_UNAVAILABLE, LEADER_UNSURE, MAX_MESSAGE_BYTES, ReadError,
+    WriteError,
 };
 use crate::state::{ApplyResult, Command};
 use crate::tls::{PeerRole, caller_role, require_controller};
@@ -72,10 +73,13 @@ impl Controller for PeerService {
             .map_err(|e| Status::invalid_argument(format!("cannot decode the command: {e}")))?;
         let result: ApplyResult = match self.cp.write_local(cmd).await {
             Ok(Attempt::Done(ok)) => Ok(ok),
-            Ok(Attempt::Retry(_)) => return Err(self.not_leader()),
+            Ok(Attempt::Retry(_) | Attempt::RetryUnsure(_)) => return Err(self.not_leader()),
             Err(WriteError::Rejected(e)) => Err(e),
             Err(WriteError::Unavailable(u)) => {
                 return Err(Status::unavailable(format!("{LEADER_UNAVAILABLE}{u}")));
+            }
+            Err(WriteError::Unsure(u)) => {
+                return Err(Status::unavailable(format!("{LEADER_UNSURE}{u}")));
             }
             Err(WriteError::Raft(e)) => return Err(Status::internal(e)),
         };
@@ -93,7 +97,7 @@ impl Controller for PeerService {
         require_controller(&request, self.tls)?;
         match self.cp.read_index_local().await {
             Ok(Attempt::Done(index)) => Ok(Response::new(ReadIndexReply { index })),
-            Ok(Attempt::Retry(_)) => Err(self.not_leader()),
+            Ok(Attempt::Retry(_) | Attempt::RetryUnsure(_)) => Err(self.not_leader()),
             Err(ReadError::Unavailable(u)) => {
                 Err(Status::unavailable(format!("{LEADER_UNAVAILABLE}{u}")))
             }

@@ -15,6 +15,9 @@ use crate::state::{ApplyError, ApplyErrorKind};
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
+    /// Seconds for a `Retry-After` header: set on a 503 only when nothing was changed, so
+    /// that clients may repeat even a write.
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -22,6 +25,15 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// A 503 for a request that changed nothing and may be repeated after `secs` seconds.
+    pub fn unavailable_retry(message: impl Into<String>, secs: u32) -> Self {
+        ApiError {
+            retry_after: Some(secs),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
         }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -52,11 +64,16 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             error!(status = self.status.as_u16(), error = %self.message, "request failed");
         }
-        (
+        let mut resp = (
             self.status,
             Json(api::Response::error(self.status.as_u16(), self.message)),
         )
-            .into_response()
+            .into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+        }
+        resp
     }
 }
 
@@ -75,8 +92,11 @@ impl From<WriteError> for ApiError {
     fn from(e: WriteError) -> Self {
         match e {
             WriteError::Rejected(a) => a.into(),
-            WriteError::Unavailable(u) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, u.to_string())
+            // Nothing was proposed: the client may repeat the write.
+            WriteError::Unavailable(u) => ApiError::unavailable_retry(u.to_string(), 1),
+            // It may still be applied: the client must look before repeating it.
+            e @ WriteError::Unsure(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
             }
             WriteError::Raft(e) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -89,9 +109,7 @@ impl From<WriteError> for ApiError {
 impl From<ReadError> for ApiError {
     fn from(e: ReadError) -> Self {
         match e {
-            ReadError::Unavailable(u) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, u.to_string())
-            }
+            ReadError::Unavailable(u) => ApiError::unavailable_retry(u.to_string(), 1),
             ReadError::Raft(e) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("the cluster state cannot be read right now: {e}"),

@@ -23,8 +23,11 @@ use super::types::{NodeId, Raft, RaftPeer};
 use crate::state::{ApplyError, ApplyOk, ApplyResult, Command, State};
 
 /// Prefix of the message of an UNAVAILABLE status the leader itself answers (as opposed to a
-/// transport failure), so that the follower can tell the two apart.
+/// transport failure) when it proposed nothing, so that the follower can tell them apart.
 pub(crate) const LEADER_UNAVAILABLE: &str = "leader unavailable: ";
+
+/// Like [`LEADER_UNAVAILABLE`], when the leader proposed the command but could not confirm it.
+pub(crate) const LEADER_UNSURE: &str = "leader unsure: ";
 
 /// Checks whether removing voter `id` (named `name`) from `voters` keeps a reachable majority.
 pub(crate) fn removal_check(
@@ -157,9 +160,14 @@ pub enum WriteError {
     /// proposing, e.g. a removal that would lose quorum); nothing changed.
     #[error("{0}")]
     Rejected(ApplyError),
-    /// No leader could take the write; see [`Unavailable`].
+    /// No leader could take the write, and the command was certainly not proposed: retrying
+    /// is safe. See [`Unavailable`].
     #[error("{0}")]
     Unavailable(Unavailable),
+    /// No leader confirmed the write, but it may have been proposed (the leader failed or
+    /// lost its quorum while committing): it may still be applied.
+    #[error("{0}; the change may still be applied")]
+    Unsure(Unavailable),
     /// Raft failed (shutting down, storage error, ...).
     #[error("raft failed: {0}")]
     Raft(String),
@@ -189,8 +197,12 @@ pub enum ServeError {
 /// The outcome of one attempt to reach the leader.
 pub(crate) enum Attempt<T> {
     Done(T),
-    /// Try again (leader changed, unreachable, no leader yet) until the deadline.
+    /// Try again (leader changed, unreachable, no leader yet) until the deadline; nothing
+    /// was proposed.
     Retry(Unavailable),
+    /// Try again, but the command may have been proposed (the connection to the leader broke
+    /// after the request was sent).
+    RetryUnsure(Unavailable),
 }
 
 fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, RaftPeer>>) -> WriteError {
@@ -334,19 +346,31 @@ impl ControlPlane {
     /// about [`LEADER_WAIT`] with [`WriteError::Unavailable`], never hangs.
     pub async fn write(&self, cmd: Command) -> Result<ApplyOk, WriteError> {
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        let mut unsure = false;
         loop {
             let attempt = match self.leader_for_request() {
-                None => Attempt::Retry(Unavailable::NoLeader),
-                Some((id, _)) if id == self.inner.id => self.write_local(cmd.clone()).await?,
-                Some((id, addr)) => self.forward(id, &addr, &cmd).await?,
+                None => Ok(Attempt::Retry(Unavailable::NoLeader)),
+                Some((id, _)) if id == self.inner.id => self.write_local(cmd.clone()).await,
+                Some((id, addr)) => self.forward(id, &addr, &cmd).await,
             };
-            match attempt {
-                Attempt::Done(ok) => return Ok(ok),
-                Attempt::Retry(why) => {
-                    if !self.pause_before_retry(deadline).await {
-                        return Err(WriteError::Unavailable(why));
-                    }
+            let why = match attempt {
+                Ok(Attempt::Done(ok)) => return Ok(ok),
+                Ok(Attempt::Retry(why)) => why,
+                Ok(Attempt::RetryUnsure(why)) => {
+                    unsure = true;
+                    why
                 }
+                // A rejection after an attempt that may have been applied could be caused by
+                // that attempt; still the rejection is what the state machine said.
+                Err(WriteError::Unavailable(why)) if unsure => return Err(WriteError::Unsure(why)),
+                Err(e) => return Err(e),
+            };
+            if !self.pause_before_retry(deadline).await {
+                return Err(if unsure {
+                    WriteError::Unsure(why)
+                } else {
+                    WriteError::Unavailable(why)
+                });
             }
         }
     }
@@ -373,9 +397,9 @@ impl ControlPlane {
                 }
                 Err(e) => Err(write_error(e)),
             },
-            _ = self.quorum_lost() => Err(WriteError::Unavailable(Unavailable::NoQuorum)),
+            _ = self.quorum_lost() => Err(WriteError::Unsure(Unavailable::NoQuorum)),
             _ = tokio::time::sleep(COMMIT_TIMEOUT) => {
-                Err(WriteError::Unavailable(Unavailable::CommitTimeout(COMMIT_TIMEOUT)))
+                Err(WriteError::Unsure(Unavailable::CommitTimeout(COMMIT_TIMEOUT)))
             }
         }
     }
@@ -424,15 +448,28 @@ impl ControlPlane {
             // The receiver is no longer the leader.
             Code::FailedPrecondition => Ok(Attempt::Retry(Unavailable::NoLeader)),
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
-                if let Some(detail) = status.message().strip_prefix(LEADER_UNAVAILABLE) {
+                let msg = status.message();
+                let leader = addr.to_string();
+                if let Some(detail) = msg.strip_prefix(LEADER_UNAVAILABLE) {
                     Ok(Attempt::Retry(Unavailable::Leader {
-                        leader: addr.to_string(),
+                        leader,
                         detail: detail.to_string(),
                     }))
-                } else {
+                } else if let Some(detail) = msg.strip_prefix(LEADER_UNSURE) {
+                    Ok(Attempt::RetryUnsure(Unavailable::Leader {
+                        leader,
+                        detail: detail.to_string(),
+                    }))
+                } else if status.code() == Code::Unavailable && msg.contains("connect") {
+                    // The connection was never made: nothing was sent.
                     Ok(Attempt::Retry(Unavailable::LeaderUnreachable {
-                        leader: addr.to_string(),
-                        detail: status.message().to_string(),
+                        leader,
+                        detail: msg.to_string(),
+                    }))
+                } else {
+                    Ok(Attempt::RetryUnsure(Unavailable::LeaderUnreachable {
+                        leader,
+                        detail: msg.to_string(),
                     }))
                 }
             }
@@ -591,7 +628,7 @@ impl ControlPlane {
             };
             match attempt {
                 Attempt::Done(index) => break index,
-                Attempt::Retry(why) => {
+                Attempt::Retry(why) | Attempt::RetryUnsure(why) => {
                     if !self.pause_before_retry(deadline).await {
                         return Err(ReadError::Unavailable(why));
                     }
@@ -633,7 +670,7 @@ impl ControlPlane {
 
     async fn read_index_remote(&self, id: NodeId, addr: &str) -> Result<Attempt<u64>, ReadError> {
         let to_read = |e: WriteError| match e {
-            WriteError::Unavailable(u) => ReadError::Unavailable(u),
+            WriteError::Unavailable(u) | WriteError::Unsure(u) => ReadError::Unavailable(u),
             other => ReadError::Raft(other.to_string()),
         };
         let mut client = match self.controller_client(id, addr).await {

@@ -14,7 +14,7 @@ pub use control::{
     HEARTBEAT_INTERVAL, LEADER_WAIT, PeerTls, RaftSetupError, ReadError, ServeError, Unavailable,
     WriteError,
 };
-pub(crate) use control::{Attempt, LEADER_UNAVAILABLE};
+pub(crate) use control::{Attempt, LEADER_UNAVAILABLE, LEADER_UNSURE};
 pub use network::{
     InjectedFault, Network, NetworkFaults, PeerClient, PeerConnectError, PeerHealth,
 };

@@ -591,7 +591,7 @@ use berth_proto::v1::controller_client::ControllerClient;
 use berth_proto::v1::raft_client::RaftClient;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-use super::ReadError;
+use super::{ReadError, Unavailable};
 use crate::state::ControllerRecord;
 
 /// A cluster of `n` controllers over mutual TLS; node 1 bootstraps and leads.
@@ -738,13 +738,16 @@ async fn follower_writes_are_forwarded_and_reads_are_linearizable() {
     c.stop().await;
 }
 
-/// Asserts that a write and a read on `cp` fail as unavailable within `limit`.
-async fn assert_fails_fast(cp: &ControlPlane, limit: Duration) {
+/// Asserts that a write and a read on `cp` fail as unavailable within `limit`; the write
+/// must be known not to be proposed unless `unsure` (an isolated leader proposes it before
+/// it notices that it lost its quorum).
+async fn assert_fails_fast(cp: &ControlPlane, limit: Duration, unsure: bool) {
     let started = Instant::now();
     let w = cp.write(Command::AddApiKey { key: key("lost") }).await;
     let took = started.elapsed();
     assert!(
-        matches!(w, Err(WriteError::Unavailable(_))),
+        matches!(w, Err(WriteError::Unavailable(_)))
+            || (unsure && matches!(w, Err(WriteError::Unsure(_)))),
         "write on an isolated node: {w:?}"
     );
     assert!(took <= limit, "the write took {took:?} to fail");
@@ -765,7 +768,7 @@ async fn isolated_minority_fails_fast_and_majority_serves() {
 
     // An isolated follower.
     c.isolate(2);
-    assert_fails_fast(&c.cp(2), limit).await;
+    assert_fails_fast(&c.cp(2), limit, false).await;
     c.cp(1)
         .write(Command::AddApiKey { key: key("maj1") })
         .await
@@ -789,7 +792,12 @@ async fn isolated_minority_fails_fast_and_majority_serves() {
     let old = c.cp(0);
     assert!(old.is_leader());
     c.isolate(0);
-    assert_fails_fast(&old, limit).await;
+    assert_fails_fast(&old, limit, true).await;
+    // Once it knows, it refuses before proposing anything.
+    assert!(matches!(
+        old.write(Command::AddApiKey { key: key("lost3") }).await,
+        Err(WriteError::Unavailable(Unavailable::NoQuorum))
+    ));
     let (n2, n3) = (c.cp(1), c.cp(2));
     assert!(
         wait_for(|| async { n2.is_leader() || n3.is_leader() }, TIMEOUT).await,
