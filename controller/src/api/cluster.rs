@@ -763,3 +763,436 @@ pub async fn remove_member(
     info!(controller = %name, "controller removed; the leader takes it out of the raft membership");
     Ok(sync(serde_json::json!({})))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use axum::body::Body;
+    use tower::ServiceExt as _;
+
+    use super::*;
+    use crate::api::{AppState, router};
+    use crate::raft::ControlPlane;
+    use crate::state::{ApiKey, ControllerRecord, Role};
+    use crate::tls::{ClusterCa, PeerRole, parse_certs, peer_role};
+
+    struct Api {
+        app: axum::Router,
+        cp: ControlPlane,
+        ca: ClusterCa,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Api {
+        async fn start() -> Api {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let dir = tempfile::tempdir().unwrap();
+            let cp = ControlPlane::open(dir.path(), 1, "127.0.0.1:1".into(), true, None)
+                .await
+                .unwrap();
+            assert!(cp.wait_for_leader(Duration::from_secs(10)).await.is_some());
+            let ca = ClusterCa::generate("test").unwrap();
+            cp.write(Command::Bootstrap {
+                name: "test".into(),
+                ca_cert_pem: ca.cert_pem.clone(),
+                ca_key_pem: ca.key_pem.clone(),
+                admin_key: ApiKey {
+                    id: "k1".into(),
+                    name: "admin".into(),
+                    hash: key_hash("secret"),
+                    role: Role::Admin,
+                    ..Default::default()
+                },
+                now: clock::now(),
+            })
+            .await
+            .unwrap();
+            cp.write(Command::RegisterController {
+                record: ControllerRecord {
+                    name: "c1".into(),
+                    id: 1,
+                    peer_address: "127.0.0.1:1".into(),
+                    api_address: "c1.example:8443".into(),
+                    joined_at: clock::now(),
+                },
+            })
+            .await
+            .unwrap();
+            let cert = ca.issue("c1", &["c1".into()]).unwrap();
+            let state = Arc::new(AppState {
+                cp: cp.clone(),
+                agents: crate::agents::AgentPool::new(
+                    ca.cert_pem.clone(),
+                    cert.cert_pem,
+                    cert.key_pem,
+                ),
+                ca: ca.clone(),
+                name: "c1".into(),
+                execs: Default::default(),
+                metrics: Default::default(),
+                liveness: crate::liveness::Liveness::new(Duration::from_secs(10)),
+                instance_locks: Default::default(),
+            });
+            Api {
+                app: router(state),
+                cp,
+                ca,
+                _dir: dir,
+            }
+        }
+
+        /// Sends a request; answers the status and the envelope.
+        async fn call(
+            &self,
+            method: &str,
+            path: &str,
+            body: Option<serde_json::Value>,
+        ) -> (u16, serde_json::Value) {
+            let req = http::Request::builder()
+                .method(method)
+                .uri(path)
+                .header("authorization", "Bearer secret")
+                .header("content-type", "application/json")
+                .body(match body {
+                    Some(b) => Body::from(b.to_string()),
+                    None => Body::empty(),
+                })
+                .unwrap();
+            let resp = self.app.clone().oneshot(req).await.unwrap();
+            let status = resp.status().as_u16();
+            let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            (status, serde_json::from_slice(&bytes).unwrap())
+        }
+
+        async fn token(&self, kind: &str, name: &str) -> JoinToken {
+            let (status, body) = self
+                .call(
+                    "POST",
+                    &format!("/1.0/cluster/{kind}"),
+                    Some(serde_json::json!({ "name": name })),
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+            let resp: JoinTokenResponse = serde_json::from_value(body["metadata"].clone()).unwrap();
+            assert_eq!(resp.name, name);
+            assert!(resp.command.contains(&resp.token), "{}", resp.command);
+            crate::join::decode_token(&resp.token).unwrap()
+        }
+    }
+
+    fn csr() -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        rcgen::CertificateParams::new(vec!["evil.example".to_string()])
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap()
+    }
+
+    fn join_body(secret: &str, name: &str, csr: &str) -> serde_json::Value {
+        serde_json::json!({
+            "secret": secret,
+            "name": name,
+            "csr": csr,
+            "peer_address": "10.0.0.2:8444",
+            "api_address": "10.0.0.2:8443",
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn controllers_join_with_one_time_tokens() {
+        let api = Api::start().await;
+        let token = api.token("controller-tokens", "c2").await;
+        assert_eq!(token.addresses, ["c1.example:8443"]);
+        assert_eq!(token.fingerprint, api.ca.fingerprint().unwrap());
+
+        // A CSR that is not one: refused, the token stays valid.
+        let (status, body) = api
+            .call(
+                "POST",
+                "/1.0/cluster/join-controller",
+                Some(join_body(&token.secret, "c2", "junk")),
+            )
+            .await;
+        assert_eq!(status, 400, "{body}");
+        // The token names c2 only.
+        let (status, _) = api
+            .call(
+                "POST",
+                "/1.0/cluster/join-controller",
+                Some(join_body(&token.secret, "c9", &csr())),
+            )
+            .await;
+        assert_eq!(status, 403);
+        // Bad addresses.
+        let mut bad = join_body(&token.secret, "c2", &csr());
+        bad["peer_address"] = "0.0.0.0:8444".into();
+        assert_eq!(
+            api.call("POST", "/1.0/cluster/join-controller", Some(bad))
+                .await
+                .0,
+            400
+        );
+
+        let (status, body) = api
+            .call(
+                "POST",
+                "/1.0/cluster/join-controller",
+                Some(join_body(&token.secret, "c2", &csr())),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let resp: ControllerJoinResponse =
+            serde_json::from_value(body["metadata"].clone()).unwrap();
+        assert_eq!(resp.id, 2);
+        assert_eq!(resp.ca, api.ca.cert_pem);
+        let leaf = parse_certs(&resp.certificate).unwrap().remove(0);
+        assert_eq!(peer_role(&leaf), Some(PeerRole::Controller));
+        let rec = api
+            .cp
+            .read(|s| s.controllers.get("c2").cloned())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((rec.id, rec.peer_address.as_str()), (2, "10.0.0.2:8444"));
+
+        // Used twice: refused, nothing changes.
+        let before = api.cp.read(|s| s.clone()).await.unwrap();
+        let (status, body) = api
+            .call(
+                "POST",
+                "/1.0/cluster/join-controller",
+                Some(join_body(&token.secret, "c2", &csr())),
+            )
+            .await;
+        assert_eq!(status, 403, "{body}");
+        assert_eq!(api.cp.read(|s| s.clone()).await.unwrap(), before);
+        // The name is taken now.
+        let (status, _) = api
+            .call(
+                "POST",
+                "/1.0/cluster/controller-tokens",
+                Some(serde_json::json!({ "name": "c2" })),
+            )
+            .await;
+        assert_eq!(status, 409);
+        // A node token does not let a controller in.
+        let node_token = api.token("join-tokens", "c3").await;
+        let (status, _) = api
+            .call(
+                "POST",
+                "/1.0/cluster/join-controller",
+                Some(join_body(&node_token.secret, "c3", &csr())),
+            )
+            .await;
+        assert_eq!(status, 403);
+        // An expired token.
+        api.cp
+            .write(Command::AddJoinToken {
+                hash: key_hash("old"),
+                record: JoinTokenRecord {
+                    node_name: "c4".into(),
+                    kind: JoinKind::Controller,
+                    created_at: "2020-01-01T00:00:00Z".into(),
+                    expires_at: "2020-01-02T00:00:00Z".into(),
+                },
+            })
+            .await
+            .unwrap();
+        let (status, _) = api
+            .call(
+                "POST",
+                "/1.0/cluster/join-controller",
+                Some(join_body("old", "c4", &csr())),
+            )
+            .await;
+        assert_eq!(status, 403);
+        // Bad names.
+        for name in ["", "a b", &"x".repeat(64)] {
+            let (status, _) = api
+                .call(
+                    "POST",
+                    "/1.0/cluster/controller-tokens",
+                    Some(serde_json::json!({ "name": name })),
+                )
+                .await;
+            assert_eq!(status, 400, "{name:?}");
+        }
+        api.cp.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cluster_view_settings_and_removal() {
+        let api = Api::start().await;
+        let (status, body) = api.call("GET", "/1.0/cluster", None).await;
+        assert_eq!(status, 200, "{body}");
+        let view: Cluster = serde_json::from_value(body["metadata"].clone()).unwrap();
+        assert_eq!(view.answered_by, "c1");
+        assert_eq!(view.controllers.len(), 1);
+        assert_eq!(
+            (
+                view.controllers[0].role.as_str(),
+                view.controllers[0].state.as_str()
+            ),
+            ("leader", "online")
+        );
+
+        // Cluster config: validated, null removes.
+        let patch = |v: serde_json::Value| Some(serde_json::json!({ "config": v }));
+        assert_eq!(
+            api.call(
+                "PATCH",
+                "/1.0/cluster",
+                patch(serde_json::json!({"scheduler.policy": "binpack"}))
+            )
+            .await
+            .0,
+            200
+        );
+        assert_eq!(
+            api.call(
+                "PATCH",
+                "/1.0/cluster",
+                patch(serde_json::json!({"scheduler.policy": "random"}))
+            )
+            .await
+            .0,
+            400
+        );
+        assert_eq!(
+            api.call(
+                "PATCH",
+                "/1.0/cluster",
+                patch(serde_json::json!({"bogus": "1"}))
+            )
+            .await
+            .0,
+            400
+        );
+        let config = api.cp.read(|s| s.cluster.config.clone()).await.unwrap();
+        assert_eq!(
+            config.get("scheduler.policy").map(String::as_str),
+            Some("binpack")
+        );
+        api.call(
+            "PATCH",
+            "/1.0/cluster",
+            patch(serde_json::json!({"scheduler.policy": null})),
+        )
+        .await;
+        assert!(api.cp.read(|s| s.cluster.config.is_empty()).await.unwrap());
+
+        // A node, with labels from its agent.
+        api.cp
+            .write(Command::AddJoinToken {
+                hash: key_hash("n"),
+                record: JoinTokenRecord {
+                    node_name: "n1".into(),
+                    kind: JoinKind::Node,
+                    created_at: clock::now(),
+                    expires_at: clock::after(Duration::from_secs(60)),
+                },
+            })
+            .await
+            .unwrap();
+        api.cp
+            .write(Command::JoinNode {
+                token_hash: key_hash("n"),
+                node: Node {
+                    name: "n1".into(),
+                    address: "10.0.0.5:8445".into(),
+                    cpus: 4,
+                    memory_bytes: 8 << 30,
+                    labels: BTreeMap::from([("rack".into(), "r1".into())]),
+                    ..Default::default()
+                },
+                now: clock::now(),
+            })
+            .await
+            .unwrap();
+        let (status, body) = api
+            .call(
+                "PATCH",
+                "/1.0/cluster/members/n1",
+                Some(serde_json::json!({"config": {"scheduler.instance": "manual", "rack": "r2", "ssd": "true"}})),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let (status, body) = api.call("GET", "/1.0/cluster/members/n1", None).await;
+        assert_eq!(status, 200);
+        let node: ClusterNode = serde_json::from_value(body["metadata"].clone()).unwrap();
+        assert_eq!(node.labels.get("rack").map(String::as_str), Some("r2"));
+        assert_eq!(node.labels.get("ssd").map(String::as_str), Some("true"));
+        assert!(!node.labels.contains_key("scheduler.instance"));
+        assert_eq!(node.total.cpus, 4);
+        for bad in [
+            serde_json::json!({"scheduler.instance": "sometimes"}),
+            serde_json::json!({"scheduler.other": "x"}),
+            serde_json::json!({"Bad Key": "x"}),
+        ] {
+            let (status, body) = api
+                .call(
+                    "PATCH",
+                    "/1.0/cluster/members/n1",
+                    Some(serde_json::json!({ "config": bad })),
+                )
+                .await;
+            assert_eq!(status, 400, "{body}");
+        }
+        api.call(
+            "PATCH",
+            "/1.0/cluster/members/n1",
+            Some(serde_json::json!({"config": {"rack": null}})),
+        )
+        .await;
+        let labels = api
+            .cp
+            .read(|s| crate::scheduler::effective_labels(&s.nodes["n1"]))
+            .await
+            .unwrap();
+        assert_eq!(labels.get("rack").map(String::as_str), Some("r1"));
+        assert_eq!(
+            api.call(
+                "PATCH",
+                "/1.0/cluster/members/c1",
+                Some(serde_json::json!({"config": {}}))
+            )
+            .await
+            .0,
+            400
+        );
+        let (status, body) = api.call("GET", "/1.0/cluster/members/c1", None).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["metadata"]["role"], "leader");
+        assert_eq!(
+            api.call("GET", "/1.0/cluster/members/nope", None).await.0,
+            404
+        );
+
+        // Removal: unknown 404, the last voter refused, a node removed.
+        assert_eq!(
+            api.call("DELETE", "/1.0/cluster/members/nope", None)
+                .await
+                .0,
+            404
+        );
+        let (status, body) = api.call("DELETE", "/1.0/cluster/members/c1", None).await;
+        assert_eq!(status, 409, "{body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("last voter"),
+            "{body}"
+        );
+        assert_eq!(
+            api.call("DELETE", "/1.0/cluster/members/n1", None).await.0,
+            200
+        );
+        assert!(api.cp.read(|s| s.nodes.is_empty()).await.unwrap());
+        api.cp.shutdown().await;
+    }
+}
