@@ -20,3 +20,7 @@ unit:
 
 e2e: build
 	$(CARGO) test -p berth-tests -- --test-threads=1 --nocapture
+
+# The scheduler simulation (10,000 instances onto 1,000 simulated nodes).
+bench:
+	$(CARGO) bench -p berth-controller --bench scheduler

@@ -354,13 +354,43 @@ fn binpack_fills_the_most_allocated_node_that_fits() {
         .map(|k| launch(&mut s, inst(&format!("i{k}"), &[("limits.cpu", "1")])).unwrap())
         .collect();
     assert_eq!(got, ["n1", "n1", "n1", "n1", "n2"]);
-    // Plain instances join the fullest node too.
-    assert_eq!(launch(&mut s, inst("p", &[])).unwrap(), "n1");
+    // A plain instance counts at its nominal size for the score: it would overfill n1, so it
+    // goes to the fullest node it leaves at most full.
+    assert_eq!(launch(&mut s, inst("p", &[])).unwrap(), "n2");
     // The same cluster under spread would have chosen n3.
     s.cluster
         .config
         .insert("scheduler.policy".into(), "spread".into());
     assert_eq!(place_instance(&s, &inst("q", &[])).unwrap(), "n3");
+}
+
+#[test]
+fn plain_instances_have_a_nominal_size_for_the_score() {
+    // Binpack: 4 CPUs hold 40 instances of a tenth of a CPU, then the next node fills.
+    let mut s = three();
+    s.cluster
+        .config
+        .insert("scheduler.policy".into(), "binpack".into());
+    for k in 0..41 {
+        launch(&mut s, inst(&format!("p{k}"), &[])).unwrap();
+    }
+    assert_eq!(counts(&s).into_values().collect::<Vec<_>>(), [40, 1, 0]);
+    // They still claim nothing for the filters.
+    assert_eq!(node_usage(&s)["n1"].cpus, 0);
+    assert_eq!(
+        launch(&mut s, inst("big", &[("limits.cpu", "4")])).unwrap(),
+        "n3"
+    );
+    // Spread: ten plain instances weigh about as much as one with a whole CPU.
+    let mut s = cluster(vec![node("a", 10, 1000), node("b", 10, 1000)]);
+    launch(&mut s, targeted("one", "a", &[("limits.cpu", "1")])).unwrap();
+    for k in 0..9 {
+        assert_eq!(launch(&mut s, inst(&format!("q{k}"), &[])).unwrap(), "b");
+    }
+    // The tenth brings b to 1.0 CPU against a's 1.1; the eleventh ties at 1.1 and goes to a,
+    // with fewer instances.
+    assert_eq!(launch(&mut s, inst("q9", &[])).unwrap(), "b");
+    assert_eq!(launch(&mut s, inst("q10", &[])).unwrap(), "a");
 }
 
 #[test]

@@ -15,7 +15,15 @@ use crate::state::{Image, Instance, Node, NodeStatus, State};
 const IMAGE_LOCALITY_REQUIRED: bool = true;
 
 /// Fractions are compared as integers in billionths, so no float rounding reaches a decision.
-const SCALE: u128 = 1_000_000_000;
+const ONE: u64 = 1_000_000_000;
+
+/// For scoring only, an instance without `limits.cpu` counts as this many thousandths of a CPU
+/// (it claims nothing for the filters). Without a nominal size, binpack would pile every
+/// unlimited instance onto the fullest node, and spread would ignore them next to limited ones.
+pub const NOMINAL_MILLICPUS: u64 = 100;
+
+/// For scoring only, an instance without `limits.memory` counts as this many bytes.
+pub const NOMINAL_MEMORY_BYTES: u64 = 128 << 20;
 
 /// One node as the scheduler sees it: capacity, what it accepts, what is allocated on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +50,10 @@ pub struct NodeView {
     pub labels: BTreeMap<String, String>,
     /// What is allocated on it.
     pub usage: NodeUsage,
+    /// Allocation as the score counts it: thousandths of a CPU and bytes, with instances
+    /// without limits at their nominal size.
+    scored_millicpus: u64,
+    scored_memory_bytes: u64,
 }
 
 impl NodeView {
@@ -59,23 +71,47 @@ impl NodeView {
             architecture: node.architecture.clone(),
             labels: effective_labels(node),
             usage: NodeUsage::default(),
+            scored_millicpus: 0,
+            scored_memory_bytes: 0,
         }
     }
 
-    /// The larger of the CPU and memory fractions allocated once `cpus` and `memory` more are,
-    /// in billionths.
-    fn fraction_after(&self, cpus: u64, memory: u64) -> u64 {
-        let cpu = fraction(self.usage.cpus.saturating_add(cpus), u64::from(self.cpus));
+    /// Adds an instance claiming `cpu` and `memory`.
+    fn add(&mut self, cpu: &CpuClaim, memory: Option<MemoryLimit>) {
+        let (millicpus, memory_bytes) = self.scored_claim(cpu, memory);
+        self.scored_millicpus = self.scored_millicpus.saturating_add(millicpus);
+        self.scored_memory_bytes = self.scored_memory_bytes.saturating_add(memory_bytes);
+        let u = &mut self.usage;
+        u.instances += 1;
+        u.cpus = u.cpus.saturating_add(cpu.count());
+        u.memory_bytes = u
+            .memory_bytes
+            .saturating_add(memory.map_or(0, |m| m.bytes(self.memory_bytes)));
+    }
+
+    /// What an instance adds to the scored allocation: its limits, or the nominal sizes.
+    fn scored_claim(&self, cpu: &CpuClaim, memory: Option<MemoryLimit>) -> (u64, u64) {
+        let millicpus = match cpu {
+            CpuClaim::None => NOMINAL_MILLICPUS,
+            c => c.count().saturating_mul(1000),
+        };
+        let memory = memory.map_or(NOMINAL_MEMORY_BYTES, |m| m.bytes(self.memory_bytes));
+        (millicpus, memory)
+    }
+
+    /// The larger of the CPU and memory fractions of the scored allocation once an instance
+    /// claiming `cpu` and `memory` is added, in billionths (it may exceed one billion).
+    fn fraction_after(&self, cpu: &CpuClaim, memory: Option<MemoryLimit>) -> u64 {
+        let (millicpus, bytes) = self.scored_claim(cpu, memory);
+        let cpu = fraction(
+            self.scored_millicpus.saturating_add(millicpus),
+            u64::from(self.cpus).saturating_mul(1000),
+        );
         let mem = fraction(
-            self.usage.memory_bytes.saturating_add(memory),
+            self.scored_memory_bytes.saturating_add(bytes),
             self.memory_bytes,
         );
         cpu.max(mem)
-    }
-
-    /// Allocated fraction (max of CPU and memory) in billionths; 0 when capacity is unknown.
-    pub fn allocated_fraction(&self) -> u64 {
-        self.fraction_after(0, 0)
     }
 }
 
@@ -83,7 +119,7 @@ fn fraction(used: u64, capacity: u64) -> u64 {
     if capacity == 0 {
         return 0;
     }
-    let f = u128::from(used) * SCALE / u128::from(capacity);
+    let f = u128::from(used) * u128::from(ONE) / u128::from(capacity);
     u64::try_from(f).unwrap_or(u64::MAX)
 }
 
@@ -307,9 +343,10 @@ impl ClusterView {
             let Some(&i) = index.get(&inst.node) else {
                 continue;
             };
-            let node = &mut nodes[i];
-            let memory = node.memory_bytes;
-            node.usage.add(&inst.config, memory);
+            // Values that do not parse (never stored: the API validates them) claim nothing.
+            let cpu = CpuClaim::from_config(&inst.config).unwrap_or(CpuClaim::None);
+            let memory = memory_claim(&inst.config).ok().flatten();
+            nodes[i].add(&cpu, memory);
             if let Some(g) = inst.config.get("placement.group") {
                 *groups
                     .entry(g.trim().to_string())
@@ -389,12 +426,19 @@ impl ClusterView {
             }),
             None => None,
         };
-        let mut holds_image = vec![false; self.nodes.len()];
-        for location in &image.locations {
-            if let Some(&i) = self.index.get(location) {
-                holds_image[i] = true;
-            }
-        }
+        // Both sides are sorted by name: one merge pass, no lookups.
+        let mut locations = image.locations.iter().peekable();
+        let holds_image = self
+            .nodes
+            .iter()
+            .map(|n| {
+                while locations
+                    .next_if(|l| l.as_str() < n.name.as_str())
+                    .is_some()
+                {}
+                locations.next_if(|l| **l == n.name).is_some()
+            })
+            .collect();
         let target = Some(instance.node.as_str()).filter(|t| !t.is_empty());
         Ok(Request {
             target,
@@ -462,11 +506,7 @@ impl ClusterView {
     /// # Panics
     /// When `index` is not below `nodes().len()`.
     pub fn commit(&mut self, index: usize, req: &Request<'_>) {
-        let node = &mut self.nodes[index];
-        node.usage.instances += 1;
-        node.usage.cpus += req.cpu.count();
-        let memory = req.memory.map_or(0, |m| m.bytes(node.memory_bytes));
-        node.usage.memory_bytes = node.usage.memory_bytes.saturating_add(memory);
+        self.nodes[index].add(&req.cpu, req.memory);
         if let Some(g) = &req.group {
             *self
                 .groups
@@ -556,12 +596,14 @@ impl ClusterView {
                 }
             }
         };
-        let memory = req.memory.map_or(0, |m| m.bytes(n.memory_bytes));
-        let fraction = n.fraction_after(req.cpu.count(), memory);
+        let fraction = n.fraction_after(&req.cpu, req.memory);
         let instances = n.usage.instances;
         let (fraction, instances) = match self.policy {
             Policy::Spread => (fraction, instances),
-            Policy::Binpack => (u64::MAX - fraction, u32::MAX - instances),
+            // The fullest node first, among those the instance leaves at most full; a node it
+            // overfills (only possible through nominal sizes) comes last.
+            Policy::Binpack if fraction > ONE => (u64::MAX, u32::MAX - instances),
+            Policy::Binpack => (ONE - fraction, u32::MAX - instances),
         };
         Score {
             group,
@@ -577,7 +619,7 @@ impl ClusterView {
 struct Score {
     /// The placement group's preference: members here (spread) or their complement (compact).
     group: u32,
-    /// Allocated fraction after placing (spread) or its complement (binpack).
+    /// Scored allocated fraction after placing (spread) or its complement (binpack).
     fraction: u64,
     /// Instances on the node (spread) or their complement (binpack).
     instances: u32,
