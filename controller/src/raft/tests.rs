@@ -152,6 +152,8 @@ struct TestNode {
     cp: ControlPlane,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<()>,
+    /// Where the peer service finds the API state for heartbeats (empty unless a test fills it).
+    heartbeats: crate::peer::HeartbeatSlot,
 }
 
 impl TestNode {
@@ -179,14 +181,13 @@ async fn start_node_tls(
     let cp = open_tls(dir, id, &addr, bootstrap, tls).await;
     let (stop, stopped) = oneshot::channel::<()>();
     let server_cp = cp.clone();
+    let heartbeats = crate::peer::HeartbeatSlot::default();
+    let slot = heartbeats.clone();
     let server = tokio::spawn(async move {
         let shutdown = async {
             let _ = stopped.await;
         };
-        if let Err(e) = server_cp
-            .serve(listener, Default::default(), shutdown)
-            .await
-        {
+        if let Err(e) = server_cp.serve(listener, slot, shutdown).await {
             panic!("peer server failed: {e}");
         }
     });
@@ -194,6 +195,7 @@ async fn start_node_tls(
         cp,
         stop: Some(stop),
         server,
+        heartbeats,
     }
 }
 
@@ -1023,5 +1025,80 @@ async fn controllers_join_and_leave_through_their_records() {
         .await
         .unwrap();
     c.heal();
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_heartbeat_as_the_node_their_certificate_names() {
+    let c = TlsCluster::start(1, 1).await;
+    let cp = c.cp(0);
+    let cert = c.ca.issue("c1", &["c1".into()]).unwrap();
+    let state = std::sync::Arc::new(crate::api::AppState {
+        cp: cp.clone(),
+        agents: crate::agents::AgentPool::new(c.ca.cert_pem.clone(), cert.cert_pem, cert.key_pem),
+        ca: c.ca.clone(),
+        name: "c1".into(),
+        execs: Default::default(),
+        metrics: Default::default(),
+        liveness: crate::liveness::Liveness::new(Duration::from_secs(10)),
+        instance_locks: Default::default(),
+    });
+    assert!(c.nodes[0].heartbeats.set(state).is_ok());
+    for name in ["n1", "n2"] {
+        cp.write(Command::AddJoinToken {
+            hash: format!("h-{name}"),
+            record: crate::state::JoinTokenRecord {
+                node_name: name.into(),
+                kind: crate::state::JoinKind::Node,
+                created_at: crate::clock::now(),
+                expires_at: crate::clock::after(Duration::from_secs(60)),
+            },
+        })
+        .await
+        .unwrap();
+        cp.write(Command::JoinNode {
+            token_hash: format!("h-{name}"),
+            node: crate::state::Node {
+                name: name.into(),
+                address: "127.0.0.1:9".into(),
+                cpus: 1,
+                ..Default::default()
+            },
+            now: crate::clock::now(),
+        })
+        .await
+        .unwrap();
+    }
+    // The agent of n2 reports 8 CPUs; only n2 changes, whatever the request says.
+    let channel = Endpoint::from_shared(format!("https://{}", c.addrs[0]))
+        .unwrap()
+        .tls_config(c.client_tls(&["n2.agent.berth", "127.0.0.1"]))
+        .unwrap()
+        .connect_lazy();
+    let reply = ControllerClient::new(channel)
+        .heartbeat(berth_proto::v1::HeartbeatRequest {
+            capacity: Some(berth_proto::v1::NodeCapacity {
+                cpus: 8,
+                memory_bytes: 1 << 30,
+                architecture: "x86_64".into(),
+                ..Default::default()
+            }),
+            instances: vec![],
+            sequence: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reply.accepted);
+    assert_eq!(reply.leader, c.addrs[0]);
+    assert!(
+        wait_for(
+            || async { cp.read_local(|s| s.nodes["n2"].cpus == 8) },
+            TIMEOUT
+        )
+        .await,
+        "the heartbeat's capacity was not recorded for n2"
+    );
+    assert_eq!(cp.read_local(|s| s.nodes["n1"].cpus), 1);
     c.stop().await;
 }
