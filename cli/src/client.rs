@@ -39,8 +39,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// is skipped quickly in favour of the next one.
 const FAILOVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// How long requests that may be repeated keep being retried after a 503 answer or a broken
-/// connection (a Raft leader election takes one to two seconds).
+/// How long (from the first attempt) requests that may be repeated keep being retried after a
+/// 503 answer or a broken connection (a Raft leader election takes one to two seconds); the
+/// last attempt may end later.
 pub const RETRY_WINDOW: Duration = Duration::from_secs(5);
 
 /// Errors talking to a Berth server.
@@ -542,7 +543,7 @@ impl Client {
             None => None,
         };
         let read = matches!(method, Method::GET | Method::HEAD);
-        let mut first_failure: Option<Instant> = None;
+        let started = Instant::now();
         let mut pause = Duration::from_millis(100);
         loop {
             let body = bytes.clone().map(full_body).unwrap_or_else(empty_body);
@@ -572,7 +573,6 @@ impl Client {
             if !retry {
                 return result;
             }
-            let started = *first_failure.get_or_insert_with(Instant::now);
             if started.elapsed() + pause > RETRY_WINDOW {
                 return result;
             }
