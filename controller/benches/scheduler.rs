@@ -338,6 +338,14 @@ fn simulate(cluster: &State, requests: &[Instance], policy: Policy) {
     print_stats("allocated cpu fraction", &stats(&cpu));
     print_stats("allocated memory fraction", &stats(&mem));
     print_stats("instances per node", &stats(&count));
+    for arch in ["x86_64", "aarch64"] {
+        let cpu: Vec<f64> = usable
+            .iter()
+            .filter(|n| n.architecture == arch)
+            .map(|n| n.usage.cpus as f64 / f64::from(n.cpus))
+            .collect();
+        print_stats(&format!("cpu fraction, {arch} only"), &stats(&cpu));
+    }
 }
 
 fn main() {
