@@ -34,6 +34,11 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// The pause after a round in which no controller accepted a heartbeat.
 pub const RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// Bound on the calls of one round (controllers plus the leaders they name).
+const MAX_CALLS_PER_ROUND: usize = 16;
+/// Where heartbeats go when nothing else is known: a controller on the same host (the
+/// certificate check still applies).
+pub const LOCAL_CONTROLLER: &str = "127.0.0.1:8444";
 /// File under the state directory with the controllers' peer addresses.
 pub const CONTROLLERS_FILE: &str = "controllers.json";
 
@@ -368,6 +373,17 @@ impl<R: Reporter> Heartbeat<R> {
         }
     }
 
+    /// Uses `addr` when neither the state directory nor the config names a controller (an
+    /// agent that joined before controllers were announced; tests pass `None`).
+    pub fn with_fallback(mut self, addr: Option<String>) -> Self {
+        if let Some(a) = addr
+            && self.seeds.is_empty()
+        {
+            self.seeds.push(a);
+        }
+        self
+    }
+
     /// Runs forever (abort the task to stop it).
     pub async fn run(mut self) {
         let known = self.known();
@@ -380,7 +396,7 @@ impl<R: Reporter> Heartbeat<R> {
                 // Nothing learned yet: the file may be written later (a join by another
                 // process, an operator).
                 if !warned_empty {
-                    warn!(node = %self.node, "no controller address known: heartbeats wait for {} in {} or `controllers` in the config", CONTROLLERS_FILE, self.state_dir.display());
+                    warn!(node = %self.node, "no controller address known: heartbeats wait for {CONTROLLERS_FILE} in {} or `controllers` in the config", self.state_dir.display());
                     warned_empty = true;
                 }
                 tokio::time::sleep(self.timing.retry_pause.max(interval)).await;
@@ -388,14 +404,19 @@ impl<R: Reporter> Heartbeat<R> {
                 rotation = Rotation::new(k.controllers, Some(k.leader));
                 continue;
             }
-            // One round: at most every known controller plus the leaders they name.
-            let budget = rotation.known().len() * 2 + 1;
+            // One round: each controller (known, or named as leader) at most once, so a round
+            // where every controller is silent lasts about one call timeout per controller.
+            let mut tried: Vec<String> = Vec::new();
             let mut accepted = None;
             let mut last_error = String::new();
-            for _ in 0..budget {
+            while tried.len() < MAX_CALLS_PER_ROUND {
                 let Some(target) = rotation.next_target() else {
                     break;
                 };
+                if tried.contains(&target) {
+                    break;
+                }
+                tried.push(target.clone());
                 match self.beat(&target).await {
                     Outcome::Accepted(reply) => {
                         rotation.accepted(&target);
@@ -533,7 +554,8 @@ pub fn spawn(
         Some(client_tls(identity)),
         reporter,
         cfg.controllers.clone(),
-    );
+    )
+    .with_fallback(Some(LOCAL_CONTROLLER.to_string()));
     tokio::spawn(hb.run())
 }
 

@@ -406,3 +406,24 @@ async fn mutual_tls_with_the_controller_name() {
         "a controller from another CA got heartbeats"
     );
 }
+
+#[tokio::test]
+async fn silent_controllers_are_each_tried_once_per_round() {
+    let fakes = [Fake::default(), Fake::default(), Fake::default()];
+    let mut addrs = Vec::new();
+    for f in &fakes {
+        f.with(|x| x.hang = true);
+        addrs.push(serve(f.clone(), None).await.to_string());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let hb = Heartbeat::new("n1".into(), dir.path().to_path_buf(), None, Fixed, addrs)
+        .with_timing(timing());
+    let _task = Abort(tokio::spawn(hb.run()));
+    // A round is 3 calls of 400 ms then a 100 ms pause: in 2.6 s two rounds, so each controller
+    // sees 2 calls (3 at most, with timing slack).
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    for f in &fakes {
+        let n = f.with(|x| x.seen.len());
+        assert!((1..=3).contains(&n), "{n} calls to one controller");
+    }
+}
