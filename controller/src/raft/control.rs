@@ -771,8 +771,9 @@ impl ControlPlane {
     /// Brings the Raft membership in line with the controller records (leader only; call it
     /// periodically): a recorded controller that is not a member joins as a learner, a learner
     /// that has caught up becomes a voter, and a member whose record was removed leaves.
-    /// Does nothing until this leader's own record exists (a cluster upgraded from one
-    /// controller registers itself at start).
+    /// Does nothing while there is no record at all (a cluster upgraded from one controller
+    /// registers itself at start). A leader whose own record is gone removes itself and steps
+    /// down once that is committed.
     pub async fn reconcile_membership(&self) {
         if !self.is_leader() {
             return;
@@ -783,7 +784,7 @@ impl ControlPlane {
                 .map(|c| (c.id, (c.name.clone(), c.peer_address.clone())))
                 .collect()
         });
-        if !records.contains_key(&self.inner.id) {
+        if records.is_empty() {
             return;
         }
         let (addresses, members, voters, last_log, replication) = {
