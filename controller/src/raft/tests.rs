@@ -1029,6 +1029,27 @@ async fn controllers_join_and_leave_through_their_records() {
         .write(Command::AddApiKey { key: key("two") })
         .await
         .unwrap();
+    // The leader's own record goes: it takes itself out and node 2 carries on alone.
+    c.cp(1)
+        .write(Command::RemoveController { name: "c1".into() })
+        .await
+        .unwrap();
+    let n2 = c.cp(1);
+    assert!(
+        wait_for(
+            || async {
+                leader.reconcile_membership().await;
+                n2.is_leader() && n2.members().keys().copied().collect::<Vec<_>>() == [2]
+            },
+            TIMEOUT
+        )
+        .await,
+        "the removed leader did not hand over: members {:?}",
+        n2.members().keys().collect::<Vec<_>>()
+    );
+    n2.write(Command::AddApiKey { key: key("alone") })
+        .await
+        .unwrap();
     c.heal();
     c.stop().await;
 }
