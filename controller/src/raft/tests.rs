@@ -1128,3 +1128,66 @@ async fn agents_heartbeat_as_the_node_their_certificate_names() {
     assert_eq!(cp.read_local(|s| s.nodes["n1"].cpus), 1);
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_way_partition_never_hangs_and_heals() {
+    let c = TlsCluster::start(3, 3).await;
+    let (n1, n2, n3) = (c.cp(0), c.cp(1), c.cp(2));
+    assert!(n1.is_leader());
+    // The leader can no longer send to node 3; node 3 still reaches everyone.
+    n1.faults().block(3);
+    let deadline = Instant::now() + Duration::from_secs(6);
+    let mut i = 0;
+    while Instant::now() < deadline {
+        i += 1;
+        // The majority side keeps committing, through a follower too.
+        let leader = if n1.is_leader() { &n1 } else { &n2 };
+        leader
+            .write(Command::AddApiKey {
+                key: key(&format!("ow{i}")),
+            })
+            .await
+            .unwrap();
+        // Node 3 answers one way or the other, quickly.
+        let started = Instant::now();
+        let r = n3
+            .write(Command::AddApiKey {
+                key: key(&format!("ow3-{i}")),
+            })
+            .await;
+        assert!(
+            started.elapsed() < Duration::from_millis(3500),
+            "node 3 took {:?} to answer: {r:?}",
+            started.elapsed()
+        );
+        if let Err(e) = r {
+            assert!(
+                matches!(e, WriteError::Unavailable(_) | WriteError::Unsure(_)),
+                "{e:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.heal();
+    let cps: Vec<ControlPlane> = (0..3).map(|i| c.cp(i)).collect();
+    assert!(
+        wait_for(|| async { cps.iter().any(|cp| cp.is_leader()) }, TIMEOUT).await,
+        "no leader after healing"
+    );
+    let leader = cps.iter().find(|cp| cp.is_leader()).unwrap().clone();
+    leader
+        .write(Command::AddApiKey { key: key("healed") })
+        .await
+        .unwrap();
+    let want = leader.read(|s| s.clone()).await.unwrap();
+    for cp in &cps {
+        let cp = cp.clone();
+        let want = want.clone();
+        assert!(
+            wait_for(|| async { cp.read_local(|s| *s == want) }, TIMEOUT).await,
+            "node {} diverged after the one-way partition",
+            cp.id()
+        );
+    }
+    c.stop().await;
+}
