@@ -410,12 +410,15 @@ impl<R: Reporter> Heartbeat<R> {
             let mut accepted = None;
             let mut last_error = String::new();
             while tried.len() < MAX_CALLS_PER_ROUND {
-                let Some(target) = rotation.next_target() else {
-                    break;
+                // The rotation's choice, or, when it was tried already this round (a stale
+                // leader named twice), any controller not tried yet.
+                let target = match rotation.next_target() {
+                    Some(t) if !tried.contains(&t) => t,
+                    _ => match rotation.known().iter().find(|k| !tried.contains(k)) {
+                        Some(t) => t.clone(),
+                        None => break,
+                    },
                 };
-                if tried.contains(&target) {
-                    break;
-                }
                 tried.push(target.clone());
                 match self.beat(&target).await {
                     Outcome::Accepted(reply) => {

@@ -427,3 +427,32 @@ async fn silent_controllers_are_each_tried_once_per_round() {
         assert!((1..=3).contains(&n), "{n} calls to one controller");
     }
 }
+
+#[tokio::test]
+async fn a_stale_leader_does_not_hide_the_real_one() {
+    // A still names a dead controller as leader; B leads. Known order: dead, A, B.
+    let (a, b) = (Fake::default(), Fake::default());
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let aa = serve(a.clone(), None).await.to_string();
+    let ba = serve(b.clone(), None).await.to_string();
+    let all = vec![dead.clone(), aa.clone(), ba.clone()];
+    a.with(|x| {
+        x.names_leader = dead.clone();
+        x.controllers = all.clone();
+    });
+    b.with(|x| {
+        x.leader = true;
+        x.controllers = all.clone();
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let hb = Heartbeat::new("n1".into(), dir.path().to_path_buf(), None, Fixed, all)
+        .with_timing(timing());
+    let _task = Abort(tokio::spawn(hb.run()));
+    wait_for("beats at the real leader", Duration::from_secs(5), || {
+        b.with(|x| x.seen.len() >= 2)
+    })
+    .await;
+}
