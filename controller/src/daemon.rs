@@ -36,8 +36,10 @@ pub enum StartError {
     Join(crate::join::JoinError),
     #[error("join needs a join token (--token or join_token in the config file)")]
     JoinWithoutToken,
-    #[error("the leader did not replicate the cluster state to this controller within {0:?}")]
-    JoinStalled(Duration),
+    #[error(
+        "the leader did not replicate the cluster state to this controller within {0:?}; check that the other controllers reach this one's peer address {1}"
+    )]
+    JoinStalled(Duration, String),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -267,7 +269,10 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         )
         .await
         {
-            return Err(StartError::JoinStalled(JOIN_WAIT));
+            return Err(StartError::JoinStalled(
+                JOIN_WAIT,
+                cfg.peer_advertise.clone(),
+            ));
         }
     }
     if joined_now {
