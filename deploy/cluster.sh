@@ -262,6 +262,10 @@ EOF
     ip -n "$m" link set eth0 up
     ip -n "$m" route replace default via "$HOST_IP"
   done
+  # Instances on different agents reach each other through the host.
+  for m in "${NODES[@]}"; do
+    ip route replace "$INET.$(index_of "$m").0/24" via "$(addr_of "$m")" dev "$BRIDGE"
+  done
 }
 
 # --- configs ---------------------------------------------------------------------------------
