@@ -717,6 +717,14 @@ impl ControlPlane {
         m.state == ServerState::Leader && m.current_leader == Some(self.inner.id)
     }
 
+    /// True if this node leads and has heard from a majority of the voters within
+    /// [`ELECTION_TIMEOUT_MAX`]: a leader cut off from the others keeps [`Self::is_leader`] until
+    /// it hears of a newer term, but not this. Use it to decide whether to accept work that
+    /// only the real leader may take (agent heartbeats).
+    pub fn leads_with_quorum(&self) -> bool {
+        self.is_leader() && self.has_quorum()
+    }
+
     /// The current leader's id and peer address, as this node knows it.
     pub fn leader(&self) -> Option<(NodeId, String)> {
         let m = self.inner.raft.metrics();
