@@ -159,6 +159,14 @@ pub async fn run(cfg: Config, token: Option<String>) -> Result<(), StartError> {
             source: std::io::Error::other(e.to_string()),
         })??;
     let identity = ensure_joined(&node, token.as_deref()).await?;
+    // Heartbeats start before recovery (which may autostart many instances), so the node is
+    // online as soon as possible; they stop whenever this function returns.
+    let _heartbeats = AbortOnDrop(crate::heartbeat::spawn(
+        &node.cfg,
+        &identity,
+        node.storage.clone(),
+        node.engine.clone(),
+    ));
     node.engine.recover().await?;
     let service = AgentService::new(
         node.cfg.name.clone(),
@@ -168,14 +176,8 @@ pub async fn run(cfg: Config, token: Option<String>) -> Result<(), StartError> {
         node.storage.clone(),
         node.cfg.debian_mirror.clone(),
     );
-    let heartbeats = crate::heartbeat::spawn(
-        &node.cfg,
-        &identity,
-        node.storage.clone(),
-        node.engine.clone(),
-    );
     info!(node = %node.cfg.name, listen = %node.cfg.listen, "berth-agent is serving");
-    let served = tonic::transport::Server::builder()
+    tonic::transport::Server::builder()
         .trace_fn(berth_proto::telemetry::grpc_server_span)
         .tls_config(identity.server_tls())?
         .add_service(tonic::service::interceptor::InterceptedService::new(
@@ -185,11 +187,18 @@ pub async fn run(cfg: Config, token: Option<String>) -> Result<(), StartError> {
             crate::tls::require_controller,
         ))
         .serve_with_shutdown(node.cfg.listen, shutdown_signal())
-        .await;
-    heartbeats.abort();
-    served?;
+        .await?;
     info!("berth-agent stopped; instances keep running");
     Ok(())
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Total host memory from /proc/meminfo, in bytes (0 when unreadable).
