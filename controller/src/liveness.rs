@@ -148,7 +148,9 @@ pub async fn heartbeat(
     node: &str,
     req: v1::HeartbeatRequest,
 ) -> v1::HeartbeatReply {
-    if !state.cp.is_leader() {
+    // A leader cut off from the majority still believes it leads until it hears of a newer
+    // term; it must not take heartbeats (nor judge liveness) then.
+    if !state.cp.leads_with_quorum() {
         return reply(state, false);
     }
     if !state.liveness.seen(node, req.sequence) {

@@ -81,7 +81,9 @@ pub async fn run(state: Arc<AppState>) {
                 false
             }
         };
-        if !state.cp.is_leader() {
+        // A leader cut off from the majority keeps believing it leads for a while: it must not
+        // act (its writes would fail) nor judge liveness (heartbeats go elsewhere).
+        if !state.cp.leads_with_quorum() {
             if was_leader {
                 info!("no longer the leader; reconciler idle");
                 state.liveness.forget();

@@ -34,6 +34,7 @@ impl State {
                     ca_key_pem,
                     created_at: now,
                     config: Default::default(),
+                    next_controller_id: 0,
                 };
                 self.api_keys.insert(admin_key.id.clone(), admin_key);
                 Ok(ApplyOk::Done)
@@ -89,6 +90,8 @@ impl State {
                         record.id, other.name
                     )));
                 }
+                self.cluster.next_controller_id =
+                    self.cluster.next_controller_id.max(record.id + 1);
                 self.controllers.insert(record.name.clone(), record);
                 Ok(ApplyOk::Done)
             }
@@ -115,7 +118,9 @@ impl State {
                         other.name
                     )));
                 }
-                let id = self.controllers.values().map(|c| c.id).max().unwrap_or(0) + 1;
+                let id = (self.controllers.values().map(|c| c.id).max().unwrap_or(0) + 1)
+                    .max(self.cluster.next_controller_id);
+                self.cluster.next_controller_id = id + 1;
                 self.join_tokens.remove(&token_hash);
                 self.controllers.insert(
                     name.clone(),

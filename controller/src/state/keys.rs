@@ -87,11 +87,15 @@ impl Command {
             | Command::SetNodeConfig { name, .. }
             | Command::UpdateNodeCapacity { name, .. } => vec![ObjectKey::Node(name.clone())],
             Command::RegisterController { record } => {
-                vec![ObjectKey::Controller(record.name.clone())]
+                vec![
+                    ObjectKey::Cluster,
+                    ObjectKey::Controller(record.name.clone()),
+                ]
             }
             Command::JoinController {
                 token_hash, name, ..
             } => vec![
+                ObjectKey::Cluster,
                 ObjectKey::JoinToken(token_hash.clone()),
                 ObjectKey::Controller(name.clone()),
             ],

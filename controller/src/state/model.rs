@@ -61,6 +61,9 @@ pub struct ClusterInfo {
     /// Cluster-wide settings (`scheduler.policy`, ...), changed through `PATCH /1.0/cluster`.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
+    /// The lowest Raft id never given to a controller: ids are not reused after a removal.
+    #[serde(default)]
+    pub next_controller_id: u64,
 }
 
 /// Whether a node's agent is reachable.
