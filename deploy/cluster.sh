@@ -26,7 +26,10 @@
 # Settings (environment):
 #   BERTH_DEV_BASE        base directory (default /var/lib/berth-dev): <base>/<name>/ per member,
 #                         <base>/logs/<name>.log, <base>/cli/ (BERTH_CONF)
-#   BERTH_DEV_RUN         pid files (default /run/berth-dev)
+#   BERTH_DEV_RUN         pid files (default /run/<base dir's name>)
+#   BERTH_DEV_PREFIX      prefix of the network namespace names (default none: c1 ... n3),
+#                         up to 10 characters. A second dev cluster on the same machine needs
+#                         its own prefix, bridge, nets, nft table and base dir
 #   BERTH_DEV_BRIDGE      host bridge (default berthdev0)
 #   BERTH_DEV_NET         first three octets of the test /24 (default 10.99.0): host .1,
 #                         controllers .11 .12 ..., agents .21 .22 ...
@@ -40,14 +43,15 @@
 #   BERTH_DEV_OFFLINE_THRESHOLD  controllers' offline_threshold in seconds (default: berthd's, 10)
 #   BERTH_LOG             daemons' log filter (default info); OTEL_* are passed through
 #
-# Processes start with `nsenter --net=/run/netns/NAME` (only the network namespace): a
+# Processes start with `nsenter --net=/run/netns/<prefix>NAME` (only the network namespace): a
 # restarted agent sees the same mounts as its running instances, which `ip netns exec` (a new
 # mount namespace) would hide from it.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BASE=${BERTH_DEV_BASE:-/var/lib/berth-dev}
-RUN=${BERTH_DEV_RUN:-/run/berth-dev}
+RUN=${BERTH_DEV_RUN:-/run/$(basename "$BASE")}
+PREFIX=${BERTH_DEV_PREFIX:-}
 BRIDGE=${BERTH_DEV_BRIDGE:-berthdev0}
 NET=${BERTH_DEV_NET:-10.99.0}
 INET=${BERTH_DEV_INSTANCE_NET:-10.100}
@@ -68,6 +72,7 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'cluster.sh: %s\n' "$*" >&2; exit 1; }
 
 [[ $NCTL =~ ^[1-9]$ ]] || die "BERTH_DEV_CONTROLLERS must be 1 to 9"
+[[ $PREFIX =~ ^[a-z0-9-]{0,10}$ ]] || die "BERTH_DEV_PREFIX must be up to 10 of a-z 0-9 -"
 [[ $NNODE =~ ^[1-9]$ ]] || die "BERTH_DEV_NODES must be 1 to 9"
 
 CONTROLLERS=()
@@ -80,7 +85,8 @@ is_member() { local m; for m in "${MEMBERS[@]}"; do [ "$m" = "$1" ] && return 0;
 is_controller() { [[ $1 == c[1-9] ]]; }
 index_of() { echo "${1#?}"; }
 addr_of() { if is_controller "$1"; then echo "$NET.1$(index_of "$1")"; else echo "$NET.2$(index_of "$1")"; fi; }
-veth_of() { echo "bd-$1"; }
+ns_of() { echo "$PREFIX$1"; }
+veth_of() { echo "bd-$PREFIX$1"; }
 api_of() { echo "$(addr_of "$1"):$API_PORT"; }
 
 find_bin() {
@@ -136,7 +142,7 @@ start_daemon() {
   local envs=("BERTH_LOG=${BERTH_LOG:-info}")
   # A controller's join token goes through the environment, not the command line (ps).
   if [ -n "${JOIN_TOKEN:-}" ]; then envs+=("BERTHD_JOIN_TOKEN=$JOIN_TOKEN"); fi
-  env "${envs[@]}" setsid nsenter --net="/run/netns/$name" -- "$@" \
+  env "${envs[@]}" setsid nsenter --net="/run/netns/$(ns_of "$name")" -- "$@" \
     </dev/null >>"$(log_of "$name")" 2>&1 &
   echo $! >"$(pidfile "$name")"
   disown || true
@@ -250,17 +256,18 @@ table ip $NFT_TABLE {
   }
 }
 EOF
-  local m
+  local m ns
   for m in "${MEMBERS[@]}"; do
-    [ -e "/run/netns/$m" ] || ip netns add "$m"
+    ns=$(ns_of "$m")
+    [ -e "/run/netns/$ns" ] || ip netns add "$ns"
     if ! ip link show "$(veth_of "$m")" >/dev/null 2>&1; then
-      ip link add "$(veth_of "$m")" type veth peer name eth0 netns "$m"
+      ip link add "$(veth_of "$m")" type veth peer name eth0 netns "$ns"
     fi
     ip link set "$(veth_of "$m")" master "$BRIDGE" up
-    ip -n "$m" link set lo up
-    ip -n "$m" addr replace "$(addr_of "$m")/24" dev eth0
-    ip -n "$m" link set eth0 up
-    ip -n "$m" route replace default via "$HOST_IP"
+    ip -n "$ns" link set lo up
+    ip -n "$ns" addr replace "$(addr_of "$m")/24" dev eth0
+    ip -n "$ns" link set eth0 up
+    ip -n "$ns" route replace default via "$HOST_IP"
   done
   # Instances on different agents reach each other through the host.
   for m in "${NODES[@]}"; do
@@ -447,7 +454,7 @@ cmd_exec() {
   local name=$1; shift
   [ "${1:-}" = -- ] && shift
   [ $# -gt 0 ] || die "exec needs a command"
-  exec nsenter --net="/run/netns/$name" -- "$@"
+  exec nsenter --net="/run/netns/$(ns_of "$name")" -- "$@"
 }
 
 cmd_kill() { need_root; is_member "$1" || die "unknown member $1 (one of: ${MEMBERS[*]})"; kill_member "$1"; }
@@ -455,7 +462,7 @@ cmd_kill() { need_root; is_member "$1" || die "unknown member $1 (one of: ${MEMB
 cmd_start() {
   need_root; is_member "$1" || die "unknown member $1 (one of: ${MEMBERS[*]})"
   BIN=$(find_bin)
-  [ -e "/run/netns/$1" ] || die "no network namespace $1: is the dev cluster up?"
+  [ -e "/run/netns/$(ns_of "$1")" ] || die "no network namespace $(ns_of "$1"): is the dev cluster up?"
   if pid=$(member_pid "$1"); then say "$1 already runs (pid $pid)"; return 0; fi
   start_member "$1"
   say "started $1 (pid $(member_pid "$1"))"
@@ -504,9 +511,9 @@ cmd_down() {
   # 1. Every process in the members' network namespaces: daemons, instance monitors, lxcfs,
   #    helpers. (Instances' own processes live in their own namespaces; see 2.)
   for m in "${MEMBERS[@]}"; do
-    if [ -e "/run/netns/$m" ]; then
+    if [ -e "/run/netns/$(ns_of "$m")" ]; then
       for _ in 1 2 3; do
-        pids=$(ip netns pids "$m" 2>/dev/null || true)
+        pids=$(ip netns pids "$(ns_of "$m")" 2>/dev/null || true)
         [ -n "$pids" ] || break
         kill -9 $pids 2>/dev/null || true
         sleep 0.2
@@ -551,7 +558,7 @@ cmd_down() {
   # 5. Network: namespaces (their veths and nft tables go with them), bridge, host NAT.
   for m in "${MEMBERS[@]}"; do
     ip link del "$(veth_of "$m")" 2>/dev/null || true
-    [ -e "/run/netns/$m" ] && ip netns del "$m" 2>/dev/null || true
+    [ -e "/run/netns/$(ns_of "$m")" ] && ip netns del "$(ns_of "$m")" 2>/dev/null || true
   done
   ip link del "$BRIDGE" 2>/dev/null || true
   nft delete table ip "$NFT_TABLE" 2>/dev/null || true

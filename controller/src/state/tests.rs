@@ -998,6 +998,14 @@ fn controllers_join_with_their_own_tokens() {
     );
     ok(&mut s, Command::RemoveController { name: "c2".into() });
     assert!(!s.controllers.contains_key("c2"));
+    // A later controller never gets the removed one's id.
+    let mut t = token("c4", "2026-11-30T12:00:00Z");
+    t.kind = JoinKind::Controller;
+    s.join_tokens.insert("t4".into(), t);
+    assert_eq!(
+        ok(&mut s, join("t4", "c4", "10.0.0.14:8444")),
+        ApplyOk::ControllerId(3)
+    );
 }
 
 #[test]
