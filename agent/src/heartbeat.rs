@@ -352,7 +352,7 @@ impl<R: Reporter> Heartbeat<R> {
             seeds,
             timing: Timing::default(),
             channels: HashMap::new(),
-            sequence: 0,
+            sequence: initial_sequence(),
             link: Link::Starting,
         }
     }
@@ -537,6 +537,16 @@ impl<R: Reporter> Heartbeat<R> {
             Ok(Ok(reply)) => Outcome::NoLeader(reply),
         }
     }
+}
+
+/// The first sequence number of this process: the wall clock in milliseconds, so that a
+/// restarted agent continues above its previous process (one beat per call is far slower than
+/// one per millisecond) and the leader never mistakes its reports for stale ones.
+fn initial_sequence() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 2))
+        .unwrap_or(0)
 }
 
 /// Starts the heartbeat task of a running agent.

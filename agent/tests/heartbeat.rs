@@ -456,3 +456,39 @@ async fn a_stale_leader_does_not_hide_the_real_one() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_restarted_agent_continues_its_sequence() {
+    let leader = Fake::default();
+    let la = serve(leader.clone(), None).await.to_string();
+    leader.with(|x| {
+        x.leader = true;
+        x.controllers = vec![la.clone()];
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        let hb = Heartbeat::new(
+            "n1".into(),
+            dir.path().to_path_buf(),
+            None,
+            Fixed,
+            vec![la.clone()],
+        )
+        .with_timing(timing());
+        Abort(tokio::spawn(hb.run()))
+    };
+    let first = start();
+    wait_for("beats", Duration::from_secs(5), || {
+        leader.with(|x| x.seen.len() >= 3)
+    })
+    .await;
+    drop(first);
+    let before = leader.with(|x| x.seen.len());
+    let _second = start();
+    wait_for("beats after the restart", Duration::from_secs(5), || {
+        leader.with(|x| x.seen.len() >= before + 2)
+    })
+    .await;
+    let seen = leader.with(|x| x.seen.clone());
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+}
