@@ -34,6 +34,10 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// The pause after a round in which no controller accepted a heartbeat.
 pub const RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// Bounds on the interval a leader may ask for (a wrong value must neither flood the
+/// controllers nor let the node go offline).
+const MIN_INTERVAL: Duration = Duration::from_millis(50);
+const MAX_INTERVAL: Duration = Duration::from_secs(5);
 /// Bound on the calls of one round (controllers plus the leaders they name).
 const MAX_CALLS_PER_ROUND: usize = 16;
 /// Where heartbeats go when nothing else is known: a controller on the same host (the
@@ -464,7 +468,8 @@ impl<R: Reporter> Heartbeat<R> {
                         }
                     }
                     if reply.interval_ms > 0 {
-                        interval = Duration::from_millis(u64::from(reply.interval_ms));
+                        interval = Duration::from_millis(u64::from(reply.interval_ms))
+                            .clamp(MIN_INTERVAL, MAX_INTERVAL);
                     }
                     tokio::time::sleep(interval).await;
                 }
