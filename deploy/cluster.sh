@@ -176,11 +176,22 @@ kill_member() {
 admin_key() { cat "$BASE/c1/state/admin.key"; }
 ca_file() { echo "$BASE/c1/state/cluster.crt"; }
 
+# A root-only file with the admin key's header, so the key never shows on a command line.
+auth_header() {
+  local f=$RUN/auth-header key
+  if [ ! -s "$f" ]; then
+    key=$(admin_key 2>/dev/null) && [ -n "$key" ] || return 1
+    mkdir -p "$RUN"
+    (umask 077 && echo "Authorization: Bearer $key" >"$f")
+  fi
+  echo "$f"
+}
+
 # api METHOD PATH [BODY]: tries every controller in turn; prints the JSON envelope.
 api() {
   local method=$1 path=$2 body=${3:-} c out
   for c in "${CONTROLLERS[@]}"; do
-    if out=$(curl -sS --max-time 5 --cacert "$(ca_file)" -H "Authorization: Bearer $(admin_key)" \
+    if out=$(curl -sS --max-time 5 --cacert "$(ca_file)" -H "@$(auth_header)" \
         -H 'Content-Type: application/json' -X "$method" ${body:+--data "$body"} \
         "https://$(api_of "$c")$path" 2>/dev/null) && [ -n "$out" ]; then
       if [ "$(jq -r '.type // empty' <<<"$out")" = error ] && [ "$(jq -r '.error_code // 0' <<<"$out")" = 503 ]; then
