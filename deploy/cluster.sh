@@ -417,6 +417,9 @@ cmd_up() {
   wait_until 30 "the controllers" controllers_ready "${#CONTROLLERS[@]}" ||
     fail_up "the cluster does not show ${#CONTROLLERS[@]} controllers with one leader"
   for m in "${NODES[@]}"; do rm -f "$BASE/$m/join-token"; done
+  for m in "${MEMBERS[@]}"; do
+    member_pid "$m" >/dev/null || fail_up "$m stopped; see $(log_of "$m")"
+  done
 
   write_cli_config
   touch "$BASE/.up"
