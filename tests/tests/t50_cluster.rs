@@ -1,0 +1,534 @@
+//! The replicated control plane on `deploy/cluster.sh`: three controllers and three agents, each
+//! in its own network namespace. Placement, a leader killed during a stream of writes, a leader
+//! cut off from the others, every controller restarted, an agent killed and brought back.
+//!
+//! One test function runs the phases in order: they share one dev cluster, which is torn down
+//! at the end, also when a phase fails.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use berth_tests::{bin_dir, require_root, wait_for};
+
+/// The dev cluster made by `deploy/cluster.sh`.
+struct DevCluster {
+    script: PathBuf,
+    base: PathBuf,
+    env: BTreeMap<String, String>,
+}
+
+impl DevCluster {
+    fn up() -> Result<DevCluster> {
+        require_root();
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .context("the tests crate lives in the workspace")?
+            .to_path_buf();
+        let mut c = DevCluster {
+            script: root.join("deploy/cluster.sh"),
+            base: PathBuf::from("/var/lib/berth-dev-e2e"),
+            env: BTreeMap::new(),
+        };
+        // A cluster left over by an earlier run that was killed.
+        let _ = c.script(&["down"]);
+        let out = c.script(&["up"])?;
+        if !out.status.success() {
+            let _ = c.script(&["down"]);
+            bail!(
+                "deploy/cluster.sh up failed:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let env = c.script(&["env"])?;
+        for line in String::from_utf8_lossy(&env.stdout).lines() {
+            if let Some((k, v)) = line
+                .trim()
+                .strip_prefix("export ")
+                .and_then(|l| l.split_once('='))
+            {
+                c.env
+                    .insert(k.to_string(), v.trim_matches(['"', '\'']).to_string());
+            }
+        }
+        if !c.env.contains_key("BERTH_CONF") {
+            bail!("deploy/cluster.sh env printed no BERTH_CONF");
+        }
+        Ok(c)
+    }
+
+    fn script(&self, args: &[&str]) -> Result<Output> {
+        Command::new("bash")
+            .arg(&self.script)
+            .args(args)
+            .env("BERTH_BIN", bin_dir())
+            .env("BERTH_DEV_BASE", &self.base)
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run deploy/cluster.sh")
+    }
+
+    fn script_ok(&self, args: &[&str]) -> Result<()> {
+        let out = self.script(args)?;
+        if !out.status.success() {
+            bail!(
+                "deploy/cluster.sh {} failed:\n{}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    fn berth(&self, args: &[&str]) -> Result<Output> {
+        let mut cmd = Command::new(bin_dir().join("berth"));
+        cmd.args(args).stdin(Stdio::null());
+        cmd.env_remove("BERTH_REMOTE").env_remove("BERTH_URL");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd.output().context("cannot run berth")
+    }
+
+    fn berth_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.berth(args)?;
+        if !out.status.success() {
+            bail!(
+                "berth {} failed: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn berth_err(&self, args: &[&str]) -> Result<String> {
+        let out = self.berth(args)?;
+        if out.status.success() {
+            bail!("berth {} succeeded but should have failed", args.join(" "));
+        }
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    fn cluster(&self) -> Result<serde_json::Value> {
+        let out = self.berth_ok(&["cluster", "list", "--format", "json"])?;
+        serde_json::from_str(&out).context("cluster list --format json is JSON")
+    }
+
+    fn leader(&self) -> Result<String> {
+        let c = self.cluster()?;
+        c["controllers"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["role"] == "leader"))
+            .and_then(|c| c["name"].as_str())
+            .map(str::to_string)
+            .with_context(|| format!("no leader in {c}"))
+    }
+
+    fn node_status(&self, node: &str) -> Result<String> {
+        let c = self.cluster()?;
+        c["nodes"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["name"] == node))
+            .and_then(|n| n["status"].as_str())
+            .map(str::to_string)
+            .with_context(|| format!("no node {node} in {c}"))
+    }
+
+    fn instances(&self) -> Result<Vec<serde_json::Value>> {
+        let out = self.berth_ok(&["list", "--format", "json"])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(v.as_array().cloned().unwrap_or_default())
+    }
+
+    fn location(&self, name: &str) -> Result<String> {
+        self.instances()?
+            .iter()
+            .find(|i| i["name"] == name)
+            .and_then(|i| i["location"].as_str())
+            .map(str::to_string)
+            .with_context(|| format!("instance {name} not listed"))
+    }
+}
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        match self.script(&["down"]) {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => eprintln!(
+                "deploy/cluster.sh down failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => eprintln!("deploy/cluster.sh down: {e}"),
+        }
+    }
+}
+
+#[test]
+fn replicated_control_plane() -> Result<()> {
+    let c = DevCluster::up()?;
+    let result = phases(&c);
+    if result.is_err() {
+        let _ = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "tail -n 40 {}/*/*.log 2>/dev/null",
+                c.base.display()
+            ))
+            .status();
+    }
+    result
+}
+
+fn phases(c: &DevCluster) -> Result<()> {
+    // Three controllers with one leader, three online nodes.
+    let cluster = c.cluster()?;
+    let controllers = cluster["controllers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(controllers.len(), 3, "{cluster}");
+    assert_eq!(
+        controllers.iter().filter(|c| c["role"] == "leader").count(),
+        1,
+        "{cluster}"
+    );
+    let nodes = cluster["nodes"].as_array().cloned().unwrap_or_default();
+    assert_eq!(nodes.len(), 3, "{cluster}");
+    assert!(nodes.iter().all(|n| n["status"] == "Online"), "{cluster}");
+
+    c.berth_ok(&["image", "build", "busybox"])?;
+    placement(c)?;
+    leader_kill_during_writes(c)?;
+    leader_cut_off(c)?;
+    restart_every_controller(c)?;
+    agent_killed(c)?;
+    Ok(())
+}
+
+/// 12 plain instances spread 4/4/4; a strict group lands on three nodes; constraints and
+/// targets are honoured; bad targets are refused.
+fn placement(c: &DevCluster) -> Result<()> {
+    for i in 1..=12 {
+        c.berth_ok(&["launch", "busybox", &format!("w{i}")])?;
+    }
+    let mut per_node: BTreeMap<String, u32> = BTreeMap::new();
+    for i in c.instances()? {
+        *per_node
+            .entry(i["location"].as_str().unwrap_or_default().to_string())
+            .or_default() += 1;
+        assert_eq!(i["status"], "Running", "{i}");
+    }
+    assert_eq!(
+        per_node.values().copied().collect::<Vec<_>>(),
+        vec![4, 4, 4],
+        "12 instances spread evenly: {per_node:?}"
+    );
+
+    let mut group_nodes = BTreeSet::new();
+    for i in 1..=3 {
+        let name = format!("g{i}");
+        c.berth_ok(&["init", "busybox", &name, "-c", "placement.group=web"])?;
+        group_nodes.insert(c.location(&name)?);
+    }
+    assert_eq!(
+        group_nodes.len(),
+        3,
+        "a strict spread group uses three nodes"
+    );
+    let err = c.berth_err(&["init", "busybox", "g4", "-c", "placement.group=web"])?;
+    assert!(err.contains("group"), "fourth member refused: {err}");
+
+    c.berth_ok(&[
+        "init",
+        "busybox",
+        "r2",
+        "-c",
+        "placement.constraints=rack=r2",
+    ])?;
+    assert_eq!(c.location("r2")?, "n2");
+    c.berth_ok(&["init", "busybox", "t3", "--target", "n3"])?;
+    assert_eq!(c.location("t3")?, "n3");
+    let err = c.berth_err(&["init", "busybox", "tx", "--target", "nosuch"])?;
+    assert!(err.contains("nosuch"), "{err}");
+    Ok(())
+}
+
+/// Kills the leader while several clients write: every acknowledged write is there afterwards,
+/// and writes resume within seconds (the gap is printed).
+fn leader_kill_during_writes(c: &DevCluster) -> Result<()> {
+    let leader = c.leader()?;
+    let out = c.berth_ok(&["image", "alias", "list", "--format", "json"])?;
+    let aliases: serde_json::Value = serde_json::from_str(&out)?;
+    let fingerprint = aliases
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["name"] == "busybox"))
+        .and_then(|x| x["target"].as_str())
+        .map(str::to_string)
+        .context("the busybox alias exists")?;
+    let acked: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let acked = acked.clone();
+        let stop = stop.clone();
+        let env = c.env.clone();
+        let fingerprint = fingerprint.clone();
+        writers.push(std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let name = format!("k{w}-{n}");
+                n += 1;
+                let mut cmd = Command::new(bin_dir().join("berth"));
+                cmd.args(["image", "alias", "create", &name, &fingerprint])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+                for (k, v) in &env {
+                    cmd.env(k, v);
+                }
+                if cmd.status().is_ok_and(|s| s.success()) {
+                    acked
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((name, Instant::now()));
+                }
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let killed_at = Instant::now();
+    c.script_ok(&["kill", &leader])?;
+    std::thread::sleep(Duration::from_secs(8));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        let _ = w.join();
+    }
+    let acked = acked.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let before = acked.iter().filter(|(_, t)| *t < killed_at).count();
+    let resumed = acked
+        .iter()
+        .filter(|(_, t)| *t > killed_at)
+        .map(|(_, t)| t.duration_since(killed_at))
+        .min()
+        .context("no write succeeded after the leader was killed")?;
+    let mut times: Vec<Instant> = acked.iter().map(|(_, t)| *t).collect();
+    times.sort();
+    let longest_gap = times
+        .windows(2)
+        .map(|w| w[1].duration_since(w[0]))
+        .max()
+        .unwrap_or_default();
+    println!(
+        "leader {leader} killed: {before} writes acknowledged before, {} after; first write \
+         acknowledged {:.2} s after the kill; longest gap between acknowledged writes {:.2} s",
+        acked.len() - before,
+        resumed.as_secs_f64(),
+        longest_gap.as_secs_f64()
+    );
+    assert!(before > 0, "writes were acknowledged before the kill");
+    assert!(
+        resumed < Duration::from_secs(15),
+        "writes resumed only after {resumed:?}"
+    );
+    let out = c.berth_ok(&["image", "alias", "list", "--format", "json"])?;
+    let aliases: serde_json::Value = serde_json::from_str(&out)?;
+    let present: BTreeSet<String> = aliases
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    for (name, _) in &acked {
+        assert!(present.contains(name), "acknowledged write {name} was lost");
+    }
+    // Every earlier instance is still listed, and launching works under the new leader.
+    let names: BTreeSet<String> = c
+        .instances()?
+        .iter()
+        .filter_map(|i| i["name"].as_str().map(str::to_string))
+        .collect();
+    for i in 1..=12 {
+        assert!(
+            names.contains(&format!("w{i}")),
+            "w{i} listed after the kill"
+        );
+    }
+    c.berth_ok(&["launch", "busybox", "after-kill"])?;
+    assert_ne!(c.leader()?, leader, "a new leader was elected");
+    c.script_ok(&["start", &leader])?;
+    wait_for("the old leader to rejoin", Duration::from_secs(60), || {
+        c.cluster().is_ok_and(|v| {
+            v["controllers"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|x| x["name"] == leader.as_str() && x["state"] == "online")
+            })
+        })
+    })?;
+    Ok(())
+}
+
+/// Cuts the leader off: it answers 503 quickly on its side; the others elect and serve.
+fn leader_cut_off(c: &DevCluster) -> Result<()> {
+    let leader = c.leader()?;
+    c.script_ok(&["cut", &leader])?;
+    let result = (|| -> Result<()> {
+        // From inside its network namespace, straight to its own API: first the server's own
+        // answer (no client retries), then what a user of the CLI sees.
+        let conf = PathBuf::from(&c.env["BERTH_CONF"]);
+        let index = leader.trim_start_matches('c');
+        let url = format!("https://10.99.0.1{index}:8443");
+        let key = std::fs::read_to_string(conf.join("admin.key"))?;
+        let started = Instant::now();
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{leader}"))
+            .args(["curl", "-sS", "--max-time", "30", "--cacert"])
+            .arg(conf.join("ca.pem"))
+            .args([
+                "--connect-to",
+                &format!("controller.berth:8443:10.99.0.1{index}:8443"),
+            ])
+            .args(["-H", &format!("Authorization: Bearer {}", key.trim())])
+            .args(["-H", "Content-Type: application/json", "-X", "POST"])
+            .args([
+                "-d",
+                r#"{"name":"minority","source":{"type":"image","alias":"busybox"}}"#,
+            ])
+            .args(["-w", "\n%{http_code}"])
+            .arg("https://controller.berth:8443/1.0/instances")
+            .stdin(Stdio::null())
+            .output()?;
+        let took = started.elapsed();
+        let body = String::from_utf8_lossy(&out.stdout).to_string();
+        println!(
+            "cut-off leader {leader} answered a write in {:.2} s: {}",
+            took.as_secs_f64(),
+            body.replace('\n', " ")
+        );
+        assert!(
+            body.trim_end().ends_with("503"),
+            "503 from the minority: {body}"
+        );
+        assert!(took < Duration::from_secs(5), "the refusal took {took:?}");
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{leader}"))
+            .arg(bin_dir().join("berth"))
+            .args(["launch", "busybox", "minority"])
+            .env("BERTH_URL", &url)
+            .env("BERTH_KEY_FILE", conf.join("admin.key"))
+            .env("BERTH_CA", conf.join("ca.pem"))
+            .env("BERTH_CONF", &conf)
+            .stdin(Stdio::null())
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "the minority side accepted a write");
+        assert!(
+            err.to_lowercase().contains("leader") || err.to_lowercase().contains("majority"),
+            "the refusal names the cause: {err}"
+        );
+        wait_for("the majority to elect", Duration::from_secs(30), || {
+            c.leader().is_ok_and(|l| l != leader)
+        })?;
+        c.berth_ok(&["launch", "busybox", "majority"])?;
+        Ok(())
+    })();
+    c.script_ok(&["heal", &leader])?;
+    result?;
+    wait_for(
+        "the healed controller to catch up",
+        Duration::from_secs(60),
+        || {
+            c.cluster().is_ok_and(|v| {
+                v["controllers"]
+                    .as_array()
+                    .is_some_and(|cs| cs.iter().all(|x| x["state"] == "online"))
+            })
+        },
+    )?;
+    assert!(
+        !c.instances()?.iter().any(|i| i["name"] == "minority"),
+        "the refused write did not happen"
+    );
+    Ok(())
+}
+
+/// Stops every controller at once and starts them again: nothing is lost.
+fn restart_every_controller(c: &DevCluster) -> Result<()> {
+    let before: BTreeSet<String> = c
+        .instances()?
+        .iter()
+        .filter_map(|i| i["name"].as_str().map(str::to_string))
+        .collect();
+    for name in ["c1", "c2", "c3"] {
+        c.script_ok(&["kill", name])?;
+    }
+    for name in ["c1", "c2", "c3"] {
+        c.script_ok(&["start", name])?;
+    }
+    wait_for(
+        "the controllers to serve again",
+        Duration::from_secs(60),
+        || c.berth(&["list"]).is_ok_and(|o| o.status.success()),
+    )?;
+    let after: BTreeSet<String> = c
+        .instances()?
+        .iter()
+        .filter_map(|i| i["name"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(before, after, "every instance survived the restart");
+    Ok(())
+}
+
+/// Kills an agent: its node goes offline within the threshold and its instances show Unknown;
+/// when it returns they are Running again.
+fn agent_killed(c: &DevCluster) -> Result<()> {
+    let on_n1: Vec<String> = c
+        .instances()?
+        .iter()
+        .filter(|i| i["location"] == "n1" && i["status"] == "Running")
+        .filter_map(|i| i["name"].as_str().map(str::to_string))
+        .collect();
+    assert!(!on_n1.is_empty(), "some instances run on n1");
+    let killed_at = Instant::now();
+    c.script_ok(&["kill", "n1"])?;
+    wait_for("n1 to be offline", Duration::from_secs(40), || {
+        c.node_status("n1").is_ok_and(|s| s == "Offline")
+    })?;
+    println!(
+        "agent n1 killed: node offline after {:.1} s (threshold 10 s)",
+        killed_at.elapsed().as_secs_f64()
+    );
+    for i in c.instances()? {
+        if i["location"] == "n1" {
+            assert_eq!(i["status"], "Unknown", "{i}");
+        }
+    }
+    // Changes to its instances are refused while the node is away.
+    let err = c.berth_err(&["stop", &on_n1[0]])?;
+    assert!(err.contains("offline"), "{err}");
+    c.script_ok(&["start", "n1"])?;
+    wait_for("n1 to be online", Duration::from_secs(40), || {
+        c.node_status("n1").is_ok_and(|s| s == "Online")
+    })?;
+    wait_for(
+        "n1's instances to show Running",
+        Duration::from_secs(30),
+        || {
+            c.instances().is_ok_and(|is| {
+                on_n1.iter().all(|n| {
+                    is.iter()
+                        .any(|i| i["name"] == n.as_str() && i["status"] == "Running")
+                })
+            })
+        },
+    )?;
+    Ok(())
+}
