@@ -206,6 +206,8 @@ fn phases(c: &DevCluster) -> Result<()> {
     c.berth_ok(&["image", "build", "busybox"])?;
     placement(c)?;
     leader_kill_during_writes(c)?;
+    leader_kill_during_an_action(c)?;
+    remove_that_would_lose_quorum(c)?;
     leader_cut_off(c)?;
     restart_every_controller(c)?;
     agent_killed(c)?;
@@ -229,6 +231,20 @@ fn placement(c: &DevCluster) -> Result<()> {
         per_node.values().copied().collect::<Vec<_>>(),
         vec![4, 4, 4],
         "12 instances spread evenly: {per_node:?}"
+    );
+    for i in 13..=30 {
+        c.berth_ok(&["launch", "busybox", &format!("w{i}")])?;
+    }
+    let mut per_node: BTreeMap<String, u32> = BTreeMap::new();
+    for i in c.instances()? {
+        *per_node
+            .entry(i["location"].as_str().unwrap_or_default().to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(
+        per_node.values().copied().collect::<Vec<_>>(),
+        vec![10, 10, 10],
+        "30 instances spread evenly: {per_node:?}"
     );
 
     let mut group_nodes = BTreeSet::new();
@@ -376,6 +392,73 @@ fn leader_kill_during_writes(c: &DevCluster) -> Result<()> {
     Ok(())
 }
 
+/// Kills the leader while it stops an instance (a clean busybox stop takes about two seconds):
+/// the new leader finishes the stop and the operation ends in success.
+fn leader_kill_during_an_action(c: &DevCluster) -> Result<()> {
+    let leader = c.leader()?;
+    let mut stop = Command::new(bin_dir().join("berth"));
+    stop.args(["stop", "w1"]).stdin(Stdio::null());
+    for (k, v) in &c.env {
+        stop.env(k, v);
+    }
+    let child = stop.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    c.script_ok(&["kill", &leader])?;
+    let out = child.wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "the stop finished under the new leader: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let w1 = c
+        .instances()?
+        .into_iter()
+        .find(|i| i["name"] == "w1")
+        .context("w1 listed")?;
+    assert_eq!(w1["status"], "Stopped", "{w1}");
+    c.berth_ok(&["start", "w1"])?;
+    c.script_ok(&["start", &leader])?;
+    wait_for("the old leader to rejoin", Duration::from_secs(60), || {
+        c.cluster().is_ok_and(|v| {
+            v["controllers"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|x| x["name"] == leader.as_str() && x["state"] == "online")
+            })
+        })
+    })?;
+    Ok(())
+}
+
+/// With one controller down, removing another would leave no reachable majority: refused.
+fn remove_that_would_lose_quorum(c: &DevCluster) -> Result<()> {
+    let leader = c.leader()?;
+    let followers: Vec<String> = ["c1", "c2", "c3"]
+        .iter()
+        .filter(|n| **n != leader)
+        .map(|n| n.to_string())
+        .collect();
+    c.script_ok(&["kill", &followers[0]])?;
+    let result = c.berth_err(&["cluster", "remove", &followers[1], "--force"]);
+    c.script_ok(&["start", &followers[0]])?;
+    let err = result?;
+    assert!(
+        err.contains("majority") || err.contains("quorum"),
+        "the refusal explains itself: {err}"
+    );
+    wait_for(
+        "every controller online again",
+        Duration::from_secs(60),
+        || {
+            c.cluster().is_ok_and(|v| {
+                v["controllers"]
+                    .as_array()
+                    .is_some_and(|cs| cs.len() == 3 && cs.iter().all(|x| x["state"] == "online"))
+            })
+        },
+    )?;
+    Ok(())
+}
+
 /// Cuts the leader off: it answers 503 quickly on its side; the others elect and serve.
 fn leader_cut_off(c: &DevCluster) -> Result<()> {
     let leader = c.leader()?;
@@ -511,8 +594,10 @@ fn agent_killed(c: &DevCluster) -> Result<()> {
             assert_eq!(i["status"], "Unknown", "{i}");
         }
     }
-    // Changes to its instances are refused while the node is away.
+    // Changes to its instances are refused while the node is away, and so is a target on it.
     let err = c.berth_err(&["stop", &on_n1[0]])?;
+    assert!(err.contains("offline"), "{err}");
+    let err = c.berth_err(&["launch", "busybox", "on-n1", "--target", "n1"])?;
     assert!(err.contains("offline"), "{err}");
     c.script_ok(&["start", "n1"])?;
     wait_for("n1 to be online", Duration::from_secs(40), || {

@@ -20,6 +20,10 @@ pub const API_EXTENSIONS: &[&str] = &[
     "berth_exec_single_websocket",
     "berth_image_build",
     "berth_console_log",
+    "berth_cluster_controllers",
+    "berth_instance_placement",
+    "berth_metrics",
+    "berth_retry_after",
 ];
 
 /// The response envelope of every answer.
