@@ -271,7 +271,11 @@ pub async fn serve(
     info!(addr = %listener.local_addr()?, "REST API listening");
     loop {
         let (tcp, peer): (_, SocketAddr) = match listener.accept().await {
-            Ok(c) => c,
+            Ok(c) => {
+                // Answers are small: send them now, not after a delayed ACK.
+                let _ = c.0.set_nodelay(true);
+                c
+            }
             Err(e) => {
                 warn!(error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;

@@ -14,7 +14,6 @@ use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{ChangeMembers, Config, ServerState, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity, Server, ServerTlsConfig};
 
 use super::network::{Network, NetworkFaults};
@@ -910,7 +909,11 @@ impl ControlPlane {
                 self.clone(),
                 heartbeats,
             ))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(
+                // Small Raft and heartbeat messages must not wait for delayed ACKs.
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                shutdown,
+            )
             .await
             .map_err(ServeError::Serve)
     }
