@@ -334,16 +334,24 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     state.metrics.watch_raft(cp.raft());
 
     // Record this controller (name, Raft id, addresses) when its record is missing or stale.
+    // The peer certificate is saved by now (joined, or issued above for the first controller).
+    let cert_fingerprint = PeerIdentity::load(dir)
+        .and_then(|i| crate::tls::cert_fingerprint(&i.cert_pem).ok())
+        .unwrap_or_default();
     let me = ControllerRecord {
         name: cfg.name.clone(),
         id: raft_id,
         peer_address: cfg.peer_advertise.clone(),
         api_address: cfg.api_advertise.clone(),
         joined_at: clock::now(),
+        cert_fingerprint,
     };
     let registered = cp.read_local(|s| {
         s.controllers.get(&me.name).is_some_and(|r| {
-            r.id == me.id && r.peer_address == me.peer_address && r.api_address == me.api_address
+            r.id == me.id
+                && r.peer_address == me.peer_address
+                && r.api_address == me.api_address
+                && r.cert_fingerprint == me.cert_fingerprint
         })
     });
     if !registered {
@@ -444,6 +452,11 @@ async fn register_until_done(cp: ControlPlane, record: ControllerRecord) {
         {
             Ok(_) => {
                 info!(controller = %record.name, node = record.id, "controller recorded");
+                return;
+            }
+            // The cluster refuses the record (this controller was removed): retrying cannot help.
+            Err(crate::raft::WriteError::Rejected(e)) => {
+                error!(controller = %record.name, error = %e, "this controller is not a member of the cluster; stop it, or join it again with a new token");
                 return;
             }
             Err(e) => {

@@ -216,6 +216,7 @@ pub async fn heartbeat(
             commands.push(Command::ObserveInstance {
                 name: inst.name.clone(),
                 observed,
+                based_on: inst.observed.updated_at.clone(),
             });
         }
     }

@@ -386,6 +386,8 @@ pub async fn join_controller(
             name: body.name.clone(),
             peer_address: body.peer_address.clone(),
             api_address: body.api_address.clone(),
+            cert_fingerprint: crate::tls::cert_fingerprint(&cert)
+                .map_err(|e| ApiError::internal(e.to_string()))?,
             now: clock::now(),
         })
         .await
@@ -605,19 +607,16 @@ pub async fn patch_cluster(
             crate::scheduler::validate_cluster_config_key(k, v).map_err(ApiError::bad_request)?;
         }
     }
-    let mut config = state.cp.read(|s| s.cluster.config.clone()).await?;
-    for (k, v) in body.config {
-        match v {
-            Some(v) => config.insert(k, v.trim().to_string()),
-            None => config.remove(&k),
-        };
-    }
+    let changes: BTreeMap<String, Option<String>> = body
+        .config
+        .into_iter()
+        .map(|(k, v)| (k, v.map(|v| v.trim().to_string())))
+        .collect();
     state
         .cp
-        .write(Command::SetClusterConfig {
-            config: config.clone(),
-        })
+        .write(Command::SetClusterConfig { changes })
         .await?;
+    let config = state.cp.read(|s| s.cluster.config.clone()).await?;
     info!(?config, "cluster config changed");
     Ok(sync(serde_json::json!({ "config": config })))
 }
@@ -688,8 +687,8 @@ pub async fn patch_member(
             )
         })
         .await?;
-    let mut config = match current {
-        (Some(c), _) => c,
+    match current {
+        (Some(_), _) => {}
         (None, true) => {
             return Err(ApiError::bad_request(format!(
                 "{name} is a controller; only nodes have settings"
@@ -701,17 +700,16 @@ pub async fn patch_member(
             )));
         }
     };
-    for (k, v) in body.config {
-        match v {
-            Some(v) => config.insert(k, v.trim().to_string()),
-            None => config.remove(&k),
-        };
-    }
+    let changes: BTreeMap<String, Option<String>> = body
+        .config
+        .into_iter()
+        .map(|(k, v)| (k, v.map(|v| v.trim().to_string())))
+        .collect();
     state
         .cp
         .write(Command::SetNodeConfig {
             name: name.clone(),
-            config,
+            changes,
         })
         .await?;
     info!(node = %name, "node config changed");
@@ -817,6 +815,7 @@ mod tests {
                     peer_address: "127.0.0.1:1".into(),
                     api_address: "c1.example:8443".into(),
                     joined_at: clock::now(),
+                    cert_fingerprint: String::new(),
                 },
             })
             .await

@@ -131,13 +131,15 @@ pub fn observed_from(s: &v1::InstanceStatus) -> Observed {
     }
 }
 
-/// Records what an agent reported about an instance.
-pub async fn observe(state: &SharedState, name: &str, s: &v1::InstanceStatus) {
+/// Records what an agent reported about an instance, unless the recorded observation changed
+/// since `based_on` (its `updated_at` when the agent was asked).
+pub async fn observe(state: &SharedState, name: &str, s: &v1::InstanceStatus, based_on: &str) {
     if let Err(e) = state
         .cp
         .write(Command::ObserveInstance {
             name: name.to_string(),
             observed: observed_from(s),
+            based_on: based_on.to_string(),
         })
         .await
     {
@@ -532,7 +534,7 @@ where
         })
         .await?;
     drop(guard);
-    observe(&state, &name, &s).await;
+    observe(&state, &name, &s, &current.observed.updated_at).await;
     run_task(&state, op, async move { Ok(serde_json::Value::Null) }).await
 }
 

@@ -341,11 +341,13 @@ impl ControlPlane {
 
     /// Proposes `cmd` through Raft and waits until it is applied; returns `apply`'s answer.
     /// On a follower the command is forwarded to the leader (Controller.Forward), retried
-    /// while the leader changes. Without a reachable leader with a quorum it fails within
-    /// about [`LEADER_WAIT`] with [`WriteError::Unavailable`], never hangs.
+    /// while the leader changes, as long as no attempt may have reached the log. Without a
+    /// reachable leader with a quorum it fails within about [`LEADER_WAIT`] with
+    /// [`WriteError::Unavailable`], never hangs. An attempt that may have been proposed is
+    /// never repeated (the command could be applied twice): it ends in [`WriteError::Unsure`].
     pub async fn write(&self, cmd: Command) -> Result<ApplyOk, WriteError> {
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
-        let mut unsure = false;
+        let unsure = false;
         loop {
             let attempt = match self.leader_for_request() {
                 None => Ok(Attempt::Retry(Unavailable::NoLeader)),
@@ -355,10 +357,7 @@ impl ControlPlane {
             let why = match attempt {
                 Ok(Attempt::Done(ok)) => return Ok(ok),
                 Ok(Attempt::Retry(why)) => why,
-                Ok(Attempt::RetryUnsure(why)) => {
-                    unsure = true;
-                    why
-                }
+                Ok(Attempt::RetryUnsure(why)) => return Err(WriteError::Unsure(why)),
                 // A rejection after an attempt that may have been applied could be caused by
                 // that attempt; still the rejection is what the state machine said.
                 Err(WriteError::Unavailable(why)) if unsure => return Err(WriteError::Unsure(why)),

@@ -695,8 +695,35 @@ fn record(name: &str, id: u64, addr: &str) -> Command {
             peer_address: addr.into(),
             api_address: format!("{name}:8443"),
             joined_at: "2026-11-29T12:00:00Z".into(),
+            cert_fingerprint: String::new(),
         },
     }
+}
+
+/// A controller joining as the API does it: a token, then the join that consumes it.
+async fn join_record(cp: &ControlPlane, name: &str, addr: &str) {
+    let hash = format!("token-{name}");
+    cp.write(Command::AddJoinToken {
+        hash: hash.clone(),
+        record: crate::state::JoinTokenRecord {
+            node_name: name.into(),
+            kind: crate::state::JoinKind::Controller,
+            created_at: crate::clock::now(),
+            expires_at: crate::clock::after(Duration::from_secs(3600)),
+        },
+    })
+    .await
+    .unwrap();
+    cp.write(Command::JoinController {
+        token_hash: hash,
+        name: name.into(),
+        peer_address: addr.into(),
+        api_address: format!("{name}:8443"),
+        cert_fingerprint: String::new(),
+        now: crate::clock::now(),
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -975,8 +1002,8 @@ async fn controllers_join_and_leave_through_their_records() {
     let c = TlsCluster::start(3, 1).await;
     let leader = c.cp(0);
     leader.write(record("c1", 1, &c.addrs[0])).await.unwrap();
-    leader.write(record("c2", 2, &c.addrs[1])).await.unwrap();
-    leader.write(record("c3", 3, &c.addrs[2])).await.unwrap();
+    join_record(&leader, "c2", &c.addrs[1]).await;
+    join_record(&leader, "c3", &c.addrs[2]).await;
     assert!(
         wait_for(
             || async {

@@ -39,8 +39,13 @@ impl State {
                 self.api_keys.insert(admin_key.id.clone(), admin_key);
                 Ok(ApplyOk::Done)
             }
-            Command::SetClusterConfig { config } => {
-                self.cluster.config = config;
+            Command::SetClusterConfig { changes } => {
+                for (k, v) in changes {
+                    match v {
+                        Some(v) => self.cluster.config.insert(k, v),
+                        None => self.cluster.config.remove(&k),
+                    };
+                }
                 Ok(ApplyOk::Done)
             }
             Command::AddJoinToken { hash, record } => {
@@ -80,6 +85,23 @@ impl State {
                 Ok(ApplyOk::Done)
             }
             Command::RegisterController { record } => {
+                match self.controllers.get(&record.name) {
+                    Some(old) if old.id != record.id => {
+                        return Err(ApplyError::conflict(format!(
+                            "controller {:?} has raft id {}, not {}",
+                            record.name, old.id, record.id
+                        )));
+                    }
+                    Some(_) => {}
+                    None if self.controllers.is_empty() => {}
+                    None => {
+                        return Err(ApplyError::invalid(format!(
+                            "controller {:?} is not a member of this cluster (it was removed); \
+                             join it again with a new token",
+                            record.name
+                        )));
+                    }
+                }
                 if let Some(other) = self
                     .controllers
                     .values()
@@ -100,6 +122,7 @@ impl State {
                 name,
                 peer_address,
                 api_address,
+                cert_fingerprint,
                 now,
             } => {
                 self.check_join_token(&token_hash, JoinKind::Controller, &name, &now)?;
@@ -130,6 +153,7 @@ impl State {
                         peer_address,
                         api_address,
                         joined_at: now,
+                        cert_fingerprint,
                     },
                 );
                 Ok(ApplyOk::ControllerId(id))
@@ -153,12 +177,17 @@ impl State {
                 self.nodes.remove(&name);
                 Ok(ApplyOk::Done)
             }
-            Command::SetNodeConfig { name, config } => {
+            Command::SetNodeConfig { name, changes } => {
                 let node = self
                     .nodes
                     .get_mut(&name)
                     .ok_or_else(|| ApplyError::not_found(format!("node {name:?} not found")))?;
-                node.config = config;
+                for (k, v) in changes {
+                    match v {
+                        Some(v) => node.config.insert(k, v),
+                        None => node.config.remove(&k),
+                    };
+                }
                 Ok(ApplyOk::Done)
             }
             Command::UpdateNodeCapacity { name, capacity } => {
@@ -307,8 +336,16 @@ impl State {
                 }
                 Ok(ApplyOk::Done)
             }
-            Command::ObserveInstance { name, observed } => {
-                if let Some(inst) = self.instances.get_mut(&name) {
+            Command::ObserveInstance {
+                name,
+                observed,
+                based_on,
+            } => {
+                if let Some(inst) = self
+                    .instances
+                    .get_mut(&name)
+                    .filter(|i| i.pending.is_none() && i.observed.updated_at == based_on)
+                {
                     if inst.pending.is_none()
                         && inst.observed.status == InstanceStatusCode::Running
                         && observed.status == InstanceStatusCode::Stopped

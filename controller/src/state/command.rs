@@ -24,9 +24,9 @@ pub enum Command {
         admin_key: ApiKey,
         now: String,
     },
-    /// Replaces the cluster-wide settings (validated by the API before).
+    /// Changes the cluster-wide settings (validated by the API before); `None` removes a key.
     SetClusterConfig {
-        config: BTreeMap<String, String>,
+        changes: BTreeMap<String, Option<String>>,
     },
     /// Stores a join token under the hex sha256 of its secret.
     AddJoinToken {
@@ -43,8 +43,9 @@ pub enum Command {
         name: String,
         status: NodeStatus,
     },
-    /// Records a controller, or updates its addresses (each controller registers itself at
-    /// start). Its id must not belong to another name.
+    /// Updates a controller's record (each controller registers itself at start); a new record
+    /// is only accepted while there is none (the first controller). Its id must not belong to
+    /// another name. A removed controller cannot come back this way: it joins with a new token.
     RegisterController {
         record: ControllerRecord,
     },
@@ -55,6 +56,7 @@ pub enum Command {
         name: String,
         peer_address: String,
         api_address: String,
+        cert_fingerprint: String,
         now: String,
     },
     /// Forgets a controller (after it left the Raft membership).
@@ -65,10 +67,12 @@ pub enum Command {
     RemoveNode {
         name: String,
     },
-    /// Replaces the node's API-set config (`scheduler.instance`, label overrides).
+    /// Changes the node's API-set config (`scheduler.instance`, label overrides): each key is
+    /// set, or removed when `None`. Merged inside apply, so concurrent edits of different keys
+    /// never lose each other.
     SetNodeConfig {
         name: String,
-        config: BTreeMap<String, String>,
+        changes: BTreeMap<String, Option<String>>,
     },
     /// Records what the node's agent reports about itself (only written when it changed).
     UpdateNodeCapacity {
@@ -118,11 +122,15 @@ pub enum Command {
         error: String,
         now: String,
     },
-    /// Records an agent's report; ignored if the instance is gone. An instance at rest that
-    /// stopped by itself (powered off from inside) is also wanted stopped from then on.
+    /// Records an agent's report. `based_on` is the `updated_at` of the observation the
+    /// report was compared with: if the recorded one changed since (an action recorded a newer
+    /// one) or an action is pending, the report is stale and ignored, as when the instance is
+    /// gone. An instance at rest that stopped by itself (powered off from inside) is also
+    /// wanted stopped from then on.
     ObserveInstance {
         name: String,
         observed: Observed,
+        based_on: String,
     },
     /// Removes an instance and frees its address.
     DeleteInstance {

@@ -43,6 +43,10 @@ pub struct ControllerRecord {
     pub api_address: String,
     /// When it joined (RFC 3339).
     pub joined_at: String,
+    /// sha256 of its certificate (DER, hex): the peer port takes controller calls only from
+    /// the certificates of current members.
+    #[serde(default)]
+    pub cert_fingerprint: String,
 }
 
 /// The cluster's identity and CA.

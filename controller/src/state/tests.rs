@@ -469,11 +469,13 @@ fn update_rename_desired_observe() {
         updated_at: later.into(),
         error: String::new(),
     };
+    let based_on = s.instances["c"].observed.updated_at.clone();
     ok(
         &mut s,
         Command::ObserveInstance {
             name: "c".into(),
             observed: observed.clone(),
+            based_on,
         },
     );
     assert_eq!(s.instances["c"].observed, observed);
@@ -483,6 +485,7 @@ fn update_rename_desired_observe() {
         Command::ObserveInstance {
             name: "gone".into(),
             observed,
+            based_on: String::new(),
         },
     );
     assert_eq!(s, before);
@@ -924,19 +927,36 @@ fn an_instance_that_powers_itself_off_is_wanted_stopped() {
     let mut s = base("10.0.0.1/24");
     create(&mut s, "a").unwrap();
     s.instances.get_mut("a").unwrap().desired = DesiredState::Running;
+    let based_on = s.instances["a"].observed.updated_at.clone();
     ok(
         &mut s,
         Command::ObserveInstance {
             name: "a".into(),
             observed: observed(InstanceStatusCode::Running),
+            based_on,
         },
     );
     assert_eq!(s.instances["a"].desired, DesiredState::Running);
+    // A report compared with an older observation is stale: ignored.
+    let before = s.clone();
     ok(
         &mut s,
         Command::ObserveInstance {
             name: "a".into(),
             observed: observed(InstanceStatusCode::Stopped),
+            based_on: "2000-01-01T00:00:00Z".into(),
+        },
+    );
+    assert_eq!(s, before);
+    ok(
+        &mut s,
+        Command::ObserveInstance {
+            name: "a".into(),
+            observed: Observed {
+                updated_at: "2026-11-29T12:00:09Z".into(),
+                ..observed(InstanceStatusCode::Stopped)
+            },
+            based_on: NOW.into(),
         },
     );
     assert_eq!(s.instances["a"].desired, DesiredState::Stopped);
@@ -954,6 +974,7 @@ fn controllers_join_with_their_own_tokens() {
                 peer_address: "10.0.0.11:8444".into(),
                 api_address: "10.0.0.11:8443".into(),
                 joined_at: NOW.into(),
+                cert_fingerprint: "f1".into(),
             },
         },
     );
@@ -967,6 +988,7 @@ fn controllers_join_with_their_own_tokens() {
         name: name.into(),
         peer_address: peer.into(),
         api_address: "x:1".into(),
+        cert_fingerprint: "f2".into(),
         now: NOW.into(),
     };
     // A node token does not admit a controller.
@@ -1006,6 +1028,22 @@ fn controllers_join_with_their_own_tokens() {
         ok(&mut s, join("t4", "c4", "10.0.0.14:8444")),
         ApplyOk::ControllerId(3)
     );
+    // The removed controller cannot put itself back by registering.
+    let back = rejected(
+        &mut s,
+        Command::RegisterController {
+            record: ControllerRecord {
+                name: "c2".into(),
+                id: 2,
+                peer_address: "10.0.0.12:8444".into(),
+                api_address: "x:1".into(),
+                joined_at: NOW.into(),
+                cert_fingerprint: "f2".into(),
+            },
+        },
+        ApplyErrorKind::Invalid,
+    );
+    assert!(back.message.contains("removed"), "{back}");
 }
 
 #[test]
