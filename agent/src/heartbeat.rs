@@ -525,6 +525,8 @@ impl<R: Reporter> Heartbeat<R> {
             capacity: Some(capacity),
             instances,
             sequence: self.sequence,
+            // Set by the agent's recovery once it exists (see the integrator's notes).
+            recovering: false,
         };
         let call = async move {
             ControllerClient::new(ch)
