@@ -1138,6 +1138,7 @@ async fn agents_heartbeat_as_the_node_their_certificate_names() {
             }),
             instances: vec![],
             sequence: 1,
+            recovering: false,
         })
         .await
         .unwrap()
