@@ -15,8 +15,16 @@ use crate::api::instances::observed_from;
 use crate::clock;
 use crate::state::{Command, Node, NodeCapacity, NodeStatus};
 
-/// How often agents are asked to heartbeat.
+/// How often agents are asked to heartbeat (more often when the offline threshold is short:
+/// at least four beats fit in it).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Most labels a node may report.
+const MAX_LABELS: usize = 64;
+
+/// Longest architecture name and instance error message kept from a report.
+const MAX_ARCH_LEN: usize = 32;
+const MAX_ERROR_LEN: usize = 512;
 
 /// Default time without a heartbeat after which a node is marked offline.
 pub const DEFAULT_OFFLINE_THRESHOLD: Duration = Duration::from_secs(10);
@@ -114,20 +122,54 @@ fn reply(state: &SharedState, accepted: bool) -> v1::HeartbeatReply {
         accepted,
         leader: state.cp.leader().map(|(_, addr)| addr).unwrap_or_default(),
         controllers,
-        interval_ms: HEARTBEAT_INTERVAL.as_millis() as u32,
+        interval_ms: HEARTBEAT_INTERVAL
+            .min(state.liveness.threshold() / 4)
+            .as_millis() as u32,
     }
 }
 
-/// The capacity an agent reported, as the state stores it.
-fn capacity(c: &v1::NodeCapacity) -> NodeCapacity {
+/// The capacity an agent reported, as the state stores it. What comes from the network is
+/// checked before it reaches Raft: labels that are not valid are dropped (with a warning), at
+/// most [`MAX_LABELS`] are kept, and an architecture name that is not one is left out.
+fn capacity(node: &str, c: &v1::NodeCapacity) -> NodeCapacity {
+    let mut labels = std::collections::BTreeMap::new();
+    for (k, v) in &c.labels {
+        match berth_proto::api::config::validate_label(k, v) {
+            Ok(()) if labels.len() < MAX_LABELS => {
+                labels.insert(k.clone(), v.clone());
+            }
+            Ok(()) => warn!(%node, label = %k, "too many labels; dropping the rest"),
+            Err(e) => warn!(%node, error = %e.0, "dropping a label the agent reported"),
+        }
+    }
+    let arch_ok = c.architecture.len() <= MAX_ARCH_LEN
+        && c.architecture
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-');
     NodeCapacity {
         cpus: c.cpus,
         memory_bytes: c.memory_bytes,
         storage_total_bytes: c.storage_total_bytes,
-        storage_free_bytes: c.storage_free_bytes,
-        architecture: c.architecture.clone(),
-        labels: c.labels.clone().into_iter().collect(),
+        storage_free_bytes: c.storage_free_bytes.min(c.storage_total_bytes),
+        architecture: if arch_ok {
+            c.architecture.clone()
+        } else {
+            String::new()
+        },
+        labels,
     }
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary.
+fn truncated(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
 }
 
 /// Whether the reported capacity differs enough from the stored one to be written.
@@ -180,13 +222,24 @@ pub async fn heartbeat(
         });
     }
     if let Some(c) = &req.capacity {
-        let c = capacity(c);
+        let c = capacity(node, c);
         if capacity_changed(&record, &c) {
             commands.push(Command::UpdateNodeCapacity {
                 name: node.to_string(),
                 capacity: c,
             });
         }
+    }
+    // While the agent is still finding its instances after a start, "stopped" means "not found
+    // yet", not "powered off": only its capacity and liveness count.
+    if req.recovering {
+        for cmd in commands {
+            if let Err(e) = state.cp.write(cmd).await {
+                warn!(%node, error = %e, "could not record what the heartbeat reported");
+                break;
+            }
+        }
+        return reply(state, true);
     }
     let reported: BTreeMap<&str, &v1::InstanceStatus> =
         req.instances.iter().map(|s| (s.name.as_str(), s)).collect();
@@ -200,7 +253,11 @@ pub async fn heartbeat(
             continue;
         }
         let observed = match reported.get(inst.name.as_str()) {
-            Some(s) => observed_from(s),
+            Some(s) => {
+                let mut o = observed_from(s);
+                o.error = truncated(&o.error, MAX_ERROR_LEN);
+                o
+            }
             None => crate::state::Observed {
                 status: InstanceStatusCode::Error,
                 pid: 0,
@@ -251,6 +308,28 @@ mod tests {
         assert!(l.silent_for("n1") < Duration::from_secs(1));
         l.forget();
         assert!(l.seen("n1", 5));
+    }
+
+    #[test]
+    fn reported_capacity_is_checked() {
+        let mut c = v1::NodeCapacity {
+            cpus: 4,
+            storage_total_bytes: 100,
+            storage_free_bytes: 500,
+            architecture: "x86_64".into(),
+            ..Default::default()
+        };
+        c.labels.insert("rack".into(), "r1".into());
+        c.labels.insert("bad key!".into(), "x".into());
+        let got = capacity("n1", &c);
+        assert_eq!(got.labels.len(), 1);
+        assert_eq!(got.labels["rack"], "r1");
+        assert_eq!(got.storage_free_bytes, 100, "free is never above total");
+        assert_eq!(got.architecture, "x86_64");
+        c.architecture = "x".repeat(100);
+        assert_eq!(capacity("n1", &c).architecture, "");
+        assert_eq!(truncated("héllo", 2), "h...");
+        assert_eq!(truncated("ok", 10), "ok");
     }
 
     #[test]

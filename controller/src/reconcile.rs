@@ -23,7 +23,6 @@ use berth_proto::api::InstanceStatusCode;
 use berth_proto::v1;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::agents::LONG_CALL;
 use crate::api::AppState;
 use crate::api::instances::{agent_spec, observed_from};
 use crate::clock;
@@ -38,8 +37,34 @@ pub const OPERATION_TTL: Duration = Duration::from_secs(3600);
 /// Wait before retrying an action that failed for a passing reason (node unreachable, busy).
 const RETRY_BACKOFF: Duration = Duration::from_secs(2);
 
-/// An action that failed for passing reasons this many times in a row ends in failure.
-const MAX_ATTEMPTS: u32 = 150;
+/// An action still failing for passing reasons this long after it was requested ends in
+/// failure, so that no operation stays running forever.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(600);
+
+/// Deadline of one agent call for create, start and delete (a stop gets its timeout plus a
+/// margin).
+const ACTION_CALL: Duration = Duration::from_secs(300);
+
+/// The observation recorded when a create cannot be settled (its node went offline, or it kept
+/// failing for passing reasons): the instance may exist on its node, so its record stays (in
+/// Error) instead of being removed and its name and address reused.
+fn unsettled(error: &str) -> Observed {
+    Observed {
+        status: InstanceStatusCode::Error,
+        pid: 0,
+        updated_at: clock::now(),
+        error: error.to_string(),
+    }
+}
+
+/// Whether an action requested at `since` (RFC 3339) has run out of time.
+fn expired(since: &str) -> bool {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    since < clock::format_unix(now - GIVE_UP_AFTER.as_secs() as i64).as_str()
+}
 
 /// Pending actions the reconciler still has to carry out (its queue depth).
 pub fn queue_depth(state: &AppState) -> usize {
@@ -92,6 +117,12 @@ pub async fn run(state: Arc<AppState>) {
             continue;
         }
         if !was_leader {
+            // Act only on a state at least as new as everything committed before this term:
+            // a linearizable read waits until the leader has applied that far.
+            if let Err(e) = state.cp.read(|_| ()).await {
+                debug!(error = %e, "leading, but not caught up yet");
+                continue;
+            }
             was_leader = true;
             info!("leading: reconciler and liveness checks running");
             // Nodes get a full threshold from now before they can be marked offline: the
@@ -104,6 +135,7 @@ pub async fn run(state: Arc<AppState>) {
             if last_slow_pass.elapsed() >= Duration::from_secs(30) {
                 last_slow_pass = Instant::now();
                 prune_operations(&state).await;
+                fail_orphaned_operations(&state).await;
             }
         }
     }
@@ -130,6 +162,7 @@ fn dispatch(state: &Arc<AppState>, work: &SharedWork) {
             Some((_, n)) => *n,
             None => 0,
         };
+        let is_create = matches!(action.action, Action::Create { .. });
         w.running.insert(name.clone());
         let st = state.clone();
         let wk = work.clone();
@@ -138,7 +171,7 @@ fn dispatch(state: &Arc<AppState>, work: &SharedWork) {
             async move {
                 let outcome = execute(&st, &name, &action).await;
                 let finish = match outcome {
-                    Outcome::Retry(reason) if attempts + 1 < MAX_ATTEMPTS => {
+                    Outcome::Retry(reason) if !expired(&action.since) => {
                         debug!(%reason, attempt = attempts + 1, "will retry");
                         let mut w = lock(&wk);
                         w.running.remove(&name);
@@ -146,10 +179,14 @@ fn dispatch(state: &Arc<AppState>, work: &SharedWork) {
                             .insert(name.clone(), (Instant::now() + RETRY_BACKOFF, attempts + 1));
                         return;
                     }
-                    Outcome::Retry(reason) => Some((
-                        None,
-                        format!("gave up after {MAX_ATTEMPTS} attempts: {reason}"),
-                    )),
+                    Outcome::Retry(reason) => {
+                        let error = format!(
+                            "gave up after {} minutes and {} attempts: {reason}",
+                            GIVE_UP_AFTER.as_secs() / 60,
+                            attempts + 1
+                        );
+                        Some((is_create.then(|| unsettled(&error)), error))
+                    }
                     Outcome::Done(observed) => Some((observed, String::new())),
                     Outcome::Failed(observed, error) => Some((observed, error)),
                     Outcome::Gone => None,
@@ -232,13 +269,13 @@ async fn execute(state: &Arc<AppState>, name: &str, action: &PendingAction) -> O
         );
     };
     if node.status == NodeStatus::Offline {
-        return Outcome::Failed(
-            None,
-            format!(
-                "node {} is offline; the instance's state is unknown until it returns",
-                node.name
-            ),
+        let error = format!(
+            "node {} is offline; the instance's state is unknown until it returns",
+            node.name
         );
+        // A create may have happened before the node went away: keep the record.
+        let observed = matches!(action.action, Action::Create { .. }).then(|| unsettled(&error));
+        return Outcome::Failed(observed, error);
     }
     let mut client = match state.agents.client(&node) {
         Ok(c) => c,
@@ -251,10 +288,14 @@ async fn execute(state: &Arc<AppState>, name: &str, action: &PendingAction) -> O
                     v1::CreateInstanceRequest {
                         spec: Some(agent_spec(&inst, &node)),
                     },
-                    LONG_CALL,
+                    ACTION_CALL,
                 ))
                 .await;
             match created {
+                // Leadership lost while creating: the next leader runs the action again.
+                Ok(_) if start && !state.cp.leads_with_quorum() => {
+                    return Outcome::Retry("no longer the leader".into());
+                }
                 Ok(s) if start => {
                     let created = observed_from(s.get_ref());
                     match client
@@ -262,7 +303,7 @@ async fn execute(state: &Arc<AppState>, name: &str, action: &PendingAction) -> O
                             v1::InstanceRef {
                                 name: name.to_string(),
                             },
-                            LONG_CALL,
+                            ACTION_CALL,
                         ))
                         .await
                     {
@@ -288,7 +329,7 @@ async fn execute(state: &Arc<AppState>, name: &str, action: &PendingAction) -> O
                 v1::InstanceRef {
                     name: name.to_string(),
                 },
-                LONG_CALL,
+                ACTION_CALL,
             ))
             .await
             .map(|r| r.into_inner()),
@@ -316,7 +357,7 @@ async fn execute(state: &Arc<AppState>, name: &str, action: &PendingAction) -> O
                     force,
                     timeout_secs,
                 },
-                Duration::from_secs(u64::from(timeout_secs) + 60) + LONG_CALL,
+                Duration::from_secs(u64::from(timeout_secs) + 60) + ACTION_CALL,
             ))
             .await
             .map(|r| r.into_inner()),
@@ -327,7 +368,7 @@ async fn execute(state: &Arc<AppState>, name: &str, action: &PendingAction) -> O
                         name: name.to_string(),
                         force,
                     },
-                    LONG_CALL,
+                    ACTION_CALL,
                 ))
                 .await;
             return match deleted {
@@ -430,6 +471,46 @@ pub async fn recover_interrupted(state: &Arc<AppState>, interrupted: Vec<String>
             .await
         {
             warn!(error = %e, "could not fail an interrupted operation");
+        }
+    }
+}
+
+/// Fails operations that ran in the memory of a controller that is no longer a member (image
+/// builds, renames, exec sessions): nobody will ever end them otherwise.
+async fn fail_orphaned_operations(state: &Arc<AppState>) {
+    let ops: Vec<_> = state.cp.read_local(|s| {
+        let owned: HashSet<&str> = s
+            .instances
+            .values()
+            .filter_map(|i| i.pending.as_ref().map(|p| p.op.as_str()))
+            .collect();
+        s.operations
+            .values()
+            .filter(|o| {
+                !o.status.is_final()
+                    && !owned.contains(o.id.as_str())
+                    && !s.controllers.is_empty()
+                    && !s.controllers.contains_key(&o.location)
+            })
+            .cloned()
+            .collect()
+    });
+    for mut op in ops {
+        op.status = berth_proto::api::OperationStatus::Failure;
+        op.status_code = op.status.code();
+        op.err = format!(
+            "the controller that ran the operation ({}) left the cluster",
+            op.location
+        );
+        op.updated_at = clock::now();
+        info!(op = %op.id, controller = %op.location, "failing an operation of a departed controller");
+        if let Err(e) = state
+            .cp
+            .write(Command::PutOperation { operation: op })
+            .await
+        {
+            warn!(error = %e, "could not fail an orphaned operation");
+            return;
         }
     }
 }
