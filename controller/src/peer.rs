@@ -1,7 +1,10 @@
 //! `berth.v1.Controller` on the peer port: controllers forward writes and ask for read indexes
 //! here, agents send heartbeats. Who may call what comes from the verified client certificate
-//! (see [`crate::tls::peer_role`]): Forward and ReadIndex need a controller certificate,
-//! Heartbeat an agent certificate, whose name is the node's.
+//! (see [`crate::tls::peer_role`]) and its fingerprint: Forward and ReadIndex need a
+//! controller certificate that belongs to a current controller record, Heartbeat the agent
+//! certificate the node joined with (whose name is the node's). The role alone is not enough:
+//! the CA signed the certificates of controllers that were removed since, and an agent's old
+//! certificate still names its node.
 
 use std::sync::{Arc, OnceLock};
 
@@ -19,6 +22,32 @@ use crate::raft::{
 };
 use crate::state::{ApplyResult, Command};
 use crate::tls::{PeerRole, caller_role, require_controller};
+
+/// sha256 (lowercase hex) of the caller's certificate on a mutual-TLS listener.
+fn caller_fingerprint<T>(req: &Request<T>) -> Result<String, Status> {
+    let certs = req.peer_certs().ok_or_else(|| {
+        Status::unauthenticated("a client certificate from the cluster CA is required")
+    })?;
+    let leaf = certs.first().ok_or_else(|| {
+        Status::unauthenticated("a client certificate from the cluster CA is required")
+    })?;
+    use sha2::Digest as _;
+    Ok(hex::encode(sha2::Sha256::digest(leaf.as_ref())))
+}
+
+/// Whether a controller certificate with this fingerprint may forward writes and ask for read
+/// indexes, given the current controller records: it must be the certificate of one of them.
+/// Records with an empty fingerprint come from clusters made before fingerprints were
+/// recorded (each controller records its own when it starts); while one exists, or before any
+/// controller is recorded at all (a cluster being bootstrapped), the role alone is accepted.
+fn controller_allowed<'a>(fingerprint: &str, mut recorded: impl Iterator<Item = &'a str>) -> bool {
+    let mut any = false;
+    let allowed = recorded.any(|fp| {
+        any = true;
+        fp.is_empty() || fp.eq_ignore_ascii_case(fingerprint)
+    });
+    allowed || !any
+}
 
 /// Where the peer service finds the API state heartbeats need. The peer listener starts
 /// before the API state exists (a restarted controller must take part in elections at once),
@@ -49,6 +78,30 @@ impl PeerService {
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
+    /// Checks that the caller is a current controller: its role, then its certificate's
+    /// fingerprint against the controller records this controller has applied (the receiver
+    /// of Forward and ReadIndex leads, so it knows every committed record).
+    fn require_member<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        require_controller(request, self.tls)?;
+        if !self.tls {
+            return Ok(());
+        }
+        let fingerprint = caller_fingerprint(request)?;
+        let allowed = self.cp.read_local(|s| {
+            controller_allowed(
+                &fingerprint,
+                s.controllers.values().map(|c| c.cert_fingerprint.as_str()),
+            )
+        });
+        if allowed {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(
+                "the certificate is not the one of a current controller",
+            ))
+        }
+    }
+
     /// The answer of a receiver that does not lead.
     fn not_leader(&self) -> Status {
         let leader = self
@@ -68,7 +121,7 @@ impl Controller for PeerService {
         &self,
         request: Request<ForwardRequest>,
     ) -> Result<Response<ForwardReply>, Status> {
-        require_controller(&request, self.tls)?;
+        self.require_member(&request)?;
         let cmd: Command = serde_json::from_slice(&request.into_inner().command)
             .map_err(|e| Status::invalid_argument(format!("cannot decode the command: {e}")))?;
         let result: ApplyResult = match self.cp.write_local(cmd).await {
@@ -94,7 +147,7 @@ impl Controller for PeerService {
         &self,
         request: Request<ReadIndexRequest>,
     ) -> Result<Response<ReadIndexReply>, Status> {
-        require_controller(&request, self.tls)?;
+        self.require_member(&request)?;
         match self.cp.read_index_local().await {
             Ok(Attempt::Done(index)) => Ok(Response::new(ReadIndexReply { index })),
             Ok(Attempt::Retry(_) | Attempt::RetryUnsure(_)) => Err(self.not_leader()),
@@ -123,6 +176,20 @@ impl Controller for PeerService {
                 "heartbeats need a mutual-tls peer listener",
             ));
         };
+        // The node's agent certificate is the one it joined with; another certificate naming
+        // the node (an older one, or one issued for a node of the same name since removed)
+        // is refused. A node that is not a member is left to the liveness code to answer.
+        let fingerprint = caller_fingerprint(&request)?;
+        let joined_with = self
+            .cp
+            .read_local(|s| s.nodes.get(&node).map(|n| n.cert_fingerprint.clone()));
+        if let Some(joined_with) = joined_with
+            && !joined_with.eq_ignore_ascii_case(&fingerprint)
+        {
+            return Err(Status::permission_denied(format!(
+                "the certificate is not the one node {node} joined with"
+            )));
+        }
         let Some(state) = self.heartbeats.get() else {
             return Err(Status::unavailable(
                 "this controller does not take heartbeats yet",
@@ -130,5 +197,22 @@ impl Controller for PeerService {
         };
         let reply = crate::liveness::heartbeat(state, &node, request.into_inner()).await;
         Ok(Response::new(reply))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::controller_allowed;
+
+    #[test]
+    fn controllers_are_allowed_by_their_recorded_certificate() {
+        // Only a recorded fingerprint passes once every record has one.
+        assert!(controller_allowed("aa", ["aa", "bb"].into_iter()));
+        assert!(controller_allowed("AA", ["aa", "bb"].into_iter()));
+        assert!(!controller_allowed("cc", ["aa", "bb"].into_iter()));
+        // A record from before fingerprints: the role is enough.
+        assert!(controller_allowed("cc", ["aa", ""].into_iter()));
+        // No record yet (bootstrap): the role is enough.
+        assert!(controller_allowed("cc", std::iter::empty()));
     }
 }

@@ -11,6 +11,15 @@ use super::types::Raft;
 use crate::tls::require_controller;
 
 /// Serves `berth.v1.Raft` for one local openraft node.
+///
+/// Callers are checked by role only (a controller certificate from the cluster CA), not
+/// against the controller records as Forward and ReadIndex are: a member that is behind may
+/// not have applied the record of a controller that joined since, yet must take its votes and
+/// entries, or the cluster could not make progress. The cost: a removed controller's
+/// certificate still passes here (until it expires), so a removed controller that keeps
+/// running can still send Raft messages; it is out of the membership, so the leader no longer
+/// replicates to it or counts it, but its vote requests can still disturb elections. It can
+/// no longer write through Forward (see [`crate::peer`]).
 #[derive(Clone)]
 pub struct RaftService {
     raft: Raft,

@@ -672,12 +672,28 @@ impl TlsCluster {
 
     /// A client certificate from the cluster CA with these names.
     fn client_tls(&self, names: &[&str]) -> ClientTlsConfig {
+        self.client_cert(names).0
+    }
+
+    /// A client certificate from the cluster CA with these names, and its fingerprint.
+    fn client_cert(&self, names: &[&str]) -> (ClientTlsConfig, String) {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let cert = self.ca.issue("client", &names).unwrap();
-        ClientTlsConfig::new()
+        let fingerprint = crate::tls::cert_fingerprint(&cert.cert_pem).unwrap();
+        let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.ca.cert_pem))
             .identity(Identity::from_pem(&cert.cert_pem, &cert.key_pem))
-            .domain_name(berth_proto::CONTROLLER_TLS_NAME)
+            .domain_name(berth_proto::CONTROLLER_TLS_NAME);
+        (tls, fingerprint)
+    }
+
+    /// A lazy channel to node `i` with this client certificate.
+    fn channel(&self, i: usize, tls: ClientTlsConfig) -> tonic::transport::Channel {
+        Endpoint::from_shared(format!("https://{}", self.addrs[i]))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect_lazy()
     }
 
     async fn stop(mut self) {
@@ -1097,6 +1113,7 @@ async fn agents_heartbeat_as_the_node_their_certificate_names() {
         instance_locks: Default::default(),
     });
     assert!(c.nodes[0].heartbeats.set(state).is_ok());
+    let (n2_tls, n2_fingerprint) = c.client_cert(&["n2.agent.berth", "127.0.0.1"]);
     for name in ["n1", "n2"] {
         cp.write(Command::AddJoinToken {
             hash: format!("h-{name}"),
@@ -1114,6 +1131,11 @@ async fn agents_heartbeat_as_the_node_their_certificate_names() {
             node: crate::state::Node {
                 name: name.into(),
                 address: "127.0.0.1:9".into(),
+                cert_fingerprint: if name == "n2" {
+                    n2_fingerprint.clone()
+                } else {
+                    "00".repeat(32)
+                },
                 cpus: 1,
                 ..Default::default()
             },
@@ -1123,11 +1145,7 @@ async fn agents_heartbeat_as_the_node_their_certificate_names() {
         .unwrap();
     }
     // The agent of n2 reports 8 CPUs; only n2 changes, whatever the request says.
-    let channel = Endpoint::from_shared(format!("https://{}", c.addrs[0]))
-        .unwrap()
-        .tls_config(c.client_tls(&["n2.agent.berth", "127.0.0.1"]))
-        .unwrap()
-        .connect_lazy();
+    let channel = c.channel(0, n2_tls);
     let reply = ControllerClient::new(channel)
         .heartbeat(berth_proto::v1::HeartbeatRequest {
             capacity: Some(berth_proto::v1::NodeCapacity {
@@ -1154,6 +1172,111 @@ async fn agents_heartbeat_as_the_node_their_certificate_names() {
         "the heartbeat's capacity was not recorded for n2"
     );
     assert_eq!(cp.read_local(|s| s.nodes["n1"].cpus), 1);
+
+    // Another certificate naming n2 (an old one, say) is not the one n2 joined with.
+    let old = c.channel(0, c.client_tls(&["n2.agent.berth", "127.0.0.1"]));
+    let e = ControllerClient::new(old)
+        .heartbeat(berth_proto::v1::HeartbeatRequest {
+            sequence: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message()
+            .contains("the certificate is not the one node n2 joined with"),
+        "{e:?}"
+    );
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_controllers_cannot_forward() {
+    let c = TlsCluster::start(1, 1).await;
+    let cp = c.cp(0);
+    let ctl = [berth_proto::CONTROLLER_TLS_NAME];
+    let (c1_tls, c1_fingerprint) = c.client_cert(&ctl);
+    let (c2_tls, c2_fingerprint) = c.client_cert(&ctl);
+    cp.write(Command::RegisterController {
+        record: ControllerRecord {
+            name: "c1".into(),
+            id: 1,
+            peer_address: c.addrs[0].clone(),
+            api_address: "c1:8443".into(),
+            joined_at: crate::clock::now(),
+            cert_fingerprint: c1_fingerprint,
+        },
+    })
+    .await
+    .unwrap();
+    cp.write(Command::AddJoinToken {
+        hash: "token-c2".into(),
+        record: crate::state::JoinTokenRecord {
+            node_name: "c2".into(),
+            kind: crate::state::JoinKind::Controller,
+            created_at: crate::clock::now(),
+            expires_at: crate::clock::after(Duration::from_secs(3600)),
+        },
+    })
+    .await
+    .unwrap();
+    cp.write(Command::JoinController {
+        token_hash: "token-c2".into(),
+        name: "c2".into(),
+        peer_address: "c2:7443".into(),
+        api_address: "c2:8443".into(),
+        cert_fingerprint: c2_fingerprint,
+        now: crate::clock::now(),
+    })
+    .await
+    .unwrap();
+    let forward = |k: &str| berth_proto::v1::ForwardRequest {
+        command: serde_json::to_vec(&Command::AddApiKey { key: key(k) })
+            .unwrap()
+            .into(),
+    };
+    let c2 = c.channel(0, c2_tls);
+    ControllerClient::new(c2.clone())
+        .forward(forward("by-c2"))
+        .await
+        .unwrap();
+    // A controller certificate that is no member's (role alone) gets nothing.
+    let stranger = c.channel(0, c.client_tls(&ctl));
+    let e = ControllerClient::new(stranger.clone())
+        .forward(forward("by-stranger"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let e = ControllerClient::new(stranger)
+        .read_index(berth_proto::v1::ReadIndexRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+
+    // c2 is removed: its certificate, still signed by the CA, can no longer write or read.
+    cp.write(Command::RemoveController { name: "c2".into() })
+        .await
+        .unwrap();
+    let e = ControllerClient::new(c2.clone())
+        .forward(forward("by-removed-c2"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let e = ControllerClient::new(c2)
+        .read_index(berth_proto::v1::ReadIndexRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(
+        !cp.read_local(|s| s.api_keys.values().any(|k| k.name == "by-removed-c2")),
+        "the removed controller's write was applied"
+    );
+    // c1, still a member, goes on.
+    ControllerClient::new(c.channel(0, c1_tls))
+        .read_index(berth_proto::v1::ReadIndexRequest {})
+        .await
+        .unwrap();
     c.stop().await;
 }
 
