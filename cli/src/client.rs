@@ -39,10 +39,70 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// is skipped quickly in favour of the next one.
 const FAILOVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// How long (from the first attempt) requests that may be repeated keep being retried after a
+/// How long (from the first failure) requests that may be repeated keep being retried after a
 /// 503 answer or a broken connection (a Raft leader election takes one to two seconds); the
 /// last attempt may end later.
 pub const RETRY_WINDOW: Duration = Duration::from_secs(5);
+
+/// Deadline of the TLS handshake, after the TCP connect.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Deadline for the answer to an ordinary request (from sending it to its last byte).
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Extra time over a long poll's own timeout (`/wait?timeout=N`) before its answer is overdue.
+pub const LONG_POLL_MARGIN: Duration = Duration::from_secs(10);
+
+/// The server's default `/wait` timeout, when the request names none.
+const DEFAULT_WAIT_SECS: u64 = 3600;
+
+/// TCP keepalive: a controller cut off without FIN or RST (host down, network partition) is
+/// noticed after about idle + interval x retries even on a connection that only waits, such
+/// as a file download or an exec websocket.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_RETRIES: u32 = 3;
+
+/// The deadlines a [`Client`] applies (see [`Client::with_timeouts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// The TLS handshake after the TCP connect.
+    pub tls_handshake: Duration,
+    /// The answer (head and body) to a request sent with [`Client::call`].
+    pub response: Duration,
+    /// Added to a `/wait` long poll's timeout to give its answer's deadline.
+    pub long_poll_margin: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Timeouts {
+        Timeouts {
+            tls_handshake: TLS_HANDSHAKE_TIMEOUT,
+            response: RESPONSE_TIMEOUT,
+            long_poll_margin: LONG_POLL_MARGIN,
+        }
+    }
+}
+
+impl Timeouts {
+    /// The deadline for the answer to a request for `path`: a `/wait` long poll may be held by
+    /// the server for its `timeout` (the server's default when it names none), so it gets that
+    /// plus the margin; anything else gets [`Timeouts::response`].
+    pub fn for_path(&self, path: &str) -> Duration {
+        let (route, query) = path.split_once('?').unwrap_or((path, ""));
+        if !route.ends_with("/wait") {
+            return self.response;
+        }
+        let secs = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("timeout="))
+            .and_then(|v| v.parse::<i64>().ok())
+            .map_or(DEFAULT_WAIT_SECS, |t| {
+                u64::try_from(t).unwrap_or(DEFAULT_WAIT_SECS)
+            });
+        Duration::from_secs(secs) + self.long_poll_margin
+    }
+}
 
 /// Errors talking to a Berth server.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +185,7 @@ pub struct Client {
     current: Arc<AtomicUsize>,
     key: String,
     tls: TlsConnector,
+    timeouts: Timeouts,
 }
 
 impl std::fmt::Debug for Client {
@@ -157,6 +218,15 @@ pub fn parse_url(url: &str) -> Result<(String, u16), ClientError> {
         return Err(bad());
     }
     Ok((host.to_string(), uri.port_u16().unwrap_or(8443)))
+}
+
+/// Turns TCP keepalive on for `stream` (best effort: a failure only loses the early notice).
+fn set_keepalive(stream: &TcpStream) {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
 
 /// Percent-encodes a value for a query string (keeps `/` and unreserved characters).
@@ -278,6 +348,28 @@ fn tls_config(verifier: Arc<dyn ServerCertVerifier>) -> Result<rustls::ClientCon
     Ok(config)
 }
 
+/// The TLS handshake on `tcp`, within `timeout`.
+async fn tls_handshake(
+    connector: &TlsConnector,
+    name: ServerName<'static>,
+    tcp: TcpStream,
+    url: &str,
+    timeout: Duration,
+) -> Result<TlsStream<TcpStream>, ClientError> {
+    let fail = |reason: String| ClientError::Connect {
+        url: url.to_string(),
+        reason,
+    };
+    match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(fail(e.to_string())),
+        Err(_) => Err(fail(format!(
+            "TLS handshake timed out after {} s",
+            timeout.as_secs_f32()
+        ))),
+    }
+}
+
 fn server_name(host: &str, url: &str) -> Result<ServerName<'static>, ClientError> {
     ServerName::try_from(host.to_string()).map_err(|_| ClientError::BadUrl(url.to_string()))
 }
@@ -295,6 +387,7 @@ async fn tcp_connect(
     match tokio::time::timeout(timeout, TcpStream::connect((host, port))).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
+            set_keepalive(&s);
             Ok(s)
         }
         Ok(Err(e)) => Err(fail(e.to_string())),
@@ -313,13 +406,14 @@ pub async fn fetch_fingerprint(url: &str) -> Result<String, ClientError> {
     });
     let connector = TlsConnector::from(Arc::new(tls_config(verifier.clone())?));
     let tcp = tcp_connect(&host, port, url, CONNECT_TIMEOUT).await?;
-    connector
-        .connect(server_name(&host, url)?, tcp)
-        .await
-        .map_err(|e| ClientError::Connect {
-            url: url.to_string(),
-            reason: e.to_string(),
-        })?;
+    tls_handshake(
+        &connector,
+        server_name(&host, url)?,
+        tcp,
+        url,
+        TLS_HANDSHAKE_TIMEOUT,
+    )
+    .await?;
     let seen = verifier.seen.lock().ok().and_then(|s| s.clone());
     seen.ok_or_else(|| ClientError::Connect {
         url: url.to_string(),
@@ -372,7 +466,14 @@ impl Client {
             current: Arc::new(AtomicUsize::new(0)),
             key: target.key.clone(),
             tls: TlsConnector::from(Arc::new(tls_config(verifier)?)),
+            timeouts: Timeouts::default(),
         })
+    }
+
+    /// The same client with other deadlines.
+    pub fn with_timeouts(mut self, timeouts: Timeouts) -> Client {
+        self.timeouts = timeouts;
+        self
     }
 
     /// The URL of the address tried first (the one that answered last).
@@ -409,13 +510,14 @@ impl Client {
             CONNECT_TIMEOUT
         };
         let tcp = tcp_connect(&ep.host, ep.port, &ep.url, timeout).await?;
-        self.tls
-            .connect(ep.server_name.clone(), tcp)
-            .await
-            .map_err(|e| ClientError::Connect {
-                url: ep.url.clone(),
-                reason: e.to_string(),
-            })
+        tls_handshake(
+            &self.tls,
+            ep.server_name.clone(),
+            tcp,
+            &ep.url,
+            self.timeouts.tls_handshake,
+        )
+        .await
     }
 
     /// Connects to the first address that answers, starting with the current one; returns the
@@ -450,12 +552,28 @@ impl Client {
     }
 
     /// Sends one request (a fresh connection each time) and returns the raw answer.
+    ///
+    /// There is no deadline on the answer (the body may be a long upload, which the server
+    /// answers only once it has it all); TCP keepalive still notices a controller that is gone.
     pub async fn raw(
         &self,
         method: Method,
         path: &str,
         headers: HeaderMap,
         body: Body,
+    ) -> Result<http::Response<Incoming>, ClientError> {
+        self.send(method, path, headers, body, None).await
+    }
+
+    /// [`Client::raw`], with a deadline on the answer's head when `head_timeout` is set: a
+    /// connection without an answer in time is treated as broken (next address next time).
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: HeaderMap,
+        body: Body,
+        head_timeout: Option<Duration>,
     ) -> Result<http::Response<Incoming>, ClientError> {
         let (stream, i) = self.connect().await?;
         let ep = self.endpoint(i);
@@ -482,7 +600,16 @@ impl Client {
             h.extend(headers);
         }
         let req = builder.body(body).map_err(|e| http_err(&e))?;
-        let result = sender.send_request(req).await.map_err(|e| http_err(&e));
+        let result = match head_timeout {
+            None => sender.send_request(req).await.map_err(|e| http_err(&e)),
+            Some(t) => match tokio::time::timeout(t, sender.send_request(req)).await {
+                Ok(r) => r.map_err(|e| http_err(&e)),
+                Err(_) => Err(http_err(&format_args!(
+                    "no answer within {} s",
+                    t.as_secs_f32()
+                ))),
+            },
+        };
         if result.is_err() {
             // The connection broke mid-request: start with another address next time.
             self.rotate(i);
@@ -519,10 +646,11 @@ impl Client {
 
     /// Sends JSON (or nothing) and decodes the envelope.
     ///
-    /// Retries for up to [`RETRY_WINDOW`], moving to the remote's next address each time:
-    /// reads after a 503 answer or a connection that broke mid-request; writes only after a
-    /// 503 answer with `Retry-After` (see [`may_retry_503`]). Other answers are returned as
-    /// they are.
+    /// The whole answer must come within [`Timeouts::for_path`]; one that does not counts as
+    /// a broken connection. Retries for up to [`RETRY_WINDOW`] from the first failure, moving
+    /// to the remote's next address each time: reads after a 503 answer or a connection that
+    /// broke mid-request; writes only after a 503 answer with `Retry-After` (see
+    /// [`may_retry_503`]). Other answers are returned as they are.
     pub async fn call<B: Serialize>(
         &self,
         method: Method,
@@ -543,20 +671,34 @@ impl Client {
             None => None,
         };
         let read = matches!(method, Method::GET | Method::HEAD);
-        let started = Instant::now();
+        let deadline = self.timeouts.for_path(path);
+        let mut first_failure: Option<Instant> = None;
         let mut pause = Duration::from_millis(100);
         loop {
             let body = bytes.clone().map(full_body).unwrap_or_else(empty_body);
             // The address to move away from before retrying (`raw` itself moves on from one
             // whose connection broke).
             let mut used = None;
-            let (result, retry) = match self.raw(method.clone(), path, headers.clone(), body).await
+            let sent = Instant::now();
+            let (result, retry) = match self
+                .send(method.clone(), path, headers.clone(), body, Some(deadline))
+                .await
             {
                 Ok(resp) => {
                     used = Some(self.current_index());
                     let status = resp.status();
                     let retry_after = resp.headers().contains_key(header::RETRY_AFTER);
-                    let bytes = self.read_body(resp).await;
+                    let left = deadline.saturating_sub(sent.elapsed());
+                    let bytes = match tokio::time::timeout(left, self.read_body(resp)).await {
+                        Ok(b) => b,
+                        Err(_) => Err(ClientError::Http {
+                            url: format!("{}{}", self.url(), path),
+                            reason: format!(
+                                "the answer did not end within {} s",
+                                deadline.as_secs_f32()
+                            ),
+                        }),
+                    };
                     match bytes {
                         Ok(b) => {
                             let parsed = parse_envelope(status, &b);
@@ -573,7 +715,8 @@ impl Client {
             if !retry {
                 return result;
             }
-            if started.elapsed() + pause > RETRY_WINDOW {
+            let since = *first_failure.get_or_insert_with(Instant::now);
+            if since.elapsed() + pause > RETRY_WINDOW {
                 return result;
             }
             if let Some(i) = used {
@@ -671,19 +814,27 @@ impl Client {
         let auth = HeaderValue::from_str(&format!("Bearer {}", self.key))
             .map_err(|e| ClientError::Websocket(e.to_string()))?;
         req.headers_mut().insert(header::AUTHORIZATION, auth);
-        let (ws, _) = tokio_tungstenite::client_async(req, stream)
+        // A deadline on the upgrade answer only: the websocket itself may stay quiet for long.
+        let deadline = self.timeouts.response;
+        let upgrade = tokio::time::timeout(deadline, tokio_tungstenite::client_async(req, stream))
             .await
-            .map_err(|e| match e {
-                tokio_tungstenite::tungstenite::Error::Http(resp) => {
-                    let status = resp.status();
-                    let body = resp.body().clone().unwrap_or_default();
-                    match parse_envelope(status, &body) {
-                        Err(api) => api,
-                        Ok(_) => ClientError::Websocket(format!("server answered {status}")),
-                    }
-                }
-                other => ClientError::Websocket(other.to_string()),
+            .map_err(|_| {
+                ClientError::Websocket(format!(
+                    "no answer to the upgrade within {} s",
+                    deadline.as_secs_f32()
+                ))
             })?;
+        let (ws, _) = upgrade.map_err(|e| match e {
+            tokio_tungstenite::tungstenite::Error::Http(resp) => {
+                let status = resp.status();
+                let body = resp.body().clone().unwrap_or_default();
+                match parse_envelope(status, &body) {
+                    Err(api) => api,
+                    Ok(_) => ClientError::Websocket(format!("server answered {status}")),
+                }
+            }
+            other => ClientError::Websocket(other.to_string()),
+        })?;
         Ok(ws)
     }
 }
