@@ -10,11 +10,12 @@ use berth_proto::api::{
 };
 use berth_proto::v1;
 use serde::Deserialize;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::operations::{instance_resources, new_operation, run_task, sync};
 use super::{ApiError, JsonBody, SharedState};
 use crate::clock;
+use crate::raft::WriteError;
 use crate::state::{
     Action, Command, DesiredState, Instance, Node, NodeStatus, Observed, PendingAction,
 };
@@ -630,6 +631,9 @@ pub async fn rename(
     run_task(&state, op, async move {
         let lock = st.instance_lock(&name);
         let _guard = lock.lock().await;
+        // An action may have started between the check above and the lock.
+        let (i, n) = find(&st, &name).await?;
+        ensure_at_rest(&i, &n)?;
         let mut client = st.agents.client(&n)?;
         let s = client
             .instance_state(crate::agents::short(v1::InstanceRef {
@@ -643,20 +647,68 @@ pub async fn rename(
             )));
         }
         client
-            .rename_instance(v1::RenameInstanceRequest {
+            .rename_instance(crate::agents::short(v1::RenameInstanceRequest {
                 name: name.clone(),
                 new_name: body.name.clone(),
-            })
+            }))
             .await?;
-        st.cp
-            .write(Command::RenameInstance {
-                from: name.clone(),
-                to: body.name.clone(),
-            })
-            .await?;
+        let write = st.cp.write(Command::RenameInstance {
+            from: name.clone(),
+            to: body.name.clone(),
+        });
+        let back = v1::RenameInstanceRequest {
+            name: body.name.clone(),
+            new_name: name.clone(),
+        };
+        let undo = move || async move {
+            client
+                .rename_instance(crate::agents::short(back))
+                .await
+                .map(|_| ())
+                .map_err(ApiError::from)
+        };
+        record_rename(&name, &body.name, write, undo).await?;
         Ok(serde_json::Value::Null)
     })
     .await
+}
+
+/// Records a rename the agent has made; when the write certainly did not happen, renames
+/// the instance back on the agent (`undo`) so that the two agree, and reports the write's
+/// error. When the write may still be applied (the leader failed while committing it), the
+/// agent keeps the new name: undoing could leave the agent with the old name and the state
+/// with the new one.
+async fn record_rename<U, UF>(
+    from: &str,
+    to: &str,
+    write: impl std::future::Future<Output = Result<crate::state::ApplyOk, WriteError>>,
+    undo: U,
+) -> Result<(), ApiError>
+where
+    U: FnOnce() -> UF,
+    UF: std::future::Future<Output = Result<(), ApiError>>,
+{
+    let e = match write.await {
+        Ok(_) => return Ok(()),
+        Err(e @ WriteError::Unsure(_)) => {
+            error!(instance = %from, to, error = %e, "the agent renamed the instance but the rename may not be recorded");
+            return Err(e.into());
+        }
+        Err(e) => e,
+    };
+    warn!(instance = %from, to, error = %e, "cannot record the rename; renaming the instance back on its node");
+    let mut err = ApiError::from(e);
+    if let Err(u) = undo().await {
+        error!(instance = %from, to, error = %u.message, "cannot rename the instance back; its node has it as {to}");
+        err = ApiError::new(
+            err.status,
+            format!(
+                "{}; renaming the instance back on its node failed too ({}): the node has it as \"{to}\"",
+                err.message, u.message
+            ),
+        );
+    }
+    Err(err)
 }
 
 /// `DELETE /1.0/instances/{name}`: deletes a stopped instance.
@@ -792,4 +844,72 @@ pub async fn console(
         log.data,
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::raft::Unavailable;
+    use crate::state::{ApplyError, ApplyOk};
+
+    /// Runs `record_rename` with this write result; answers its result and how many times
+    /// the instance was renamed back.
+    async fn run(
+        write: Result<ApplyOk, WriteError>,
+        undo: Result<(), ApiError>,
+    ) -> (Result<(), ApiError>, usize) {
+        let undone = AtomicUsize::new(0);
+        let result = record_rename("a", "b", async { write }, || async {
+            undone.fetch_add(1, Ordering::SeqCst);
+            undo
+        })
+        .await;
+        (result, undone.load(Ordering::SeqCst))
+    }
+
+    #[tokio::test]
+    async fn a_rename_that_is_not_recorded_is_undone() {
+        // Recorded: nothing to undo.
+        let (r, undone) = run(Ok(ApplyOk::Done), Ok(())).await;
+        assert!(r.is_ok());
+        assert_eq!(undone, 0);
+        // Certainly not written: renamed back, the write's error reported as it was.
+        let (r, undone) = run(Err(WriteError::Unavailable(Unavailable::NoLeader)), Ok(())).await;
+        let e = r.unwrap_err();
+        assert_eq!(undone, 1);
+        assert_eq!(e.status, http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            e.retry_after,
+            Some(1),
+            "nothing changed: the client may repeat"
+        );
+        let (r, undone) = run(
+            Err(WriteError::Rejected(ApplyError::conflict(
+                "instance \"b\" exists",
+            ))),
+            Ok(()),
+        )
+        .await;
+        assert_eq!(r.unwrap_err().status, http::StatusCode::CONFLICT);
+        assert_eq!(undone, 1);
+        // The undo fails too: both said, and no Retry-After (the node has the new name).
+        let (r, undone) = run(
+            Err(WriteError::Raft("storage failed".into())),
+            Err(ApiError::bad_request("agent gone")),
+        )
+        .await;
+        let e = r.unwrap_err();
+        assert_eq!(undone, 1);
+        assert!(e.message.contains("storage failed"), "{}", e.message);
+        assert!(e.message.contains("agent gone"), "{}", e.message);
+        assert!(e.message.contains("\"b\""), "{}", e.message);
+        assert_eq!(e.retry_after, None);
+        // The write may still be applied: no undo, and no Retry-After.
+        let (r, undone) = run(Err(WriteError::Unsure(Unavailable::NoLeader)), Ok(())).await;
+        let e = r.unwrap_err();
+        assert_eq!(undone, 0);
+        assert_eq!(e.retry_after, None);
+    }
 }
