@@ -11,11 +11,12 @@ use axum::response::{IntoResponse, Response};
 use berth_proto::api::{self, Operation, OperationStatus};
 use http::StatusCode;
 use serde::Deserialize;
-use tracing::{Instrument, info_span, warn};
+use tracing::{Instrument, error, info_span, warn};
 
 use super::{ApiError, SharedState};
 use crate::clock;
-use crate::state::Command;
+use crate::raft::WriteError;
+use crate::state::{ApplyOk, Command};
 
 /// Answers `metadata` in a sync envelope.
 pub fn sync(metadata: impl serde::Serialize) -> Response {
@@ -110,12 +111,62 @@ pub async fn finish(
     }
     op.status_code = op.status.code();
     op.updated_at = clock::now();
-    if let Err(e) = state
-        .cp
-        .write(Command::PutOperation { operation: op })
-        .await
-    {
-        warn!(error = %e, "could not record the end of an operation");
+    let id = op.id.clone();
+    // During an election the write fails; one attempt would leave the operation Running for
+    // ever. PutOperation stores the whole operation, so repeating it is harmless.
+    let written = retry_write(&id, FINISH_RETRY_FOR, FIRST_RETRY, || {
+        state.cp.write(Command::PutOperation {
+            operation: op.clone(),
+        })
+    })
+    .await;
+    if let Err(e) = written {
+        error!(operation = %id, error = %e, "gave up recording the end of the operation; it stays running in the cluster's state");
+    }
+}
+
+/// How long [`finish`] keeps trying to record the end of an operation.
+const FINISH_RETRY_FOR: Duration = Duration::from_secs(30);
+
+/// The first pause between two attempts; it doubles up to [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+
+/// The longest pause between two attempts.
+const MAX_RETRY: Duration = Duration::from_secs(2);
+
+/// Repeats a write of operation `id` until it succeeds, `apply` rejects it (repeating cannot
+/// help then), or `limit` has passed; pauses start at `first` and double. Each distinct
+/// failure is logged once, not at every attempt. Answers the last error when it gives up.
+async fn retry_write<F, Fut>(
+    id: &str,
+    limit: Duration,
+    first: Duration,
+    mut attempt: F,
+) -> Result<(), WriteError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<ApplyOk, WriteError>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut pause = first;
+    let mut logged = String::new();
+    loop {
+        let e = match attempt().await {
+            Ok(_) => return Ok(()),
+            Err(e @ WriteError::Rejected(_)) => return Err(e),
+            Err(e) => e,
+        };
+        let now = tokio::time::Instant::now();
+        if now + pause > deadline {
+            return Err(e);
+        }
+        let message = e.to_string();
+        if message != logged {
+            warn!(operation = %id, error = %message, "cannot record the end of the operation yet; retrying");
+            logged = message;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(MAX_RETRY);
     }
 }
 
@@ -234,4 +285,54 @@ pub async fn cancel(
     Err(ApiError::bad_request(format!(
         "operation {id} cannot be cancelled while it runs"
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::raft::Unavailable;
+    use crate::state::ApplyError;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[tokio::test]
+    async fn the_end_of_an_operation_is_written_through_an_election() {
+        // Two failures (no leader, then an unsure commit), then the write goes through.
+        let calls = AtomicUsize::new(0);
+        let r = retry_write("op", Duration::from_secs(5), MS, || async {
+            match calls.fetch_add(1, Ordering::SeqCst) {
+                0 => Err(WriteError::Unavailable(Unavailable::NoLeader)),
+                1 => Err(WriteError::Unsure(Unavailable::NoQuorum)),
+                _ => Ok(ApplyOk::Done),
+            }
+        })
+        .await;
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn retries_stop_at_the_limit_and_on_a_rejection() {
+        let calls = AtomicUsize::new(0);
+        let started = std::time::Instant::now();
+        let r = retry_write("op", 50 * MS, MS, || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err::<ApplyOk, _>(WriteError::Unavailable(Unavailable::NoLeader))
+        })
+        .await;
+        assert!(matches!(r, Err(WriteError::Unavailable(_))), "{r:?}");
+        assert!(calls.load(Ordering::SeqCst) > 2);
+        assert!(started.elapsed() < Duration::from_secs(2));
+
+        let calls = AtomicUsize::new(0);
+        let r = retry_write("op", Duration::from_secs(5), MS, || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err::<ApplyOk, _>(WriteError::Rejected(ApplyError::not_found("gone")))
+        })
+        .await;
+        assert!(matches!(r, Err(WriteError::Rejected(_))), "{r:?}");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
 }
