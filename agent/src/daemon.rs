@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use berth_proto::v1::agent_server::AgentServer;
 use tracing::info;
@@ -160,14 +161,20 @@ pub async fn run(cfg: Config, token: Option<String>) -> Result<(), StartError> {
         })??;
     let identity = ensure_joined(&node, token.as_deref()).await?;
     // Heartbeats start before recovery (which may autostart many instances), so the node is
-    // online as soon as possible; they stop whenever this function returns.
+    // online as soon as possible; until recovery has finished they say `recovering` (the
+    // instances may still look stopped) and the controller ignores their instance states.
+    // They stop whenever this function returns.
+    let recovering = Arc::new(AtomicBool::new(true));
     let _heartbeats = AbortOnDrop(crate::heartbeat::spawn(
         &node.cfg,
         &identity,
         node.storage.clone(),
         node.engine.clone(),
+        recovering.clone(),
     ));
     node.engine.recover().await?;
+    recovering.store(false, Ordering::Release);
+    info!(node = %node.cfg.name, "recovery finished");
     let service = AgentService::new(
         node.cfg.name.clone(),
         node.engine.clone(),

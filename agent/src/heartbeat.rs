@@ -12,8 +12,10 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use berth_proto::v1::{
@@ -95,7 +97,19 @@ impl KnownControllers {
         }
     }
 
-    /// Writes the file atomically.
+    /// The addresses to try: the file's (when it names any), then the configured `seeds` it
+    /// lacks, so that a stale file never hides the configured controllers.
+    pub fn merged(file: Option<KnownControllers>, seeds: &[String]) -> KnownControllers {
+        let mut k = file.unwrap_or_default();
+        for s in seeds {
+            if !k.controllers.contains(s) {
+                k.controllers.push(s.clone());
+            }
+        }
+        k
+    }
+
+    /// Writes the file atomically (the data reaches the disk before the rename).
     pub fn save(&self, state_dir: &Path) -> Result<(), HeartbeatError> {
         let path = Self::path(state_dir);
         let tmp = state_dir.join(format!("{CONTROLLERS_FILE}.tmp"));
@@ -107,8 +121,16 @@ impl KnownControllers {
             path: path.clone(),
             source: std::io::Error::other(e),
         })?;
-        std::fs::write(&tmp, json).map_err(io(&tmp))?;
+        let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        file.write_all(&json).map_err(io(&tmp))?;
+        file.sync_all().map_err(io(&tmp))?;
+        drop(file);
         std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        // The rename itself is durable once the directory is synced (best effort: the file
+        // is only a cache of what replies tell again).
+        if let Ok(dir) = std::fs::File::open(state_dir) {
+            let _ = dir.sync_all();
+        }
         Ok(())
     }
 }
@@ -317,6 +339,7 @@ pub struct Heartbeat<R: Reporter> {
     channels: HashMap<String, Channel>,
     sequence: u64,
     link: Link,
+    recovering: Arc<AtomicBool>,
 }
 
 /// The client TLS settings for heartbeats: the node's certificate, the cluster CA, and the
@@ -358,7 +381,16 @@ impl<R: Reporter> Heartbeat<R> {
             channels: HashMap::new(),
             sequence: initial_sequence(),
             link: Link::Starting,
+            recovering: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Heartbeats say `recovering` while `flag` is set (the agent clears it once recovery has
+    /// finished): until then the instances' states may be wrong and the controller ignores
+    /// them.
+    pub fn with_recovering(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.recovering = flag;
+        self
     }
 
     /// Replaces the timing (tests use short ones).
@@ -368,13 +400,7 @@ impl<R: Reporter> Heartbeat<R> {
     }
 
     fn known(&self) -> KnownControllers {
-        match KnownControllers::load(&self.state_dir) {
-            Some(k) if !k.controllers.is_empty() => k,
-            _ => KnownControllers {
-                controllers: self.seeds.clone(),
-                leader: String::new(),
-            },
-        }
+        KnownControllers::merged(KnownControllers::load(&self.state_dir), &self.seeds)
     }
 
     /// Uses `addr` when neither the state directory nor the config names a controller (an
@@ -519,14 +545,15 @@ impl<R: Reporter> Heartbeat<R> {
             Ok(c) => c,
             Err(e) => return Outcome::Failed(e.to_string()),
         };
+        // Read before the report: a report gathered while recovery ran is marked as such.
+        let recovering = self.recovering.load(Ordering::Acquire);
         let (capacity, instances) = self.reporter.report().await;
         self.sequence += 1;
         let req = HeartbeatRequest {
             capacity: Some(capacity),
             instances,
             sequence: self.sequence,
-            // Set by the agent's recovery once it exists (see the integrator's notes).
-            recovering: false,
+            recovering,
         };
         let call = async move {
             ControllerClient::new(ch)
@@ -556,12 +583,14 @@ fn initial_sequence() -> u64 {
         .unwrap_or(0)
 }
 
-/// Starts the heartbeat task of a running agent.
+/// Starts the heartbeat task of a running agent; its beats say `recovering` while `recovering`
+/// is set.
 pub fn spawn(
     cfg: &crate::config::Config,
     identity: &Identity,
     storage: Arc<dyn StorageDriver>,
     engine: Arc<Engine>,
+    recovering: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<()> {
     let reporter = NodeReporter {
         storage,
@@ -575,7 +604,8 @@ pub fn spawn(
         reporter,
         cfg.controllers.clone(),
     )
-    .with_fallback(Some(LOCAL_CONTROLLER.to_string()));
+    .with_fallback(Some(LOCAL_CONTROLLER.to_string()))
+    .with_recovering(recovering);
     tokio::spawn(hb.run())
 }
 
@@ -659,5 +689,21 @@ mod tests {
         assert_eq!(KnownControllers::load(d.path()), Some(k));
         std::fs::write(d.path().join(CONTROLLERS_FILE), "{not json").unwrap();
         assert_eq!(KnownControllers::load(d.path()), None);
+        assert!(!d.path().join(format!("{CONTROLLERS_FILE}.tmp")).exists());
+    }
+
+    #[test]
+    fn configured_controllers_follow_the_files() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let file = KnownControllers {
+            controllers: s(&["a:1", "b:1"]),
+            leader: "b:1".into(),
+        };
+        let m = KnownControllers::merged(Some(file), &s(&["c:1", "a:1"]));
+        assert_eq!(m.controllers, s(&["a:1", "b:1", "c:1"]));
+        assert_eq!(m.leader, "b:1");
+        let m = KnownControllers::merged(None, &s(&["c:1"]));
+        assert_eq!(m.controllers, s(&["c:1"]));
+        assert_eq!(m.leader, "");
     }
 }

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,8 @@ struct Behaviour {
     client_cert: bool,
     /// The capacity last reported.
     capacity: Option<NodeCapacity>,
+    /// The `recovering` flag of every heartbeat received.
+    recovering: Vec<bool>,
 }
 
 #[derive(Clone, Default)]
@@ -63,6 +66,7 @@ impl Controller for Fake {
         let req = req.into_inner();
         let (hang, fail, reply) = self.with(|b| {
             b.seen.push(req.sequence);
+            b.recovering.push(req.recovering);
             b.client_cert |= client_cert;
             b.capacity = req.capacity.clone();
             (
@@ -255,7 +259,7 @@ async fn a_dead_address_is_skipped() {
     }
     .save(dir.path())
     .unwrap();
-    // The state directory wins over the configured seeds.
+    // The state directory's addresses come first, then the configured seeds.
     let hb = Heartbeat::new(
         "n1".into(),
         dir.path().to_path_buf(),
@@ -491,4 +495,77 @@ async fn a_restarted_agent_continues_its_sequence() {
     .await;
     let seen = leader.with(|x| x.seen.clone());
     assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+}
+
+#[tokio::test]
+async fn beats_say_recovering_until_recovery_has_finished() {
+    let leader = Fake::default();
+    let la = serve(leader.clone(), None).await.to_string();
+    leader.with(|x| {
+        x.leader = true;
+        x.controllers = vec![la.clone()];
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let recovering = Arc::new(AtomicBool::new(true));
+    let hb = Heartbeat::new(
+        "n1".into(),
+        dir.path().to_path_buf(),
+        None,
+        Fixed,
+        vec![la.clone()],
+    )
+    .with_timing(timing())
+    .with_recovering(recovering.clone());
+    let _task = Abort(tokio::spawn(hb.run()));
+    wait_for("beats while recovering", Duration::from_secs(5), || {
+        leader.with(|x| x.seen.len() >= 2)
+    })
+    .await;
+    recovering.store(false, Ordering::Release);
+    let before = leader.with(|x| x.seen.len());
+    wait_for("beats after recovery", Duration::from_secs(5), || {
+        leader.with(|x| x.seen.len() >= before + 3)
+    })
+    .await;
+    let flags = leader.with(|x| x.recovering.clone());
+    assert!(flags[..before].iter().all(|r| *r), "{flags:?}");
+    // At most the beat in flight when the flag changed still says recovering.
+    assert!(flags[before + 1..].iter().all(|r| !*r), "{flags:?}");
+}
+
+#[tokio::test]
+async fn configured_controllers_are_tried_after_a_stale_file() {
+    // controllers.json names only a dead controller; the configured one leads.
+    let leader = Fake::default();
+    let la = serve(leader.clone(), None).await.to_string();
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    leader.with(|x| {
+        x.leader = true;
+        x.controllers = vec![la.clone()];
+    });
+    let dir = tempfile::tempdir().unwrap();
+    KnownControllers {
+        controllers: vec![dead.clone()],
+        leader: dead.clone(),
+    }
+    .save(dir.path())
+    .unwrap();
+    let hb = Heartbeat::new(
+        "n1".into(),
+        dir.path().to_path_buf(),
+        None,
+        Fixed,
+        vec![la.clone()],
+    )
+    .with_timing(timing());
+    let _task = Abort(tokio::spawn(hb.run()));
+    wait_for(
+        "beats at the configured controller",
+        Duration::from_secs(10),
+        || leader.with(|x| x.seen.len() >= 2),
+    )
+    .await;
 }
