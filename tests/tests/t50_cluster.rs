@@ -208,6 +208,7 @@ fn phases(c: &DevCluster) -> Result<()> {
     leader_kill_during_writes(c)?;
     leader_kill_during_an_action(c)?;
     remove_that_would_lose_quorum(c)?;
+    follower_catches_up_by_snapshot(c)?;
     leader_cut_off(c)?;
     restart_every_controller(c)?;
     agent_killed(c)?;
@@ -456,6 +457,111 @@ fn remove_that_would_lose_quorum(c: &DevCluster) -> Result<()> {
             })
         },
     )?;
+    Ok(())
+}
+
+/// A Prometheus figure of controller `name` (`c1`..), read from its own `/1.0/metrics`.
+fn metric(c: &DevCluster, name: &str, series: &str) -> Result<u64> {
+    let conf = PathBuf::from(&c.env["BERTH_CONF"]);
+    let key = std::fs::read_to_string(conf.join("admin.key"))?;
+    let index = name.trim_start_matches('c');
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(conf.join("ca.pem"))
+        .args([
+            "--connect-to",
+            &format!("controller.berth:8443:10.99.0.1{index}:8443"),
+        ])
+        .args(["-H", &format!("Authorization: Bearer {}", key.trim())])
+        .arg("https://controller.berth:8443/1.0/metrics")
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.starts_with(series) && l.contains(&format!("controller=\"{name}\"")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .with_context(|| format!("no {series} for {name} in /1.0/metrics"))
+}
+
+/// A follower that was down while thousands of entries were written (more than the leader
+/// keeps in its log after a snapshot) catches up when it returns, and then serves linearizable
+/// reads that see every write.
+fn follower_catches_up_by_snapshot(c: &DevCluster) -> Result<()> {
+    let leader = c.leader()?;
+    let follower = ["c1", "c2", "c3"]
+        .into_iter()
+        .find(|n| *n != leader)
+        .context("a follower")?
+        .to_string();
+    let start = metric(c, &leader, "berth_raft_last_log_index")?;
+    c.script_ok(&["kill", &follower])?;
+    let conf = PathBuf::from(&c.env["BERTH_CONF"]);
+    let urls: Vec<String> = ["c1", "c2", "c3"]
+        .iter()
+        .filter(|n| **n != follower)
+        .map(|n| format!("https://10.99.0.1{}:8443", n.trim_start_matches('c')))
+        .collect();
+    // Snapshots are taken every 5,000 entries and keep 1,000 behind them: 6,500 new entries
+    // leave the follower's position purged from the leader's log.
+    let mut written = 0;
+    for _ in 0..12 {
+        let out = Command::new(bin_dir().join("berth-api-bench"))
+            .args(["--urls", &urls.join(",")])
+            .arg("--key-file")
+            .arg(conf.join("admin.key"))
+            .arg("--ca-file")
+            .arg(conf.join("ca.pem"))
+            .args(["--clients", "32", "--seconds", "10"])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "berth-api-bench failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        written = metric(c, &leader, "berth_raft_last_log_index")?.saturating_sub(start);
+        if written > 6500 {
+            break;
+        }
+    }
+    assert!(written > 6500, "only {written} entries were written");
+    let started = Instant::now();
+    c.script_ok(&["start", &follower])?;
+    let target = metric(c, &leader, "berth_raft_last_log_index")?;
+    wait_for("the follower to catch up", Duration::from_secs(120), || {
+        metric(c, &follower, "berth_raft_applied_index").is_ok_and(|i| i >= target)
+    })?;
+    println!(
+        "follower {follower} was {written} entries behind; caught up in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    // A linearizable read through it sees the latest write.
+    let list = c.berth_ok(&["image", "alias", "list", "--format", "json"])?;
+    let list: serde_json::Value = serde_json::from_str(&list)?;
+    let fingerprint = list
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["name"] == "busybox"))
+        .and_then(|x| x["target"].as_str())
+        .context("the busybox alias exists")?
+        .to_string();
+    c.berth_ok(&["image", "alias", "create", "after-catch-up", &fingerprint])?;
+    let out = Command::new(bin_dir().join("berth"))
+        .args(["image", "alias", "list", "--format", "json"])
+        .env(
+            "BERTH_URL",
+            format!("https://10.99.0.1{}:8443", follower.trim_start_matches('c')),
+        )
+        .env("BERTH_KEY_FILE", conf.join("admin.key"))
+        .env("BERTH_CA", conf.join("ca.pem"))
+        .env("BERTH_CONF", &conf)
+        .stdin(Stdio::null())
+        .output()?;
+    assert!(out.status.success(), "read through {follower}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("after-catch-up"),
+        "a read through {follower} sees the write just made"
+    );
     Ok(())
 }
 
