@@ -2,7 +2,7 @@
 //! validated once into [`Config`].
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -174,10 +174,7 @@ impl Config {
         let listen = addr("listen", raw.listen.as_deref().unwrap_or("127.0.0.1:8445"))?;
         let advertise = match raw.advertise.as_deref() {
             Some(a) => addr("advertise", a)?,
-            None if listen.ip().is_unspecified() => {
-                SocketAddr::from(([127, 0, 0, 1], listen.port()))
-            }
-            None => listen,
+            None => advertised(listen, host_address())?,
         };
         let driver = match raw.storage.driver.as_deref().unwrap_or("btrfs") {
             "btrfs" => StorageDriverKind::Btrfs,
@@ -342,6 +339,36 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+/// The address controllers dial when `advertise` is not set: `listen` itself, or, when it is
+/// a wildcard (`0.0.0.0`, `[::]`), `host` (this host's main address) with its port; a
+/// wildcard without a host address is refused (registering 127.0.0.1 would make controllers
+/// on other hosts dial themselves).
+pub fn advertised(listen: SocketAddr, host: Option<IpAddr>) -> Result<SocketAddr, ConfigError> {
+    if !listen.ip().is_unspecified() {
+        return Ok(listen);
+    }
+    match host {
+        Some(ip) => Ok(SocketAddr::new(ip, listen.port())),
+        None => Err(ConfigError::Invalid {
+            key: "advertise",
+            message: format!(
+                "listen is {listen} and this host has no default route to take its address from: set advertise to the address controllers should dial"
+            ),
+        }),
+    }
+}
+
+/// This host's main address: the source address of its default route (no packet is sent),
+/// like berthd's; `None` when there is no default route.
+pub fn host_address() -> Option<IpAddr> {
+    let probe = || -> std::io::Result<IpAddr> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.connect("192.0.2.1:9")?;
+        Ok(s.local_addr()?.ip())
+    };
+    probe().ok().filter(|ip| !ip.is_unspecified())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,6 +381,16 @@ mod tests {
         assert_eq!(c.storage.driver, StorageDriverKind::Btrfs);
         assert_eq!(c.storage.loop_size, 30 << 30);
         assert_eq!(c.advertise, c.listen);
+        let any: SocketAddr = "0.0.0.0:8445".parse().unwrap();
+        let host: IpAddr = "10.0.0.21".parse().unwrap();
+        assert_eq!(
+            advertised(any, Some(host)).unwrap(),
+            "10.0.0.21:8445".parse::<SocketAddr>().unwrap()
+        );
+        let err = advertised(any, None).unwrap_err().to_string();
+        assert!(err.contains("set advertise"), "{err}");
+        let own: SocketAddr = "10.0.0.5:9000".parse().unwrap();
+        assert_eq!(advertised(own, Some(host)).unwrap(), own);
         assert_eq!(c.run_dir, PathBuf::from("/run/berth"));
         assert_eq!(c.idmap_range, crate::runtime::IdRange::default());
         assert!(c.labels.is_empty() && c.controllers.is_empty());
