@@ -76,6 +76,11 @@ pub struct Config {
     pub cluster_name: String,
 }
 
+/// The shortest `offline_threshold` accepted, in seconds: a few heartbeat intervals
+/// ([`crate::liveness::HEARTBEAT_INTERVAL`]), so that one late heartbeat does not take a node
+/// for offline.
+pub const MIN_OFFLINE_THRESHOLD: u64 = 5;
+
 impl Config {
     /// Reads and validates a config file; `None` means built-in defaults.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -100,6 +105,7 @@ impl Config {
         })
     }
 
+    /// Checks `raw` and fills in the defaults.
     pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         let name = raw.name.unwrap_or_else(host_name);
         if name.is_empty()
@@ -133,13 +139,18 @@ impl Config {
             Some(v) => validate_host_port(key, &v).map(|()| v),
             None => Ok(advertised(listen)),
         };
+        // Agents beat every `liveness::HEARTBEAT_INTERVAL` (2 s): a threshold under
+        // MIN_OFFLINE_THRESHOLD would take a node for offline after one late heartbeat.
         let offline_threshold = match raw.offline_threshold {
             None => 10,
-            Some(s) if (1..=3600).contains(&s) => s,
+            Some(s) if (MIN_OFFLINE_THRESHOLD..=3600).contains(&s) => s,
             Some(s) => {
                 return Err(ConfigError::Invalid {
                     key: "offline_threshold",
-                    message: format!("{s} must be from 1 to 3600 seconds"),
+                    message: format!(
+                        "{s} must be from {MIN_OFFLINE_THRESHOLD} to 3600 seconds (agents send a heartbeat every {} s; the threshold must allow a few to be late)",
+                        crate::liveness::HEARTBEAT_INTERVAL.as_secs()
+                    ),
                 });
             }
         };
@@ -266,8 +277,20 @@ mod tests {
         assert_eq!(c.offline_threshold, Duration::from_secs(30));
         assert_eq!(c.join.as_deref(), Some("10.1.0.1:8443"));
         assert_eq!(c.join_token.as_deref(), Some("abc"));
+        let raw: RawConfig = toml::from_str("offline_threshold = 5").unwrap();
+        assert_eq!(
+            Config::validate(raw).unwrap().offline_threshold,
+            Duration::from_secs(5)
+        );
+        for short in ["offline_threshold = 1", "offline_threshold = 4"] {
+            let raw: RawConfig = toml::from_str(short).unwrap();
+            let e = Config::validate(raw).unwrap_err().to_string();
+            assert!(e.contains("from 5 to 3600 seconds"), "{e}");
+            assert!(e.contains("every 2 s"), "{e}");
+        }
         for bad in [
             "offline_threshold = 0",
+            "offline_threshold = 3601",
             "peer_advertise = \"nohost\"",
             "api_advertise = \"a b:1\"",
             "join = \"x:99999\"",
