@@ -15,6 +15,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, ServerName};
 use sha2::{Digest, Sha256};
+use tracing::warn;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
@@ -24,6 +25,10 @@ pub enum JoinError {
     Unreachable { addr: String, detail: String },
     #[error("the controller refused the join: {0}")]
     Refused(String),
+    /// An answer that is not the controller's last word (a 503 during a leader election, a
+    /// 500): the token's other addresses may still take the join.
+    #[error("the controller at {addr} cannot take the join now: {detail}")]
+    Unavailable { addr: String, detail: String },
     #[error("tls: {0}")]
     Tls(String),
     #[error("cannot store the agent's certificate in {path}: {source}")]
@@ -122,6 +127,11 @@ pub fn decode_token(token: &str) -> Result<JoinToken, JoinError> {
 /// How long one join attempt may take, all of it (connect, handshake, answer).
 const JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Rounds over the token's addresses while some controller answers that it cannot take the
+/// join now (a leader election takes a second or two), and the pause between them.
+const JOIN_ROUNDS: usize = 3;
+const JOIN_ROUND_PAUSE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// What the agent tells the controller about itself when joining.
 pub struct JoinFacts {
     pub name: String,
@@ -150,48 +160,76 @@ pub async fn join(state_dir: &Path, token: &str, facts: JoinFacts) -> Result<Ide
         memory_bytes: facts.memory_bytes,
     };
     let mut last = None;
-    for addr in &token.addresses {
-        let attempt =
-            tokio::time::timeout(JOIN_TIMEOUT, post_join(addr, &token.fingerprint, &body));
-        let result = attempt.await.unwrap_or_else(|_| {
-            Err(JoinError::Unreachable {
-                addr: addr.clone(),
-                detail: format!("no answer within {JOIN_TIMEOUT:?}"),
-            })
-        });
-        match result {
-            Ok(resp) => {
-                let controllers = resp.controllers.clone();
-                let id = Identity {
-                    cert_pem: resp.certificate,
-                    key_pem: key.serialize_pem(),
-                    ca_pem: resp.ca,
-                };
-                if fingerprint_of_pem(&id.ca_pem).as_deref() != Some(token.fingerprint.as_str()) {
-                    return Err(JoinError::Tls(
-                        "the CA the controller returned does not match the token".into(),
-                    ));
-                }
-                id.save(state_dir)?;
-                if !controllers.is_empty() {
-                    let known = crate::heartbeat::KnownControllers {
-                        controllers,
-                        leader: String::new(),
-                    };
-                    known.save(state_dir).map_err(|e| match e {
-                        crate::heartbeat::HeartbeatError::Io { path, source } => {
-                            JoinError::Io { path, source }
-                        }
-                        other => JoinError::Tls(other.to_string()),
-                    })?;
-                }
-                return Ok(id);
+    for round in 0..JOIN_ROUNDS {
+        if round > 0 {
+            if !matches!(last, Some(JoinError::Unavailable { .. })) {
+                break;
             }
-            Err(e @ JoinError::Refused(_)) => return Err(e),
-            Err(e) => last = Some(e),
+            tokio::time::sleep(JOIN_ROUND_PAUSE).await;
+        }
+        for addr in &token.addresses {
+            match join_at(state_dir, addr, &token, &key, &body).await {
+                Ok(id) => return Ok(id),
+                Err(e @ JoinError::Refused(_)) => return Err(e),
+                Err(e) => {
+                    warn!(addr = %addr, "join attempt failed: {e}");
+                    // An "unavailable" answer is remembered over a later unreachable address,
+                    // so that another round is tried.
+                    if !matches!(
+                        (&last, &e),
+                        (
+                            Some(JoinError::Unavailable { .. }),
+                            JoinError::Unreachable { .. }
+                        )
+                    ) {
+                        last = Some(e);
+                    }
+                }
+            }
         }
     }
     Err(last.unwrap_or_else(|| JoinError::BadToken("it names no controller address".into())))
+}
+
+/// One join attempt at `addr`; saves the identity when it succeeds.
+async fn join_at(
+    state_dir: &Path,
+    addr: &str,
+    token: &JoinToken,
+    key: &rcgen::KeyPair,
+    body: &ClusterJoinPost,
+) -> Result<Identity, JoinError> {
+    let resp = tokio::time::timeout(JOIN_TIMEOUT, post_join(addr, &token.fingerprint, body))
+        .await
+        .unwrap_or_else(|_| {
+            Err(JoinError::Unreachable {
+                addr: addr.to_string(),
+                detail: format!("no answer within {JOIN_TIMEOUT:?}"),
+            })
+        })?;
+    let controllers = resp.controllers.clone();
+    let id = Identity {
+        cert_pem: resp.certificate,
+        key_pem: key.serialize_pem(),
+        ca_pem: resp.ca,
+    };
+    if fingerprint_of_pem(&id.ca_pem).as_deref() != Some(token.fingerprint.as_str()) {
+        return Err(JoinError::Tls(
+            "the CA the controller returned does not match the token".into(),
+        ));
+    }
+    id.save(state_dir)?;
+    if !controllers.is_empty() {
+        let known = crate::heartbeat::KnownControllers {
+            controllers,
+            leader: String::new(),
+        };
+        known.save(state_dir).map_err(|e| match e {
+            crate::heartbeat::HeartbeatError::Io { path, source } => JoinError::Io { path, source },
+            other => JoinError::Tls(other.to_string()),
+        })?;
+    }
+    Ok(id)
 }
 
 fn fingerprint_of_pem(pem: &str) -> Option<String> {
@@ -256,10 +294,34 @@ async fn post_join(
     let envelope: api::Response = serde_json::from_slice(&bytes)
         .map_err(|_| unreachable(format!("the answer (HTTP {status}) is not Berth's API")))?;
     if envelope.kind != api::ResponseType::Sync {
-        return Err(JoinError::Refused(envelope.error));
+        return Err(join_failure(addr, status, &envelope));
     }
     serde_json::from_value(envelope.metadata)
         .map_err(|e| JoinError::Refused(format!("the answer lacks the certificate: {e}")))
+}
+
+/// What a join answer that is not `sync` means: a 4xx is the controller's last word (a bad
+/// or used token, a name taken); anything else (a 503 during an election, a 500) lets the
+/// token's other addresses be tried.
+fn join_failure(addr: &str, status: http::StatusCode, envelope: &api::Response) -> JoinError {
+    let code = if envelope.error_code != 0 {
+        envelope.error_code
+    } else {
+        status.as_u16()
+    };
+    let message = if envelope.error.is_empty() {
+        format!("it answered HTTP {code}")
+    } else {
+        envelope.error.clone()
+    };
+    if (400..500).contains(&code) {
+        JoinError::Refused(message)
+    } else {
+        JoinError::Unavailable {
+            addr: addr.to_string(),
+            detail: format!("HTTP {code}: {message}"),
+        }
+    }
 }
 
 /// Refuses gRPC calls whose client certificate is not a controller's. The TLS layer already
@@ -315,6 +377,34 @@ mod tests {
         assert!(is_controller_cert(&ctl));
         assert!(!is_controller_cert(&agent));
         assert!(!is_controller_cert(&CertificateDer::from(vec![1, 2, 3])));
+    }
+
+    #[test]
+    fn only_a_4xx_join_answer_is_final() {
+        let env = |code: u16, msg: &str| api::Response {
+            kind: api::ResponseType::Error,
+            status: String::new(),
+            status_code: 0,
+            operation: String::new(),
+            error_code: code,
+            error: msg.into(),
+            metadata: serde_json::Value::Null,
+        };
+        let e = join_failure("a:1", http::StatusCode::FORBIDDEN, &env(403, "bad token"));
+        assert!(
+            matches!(&e, JoinError::Refused(m) if m == "bad token"),
+            "{e}"
+        );
+        let e = join_failure(
+            "a:1",
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            &env(503, "no leader"),
+        );
+        assert!(matches!(e, JoinError::Unavailable { .. }), "{e}");
+        let e = join_failure("a:1", http::StatusCode::INTERNAL_SERVER_ERROR, &env(0, ""));
+        assert!(e.to_string().contains("HTTP 500"), "{e}");
+        let e = join_failure("a:1", http::StatusCode::CONFLICT, &env(0, ""));
+        assert!(matches!(e, JoinError::Refused(_)), "{e}");
     }
 
     #[test]
