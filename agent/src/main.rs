@@ -53,7 +53,12 @@ fn main() -> ExitCode {
         berth_proto::telemetry::init("berth-agent", &args.log)
     };
     let _ = rustls::crypto::ring::default_provider().install_default();
-    match run(args, rt) {
+    let result = run(args, &rt);
+    // The telemetry guard flushes traces when dropped: it goes first, while the runtime it
+    // exports on still exists.
+    drop(_telemetry);
+    drop(rt);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("berth-agent: {e}");
@@ -62,7 +67,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args, rt: tokio::runtime::Runtime) -> anyhow::Result<()> {
+fn run(args: Args, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     // Without --config, the conventional file is read when it exists.
     let default = std::path::Path::new(DEFAULT_CONFIG);
     let config = args
