@@ -49,8 +49,9 @@ fn main() -> anyhow::Result<()> {
     if args.join.is_some() {
         raw.join = args.join;
     }
-    if args.token.is_some() {
-        raw.join_token = args.token;
+    // An empty token (`BERTHD_JOIN_TOKEN=` in an env file) is no token.
+    if let Some(token) = args.token.filter(|t| !t.trim().is_empty()) {
+        raw.join_token = Some(token);
     }
     let cfg = berth_controller::config::Config::validate(raw)?;
     rt.block_on(berth_controller::daemon::run(cfg))?;
