@@ -89,6 +89,11 @@ for b in berthd berth-agent berth; do
   fi
 done
 
+# Where a daemon's log is: the journal under systemd, else a file in $LOGS.
+log_of() {
+  if have_systemd; then echo "journalctl -u $1"; else echo "$LOGS/$1.log"; fi
+}
+
 # 3. Start the daemons (restart them when the binaries changed; instances keep running).
 mkdir -p "$STATE" "$LOGS" "$RUN" "$ETC"   # $ETC: berthd.toml / agent.toml, read when present
 chmod 0711 "$STATE"   # instances (unprivileged) must traverse it to reach their root filesystem
@@ -113,7 +118,7 @@ for _ in $(seq 1 300); do
     (exec 3<>/dev/tcp/127.0.0.1/8443) 2>/dev/null && break
   sleep 0.1
 done
-[ -s "$CLUSTER_DIR/admin.key" ] || die "berthd did not come up; see $LOGS/berthd.log"
+[ -s "$CLUSTER_DIR/admin.key" ] || die "berthd did not come up; see $(log_of berthd)"
 
 JOIN=()
 [ -f "$STATE/agent/tls/agent.crt" ] || JOIN=(--join-token-file "$CLUSTER_DIR/join-token")
@@ -145,7 +150,7 @@ for _ in $(seq 1 300); do
   if "$PREFIX/berth" cluster list -f csv 2>/dev/null | grep -q "^node,[^,]*,ONLINE"; then joined=1; break; fi
   sleep 0.2
 done
-[ "$joined" = 1 ] || die "the node did not join within a minute; see $LOGS/berth-agent.log"
+[ "$joined" = 1 ] || die "the node did not join within a minute; see $(log_of berth-agent)"
 
 # 5. An image and an instance.
 if ! "$PREFIX/berth" image info busybox >/dev/null 2>&1; then
@@ -167,5 +172,6 @@ Berth is running. Try:
   berth list
   berth exec demo1 -- sh
   berth image build debian/12 && berth launch debian/12 d1
-Logs: $LOGS   State: $STATE   Stop: $0 down
+Logs: $(log_of berthd), $(log_of berth-agent)
+State: $STATE   Stop: $0 down
 MSG
