@@ -240,6 +240,19 @@ pub async fn https_json(
     bearer: Option<&str>,
     body: Option<Vec<u8>>,
 ) -> Result<serde_json::Value, HttpsError> {
+    https_json_with(addr, verifier, method, path, bearer, body, &[]).await
+}
+
+/// [`https_json`] with extra request headers.
+pub async fn https_json_with(
+    addr: &str,
+    verifier: Arc<ControllerVerifier>,
+    method: http::Method,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<Vec<u8>>,
+    headers: &[(&str, &str)],
+) -> Result<serde_json::Value, HttpsError> {
     let unreachable = |detail: String| HttpsError::Unreachable {
         addr: addr.to_string(),
         detail,
@@ -274,6 +287,9 @@ pub async fn https_json(
         .header(http::header::CONTENT_TYPE, "application/json");
     if let Some(b) = bearer {
         req = req.header(http::header::AUTHORIZATION, format!("Bearer {b}"));
+    }
+    for (name, value) in headers {
+        req = req.header(*name, *value);
     }
     let req = req
         .body(Full::new(bytes::Bytes::from(body.unwrap_or_default())))

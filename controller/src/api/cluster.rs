@@ -121,8 +121,10 @@ pub async fn create_join_token(
     }
     let addrs = controller_api_addresses(&state).await?;
     let token = issue_join_token(&state, &body.name, JoinKind::Node, addrs).await?;
+    // As docs/operator-guide.md says: the token in a root-only file, `berth-agent join`
+    // (joins and exits), then the service starts the agent.
     let command = format!(
-        "echo {token} > /etc/berth/join-token && berth-agent --join-token-file /etc/berth/join-token"
+        "(umask 077 && echo {token} >/etc/berth/join-token) && berth-agent join --join-token-file /etc/berth/join-token && systemctl enable --now berth-agent"
     );
     Ok(sync(JoinTokenResponse {
         name: body.name,
@@ -154,19 +156,19 @@ pub async fn join(
     // JoinNode command checks it again, atomically, when the node is added).
     let token_hash = key_hash(&body.secret);
     let now = clock::now();
-    let valid = state
+    let refusal = state
         .cp
         .read(|s| {
-            s.join_tokens
-                .get(&token_hash)
-                .is_some_and(|t| t.node_name == body.name && t.expires_at.as_str() > now.as_str())
+            token_refusal(
+                s.join_tokens.get(&token_hash),
+                JoinKind::Node,
+                &body.name,
+                &now,
+            )
         })
         .await?;
-    if !valid {
-        return Err(ApiError::new(
-            http::StatusCode::FORBIDDEN,
-            "the join token is not valid or has expired",
-        ));
+    if let Some(refusal) = refusal {
+        return Err(refusal);
     }
     let names = vec![agent_tls_name(&body.name), addr.ip().to_string()];
     let cert = state
@@ -292,12 +294,43 @@ fn host_of(addr: &str, what: &str) -> Result<String, ApiError> {
     if ok { Ok(host.to_string()) } else { Err(bad()) }
 }
 
-/// The refusal a joining caller gets for any token problem (never saying which).
+/// The refusal a joining caller gets when its secret is unknown or the token has expired
+/// (never saying which).
 fn bad_token() -> ApiError {
     ApiError::new(
         http::StatusCode::FORBIDDEN,
         "the join token is not valid or has expired",
     )
+}
+
+/// Why the token a caller joins with (found by its secret, `None` when unknown) does not let
+/// a `kind` called `name` in at `now`; `None` when it does. A caller whose secret matches a
+/// live token holds that token, so it is told which kind and name the token was issued for.
+fn token_refusal(
+    token: Option<&JoinTokenRecord>,
+    kind: JoinKind,
+    name: &str,
+    now: &str,
+) -> Option<ApiError> {
+    let Some(t) = token.filter(|t| t.expires_at.as_str() > now) else {
+        return Some(bad_token());
+    };
+    let what = |k: JoinKind| match k {
+        JoinKind::Node => "node",
+        JoinKind::Controller => "controller",
+    };
+    if t.kind != kind || t.node_name != name {
+        return Some(ApiError::new(
+            http::StatusCode::FORBIDDEN,
+            format!(
+                "the join token was issued for {} \"{}\", not for {} \"{name}\"",
+                what(t.kind),
+                t.node_name,
+                what(kind)
+            ),
+        ));
+    }
+    None
 }
 
 /// `POST /1.0/cluster/controller-tokens` {name}: a token a new controller joins with.
@@ -347,19 +380,22 @@ pub async fn join_controller(
     // checks it again, atomically).
     let token_hash = key_hash(&body.secret);
     let now = clock::now();
-    let (valid, taken) = state
+    let (refusal, taken) = state
         .cp
         .read(|s| {
-            let valid = s.join_tokens.get(&token_hash).is_some_and(|t| {
-                t.kind == JoinKind::Controller
-                    && t.node_name == body.name
-                    && t.expires_at.as_str() > now.as_str()
-            });
-            (valid, s.controllers.contains_key(&body.name))
+            (
+                token_refusal(
+                    s.join_tokens.get(&token_hash),
+                    JoinKind::Controller,
+                    &body.name,
+                    &now,
+                ),
+                s.controllers.contains_key(&body.name),
+            )
         })
         .await?;
-    if !valid {
-        return Err(bad_token());
+    if let Some(refusal) = refusal {
+        return Err(refusal);
     }
     if taken {
         return Err(ApiError::conflict(format!(
@@ -568,13 +604,16 @@ async fn leader_overview(state: &SharedState, headers: &HeaderMap) -> Option<Clu
             .map(|c| c.api_address.clone())
     })?;
     let verifier = crate::join::verifier_for_ca(&state.ca.cert_pem).ok()?;
-    let ask = crate::join::https_json(
+    // The header tells the leader not to ask on: if this controller's idea of the leader is
+    // stale, the controller asked answers its own view instead of forwarding again.
+    let ask = crate::join::https_json_with(
         &addr,
         verifier,
         http::Method::GET,
         "/1.0/cluster",
         Some(&bearer),
         None,
+        &[(FORWARDED, "1")],
     );
     match tokio::time::timeout(std::time::Duration::from_secs(3), ask).await {
         Ok(Ok(v)) => serde_json::from_value(v).ok(),
@@ -779,6 +818,7 @@ mod tests {
 
     struct Api {
         app: axum::Router,
+        state: SharedState,
         cp: ControlPlane,
         ca: ClusterCa,
         _dir: tempfile::TempDir,
@@ -836,7 +876,8 @@ mod tests {
                 instance_locks: Default::default(),
             });
             Api {
-                app: router(state),
+                app: router(state.clone()),
+                state,
                 cp,
                 ca,
                 _dir: dir,
@@ -920,8 +961,8 @@ mod tests {
             )
             .await;
         assert_eq!(status, 400, "{body}");
-        // The token names c2 only.
-        let (status, _) = api
+        // The token names c2 only, and says so to the holder of its secret.
+        let (status, body) = api
             .call(
                 "POST",
                 "/1.0/cluster/join-controller",
@@ -929,6 +970,10 @@ mod tests {
             )
             .await;
         assert_eq!(status, 403);
+        assert_eq!(
+            body["error"],
+            "the join token was issued for controller \"c2\", not for controller \"c9\""
+        );
         // Bad addresses.
         let mut bad = join_body(&token.secret, "c2", &csr());
         bad["peer_address"] = "0.0.0.0:8444".into();
@@ -1193,5 +1238,130 @@ mod tests {
         );
         assert!(api.cp.read(|s| s.nodes.is_empty()).await.unwrap());
         api.cp.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_node_joining_under_another_name_is_told_the_tokens_name() {
+        let api = Api::start().await;
+        let token = api.token("join-tokens", "node1").await;
+        let join = |secret: &str, name: &str| {
+            serde_json::json!({
+                "secret": secret,
+                "name": name,
+                "address": "10.0.0.9:8445",
+                "csr": csr(),
+                "cpus": 1,
+                "memory_bytes": 1u64 << 30,
+            })
+        };
+        let (status, body) = api
+            .call(
+                "POST",
+                "/1.0/cluster/join",
+                Some(join(&token.secret, "node2")),
+            )
+            .await;
+        assert_eq!(status, 403, "{body}");
+        assert_eq!(
+            body["error"],
+            "the join token was issued for node \"node1\", not for node \"node2\""
+        );
+        // An unknown secret learns nothing.
+        let (status, body) = api
+            .call("POST", "/1.0/cluster/join", Some(join("guess", "node1")))
+            .await;
+        assert_eq!(status, 403, "{body}");
+        assert_eq!(body["error"], "the join token is not valid or has expired");
+        // The right name joins.
+        let (status, body) = api
+            .call(
+                "POST",
+                "/1.0/cluster/join",
+                Some(join(&token.secret, "node1")),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    #[tokio::test]
+    async fn add_node_prints_the_documented_join_command() {
+        let api = Api::start().await;
+        let (status, body) = api
+            .call(
+                "POST",
+                "/1.0/cluster/join-tokens",
+                Some(serde_json::json!({ "name": "node1" })),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let resp: JoinTokenResponse = serde_json::from_value(body["metadata"].clone()).unwrap();
+        // docs/operator-guide.md: a root-only token file, `berth-agent join`, then the service.
+        assert_eq!(
+            resp.command,
+            format!(
+                "(umask 077 && echo {} >/etc/berth/join-token) && berth-agent join --join-token-file /etc/berth/join-token && systemctl enable --now berth-agent",
+                resp.token
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_follower_asks_the_leader_with_the_forwarded_header() {
+        use std::sync::Mutex;
+
+        let api = Api::start().await;
+        // A stand-in for the leader's API that notes whether the request was marked.
+        let seen: Arc<Mutex<Option<bool>>> = Arc::default();
+        let noted = seen.clone();
+        let leader = axum::Router::new().route(
+            "/1.0/cluster",
+            axum::routing::get(move |headers: HeaderMap| async move {
+                *noted.lock().unwrap() = Some(headers.contains_key(FORWARDED));
+                axum::Json(berth_proto::api::Response::sync(
+                    serde_json::to_value(Cluster {
+                        name: "from-the-leader".into(),
+                        ..Default::default()
+                    })
+                    .unwrap(),
+                ))
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let cert = api
+            .ca
+            .issue(
+                "leader",
+                &[
+                    berth_proto::CONTROLLER_TLS_NAME.to_string(),
+                    "127.0.0.1".into(),
+                ],
+            )
+            .unwrap();
+        let tls = crate::tls::api_server_config(&cert, &api.ca.cert_pem).unwrap();
+        let server = tokio::spawn(crate::api::serve(listener, tls, leader));
+        // The leader's record (Raft id 1) now points at the stand-in.
+        api.cp
+            .write(Command::RegisterController {
+                record: ControllerRecord {
+                    name: "c1".into(),
+                    id: 1,
+                    peer_address: "127.0.0.1:1".into(),
+                    api_address: addr,
+                    joined_at: clock::now(),
+                    cert_fingerprint: String::new(),
+                },
+            })
+            .await
+            .unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::AUTHORIZATION,
+            "Bearer secret".parse().unwrap(),
+        );
+        let view = leader_overview(&api.state, &headers).await.unwrap();
+        assert_eq!(view.name, "from-the-leader");
+        assert_eq!(*seen.lock().unwrap(), Some(true));
+        server.abort();
     }
 }
