@@ -1167,7 +1167,7 @@ async fn t40_images_and_operations() {
 
     assert_eq!(
         f.ok(&["cluster", "add", "node2"]).await,
-        "Member node2 join token:\ndG9rZW4=\n\nOn the new node run:\n  berth-agent --join-token-file FILE   (FILE holding the token)\n"
+        "Member node2 join token:\ndG9rZW4=\n\nOn the new node run:\n  (umask 077 && echo dG9rZW4= >/etc/berth/join-token) && berth-agent join --join-token-file /etc/berth/join-token && systemctl enable --now berth-agent\n"
     );
     let ops = f.ok(&["operation", "list", "-f", "csv"]).await;
     assert!(ops.contains(",TASK,"), "{ops}");
@@ -1375,7 +1375,7 @@ async fn t60_cluster_commands() {
     assert_eq!(
         out,
         format!(
-            "Controller c2 join token:\nY3Rvaw==\n\nOn the new controller run:\n  berthd --join 127.0.0.1:{} --token Y3Rvaw==\n",
+            "Controller c2 join token:\nY3Rvaw==\n\nOn the new controller, set join = \"127.0.0.1:{}\" at the top of /etc/berth/berthd.toml, then run:\n  (umask 077 && echo BERTHD_JOIN_TOKEN=Y3Rvaw== >/etc/berth/berthd.env) && systemctl enable --now berthd\nRemove the token from /etc/berth/berthd.env once `berth cluster list` shows the controller.\n",
             f.addr.port()
         )
     );

@@ -265,6 +265,33 @@ fn confirm(question: &str) -> anyhow::Result<bool> {
 }
 
 /// `host:port` of a client's URL (what `berthd --join` takes).
+/// The address after `--join` in a `berthd --join ADDRESS ...` command.
+fn join_address(command: &str) -> Option<String> {
+    let mut words = command.split_whitespace();
+    words.find(|w| *w == "--join")?;
+    words.next().map(str::to_string)
+}
+
+/// What to do on a new controller (as docs/operator-guide.md says): the token goes in the
+/// service's environment file, not on a command line where `ps` shows it.
+fn controller_join_steps(join: &str, token: &str) -> Vec<String> {
+    vec![
+        format!("On the new controller, set join = \"{join}\" at the top of /etc/berth/berthd.toml, then run:"),
+        format!(
+            "  (umask 077 && echo BERTHD_JOIN_TOKEN={token} >/etc/berth/berthd.env) && systemctl enable --now berthd"
+        ),
+        "Remove the token from /etc/berth/berthd.env once `berth cluster list` shows the controller."
+            .to_string(),
+    ]
+}
+
+/// The agent's join command (as docs/operator-guide.md says), for a server that gives none.
+fn agent_join_command(token: &str) -> String {
+    format!(
+        "(umask 077 && echo {token} >/etc/berth/join-token) && berth-agent join --join-token-file /etc/berth/join-token && systemctl enable --now berth-agent"
+    )
+}
+
 fn host_port(url: &str) -> String {
     url.trim_start_matches("https://")
         .trim_end_matches('/')
@@ -349,20 +376,14 @@ pub async fn run(ctx: &Ctx, command: ClusterCommand) -> anyhow::Result<i32> {
             if resp.token.is_empty() {
                 anyhow::bail!("the server returned no join token");
             }
-            let command = if resp.command.is_empty() {
-                format!(
-                    "berthd --join {} --token {}",
-                    host_port(&client.url()),
-                    resp.token
-                )
-            } else {
-                resp.command
-            };
+            // The address to join through: the one the server's command names, else ours.
+            let join = join_address(&resp.command).unwrap_or_else(|| host_port(&client.url()));
             say(&format!("Controller {name} join token:"));
             say(&resp.token);
             say("");
-            say("On the new controller run:");
-            say(&format!("  {command}"));
+            for line in controller_join_steps(&join, &resp.token) {
+                say(&line);
+            }
         }
         ClusterCommand::AddNode { name } => {
             let (client, name) = member_arg(ctx, &name)?;
@@ -383,9 +404,7 @@ pub async fn run(ctx: &Ctx, command: ClusterCommand) -> anyhow::Result<i32> {
                 .and_then(|c| c.as_str())
                 .filter(|c| !c.is_empty())
                 .map(str::to_string)
-                .unwrap_or_else(|| {
-                    "berth-agent --join-token-file FILE   (FILE holding the token)".to_string()
-                });
+                .unwrap_or_else(|| agent_join_command(token));
             say(&format!("Member {name} join token:"));
             say(token);
             say("");
@@ -448,6 +467,22 @@ fn config_key_arg<'a>(ctx: &Ctx, arg: &'a str) -> anyhow::Result<(Client, &'a st
 mod tests {
     use super::*;
     use berth_proto::api::NodeResources;
+
+    #[test]
+    fn join_address_from_the_servers_command() {
+        assert_eq!(
+            join_address("berthd --join 10.0.0.1:8443 --token T").as_deref(),
+            Some("10.0.0.1:8443")
+        );
+        assert_eq!(join_address(""), None);
+        assert_eq!(join_address("berthd --join"), None);
+        let steps = controller_join_steps("a:1", "TOK").join("\n");
+        assert!(
+            steps.contains("BERTHD_JOIN_TOKEN=TOK >/etc/berth/berthd.env"),
+            "{steps}"
+        );
+        assert!(!steps.contains("--token"), "{steps}");
+    }
 
     fn sample() -> Cluster {
         Cluster {
