@@ -304,6 +304,22 @@ impl ClusterFigures {
     }
 }
 
+/// Every instance status, as `berth_instances` labels them: a status no instance has is
+/// reported as 0, so that its series does not vanish (and alerts on it do not go stale).
+const INSTANCE_STATUSES: [&str; 7] = [
+    "Stopped", "Running", "Starting", "Stopping", "Error", "Pending", "Unknown",
+];
+
+/// Every operation status, as `berth_operations` labels them (their `Debug` names).
+const OPERATION_STATUSES: [&str; 5] = ["Pending", "Running", "Success", "Failure", "Cancelled"];
+
+/// `counts` with every status of `all` present (0 when absent).
+fn every_status(counts: &BTreeMap<String, u64>, all: &[&str]) -> BTreeMap<String, u64> {
+    let mut out: BTreeMap<String, u64> = all.iter().map(|s| (s.to_string(), 0)).collect();
+    out.extend(counts.iter().map(|(k, v)| (k.clone(), *v)));
+    out
+}
+
 /// A per-node gauge: name, help text, and how to read it.
 type NodeGauge = (&'static str, &'static str, fn(&NodeFigures) -> u64);
 
@@ -384,7 +400,7 @@ pub fn render(
     }
 
     family(&mut out, "berth_instances", "gauge", "Instances by status.");
-    for (s, n) in &cluster.instances_by_status {
+    for (s, n) in &every_status(&cluster.instances_by_status, &INSTANCE_STATUSES) {
         sample(
             &mut out,
             "berth_instances",
@@ -456,7 +472,7 @@ pub fn render(
         "gauge",
         "Operations by status.",
     );
-    for (s, n) in &cluster.operations_by_status {
+    for (s, n) in &every_status(&cluster.operations_by_status, &OPERATION_STATUSES) {
         sample(
             &mut out,
             "berth_operations",
@@ -724,6 +740,11 @@ mod tests {
             "berth_nodes{status=\"Offline\"} 0",
             "berth_nodes{status=\"Online\"} 1",
             "berth_instances{status=\"Running\"} 2",
+            "berth_instances{status=\"Stopped\"} 0",
+            "berth_instances{status=\"Unknown\"} 0",
+            "berth_instances{status=\"Error\"} 0",
+            "berth_operations{status=\"Running\"} 0",
+            "berth_operations{status=\"Cancelled\"} 0",
             "berth_node_cpus_allocated{node=\"n1\"} 2",
             "berth_node_memory_bytes{node=\"n1\"} 8589934592",
             "berth_node_storage_free_bytes{node=\"n1\"} 40",
@@ -774,5 +795,38 @@ mod tests {
         let text = render("c1", &cluster, &follower, &ApiFigures::default(), None);
         assert!(!text.contains("berth_reconcile_queue_depth"));
         assert!(!text.contains("berth_raft_commit_index"));
+    }
+
+    #[test]
+    fn every_status_is_listed() {
+        use InstanceStatusCode as I;
+        use berth_proto::api::OperationStatus as O;
+        // The matches fail to compile when a status is added: list it above too.
+        let label = |i: I| match i {
+            I::Stopped
+            | I::Running
+            | I::Starting
+            | I::Stopping
+            | I::Error
+            | I::Pending
+            | I::Unknown => i.as_str().to_string(),
+        };
+        let op = |o: O| match o {
+            O::Pending | O::Running | O::Success | O::Failure | O::Cancelled => format!("{o:?}"),
+        };
+        for i in [
+            I::Stopped,
+            I::Running,
+            I::Starting,
+            I::Stopping,
+            I::Error,
+            I::Pending,
+            I::Unknown,
+        ] {
+            assert!(INSTANCE_STATUSES.contains(&label(i).as_str()), "{i:?}");
+        }
+        for o in [O::Pending, O::Running, O::Success, O::Failure, O::Cancelled] {
+            assert!(OPERATION_STATUSES.contains(&op(o).as_str()), "{o:?}");
+        }
     }
 }
