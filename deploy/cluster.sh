@@ -17,7 +17,9 @@
 #   deploy/cluster.sh down          stop everything, kill the instances the dev cluster made,
 #                                   unmount, detach loop devices, remove namespaces, veths,
 #                                   bridge, nft table and the base dir (safe to run twice, and
-#                                   after a failed up)
+#                                   after a failed up). It acts only on a base dir holding the
+#                                   marker `up` writes first (<base>/.cluster-env, the settings
+#                                   `up` ran with, which every later command uses)
 #
 # It builds nothing: binaries (berthd, berth-agent, berth) come from $BERTH_BIN, else the first
 # directory holding all three of $CARGO_TARGET_DIR/debug, <repo>/target/debug,
@@ -75,11 +77,47 @@ die() { printf 'cluster.sh: %s\n' "$*" >&2; exit 1; }
 [[ $PREFIX =~ ^[a-z0-9-]{0,10}$ ]] || die "BERTH_DEV_PREFIX must be up to 10 of a-z 0-9 -"
 [[ $NNODE =~ ^[1-9]$ ]] || die "BERTH_DEV_NODES must be 1 to 9"
 
-CONTROLLERS=()
-for i in $(seq 1 "$NCTL"); do CONTROLLERS+=("c$i"); done
-NODES=()
-for i in $(seq 1 "$NNODE"); do NODES+=("n$i"); done
-MEMBERS=("${CONTROLLERS[@]}" "${NODES[@]}")
+while [[ $BASE == */ && $BASE != / ]]; do BASE=${BASE%/}; done
+[[ $BASE =~ ^/[^/]+ && $BASE != *//* && $BASE != *..* ]] ||
+  die "BERTH_DEV_BASE must be an absolute path below / (not \"$BASE\")"
+
+# The marker `up` writes into the base dir before anything else: the settings it ran with.
+# `down` removes nothing without it (it guards the unmounting and the `rm -rf` under $BASE).
+MARKER=$BASE/.cluster-env
+MARKER_KEYS="BASE RUN PREFIX BRIDGE NET INET NCTL NNODE NFT_TABLE"
+
+derive_members() {
+  local i
+  CONTROLLERS=()
+  for i in $(seq 1 "$NCTL"); do CONTROLLERS+=("c$i"); done
+  NODES=()
+  for i in $(seq 1 "$NNODE"); do NODES+=("n$i"); done
+  MEMBERS=("${CONTROLLERS[@]}" "${NODES[@]}")
+}
+derive_members
+
+write_marker() {
+  local k
+  for k in $MARKER_KEYS; do printf '%s=%s\n' "$k" "${!k}"; done >"$MARKER"
+}
+
+# Reads the marker's settings over the environment's (lines KEY=VALUE of known keys only;
+# nothing is executed). Fails on a missing or damaged marker.
+load_marker() {
+  [ -f "$MARKER" ] || return 1
+  local line k v want=$BASE
+  while IFS= read -r line || [ -n "$line" ]; do
+    [ -n "$line" ] || continue
+    k=${line%%=*}; v=${line#*=}
+    [[ " $MARKER_KEYS " == *" $k "* ]] || die "$MARKER: unknown setting \"$k\""
+    [[ $v =~ ^[A-Za-z0-9_./-]*$ ]] || die "$MARKER: bad value for $k"
+    printf -v "$k" '%s' "$v"
+  done <"$MARKER"
+  [ "$BASE" = "$want" ] || die "$MARKER names another base dir ($BASE): was the directory moved?"
+  if ! [[ $NCTL =~ ^[1-9]$ && $NNODE =~ ^[1-9]$ ]]; then die "$MARKER: bad member counts"; fi
+  HOST_IP=$NET.1
+  derive_members
+}
 
 is_member() { local m; for m in "${MEMBERS[@]}"; do [ "$m" = "$1" ] && return 0; done; return 1; }
 is_controller() { [[ $1 == c[1-9] ]]; }
@@ -383,8 +421,16 @@ cmd_up() {
     say "the dev cluster is already up"
     print_env; return 0
   fi
+  if [ -f "$BASE/.up" ]; then
+    local stopped=()
+    for m in "${MEMBERS[@]}"; do member_pid "$m" >/dev/null || stopped+=("$m"); done
+    die "the dev cluster is up but ${stopped[*]} stopped: \`$0 start NAME\` for each (or \`$0 down\`, then \`$0 up\` for a fresh one)"
+  fi
   [ -e "$BASE" ] && die "$BASE exists (a cluster left from an earlier run?): \`$0 down\` first"
   say "binaries from $BIN"
+  # The marker first: whatever a failed `up` leaves, `down` can then clean up.
+  mkdir -p "$BASE"
+  write_marker
   net_up
   write_configs
 
@@ -519,12 +565,35 @@ remove_instance_cgroups() {
   done
 }
 
+# Whether $BASE looks like a dev cluster an older cluster.sh made (no marker yet): c1's
+# config with the header this script writes.
+legacy_base() {
+  [ -f "$BASE/c1/berthd.toml" ] && head -n1 "$BASE/c1/berthd.toml" | grep -qx '# c1 of the dev cluster (deploy/cluster.sh)'
+}
+
 cmd_down() {
   need_root
-  local m pids
+  local m pids pid failed=()
+  if [ ! -e "$BASE" ]; then
+    # Nothing of ours without the base dir, except pid files `down` would have removed.
+    if [ -d "$RUN" ] && [ -n "$(ls -A "$RUN" 2>/dev/null)" ]; then
+      die "$BASE does not exist but $RUN does: not sure what it belongs to; remove it by hand"
+    fi
+    say "no dev cluster at $BASE: nothing to do"
+    return 0
+  fi
+  if load_marker; then
+    :
+  elif legacy_base; then
+    say "$BASE has no $(basename "$MARKER") (made by an older cluster.sh): using the environment's settings"
+  else
+    die "$BASE has no $(basename "$MARKER"): it was not made by \`$0 up\`; refusing to unmount or remove anything under it"
+  fi
   # 1. Every process in the members' network namespaces: daemons, instance monitors, lxcfs,
-  #    helpers. (Instances' own processes live in their own namespaces; see 2.)
+  #    helpers (instances' own processes live in their own namespaces; see 2), and the daemons
+  #    of the pid files, also when their namespace is gone.
   for m in "${MEMBERS[@]}"; do
+    if pid=$(member_pid "$m"); then kill -9 "$pid" 2>/dev/null || true; fi
     if [ -e "/run/netns/$(ns_of "$m")" ]; then
       for _ in 1 2 3; do
         pids=$(ip netns pids "$(ns_of "$m")" 2>/dev/null || true)
@@ -532,6 +601,10 @@ cmd_down() {
         kill -9 $pids 2>/dev/null || true
         sleep 0.2
       done
+    fi
+    if pid=$(member_pid "$m"); then
+      for _ in $(seq 1 20); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
+      [ -d "/proc/$pid" ] && failed+=("$m's daemon (pid $pid) survived SIGKILL")
     fi
     rm -f "$(pidfile "$m")"
   done
@@ -566,7 +639,9 @@ cmd_down() {
     local img dev
     for img in "$BASE"/n*/disk.img; do
       [ -f "$img" ] || continue
-      for dev in $(losetup -j "$img" -O NAME -n 2>/dev/null); do losetup -d "$dev" 2>/dev/null || true; done
+      for dev in $(losetup -j "$img" -O NAME -n 2>/dev/null); do
+        losetup -d "$dev" || failed+=("cannot detach $dev (the pool of $(basename "$(dirname "$img")"))")
+      done
     done
   fi
   # 5. Network: namespaces (their veths and nft tables go with them), bridge, host NAT.
@@ -582,15 +657,24 @@ cmd_down() {
   # 6. Files.
   [ -d "$BASE" ] && rm -rf --one-file-system "$BASE"
   rm -rf "$RUN"
+  if [ ${#failed[@]} -gt 0 ]; then
+    printf 'cluster.sh: down left something behind:\n' >&2
+    printf '  %s\n' "${failed[@]}" >&2
+    exit 1
+  fi
   say "the dev cluster is down"
 }
 
 usage() {
-  sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
   exit 2
 }
 
 main() {
+  # Every command but `up` (which writes it) uses the settings of the marker when there is one.
+  if [ "${1:-}" != up ] && [ -f "$MARKER" ]; then
+    load_marker || die "cannot read $MARKER"
+  fi
   case "${1:-}" in
     up) cmd_up ;;
     down) cmd_down ;;
