@@ -79,21 +79,22 @@ impl PeerService {
     }
 
     /// Checks that the caller is a current controller: its role, then its certificate's
-    /// fingerprint against the controller records this controller has applied (the receiver
-    /// of Forward and ReadIndex leads, so it knows every committed record).
-    fn require_member<T>(&self, request: &Request<T>) -> Result<(), Status> {
+    /// fingerprint against the controller records. The receiver of Forward and ReadIndex
+    /// leads; should its applied state lag behind (a leader just elected applies what it
+    /// inherited shortly after), a refusal is checked again on a linearizable read.
+    async fn require_member<T>(&self, request: &Request<T>) -> Result<(), Status> {
         require_controller(request, self.tls)?;
         if !self.tls {
             return Ok(());
         }
         let fingerprint = caller_fingerprint(request)?;
-        let allowed = self.cp.read_local(|s| {
+        let allowed = |s: &crate::state::State| {
             controller_allowed(
                 &fingerprint,
                 s.controllers.values().map(|c| c.cert_fingerprint.as_str()),
             )
-        });
-        if allowed {
+        };
+        if self.cp.read_local(allowed) || self.cp.read(allowed).await.unwrap_or(false) {
             Ok(())
         } else {
             Err(Status::permission_denied(
@@ -121,7 +122,7 @@ impl Controller for PeerService {
         &self,
         request: Request<ForwardRequest>,
     ) -> Result<Response<ForwardReply>, Status> {
-        self.require_member(&request)?;
+        self.require_member(&request).await?;
         let cmd: Command = serde_json::from_slice(&request.into_inner().command)
             .map_err(|e| Status::invalid_argument(format!("cannot decode the command: {e}")))?;
         let result: ApplyResult = match self.cp.write_local(cmd).await {
@@ -147,7 +148,7 @@ impl Controller for PeerService {
         &self,
         request: Request<ReadIndexRequest>,
     ) -> Result<Response<ReadIndexReply>, Status> {
-        self.require_member(&request)?;
+        self.require_member(&request).await?;
         match self.cp.read_index_local().await {
             Ok(Attempt::Done(index)) => Ok(Response::new(ReadIndexReply { index })),
             Ok(Attempt::Retry(_) | Attempt::RetryUnsure(_)) => Err(self.not_leader()),
@@ -179,12 +180,16 @@ impl Controller for PeerService {
         // The node's agent certificate is the one it joined with; another certificate naming
         // the node (an older one, or one issued for a node of the same name since removed)
         // is refused. A node that is not a member is left to the liveness code to answer.
+        // A refusal is checked again on a linearizable read, in case this controller's applied
+        // state lags behind (the node joined again under its name since).
         let fingerprint = caller_fingerprint(&request)?;
-        let joined_with = self
-            .cp
-            .read_local(|s| s.nodes.get(&node).map(|n| n.cert_fingerprint.clone()));
-        if let Some(joined_with) = joined_with
-            && !joined_with.eq_ignore_ascii_case(&fingerprint)
+        let other_certificate = |s: &crate::state::State| {
+            s.nodes
+                .get(&node)
+                .is_some_and(|n| !n.cert_fingerprint.eq_ignore_ascii_case(&fingerprint))
+        };
+        if self.cp.read_local(other_certificate)
+            && self.cp.read(other_certificate).await.unwrap_or(true)
         {
             return Err(Status::permission_denied(format!(
                 "the certificate is not the one node {node} joined with"
