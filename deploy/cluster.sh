@@ -671,8 +671,8 @@ usage() {
 }
 
 main() {
-  # Every command but `up` (which writes it) uses the settings of the marker when there is one.
-  if [ "${1:-}" != up ] && [ -f "$MARKER" ]; then
+  # Every command uses the settings of the marker when there is one (`up` writes it).
+  if [ -f "$MARKER" ]; then
     load_marker || die "cannot read $MARKER"
   fi
   case "${1:-}" in
