@@ -646,8 +646,8 @@ impl Client {
 
     /// Sends JSON (or nothing) and decodes the envelope.
     ///
-    /// The whole answer must come within [`Timeouts::for_path`]; one that does not counts as
-    /// a broken connection. Retries for up to [`RETRY_WINDOW`] from the first failure, moving
+    /// The answer's head, then its body, must each come within [`Timeouts::for_path`]; an
+    /// answer that does not counts as a broken connection. Retries for up to [`RETRY_WINDOW`] from the first failure, moving
     /// to the remote's next address each time: reads after a 503 answer or a connection that
     /// broke mid-request; writes only after a 503 answer with `Retry-After` (see
     /// [`may_retry_503`]). Other answers are returned as they are.
@@ -679,7 +679,6 @@ impl Client {
             // The address to move away from before retrying (`raw` itself moves on from one
             // whose connection broke).
             let mut used = None;
-            let sent = Instant::now();
             let (result, retry) = match self
                 .send(method.clone(), path, headers.clone(), body, Some(deadline))
                 .await
@@ -688,8 +687,7 @@ impl Client {
                     used = Some(self.current_index());
                     let status = resp.status();
                     let retry_after = resp.headers().contains_key(header::RETRY_AFTER);
-                    let left = deadline.saturating_sub(sent.elapsed());
-                    let bytes = match tokio::time::timeout(left, self.read_body(resp)).await {
+                    let bytes = match tokio::time::timeout(deadline, self.read_body(resp)).await {
                         Ok(b) => b,
                         Err(_) => Err(ClientError::Http {
                             url: format!("{}{}", self.url(), path),
