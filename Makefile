@@ -13,6 +13,7 @@ lint:
 
 # Unit tests, then the end-to-end tests (one test binary at a time: they share the host).
 test: build
+	bash deploy/tests/cluster-guards.sh
 	$(CARGO) test --workspace -- --test-threads=1
 
 unit:
