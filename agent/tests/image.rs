@@ -658,10 +658,31 @@ mod boot {
         )
     }
 
+    /// Stops the lxcfs a test started and detaches its mount.
+    struct LxcfsGuard {
+        dir: PathBuf,
+        run: PathBuf,
+    }
+
+    impl Drop for LxcfsGuard {
+        fn drop(&mut self) {
+            if let Ok(pid) = std::fs::read_to_string(self.run.join("lxcfs.pid"))
+                && let Ok(pid) = pid.trim().parse::<i32>()
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            let _ = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+
     struct Setup {
         // Drop order: instance, network, then the pool.
         _instance: InstanceGuard,
         _net: NetGuard,
+        _lxcfs: LxcfsGuard,
         pool: BtrfsPool,
         store: ImageStore,
         engine: Engine,
@@ -696,6 +717,13 @@ mod boot {
         );
         let mut cfg = EngineConfig::new(state.clone());
         cfg.helper_exe = PathBuf::from(env!("CARGO_BIN_EXE_berth-agent"));
+        // The test's own lxcfs, stopped with it (the daemon's default is shared by the host).
+        let lxcfs = LxcfsGuard {
+            dir: state.join("lxcfs"),
+            run: state.join("run"),
+        };
+        cfg.lxcfs_dir = lxcfs.dir.clone();
+        cfg.run_dir = lxcfs.run.clone();
         let engine = Engine::new(cfg, driver, net.clone()).unwrap();
         Setup {
             _instance: InstanceGuard {
@@ -703,6 +731,7 @@ mod boot {
                 name: name.into(),
             },
             _net: NetGuard(net.clone()),
+            _lxcfs: lxcfs,
             pool,
             store,
             engine,

@@ -59,6 +59,32 @@ struct Env {
     storage: Arc<dyn StorageDriver>,
 }
 
+impl Env {
+    /// The test's own lxcfs mount point and pid file directory, so that nothing of it
+    /// outlives the test (the daemon's defaults are shared by the whole host).
+    fn lxcfs_dir(&self) -> PathBuf {
+        self._tmp.path().join("lxcfs")
+    }
+
+    fn run_dir(&self) -> PathBuf {
+        self._tmp.path().join("run")
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.run_dir().join("lxcfs.pid"))
+            && let Ok(pid) = pid.trim().parse::<i32>()
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let _ = nix::mount::umount2(&self.lxcfs_dir(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 fn env() -> Env {
     require_root();
     let tmp = tempfile::Builder::new()
@@ -114,6 +140,8 @@ fn busybox_image(storage: &dyn StorageDriver) {
 fn engine(e: &Env) -> Engine {
     let mut cfg = EngineConfig::new(e.state_dir.clone());
     cfg.helper_exe = PathBuf::from(env!("CARGO_BIN_EXE_berth-agent"));
+    cfg.lxcfs_dir = e.lxcfs_dir();
+    cfg.run_dir = e.run_dir();
     Engine::without_network(cfg, e.storage.clone()).unwrap()
 }
 
@@ -555,6 +583,8 @@ async fn busybox_with_network() {
     };
     let mut cfg = EngineConfig::new(e.state_dir.clone());
     cfg.helper_exe = PathBuf::from(env!("CARGO_BIN_EXE_berth-agent"));
+    cfg.lxcfs_dir = e.lxcfs_dir();
+    cfg.run_dir = e.run_dir();
     cfg.nat = false;
     let eng = Engine::new(cfg, e.storage.clone(), net.clone()).unwrap();
     let mut sp = spec(name, &[]);

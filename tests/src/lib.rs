@@ -116,13 +116,16 @@ impl Cluster {
         std::fs::write(
             &agent_config,
             format!(
-                "name = \"{node}\"\nstate_dir = \"{}\"\nlisten = \"127.0.0.1:{agent_port}\"\n\
+                "name = \"{node}\"\nstate_dir = \"{}\"\nrun_dir = \"{}\"\nlisten = \"127.0.0.1:{agent_port}\"\n\
                  [storage]\ndriver = \"btrfs\"\nloop_file = \"{}\"\nloop_size = \"8GiB\"\nmount = \"{}\"\n\
                  [network]\nbridge = \"{bridge}\"\n\
-                 [images]\ncache_dir = \"/var/cache/berth-ci/images\"\n",
+                 [images]\ncache_dir = \"/var/cache/berth-ci/images\"\n\
+                 [runtime]\nlxcfs_dir = \"{}\"\n",
                 dir.join("agent").display(),
+                dir.join("agent/run").display(),
                 loop_file.display(),
                 pool_mount.display(),
+                dir.join("agent/lxcfs").display(),
                 node = node_name(),
             ),
         )?;
@@ -374,8 +377,14 @@ impl Drop for Cluster {
         // Anything still running from this cluster (a test that killed a daemon early): its
         // monitors are `berth-agent __monitor <dir>/agent/...` processes.
         let agent_dir = self.dir.join("agent");
+        // That includes this cluster's own lxcfs (its mount point is under the agent's dir).
         kill_processes_mentioning(&agent_dir);
         kill_leftover_instances(&agent_dir);
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(agent_dir.join("lxcfs"))
+            .stderr(Stdio::null())
+            .status();
         let _ = Command::new("umount")
             .arg("-l")
             .arg(&self.pool_mount)
