@@ -11,8 +11,7 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use berth_proto::api::{self, ClusterJoinPost, ClusterJoinResponse, JoinToken};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use berth_proto::https;
 use rustls::pki_types::{CertificateDer, ServerName};
 use sha2::{Digest, Sha256};
 use tracing::warn;
@@ -243,60 +242,32 @@ async fn post_join(
     fingerprint: &str,
     body: &ClusterJoinPost,
 ) -> Result<ClusterJoinResponse, JoinError> {
-    let unreachable = |detail: String| JoinError::Unreachable {
-        addr: addr.to_string(),
-        detail,
-    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| JoinError::Tls(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(
-            berth_proto::tls::ControllerVerifier::with_ca_fingerprint(fingerprint, provider),
-        ))
-        .with_no_client_auth();
-    let tcp = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        tokio::net::TcpStream::connect(addr),
-    )
-    .await
-    .map_err(|_| unreachable("connection timed out".into()))?
-    .map_err(|e| unreachable(e.to_string()))?;
-    let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
-    let server_name = ServerName::try_from(host.trim_matches(['[', ']']).to_string())
-        .map_err(|_| unreachable("the address is not a host:port".into()))?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(server_name, tcp)
-        .await
-        .map_err(|e| JoinError::Tls(e.to_string()))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    tokio::spawn(conn);
+    let verifier = Arc::new(berth_proto::tls::ControllerVerifier::with_ca_fingerprint(
+        fingerprint,
+        provider,
+    ));
     let json = serde_json::to_vec(body).map_err(|e| JoinError::Tls(e.to_string()))?;
-    let req = http::Request::post("/1.0/cluster/join")
-        .header(http::header::HOST, addr)
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(bytes::Bytes::from(json)))
-        .map_err(|e| unreachable(e.to_string()))?;
-    let resp = sender
-        .send_request(req)
+    let request = https::Request {
+        method: http::Method::POST,
+        path: "/1.0/cluster/join",
+        bearer: None,
+        body: Some(json),
+        headers: &[],
+        connect_timeout: std::time::Duration::from_secs(10),
+    };
+    let answer = https::send(addr, verifier, request)
         .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    let status = resp.status();
-    let bytes = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| unreachable(e.to_string()))?
-        .to_bytes();
-    let envelope: api::Response = serde_json::from_slice(&bytes)
-        .map_err(|_| unreachable(format!("the answer (HTTP {status}) is not Berth's API")))?;
-    if envelope.kind != api::ResponseType::Sync {
-        return Err(join_failure(addr, status, &envelope));
+        .map_err(|e| match e {
+            https::HttpsError::Unreachable { addr, detail } => {
+                JoinError::Unreachable { addr, detail }
+            }
+            https::HttpsError::Tls(e) => JoinError::Tls(e),
+        })?;
+    if answer.envelope.kind != api::ResponseType::Sync {
+        return Err(join_failure(addr, answer.status, &answer.envelope));
     }
-    serde_json::from_value(envelope.metadata)
+    serde_json::from_value(answer.envelope.metadata)
         .map_err(|e| JoinError::Refused(format!("the answer lacks the certificate: {e}")))
 }
 

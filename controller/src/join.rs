@@ -10,10 +10,8 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use berth_proto::api::{self, ControllerJoinPost, ControllerJoinResponse, JoinToken};
+use berth_proto::https;
 use berth_proto::tls::ControllerVerifier;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
-use rustls::pki_types::ServerName;
 
 use crate::daemon::write_private;
 
@@ -253,67 +251,29 @@ pub async fn https_json_with(
     body: Option<Vec<u8>>,
     headers: &[(&str, &str)],
 ) -> Result<serde_json::Value, HttpsError> {
-    let unreachable = |detail: String| HttpsError::Unreachable {
-        addr: addr.to_string(),
-        detail,
+    let request = https::Request {
+        method,
+        path,
+        bearer,
+        body,
+        headers,
+        connect_timeout: Duration::from_secs(5),
     };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| HttpsError::Tls(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+    let answer = https::send(addr, verifier, request)
         .await
-        .map_err(|_| unreachable("connection timed out".into()))?
-        .map_err(|e| unreachable(e.to_string()))?;
-    let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
-    let server_name = ServerName::try_from(host.trim_matches(['[', ']']).to_string())
-        .map_err(|_| unreachable("the address is not a host:port".into()))?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(server_name, tcp)
-        .await
-        .map_err(|e| HttpsError::Tls(e.to_string()))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    tokio::spawn(conn);
-    let mut req = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header(http::header::HOST, addr)
-        .header(http::header::CONTENT_TYPE, "application/json");
-    if let Some(b) = bearer {
-        req = req.header(http::header::AUTHORIZATION, format!("Bearer {b}"));
-    }
-    for (name, value) in headers {
-        req = req.header(*name, *value);
-    }
-    let req = req
-        .body(Full::new(bytes::Bytes::from(body.unwrap_or_default())))
-        .map_err(|e| unreachable(e.to_string()))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    let status = resp.status();
-    let bytes = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| unreachable(e.to_string()))?
-        .to_bytes();
-    let envelope: api::Response = serde_json::from_slice(&bytes)
-        .map_err(|_| unreachable(format!("the answer (HTTP {status}) is not Berth's API")))?;
-    if envelope.kind != api::ResponseType::Sync {
+        .map_err(|e| match e {
+            https::HttpsError::Unreachable { addr, detail } => {
+                HttpsError::Unreachable { addr, detail }
+            }
+            https::HttpsError::Tls(e) => HttpsError::Tls(e),
+        })?;
+    if answer.envelope.kind != api::ResponseType::Sync {
         return Err(HttpsError::Refused {
-            status: status.as_u16(),
-            message: envelope.error,
+            status: answer.status.as_u16(),
+            message: answer.envelope.error,
         });
     }
-    Ok(envelope.metadata)
+    Ok(answer.envelope.metadata)
 }
 
 #[cfg(test)]

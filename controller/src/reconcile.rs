@@ -442,42 +442,37 @@ async fn check_liveness(state: &Arc<AppState>) {
 /// builds, renames, exec sessions) were interrupted and fail with a clear error. Operations
 /// that wait for an instance's pending action are the reconciler's and stay.
 pub async fn recover_interrupted(state: &Arc<AppState>, interrupted: Vec<String>) {
-    let ops: Vec<_> = state.cp.read_local(|s| {
-        let owned: HashSet<&str> = s
-            .instances
-            .values()
-            .filter_map(|i| i.pending.as_ref().map(|p| p.op.as_str()))
-            .collect();
-        s.operations
-            .values()
-            .filter(|o| {
-                !o.status.is_final()
-                    && o.location == state.name
-                    && interrupted.contains(&o.id)
-                    && !owned.contains(o.id.as_str())
-            })
-            .cloned()
-            .collect()
-    });
-    for mut op in ops {
-        op.status = berth_proto::api::OperationStatus::Failure;
-        op.status_code = op.status.code();
-        op.err = "the operation was interrupted by a controller restart".into();
-        op.updated_at = clock::now();
-        info!(op = %op.id, "failing an operation interrupted by a restart");
-        if let Err(e) = state
-            .cp
-            .write(Command::PutOperation { operation: op })
-            .await
-        {
-            warn!(error = %e, "could not fail an interrupted operation");
-        }
-    }
+    fail_task_operations(
+        state,
+        |o, _| o.location == state.name && interrupted.contains(&o.id),
+        |_| "the operation was interrupted by a controller restart".to_string(),
+    )
+    .await;
 }
 
 /// Fails operations that ran in the memory of a controller that is no longer a member (image
 /// builds, renames, exec sessions): nobody will ever end them otherwise.
 async fn fail_orphaned_operations(state: &Arc<AppState>) {
+    fail_task_operations(
+        state,
+        |o, s| !s.controllers.is_empty() && !s.controllers.contains_key(&o.location),
+        |o| {
+            format!(
+                "the controller that ran the operation ({}) left the cluster",
+                o.location
+            )
+        },
+    )
+    .await;
+}
+
+/// Fails, with `reason`, the unfinished operations that `pick` selects among those that ran in
+/// a controller's memory (not those waiting for an instance's pending action).
+async fn fail_task_operations(
+    state: &Arc<AppState>,
+    pick: impl Fn(&berth_proto::api::Operation, &crate::state::State) -> bool,
+    reason: impl Fn(&berth_proto::api::Operation) -> String,
+) {
     let ops: Vec<_> = state.cp.read_local(|s| {
         let owned: HashSet<&str> = s
             .instances
@@ -486,30 +481,22 @@ async fn fail_orphaned_operations(state: &Arc<AppState>) {
             .collect();
         s.operations
             .values()
-            .filter(|o| {
-                !o.status.is_final()
-                    && !owned.contains(o.id.as_str())
-                    && !s.controllers.is_empty()
-                    && !s.controllers.contains_key(&o.location)
-            })
+            .filter(|o| !o.status.is_final() && !owned.contains(o.id.as_str()) && pick(o, s))
             .cloned()
             .collect()
     });
     for mut op in ops {
         op.status = berth_proto::api::OperationStatus::Failure;
         op.status_code = op.status.code();
-        op.err = format!(
-            "the controller that ran the operation ({}) left the cluster",
-            op.location
-        );
+        op.err = reason(&op);
         op.updated_at = clock::now();
-        info!(op = %op.id, controller = %op.location, "failing an operation of a departed controller");
+        info!(op = %op.id, controller = %op.location, reason = %op.err, "failing an operation");
         if let Err(e) = state
             .cp
             .write(Command::PutOperation { operation: op })
             .await
         {
-            warn!(error = %e, "could not fail an orphaned operation");
+            warn!(error = %e, "could not fail an operation");
             return;
         }
     }

@@ -2,6 +2,8 @@
 //! the gRPC services between controllers and agents ([`v1`]) and the REST API's JSON types ([`api`]).
 
 pub mod api;
+#[cfg(feature = "https")]
+pub mod https;
 #[cfg(feature = "telemetry")]
 pub mod telemetry;
 #[cfg(feature = "tls")]

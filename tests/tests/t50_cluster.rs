@@ -131,6 +131,22 @@ impl DevCluster {
             .with_context(|| format!("no leader in {c}"))
     }
 
+    /// Waits until controller `name` is back and the leader hears from it.
+    fn wait_controller_online(&self, name: &str) -> Result<()> {
+        wait_for(
+            &format!("controller {name} to rejoin"),
+            Duration::from_secs(60),
+            || {
+                self.cluster().is_ok_and(|v| {
+                    v["controllers"].as_array().is_some_and(|cs| {
+                        cs.iter()
+                            .any(|x| x["name"] == name && x["state"] == "online")
+                    })
+                })
+            },
+        )
+    }
+
     fn node_status(&self, node: &str) -> Result<String> {
         let c = self.cluster()?;
         c["nodes"]
@@ -382,14 +398,7 @@ fn leader_kill_during_writes(c: &DevCluster) -> Result<()> {
     c.berth_ok(&["launch", "busybox", "after-kill"])?;
     assert_ne!(c.leader()?, leader, "a new leader was elected");
     c.script_ok(&["start", &leader])?;
-    wait_for("the old leader to rejoin", Duration::from_secs(60), || {
-        c.cluster().is_ok_and(|v| {
-            v["controllers"].as_array().is_some_and(|cs| {
-                cs.iter()
-                    .any(|x| x["name"] == leader.as_str() && x["state"] == "online")
-            })
-        })
-    })?;
+    c.wait_controller_online(&leader)?;
     Ok(())
 }
 
@@ -419,14 +428,7 @@ fn leader_kill_during_an_action(c: &DevCluster) -> Result<()> {
     assert_eq!(w1["status"], "Stopped", "{w1}");
     c.berth_ok(&["start", "w1"])?;
     c.script_ok(&["start", &leader])?;
-    wait_for("the old leader to rejoin", Duration::from_secs(60), || {
-        c.cluster().is_ok_and(|v| {
-            v["controllers"].as_array().is_some_and(|cs| {
-                cs.iter()
-                    .any(|x| x["name"] == leader.as_str() && x["state"] == "online")
-            })
-        })
-    })?;
+    c.wait_controller_online(&leader)?;
     Ok(())
 }
 
