@@ -651,6 +651,29 @@ pub struct JoinToken {
     pub secret: String,
 }
 
+impl JoinToken {
+    /// Decodes and checks a token as an operator pasted it; the error says what is wrong with
+    /// it, as the end of "the join token is not valid: ...".
+    pub fn decode(token: &str) -> Result<JoinToken, String> {
+        use base64::Engine as _;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(token.trim())
+            .map_err(|_| "it is not base64".to_string())?;
+        let t: JoinToken = serde_json::from_slice(&raw)
+            .map_err(|e| format!("it does not hold the expected fields: {e}"))?;
+        if t.addresses.is_empty() {
+            return Err("it names no controller address".into());
+        }
+        if t.fingerprint.len() != 64 || !t.fingerprint.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err("its CA fingerprint is not a sha256".into());
+        }
+        if t.secret.is_empty() || t.secret.len() > 256 {
+            return Err("it has no valid secret".into());
+        }
+        Ok(t)
+    }
+}
+
 /// A cluster member (`/1.0/cluster/members/{name}`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct ClusterMember {
