@@ -28,8 +28,9 @@ use crate::api::instances::{agent_spec, observed_from};
 use crate::clock;
 use crate::state::{Action, Command, NodeStatus, Observed, PendingAction};
 
-/// How often the loops run when nothing changes.
-pub const TICK: Duration = Duration::from_secs(1);
+/// How often the loops run when nothing changes (node liveness is judged this often, so a
+/// silent node goes offline at most this long after the threshold).
+pub const TICK: Duration = Duration::from_millis(250);
 
 /// Finished operations are kept this long.
 pub const OPERATION_TTL: Duration = Duration::from_secs(3600);
