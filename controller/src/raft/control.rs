@@ -880,7 +880,15 @@ impl ControlPlane {
 
     /// The `berth.v1.Raft` gRPC service for this node, to mount on the peer listener.
     pub fn raft_service(&self) -> RaftServer<RaftService> {
-        RaftService::into_server(self.inner.raft.clone(), self.has_tls())
+        let sm = self.inner.sm.clone();
+        let removed: super::service::RemovedCheck = Arc::new(move |fingerprint: &str| {
+            sm.read()
+                .state
+                .cluster
+                .removed_controllers
+                .contains(fingerprint)
+        });
+        RaftService::into_server(self.inner.raft.clone(), self.has_tls(), removed)
     }
 
     /// Serves the peer listener on `listener` until `shutdown` completes: `berth.v1.Raft` and

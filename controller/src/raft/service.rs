@@ -12,27 +12,46 @@ use crate::tls::require_controller;
 
 /// Serves `berth.v1.Raft` for one local openraft node.
 ///
-/// Callers are checked by role only (a controller certificate from the cluster CA), not
-/// against the controller records as Forward and ReadIndex are: a member that is behind may
-/// not have applied the record of a controller that joined since, yet must take its votes and
-/// entries, or the cluster could not make progress. The cost: a removed controller's
-/// certificate still passes here (until it expires), so a removed controller that keeps
-/// running can still send Raft messages; it is out of the membership, so the leader no longer
-/// replicates to it or counts it, but its vote requests can still disturb elections. It can
-/// no longer write through Forward (see [`crate::peer`]).
+/// Callers are checked by role (a controller certificate from the cluster CA) and against the
+/// fingerprints of removed controllers, not against the current records as Forward and
+/// ReadIndex are: a member that is behind may not have applied the record of a controller
+/// that joined since, yet must take its votes and entries, or the cluster could not make
+/// progress. A removed controller that keeps running is refused as soon as this member has
+/// applied its removal, so its vote requests cannot disturb elections.
 #[derive(Clone)]
 pub struct RaftService {
     raft: Raft,
     tls: bool,
+    removed: RemovedCheck,
 }
+
+/// Whether a certificate fingerprint (lowercase hex sha256) belongs to a removed controller.
+pub type RemovedCheck = std::sync::Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 impl RaftService {
     /// Wraps `raft` in a tonic server with a message size limit that fits snapshot chunks.
-    /// With `tls`, every call must come from a controller certificate.
-    pub fn into_server(raft: Raft, tls: bool) -> RaftServer<RaftService> {
-        RaftServer::new(RaftService { raft, tls })
+    /// With `tls`, every call must come from a controller certificate that `removed` does not
+    /// name.
+    pub fn into_server(raft: Raft, tls: bool, removed: RemovedCheck) -> RaftServer<RaftService> {
+        RaftServer::new(RaftService { raft, tls, removed })
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    fn check<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        require_controller(request, self.tls)?;
+        if self.tls
+            && let Some(leaf) = request.peer_certs().and_then(|c| c.first().cloned())
+        {
+            use sha2::Digest as _;
+            let fingerprint = hex::encode(sha2::Sha256::digest(leaf.as_ref()));
+            if (self.removed)(&fingerprint) {
+                return Err(Status::permission_denied(
+                    "this controller was removed from the cluster",
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -53,13 +72,13 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
-        require_controller(&request, self.tls)?;
+        self.check(&request)?;
         let req = decode_request(request)?;
         reply(&self.raft.append_entries(req).await)
     }
 
     async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-        require_controller(&request, self.tls)?;
+        self.check(&request)?;
         let req = decode_request(request)?;
         reply(&self.raft.vote(req).await)
     }
@@ -68,7 +87,7 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
-        require_controller(&request, self.tls)?;
+        self.check(&request)?;
         let req = decode_request(request)?;
         reply(&self.raft.install_snapshot(req).await)
     }

@@ -1263,11 +1263,20 @@ async fn removed_controllers_cannot_forward() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
-    let e = ControllerClient::new(c2)
+    let e = ControllerClient::new(c2.clone())
         .read_index(berth_proto::v1::ReadIndexRequest {})
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // Nor take part in Raft: its vote requests could disturb elections.
+    let e = RaftClient::new(c2)
+        .vote(tonic::Request::new(berth_proto::v1::RaftRequest {
+            data: b"{}".to_vec().into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("removed"), "{e:?}");
     assert!(
         !cp.read_local(|s| s.api_keys.values().any(|k| k.name == "by-removed-c2")),
         "the removed controller's write was applied"

@@ -35,6 +35,7 @@ impl State {
                     created_at: now,
                     config: Default::default(),
                     next_controller_id: 0,
+                    removed_controllers: Default::default(),
                 };
                 self.api_keys.insert(admin_key.id.clone(), admin_key);
                 Ok(ApplyOk::Done)
@@ -159,9 +160,14 @@ impl State {
                 Ok(ApplyOk::ControllerId(id))
             }
             Command::RemoveController { name } => {
-                self.controllers.remove(&name).ok_or_else(|| {
+                let record = self.controllers.remove(&name).ok_or_else(|| {
                     ApplyError::not_found(format!("controller {name:?} not found"))
                 })?;
+                if !record.cert_fingerprint.is_empty() {
+                    self.cluster
+                        .removed_controllers
+                        .insert(record.cert_fingerprint.to_ascii_lowercase());
+                }
                 Ok(ApplyOk::Done)
             }
             Command::RemoveNode { name } => {

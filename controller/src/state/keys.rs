@@ -99,7 +99,9 @@ impl Command {
                 ObjectKey::JoinToken(token_hash.clone()),
                 ObjectKey::Controller(name.clone()),
             ],
-            Command::RemoveController { name } => vec![ObjectKey::Controller(name.clone())],
+            Command::RemoveController { name } => {
+                vec![ObjectKey::Cluster, ObjectKey::Controller(name.clone())]
+            }
             Command::SetInstanceAction {
                 name, operation, ..
             } => vec![

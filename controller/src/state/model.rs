@@ -68,6 +68,10 @@ pub struct ClusterInfo {
     /// The lowest Raft id never given to a controller: ids are not reused after a removal.
     #[serde(default)]
     pub next_controller_id: u64,
+    /// Certificate fingerprints of removed controllers: the peer port refuses them, Raft
+    /// messages included, so a removed controller left running cannot disturb elections.
+    #[serde(default)]
+    pub removed_controllers: BTreeSet<String>,
 }
 
 /// Whether a node's agent is reachable.

@@ -1020,6 +1020,7 @@ fn controllers_join_with_their_own_tokens() {
     );
     ok(&mut s, Command::RemoveController { name: "c2".into() });
     assert!(!s.controllers.contains_key("c2"));
+    assert!(s.cluster.removed_controllers.contains("f2"));
     // A later controller never gets the removed one's id.
     let mut t = token("c4", "2026-11-30T12:00:00Z");
     t.kind = JoinKind::Controller;
