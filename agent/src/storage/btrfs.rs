@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::{
-    CONTAINERS_DIR, IMAGES_DIR, PoolUsage, StorageDriver, StorageError, check_volume_name,
+    CONTAINERS_DIR, IMAGES_DIR, PoolLayout, PoolUsage, StorageDriver, StorageError,
     create_dir_if_missing, ensure_dir, io_err, run, statvfs_usage,
 };
 
@@ -59,7 +59,7 @@ impl Default for BtrfsConfig {
 #[derive(Debug)]
 pub struct BtrfsDriver {
     cfg: BtrfsConfig,
-    root: PathBuf,
+    pool: PoolLayout,
 }
 
 impl BtrfsDriver {
@@ -90,12 +90,15 @@ impl BtrfsDriver {
         ensure_dir(&root.join(IMAGES_DIR), 0o700)?;
         ensure_dir(&root.join(CONTAINERS_DIR), 0o700)?;
         tracing::info!(pool = %root.display(), "btrfs storage pool ready");
-        Ok(BtrfsDriver { cfg, root })
+        Ok(BtrfsDriver {
+            cfg,
+            pool: PoolLayout { root },
+        })
     }
 
     /// The pool root (the mount point, or the configured directory).
     pub fn root(&self) -> &Path {
-        &self.root
+        &self.pool.root
     }
 
     /// Unmounts the pool and detaches its loop device (for tests and decommissioning). Does
@@ -119,16 +122,6 @@ impl BtrfsDriver {
                 Ok(())
             }
         }
-    }
-
-    fn image_path(&self, fingerprint: &str) -> Result<PathBuf, StorageError> {
-        check_volume_name(fingerprint)?;
-        Ok(self.root.join(IMAGES_DIR).join(fingerprint))
-    }
-
-    fn instance_path(&self, name: &str) -> Result<PathBuf, StorageError> {
-        check_volume_name(name)?;
-        Ok(self.root.join(CONTAINERS_DIR).join(name))
     }
 
     /// Deletes a subvolume and every subvolume nested in it (deepest first), making read-only
@@ -158,11 +151,11 @@ impl StorageDriver for BtrfsDriver {
     }
 
     fn usage(&self) -> Result<PoolUsage, StorageError> {
-        statvfs_usage(&self.root)
+        statvfs_usage(&self.pool.root)
     }
 
     fn create_image_volume(&self, fingerprint: &str) -> Result<PathBuf, StorageError> {
-        let path = self.image_path(fingerprint)?;
+        let path = self.pool.image_path(fingerprint)?;
         if path.exists() {
             // A leftover of an interrupted build: start afresh.
             self.delete_subvolume_tree(&path)?;
@@ -175,7 +168,7 @@ impl StorageDriver for BtrfsDriver {
     }
 
     fn finish_image_volume(&self, fingerprint: &str) -> Result<(), StorageError> {
-        let path = self.image_path(fingerprint)?;
+        let path = self.pool.image_path(fingerprint)?;
         if !path.exists() {
             return Err(StorageError::ImageNotFound(fingerprint.to_string()));
         }
@@ -183,29 +176,20 @@ impl StorageDriver for BtrfsDriver {
     }
 
     fn image_volume(&self, fingerprint: &str) -> Option<PathBuf> {
-        let path = self.image_path(fingerprint).ok()?;
-        path.is_dir().then_some(path)
+        self.pool.image_volume(fingerprint)
     }
 
     fn delete_image_volume(&self, fingerprint: &str) -> Result<(), StorageError> {
-        let path = self.image_path(fingerprint)?;
+        let path = self.pool.image_path(fingerprint)?;
         self.delete_subvolume_tree(&path)
     }
 
     fn rename_image_volume(&self, from: &str, to: &str) -> Result<(), StorageError> {
-        let src = self.image_path(from)?;
-        let dst = self.image_path(to)?;
-        if !src.exists() {
-            return Err(StorageError::ImageNotFound(from.to_string()));
-        }
-        if dst.exists() {
-            return Err(StorageError::VolumeExists(to.to_string()));
-        }
-        fs::rename(&src, &dst).map_err(io_err(&src))
+        self.pool.rename_image_volume(from, to)
     }
 
     fn list_image_volumes(&self) -> Result<Vec<String>, StorageError> {
-        super::list_names(&self.root.join(IMAGES_DIR))
+        self.pool.list_image_volumes()
     }
 
     fn create_instance_volume(
@@ -213,14 +197,7 @@ impl StorageDriver for BtrfsDriver {
         name: &str,
         fingerprint: &str,
     ) -> Result<PathBuf, StorageError> {
-        let src = self.image_path(fingerprint)?;
-        let dst = self.instance_path(name)?;
-        if !src.is_dir() {
-            return Err(StorageError::ImageNotFound(fingerprint.to_string()));
-        }
-        if fs::symlink_metadata(&dst).is_ok() {
-            return Err(StorageError::VolumeExists(name.to_string()));
-        }
+        let (src, dst) = self.pool.new_instance_paths(name, fingerprint)?;
         // A snapshot of a read-only subvolume is writable unless `-r` is given.
         run(Command::new("btrfs")
             .args(["subvolume", "snapshot"])
@@ -230,25 +207,16 @@ impl StorageDriver for BtrfsDriver {
     }
 
     fn instance_volume(&self, name: &str) -> Option<PathBuf> {
-        let path = self.instance_path(name).ok()?;
-        path.is_dir().then_some(path)
+        self.pool.instance_volume(name)
     }
 
     fn delete_instance_volume(&self, name: &str) -> Result<(), StorageError> {
-        let path = self.instance_path(name)?;
+        let path = self.pool.instance_path(name)?;
         self.delete_subvolume_tree(&path)
     }
 
     fn rename_instance_volume(&self, from: &str, to: &str) -> Result<(), StorageError> {
-        let src = self.instance_path(from)?;
-        let dst = self.instance_path(to)?;
-        if !src.exists() {
-            return Err(StorageError::VolumeNotFound(from.to_string()));
-        }
-        if fs::symlink_metadata(&dst).is_ok() {
-            return Err(StorageError::VolumeExists(to.to_string()));
-        }
-        fs::rename(&src, &dst).map_err(io_err(&src))
+        self.pool.rename_instance_volume(from, to)
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::{
-    CONTAINERS_DIR, IMAGES_DIR, PoolUsage, StorageDriver, StorageError, check_volume_name,
+    CONTAINERS_DIR, IMAGES_DIR, PoolLayout, PoolUsage, StorageDriver, StorageError,
     create_dir_if_missing, ensure_dir, io_err, run, statvfs_usage,
 };
 
@@ -21,7 +21,7 @@ const IDMAP_CAPABLE_MAGICS: &[(i64, &str)] = &[
 /// A pool of plain directories under `root`.
 #[derive(Debug)]
 pub struct DirDriver {
-    root: PathBuf,
+    pool: PoolLayout,
     idmap: bool,
 }
 
@@ -37,22 +37,15 @@ impl DirDriver {
             idmap_capable_fs(&root).unwrap_or(false)
         });
         tracing::info!(pool = %root.display(), idmapped_mounts = idmap, "dir storage pool ready");
-        Ok(DirDriver { root, idmap })
+        Ok(DirDriver {
+            pool: PoolLayout { root },
+            idmap,
+        })
     }
 
     /// The pool root.
     pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    fn image_path(&self, fingerprint: &str) -> Result<PathBuf, StorageError> {
-        check_volume_name(fingerprint)?;
-        Ok(self.root.join(IMAGES_DIR).join(fingerprint))
-    }
-
-    fn instance_path(&self, name: &str) -> Result<PathBuf, StorageError> {
-        check_volume_name(name)?;
-        Ok(self.root.join(CONTAINERS_DIR).join(name))
+        &self.pool.root
     }
 }
 
@@ -117,11 +110,11 @@ impl StorageDriver for DirDriver {
     }
 
     fn usage(&self) -> Result<PoolUsage, StorageError> {
-        statvfs_usage(&self.root)
+        statvfs_usage(&self.pool.root)
     }
 
     fn create_image_volume(&self, fingerprint: &str) -> Result<PathBuf, StorageError> {
-        let path = self.image_path(fingerprint)?;
+        let path = self.pool.image_path(fingerprint)?;
         remove_tree(&path)?;
         ensure_dir(&path, 0o755)?;
         ensure_dir(&path.join("rootfs"), 0o755)?;
@@ -129,7 +122,7 @@ impl StorageDriver for DirDriver {
     }
 
     fn finish_image_volume(&self, fingerprint: &str) -> Result<(), StorageError> {
-        let path = self.image_path(fingerprint)?;
+        let path = self.pool.image_path(fingerprint)?;
         if !path.is_dir() {
             return Err(StorageError::ImageNotFound(fingerprint.to_string()));
         }
@@ -137,28 +130,19 @@ impl StorageDriver for DirDriver {
     }
 
     fn image_volume(&self, fingerprint: &str) -> Option<PathBuf> {
-        let path = self.image_path(fingerprint).ok()?;
-        path.is_dir().then_some(path)
+        self.pool.image_volume(fingerprint)
     }
 
     fn delete_image_volume(&self, fingerprint: &str) -> Result<(), StorageError> {
-        remove_tree(&self.image_path(fingerprint)?)
+        remove_tree(&self.pool.image_path(fingerprint)?)
     }
 
     fn rename_image_volume(&self, from: &str, to: &str) -> Result<(), StorageError> {
-        let src = self.image_path(from)?;
-        let dst = self.image_path(to)?;
-        if !src.exists() {
-            return Err(StorageError::ImageNotFound(from.to_string()));
-        }
-        if fs::symlink_metadata(&dst).is_ok() {
-            return Err(StorageError::VolumeExists(to.to_string()));
-        }
-        fs::rename(&src, &dst).map_err(io_err(&src))
+        self.pool.rename_image_volume(from, to)
     }
 
     fn list_image_volumes(&self) -> Result<Vec<String>, StorageError> {
-        super::list_names(&self.root.join(IMAGES_DIR))
+        self.pool.list_image_volumes()
     }
 
     fn create_instance_volume(
@@ -166,17 +150,11 @@ impl StorageDriver for DirDriver {
         name: &str,
         fingerprint: &str,
     ) -> Result<PathBuf, StorageError> {
-        let src = self.image_path(fingerprint)?;
-        let dst = self.instance_path(name)?;
-        if !src.is_dir() {
-            return Err(StorageError::ImageNotFound(fingerprint.to_string()));
-        }
-        if fs::symlink_metadata(&dst).is_ok() {
-            return Err(StorageError::VolumeExists(name.to_string()));
-        }
+        let (src, dst) = self.pool.new_instance_paths(name, fingerprint)?;
         // Copy under a temporary name, then rename: a crash never leaves a half volume
         // under the real name.
         let tmp = self
+            .pool
             .root
             .join(CONTAINERS_DIR)
             .join(format!(".creating-{name}"));
@@ -194,24 +172,15 @@ impl StorageDriver for DirDriver {
     }
 
     fn instance_volume(&self, name: &str) -> Option<PathBuf> {
-        let path = self.instance_path(name).ok()?;
-        path.is_dir().then_some(path)
+        self.pool.instance_volume(name)
     }
 
     fn delete_instance_volume(&self, name: &str) -> Result<(), StorageError> {
-        remove_tree(&self.instance_path(name)?)
+        remove_tree(&self.pool.instance_path(name)?)
     }
 
     fn rename_instance_volume(&self, from: &str, to: &str) -> Result<(), StorageError> {
-        let src = self.instance_path(from)?;
-        let dst = self.instance_path(to)?;
-        if !src.exists() {
-            return Err(StorageError::VolumeNotFound(from.to_string()));
-        }
-        if fs::symlink_metadata(&dst).is_ok() {
-            return Err(StorageError::VolumeExists(to.to_string()));
-        }
-        fs::rename(&src, &dst).map_err(io_err(&src))
+        self.pool.rename_instance_volume(from, to)
     }
 }
 

@@ -160,6 +160,94 @@ pub(crate) fn create_dir_if_missing(dir: &Path, mode: u32) -> Result<(), Storage
     ensure_dir(dir, mode)
 }
 
+/// The directory layout every driver's pool shares: `images/<fingerprint>` and
+/// `containers/<name>` under the pool root, with the checks that go with it.
+#[derive(Debug)]
+pub(crate) struct PoolLayout {
+    pub(crate) root: PathBuf,
+}
+
+impl PoolLayout {
+    pub(crate) fn image_path(&self, fingerprint: &str) -> Result<PathBuf, StorageError> {
+        check_volume_name(fingerprint)?;
+        Ok(self.root.join(IMAGES_DIR).join(fingerprint))
+    }
+
+    pub(crate) fn instance_path(&self, name: &str) -> Result<PathBuf, StorageError> {
+        check_volume_name(name)?;
+        Ok(self.root.join(CONTAINERS_DIR).join(name))
+    }
+
+    /// The image volume's directory when it exists.
+    pub(crate) fn image_volume(&self, fingerprint: &str) -> Option<PathBuf> {
+        let path = self.image_path(fingerprint).ok()?;
+        path.is_dir().then_some(path)
+    }
+
+    /// The instance volume's directory when it exists.
+    pub(crate) fn instance_volume(&self, name: &str) -> Option<PathBuf> {
+        let path = self.instance_path(name).ok()?;
+        path.is_dir().then_some(path)
+    }
+
+    pub(crate) fn list_image_volumes(&self) -> Result<Vec<String>, StorageError> {
+        list_names(&self.root.join(IMAGES_DIR))
+    }
+
+    /// Where a new instance volume goes and the image it is made from: the image must exist
+    /// and the name must be free.
+    pub(crate) fn new_instance_paths(
+        &self,
+        name: &str,
+        fingerprint: &str,
+    ) -> Result<(PathBuf, PathBuf), StorageError> {
+        let src = self.image_path(fingerprint)?;
+        let dst = self.instance_path(name)?;
+        if !src.is_dir() {
+            return Err(StorageError::ImageNotFound(fingerprint.to_string()));
+        }
+        if std::fs::symlink_metadata(&dst).is_ok() {
+            return Err(StorageError::VolumeExists(name.to_string()));
+        }
+        Ok((src, dst))
+    }
+
+    pub(crate) fn rename_image_volume(&self, from: &str, to: &str) -> Result<(), StorageError> {
+        rename_volume(
+            &self.image_path(from)?,
+            &self.image_path(to)?,
+            || StorageError::ImageNotFound(from.to_string()),
+            to,
+        )
+    }
+
+    pub(crate) fn rename_instance_volume(&self, from: &str, to: &str) -> Result<(), StorageError> {
+        rename_volume(
+            &self.instance_path(from)?,
+            &self.instance_path(to)?,
+            || StorageError::VolumeNotFound(from.to_string()),
+            to,
+        )
+    }
+}
+
+/// Renames a volume directory (a subvolume too: a rename within one filesystem), refusing a
+/// missing source and a taken target.
+fn rename_volume(
+    src: &Path,
+    dst: &Path,
+    not_found: impl FnOnce() -> StorageError,
+    to: &str,
+) -> Result<(), StorageError> {
+    if !src.exists() {
+        return Err(not_found());
+    }
+    if std::fs::symlink_metadata(dst).is_ok() {
+        return Err(StorageError::VolumeExists(to.to_string()));
+    }
+    std::fs::rename(src, dst).map_err(io_err(src))
+}
+
 /// Names of the entries of `dir` (skipping dot-names), sorted.
 pub(crate) fn list_names(dir: &Path) -> Result<Vec<String>, StorageError> {
     let mut out = Vec::new();
