@@ -2,21 +2,15 @@
 //! validated once into [`Config`].
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config file {path} is not valid: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error(transparent)]
+    File(#[from] berth_proto::config_file::ConfigFileError),
     #[error("config value {key} is not valid: {message}")]
     Invalid { key: &'static str, message: String },
 }
@@ -139,20 +133,7 @@ pub struct Config {
 
 impl Config {
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let raw = match path {
-            Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                    path: p.to_path_buf(),
-                    source,
-                })?;
-                toml::from_str::<RawConfig>(&text).map_err(|e| ConfigError::Parse {
-                    path: p.to_path_buf(),
-                    message: e.message().to_string(),
-                })?
-            }
-            None => RawConfig::default(),
-        };
-        Config::validate(raw)
+        Config::validate(berth_proto::config_file::read_toml(path)?)
     }
 
     pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
@@ -332,11 +313,7 @@ fn idmap_range(
 
 /// The host's name, or "localhost" when it cannot be read.
 pub fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "localhost".into())
+    berth_proto::host::host_name()
 }
 
 /// The address controllers dial when `advertise` is not set: `listen` itself, or, when it is
@@ -361,12 +338,7 @@ pub fn advertised(listen: SocketAddr, host: Option<IpAddr>) -> Result<SocketAddr
 /// This host's main address: the source address of its default route (no packet is sent),
 /// like berthd's; `None` when there is no default route.
 pub fn host_address() -> Option<IpAddr> {
-    let probe = || -> std::io::Result<IpAddr> {
-        let s = UdpSocket::bind("0.0.0.0:0")?;
-        s.connect("192.0.2.1:9")?;
-        Ok(s.local_addr()?.ip())
-    };
-    probe().ok().filter(|ip| !ip.is_unspecified())
+    berth_proto::host::default_route_address()
 }
 
 #[cfg(test)]

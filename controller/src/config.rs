@@ -1,7 +1,7 @@
 //! `berthd` configuration: a TOML file read into [`RawConfig`] (unknown keys refused), validated
 //! once into [`Config`], which everything else uses.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -9,14 +9,8 @@ use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config file {path} is not valid: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error(transparent)]
+    File(#[from] berth_proto::config_file::ConfigFileError),
     #[error("config value {key} is not valid: {message}")]
     Invalid { key: &'static str, message: String },
 }
@@ -90,19 +84,7 @@ impl Config {
     /// Reads a config file without validating it (flags may still override keys); `None`
     /// means built-in defaults.
     pub fn read_raw(path: Option<&Path>) -> Result<RawConfig, ConfigError> {
-        Ok(match path {
-            Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                    path: p.to_path_buf(),
-                    source,
-                })?;
-                toml::from_str::<RawConfig>(&text).map_err(|e| ConfigError::Parse {
-                    path: p.to_path_buf(),
-                    message: e.message().to_string(),
-                })?
-            }
-            None => RawConfig::default(),
-        })
+        Ok(berth_proto::config_file::read_toml(path)?)
     }
 
     /// Checks `raw` and fills in the defaults.
@@ -222,24 +204,12 @@ pub fn advertised(listen: SocketAddr) -> String {
 /// This host's main address: the source address of its default route (no packet is sent),
 /// or 127.0.0.1 when it has none.
 pub fn host_address() -> IpAddr {
-    let probe = || -> std::io::Result<IpAddr> {
-        let s = UdpSocket::bind("0.0.0.0:0")?;
-        s.connect("192.0.2.1:9")?;
-        Ok(s.local_addr()?.ip())
-    };
-    match probe() {
-        Ok(ip) if !ip.is_unspecified() => ip,
-        _ => IpAddr::V4(Ipv4Addr::LOCALHOST),
-    }
+    berth_proto::host::default_route_address().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
 }
 
 /// The host's name, or "localhost" when it cannot be read.
 pub fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "localhost".into())
+    berth_proto::host::host_name()
 }
 
 #[cfg(test)]

@@ -2,6 +2,9 @@
 //! the gRPC services between controllers and agents ([`v1`]) and the REST API's JSON types ([`api`]).
 
 pub mod api;
+#[cfg(feature = "config-file")]
+pub mod config_file;
+pub mod host;
 #[cfg(feature = "https")]
 pub mod https;
 #[cfg(feature = "telemetry")]
