@@ -361,6 +361,41 @@ fn import_split_squashfs() {
 /// Hostile tarballs: `..` members, absolute members, a symlink to a host directory followed by
 /// a member written "through" it, a metadata.yaml symlinked to a host file, and device nodes.
 #[test]
+fn split_import_metadata_cannot_redirect_the_rootfs() {
+    let s = dir_store();
+    let work = tempfile::tempdir().unwrap();
+    let outside = work.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    // The metadata tarball carries `rootfs` as a symlink to a host directory.
+    let meta = work.path().join("meta");
+    std::fs::create_dir_all(&meta).unwrap();
+    std::fs::write(
+        meta.join("metadata.yaml"),
+        "architecture: x86_64\nproperties:\n  os: evil\n",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(&outside, meta.join("rootfs")).unwrap();
+    let meta_tar = work.path().join("meta.tar");
+    tar_dir(&meta_tar, &meta, "");
+    let root = work.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("pwned"), "pwned").unwrap();
+    let rootfs_tar = work.path().join("rootfs.tar");
+    tar_dir(&rootfs_tar, &root, "");
+    let res = s
+        .store
+        .import(ImportFormat::Split, Some(&meta_tar), &rootfs_tar, vec![]);
+    assert!(
+        !outside.join("pwned").exists(),
+        "wrote through the metadata's symlink"
+    );
+    let img = res.unwrap();
+    let vol = s.store.volume_path(&img.fingerprint).unwrap().unwrap();
+    assert!(vol.join("rootfs/pwned").is_file());
+    assert!(!vol.join(".metadata").exists());
+}
+
+#[test]
 fn import_refuses_escapes() {
     let s = dir_store();
     let work = tempfile::tempdir().unwrap();

@@ -113,7 +113,19 @@ pub(super) fn import(
         match format {
             ImportFormat::Unified => extract_tar(rootfs, &vol)?,
             ImportFormat::Split => {
-                extract_tar(files[0], &vol)?;
+                // The metadata tarball is unpacked aside and only its metadata.yaml (a regular
+                // file) is kept: unpacked into the volume, a `rootfs` symlink in it would
+                // send the rootfs archive, extracted next, anywhere on the host.
+                let scratch = vol.join(".metadata");
+                std::fs::create_dir(&scratch).map_err(|e| {
+                    ImageError::InvalidImage(format!("cannot unpack the metadata: {e}"))
+                })?;
+                let unpacked = extract_tar(files[0], &scratch)
+                    .and_then(|()| read_regular_file(&scratch.join("metadata.yaml"), 1 << 20));
+                let _ = std::fs::remove_dir_all(&scratch);
+                std::fs::write(vol.join("metadata.yaml"), unpacked?).map_err(|e| {
+                    ImageError::InvalidImage(format!("cannot write metadata.yaml: {e}"))
+                })?;
                 let root = vol.join("rootfs");
                 if is_squashfs(rootfs)? {
                     unsquash(rootfs, &root)?;
