@@ -113,9 +113,13 @@ pub async fn create_join_token(
     JsonBody(body): JsonBody<JoinTokenPost>,
 ) -> Result<Response, ApiError> {
     validate_node_name(&body.name)?;
-    if state.cp.read(|s| s.nodes.contains_key(&body.name)).await? {
+    if state
+        .cp
+        .read(|s| s.nodes.contains_key(&body.name) || s.controllers.contains_key(&body.name))
+        .await?
+    {
         return Err(ApiError::conflict(format!(
-            "node {} already exists",
+            "a cluster member named {} already exists",
             body.name
         )));
     }
@@ -143,12 +147,17 @@ pub async fn join(
     if body.secret.is_empty() || body.secret.len() > 256 {
         return Err(ApiError::unauthorized());
     }
-    let addr: std::net::SocketAddr = body.address.parse().map_err(|_| {
-        ApiError::bad_request(format!(
-            "agent address \"{}\" is not host:port",
-            body.address
-        ))
-    })?;
+    let addr: std::net::SocketAddr = body
+        .address
+        .parse()
+        .ok()
+        .filter(|a: &std::net::SocketAddr| !a.ip().is_unspecified() && a.port() != 0)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "agent address \"{}\" is not an ip:port controllers can dial",
+                body.address.escape_debug()
+            ))
+        })?;
     if !body.bridge_ipv4_cidr.is_empty() {
         validate_cidr(&body.bridge_ipv4_cidr)?;
     }
@@ -342,11 +351,11 @@ pub async fn create_controller_token(
     validate_controller_name(&body.name)?;
     if state
         .cp
-        .read(|s| s.controllers.contains_key(&body.name))
+        .read(|s| s.controllers.contains_key(&body.name) || s.nodes.contains_key(&body.name))
         .await?
     {
         return Err(ApiError::conflict(format!(
-            "controller {} already exists",
+            "a cluster member named {} already exists",
             body.name
         )));
     }

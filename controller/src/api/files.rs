@@ -203,37 +203,16 @@ pub async fn push(
     // Forward the body through a channel: the gRPC call streams it as it arrives. If the
     // client's upload breaks off, the call is cancelled (not ended), so the agent keeps the
     // old file rather than committing a short one.
-    let (tx, rx) = tokio::sync::mpsc::channel::<v1::FilePushChunk>(8);
-    let (broke_tx, broke_rx) = tokio::sync::oneshot::channel::<String>();
-    let send_data = kind == v1::FileType::File;
-    tokio::spawn(async move {
-        if tx
-            .send(v1::FilePushChunk {
-                msg: Some(file_push_chunk::Msg::Header(header)),
-            })
-            .await
-            .is_err()
-            || !send_data
-        {
-            return;
-        }
-        while let Some(chunk) = data.next().await {
-            let bytes = match chunk {
-                Ok(b) => b,
-                Err(e) => {
-                    let _ = broke_tx.send(e.to_string());
-                    return;
-                }
-            };
-            let msg = v1::FilePushChunk {
-                msg: Some(file_push_chunk::Msg::Data(bytes)),
-            };
-            if tx.send(msg).await.is_err() {
-                return;
-            }
-        }
-    });
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let (stream, broke_rx) = super::forward_upload(
+        v1::FilePushChunk {
+            msg: Some(file_push_chunk::Msg::Header(header)),
+        },
+        data,
+        kind == v1::FileType::File,
+        |bytes| v1::FilePushChunk {
+            msg: Some(file_push_chunk::Msg::Data(bytes)),
+        },
+    );
     let mut client = state.agents.client(&n)?;
     let info = tokio::select! {
         r = client.push_file(stream) => r?.into_inner(),

@@ -7,7 +7,6 @@ use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use berth_proto::api::{self, ImageAlias, ImageAliasesPost, ImagesPost};
 use berth_proto::v1::{self, image_import_chunk};
-use futures::StreamExt;
 use http::HeaderMap;
 use serde::Deserialize;
 use tracing::{info, warn};
@@ -333,31 +332,23 @@ async fn import(state: SharedState, headers: HeaderMap, body: Body) -> Result<Re
             aliases: aliases.clone(),
         })),
     };
-    let (tx, rx) = tokio::sync::mpsc::channel::<v1::ImageImportChunk>(8);
-    let mut data = body.into_data_stream();
-    tokio::spawn(async move {
-        if tx.send(header).await.is_err() {
-            return;
-        }
-        while let Some(Ok(bytes)) = data.next().await {
-            let msg = v1::ImageImportChunk {
+    // A broken-off upload cancels the call, so the agent never imports a truncated file.
+    let (stream, broke_rx) =
+        super::forward_upload(header, body.into_data_stream(), true, |bytes| {
+            v1::ImageImportChunk {
                 msg: Some(image_import_chunk::Msg::Data(bytes)),
-            };
-            if tx.send(msg).await.is_err() {
-                return;
             }
-        }
-    });
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        });
     // The upload is read now, while the client sends it; the operation reports the result.
     let mut call = tonic::Request::new(stream);
     call.set_timeout(LONG_CALL);
-    let img = state
-        .agents
-        .client(&node)?
-        .import_image(call)
-        .await?
-        .into_inner();
+    let mut client = state.agents.client(&node)?;
+    let img = tokio::select! {
+        r = client.import_image(call) => r?.into_inner(),
+        Ok(why) = broke_rx => {
+            return Err(ApiError::bad_request(format!("the upload broke off: {why}")));
+        }
+    };
     let op = new_operation(&state, "task", "Importing image", BTreeMap::new());
     let st = state.clone();
     let alias_list: Vec<ImageAlias> = aliases

@@ -238,6 +238,43 @@ async fn authenticate(State(state): State<SharedState>, mut req: Request, next: 
     }
 }
 
+/// Forwards an upload to an agent's client-streaming call: `header` first, then (when
+/// `send_data`) every chunk of the request body wrapped by `wrap`, through a channel, so the
+/// call streams the body as it arrives. The receiver fires when the client's upload breaks
+/// off: race the call against it, so that the call is cancelled (not ended) and the agent
+/// never commits a short upload.
+pub fn forward_upload<M: Send + 'static>(
+    header: M,
+    mut data: axum::body::BodyDataStream,
+    send_data: bool,
+    wrap: fn(Bytes) -> M,
+) -> (
+    tokio_stream::wrappers::ReceiverStream<M>,
+    tokio::sync::oneshot::Receiver<String>,
+) {
+    use futures::StreamExt as _;
+    let (tx, rx) = tokio::sync::mpsc::channel::<M>(8);
+    let (broke_tx, broke_rx) = tokio::sync::oneshot::channel::<String>();
+    tokio::spawn(async move {
+        if tx.send(header).await.is_err() || !send_data {
+            return;
+        }
+        while let Some(chunk) = data.next().await {
+            let bytes = match chunk {
+                Ok(b) => b,
+                Err(e) => {
+                    let _ = broke_tx.send(e.to_string());
+                    return;
+                }
+            };
+            if tx.send(wrap(bytes)).await.is_err() {
+                return;
+            }
+        }
+    });
+    (tokio_stream::wrappers::ReceiverStream::new(rx), broke_rx)
+}
+
 /// A JSON body, parsed with our own error: one sentence in the LXD error envelope.
 pub struct JsonBody<T>(pub T);
 

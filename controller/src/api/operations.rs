@@ -243,8 +243,10 @@ pub async fn wait(
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     let mut changes = state.cp.subscribe();
+    // One linearizable read, then this controller's own copy as it applies entries (a
+    // follower would otherwise ask the leader for a read index on every applied entry).
+    let mut op = find(&state, &id).await?;
     loop {
-        let op = find(&state, &id).await?;
         if op.status.is_final() || tokio::time::Instant::now() >= deadline {
             return Ok(sync(op));
         }
@@ -254,6 +256,10 @@ pub async fn wait(
             changes.changed(),
         )
         .await;
+        op = state
+            .cp
+            .read_local(|s| s.operations.get(&id).cloned())
+            .ok_or_else(|| ApiError::not_found(format!("operation {id} not found")))?;
     }
 }
 

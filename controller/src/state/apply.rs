@@ -64,6 +64,12 @@ impl State {
                 now,
             } => {
                 self.check_join_token(&token_hash, JoinKind::Node, &node.name, &now)?;
+                if self.controllers.contains_key(&node.name) {
+                    return Err(ApplyError::conflict(format!(
+                        "{:?} is already the name of a controller",
+                        node.name
+                    )));
+                }
                 if self.nodes.contains_key(&node.name) {
                     return Err(ApplyError::conflict(format!(
                         "node {:?} already exists",
@@ -127,6 +133,11 @@ impl State {
                 now,
             } => {
                 self.check_join_token(&token_hash, JoinKind::Controller, &name, &now)?;
+                if self.nodes.contains_key(&name) {
+                    return Err(ApplyError::conflict(format!(
+                        "{name:?} is already the name of a node"
+                    )));
+                }
                 if self.controllers.contains_key(&name) {
                     return Err(ApplyError::conflict(format!(
                         "controller {name:?} already exists"

@@ -1048,6 +1048,45 @@ fn controllers_join_with_their_own_tokens() {
 }
 
 #[test]
+fn nodes_and_controllers_never_share_a_name() {
+    let mut s = base("10.0.0.1/24");
+    s.controllers.insert(
+        "c1".into(),
+        ControllerRecord {
+            name: "c1".into(),
+            id: 1,
+            ..Default::default()
+        },
+    );
+    s.join_tokens
+        .insert("tn".into(), token("c1", "2026-11-30T12:00:00Z"));
+    rejected(
+        &mut s,
+        Command::JoinNode {
+            token_hash: "tn".into(),
+            node: node("c1", ""),
+            now: NOW.into(),
+        },
+        ApplyErrorKind::Conflict,
+    );
+    let mut t = token("n1", "2026-11-30T12:00:00Z");
+    t.kind = JoinKind::Controller;
+    s.join_tokens.insert("tc".into(), t);
+    rejected(
+        &mut s,
+        Command::JoinController {
+            token_hash: "tc".into(),
+            name: "n1".into(),
+            peer_address: "10.0.0.9:8444".into(),
+            api_address: "10.0.0.9:8443".into(),
+            cert_fingerprint: String::new(),
+            now: NOW.into(),
+        },
+        ApplyErrorKind::Conflict,
+    );
+}
+
+#[test]
 fn nodes_with_instances_are_not_removed() {
     let mut s = base("10.0.0.1/24");
     create(&mut s, "a").unwrap();
