@@ -213,33 +213,34 @@ pub async fn list(
     State(state): State<SharedState>,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    let (instances, nodes): (Vec<Instance>, Vec<Node>) = state
+    if q.recursion == 0 {
+        let paths: Vec<String> = state
+            .cp
+            .read(|s| {
+                s.instances
+                    .keys()
+                    .map(|name| format!("/1.0/instances/{name}"))
+                    .collect()
+            })
+            .await?;
+        return Ok(sync(paths));
+    }
+    let (instances, nodes): (Vec<Instance>, BTreeMap<String, Node>) = state
         .cp
-        .read(|s| {
-            (
-                s.instances.values().cloned().collect(),
-                s.nodes.values().cloned().collect(),
-            )
-        })
+        .read(|s| (s.instances.values().cloned().collect(), s.nodes.clone()))
         .await?;
     match q.recursion {
-        0 => Ok(sync(
-            instances
-                .iter()
-                .map(|i| format!("/1.0/instances/{}", i.name))
-                .collect::<Vec<_>>(),
-        )),
         1 => Ok(sync(
             instances
                 .iter()
-                .map(|i| to_api(i, nodes.iter().find(|n| n.name == i.node)))
+                .map(|i| to_api(i, nodes.get(&i.node)))
                 .collect::<Vec<_>>(),
         )),
         _ => {
             // One call per node, all nodes at once.
             let mut per_node = BTreeMap::new();
             let calls = nodes
-                .iter()
+                .values()
                 .filter(|n| n.status == NodeStatus::Online)
                 .map(|n| {
                     let st = state.clone();
@@ -271,13 +272,10 @@ pub async fn list(
             let out: Vec<api::Instance> = instances
                 .iter()
                 .map(|i| {
-                    let mut a = to_api(i, nodes.iter().find(|n| n.name == i.node));
+                    let node = nodes.get(&i.node);
+                    let mut a = to_api(i, node);
                     if let Some(s) = per_node.get(&i.node).and_then(|m| m.get(&i.name)) {
-                        let prefix = nodes
-                            .iter()
-                            .find(|n| n.name == i.node)
-                            .map(node_prefix)
-                            .unwrap_or(24);
+                        let prefix = node.map(node_prefix).unwrap_or(24);
                         let st = state_from_agent(i, prefix, s);
                         a.status = st.status.clone();
                         a.status_code = st.status_code;
