@@ -24,9 +24,14 @@ die() { printf 'quickstart: %s\n' "$*" >&2; exit 1; }
 
 have_systemd() { [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; }
 
-daemon_pid() { # name -> pid if running
-  local f=$RUN/$1.pid
-  [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null && cat "$f"
+daemon_pid() { # name -> pid if that daemon runs (not merely some process with a reused pid)
+  local f=$RUN/$1.pid pid exe
+  [ -f "$f" ] || return 1
+  pid=$(cat "$f")
+  [ -n "$pid" ] && [ -d "/proc/$pid" ] || return 1
+  exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
+  exe=${exe% (deleted)}  # the binary was replaced since
+  [ "${exe##*/}" = "$1" ] && echo "$pid"
 }
 
 stop_daemons() {

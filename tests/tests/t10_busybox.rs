@@ -247,6 +247,10 @@ fn run(c: &Cluster) -> anyhow::Result<()> {
     )?;
 
     // Stop leaves nothing behind; start brings it back with the same limits.
+    assert!(
+        !cgroup_dirs(name).is_empty(),
+        "the running instance's cgroups are found (else their absence below proves nothing)"
+    );
     c.berth_ok(&["stop", name])?;
     wait_for(
         "init to be gone after stop",

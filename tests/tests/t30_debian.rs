@@ -29,14 +29,10 @@ fn run(c: &Cluster) -> anyhow::Result<()> {
     // A launch returns once systemd accepts commands, so this works at once, as a person types it.
     let (code, out, err) = c.exec("t30-d1", &["systemctl", "is-system-running", "--wait"])?;
     let state = out.trim().to_string();
-    assert!(
-        code == 0 || state == "degraded",
-        "systemctl failed right after launch: {err}"
-    );
     eprintln!("debian/12 reached {state} {:?} after launch", t.elapsed());
-    if state != "running" {
+    if code != 0 || state != "running" {
         let (_, failed, _) = c.exec("t30-d1", &["systemctl", "--failed", "--no-legend"])?;
-        panic!("systemd is {state}; failed units:\n{failed}");
+        panic!("systemd is {state} (exit {code}: {err}); failed units:\n{failed}");
     }
     let (_, out, _) = c.exec("t30-d1", &["id", "-u"])?;
     assert_eq!(out.trim(), "0");

@@ -366,9 +366,11 @@ fn leader_kill_during_writes(c: &DevCluster) -> Result<()> {
         longest_gap.as_secs_f64()
     );
     assert!(before > 0, "writes were acknowledged before the kill");
+    // Not a speed goal (the figure is printed above and measured in docs/performance.md): a
+    // liveness check that writes came back well inside the 8 s the writers keep going.
     assert!(
-        resumed < Duration::from_secs(15),
-        "writes resumed only after {resumed:?}"
+        longest_gap < Duration::from_secs(6),
+        "writes stopped for {longest_gap:?} around the leader's death"
     );
     let out = c.berth_ok(&["image", "alias", "list", "--format", "json"])?;
     let aliases: serde_json::Value = serde_json::from_str(&out)?;
@@ -413,6 +415,11 @@ fn leader_kill_during_an_action(c: &DevCluster) -> Result<()> {
     }
     let child = stop.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     std::thread::sleep(Duration::from_millis(500));
+    let mut child = child;
+    assert!(
+        child.try_wait()?.is_none(),
+        "the stop was still in flight when the leader was killed"
+    );
     c.script_ok(&["kill", &leader])?;
     let out = child.wait_with_output()?;
     assert!(
