@@ -502,6 +502,11 @@ async fn pull(ctx: &Ctx, args: PullArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// `O_NOFOLLOW`: opening a symlink fails instead of following it.
+fn libc_o_nofollow() -> i32 {
+    rustix::fs::OFlags::NOFOLLOW.bits() as i32
+}
+
 /// Saves one answer (file, symlink or directory) at `local`, walking directories.
 async fn pull_tree(
     client: &Client,
@@ -524,17 +529,27 @@ async fn pull_tree(
                 let status = resp.status();
                 let body = client.read_body(resp).await?;
                 let entries = directory_entries(parse_envelope(status, &body)?.metadata)?;
+                // An existing directory is reused only when it is a real one: never through a
+                // symlink the same pull (or the instance) put there.
                 match std::fs::create_dir(&local) {
                     Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && local.is_dir() => {}
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::AlreadyExists
+                            && std::fs::symlink_metadata(&local).is_ok_and(|m| m.is_dir()) => {}
                     Err(e) => return Err(fail(e)),
                 }
                 if let Some(m) = mode {
                     std::fs::set_permissions(&local, std::fs::Permissions::from_mode(m))
                         .map_err(fail)?;
                 }
+                let mut seen = std::collections::HashSet::new();
                 for name in entries.into_iter().rev() {
-                    if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+                    if name.is_empty()
+                        || name == "."
+                        || name == ".."
+                        || name.contains('/')
+                        || !seen.insert(name.clone())
+                    {
                         continue;
                     }
                     stack.push((join_remote(&path, &name), local.join(&name), None));
@@ -549,7 +564,15 @@ async fn pull_tree(
                 std::os::unix::fs::symlink(target.trim_end_matches('\n'), &local).map_err(fail)?;
             }
             _ => {
-                let mut f = tokio::fs::File::create(&local).await.map_err(fail)?;
+                // Never write through a symlink at the destination.
+                let mut f = tokio::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .custom_flags(libc_o_nofollow())
+                    .open(&local)
+                    .await
+                    .map_err(fail)?;
                 write_body(resp, &mut f).await?;
                 if let Some(m) = mode {
                     f.set_permissions(std::fs::Permissions::from_mode(m))
