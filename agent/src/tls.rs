@@ -181,14 +181,7 @@ async fn join_at(
     key: &rcgen::KeyPair,
     body: &ClusterJoinPost,
 ) -> Result<Identity, JoinError> {
-    let resp = tokio::time::timeout(JOIN_TIMEOUT, post_join(addr, &token.fingerprint, body))
-        .await
-        .unwrap_or_else(|_| {
-            Err(JoinError::Unreachable {
-                addr: addr.to_string(),
-                detail: format!("no answer within {JOIN_TIMEOUT:?}"),
-            })
-        })?;
+    let resp = post_join(addr, &token.fingerprint, body).await?;
     let controllers = resp.controllers.clone();
     let id = Identity {
         cert_pem: resp.certificate,
@@ -237,7 +230,7 @@ async fn post_join(
         bearer: None,
         body: Some(json),
         headers: &[],
-        connect_timeout: std::time::Duration::from_secs(10),
+        timeout: JOIN_TIMEOUT,
     };
     let answer = https::send(addr, verifier, request)
         .await

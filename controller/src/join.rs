@@ -142,15 +142,8 @@ pub async fn join(
             None,
             Some(json.clone()),
         );
-        let result = tokio::time::timeout(JOIN_TIMEOUT, attempt)
-            .await
-            .unwrap_or_else(|_| {
-                Err(HttpsError::Unreachable {
-                    addr: addr.clone(),
-                    detail: format!("no answer within {JOIN_TIMEOUT:?}"),
-                })
-            });
-        match result {
+        // The request carries its own deadline (JOIN_TIMEOUT, in https_json_with).
+        match attempt.await {
             Ok(value) => {
                 let resp: ControllerJoinResponse = serde_json::from_value(value).map_err(|e| {
                     JoinError::Refused(format!("the answer is not a controller join answer: {e}"))
@@ -243,7 +236,7 @@ pub async fn https_json_with(
         bearer,
         body,
         headers,
-        connect_timeout: Duration::from_secs(5),
+        timeout: JOIN_TIMEOUT,
     };
     let answer = https::send(addr, verifier, request)
         .await

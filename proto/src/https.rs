@@ -40,12 +40,32 @@ pub struct Request<'a> {
     pub body: Option<Vec<u8>>,
     /// Extra headers.
     pub headers: &'a [(&'a str, &'a str)],
-    /// How long the TCP connection may take.
-    pub connect_timeout: Duration,
+    /// How long the whole exchange may take: connection, handshake, request and answer.
+    pub timeout: Duration,
 }
 
-/// Sends `req` to the API at `addr` (`host:port`) and reads the whole answer.
+/// Largest answer read (controllers answer joins and cluster views with a few KiB).
+const MAX_ANSWER_BYTES: usize = 1 << 20;
+
+/// Sends `req` to the API at `addr` (`host:port`) and reads the whole answer, within
+/// `req.timeout`.
 pub async fn send(
+    addr: &str,
+    verifier: Arc<ControllerVerifier>,
+    req: Request<'_>,
+) -> Result<Answer, HttpsError> {
+    let timeout = req.timeout;
+    tokio::time::timeout(timeout, exchange(addr, verifier, req))
+        .await
+        .unwrap_or_else(|_| {
+            Err(HttpsError::Unreachable {
+                addr: addr.to_string(),
+                detail: format!("no answer within {timeout:?}"),
+            })
+        })
+}
+
+async fn exchange(
     addr: &str,
     verifier: Arc<ControllerVerifier>,
     req: Request<'_>,
@@ -62,9 +82,8 @@ pub async fn send(
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = tokio::time::timeout(req.connect_timeout, tokio::net::TcpStream::connect(addr))
+    let tcp = tokio::net::TcpStream::connect(addr)
         .await
-        .map_err(|_| unreachable("connection timed out".into()))?
         .map_err(|e| unreachable(e.to_string()))?;
     let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
     let server_name = ServerName::try_from(host.trim_matches(['[', ']']).to_string())
@@ -96,8 +115,7 @@ pub async fn send(
         .await
         .map_err(|e| unreachable(e.to_string()))?;
     let status = resp.status();
-    let bytes = resp
-        .into_body()
+    let bytes = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
         .collect()
         .await
         .map_err(|e| unreachable(e.to_string()))?
