@@ -438,6 +438,8 @@ impl<R: Reporter> Heartbeat<R> {
             // where every controller is silent lasts about one call timeout per controller.
             let mut tried: Vec<String> = Vec::new();
             let mut accepted = None;
+            // One report per round, whichever controllers it goes to.
+            let req = self.request().await;
             let mut last_error = String::new();
             while tried.len() < MAX_CALLS_PER_ROUND {
                 // The rotation's choice, or, when it was tried already this round (a stale
@@ -450,7 +452,7 @@ impl<R: Reporter> Heartbeat<R> {
                     },
                 };
                 tried.push(target.clone());
-                match self.beat(&target).await {
+                match self.beat(&target, req.clone()).await {
                     Outcome::Accepted(reply) => {
                         rotation.accepted(&target);
                         accepted = Some((target, reply));
@@ -540,20 +542,24 @@ impl<R: Reporter> Heartbeat<R> {
         Ok(ch)
     }
 
-    async fn beat(&mut self, target: &str) -> Outcome {
-        let ch = match self.channel(target) {
-            Ok(c) => c,
-            Err(e) => return Outcome::Failed(e.to_string()),
-        };
+    /// This round's report.
+    async fn request(&mut self) -> HeartbeatRequest {
         // Read before the report: a report gathered while recovery ran is marked as such.
         let recovering = self.recovering.load(Ordering::Acquire);
         let (capacity, instances) = self.reporter.report().await;
         self.sequence += 1;
-        let req = HeartbeatRequest {
+        HeartbeatRequest {
             capacity: Some(capacity),
             instances,
             sequence: self.sequence,
             recovering,
+        }
+    }
+
+    async fn beat(&mut self, target: &str, req: HeartbeatRequest) -> Outcome {
+        let ch = match self.channel(target) {
+            Ok(c) => c,
+            Err(e) => return Outcome::Failed(e.to_string()),
         };
         let call = async move {
             ControllerClient::new(ch)
