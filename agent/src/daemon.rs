@@ -141,9 +141,7 @@ pub async fn ensure_joined(node: &Node, token: Option<&str>) -> Result<Identity,
         name: node.cfg.name.clone(),
         address: node.cfg.advertise.to_string(),
         bridge_ipv4_cidr: node.network.bridge_cidr(),
-        cpus: std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1),
+        cpus: crate::heartbeat::usable_cpus(),
         memory_bytes: host_memory_bytes(),
     };
     let id = crate::tls::join(&node.cfg.state_dir, token, facts).await?;
@@ -212,13 +210,7 @@ impl Drop for AbortOnDrop {
 pub fn host_memory_bytes() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
+        .and_then(|s| crate::heartbeat::parse_mem_total(&s))
         .unwrap_or(0)
 }
 

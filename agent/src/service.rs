@@ -178,16 +178,12 @@ impl Agent for AgentService {
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|s| s.trim().to_string())
                 .unwrap_or_default(),
-            cpus: std::thread::available_parallelism()
-                .map(|n| n.get() as u32)
-                .unwrap_or(1),
+            cpus: crate::heartbeat::usable_cpus(),
             memory_bytes: crate::daemon::host_memory_bytes(),
             storage_driver: self.storage.name().into(),
             storage_total_bytes: usage.total,
             storage_used_bytes: usage.used,
-            cgroup_layout: crate::cgroup::Layout::detect()
-                .map(|l| l.to_string())
-                .unwrap_or_default(),
+            cgroup_layout: self.engine.cgroup_layout().to_string(),
             idmapped_mounts: self.storage.supports_idmapped_mounts(),
             bridge_ipv4_cidr: self.network.bridge_cidr(),
         }))
