@@ -291,6 +291,10 @@ impl Engine {
         Self::check_name(&name)?;
         berth_proto::api::config::validate(&spec.config.clone().into_iter().collect())
             .map_err(|e| EngineError::InvalidConfig(e.0))?;
+        // Checked before anything is made: a bad spec must not cost a volume.
+        if let Some(net) = &spec.network {
+            crate::network::check_guest_net(net)?;
+        }
         let lock = self.lock(&name);
         let _g = lock.lock().await;
         let dir = self.dir(&name);

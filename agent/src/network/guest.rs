@@ -23,17 +23,42 @@ pub fn write_guest_config(
     instance: &str,
     net: &berth_proto::v1::NetworkSpec,
 ) -> Result<(), NetworkError> {
-    if instance.is_empty()
-        || instance.len() > 63
-        || !instance
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || c == b'-')
-    {
-        return Err(NetworkError::Invalid {
+    berth_proto::api::names::validate_instance_name(instance).map_err(|_| {
+        NetworkError::Invalid {
             what: "instance name (hostname)",
             value: instance.to_string(),
-        });
-    }
+        }
+    })?;
+    let GuestNet {
+        nameservers,
+        address,
+        gateway,
+    } = parse_guest_net(net)?;
+    let root = rustix::fs::open(
+        rootfs,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io_err(&rootfs.display().to_string(), e))?;
+    write_guest_files(&root, instance, &nameservers, address, gateway)?;
+    tracing::debug!(instance, rootfs = %rootfs.display(), "wrote guest configuration");
+    Ok(())
+}
+
+/// A network spec, checked.
+struct GuestNet {
+    nameservers: Vec<std::net::IpAddr>,
+    address: Option<(Ipv4Addr, u8)>,
+    gateway: Option<Ipv4Addr>,
+}
+
+/// Checks a network spec without writing anything: callers run it before they make an
+/// instance's volume, so that a bad spec costs nothing.
+pub fn check_guest_net(net: &berth_proto::v1::NetworkSpec) -> Result<(), NetworkError> {
+    parse_guest_net(net).map(|_| ())
+}
+
+fn parse_guest_net(net: &berth_proto::v1::NetworkSpec) -> Result<GuestNet, NetworkError> {
     let nameservers = net
         .nameservers
         .iter()
@@ -63,36 +88,42 @@ pub fn write_guest_config(
         )
     };
 
-    let root = rustix::fs::open(
-        rootfs,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| io_err(&rootfs.display().to_string(), e))?;
+    Ok(GuestNet {
+        nameservers,
+        address,
+        gateway,
+    })
+}
 
-    write_file(&root, "etc/hostname", &format!("{instance}\n"))?;
-    write_file(&root, "etc/hosts", &hosts_file(instance))?;
+fn write_guest_files(
+    root: &OwnedFd,
+    instance: &str,
+    nameservers: &[std::net::IpAddr],
+    address: Option<(Ipv4Addr, u8)>,
+    gateway: Option<Ipv4Addr>,
+) -> Result<(), NetworkError> {
+    write_file(root, "etc/hostname", &format!("{instance}\n"))?;
+    write_file(root, "etc/hosts", &hosts_file(instance))?;
     if !nameservers.is_empty() {
         let mut s = String::new();
-        for n in &nameservers {
+        for n in nameservers {
             s.push_str(&format!("nameserver {n}\n"));
         }
-        write_file(&root, "etc/resolv.conf", &s)?;
+        write_file(root, "etc/resolv.conf", &s)?;
     }
     if let Some((addr, prefix)) = address
-        && has_networkd(&root)
+        && has_networkd(root)
     {
         let mut s = format!("[Match]\nName=eth0\n\n[Network]\nAddress={addr}/{prefix}\n");
         if let Some(gw) = gateway {
             s.push_str(&format!("Gateway={gw}\n"));
         }
-        for n in &nameservers {
+        for n in nameservers {
             s.push_str(&format!("DNS={n}\n"));
         }
         s.push_str("LinkLocalAddressing=no\nIPv6AcceptRA=no\n");
-        write_file(&root, "etc/systemd/network/eth0.network", &s)?;
+        write_file(root, "etc/systemd/network/eth0.network", &s)?;
     }
-    tracing::debug!(instance, rootfs = %rootfs.display(), "wrote guest configuration");
     Ok(())
 }
 
@@ -278,6 +309,11 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
+        assert!(check_guest_net(&spec("10.5.5.20/24")).is_ok());
+        assert!(check_guest_net(&spec("10.5.5.20/99")).is_err());
+        let mut bad_gw = spec("10.5.5.20/24");
+        bad_gw.gateway = "nope".into();
+        assert!(check_guest_net(&bad_gw).is_err());
         let t = tempfile::tempdir().unwrap();
         assert!(write_guest_config(t.path(), "bad/name", &spec("")).is_err());
         assert!(write_guest_config(t.path(), "ok", &spec("10.5.5.20/99")).is_err());

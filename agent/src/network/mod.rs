@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 
 use sha2::{Digest, Sha256};
 
-pub use guest::write_guest_config;
+pub use guest::{check_guest_net, write_guest_config};
 pub use subnet::Ipv4Net;
 
 /// Errors from host network setup.
