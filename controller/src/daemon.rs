@@ -211,14 +211,15 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         }
         if !cp.read_local(|s| s.cluster.bootstrapped) {
             let ca = ClusterCa::generate(&cfg.cluster_name)?;
-            let secret = api::cluster::random_secret().map_err(|e| StartError::State(e.message))?;
+            let (key_id, secret) =
+                api::auth::new_key_secret().map_err(|e| StartError::State(e.message))?;
             let now = clock::now();
             cp.write(Command::Bootstrap {
                 name: cfg.cluster_name.clone(),
                 ca_cert_pem: ca.cert_pem.clone(),
                 ca_key_pem: ca.key_pem.clone(),
                 admin_key: ApiKey {
-                    id: uuid::Uuid::new_v4().simple().to_string(),
+                    id: key_id,
                     name: "admin".into(),
                     hash: api::key_hash(&secret),
                     role: Role::Admin,

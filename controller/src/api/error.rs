@@ -83,6 +83,8 @@ impl From<ApplyError> for ApiError {
             ApplyErrorKind::NotFound => StatusCode::NOT_FOUND,
             ApplyErrorKind::Conflict => StatusCode::CONFLICT,
             ApplyErrorKind::Invalid => StatusCode::BAD_REQUEST,
+            ApplyErrorKind::Forbidden => StatusCode::FORBIDDEN,
+            ApplyErrorKind::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
         };
         ApiError::new(status, e.message)
     }

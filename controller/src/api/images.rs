@@ -49,6 +49,7 @@ fn from_agent(img: &v1::Image, node: &str) -> Image {
         created_at: clock::format_unix(img.created_at),
         uploaded_at: clock::now(),
         locations: [node.to_string()].into(),
+        projects: Default::default(),
     }
 }
 
@@ -125,6 +126,7 @@ async fn record_image(
             .write(Command::PutAlias {
                 alias: Alias {
                     name: a.name.clone(),
+                    project: crate::state::DEFAULT_PROJECT.into(),
                     target: fp.clone(),
                     description: a.description.clone(),
                 },
@@ -471,6 +473,7 @@ pub async fn create_alias(
         .write(Command::PutAlias {
             alias: Alias {
                 name: req.name,
+                project: crate::state::DEFAULT_PROJECT.into(),
                 target,
                 description: req.description,
             },

@@ -39,7 +39,8 @@ pub fn shown_status(i: &Instance, node: Option<&Node>) -> InstanceStatusCode {
 pub fn to_api(i: &Instance, node: Option<&Node>) -> api::Instance {
     let status = shown_status(i, node);
     api::Instance {
-        name: i.name.clone(),
+        name: crate::state::split_scoped_name(&i.name).1.to_string(),
+        project: i.project.clone(),
         description: i.description.clone(),
         status: status.as_str().into(),
         status_code: status.code(),
@@ -47,7 +48,7 @@ pub fn to_api(i: &Instance, node: Option<&Node>) -> api::Instance {
         kind: "container".into(),
         architecture: std::env::consts::ARCH.into(),
         config: i.config.clone(),
-        profiles: vec![],
+        profiles: i.profiles.clone(),
         ephemeral: false,
         stateful: false,
         created_at: i.created_at.clone(),
@@ -401,6 +402,8 @@ pub async fn create(
     let now = clock::now();
     let instance = Instance {
         name: req.name.clone(),
+        project: crate::state::DEFAULT_PROJECT.into(),
+        profiles: vec![crate::state::DEFAULT_PROFILE.into()],
         description: req.description.clone(),
         node: node.clone(),
         image: image.fingerprint.clone(),
@@ -529,6 +532,7 @@ where
             name: name.clone(),
             config: merged,
             description,
+            profiles: None,
             now: clock::now(),
         })
         .await?;

@@ -1,6 +1,7 @@
 //! The REST API: LXD-shaped `/1.0/...` routes, one file per resource, behind a visible middleware
 //! stack (request id and tracing, auth, body limit).
 
+pub mod auth;
 pub mod cluster;
 pub mod error;
 pub mod exec;
@@ -16,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -24,15 +25,14 @@ use bytes::Bytes;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use serde::de::DeserializeOwned;
-use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::agents::AgentPool;
 use crate::raft::ControlPlane;
-use crate::state::ApiKey;
 use crate::tls::ClusterCa;
+pub use auth::{Identity, Scope, key_hash};
 pub use error::ApiError;
 
 /// Largest JSON body accepted (1 MiB).
@@ -66,14 +66,6 @@ impl AppState {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         locks.entry(instance.to_string()).or_default().clone()
     }
-}
-
-/// Who made a request (from its API key).
-#[derive(Debug, Clone)]
-pub struct Identity {
-    pub key_id: String,
-    pub key_name: String,
-    pub role: String,
 }
 
 /// The router with every route and the middleware stack.
@@ -139,7 +131,10 @@ pub fn router(state: SharedState) -> Router {
             post(cluster::create_controller_token),
         )
         .route("/1.0/metrics", get(metrics::get))
-        .layer(middleware::from_fn_with_state(state.clone(), authenticate));
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
     Router::new()
         .route("/", get(server::get_root))
         .route("/1.0/cluster/join", post(cluster::join))
@@ -203,39 +198,6 @@ async fn trace_requests(req: Request, next: Next) -> Response {
     }
     .instrument(span)
     .await
-}
-
-/// hex sha256 of an API key secret: what the state stores.
-pub fn key_hash(secret: &str) -> String {
-    hex::encode(Sha256::digest(secret.as_bytes()))
-}
-
-/// Every request under `/1.0` needs `Authorization: Bearer <key>`; a missing, unknown or expired
-/// key gets 401 and nothing else.
-async fn authenticate(State(state): State<SharedState>, mut req: Request, next: Next) -> Response {
-    let secret = req
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|s| s.trim().to_string());
-    let Some(secret) = secret.filter(|s| !s.is_empty() && s.len() <= 256) else {
-        return ApiError::unauthorized().into_response();
-    };
-    let hash = key_hash(&secret);
-    let now = crate::clock::now();
-    let key: Option<ApiKey> = state.cp.read_local(|s| s.api_key_by_hash(&hash).cloned());
-    match key {
-        Some(k) if k.expires_at.as_deref().is_none_or(|e| e > now.as_str()) => {
-            req.extensions_mut().insert(Identity {
-                key_id: k.id.clone(),
-                key_name: k.name.clone(),
-                role: format!("{:?}", k.role).to_lowercase(),
-            });
-            next.run(req).await
-        }
-        _ => ApiError::unauthorized().into_response(),
-    }
 }
 
 /// Forwards an upload to an agent's client-streaming call: `header` first, then (when

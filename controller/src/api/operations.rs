@@ -52,6 +52,7 @@ pub fn new_operation(
         may_cancel: false,
         err: String::new(),
         location: state.name.clone(),
+        project: crate::state::DEFAULT_PROJECT.into(),
     }
 }
 

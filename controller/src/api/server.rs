@@ -37,7 +37,7 @@ pub async fn get_server(
             kernel,
             storage: String::new(),
             auth_user_name: who.key_name,
-            auth_role: who.role,
+            auth_role: who.role.as_str().to_string(),
         },
     }))
 }

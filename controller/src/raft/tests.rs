@@ -536,7 +536,7 @@ async fn new_member_catches_up_from_a_snapshot() {
     let big = "x".repeat(64 * 1024);
     for i in 0..40 {
         let mut k = key(&format!("k{i}"));
-        k.name = big.clone();
+        k.name = format!("k{i}{big}");
         cp1.write(Command::AddApiKey { key: k }).await.unwrap();
     }
     cp1.raft().trigger().snapshot().await.unwrap();

@@ -15,7 +15,7 @@
 //! fraction after placing, then fewest instances; `binpack`: the reverse), then image locality,
 //! then the node's name.
 
-mod view;
+pub(crate) mod view;
 
 #[cfg(test)]
 mod tests;
@@ -114,6 +114,18 @@ pub fn place_instance(state: &State, instance: &Instance) -> Result<String, Plac
         ))
     })?;
     let view = ClusterView::new(state);
+    // Placement reads the config the instance will run with: its profiles', then its own.
+    let expanded;
+    let instance = match state.effective_config(instance) {
+        std::borrow::Cow::Borrowed(_) => instance,
+        std::borrow::Cow::Owned(config) => {
+            expanded = Instance {
+                config,
+                ..instance.clone()
+            };
+            &expanded
+        }
+    };
     let request = view.request(instance, image)?;
     let chosen = view.place(&request)?;
     Ok(view.node(chosen).name.clone())
@@ -131,7 +143,7 @@ pub fn node_usage(state: &State) -> BTreeMap<String, NodeUsage> {
         let memory = state.nodes.get(&i.node).map_or(0, |n| n.memory_bytes);
         out.entry(i.node.clone())
             .or_default()
-            .add(&i.config, memory);
+            .add(&state.effective_config(i), memory);
     }
     out
 }

@@ -344,10 +344,11 @@ impl ClusterView {
                 continue;
             };
             // Values that do not parse (never stored: the API validates them) claim nothing.
-            let cpu = CpuClaim::from_config(&inst.config).unwrap_or(CpuClaim::None);
-            let memory = memory_claim(&inst.config).ok().flatten();
+            let config = state.effective_config(inst);
+            let cpu = CpuClaim::from_config(&config).unwrap_or(CpuClaim::None);
+            let memory = memory_claim(&config).ok().flatten();
             nodes[i].add(&cpu, memory);
-            if let Some(g) = inst.config.get("placement.group") {
+            if let Some(g) = config.get("placement.group") {
                 *groups
                     .entry(g.trim().to_string())
                     .or_default()

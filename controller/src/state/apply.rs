@@ -6,9 +6,13 @@ use std::net::Ipv4Addr;
 use berth_proto::api::{InstanceStatusCode, OperationStatus};
 
 use super::command::{ApplyError, ApplyOk, ApplyResult, Command};
+use super::keys::ObjectKey;
 use super::model::{
-    Action, ClusterInfo, ControllerRecord, DesiredState, Instance, JoinKind, JoinTokenRecord, State,
+    Action, ClusterInfo, ControllerRecord, DEFAULT_PROFILE, DEFAULT_PROJECT, DesiredState,
+    Instance, JoinKind, JoinTokenRecord, Profile, Project, State, alias_key, scoped_name,
+    split_scoped_name,
 };
+use super::tenancy::Change;
 use super::time::Rfc3339;
 
 impl State {
@@ -16,6 +20,35 @@ impl State {
     /// is left unchanged.
     pub fn apply(&mut self, cmd: Command) -> ApplyResult {
         match cmd {
+            Command::By { command, .. } => self.apply(*command),
+            Command::IfMatch { expect, command } => {
+                for (key, etag) in &expect {
+                    match self.etag(key) {
+                        Some(current) if &current == etag => {}
+                        Some(_) => {
+                            return Err(ApplyError::precondition_failed(format!(
+                                "{} changed since it was read (its ETag no longer matches If-Match)",
+                                describe(key)
+                            )));
+                        }
+                        None => {
+                            return Err(ApplyError::not_found(format!(
+                                "{} not found",
+                                describe(key)
+                            )));
+                        }
+                    }
+                }
+                self.apply(*command)
+            }
+            cmd @ (Command::CreateProject { .. }
+            | Command::UpdateProject { .. }
+            | Command::RenameProject { .. }
+            | Command::DeleteProject { .. }
+            | Command::CreateProfile { .. }
+            | Command::UpdateProfile { .. }
+            | Command::RenameProfile { .. }
+            | Command::DeleteProfile { .. }) => self.apply_tenancy(cmd),
             Command::Bootstrap {
                 name,
                 ca_cert_pem,
@@ -38,6 +71,22 @@ impl State {
                     removed_controllers: Default::default(),
                 };
                 self.api_keys.insert(admin_key.id.clone(), admin_key);
+                self.projects
+                    .entry(DEFAULT_PROJECT.to_string())
+                    .or_insert_with(|| Project {
+                        name: DEFAULT_PROJECT.to_string(),
+                        description: "Default project".into(),
+                        config: Default::default(),
+                        created_at: self.cluster.created_at.clone(),
+                    });
+                self.profiles
+                    .entry(DEFAULT_PROFILE.to_string())
+                    .or_insert_with(|| Profile {
+                        name: DEFAULT_PROFILE.to_string(),
+                        project: DEFAULT_PROJECT.to_string(),
+                        description: "Default profile".into(),
+                        config: Default::default(),
+                    });
                 Ok(ApplyOk::Done)
             }
             Command::SetClusterConfig { changes } => {
@@ -292,10 +341,24 @@ impl State {
                 mut instance,
                 operation,
             } => {
+                if !self.project_exists(&instance.project) {
+                    return Err(ApplyError::not_found(format!(
+                        "project {:?} not found",
+                        instance.project
+                    )));
+                }
+                if scoped_name(&instance.project, split_scoped_name(&instance.name).1)
+                    != instance.name
+                {
+                    return Err(ApplyError::invalid(format!(
+                        "instance key {:?} does not belong to project {:?}",
+                        instance.name, instance.project
+                    )));
+                }
                 if self.instances.contains_key(&instance.name) {
                     return Err(ApplyError::conflict(format!(
                         "instance {:?} already exists",
-                        instance.name
+                        split_scoped_name(&instance.name).1
                     )));
                 }
                 if !self.images.contains_key(&instance.image) {
@@ -304,6 +367,14 @@ impl State {
                         instance.image
                     )));
                 }
+                self.check_profiles(&instance.project, &instance.profiles)?;
+                self.check_project_change(
+                    &instance.project,
+                    &Change {
+                        instances: vec![(instance.name.as_str(), Some(&instance))],
+                        profile: None,
+                    },
+                )?;
                 instance.node = crate::scheduler::place_instance(self, &instance)
                     .map_err(|e| ApplyError::invalid(e.to_string()))?;
                 instance.ipv4 = self
@@ -321,22 +392,42 @@ impl State {
                 name,
                 config,
                 description,
+                profiles,
                 now: _,
             } => {
-                let inst = self.instance_mut(&name)?;
-                inst.config = config;
-                inst.description = description;
+                let mut candidate = self.instance_mut(&name)?.clone();
+                candidate.config = config;
+                candidate.description = description;
+                if let Some(profiles) = profiles {
+                    self.check_profiles(&candidate.project, &profiles)?;
+                    candidate.profiles = profiles;
+                }
+                self.check_project_change(
+                    &candidate.project,
+                    &Change {
+                        instances: vec![(name.as_str(), Some(&candidate))],
+                        profile: None,
+                    },
+                )?;
+                self.instances.insert(name, candidate);
                 Ok(ApplyOk::Done)
             }
             Command::RenameInstance { from, to } => {
-                if !self.instances.contains_key(&from) {
+                let Some(inst) = self.instances.get(&from) else {
                     return Err(ApplyError::not_found(format!(
-                        "instance {from:?} not found"
+                        "instance {:?} not found",
+                        split_scoped_name(&from).1
                     )));
+                };
+                if split_scoped_name(&to).0 != split_scoped_name(&inst.name).0 {
+                    return Err(ApplyError::invalid(
+                        "an instance cannot be renamed into another project",
+                    ));
                 }
                 if self.instances.contains_key(&to) {
                     return Err(ApplyError::conflict(format!(
-                        "instance {to:?} already exists"
+                        "instance {:?} already exists",
+                        split_scoped_name(&to).1
                     )));
                 }
                 if let Some(mut inst) = self.instances.remove(&from) {
@@ -382,6 +473,7 @@ impl State {
             Command::PutImage { mut image } => {
                 if let Some(old) = self.images.get(&image.fingerprint) {
                     image.locations.extend(old.locations.iter().cloned());
+                    image.projects.extend(old.projects.iter().cloned());
                 }
                 self.images.insert(image.fingerprint.clone(), image);
                 Ok(ApplyOk::Done)
@@ -396,6 +488,18 @@ impl State {
                 Ok(ApplyOk::Done)
             }
             Command::PutAlias { alias } => {
+                if !self.project_exists(&alias.project) {
+                    return Err(ApplyError::not_found(format!(
+                        "project {:?} not found",
+                        alias.project
+                    )));
+                }
+                if alias_key(&alias.project, alias.short_name()) != alias.name {
+                    return Err(ApplyError::invalid(format!(
+                        "alias key {:?} does not belong to project {:?}",
+                        alias.name, alias.project
+                    )));
+                }
                 if !self.images.contains_key(&alias.target) {
                     return Err(ApplyError::not_found(format!(
                         "image {:?} not found",
@@ -423,6 +527,18 @@ impl State {
             }
             Command::AddApiKey { key } => {
                 self.check_new_api_key(&key.id, &key.hash)?;
+                if self.api_key_by_name(&key.name).is_some() {
+                    return Err(ApplyError::conflict(format!(
+                        "api key {:?} already exists",
+                        key.name
+                    )));
+                }
+                if key.role.is_project_scoped() && !self.project_exists(&key.project) {
+                    return Err(ApplyError::not_found(format!(
+                        "project {:?} not found",
+                        key.project
+                    )));
+                }
                 self.api_keys.insert(key.id.clone(), key);
                 Ok(ApplyOk::Done)
             }
@@ -430,6 +546,24 @@ impl State {
                 self.api_keys
                     .remove(&id)
                     .ok_or_else(|| ApplyError::not_found(format!("api key {id:?} not found")))?;
+                Ok(ApplyOk::Done)
+            }
+            Command::RotateApiKey {
+                id,
+                hash,
+                expires_at,
+            } => {
+                if self.api_key_by_hash(&hash).is_some() {
+                    return Err(ApplyError::conflict(
+                        "an api key with this secret already exists",
+                    ));
+                }
+                let key = self
+                    .api_keys
+                    .get_mut(&id)
+                    .ok_or_else(|| ApplyError::not_found(format!("api key {id:?} not found")))?;
+                key.hash = hash;
+                key.expires_at = expires_at;
                 Ok(ApplyOk::Done)
             }
         }
@@ -532,6 +666,23 @@ impl State {
             "no free address on node {node_name:?} ({})",
             node.ipv4_cidr
         )))
+    }
+}
+
+/// An object as an error message names it.
+fn describe(key: &ObjectKey) -> String {
+    match key {
+        ObjectKey::Instance(n) => format!("instance {:?}", split_scoped_name(n).1),
+        ObjectKey::Profile(n) => format!("profile {:?}", split_scoped_name(n).1),
+        ObjectKey::Project(n) => format!("project {n:?}"),
+        ObjectKey::Alias(n) => format!(
+            "image alias {:?}",
+            n.split_once('@').map_or(n.as_str(), |(_, a)| a)
+        ),
+        ObjectKey::Image(n) => format!("image {n:?}"),
+        ObjectKey::Node(n) => format!("node {n:?}"),
+        ObjectKey::Cluster => "the cluster config".to_string(),
+        other => format!("{other:?}"),
     }
 }
 

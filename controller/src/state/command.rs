@@ -5,10 +5,12 @@ use std::collections::BTreeMap;
 use berth_proto::api::Operation;
 use serde::{Deserialize, Serialize};
 
+use super::keys::ObjectKey;
 use super::model::{
     Alias, ApiKey, ControllerRecord, DesiredState, Image, Instance, JoinTokenRecord, Node,
-    NodeStatus, Observed, PendingAction,
+    NodeStatus, Observed, PendingAction, Profile, Project,
 };
+pub use berth_proto::api::tenancy::Requestor;
 
 /// A change to the replicated state, proposed through Raft. Times (`now`) are stamped by the
 /// leader so that `apply` stays deterministic.
@@ -16,6 +18,61 @@ use super::model::{
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
+    /// Applies `command` on behalf of an API key: the same change, and the lifecycle events it
+    /// gives name the key.
+    By {
+        requestor: Requestor,
+        command: Box<Command>,
+    },
+    /// Applies `command` only if every listed object still has the given ETag
+    /// ([`State::etag`](super::State::etag)); otherwise nothing changes and the error is
+    /// [`ApplyErrorKind::PreconditionFailed`]. This is `If-Match`, checked atomically.
+    IfMatch {
+        expect: Vec<(ObjectKey, String)>,
+        command: Box<Command>,
+    },
+    /// Adds a project and its `default` profile.
+    CreateProject {
+        project: Project,
+    },
+    /// Replaces a project's description and config; refused when a quota would fall below
+    /// what the project already uses.
+    UpdateProject {
+        name: String,
+        description: String,
+        config: BTreeMap<String, String>,
+    },
+    /// Renames a project; only an empty one (nothing but its default profile).
+    RenameProject {
+        from: String,
+        to: String,
+    },
+    /// Removes a project: not `default`, and only when nothing is left in it (instances,
+    /// profiles other than `default`, aliases, images, API keys).
+    DeleteProject {
+        name: String,
+    },
+    /// Adds a profile (`profile.name` is scoped); its project must exist.
+    CreateProfile {
+        profile: Profile,
+    },
+    /// Replaces a profile's description and config; refused when the instances using it would
+    /// exceed their project's quota or break its restrictions.
+    UpdateProfile {
+        name: String,
+        description: String,
+        config: BTreeMap<String, String>,
+    },
+    /// Renames a profile (scoped names, same project) and the references of the instances
+    /// using it; not the `default` profile.
+    RenameProfile {
+        from: String,
+        to: String,
+    },
+    /// Removes a profile: not `default`, not while an instance uses it.
+    DeleteProfile {
+        name: String,
+    },
     /// Sets the cluster identity and the first admin key; fails if already bootstrapped.
     Bootstrap {
         name: String,
@@ -85,11 +142,14 @@ pub enum Command {
         instance: Instance,
         operation: Option<Operation>,
     },
-    /// Replaces an instance's config and description.
+    /// Replaces an instance's config and description, and its profiles when given; checked
+    /// against its project's quota and restrictions.
     UpdateInstance {
         name: String,
         config: BTreeMap<String, String>,
         description: String,
+        #[serde(default)]
+        profiles: Option<Vec<String>>,
         now: String,
     },
     /// Renames an instance, keeping its address.
@@ -166,6 +226,12 @@ pub enum Command {
     DeleteApiKey {
         id: String,
     },
+    /// Gives a key a new secret (its hash) and expiry; the old secret stops working.
+    RotateApiKey {
+        id: String,
+        hash: String,
+        expires_at: Option<String>,
+    },
 }
 
 /// What a node's agent reports about itself.
@@ -196,6 +262,10 @@ pub enum ApplyErrorKind {
     NotFound,
     Conflict,
     Invalid,
+    /// A quota or a project restriction forbids it (403).
+    Forbidden,
+    /// An `If-Match` ETag is stale (412).
+    PreconditionFailed,
 }
 
 /// A rejected command; the state is unchanged.
@@ -225,6 +295,20 @@ impl ApplyError {
     pub fn invalid(message: impl Into<String>) -> Self {
         ApplyError {
             kind: ApplyErrorKind::Invalid,
+            message: message.into(),
+        }
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        ApplyError {
+            kind: ApplyErrorKind::Forbidden,
+            message: message.into(),
+        }
+    }
+
+    pub fn precondition_failed(message: impl Into<String>) -> Self {
+        ApplyError {
+            kind: ApplyErrorKind::PreconditionFailed,
             message: message.into(),
         }
     }

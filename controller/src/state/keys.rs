@@ -5,8 +5,11 @@ use super::command::Command;
 use super::model::State;
 
 /// One object of the state.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum ObjectKey {
+    Project(String),
+    /// A profile by scoped name.
+    Profile(String),
     Cluster,
     Node(String),
     Instance(String),
@@ -43,6 +46,8 @@ impl ObjectKey {
             ObjectKey::ApiKey(n) => format!("api_keys/{n}"),
             ObjectKey::JoinToken(n) => format!("join_tokens/{n}"),
             ObjectKey::Controller(n) => format!("controllers/{n}"),
+            ObjectKey::Project(n) => format!("projects/{n}"),
+            ObjectKey::Profile(n) => format!("profiles/{n}"),
         }
     }
 
@@ -62,6 +67,8 @@ impl ObjectKey {
             "api_keys" => ObjectKey::ApiKey(name),
             "join_tokens" => ObjectKey::JoinToken(name),
             "controllers" => ObjectKey::Controller(name),
+            "projects" => ObjectKey::Project(name),
+            "profiles" => ObjectKey::Profile(name),
             _ => return None,
         })
     }
@@ -71,9 +78,63 @@ impl Command {
     /// The objects this command may change when applied to `state` (computed before applying).
     pub fn touched(&self, state: &State) -> Vec<ObjectKey> {
         match self {
-            Command::Bootstrap { admin_key, .. } => {
-                vec![ObjectKey::Cluster, ObjectKey::ApiKey(admin_key.id.clone())]
+            Command::By { command, .. } | Command::IfMatch { command, .. } => {
+                command.touched(state)
             }
+            Command::CreateProject { project } => vec![
+                ObjectKey::Project(project.name.clone()),
+                ObjectKey::Profile(super::model::scoped_name(
+                    &project.name,
+                    super::model::DEFAULT_PROFILE,
+                )),
+            ],
+            Command::UpdateProject { name, .. } => vec![ObjectKey::Project(name.clone())],
+            Command::RenameProject { from, to } => {
+                let mut keys = Vec::new();
+                for p in [from, to] {
+                    keys.push(ObjectKey::Project(p.clone()));
+                    keys.push(ObjectKey::Profile(super::model::scoped_name(
+                        p,
+                        super::model::DEFAULT_PROFILE,
+                    )));
+                }
+                keys
+            }
+            Command::DeleteProject { name } => vec![
+                ObjectKey::Project(name.clone()),
+                ObjectKey::Profile(super::model::scoped_name(
+                    name,
+                    super::model::DEFAULT_PROFILE,
+                )),
+            ],
+            Command::CreateProfile { profile } => vec![ObjectKey::Profile(profile.name.clone())],
+            Command::UpdateProfile { name, .. } | Command::DeleteProfile { name } => {
+                vec![ObjectKey::Profile(name.clone())]
+            }
+            Command::RenameProfile { from, to } => {
+                let mut keys = vec![
+                    ObjectKey::Profile(from.clone()),
+                    ObjectKey::Profile(to.clone()),
+                ];
+                if let Some(p) = state.profiles.get(from) {
+                    let short = p.short_name().to_string();
+                    keys.extend(
+                        state
+                            .instances
+                            .values()
+                            .filter(|i| i.project == p.project && i.profiles.contains(&short))
+                            .map(|i| ObjectKey::Instance(i.name.clone())),
+                    );
+                }
+                keys
+            }
+            Command::RotateApiKey { id, .. } => vec![ObjectKey::ApiKey(id.clone())],
+            Command::Bootstrap { admin_key, .. } => vec![
+                ObjectKey::Cluster,
+                ObjectKey::ApiKey(admin_key.id.clone()),
+                ObjectKey::Project(super::model::DEFAULT_PROJECT.to_string()),
+                ObjectKey::Profile(super::model::DEFAULT_PROFILE.to_string()),
+            ],
             Command::SetClusterConfig { .. } => vec![ObjectKey::Cluster],
             Command::AddJoinToken { hash, .. } => vec![ObjectKey::JoinToken(hash.clone())],
             Command::JoinNode {
@@ -173,6 +234,8 @@ impl State {
             ObjectKey::ApiKey(n) => enc(self.api_keys.get(n)),
             ObjectKey::JoinToken(n) => enc(self.join_tokens.get(n)),
             ObjectKey::Controller(n) => enc(self.controllers.get(n)),
+            ObjectKey::Project(n) => enc(self.projects.get(n)),
+            ObjectKey::Profile(n) => enc(self.profiles.get(n)),
         }
     }
 
@@ -187,6 +250,8 @@ impl State {
         keys.extend(self.api_keys.keys().cloned().map(ObjectKey::ApiKey));
         keys.extend(self.join_tokens.keys().cloned().map(ObjectKey::JoinToken));
         keys.extend(self.controllers.keys().cloned().map(ObjectKey::Controller));
+        keys.extend(self.projects.keys().cloned().map(ObjectKey::Project));
+        keys.extend(self.profiles.keys().cloned().map(ObjectKey::Profile));
         let mut out = Vec::with_capacity(keys.len());
         for key in keys {
             if let Some(v) = self.encode_object(&key)? {
@@ -240,6 +305,14 @@ impl State {
             }
             ObjectKey::Controller(n) => {
                 self.controllers
+                    .insert(n, serde_json::from_slice(value).map_err(err)?);
+            }
+            ObjectKey::Project(n) => {
+                self.projects
+                    .insert(n, serde_json::from_slice(value).map_err(err)?);
+            }
+            ObjectKey::Profile(n) => {
+                self.profiles
                     .insert(n, serde_json::from_slice(value).map_err(err)?);
             }
         }

@@ -5,15 +5,19 @@ mod apply;
 mod command;
 mod keys;
 mod model;
+mod tenancy;
 mod time;
 
+pub use command::Requestor;
 pub use command::{ApplyError, ApplyErrorKind, ApplyOk, ApplyResult, Command, NodeCapacity};
 pub use keys::{ObjectDecodeError, ObjectKey};
 pub use model::{
-    Action, Alias, ApiKey, ClusterInfo, ControllerRecord, DesiredState, Image, Instance, JoinKind,
-    JoinTokenRecord, MIN_FINGERPRINT_PREFIX, Node, NodeStatus, Observed, PendingAction, Role,
-    State,
+    Action, Alias, ApiKey, ClusterInfo, ControllerRecord, DEFAULT_PROFILE, DEFAULT_PROJECT,
+    DesiredState, Image, Instance, JoinKind, JoinTokenRecord, MIN_FINGERPRINT_PREFIX, Node,
+    NodeStatus, Observed, PendingAction, Profile, Project, Role, State, alias_key, scoped_name,
+    split_scoped_name,
 };
+pub use tenancy::{Change, QUOTAS, Usage, project_limit, project_restricted};
 pub use time::Rfc3339;
 
 #[cfg(test)]

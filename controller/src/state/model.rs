@@ -27,6 +27,54 @@ pub struct State {
     /// Controllers (Raft members) by name.
     #[serde(default)]
     pub controllers: BTreeMap<String, ControllerRecord>,
+    /// Projects by name.
+    #[serde(default)]
+    pub projects: BTreeMap<String, Project>,
+    /// Profiles by scoped name ([`scoped_name`]: `name` in the default project,
+    /// `project_name` in others).
+    #[serde(default)]
+    pub profiles: BTreeMap<String, Profile>,
+}
+
+pub use berth_proto::api::names::{scoped_name, split_scoped_name};
+pub use berth_proto::api::tenancy::{DEFAULT_PROFILE, DEFAULT_PROJECT};
+
+fn default_project() -> String {
+    DEFAULT_PROJECT.to_string()
+}
+
+fn default_profiles() -> Vec<String> {
+    vec![DEFAULT_PROFILE.to_string()]
+}
+
+/// A tenant's slice of the cluster: its instances, profiles and image aliases, with quotas.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Project {
+    pub name: String,
+    pub description: String,
+    /// Quotas (`limits.*`), `restricted`, `user.*`; validated by the API.
+    pub config: BTreeMap<String, String>,
+    /// When it was created (RFC 3339).
+    pub created_at: String,
+}
+
+/// Config shared by instances: applied in the order an instance lists its profiles, then the
+/// instance's own config wins.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Profile {
+    /// The scoped name ([`scoped_name`]), which is also its key.
+    pub name: String,
+    /// The project it belongs to.
+    pub project: String,
+    pub description: String,
+    pub config: BTreeMap<String, String>,
+}
+
+impl Profile {
+    /// The name as its project knows it.
+    pub fn short_name(&self) -> &str {
+        split_scoped_name(&self.name).1
+    }
 }
 
 /// A controller: its Raft id and where it is reached. The Raft membership is the authority on
@@ -149,17 +197,25 @@ pub struct Observed {
 }
 
 /// A machine container: intent (`desired`, placement) and last observation.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Instance {
-    /// The instance's unique name.
+    /// The scoped name ([`scoped_name`]: `web1` in the default project, `p_web1` in project
+    /// `p`): its key in the state and its name on the node.
     pub name: String,
+    /// The project it belongs to.
+    #[serde(default = "default_project")]
+    pub project: String,
+    /// Profiles of its project, applied in this order before `config`.
+    #[serde(default = "default_profiles")]
+    pub profiles: Vec<String>,
     /// Free text.
     pub description: String,
     /// The node the instance is placed on.
     pub node: String,
     /// Fingerprint of the image it was created from.
     pub image: String,
-    /// Config keys (`limits.cpu`, ...).
+    /// Its own config keys (`limits.cpu`, ...); see [`State::effective_config`] for the
+    /// config it runs with.
     pub config: BTreeMap<String, String>,
     /// When it was created (RFC 3339).
     pub created_at: String,
@@ -177,6 +233,28 @@ pub struct Instance {
     /// for it; `None` when the instance is at rest.
     #[serde(default)]
     pub pending: Option<PendingAction>,
+}
+
+impl Default for Instance {
+    /// An empty instance of the default project with the default profile.
+    fn default() -> Self {
+        Instance {
+            name: String::new(),
+            project: default_project(),
+            profiles: default_profiles(),
+            description: String::new(),
+            node: String::new(),
+            image: String::new(),
+            config: BTreeMap::new(),
+            created_at: String::new(),
+            last_used_at: String::new(),
+            ipv4: String::new(),
+            hwaddr: String::new(),
+            desired: DesiredState::default(),
+            observed: Observed::default(),
+            pending: None,
+        }
+    }
 }
 
 /// A change the leader's reconciler carries out on the instance's node. It is replicated, so
@@ -223,41 +301,99 @@ pub struct Image {
     pub uploaded_at: String,
     /// Names of the nodes that hold the image's bytes.
     pub locations: BTreeSet<String>,
+    /// Projects that built or imported it. Images of the default project (or of none) are
+    /// shared: every project can launch them; other images are seen only by their projects.
+    #[serde(default)]
+    pub projects: BTreeSet<String>,
 }
 
-/// A name for an image.
+/// A name for an image, in a project.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Alias {
-    /// The alias, e.g. `debian/12`.
+    /// The alias key ([`alias_key`]): `debian/12` in the default project, `p@debian/12` in
+    /// project `p`.
     pub name: String,
+    /// The project it belongs to.
+    #[serde(default = "default_project")]
+    pub project: String,
     /// Fingerprint of the target image.
     pub target: String,
     /// Free text.
     pub description: String,
 }
 
+/// The key of an alias of `project` in [`State::aliases`]: the alias itself in the default
+/// project, `project@alias` in others (`@` is in neither names nor aliases).
+pub fn alias_key(project: &str, alias: &str) -> String {
+    if project == DEFAULT_PROJECT || project.is_empty() {
+        alias.to_string()
+    } else {
+        format!("{project}@{alias}")
+    }
+}
+
+impl Alias {
+    /// The alias as its project knows it.
+    pub fn short_name(&self) -> &str {
+        self.name
+            .split_once('@')
+            .map(|(_, a)| a)
+            .unwrap_or(&self.name)
+    }
+}
+
 /// What an API key may do.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
-    /// Full control of the cluster.
+    /// Everything, key management included.
     Admin,
-    /// Operates resources across projects (the API decides the exact rights).
+    /// The fleet: nodes and every project's objects; no key management.
     Operator,
-    /// Manages the objects of one project.
-    ProjectMember,
-    /// Reads the objects of one project.
+    /// Reads and changes the objects of its project.
+    #[serde(alias = "ProjectMember")]
+    Member,
+    /// Reads the objects of its project.
     #[default]
-    ProjectViewer,
+    #[serde(alias = "ProjectViewer")]
+    Viewer,
+}
+
+impl Role {
+    /// The role as the API and the CLI spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Operator => "operator",
+            Role::Member => "member",
+            Role::Viewer => "viewer",
+        }
+    }
+
+    /// Parses `admin`, `operator`, `member` or `viewer`.
+    pub fn parse(s: &str) -> Option<Role> {
+        Some(match s {
+            "admin" => Role::Admin,
+            "operator" => Role::Operator,
+            "member" => Role::Member,
+            "viewer" => Role::Viewer,
+            _ => return None,
+        })
+    }
+
+    /// Whether the key is confined to its project.
+    pub fn is_project_scoped(self) -> bool {
+        matches!(self, Role::Member | Role::Viewer)
+    }
 }
 
 /// An API key; only the hash of its secret is stored.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiKey {
-    /// Public key id.
+    /// Public key id (the `<id>` of a `berth_<id>_<secret>` key).
     pub id: String,
-    /// Human-readable name.
+    /// Human-readable name, unique in the cluster.
     pub name: String,
-    /// Hex sha256 of the secret.
+    /// Hex sha256 of the whole key as sent in `Authorization: Bearer`.
     pub hash: String,
     /// What the key may do.
     pub role: Role,
@@ -325,5 +461,10 @@ impl State {
     /// Finds the API key whose secret hashes to `hash` (hex sha256).
     pub fn api_key_by_hash(&self, hash: &str) -> Option<&ApiKey> {
         self.api_keys.values().find(|k| k.hash == hash)
+    }
+
+    /// Finds the API key named `name`.
+    pub fn api_key_by_name(&self, name: &str) -> Option<&ApiKey> {
+        self.api_keys.values().find(|k| k.name == name)
     }
 }

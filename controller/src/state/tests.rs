@@ -386,6 +386,7 @@ fn update_rename_desired_observe() {
     ok(
         &mut s,
         Command::UpdateInstance {
+            profiles: None,
             name: "a".into(),
             config: config.clone(),
             description: "web".into(),
@@ -397,6 +398,7 @@ fn update_rename_desired_observe() {
     rejected(
         &mut s,
         Command::UpdateInstance {
+            profiles: None,
             name: "x".into(),
             config: BTreeMap::new(),
             description: String::new(),
@@ -512,6 +514,7 @@ fn images_and_aliases() {
         },
     );
     let alias = |name: &str, target: &str| Alias {
+        project: "default".into(),
         name: name.into(),
         target: target.into(),
         description: String::new(),

@@ -41,6 +41,9 @@ impl MemoryLimit {
 /// The smallest memory limit accepted: below it not even init fits.
 pub const MIN_MEMORY_BYTES: u64 = 4 * 1024 * 1024;
 
+/// The smallest `limits.disk` accepted.
+pub const MIN_DISK_BYTES: u64 = 16 * 1024 * 1024;
+
 /// Parses a byte size: a plain number of bytes, or a number with a suffix
 /// (kB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024; `B` alone is bytes).
 pub fn parse_bytes(value: &str) -> Result<u64, ConfigError> {
@@ -447,6 +450,7 @@ pub const LIVE_KEYS: &[&str] = &[
     "limits.cpu.allowance",
     "limits.memory",
     "limits.processes",
+    "limits.disk",
 ];
 
 /// Whether a user may set `key` (volatile.* keys are the server's own).
@@ -462,6 +466,13 @@ pub fn validate_key_value(key: &str, value: &str) -> Result<(), ConfigError> {
         "limits.cpu.allowance" => parse_cpu_allowance(value).map(drop),
         "limits.memory" => parse_memory(value).map(drop),
         "limits.processes" => parse_processes(value).map(drop),
+        "limits.disk" => match parse_bytes(value) {
+            Ok(b) if b >= MIN_DISK_BYTES => Ok(()),
+            Ok(_) => Err(err(format!(
+                "limits.disk \"{value}\" is below the minimum of 16MiB"
+            ))),
+            Err(e) => Err(err(format!("limits.disk: {e}"))),
+        },
         "security.privileged" | "boot.autostart" | "security.nesting" => {
             parse_bool(key, value).map(drop)
         }
@@ -490,6 +501,63 @@ pub fn validate_key_value(key: &str, value: &str) -> Result<(), ConfigError> {
         ))),
         k => Err(err(format!("unknown config key {k}"))),
     }
+}
+
+/// Keys of a project's config.
+pub const PROJECT_KEYS: &[&str] = &[
+    "limits.instances",
+    "limits.cpu",
+    "limits.memory",
+    "limits.disk",
+    "limits.processes",
+    "restricted",
+];
+
+/// Parses a project quota: `limits.instances`, `limits.cpu` and `limits.processes` are whole
+/// numbers (0 allowed: nothing), `limits.memory` and `limits.disk` are sizes.
+pub fn parse_project_limit(key: &str, value: &str) -> Result<u64, ConfigError> {
+    match key {
+        "limits.memory" | "limits.disk" => {
+            if value.trim().starts_with('-') {
+                return Err(err(format!("{key} \"{value}\" must not be negative")));
+            }
+            parse_bytes(value).map_err(|e| err(format!("{key}: {e}")))
+        }
+        "limits.instances" | "limits.cpu" | "limits.processes" => {
+            value.trim().parse::<u64>().map_err(|_| {
+                err(format!(
+                    "{key} \"{value}\" must be a whole number of 0 or more"
+                ))
+            })
+        }
+        k => Err(err(format!("{k} is not a project quota"))),
+    }
+}
+
+/// Whether `key=value` may be set on a project.
+pub fn validate_project_key_value(key: &str, value: &str) -> Result<(), ConfigError> {
+    if key.len() > 256 || value.len() > 1024 {
+        return Err(err(format!("project key {key} or its value is too long")));
+    }
+    match key {
+        "restricted" => parse_bool(key, value).map(drop),
+        k if k.starts_with("limits.") && PROJECT_KEYS.contains(&k) => {
+            parse_project_limit(k, value).map(drop)
+        }
+        k if k.starts_with("user.") && k.len() > 5 => Ok(()),
+        k => Err(err(format!(
+            "unknown project config key {k} (known: {}, user.*)",
+            PROJECT_KEYS.join(", ")
+        ))),
+    }
+}
+
+/// Validates a whole project config map.
+pub fn validate_project(config: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+    for (k, v) in config {
+        validate_project_key_value(k, v)?;
+    }
+    Ok(())
 }
 
 /// Validates a whole user-supplied config map.

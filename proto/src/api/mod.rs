@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod names;
+pub mod tenancy;
 
 use std::collections::BTreeMap;
 
@@ -24,6 +25,10 @@ pub const API_EXTENSIONS: &[&str] = &[
     "berth_instance_placement",
     "berth_metrics",
     "berth_retry_after",
+    "projects",
+    "berth_project_quotas",
+    "berth_api_key_roles",
+    "profiles",
 ];
 
 /// The response envelope of every answer.
@@ -180,6 +185,9 @@ pub struct Instance {
     pub last_used_at: String,
     /// Fingerprint of the image the instance was made from.
     pub image: String,
+    /// The project the instance belongs to.
+    #[serde(default)]
+    pub project: String,
     /// Filled when `?recursion=2` is asked for (and by `GET /1.0/instances/{name}/state`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<InstanceState>,
@@ -418,6 +426,9 @@ pub struct Operation {
     /// Empty unless the operation failed: one sentence.
     pub err: String,
     pub location: String,
+    /// The project of the objects it works on.
+    #[serde(default)]
+    pub project: String,
 }
 
 /// An image (`/1.0/images/{fingerprint}`).

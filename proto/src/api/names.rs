@@ -38,6 +38,50 @@ pub fn validate_instance_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Project names follow the instance name rule (so that `project_instance`, the name an
+/// instance of a project has on its node, is unambiguous).
+pub fn validate_project_name(name: &str) -> Result<(), String> {
+    validate_instance_name(name).map_err(|e| e.replacen("instance name", "project name", 1))
+}
+
+/// Profile names follow the instance name rule.
+pub fn validate_profile_name(name: &str) -> Result<(), String> {
+    validate_instance_name(name).map_err(|e| e.replacen("instance name", "profile name", 1))
+}
+
+/// API key names follow the instance name rule.
+pub fn validate_key_name(name: &str) -> Result<(), String> {
+    validate_instance_name(name).map_err(|e| e.replacen("instance name", "key name", 1))
+}
+
+/// The name an instance (or profile) of `project` has on its node and in the replicated state:
+/// its own name in the default project, `project_name` in any other. Neither part may contain
+/// `_`, so the two never collide.
+pub fn scoped_name(project: &str, name: &str) -> String {
+    if project == crate::api::tenancy::DEFAULT_PROJECT || project.is_empty() {
+        name.to_string()
+    } else {
+        format!("{project}_{name}")
+    }
+}
+
+/// Splits a name made by [`scoped_name`] into its project and its own name.
+pub fn split_scoped_name(scoped: &str) -> (&str, &str) {
+    match scoped.split_once('_') {
+        Some((project, name)) => (project, name),
+        None => (crate::api::tenancy::DEFAULT_PROJECT, scoped),
+    }
+}
+
+/// Checks a node-local instance name: an instance name, optionally prefixed by `project_`.
+pub fn validate_scoped_name(scoped: &str) -> Result<(), String> {
+    let (project, name) = split_scoped_name(scoped);
+    if scoped.contains('_') {
+        validate_project_name(project)?;
+    }
+    validate_instance_name(name)
+}
+
 /// A node name made from a host name: its first label, lowercased, with characters outside the
 /// name rule turned into hyphens (`ip-10-0-0-1.ec2.internal` gives `ip-10-0-0-1`, `42box` gives
 /// `node-42box`). Controllers and agents derive the first node's name the same way.
