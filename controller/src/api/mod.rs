@@ -4,12 +4,17 @@
 pub mod auth;
 pub mod cluster;
 pub mod error;
+pub mod events;
 pub mod exec;
 pub mod files;
+pub mod idempotency;
 pub mod images;
 pub mod instances;
+pub mod keys;
 pub mod metrics;
 pub mod operations;
+pub mod profiles;
+pub mod projects;
 pub mod server;
 
 use std::collections::HashMap;
@@ -131,6 +136,33 @@ pub fn router(state: SharedState) -> Router {
             post(cluster::create_controller_token),
         )
         .route("/1.0/metrics", get(metrics::get))
+        .route("/1.0/events", get(events::websocket))
+        .route("/1.0/projects", get(projects::list).post(projects::create))
+        .route(
+            "/1.0/projects/{name}",
+            get(projects::get_one)
+                .put(projects::put)
+                .patch(projects::patch)
+                .delete(projects::delete)
+                .post(projects::rename),
+        )
+        .route("/1.0/projects/{name}/state", get(projects::get_state))
+        .route("/1.0/profiles", get(profiles::list).post(profiles::create))
+        .route(
+            "/1.0/profiles/{name}",
+            get(profiles::get_one)
+                .put(profiles::put)
+                .patch(profiles::patch)
+                .delete(profiles::delete)
+                .post(profiles::rename),
+        )
+        .route("/1.0/keys", get(keys::list).post(keys::create))
+        .route("/1.0/keys/{name}", get(keys::get_one).delete(keys::delete))
+        .route("/1.0/keys/{name}/rotate", post(keys::rotate))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::middleware,
+        ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,

@@ -1,0 +1,34 @@
+//! `/1.0/profiles`: config shared by instances. (Being written.)
+
+use axum::response::Response;
+
+use super::{ApiError, Identity};
+
+fn pending() -> ApiError {
+    ApiError::new(
+        http::StatusCode::NOT_IMPLEMENTED,
+        "profiles are being built",
+    )
+}
+
+pub async fn list(_who: Identity) -> Result<Response, ApiError> {
+    Err(pending())
+}
+pub async fn create(_who: Identity) -> Result<Response, ApiError> {
+    Err(pending())
+}
+pub async fn get_one(_who: Identity) -> Result<Response, ApiError> {
+    Err(pending())
+}
+pub async fn put(_who: Identity) -> Result<Response, ApiError> {
+    Err(pending())
+}
+pub async fn patch(_who: Identity) -> Result<Response, ApiError> {
+    Err(pending())
+}
+pub async fn delete(_who: Identity) -> Result<Response, ApiError> {
+    Err(pending())
+}
+pub async fn rename(_who: Identity) -> Result<Response, ApiError> {
+    Err(pending())
+}
