@@ -160,6 +160,9 @@ pub async fn authenticate(
 #[derive(Debug, Clone)]
 pub struct Scope {
     pub identity: Identity,
+    /// Set when the request carries an `Idempotency-Key` (by the idempotency middleware):
+    /// [`Scope::by`] tags each write with it.
+    pub idempotency: Option<std::sync::Arc<super::idempotency::RequestContext>>,
     /// The project named by `?project=` (default `default`). For member and viewer keys it is
     /// always the key's own project.
     pub project: String,
@@ -186,7 +189,11 @@ impl Scope {
         if !model.project_exists(&project) {
             return Err(not_found());
         }
-        Ok(Scope { identity, project })
+        Ok(Scope {
+            identity,
+            project,
+            idempotency: None,
+        })
     }
 
     /// 403 for a viewer key: it reads its project but changes nothing.
@@ -239,6 +246,7 @@ impl Scope {
     pub fn by(&self, command: Command) -> Command {
         Command::By {
             requestor: self.identity.requestor(),
+            idempotency: self.idempotency.as_ref().map(|c| c.next_tag()),
             command: Box::new(command),
         }
     }
@@ -287,9 +295,14 @@ impl FromRequestParts<SharedState> for Scope {
                 "project name is longer than 63 characters",
             ));
         }
-        state
+        let mut scope = state
             .cp
-            .read_local(|m| Scope::resolve(m, identity, &q.project))
+            .read_local(|m| Scope::resolve(m, identity, &q.project))?;
+        scope.idempotency = parts
+            .extensions
+            .get::<std::sync::Arc<super::idempotency::RequestContext>>()
+            .cloned();
+        Ok(scope)
     }
 }
 

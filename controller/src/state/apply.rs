@@ -20,6 +20,7 @@ impl State {
     /// is left unchanged.
     pub fn apply(&mut self, cmd: Command) -> ApplyResult {
         match cmd {
+            // Idempotency records are kept by helper CONV (see idempotency.rs).
             Command::By { command, .. } => self.apply(*command),
             Command::IfMatch { expect, command } => {
                 for (key, etag) in &expect {

@@ -22,6 +22,12 @@ pub enum Command {
     /// gives name the key.
     By {
         requestor: Requestor,
+        /// Set when the request carried an `Idempotency-Key`: apply records the result under
+        /// the tag and, for a tag it has already applied, returns the recorded result instead
+        /// of applying `command` again (so a retry, or a re-proposal after an unsure write, does
+        /// nothing twice).
+        #[serde(default)]
+        idempotency: Option<IdempotencyTag>,
         command: Box<Command>,
     },
     /// Applies `command` only if every listed object still has the given ETag
@@ -232,6 +238,20 @@ pub enum Command {
         hash: String,
         expires_at: Option<String>,
     },
+}
+
+/// Marks one write of a request made with an `Idempotency-Key`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotencyTag {
+    /// `<api key id>/<Idempotency-Key header>`: keys of different API keys never meet.
+    pub key: String,
+    /// sha256 (hex) of the request: method, path, query and body.
+    pub request_hash: String,
+    /// The position of this write among the request's writes (0, 1, ...): a handler that
+    /// writes twice gets each write deduplicated on its own.
+    pub seq: u32,
+    /// When the request arrived (RFC 3339), for expiring old records.
+    pub now: String,
 }
 
 /// What a node's agent reports about itself.

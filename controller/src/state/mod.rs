@@ -8,8 +8,8 @@ mod model;
 mod tenancy;
 mod time;
 
-pub use command::Requestor;
 pub use command::{ApplyError, ApplyErrorKind, ApplyOk, ApplyResult, Command, NodeCapacity};
+pub use command::{IdempotencyTag, Requestor};
 pub use keys::{ObjectDecodeError, ObjectKey};
 pub use model::{
     Action, Alias, ApiKey, ClusterInfo, ControllerRecord, DEFAULT_PROFILE, DEFAULT_PROJECT,
