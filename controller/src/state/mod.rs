@@ -23,3 +23,7 @@ pub use time::Rfc3339;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tenancy_tests;
