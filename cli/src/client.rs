@@ -129,6 +129,16 @@ pub enum ClientError {
     OperationFailed(String),
     #[error("websocket connection failed: {0}")]
     Websocket(String),
+    /// The server's certificate is not the one pinned when the remote was added.
+    #[error(
+        "the certificate of remote \"{remote}\" at {url} has changed: its sha256 fingerprint is now {seen} but {pinned} was pinned; if it was replaced on purpose, remove the remote and add it again"
+    )]
+    CertificateChanged {
+        remote: String,
+        url: String,
+        seen: String,
+        pinned: String,
+    },
 }
 
 impl ClientError {
@@ -185,7 +195,11 @@ pub struct Client {
     current: Arc<AtomicUsize>,
     key: String,
     tls: TlsConnector,
+    /// The verifier of a pinned certificate, to tell a changed certificate apart.
+    pinned: Option<Arc<PinVerifier>>,
     timeouts: Timeouts,
+    /// The project requests work in (`?project=`).
+    project: Option<String>,
 }
 
 impl std::fmt::Debug for Client {
@@ -278,7 +292,20 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 struct PinVerifier {
     pin: Option<String>,
     seen: Mutex<Option<String>>,
+    /// The fingerprint of a certificate refused for not matching the pin.
+    mismatch: Mutex<Option<String>>,
     provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl PinVerifier {
+    fn new(pin: Option<String>) -> PinVerifier {
+        PinVerifier {
+            pin,
+            seen: Mutex::new(None),
+            mismatch: Mutex::new(None),
+            provider: provider(),
+        }
+    }
 }
 
 impl ServerCertVerifier for PinVerifier {
@@ -295,9 +322,14 @@ impl ServerCertVerifier for PinVerifier {
             *seen = Some(fp.clone());
         }
         match &self.pin {
-            Some(pin) if !pin.eq_ignore_ascii_case(&fp) => Err(rustls::Error::General(format!(
-                "server certificate fingerprint {fp} does not match the pinned {pin}"
-            ))),
+            Some(pin) if !pin.eq_ignore_ascii_case(&fp) => {
+                if let Ok(mut m) = self.mismatch.lock() {
+                    *m = Some(fp.clone());
+                }
+                Err(rustls::Error::General(format!(
+                    "server certificate fingerprint {fp} does not match the pinned {pin}"
+                )))
+            }
             _ => Ok(ServerCertVerified::assertion()),
         }
     }
@@ -399,11 +431,7 @@ async fn tcp_connect(
 /// sha256 fingerprint (for `remote add` without a CA file).
 pub async fn fetch_fingerprint(url: &str) -> Result<String, ClientError> {
     let (host, port) = parse_url(url)?;
-    let verifier = Arc::new(PinVerifier {
-        pin: None,
-        seen: Mutex::new(None),
-        provider: provider(),
-    });
+    let verifier = Arc::new(PinVerifier::new(None));
     let connector = TlsConnector::from(Arc::new(tls_config(verifier.clone())?));
     let tcp = tcp_connect(&host, port, url, CONNECT_TIMEOUT).await?;
     tls_handshake(
@@ -419,6 +447,76 @@ pub async fn fetch_fingerprint(url: &str) -> Result<String, ClientError> {
         url: url.to_string(),
         reason: "the server presented no certificate".into(),
     })
+}
+
+/// The header that makes a write safe to retry (the server answers a repeat with the first
+/// result).
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// A fresh idempotency key: unique per request (process id, time, counter), not secret.
+pub fn idempotency_key() -> String {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let seed = format!(
+        "{}-{}-{}",
+        std::process::id(),
+        now.as_nanos(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    hex::encode(&Sha256::digest(seed.as_bytes())[..16])
+}
+
+/// Headers with `If-Match: etag` (none when there is no ETag).
+pub fn if_match(etag: Option<&str>) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    if let Some(v) = etag.and_then(|e| HeaderValue::from_str(e).ok()) {
+        h.insert(header::IF_MATCH, v);
+    }
+    h
+}
+
+/// Whether requests to `path` name a project: everything but the server root, API keys,
+/// projects themselves and the cluster (nodes, controllers, join tokens).
+pub fn takes_project(path: &str) -> bool {
+    let route = path.split('?').next().unwrap_or(path);
+    let under = |prefix: &str| {
+        route == prefix
+            || route
+                .strip_prefix(prefix)
+                .is_some_and(|rest| rest.starts_with('/'))
+    };
+    route.starts_with("/1.0/")
+        && !under("/1.0/keys")
+        && !under("/1.0/projects")
+        && !under("/1.0/cluster")
+}
+
+/// `path` with `project=P` added to its query when the endpoint takes a project and the
+/// query names none yet (neither `project=` nor `all-projects=`).
+pub fn scoped_path(path: &str, project: Option<&str>) -> String {
+    let Some(project) = project.filter(|p| !p.is_empty()) else {
+        return path.to_string();
+    };
+    if !takes_project(path) {
+        return path.to_string();
+    }
+    let (route, query) = match path.split_once('?') {
+        Some((r, q)) => (r, Some(q)),
+        None => (path, None),
+    };
+    if let Some(q) = query
+        && q.split('&')
+            .any(|kv| kv.starts_with("project=") || kv.starts_with("all-projects="))
+    {
+        return path.to_string();
+    }
+    let p = encode_query(project);
+    match query {
+        Some(q) if !q.is_empty() => format!("{route}?{q}&project={p}"),
+        _ => format!("{route}?project={p}"),
+    }
 }
 
 /// Builds the body of a request from bytes.
@@ -440,6 +538,7 @@ impl Client {
             .chain(&target.more_urls)
             .map(|u| Endpoint::new(u))
             .collect::<Result<Vec<_>, _>>()?;
+        let mut pinned = None;
         let verifier: Arc<dyn ServerCertVerifier> = match (&target.ca_file, &target.fingerprint) {
             (Some(ca), _) => {
                 let roots = read_ca(ca)?;
@@ -448,11 +547,11 @@ impl Client {
                         .map_err(|e| ClientError::TlsSetup(e.to_string()))?,
                 )
             }
-            (None, Some(fp)) => Arc::new(PinVerifier {
-                pin: Some(fp.clone()),
-                seen: Mutex::new(None),
-                provider: provider(),
-            }),
+            (None, Some(fp)) => {
+                let v = Arc::new(PinVerifier::new(Some(fp.clone())));
+                pinned = Some(v.clone());
+                v
+            }
             (None, None) => {
                 return Err(ClientError::TlsSetup(format!(
                     "remote \"{}\" has neither a CA file nor a certificate fingerprint to trust",
@@ -466,8 +565,33 @@ impl Client {
             current: Arc::new(AtomicUsize::new(0)),
             key: target.key.clone(),
             tls: TlsConnector::from(Arc::new(tls_config(verifier)?)),
+            pinned,
             timeouts: Timeouts::default(),
+            project: None,
         })
+    }
+
+    /// The same client working in `project`: requests to project-scoped endpoints carry
+    /// `?project=` (see [`scoped_path`]); `None` sends none (the server then uses the key's
+    /// project, or `default`).
+    pub fn with_project(mut self, project: Option<String>) -> Client {
+        self.project = project.filter(|p| !p.is_empty());
+        self
+    }
+
+    /// The project requests name, if any.
+    pub fn project(&self) -> Option<&str> {
+        self.project.as_deref()
+    }
+
+    /// The remote's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `path` with this client's project added where the endpoint takes one.
+    pub fn path_for(&self, path: &str) -> String {
+        scoped_path(path, self.project.as_deref())
     }
 
     /// The same client with other deadlines.
@@ -510,14 +634,29 @@ impl Client {
             CONNECT_TIMEOUT
         };
         let tcp = tcp_connect(&ep.host, ep.port, &ep.url, timeout).await?;
-        tls_handshake(
+        let result = tls_handshake(
             &self.tls,
             ep.server_name.clone(),
             tcp,
             &ep.url,
             self.timeouts.tls_handshake,
         )
-        .await
+        .await;
+        match (result, &self.pinned) {
+            (Err(e), Some(v)) => {
+                let seen = v.mismatch.lock().ok().and_then(|m| m.clone());
+                match (seen, &v.pin) {
+                    (Some(seen), Some(pinned)) => Err(ClientError::CertificateChanged {
+                        remote: self.name.clone(),
+                        url: ep.url.clone(),
+                        seen,
+                        pinned: pinned.clone(),
+                    }),
+                    _ => Err(e),
+                }
+            }
+            (result, _) => result,
+        }
     }
 
     /// Connects to the first address that answers, starting with the current one; returns the
@@ -575,6 +714,7 @@ impl Client {
         body: Body,
         head_timeout: Option<Duration>,
     ) -> Result<http::Response<Incoming>, ClientError> {
+        let path = &self.path_for(path);
         let (stream, i) = self.connect().await?;
         let ep = self.endpoint(i);
         let http_err = |e: &dyn std::fmt::Display| ClientError::Http {
@@ -657,7 +797,27 @@ impl Client {
         path: &str,
         body: Option<&B>,
     ) -> Result<Response, ClientError> {
-        let mut headers = HeaderMap::new();
+        self.call_with(method, path, body, HeaderMap::new())
+            .await
+            .map(|(r, _)| r)
+    }
+
+    /// [`Client::call`] with extra request headers (`If-Match`); also returns the answer's
+    /// headers (`ETag`). Writes carry an `Idempotency-Key` (the same on every retry) unless
+    /// `headers` has one.
+    pub async fn call_with<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        mut headers: HeaderMap,
+    ) -> Result<(Response, HeaderMap), ClientError> {
+        if !matches!(method, Method::GET | Method::HEAD)
+            && !headers.contains_key(IDEMPOTENCY_KEY)
+            && let Ok(v) = HeaderValue::from_str(&idempotency_key())
+        {
+            headers.insert(IDEMPOTENCY_KEY, v);
+        }
         let bytes = match body {
             Some(b) => {
                 headers.insert(
@@ -686,6 +846,7 @@ impl Client {
                 Ok(resp) => {
                     used = Some(self.current_index());
                     let status = resp.status();
+                    let answer_headers = resp.headers().clone();
                     let retry_after = resp.headers().contains_key(header::RETRY_AFTER);
                     let bytes = match tokio::time::timeout(deadline, self.read_body(resp)).await {
                         Ok(b) => b,
@@ -699,7 +860,7 @@ impl Client {
                     };
                     match bytes {
                         Ok(b) => {
-                            let parsed = parse_envelope(status, &b);
+                            let parsed = parse_envelope(status, &b).map(|r| (r, answer_headers));
                             let retry = matches!(&parsed, Err(e) if e.status() == Some(503))
                                 && may_retry_503(&method, retry_after);
                             (parsed, retry)
@@ -723,6 +884,21 @@ impl Client {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(1));
         }
+    }
+
+    /// `GET` a sync answer and decode its metadata, with the object's `ETag` if it has one.
+    pub async fn get_tagged<T: DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<(T, Option<String>), ClientError> {
+        let (resp, headers) = self
+            .call_with::<()>(Method::GET, path, None, HeaderMap::new())
+            .await?;
+        let etag = headers
+            .get(header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        Ok((decode_metadata(resp.metadata)?, etag))
     }
 
     /// `GET` a sync answer and decode its metadata.
@@ -803,6 +979,7 @@ impl Client {
     /// Opens a websocket at `path` (same TLS and bearer key as every request).
     pub async fn websocket(&self, path: &str) -> Result<WebSocket, ClientError> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let path = &self.path_for(path);
         let (stream, i) = self.connect().await?;
         let url = format!("wss://{}{}", self.endpoint(i).authority(), path);
         let mut req = url
@@ -915,6 +1092,60 @@ mod tests {
         assert!(parse_url("http://x:1").is_err());
         assert!(parse_url("x:1").is_err());
         assert!(parse_url("https://x/1.0").is_err());
+    }
+
+    #[test]
+    fn project_in_paths() {
+        let p = Some("team-a");
+        assert_eq!(
+            scoped_path("/1.0/instances", p),
+            "/1.0/instances?project=team-a"
+        );
+        assert_eq!(
+            scoped_path("/1.0/instances?recursion=2", p),
+            "/1.0/instances?recursion=2&project=team-a"
+        );
+        assert_eq!(
+            scoped_path("/1.0/operations/x/wait?timeout=30", p),
+            "/1.0/operations/x/wait?timeout=30&project=team-a"
+        );
+        assert_eq!(
+            scoped_path("/1.0/instances?all-projects=true", p),
+            "/1.0/instances?all-projects=true"
+        );
+        assert_eq!(
+            scoped_path("/1.0/profiles/web?project=b", p),
+            "/1.0/profiles/web?project=b"
+        );
+        for fleet in [
+            "/1.0",
+            "/1.0/keys",
+            "/1.0/keys/ci/rotate",
+            "/1.0/projects?recursion=1",
+            "/1.0/projects/a/state",
+            "/1.0/cluster",
+            "/1.0/cluster/members/node1",
+        ] {
+            assert_eq!(scoped_path(fleet, p), fleet);
+        }
+        assert_eq!(
+            scoped_path("/1.0/keystone", p),
+            "/1.0/keystone?project=team-a"
+        );
+        assert_eq!(scoped_path("/1.0/instances", None), "/1.0/instances");
+        assert_eq!(
+            Timeouts::default().for_path("/1.0/operations/x/wait?timeout=5&project=a"),
+            Duration::from_secs(5) + LONG_POLL_MARGIN
+        );
+    }
+
+    #[test]
+    fn idempotency_keys_differ() {
+        let a = idempotency_key();
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, idempotency_key());
+        assert!(if_match(None).is_empty());
+        assert_eq!(if_match(Some("\"abc\""))[header::IF_MATCH], "\"abc\"");
     }
 
     #[test]

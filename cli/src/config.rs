@@ -93,6 +93,10 @@ pub struct Remote {
     /// sha256 (hex) of the server certificate, pinned when no CA is given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
+    /// The current project on this remote (`berth project switch`); none: the key's own
+    /// project, or `default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
 }
 
 impl Remote {
@@ -234,6 +238,24 @@ impl Config {
             .ok_or_else(|| ConfigError::NoSuchRemote(name.into()))
     }
 
+    /// Renames a remote (and the default remote's name with it).
+    pub fn rename_remote(&mut self, old: &str, new: &str) -> Result<(), ConfigError> {
+        validate_remote_name(new)?;
+        if !self.remotes.contains_key(old) {
+            return Err(ConfigError::NoSuchRemote(old.into()));
+        }
+        if self.remotes.contains_key(new) {
+            return Err(ConfigError::RemoteExists(new.into()));
+        }
+        if let Some(r) = self.remotes.remove(old) {
+            self.remotes.insert(new.into(), r);
+        }
+        if self.default_remote == old {
+            self.default_remote = new.into();
+        }
+        Ok(())
+    }
+
     /// Makes `name` the default remote.
     pub fn switch_remote(&mut self, name: &str) -> Result<(), ConfigError> {
         if !self.remotes.contains_key(name) {
@@ -242,6 +264,38 @@ impl Config {
         self.default_remote = name.into();
         Ok(())
     }
+}
+
+/// Writes an API key to `dir/NAME.key` with mode 0600 (the directory 0700), replacing any
+/// earlier one atomically; returns the file's path.
+pub fn store_key(dir: &Path, name: &str, key: &str) -> Result<PathBuf, ConfigError> {
+    validate_remote_name(name)?;
+    let path = dir.join(format!("{name}.key"));
+    let werr = |source| ConfigError::Write {
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(werr)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(werr)?;
+    let tmp = dir.join(format!(".{name}.key.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        f.write_all(key.trim().as_bytes())?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(werr)?;
+    Ok(path)
 }
 
 /// Remote names: letters, digits, `-`, `_`, `.`; 1 to 64 characters.
@@ -288,6 +342,8 @@ pub struct Target {
     pub key: String,
     pub ca_file: Option<PathBuf>,
     pub fingerprint: Option<String>,
+    /// The remote's current project (none for `BERTH_URL`).
+    pub project: Option<String>,
 }
 
 /// The environment overrides that matter for resolving a remote.
@@ -341,6 +397,7 @@ impl Config {
                 key: remote.api_key("BERTH_URL")?,
                 ca_file: env.ca_file.clone(),
                 fingerprint: None,
+                project: None,
             });
         }
         let name = explicit
@@ -357,6 +414,7 @@ impl Config {
             more_urls: remote.urls().into_iter().skip(1).collect(),
             ca_file: remote.ca_file.clone(),
             fingerprint: remote.fingerprint.clone(),
+            project: remote.project.clone(),
             name,
         })
     }
@@ -450,11 +508,39 @@ ca-file = "/root/.config/berth/local-ca.pem"
         ));
         c.switch_remote("other").unwrap();
         assert_eq!(c.default_remote, "other");
+        assert!(matches!(
+            c.rename_remote("other", "local"),
+            Err(ConfigError::RemoteExists(_))
+        ));
+        assert!(matches!(
+            c.rename_remote("other", "a:b"),
+            Err(ConfigError::BadRemoteName(_))
+        ));
+        c.rename_remote("other", "prod").unwrap();
+        assert_eq!(c.default_remote, "prod");
+        assert_eq!(c.remotes["prod"].key.as_deref(), Some("secret"));
+        c.rename_remote("prod", "other").unwrap();
         c.remove_remote("local").unwrap();
         assert!(matches!(
             c.switch_remote("local"),
             Err(ConfigError::NoSuchRemote(_))
         ));
+    }
+
+    #[test]
+    fn stored_keys_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        let path = store_key(&keys, "prod", "  berth_abc_def \n").unwrap();
+        assert_eq!(path, keys.join("prod.key"));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "berth_abc_def\n");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&keys), 0o700);
+        store_key(&keys, "prod", "second").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "second\n");
+        assert!(store_key(&keys, "../x", "k").is_err());
+        assert_eq!(std::fs::read_dir(&keys).unwrap().count(), 1);
     }
 
     #[test]

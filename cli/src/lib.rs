@@ -7,6 +7,7 @@ pub mod client;
 pub mod commands;
 pub mod config;
 pub mod output;
+pub mod stack;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -28,6 +29,9 @@ use crate::config::{Config, EnvOverrides, split_remote};
     long_about = "Command line client for Berth: manage machine containers and images on a Berth cluster.\n\nInstances and remotes are named like lxc's: NAME or REMOTE:NAME."
 )]
 pub struct Cli {
+    /// Project to work in (default: the remote's current project, see `berth project switch`)
+    #[arg(long, global = true, env = "BERTH_PROJECT", value_name = "PROJECT")]
+    pub project: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -102,24 +106,40 @@ pub struct Ctx {
     pub config: Config,
     pub config_path: PathBuf,
     pub env: EnvOverrides,
+    /// `--project` (or `BERTH_PROJECT`): overrides every remote's current project.
+    pub project: Option<String>,
 }
 
 impl Ctx {
-    /// Loads the configuration file and the environment overrides.
-    pub fn load() -> anyhow::Result<Ctx> {
+    /// Loads the configuration file and the environment overrides; `project` is `--project`.
+    pub fn load(project: Option<String>) -> anyhow::Result<Ctx> {
         let config_path = config::config_path()?;
         let config = Config::load(&config_path)?;
         Ok(Ctx {
             config,
             config_path,
             env: EnvOverrides::from_env(),
+            project,
         })
     }
 
-    /// A client for `remote` (or the default remote).
+    /// The project requests to `target` work in: `--project`, else the remote's current one.
+    pub fn project_for(&self, target: &config::Target) -> Option<String> {
+        self.project.clone().or_else(|| target.project.clone())
+    }
+
+    /// A client for `remote` (or the default remote), working in its project.
     pub fn client(&self, remote: Option<&str>) -> anyhow::Result<Client> {
         let target = self.config.target(remote, &self.env)?;
-        Ok(Client::new(&target)?)
+        Ok(Client::new(&target)?.with_project(self.project_for(&target)))
+    }
+
+    /// The directory where keys given on stdin are stored (`keys/` next to the config file).
+    pub fn keys_dir(&self) -> PathBuf {
+        self.config_path
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join("keys")
     }
 
     /// Splits `remote:rest`, checking that the remote exists; returns the client and the rest.
@@ -166,7 +186,10 @@ where
             return Ok(code);
         }
     };
-    let ctx = Ctx::load()?;
+    if let Some(p) = &cli.project {
+        berth_proto::api::names::validate_project_name(p).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let ctx = Ctx::load(cli.project)?;
     dispatch(&ctx, cli.command).await
 }
 

@@ -107,6 +107,7 @@ fn client(port: u16, fingerprint: &str, timeouts: Timeouts) -> Client {
         key: "k".into(),
         ca_file: None,
         fingerprint: Some(fingerprint.to_string()),
+        project: None,
     })
     .unwrap()
     .with_timeouts(timeouts)

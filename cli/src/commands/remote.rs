@@ -143,6 +143,7 @@ pub async fn run(ctx: &Ctx, command: RemoteCommand) -> anyhow::Result<i32> {
                     key,
                     ca_file: Some(ca.clone()),
                     fingerprint: None,
+                    project: None,
                 })?;
                 // Best effort: a cluster tells its other controllers' addresses.
                 if let Ok(Ok(learned)) =
