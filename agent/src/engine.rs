@@ -224,8 +224,9 @@ impl Engine {
         InstanceDir::new(&self.inner.cfg.state_dir, name)
     }
 
+    /// Instance names are node-local scoped names (`project_name` outside the default project).
     fn check_name(name: &str) -> Result<(), EngineError> {
-        berth_proto::api::names::validate_instance_name(name).map_err(EngineError::InvalidConfig)
+        berth_proto::api::names::validate_scoped_name(name).map_err(EngineError::InvalidConfig)
     }
 
     fn record(&self, name: &str) -> Result<InstanceRecord, EngineError> {

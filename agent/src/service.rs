@@ -197,7 +197,7 @@ impl Agent for AgentService {
             .into_inner()
             .spec
             .ok_or_else(|| Status::invalid_argument("the request has no instance spec"))?;
-        berth_proto::api::names::validate_instance_name(&spec.name)
+        berth_proto::api::names::validate_scoped_name(&spec.name)
             .map_err(Status::invalid_argument)?;
         if let Some(net) = spec.network.as_mut()
             && net.nameservers.is_empty()
@@ -297,7 +297,7 @@ impl Agent for AgentService {
         req: Request<v1::RenameInstanceRequest>,
     ) -> Result<Response<v1::InstanceStatus>, Status> {
         let r = req.into_inner();
-        berth_proto::api::names::validate_instance_name(&r.new_name)
+        berth_proto::api::names::validate_scoped_name(&r.new_name)
             .map_err(Status::invalid_argument)?;
         let span = info_span!("rename", instance = %r.name, to = %r.new_name);
         Ok(Response::new(

@@ -890,3 +890,91 @@ async fn instances_in_parallel() {
     let cg = Cgroups::detect().unwrap();
     assert!(names.iter().all(|n| !cg.exists(n)));
 }
+
+/// Instances of a project reach the node as `project_name`: that name keys the instance on the
+/// node (state, volume, cgroups) and is what the engine reports, while the instance's hostname
+/// is its own name. The same name in the default project is another instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn project_scoped_names() {
+    let e = env();
+    busybox_image(e.storage.as_ref());
+    let names = ["p_web", "web", "p_web2"];
+    let _guards: Vec<Guard> = names
+        .iter()
+        .map(|n| Guard {
+            state_dir: e.state_dir.clone(),
+            name: n.to_string(),
+        })
+        .collect();
+    let eng = engine(&e);
+    // Names that are not scoped names are refused before anything is made.
+    for bad in ["p_a_b", "_web", "p_", "1p_web", "p_-web"] {
+        let err = eng.create(&spec(bad, &[])).await.unwrap_err();
+        assert!(
+            matches!(err, berth_agent::engine::EngineError::InvalidConfig(_)),
+            "{bad}: {err}"
+        );
+        assert!(
+            !InstanceDir::new(&e.state_dir, bad).path().exists(),
+            "{bad}"
+        );
+    }
+    let s = eng.create(&spec("p_web", &[])).await.unwrap();
+    assert_eq!(s.name, "p_web");
+    eng.create(&spec("web", &[])).await.unwrap();
+    assert!(e.storage.instance_volume("p_web").is_some());
+    assert_eq!(
+        std::fs::read_to_string(
+            e.storage
+                .instance_volume("p_web")
+                .unwrap()
+                .join("rootfs/etc/hostname")
+        )
+        .unwrap(),
+        "web\n"
+    );
+    let s = eng.start("p_web").await.unwrap();
+    assert_eq!(s.state, InstanceState::Running as i32, "{s:?}");
+    eng.start("web").await.unwrap();
+    assert_eq!(run(&eng, "p_web", &["hostname"]).await, (0, "web\n".into()));
+    assert_eq!(run(&eng, "web", &["hostname"]).await, (0, "web\n".into()));
+    // Two instances, each in its own cgroup, both listed under their node names.
+    let cg = Cgroups::detect().unwrap();
+    assert!(cg.exists("p_web") && cg.exists("web"));
+    let a = eng.status("p_web").await.unwrap().pid;
+    let b = eng.status("web").await.unwrap().pid;
+    assert_ne!(a, b);
+    let mut listed: Vec<String> = eng
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    listed.sort();
+    assert_eq!(listed, ["p_web", "web"]);
+    // Stopping one leaves the other running.
+    eng.stop("web", true, Duration::ZERO).await.unwrap();
+    assert!(!cg.exists("web"));
+    assert_eq!(
+        eng.status("p_web").await.unwrap().state,
+        InstanceState::Running as i32
+    );
+    // Rename within the project: the hostname follows the new own name.
+    eng.stop("p_web", true, Duration::ZERO).await.unwrap();
+    assert!(!cg.exists("p_web"));
+    let s = eng.rename("p_web", "p_web2").await.unwrap();
+    assert_eq!(s.name, "p_web2");
+    eng.start("p_web2").await.unwrap();
+    assert_eq!(
+        run(&eng, "p_web2", &["hostname"]).await,
+        (0, "web2\n".into())
+    );
+    let (_, hosts) = run(&eng, "p_web2", &["cat", "/etc/hosts"]).await;
+    assert!(hosts.contains("127.0.1.1\tweb2\n"), "{hosts}");
+    for n in ["p_web2", "web"] {
+        eng.delete(n, true).await.unwrap();
+        assert!(e.storage.instance_volume(n).is_none());
+        assert!(!cg.exists(n));
+    }
+}

@@ -18,17 +18,20 @@ use super::{NetworkError, parse_cidr};
 /// when the rootfs has systemd-networkd and `net` has an address,
 /// `/etc/systemd/network/eth0.network` with the static address, gateway and DNS. Files are
 /// created with mode 0644 and owner 0:0 on disk (the instance's root).
+///
+/// `instance` is the node-local (scoped) name, `project_name` outside the default project; the
+/// hostname is the instance's own name without the project (see
+/// [`crate::runtime::hostname_of`]).
 pub fn write_guest_config(
     rootfs: &Path,
     instance: &str,
     net: &berth_proto::v1::NetworkSpec,
 ) -> Result<(), NetworkError> {
-    berth_proto::api::names::validate_instance_name(instance).map_err(|_| {
-        NetworkError::Invalid {
-            what: "instance name (hostname)",
-            value: instance.to_string(),
-        }
+    berth_proto::api::names::validate_scoped_name(instance).map_err(|_| NetworkError::Invalid {
+        what: "instance name (hostname)",
+        value: instance.to_string(),
     })?;
+    let hostname = crate::runtime::hostname_of(instance);
     let GuestNet {
         nameservers,
         address,
@@ -40,7 +43,7 @@ pub fn write_guest_config(
         Mode::empty(),
     )
     .map_err(|e| io_err(&rootfs.display().to_string(), e))?;
-    write_guest_files(&root, instance, &nameservers, address, gateway)?;
+    write_guest_files(&root, hostname, &nameservers, address, gateway)?;
     tracing::debug!(instance, rootfs = %rootfs.display(), "wrote guest configuration");
     Ok(())
 }
@@ -97,13 +100,13 @@ fn parse_guest_net(net: &berth_proto::v1::NetworkSpec) -> Result<GuestNet, Netwo
 
 fn write_guest_files(
     root: &OwnedFd,
-    instance: &str,
+    hostname: &str,
     nameservers: &[std::net::IpAddr],
     address: Option<(Ipv4Addr, u8)>,
     gateway: Option<Ipv4Addr>,
 ) -> Result<(), NetworkError> {
-    write_file(root, "etc/hostname", &format!("{instance}\n"))?;
-    write_file(root, "etc/hosts", &hosts_file(instance))?;
+    write_file(root, "etc/hostname", &format!("{hostname}\n"))?;
+    write_file(root, "etc/hosts", &hosts_file(hostname))?;
     if !nameservers.is_empty() {
         let mut s = String::new();
         for n in nameservers {
@@ -127,9 +130,9 @@ fn write_guest_files(
     Ok(())
 }
 
-fn hosts_file(instance: &str) -> String {
+fn hosts_file(hostname: &str) -> String {
     format!(
-        "127.0.0.1\tlocalhost\n127.0.1.1\t{instance}\n\n\
+        "127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n\n\
          ::1\tlocalhost ip6-localhost ip6-loopback\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n"
     )
 }
@@ -272,6 +275,20 @@ mod tests {
     }
 
     #[test]
+    fn project_instances_get_their_own_name_as_hostname() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        write_guest_config(r, "acme_web1", &spec("")).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(r.join("etc/hostname")).unwrap(),
+            "web1\n"
+        );
+        let hosts = std::fs::read_to_string(r.join("etc/hosts")).unwrap();
+        assert!(hosts.contains("127.0.1.1\tweb1\n"), "{hosts}");
+        assert!(!hosts.contains("acme"), "{hosts}");
+    }
+
+    #[test]
     fn symlinks_stay_inside() {
         let t = tempfile::tempdir().unwrap();
         let outside = tempfile::tempdir().unwrap();
@@ -316,6 +333,9 @@ mod tests {
         assert!(check_guest_net(&bad_gw).is_err());
         let t = tempfile::tempdir().unwrap();
         assert!(write_guest_config(t.path(), "bad/name", &spec("")).is_err());
+        assert!(write_guest_config(t.path(), "p_a_b", &spec("")).is_err());
+        assert!(write_guest_config(t.path(), "_web", &spec("")).is_err());
+        assert!(write_guest_config(t.path(), "p_", &spec("")).is_err());
         assert!(write_guest_config(t.path(), "ok", &spec("10.5.5.20/99")).is_err());
         let mut s = spec("");
         s.nameservers = vec!["1.2.3.4\nnameserver 6.6.6.6".into()];

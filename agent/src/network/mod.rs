@@ -599,6 +599,24 @@ mod tests {
     }
 
     #[test]
+    fn veth_names_of_scoped_instances() {
+        // Names are hashed, so the longest scoped name (63 + 1 + 63) still fits the kernel's
+        // 15 characters, and the same name in two projects gives two pairs.
+        let longest = format!("{}_{}", "p".repeat(63), "w".repeat(63));
+        berth_proto::api::names::validate_scoped_name(&longest).unwrap();
+        for n in [longest.as_str(), "acme_web1", "web1"] {
+            assert_eq!(Network::host_veth_name(n).len(), 14, "{n}");
+            assert_eq!(Network::peer_veth_name(n).len(), 14, "{n}");
+            check_ifname(&Network::host_veth_name(n)).unwrap();
+        }
+        let names = ["web1", "acme_web1", "other_web1", "acme-web1"];
+        let mut hosts: Vec<String> = names.iter().map(|n| Network::host_veth_name(n)).collect();
+        hosts.sort();
+        hosts.dedup();
+        assert_eq!(hosts.len(), names.len());
+    }
+
+    #[test]
     fn hwaddr() {
         let m = random_hwaddr();
         assert!(m.starts_with("00:16:3e:"));

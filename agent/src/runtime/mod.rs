@@ -8,6 +8,11 @@
 //! - `stop-requested`: present while the engine stops the instance (a reboot then ends it)
 //! - `console.log` (+ `console.log.1`), `monitor.log`
 //! - `rootfs-mnt/`: staging mount point of the root filesystem while starting
+//!
+//! Instance names on a node are scoped names ([`berth_proto::api::names::scoped_name`]): the
+//! instance's own name in the default project, `project_name` in any other. That name keys
+//! everything on the node (directory, volume, cgroups, veth hash) and goes back to the controller
+//! unchanged; only the hostname the instance sees is its own name ([`hostname_of`]).
 
 pub mod exec;
 pub mod files;
@@ -37,6 +42,12 @@ pub fn dispatch_hidden(args: &[String]) -> Option<i32> {
             2
         }
     })
+}
+
+/// The hostname of an instance: its own name, without the project prefix of a scoped name
+/// (`acme_web1` gives `web1`, `web1` gives `web1`).
+pub fn hostname_of(instance: &str) -> &str {
+    berth_proto::api::names::split_scoped_name(instance).1
 }
 
 /// Errors of the runtime's file handling.
@@ -378,6 +389,13 @@ pub fn list_instances(state_dir: &Path) -> Vec<String> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hostnames_drop_the_project() {
+        assert_eq!(hostname_of("web1"), "web1");
+        assert_eq!(hostname_of("acme_web1"), "web1");
+        assert_eq!(hostname_of("p_web"), "web");
+    }
 
     #[test]
     fn idmap_lowest_free_slot() {

@@ -332,7 +332,7 @@ fn boot_inner<'a>(
     let lxcfs_dir = cfg.lxcfs_dir.clone().filter(|d| mount::is_mount_point(d));
     let child_cfg = ChildConfig {
         rootfs: staging.clone(),
-        hostname: name.to_string(),
+        hostname: super::hostname_of(name).to_string(),
         userns,
         lxcfs_dir,
         boot_id: boot_id(),
