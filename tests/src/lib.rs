@@ -5,6 +5,7 @@
 //! These tests need root and the kernel features a machine container needs. Without root they
 //! fail with a message saying so (never skip silently: CI runs as root).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -285,6 +286,23 @@ impl Cluster {
         ))
     }
 
+    /// `berth exec --project PROJECT NAME -- CMD...`: (exit code, stdout, stderr).
+    pub fn exec_in(
+        &self,
+        project: &str,
+        name: &str,
+        cmd: &[&str],
+    ) -> Result<(i32, String, String)> {
+        let mut args = vec!["exec", "--project", project, name, "--"];
+        args.extend_from_slice(cmd);
+        let out = self.berth(&args)?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
     /// The instance as `berth list --format json` shows it.
     pub fn instance_json(&self, name: &str) -> Result<serde_json::Value> {
         let out = self.berth_ok(&["list", "--format", "json"])?;
@@ -304,6 +322,49 @@ impl Cluster {
     /// The API's base URL, for raw HTTP checks.
     pub fn api_url(&self) -> String {
         format!("https://127.0.0.1:{}", self.api_port)
+    }
+
+    /// One HTTP request to the API with `curl`, as `key` (none: no Authorization header),
+    /// with extra `headers` ("Name: value"): (HTTP status, response headers lowercased,
+    /// body as JSON or a JSON string when it is not JSON).
+    pub fn curl(
+        &self,
+        key: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        headers: &[&str],
+    ) -> Result<(u16, BTreeMap<String, String>, serde_json::Value)> {
+        let head = tempfile::NamedTempFile::new()?;
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "-o", "-", "-w", "\n%{http_code}", "-X", method, "-D"])
+            .arg(head.path())
+            .arg("--cacert")
+            .arg(self.ca_file())
+            .arg(format!("{}{path}", self.api_url()));
+        if let Some(k) = key {
+            cmd.args(["-H", &format!("Authorization: Bearer {k}")]);
+        }
+        for h in headers {
+            cmd.args(["-H", h]);
+        }
+        let file = tempfile::NamedTempFile::new()?;
+        if let Some(b) = body {
+            std::fs::write(file.path(), b)?;
+            cmd.args(["-H", "Content-Type: application/json", "--data-binary"])
+                .arg(format!("@{}", file.path().display()));
+        }
+        let out = cmd.output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        let value =
+            serde_json::from_str(body).unwrap_or(serde_json::Value::String(body.to_string()));
+        let headers = std::fs::read_to_string(head.path())?
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        Ok((code.trim().parse()?, headers, value))
     }
 
     /// The admin key.
