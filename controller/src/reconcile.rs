@@ -249,15 +249,54 @@ fn call<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
     r
 }
 
+/// Gives the instance `config` on its node (before a start, so that it starts with its
+/// profiles' current config).
+async fn update_config(
+    client: &mut crate::agents::AgentConn,
+    name: &str,
+    config: &std::collections::BTreeMap<String, String>,
+) -> Result<(), tonic::Status> {
+    client
+        .update_instance(call(
+            v1::UpdateInstanceRequest {
+                name: name.to_string(),
+                config: config.clone().into_iter().collect(),
+            },
+            ACTION_CALL,
+        ))
+        .await
+        .map(|_| ())
+}
+
+/// The outcome when the agent would not take the instance's config.
+fn failed_config(e: tonic::Status) -> Outcome {
+    if passing(&e) {
+        Outcome::Retry(e.message().to_string())
+    } else {
+        Outcome::Failed(
+            None,
+            format!("the node refused the instance's config: {}", e.message()),
+        )
+    }
+}
+
 /// One attempt at `action` on the instance's node.
 async fn execute(state: &Arc<AppState>, name: &str, action: &PendingAction) -> Outcome {
+    // The config the instance runs with: its profiles' and its own, as committed now, so
+    // that no instance is created or started with a profile's stale config.
     let found = state.cp.read_local(|s| {
         s.instances
             .get(name)
             .filter(|i| i.pending.as_ref() == Some(action))
-            .map(|i| (i.clone(), s.nodes.get(&i.node).cloned()))
+            .map(|i| {
+                (
+                    i.clone(),
+                    s.effective_config(i).into_owned(),
+                    s.nodes.get(&i.node).cloned(),
+                )
+            })
     });
-    let Some((inst, node)) = found else {
+    let Some((inst, config, node)) = found else {
         return Outcome::Gone;
     };
     let Some(node) = node else {
@@ -282,16 +321,35 @@ async fn execute(state: &Arc<AppState>, name: &str, action: &PendingAction) -> O
         Ok(c) => c,
         Err(e) => return Outcome::Failed(None, e.to_string()),
     };
+    if matches!(action.action, Action::Start | Action::Restart { .. })
+        && let Err(e) = update_config(&mut client, name, &config).await
+    {
+        return failed_config(e);
+    }
     let result: Result<v1::InstanceStatus, tonic::Status> = match action.action {
         Action::Create { start } => {
-            let created = client
+            let spec = agent_spec(&inst, &config, &node);
+            let mut created = client
                 .create_instance(call(
                     v1::CreateInstanceRequest {
-                        spec: Some(agent_spec(&inst, &node)),
+                        spec: Some(spec.clone()),
                     },
                     ACTION_CALL,
                 ))
                 .await;
+            if matches!(&created, Err(e) if e.code() == tonic::Code::AlreadyExists) {
+                // An earlier attempt made it, and a profile changed its config since: give it
+                // the current config, then the create (idempotent for the same spec) answers.
+                if let Err(e) = update_config(&mut client, name, &config).await {
+                    return failed_config(e);
+                }
+                created = client
+                    .create_instance(call(
+                        v1::CreateInstanceRequest { spec: Some(spec) },
+                        ACTION_CALL,
+                    ))
+                    .await;
+            }
             match created {
                 // Leadership lost while creating: the next leader runs the action again.
                 Ok(_) if start && !state.cp.leads_with_quorum() => {

@@ -22,9 +22,9 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::cluster::random_secret;
-use super::instances::find;
-use super::operations::{accepted, finish, instance_resources, new_operation};
-use super::{ApiError, JsonBody, SharedState};
+use super::instances::{instance_operation, lookup, require_member};
+use super::operations::{accepted, finish};
+use super::{ApiError, JsonBody, Scope, SharedState};
 use crate::state::{Command, Node};
 
 /// How long an exec session waits for its websocket.
@@ -78,9 +78,10 @@ impl PendingExecs {
     }
 }
 
-/// `POST /1.0/instances/{name}/exec`.
+/// `POST /1.0/instances/{name}/exec`: not for viewer keys.
 pub async fn post_exec(
     State(state): State<SharedState>,
+    scope: Scope,
     Path(name): Path<String>,
     JsonBody(req): JsonBody<InstanceExecPost>,
 ) -> Result<Response, ApiError> {
@@ -119,7 +120,9 @@ pub async fn post_exec(
             "exec needs wait-for-websocket: output is streamed over the operation's websocket",
         ));
     }
-    let (i, node) = find(&state, &name).await?;
+    let found = lookup(&state, &scope, &name).await?;
+    require_member(&scope, "running commands in an instance")?;
+    let (i, node) = (found.instance, found.node);
     // Refuse early and clearly when the instance is not running.
     let status = state
         .agents
@@ -134,8 +137,8 @@ pub async fn post_exec(
             "instance \"{name}\" is not running"
         )));
     }
-    let mut env: HashMap<String, String> = i
-        .config
+    let mut env: HashMap<String, String> = found
+        .expanded
         .iter()
         .filter_map(|(k, v)| {
             k.strip_prefix("environment.")
@@ -155,12 +158,7 @@ pub async fn post_exec(
         height: req.height,
     };
     let secret = random_secret()?;
-    let mut op = new_operation(
-        &state,
-        "websocket",
-        "Executing command",
-        instance_resources(&name),
-    );
+    let mut op = instance_operation(&state, &scope, "websocket", "Executing command", &name);
     // The secret goes to the caller only; the stored (replicated, listable) operation does
     // not carry it.
     op.metadata = serde_json::json!({ "fds": { "0": "" } });

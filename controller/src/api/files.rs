@@ -10,9 +10,9 @@ use futures::StreamExt;
 use http::{HeaderMap, HeaderValue};
 use serde::Deserialize;
 
-use super::instances::find;
+use super::instances::{find, require_member};
 use super::operations::sync;
-use super::{ApiError, SharedState};
+use super::{ApiError, Scope, SharedState};
 
 #[derive(Deserialize)]
 pub struct PathQuery {
@@ -59,14 +59,16 @@ fn meta_headers(info: &v1::FileInfo) -> HeaderMap {
     h
 }
 
-/// `GET /1.0/instances/{name}/files?path=P`.
+/// `GET /1.0/instances/{name}/files?path=P`: not for viewer keys (files may hold secrets).
 pub async fn pull(
     State(state): State<SharedState>,
+    scope: Scope,
     Path(name): Path<String>,
     Query(q): Query<PathQuery>,
 ) -> Result<Response, ApiError> {
     let path = checked_path(&q)?;
-    let (i, n) = find(&state, &name).await?;
+    let (i, n) = find(&state, &scope, &name).await?;
+    require_member(&scope, "reading files of an instance")?;
     let mut stream = state
         .agents
         .client(&n)?
@@ -131,6 +133,7 @@ fn header_num(
 /// `POST /1.0/instances/{name}/files?path=P`: body = contents (or a symlink's target).
 pub async fn push(
     State(state): State<SharedState>,
+    scope: Scope,
     Path(name): Path<String>,
     Query(q): Query<PathQuery>,
     headers: HeaderMap,
@@ -165,7 +168,8 @@ pub async fn push(
     let uid = header_num(&headers, file_headers::UID, 10, u32::MAX - 1, 0)?;
     let gid = header_num(&headers, file_headers::GID, 10, u32::MAX - 1, 0)?;
     let mode = header_num(&headers, file_headers::MODE, 8, 0o7777, default_mode)?;
-    let (i, n) = find(&state, &name).await?;
+    let (i, n) = find(&state, &scope, &name).await?;
+    scope.require_write()?;
     let mut header = v1::FileHeader {
         instance: i.name.clone(),
         path,
@@ -228,11 +232,13 @@ pub async fn push(
 /// `DELETE /1.0/instances/{name}/files?path=P`.
 pub async fn delete(
     State(state): State<SharedState>,
+    scope: Scope,
     Path(name): Path<String>,
     Query(q): Query<PathQuery>,
 ) -> Result<Response, ApiError> {
     let path = checked_path(&q)?;
-    let (i, n) = find(&state, &name).await?;
+    let (i, n) = find(&state, &scope, &name).await?;
+    scope.require_write()?;
     state
         .agents
         .client(&n)?

@@ -1,4 +1,10 @@
 //! `/1.0/instances`: list, create, get, update, rename, delete, state, console.
+//!
+//! Every handler works in the project of its [`Scope`]: an instance `web` of project `p` is
+//! stored (and known to its node) as `p_web`, the API shows `web` and the project, and an
+//! instance of another project answers 404 as if it did not exist. Instances run with their
+//! effective config ([`crate::state::State::effective_config`]: profiles in order, then their
+//! own config); that is what agents receive.
 
 use std::collections::BTreeMap;
 
@@ -9,21 +15,49 @@ use berth_proto::api::{
     InstancesPost,
 };
 use berth_proto::v1;
+use http::{HeaderMap, HeaderValue, StatusCode};
 use serde::Deserialize;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
-use super::operations::{instance_resources, new_operation, run_task, sync};
-use super::{ApiError, JsonBody, SharedState};
+use super::operations::{new_operation, run_task, sync};
+use super::{ApiError, JsonBody, Scope, SharedState};
 use crate::clock;
 use crate::raft::WriteError;
 use crate::state::{
-    Action, Command, DesiredState, Instance, Node, NodeStatus, Observed, PendingAction,
+    Action, ApplyErrorKind, Command, DEFAULT_PROFILE, DesiredState, Instance, Node, NodeStatus,
+    ObjectKey, Observed, PendingAction, Role, split_scoped_name,
 };
 
 #[derive(Deserialize)]
 pub struct ListQuery {
     #[serde(default)]
     recursion: u8,
+    /// Every project's instances (admin and operator keys only).
+    #[serde(default, rename = "all-projects")]
+    all_projects: bool,
+}
+
+/// An instance's own name (its state key without the project prefix).
+fn short(key: &str) -> &str {
+    split_scoped_name(key).1
+}
+
+/// `?project=P` for URLs of objects of `project` (empty for `default`).
+pub fn project_suffix(project: &str) -> String {
+    if project == crate::state::DEFAULT_PROJECT {
+        String::new()
+    } else {
+        format!("?project={project}")
+    }
+}
+
+/// The URL of an instance as the API names it.
+pub fn instance_url(i: &Instance) -> String {
+    format!(
+        "/1.0/instances/{}{}",
+        short(&i.name),
+        project_suffix(&i.project)
+    )
 }
 
 /// The status the API shows: what was last observed, or `Unknown` while the instance's node
@@ -35,11 +69,12 @@ pub fn shown_status(i: &Instance, node: Option<&Node>) -> InstanceStatusCode {
     }
 }
 
-/// Converts the stored instance to its API shape (without live state).
+/// Converts the stored instance to its API shape (without live state; `expanded_config` is
+/// left empty for the caller to fill).
 pub fn to_api(i: &Instance, node: Option<&Node>) -> api::Instance {
     let status = shown_status(i, node);
     api::Instance {
-        name: crate::state::split_scoped_name(&i.name).1.to_string(),
+        name: short(&i.name).to_string(),
         project: i.project.clone(),
         description: i.description.clone(),
         status: status.as_str().into(),
@@ -48,6 +83,7 @@ pub fn to_api(i: &Instance, node: Option<&Node>) -> api::Instance {
         kind: "container".into(),
         architecture: std::env::consts::ARCH.into(),
         config: i.config.clone(),
+        expanded_config: BTreeMap::new(),
         profiles: i.profiles.clone(),
         ephemeral: false,
         stateful: false,
@@ -133,42 +169,174 @@ pub fn observed_from(s: &v1::InstanceStatus) -> Observed {
     }
 }
 
-/// Records what an agent reported about an instance, unless the recorded observation changed
-/// since `based_on` (its `updated_at` when the agent was asked).
-pub async fn observe(state: &SharedState, name: &str, s: &v1::InstanceStatus, based_on: &str) {
+/// Records what an agent reported about an instance (by state key), unless the recorded
+/// observation changed since `based_on` (its `updated_at` when the agent was asked).
+pub async fn observe(state: &SharedState, key: &str, s: &v1::InstanceStatus, based_on: &str) {
     if let Err(e) = state
         .cp
         .write(Command::ObserveInstance {
-            name: name.to_string(),
+            name: key.to_string(),
             observed: observed_from(s),
             based_on: based_on.to_string(),
         })
         .await
     {
-        warn!(instance = %name, error = %e, "could not record the instance's status");
+        warn!(instance = %key, error = %e, "could not record the instance's status");
     }
 }
 
-/// The instance and the node it is on, or 404.
-pub async fn find(state: &SharedState, name: &str) -> Result<(Instance, Node), ApiError> {
+/// An instance as a handler finds it: the record, its node, the config it runs with and its
+/// ETag, all from one read.
+pub struct Found {
+    pub instance: Instance,
+    pub node: Node,
+    /// The effective config (profiles, then its own).
+    pub expanded: BTreeMap<String, String>,
+    /// [`crate::state::State::etag`] of the instance.
+    pub etag: String,
+}
+
+/// Finds instance `name` of the scope's project, or 404 (also for a name that is not an
+/// instance name, so that `a_b` never reaches instance `b` of project `a`).
+pub async fn lookup(state: &SharedState, scope: &Scope, name: &str) -> Result<Found, ApiError> {
+    let not_found = || ApiError::not_found(format!("instance {name:?} not found"));
+    if api::names::validate_instance_name(name).is_err() {
+        return Err(not_found());
+    }
+    let key = scope.key(name);
     let found = state
         .cp
         .read(|s| {
             s.instances
-                .get(name)
-                .map(|i| (i.clone(), s.nodes.get(&i.node).cloned()))
+                .get(&key)
+                .filter(|i| i.project == scope.project)
+                .map(|i| {
+                    (
+                        i.clone(),
+                        s.nodes.get(&i.node).cloned(),
+                        s.effective_config(i).into_owned(),
+                        s.etag(&ObjectKey::Instance(key.clone()))
+                            .unwrap_or_default(),
+                    )
+                })
         })
         .await?;
     match found {
-        Some((i, Some(n))) => Ok((i, n)),
-        Some((i, None)) => Err(ApiError::internal(format!(
-            "instance {} is placed on node {}, which is not a member",
-            i.name, i.node
+        Some((instance, Some(node), expanded, etag)) => Ok(Found {
+            instance,
+            node,
+            expanded,
+            etag,
+        }),
+        Some((i, None, _, _)) => Err(ApiError::internal(format!(
+            "instance {name:?} is placed on node {}, which is not a member",
+            i.node
         ))),
-        None => Err(ApiError::not_found(format!(
-            "instance \"{name}\" not found"
-        ))),
+        None => Err(not_found()),
     }
+}
+
+/// The instance `name` of the scope's project and the node it is on, or 404.
+pub async fn find(
+    state: &SharedState,
+    scope: &Scope,
+    name: &str,
+) -> Result<(Instance, Node), ApiError> {
+    let f = lookup(state, scope, name).await?;
+    Ok((f.instance, f.node))
+}
+
+/// 403 for a viewer key on something that reads or reaches inside an instance (exec, files,
+/// console): viewers see instances, not into them.
+pub fn require_member(scope: &Scope, what: &str) -> Result<(), ApiError> {
+    if scope.identity.role == Role::Viewer {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{what} needs a member, operator or admin key; key {:?} is a viewer key",
+                scope.identity.key_name
+            ),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// A new operation of the scope's project about instance `name` (its short name).
+pub fn instance_operation(
+    state: &SharedState,
+    scope: &Scope,
+    class: &str,
+    description: &str,
+    name: &str,
+) -> api::Operation {
+    let resources = BTreeMap::from([(
+        "instances".to_string(),
+        vec![format!("/1.0/instances/{name}{}", scope.url_suffix())],
+    )]);
+    let mut op = new_operation(state, class, description, resources);
+    op.project = scope.project.clone();
+    op
+}
+
+/// The ETag an `If-Match` header asks for: `None` without the header or for `*` (any
+/// version). Quotes and a weak `W/` prefix are dropped; a list of several ETags is refused.
+pub fn if_match(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get(http::header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let v = v
+        .to_str()
+        .map_err(|_| ApiError::bad_request("the If-Match header is not ASCII"))?
+        .trim();
+    if v == "*" {
+        return Ok(None);
+    }
+    if v.contains(',') {
+        return Err(ApiError::bad_request(
+            "the If-Match header names several ETags; give the one ETag that was read",
+        ));
+    }
+    let v = v.strip_prefix("W/").unwrap_or(v);
+    let v = v
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap_or(v);
+    if v.is_empty() {
+        return Err(ApiError::bad_request("the If-Match header is empty"));
+    }
+    Ok(Some(v.to_string()))
+}
+
+/// 412 when the client's `If-Match` does not name the current ETag.
+pub fn check_if_match(what: &str, wanted: Option<&str>, current: &str) -> Result<(), ApiError> {
+    match wanted {
+        Some(w) if w != current => Err(ApiError::new(
+            StatusCode::PRECONDITION_FAILED,
+            format!("{what} changed since it was read (its ETag no longer matches If-Match)"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `command`, applied only while `key` still has `etag` when one is given.
+pub fn guarded(command: Command, key: ObjectKey, etag: Option<String>) -> Command {
+    match etag {
+        Some(etag) => Command::IfMatch {
+            expect: vec![(key, etag)],
+            command: Box::new(command),
+        },
+        None => command,
+    }
+}
+
+/// A sync answer with an `ETag` header.
+pub fn sync_with_etag(metadata: impl serde::Serialize, etag: &str) -> Response {
+    let mut resp = sync(metadata);
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{etag}\"")) {
+        resp.headers_mut().insert(http::header::ETAG, v);
+    }
+    resp
 }
 
 /// Refuses a change while the instance has an action in flight (409, naming its operation)
@@ -177,15 +345,17 @@ fn ensure_at_rest(i: &Instance, n: &Node) -> Result<(), ApiError> {
     if let Some(p) = &i.pending {
         return Err(ApiError::conflict(format!(
             "instance \"{}\" is busy with operation {}; wait for it to end",
-            i.name, p.op
+            short(&i.name),
+            p.op
         )));
     }
     if n.status == NodeStatus::Offline {
         return Err(ApiError::new(
-            http::StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "node {} is offline; instance \"{}\" cannot be changed until it returns",
-                n.name, i.name
+                n.name,
+                short(&i.name)
             ),
         ));
     }
@@ -209,91 +379,105 @@ async fn live_state(
     Ok(state_from_agent(i, node_prefix(n), &s))
 }
 
-/// `GET /1.0/instances?recursion=0|1|2`.
+/// `GET /1.0/instances?recursion=0|1|2[&all-projects=true]`: the instances of the scope's
+/// project (of every project with `all-projects`, for admin and operator keys).
 pub async fn list(
     State(state): State<SharedState>,
+    scope: Scope,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
+    if q.all_projects {
+        scope.identity.require_fleet()?;
+    }
+    let in_scope = |i: &Instance| q.all_projects || i.project == scope.project;
     if q.recursion == 0 {
         let paths: Vec<String> = state
             .cp
             .read(|s| {
                 s.instances
-                    .keys()
-                    .map(|name| format!("/1.0/instances/{name}"))
+                    .values()
+                    .filter(|i| in_scope(i))
+                    .map(instance_url)
                     .collect()
             })
             .await?;
         return Ok(sync(paths));
     }
-    let (instances, nodes): (Vec<Instance>, BTreeMap<String, Node>) = state
+    let (listed, nodes): (Vec<(Instance, api::Instance)>, BTreeMap<String, Node>) = state
         .cp
-        .read(|s| (s.instances.values().cloned().collect(), s.nodes.clone()))
-        .await?;
-    match q.recursion {
-        1 => Ok(sync(
-            instances
-                .iter()
-                .map(|i| to_api(i, nodes.get(&i.node)))
-                .collect::<Vec<_>>(),
-        )),
-        _ => {
-            // One call per node, all nodes at once.
-            let mut per_node = BTreeMap::new();
-            let calls = nodes
+        .read(|s| {
+            let list = s
+                .instances
                 .values()
-                .filter(|n| n.status == NodeStatus::Online)
-                .map(|n| {
-                    let st = state.clone();
-                    async move {
-                        let r = match st.agents.client(n) {
-                            Ok(mut c) => c
-                                .list_instances(crate::agents::short(v1::ListInstancesRequest {}))
-                                .await
-                                .map(|r| r.into_inner().instances)
-                                .map_err(|e| e.to_string()),
-                            Err(e) => Err(e.to_string()),
-                        };
-                        (n.name.clone(), r)
-                    }
-                });
-            for (node, r) in futures::future::join_all(calls).await {
-                match r {
-                    Ok(list) => {
-                        per_node.insert(
-                            node,
-                            list.into_iter()
-                                .map(|s| (s.name.clone(), s))
-                                .collect::<BTreeMap<_, _>>(),
-                        );
-                    }
-                    Err(e) => warn!(node = %node, error = %e, "cannot list the node's instances"),
-                }
-            }
-            let out: Vec<api::Instance> = instances
-                .iter()
+                .filter(|i| in_scope(i))
                 .map(|i| {
-                    let node = nodes.get(&i.node);
-                    let mut a = to_api(i, node);
-                    if let Some(s) = per_node.get(&i.node).and_then(|m| m.get(&i.name)) {
-                        let prefix = node.map(node_prefix).unwrap_or(24);
-                        let st = state_from_agent(i, prefix, s);
-                        a.status = st.status.clone();
-                        a.status_code = st.status_code;
-                        a.state = Some(st);
-                    } else {
-                        a.state = Some(api::InstanceState {
-                            status: a.status.clone(),
-                            status_code: a.status_code,
-                            ..Default::default()
-                        });
-                    }
-                    a
+                    let mut a = to_api(i, s.nodes.get(&i.node));
+                    a.expanded_config = s.effective_config(i).into_owned();
+                    (i.clone(), a)
                 })
                 .collect();
-            Ok(sync(out))
+            (list, s.nodes.clone())
+        })
+        .await?;
+    let (records, instances): (Vec<Instance>, Vec<api::Instance>) = listed.into_iter().unzip();
+    if q.recursion == 1 {
+        return Ok(sync(instances));
+    }
+    // One call per node, all nodes at once.
+    let mut per_node = BTreeMap::new();
+    let calls = nodes
+        .values()
+        .filter(|n| n.status == NodeStatus::Online)
+        .filter(|n| records.iter().any(|i| i.node == n.name))
+        .map(|n| {
+            let st = state.clone();
+            async move {
+                let r = match st.agents.client(n) {
+                    Ok(mut c) => c
+                        .list_instances(crate::agents::short(v1::ListInstancesRequest {}))
+                        .await
+                        .map(|r| r.into_inner().instances)
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                (n.name.clone(), r)
+            }
+        });
+    for (node, r) in futures::future::join_all(calls).await {
+        match r {
+            Ok(list) => {
+                per_node.insert(
+                    node,
+                    list.into_iter()
+                        .map(|s| (s.name.clone(), s))
+                        .collect::<BTreeMap<_, _>>(),
+                );
+            }
+            Err(e) => warn!(node = %node, error = %e, "cannot list the node's instances"),
         }
     }
+    let out: Vec<api::Instance> = records
+        .iter()
+        .zip(instances)
+        .map(|(i, mut a)| {
+            let node = nodes.get(&i.node);
+            if let Some(s) = per_node.get(&i.node).and_then(|m| m.get(&i.name)) {
+                let prefix = node.map(node_prefix).unwrap_or(24);
+                let st = state_from_agent(i, prefix, s);
+                a.status = st.status.clone();
+                a.status_code = st.status_code;
+                a.state = Some(st);
+            } else {
+                a.state = Some(api::InstanceState {
+                    status: a.status.clone(),
+                    status_code: a.status_code,
+                    ..Default::default()
+                });
+            }
+            a
+        })
+        .collect();
+    Ok(sync(out))
 }
 
 #[derive(Deserialize)]
@@ -308,8 +492,9 @@ fn random_hwaddr() -> Result<String, ApiError> {
     Ok(format!("00:16:3e:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2]))
 }
 
-/// The spec an agent needs to create `i` on `n`.
-pub fn agent_spec(i: &Instance, n: &Node) -> v1::InstanceSpec {
+/// The spec an agent needs to create `i` on `n`, with `config` the instance's effective
+/// config ([`crate::state::State::effective_config`]).
+pub fn agent_spec(i: &Instance, config: &BTreeMap<String, String>, n: &Node) -> v1::InstanceSpec {
     let network = if i.ipv4.is_empty() {
         None
     } else {
@@ -329,17 +514,41 @@ pub fn agent_spec(i: &Instance, n: &Node) -> v1::InstanceSpec {
     v1::InstanceSpec {
         name: i.name.clone(),
         image: i.image.clone(),
-        config: i.config.clone().into_iter().collect(),
+        config: config.clone().into_iter().collect(),
         network,
     }
 }
 
-/// `POST /1.0/instances`: create (and with `start`, start) an instance from an image.
+/// Checks profile names given by a client (400 for a name that breaks the rule, so that no
+/// name can reach a profile of another project).
+fn check_profile_names(profiles: &[String]) -> Result<(), ApiError> {
+    for p in profiles {
+        api::names::validate_profile_name(p).map_err(ApiError::bad_request)?;
+    }
+    Ok(())
+}
+
+/// The profiles a create asks for: the `default` profile when the body names none (absent
+/// or `null`), exactly the list otherwise (`[]`: no profile), as LXD does.
+fn requested_profiles(body: &serde_json::Value, listed: &[String]) -> Vec<String> {
+    match body.get("profiles") {
+        None | Some(serde_json::Value::Null) => vec![DEFAULT_PROFILE.to_string()],
+        Some(_) => listed.to_vec(),
+    }
+}
+
+/// `POST /1.0/instances`: create (and with `start`, start) an instance from an image, in the
+/// scope's project.
 pub async fn create(
     State(state): State<SharedState>,
+    scope: Scope,
     Query(q): Query<TargetQuery>,
-    JsonBody(req): JsonBody<InstancesPost>,
+    JsonBody(raw): JsonBody<serde_json::Value>,
 ) -> Result<Response, ApiError> {
+    scope.require_write()?;
+    let req: InstancesPost = serde_json::from_value(raw.clone())
+        .map_err(|e| ApiError::bad_request(format!("request body is not a valid instance: {e}")))?;
+    let profiles = requested_profiles(&raw, &req.profiles);
     api::names::validate_instance_name(&req.name).map_err(ApiError::bad_request)?;
     if !req.kind.is_empty() && req.kind != "container" {
         return Err(ApiError::bad_request(format!(
@@ -353,11 +562,7 @@ pub async fn create(
             req.source.kind
         )));
     }
-    if req.profiles.iter().any(|p| p != "default") {
-        return Err(ApiError::bad_request(
-            "profiles other than \"default\" do not exist yet",
-        ));
-    }
+    check_profile_names(&profiles)?;
     api::config::validate(&req.config).map_err(|e| ApiError::bad_request(e.0))?;
     let wanted = if !req.source.fingerprint.is_empty() {
         req.source.fingerprint.clone()
@@ -374,15 +579,23 @@ pub async fn create(
     } else {
         q.target.clone()
     };
-    let (image, exists) = state
+    let key = scope.key(&req.name);
+    let (image, exists, profiles_ok, unrestricted) = state
         .cp
         .read(|s| {
             (
-                s.resolve_image(&wanted).cloned(),
-                s.instances.contains_key(&req.name),
+                s.resolve_image_in(&scope.project, &wanted).cloned(),
+                s.instances.contains_key(&key),
+                s.check_profiles(&scope.project, &profiles),
+                if target.is_empty() {
+                    Ok(())
+                } else {
+                    scope.require_unrestricted(s, "choosing a node with --target")
+                },
             )
         })
         .await?;
+    unrestricted?;
     if exists {
         return Err(ApiError::conflict(format!(
             "instance \"{}\" already exists",
@@ -391,8 +604,7 @@ pub async fn create(
     }
     let image =
         image.ok_or_else(|| ApiError::not_found(format!("image \"{wanted}\" not found")))?;
-    // An empty node lets the scheduler choose when the create is applied.
-    let node = target;
+    profiles_ok?;
     let mut config = req.config.clone();
     for (k, v) in &image.properties {
         config
@@ -400,12 +612,24 @@ pub async fn create(
             .or_insert_with(|| v.clone());
     }
     let now = clock::now();
+    let op = instance_operation(
+        &state,
+        &scope,
+        "task",
+        if req.start {
+            "Creating and starting instance"
+        } else {
+            "Creating instance"
+        },
+        &req.name,
+    );
     let instance = Instance {
-        name: req.name.clone(),
-        project: crate::state::DEFAULT_PROJECT.into(),
-        profiles: vec![crate::state::DEFAULT_PROFILE.into()],
+        name: key.clone(),
+        project: scope.project.clone(),
+        profiles,
         description: req.description.clone(),
-        node: node.clone(),
+        // An empty node lets the scheduler choose when the create is applied.
+        node: target,
         image: image.fingerprint.clone(),
         config,
         created_at: now.clone(),
@@ -423,52 +647,46 @@ pub async fn create(
             updated_at: now,
             error: String::new(),
         },
-        pending: None,
+        pending: Some(PendingAction {
+            op: op.id.clone(),
+            action: Action::Create { start: req.start },
+            since: op.created_at.clone(),
+        }),
     };
-    let op = new_operation(
-        &state,
-        "task",
-        if req.start {
-            "Creating and starting instance"
-        } else {
-            "Creating instance"
-        },
-        instance_resources(&req.name),
-    );
-    let mut instance = instance;
-    instance.pending = Some(PendingAction {
-        op: op.id.clone(),
-        action: Action::Create { start: req.start },
-        since: op.created_at.clone(),
-    });
     // One entry: the instance, its placement (chosen inside apply), its pending creation and
-    // the operation. The leader's reconciler does the rest.
+    // the operation. Quotas and restrictions are checked there too, atomically. The leader's
+    // reconciler does the rest.
     state
         .cp
-        .write(Command::CreateInstance {
+        .write(scope.by(Command::CreateInstance {
             instance,
             operation: Some(op.clone()),
-        })
+        }))
         .await?;
-    info!(instance = %req.name, op = %op.id, "instance create accepted");
+    info!(instance = %key, project = %scope.project, op = %op.id, "instance create accepted");
     Ok(super::operations::accepted(&op))
 }
 
-/// `GET /1.0/instances/{name}`.
+/// `GET /1.0/instances/{name}`: the instance with its own `config`, its `expanded_config`
+/// and an `ETag` header for `If-Match`.
 pub async fn get_one(
     State(state): State<SharedState>,
+    scope: Scope,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let (i, n) = find(&state, &name).await?;
-    Ok(sync(to_api(&i, Some(&n))))
+    let f = lookup(&state, &scope, &name).await?;
+    let mut a = to_api(&f.instance, Some(&f.node));
+    a.expanded_config = f.expanded;
+    Ok(sync_with_etag(a, &f.etag))
 }
 
 /// `GET /1.0/instances/{name}/state`.
 pub async fn get_state(
     State(state): State<SharedState>,
+    scope: Scope,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let (i, n) = find(&state, &name).await?;
+    let (i, n) = find(&state, &scope, &name).await?;
     if n.status == NodeStatus::Offline {
         let status = InstanceStatusCode::Unknown;
         return Ok(sync(api::InstanceState {
@@ -480,19 +698,127 @@ pub async fn get_state(
     Ok(sync(live_state(&state, &i, &n).await?))
 }
 
-/// Applies a new config (and description) to an instance under its lock: `build` computes
-/// them from the current instance (so that concurrent PATCHes never lose each other's keys),
-/// the agent applies them (live keys take effect at once; it also refuses values the host
-/// cannot honour), then they are stored through Raft.
-async fn apply_update<F>(state: SharedState, name: String, build: F) -> Result<Response, ApiError>
+/// The writable part of an instance after a PUT or PATCH.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Writable {
+    pub config: BTreeMap<String, String>,
+    pub description: String,
+    pub profiles: Vec<String>,
+}
+
+/// What PATCH makes of `current`: config keys set (or removed when `null`), the description
+/// and the profile list replaced when given.
+pub fn merge_patch(current: &Instance, patch: InstancePatch) -> Writable {
+    let mut config = current.config.clone();
+    for (k, v) in patch.config.unwrap_or_default() {
+        match v {
+            Some(v) => {
+                config.insert(k, v);
+            }
+            None => {
+                config.remove(&k);
+            }
+        }
+    }
+    Writable {
+        config,
+        description: patch
+            .description
+            .unwrap_or_else(|| current.description.clone()),
+        profiles: patch.profiles.unwrap_or_else(|| current.profiles.clone()),
+    }
+}
+
+/// `config` without the server's keys (`image.*`, `volatile.*`), which are then taken from
+/// `current`: whatever a client sends, they stay as the server set them.
+pub fn keep_server_keys(
+    config: BTreeMap<String, String>,
+    current: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let server = |k: &str| k.starts_with("volatile.") || k.starts_with("image.");
+    let mut merged: BTreeMap<String, String> =
+        config.into_iter().filter(|(k, _)| !server(k)).collect();
+    for (k, v) in current {
+        if server(k) {
+            merged.insert(k.clone(), v.clone());
+        }
+    }
+    merged
+}
+
+/// Sends the instance's current effective config (as committed) to its agent: after a
+/// profile changed, or to undo a change the cluster refused. Skips (with a log line) an
+/// instance whose node is offline or that its node does not have yet (the reconciler sends
+/// the config again before the next create or start). Answers whether it was sent.
+pub async fn push_effective_config(state: &SharedState, key: &str) -> Result<bool, ApiError> {
+    let found = state
+        .cp
+        .read(|s| {
+            s.instances.get(key).map(|i| {
+                (
+                    i.clone(),
+                    s.nodes.get(&i.node).cloned(),
+                    s.effective_config(i).into_owned(),
+                )
+            })
+        })
+        .await?;
+    let Some((i, Some(node), config)) = found else {
+        debug!(instance = %key, "instance or node gone; nothing to send");
+        return Ok(false);
+    };
+    if matches!(
+        i.pending.as_ref().map(|p| p.action),
+        Some(Action::Create { .. })
+    ) {
+        debug!(instance = %key, "instance still being created; its create sends the config");
+        return Ok(false);
+    }
+    if node.status == NodeStatus::Offline {
+        warn!(instance = %key, node = %node.name, "node offline; the instance gets its new config when it next starts");
+        return Ok(false);
+    }
+    let s = state
+        .agents
+        .client(&node)?
+        .update_instance(crate::agents::short(v1::UpdateInstanceRequest {
+            name: i.name.clone(),
+            config: config.into_iter().collect(),
+        }))
+        .await?
+        .into_inner();
+    observe(state, key, &s, &i.observed.updated_at).await;
+    Ok(true)
+}
+
+/// Applies a new writable part to an instance under its lock: `build` computes it from the
+/// current instance (so that concurrent PATCHes on this controller never lose each other's
+/// keys); it is validated, the new effective config goes to the agent (live keys take effect
+/// at once; it also refuses values the host cannot honour), then the change is committed,
+/// guarded by the ETag that was read (the client's `If-Match`, or the one read here, so that
+/// a change made meanwhile elsewhere is never overwritten). When the cluster refuses it
+/// (quota, restriction, stale ETag), the agent gets the committed config back.
+async fn apply_update<F>(
+    state: SharedState,
+    scope: Scope,
+    name: String,
+    wanted_etag: Option<String>,
+    build: F,
+) -> Result<Response, ApiError>
 where
-    F: FnOnce(&Instance) -> Result<(BTreeMap<String, String>, String), ApiError>,
+    F: FnOnce(&Instance) -> Result<Writable, ApiError>,
 {
-    let lock = state.instance_lock(&name);
+    scope.require_write()?;
+    let key = scope.key(&name);
+    let lock = state.instance_lock(&key);
     let guard = lock.lock_owned().await;
-    let (current, n) = find(&state, &name).await?;
-    ensure_at_rest(&current, &n)?;
-    let (config, description) = build(&current)?;
+    let found = lookup(&state, &scope, &name).await?;
+    let what = format!("instance {name:?}");
+    check_if_match(&what, wanted_etag.as_deref(), &found.etag)?;
+    ensure_at_rest(&found.instance, &found.node)?;
+    let w = build(&found.instance)?;
+    check_profile_names(&w.profiles)?;
+    let config = keep_server_keys(w.config, &found.instance.config);
     api::config::validate(
         &config
             .iter()
@@ -501,72 +827,101 @@ where
             .collect(),
     )
     .map_err(|e| ApiError::bad_request(e.0))?;
-    // image.* and volatile.* keys are the server's: keep them whatever the client sent.
-    let mut merged: BTreeMap<String, String> = config
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with("volatile.") && !k.starts_with("image."))
-        .collect();
-    for (k, v) in &current.config {
-        if k.starts_with("volatile.") || k.starts_with("image.") {
-            merged.insert(k.clone(), v.clone());
-        }
-    }
-    let op = new_operation(
-        &state,
-        "task",
-        "Updating instance",
-        instance_resources(&name),
-    );
+    let mut candidate = found.instance.clone();
+    candidate.config = config.clone();
+    candidate.description = w.description.clone();
+    candidate.profiles = w.profiles.clone();
+    let expanded = state
+        .cp
+        .read(|s| {
+            s.check_profiles(&scope.project, &candidate.profiles)
+                .map(|()| s.effective_config(&candidate).into_owned())
+        })
+        .await??;
+    let op = instance_operation(&state, &scope, "task", "Updating instance", &name);
     let s = state
         .agents
-        .client(&n)?
+        .client(&found.node)?
         .update_instance(crate::agents::short(v1::UpdateInstanceRequest {
-            name: current.name.clone(),
-            config: merged.clone().into_iter().collect(),
+            name: key.clone(),
+            config: expanded.into_iter().collect(),
         }))
         .await?
         .into_inner();
-    state
-        .cp
-        .write(Command::UpdateInstance {
-            name: name.clone(),
-            config: merged,
-            description,
-            profiles: None,
+    let command = Command::IfMatch {
+        expect: vec![(ObjectKey::Instance(key.clone()), found.etag.clone())],
+        command: Box::new(Command::UpdateInstance {
+            name: key.clone(),
+            config,
+            description: w.description,
+            profiles: Some(w.profiles),
             now: clock::now(),
-        })
-        .await?;
+        }),
+    };
+    match state.cp.write(scope.by(command)).await {
+        Ok(_) => {}
+        // It may still be applied: the agent keeps the new config, which it then matches.
+        Err(e @ WriteError::Unsure(_)) => return Err(e.into()),
+        Err(e) => {
+            // Not applied: the agent goes back to the committed config.
+            if let Err(undo) = push_effective_config(&state, &key).await {
+                error!(instance = %key, error = %undo.message, "cannot give the instance its committed config back; it runs with the refused one until it restarts");
+            }
+            return Err(match e {
+                WriteError::Rejected(a)
+                    if a.kind == ApplyErrorKind::PreconditionFailed && wanted_etag.is_none() =>
+                {
+                    ApiError::conflict(format!(
+                        "instance {name:?} was changed by another request at the same time; repeat the request"
+                    ))
+                }
+                other => other.into(),
+            });
+        }
+    }
     drop(guard);
-    observe(&state, &name, &s, &current.observed.updated_at).await;
+    observe(&state, &key, &s, &found.instance.observed.updated_at).await;
     run_task(&state, op, async move { Ok(serde_json::Value::Null) }).await
 }
 
-/// `PUT /1.0/instances/{name}`: replaces the writable config.
+/// `PUT /1.0/instances/{name}`: replaces the writable part: config, description and profiles.
 pub async fn put(
     State(state): State<SharedState>,
+    scope: Scope,
     Path(name): Path<String>,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<InstancePut>,
 ) -> Result<Response, ApiError> {
-    if body.profiles.iter().any(|p| p != "default") {
-        return Err(ApiError::bad_request(
-            "profiles other than \"default\" do not exist yet",
-        ));
-    }
+    scope.require_write()?;
+    let wanted = if_match(&headers)?;
     if body.ephemeral {
         return Err(ApiError::bad_request(
             "ephemeral instances are not supported yet",
         ));
     }
+    check_profile_names(&body.profiles)?;
     api::config::validate(&body.config).map_err(|e| ApiError::bad_request(e.0))?;
-    apply_update(state, name, move |_| Ok((body.config, body.description))).await
+    apply_update(state, scope, name, wanted, move |_| {
+        Ok(Writable {
+            config: body.config,
+            description: body.description,
+            profiles: body.profiles,
+        })
+    })
+    .await
 }
 
-/// `PATCH /1.0/instances/{name}`: changes only what is given; a config key set to null is removed.
+/// `PATCH /1.0/instances/{name}`: changes only what is given; a config key set to null is
+/// removed; `profiles`, when given, replaces the list.
 pub async fn patch(
     State(state): State<SharedState>,
+    scope: Scope,
     Path(name): Path<String>,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<InstancePatch>,
 ) -> Result<Response, ApiError> {
+    scope.require_write()?;
+    let wanted = if_match(&headers)?;
     // Everything the client sent is checked before any lock is taken.
     if let Some(changes) = &body.config {
         for (k, v) in changes {
@@ -580,61 +935,44 @@ pub async fn patch(
             }
         }
     }
-    apply_update(state, name, move |current| {
-        let mut config = current.config.clone();
-        for (k, v) in body.config.unwrap_or_default() {
-            match v {
-                Some(v) => {
-                    config.insert(k, v);
-                }
-                None => {
-                    config.remove(&k);
-                }
-            }
-        }
-        Ok((
-            config,
-            body.description
-                .unwrap_or_else(|| current.description.clone()),
-        ))
+    if let Some(p) = &body.profiles {
+        check_profile_names(p)?;
+    }
+    apply_update(state, scope, name, wanted, move |current| {
+        Ok(merge_patch(current, body))
     })
     .await
 }
 
-/// `POST /1.0/instances/{name}`: rename a stopped instance.
+/// `POST /1.0/instances/{name}`: rename a stopped instance (within its project).
 pub async fn rename(
     State(state): State<SharedState>,
+    scope: Scope,
     Path(name): Path<String>,
     JsonBody(body): JsonBody<InstancePost>,
 ) -> Result<Response, ApiError> {
+    scope.require_write()?;
+    let (i, n) = find(&state, &scope, &name).await?;
     api::names::validate_instance_name(&body.name).map_err(ApiError::bad_request)?;
-    let (i, n) = find(&state, &name).await?;
     ensure_at_rest(&i, &n)?;
     if body.name == name {
         return Err(ApiError::bad_request("the new name is the current name"));
     }
-    let exists = state
-        .cp
-        .read(|s| s.instances.contains_key(&body.name))
-        .await?;
+    let (from, to) = (scope.key(&name), scope.key(&body.name));
+    let exists = state.cp.read(|s| s.instances.contains_key(&to)).await?;
     if exists {
         return Err(ApiError::conflict(format!(
             "instance \"{}\" already exists",
             body.name
         )));
     }
-    let op = new_operation(
-        &state,
-        "task",
-        "Renaming instance",
-        instance_resources(&name),
-    );
+    let op = instance_operation(&state, &scope, "task", "Renaming instance", &name);
     let st = state.clone();
     run_task(&state, op, async move {
-        let lock = st.instance_lock(&name);
+        let lock = st.instance_lock(&from);
         let _guard = lock.lock().await;
         // An action may have started between the check above and the lock.
-        let (i, n) = find(&st, &name).await?;
+        let (i, n) = find(&st, &scope, &name).await?;
         ensure_at_rest(&i, &n)?;
         let mut client = st.agents.client(&n)?;
         let s = client
@@ -650,17 +988,17 @@ pub async fn rename(
         }
         client
             .rename_instance(crate::agents::short(v1::RenameInstanceRequest {
-                name: name.clone(),
-                new_name: body.name.clone(),
+                name: from.clone(),
+                new_name: to.clone(),
             }))
             .await?;
-        let write = st.cp.write(Command::RenameInstance {
-            from: name.clone(),
-            to: body.name.clone(),
-        });
+        let write = st.cp.write(scope.by(Command::RenameInstance {
+            from: from.clone(),
+            to: to.clone(),
+        }));
         let back = v1::RenameInstanceRequest {
-            name: body.name.clone(),
-            new_name: name.clone(),
+            name: to.clone(),
+            new_name: from.clone(),
         };
         let undo = move || async move {
             client
@@ -713,43 +1051,54 @@ where
     Err(err)
 }
 
-/// `DELETE /1.0/instances/{name}`: deletes a stopped instance.
+/// `DELETE /1.0/instances/{name}`: deletes a stopped instance (`If-Match` honoured).
 pub async fn delete(
     State(state): State<SharedState>,
+    scope: Scope,
     Path(name): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (i, n) = find(&state, &name).await?;
-    ensure_at_rest(&i, &n)?;
-    if i.observed.status == InstanceStatusCode::Running {
+    scope.require_write()?;
+    let wanted = if_match(&headers)?;
+    let f = lookup(&state, &scope, &name).await?;
+    check_if_match(&format!("instance {name:?}"), wanted.as_deref(), &f.etag)?;
+    ensure_at_rest(&f.instance, &f.node)?;
+    if f.instance.observed.status == InstanceStatusCode::Running {
         return Err(ApiError::bad_request(format!(
             "instance \"{name}\" is running; stop it first or use --force"
         )));
     }
-    let op = new_operation(
+    let op = instance_operation(&state, &scope, "task", "Deleting instance", &name);
+    request_action(
         &state,
-        "task",
-        "Deleting instance",
-        instance_resources(&name),
-    );
-    request_action(&state, &name, op, Action::Delete { force: false }, None).await
+        &scope,
+        &f.instance.name,
+        op,
+        Action::Delete { force: false },
+        None,
+        wanted,
+    )
+    .await
 }
 
 /// `PUT /1.0/instances/{name}/state`: start, stop or restart.
 pub async fn put_state(
     State(state): State<SharedState>,
+    scope: Scope,
     Path(name): Path<String>,
     JsonBody(body): JsonBody<InstanceStatePut>,
 ) -> Result<Response, ApiError> {
-    let (i, n) = find(&state, &name).await?;
-    ensure_at_rest(&i, &n)?;
+    scope.require_write()?;
+    let f = lookup(&state, &scope, &name).await?;
+    ensure_at_rest(&f.instance, &f.node)?;
     if body.stateful {
         return Err(ApiError::bad_request(
             "stateful stop and start are not supported",
         ));
     }
     let timeout = match body.timeout {
-        t if t <= 0 => i
-            .config
+        t if t <= 0 => f
+            .expanded
             .get("boot.stop.timeout")
             .and_then(|v| v.parse::<u32>().ok())
             .unwrap_or(30),
@@ -770,7 +1119,7 @@ pub async fn put_state(
             )));
         }
     };
-    let op = new_operation(&state, "task", description, instance_resources(&name));
+    let op = instance_operation(&state, &scope, "task", description, &name);
     let timeout_secs = timeout;
     let action = match body.action.as_str() {
         "start" => Action::Start,
@@ -783,33 +1132,46 @@ pub async fn put_state(
             timeout_secs,
         },
     };
-    request_action(&state, &name, op, action, Some(desired)).await
+    request_action(
+        &state,
+        &scope,
+        &f.instance.name,
+        op,
+        action,
+        Some(desired),
+        None,
+    )
+    .await
 }
 
-/// Commits `action` for the instance with the operation that waits for it; answers 202.
-/// A second action while one is pending is refused (409, naming the operation).
+/// Commits `action` for the instance (by state key) with the operation that waits for it,
+/// guarded by `etag` when given; answers 202. A second action while one is pending is
+/// refused (409, naming the operation).
 async fn request_action(
     state: &SharedState,
-    name: &str,
+    scope: &Scope,
+    key: &str,
     op: berth_proto::api::Operation,
     action: Action,
     desired: Option<DesiredState>,
+    etag: Option<String>,
 ) -> Result<Response, ApiError> {
+    let command = Command::SetInstanceAction {
+        name: key.to_string(),
+        pending: PendingAction {
+            op: op.id.clone(),
+            action,
+            since: op.created_at.clone(),
+        },
+        desired,
+        operation: op.clone(),
+        now: clock::now(),
+    };
     state
         .cp
-        .write(Command::SetInstanceAction {
-            name: name.to_string(),
-            pending: PendingAction {
-                op: op.id.clone(),
-                action,
-                since: op.created_at.clone(),
-            },
-            desired,
-            operation: op.clone(),
-            now: clock::now(),
-        })
+        .write(scope.by(guarded(command, ObjectKey::Instance(key.to_string()), etag)))
         .await?;
-    info!(instance = %name, op = %op.id, ?action, "instance action accepted");
+    info!(instance = %key, op = %op.id, ?action, "instance action accepted");
     Ok(super::operations::accepted(&op))
 }
 
@@ -820,8 +1182,10 @@ pub struct ConsoleQuery {
 }
 
 /// `GET /1.0/instances/{name}/console`: the console log (what init wrote to /dev/console).
+/// Not for viewer keys: the console shows what runs inside.
 pub async fn console(
     State(state): State<SharedState>,
+    scope: Scope,
     Path(name): Path<String>,
     Query(q): Query<ConsoleQuery>,
 ) -> Result<Response, ApiError> {
@@ -831,7 +1195,8 @@ pub async fn console(
             q.kind
         )));
     }
-    let (i, n) = find(&state, &name).await?;
+    let (i, n) = find(&state, &scope, &name).await?;
+    require_member(&scope, "reading the console")?;
     let log = state
         .agents
         .client(&n)?
@@ -913,5 +1278,181 @@ mod tests {
         let e = r.unwrap_err();
         assert_eq!(undone, 0);
         assert_eq!(e.retry_after, None);
+    }
+
+    fn inst(config: &[(&str, &str)], profiles: &[&str]) -> Instance {
+        Instance {
+            name: "p_web".into(),
+            project: "p".into(),
+            profiles: profiles.iter().map(|p| p.to_string()).collect(),
+            description: "old".into(),
+            config: config
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn patch_merges_config_and_replaces_profiles_only_when_given() {
+        let current = inst(&[("limits.cpu", "1"), ("user.a", "x")], &["default"]);
+        let w = merge_patch(
+            &current,
+            InstancePatch {
+                config: Some(
+                    [
+                        ("limits.cpu".to_string(), Some("2".to_string())),
+                        ("user.a".to_string(), None),
+                    ]
+                    .into(),
+                ),
+                description: None,
+                profiles: None,
+            },
+        );
+        assert_eq!(w.config, map(&[("limits.cpu", "2")]));
+        assert_eq!(w.description, "old");
+        assert_eq!(w.profiles, vec!["default".to_string()]);
+        let w = merge_patch(
+            &current,
+            InstancePatch {
+                config: None,
+                description: Some("new".into()),
+                profiles: Some(vec!["small".into(), "web".into()]),
+            },
+        );
+        assert_eq!(w.config, current.config);
+        assert_eq!(w.description, "new");
+        assert_eq!(w.profiles, vec!["small".to_string(), "web".to_string()]);
+        let w = merge_patch(
+            &current,
+            InstancePatch {
+                profiles: Some(vec![]),
+                ..Default::default()
+            },
+        );
+        assert!(w.profiles.is_empty(), "an empty list removes every profile");
+    }
+
+    #[test]
+    fn server_keys_survive_what_a_client_sends() {
+        let current = map(&[("image.os", "debian"), ("limits.cpu", "1")]);
+        let sent = map(&[("image.os", "evil"), ("volatile.x", "1"), ("user.a", "b")]);
+        assert_eq!(
+            keep_server_keys(sent, &current),
+            map(&[("image.os", "debian"), ("user.a", "b")])
+        );
+    }
+
+    #[test]
+    fn agents_get_the_effective_config() {
+        let mut s = crate::state::State::default();
+        for (name, config) in [
+            (
+                "p_small",
+                &[("limits.cpu", "1"), ("limits.memory", "256MiB")][..],
+            ),
+            ("p_web", &[("limits.cpu", "2"), ("user.tier", "web")][..]),
+        ] {
+            s.profiles.insert(
+                name.into(),
+                crate::state::Profile {
+                    name: name.into(),
+                    project: "p".into(),
+                    description: String::new(),
+                    config: map(config),
+                },
+            );
+        }
+        let mut i = inst(&[("limits.memory", "1GiB")], &["small", "web"]);
+        i.ipv4 = "10.1.0.5".into();
+        let node = Node {
+            name: "n1".into(),
+            ipv4_cidr: "10.1.0.1/24".into(),
+            ..Default::default()
+        };
+        let spec = agent_spec(&i, &s.effective_config(&i), &node);
+        assert_eq!(spec.name, "p_web", "the node knows the scoped name");
+        let config: BTreeMap<String, String> = spec.config.into_iter().collect();
+        // Profiles in order (web's cpu over small's), then the instance's own memory.
+        assert_eq!(
+            config,
+            map(&[
+                ("limits.cpu", "2"),
+                ("limits.memory", "1GiB"),
+                ("user.tier", "web")
+            ])
+        );
+        assert_eq!(spec.network.unwrap().ipv4_cidr, "10.1.0.5/24");
+        // The API shows the short name, its own config, and the project.
+        let a = to_api(&i, Some(&node));
+        assert_eq!((a.name.as_str(), a.project.as_str()), ("web", "p"));
+        assert_eq!(a.config, map(&[("limits.memory", "1GiB")]));
+        assert_eq!(instance_url(&i), "/1.0/instances/web?project=p");
+    }
+
+    #[test]
+    fn create_profiles_default_only_when_absent() {
+        let listed = vec!["web".to_string()];
+        let none: Vec<String> = vec![];
+        assert_eq!(
+            requested_profiles(&serde_json::json!({"name": "a"}), &none),
+            vec!["default".to_string()]
+        );
+        assert_eq!(
+            requested_profiles(&serde_json::json!({"profiles": null}), &none),
+            vec!["default".to_string()]
+        );
+        assert!(requested_profiles(&serde_json::json!({"profiles": []}), &none).is_empty());
+        assert_eq!(
+            requested_profiles(&serde_json::json!({"profiles": ["web"]}), &listed),
+            listed
+        );
+        assert!(check_profile_names(&["p_web".to_string()]).is_err());
+        assert!(check_profile_names(&["web".to_string()]).is_ok());
+    }
+
+    #[test]
+    fn if_match_headers() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(http::header::IF_MATCH, HeaderValue::from_str(v).unwrap());
+            m
+        };
+        assert_eq!(if_match(&HeaderMap::new()).unwrap(), None);
+        assert_eq!(if_match(&h("*")).unwrap(), None);
+        assert_eq!(if_match(&h("\"abc\"")).unwrap().as_deref(), Some("abc"));
+        assert_eq!(if_match(&h("W/\"abc\"")).unwrap().as_deref(), Some("abc"));
+        assert_eq!(if_match(&h("abc")).unwrap().as_deref(), Some("abc"));
+        assert!(if_match(&h("\"a\", \"b\"")).is_err());
+        assert!(if_match(&h("\"\"")).is_err());
+        let e = check_if_match("instance \"web\"", Some("old"), "new").unwrap_err();
+        assert_eq!(e.status, StatusCode::PRECONDITION_FAILED);
+        assert!(check_if_match("x", Some("same"), "same").is_ok());
+        assert!(check_if_match("x", None, "any").is_ok());
+        let c = guarded(
+            Command::DeleteInstance {
+                name: "p_web".into(),
+            },
+            ObjectKey::Instance("p_web".into()),
+            Some("e".into()),
+        );
+        assert!(matches!(c, Command::IfMatch { ref expect, .. } if expect.len() == 1));
+        let c = guarded(
+            Command::DeleteInstance {
+                name: "p_web".into(),
+            },
+            ObjectKey::Instance("p_web".into()),
+            None,
+        );
+        assert!(matches!(c, Command::DeleteInstance { .. }));
     }
 }

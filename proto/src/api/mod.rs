@@ -177,7 +177,11 @@ pub struct Instance {
     #[serde(rename = "type")]
     pub kind: String,
     pub architecture: String,
+    /// The instance's own config (what PUT replaces).
     pub config: BTreeMap<String, String>,
+    /// The config it runs with: its profiles' config in order, then its own on top.
+    #[serde(default)]
+    pub expanded_config: BTreeMap<String, String>,
     pub profiles: Vec<String>,
     pub ephemeral: bool,
     pub stateful: bool,
@@ -287,6 +291,7 @@ pub struct InstancePut {
     pub config: BTreeMap<String, String>,
     #[serde(default)]
     pub description: String,
+    /// The whole list of profiles, in order: absent or empty means none (PUT replaces).
     #[serde(default)]
     pub profiles: Vec<String>,
     #[serde(default)]
@@ -301,6 +306,9 @@ pub struct InstancePatch {
     pub config: Option<BTreeMap<String, Option<String>>>,
     #[serde(default)]
     pub description: Option<String>,
+    /// When present, replaces the list of profiles (in order).
+    #[serde(default)]
+    pub profiles: Option<Vec<String>>,
 }
 
 /// `POST /1.0/instances/{name}`: rename.
