@@ -282,17 +282,8 @@ impl ClusterFigures {
             );
         }
         for i in state.instances.values() {
-            let offline = state
-                .nodes
-                .get(&i.node)
-                .is_some_and(|n| n.status != NodeStatus::Online);
-            let status = if offline {
-                InstanceStatusCode::Unknown
-            } else {
-                i.observed.status
-            };
             *f.instances_by_status
-                .entry(status.as_str().to_string())
+                .entry(instance_status(state, i).as_str().to_string())
                 .or_default() += 1;
         }
         for op in state.operations.values() {
@@ -658,6 +649,128 @@ pub fn render(
             &labels,
             h.count,
         );
+    }
+    out
+}
+
+/// One project's figures: its instances by status and its use against its quotas.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProjectFigures {
+    pub project: String,
+    /// Instances by status (an instance on an offline node counts as "Unknown").
+    pub instances_by_status: BTreeMap<String, u64>,
+    /// Use by resource (`instances`, `cpu`, `memory`, `disk`, `processes`).
+    pub usage: BTreeMap<String, u64>,
+    /// Quotas by resource; a resource without a quota is absent.
+    pub limits: BTreeMap<String, u64>,
+}
+
+impl ProjectFigures {
+    /// Counts what project `project` holds in `state`.
+    pub fn from_state(state: &crate::state::State, project: &str) -> Self {
+        let mut f = ProjectFigures {
+            project: project.to_string(),
+            ..Default::default()
+        };
+        for i in state.instances.values().filter(|i| i.project == project) {
+            *f.instances_by_status
+                .entry(instance_status(state, i).as_str().to_string())
+                .or_default() += 1;
+        }
+        let usage = state.project_usage(project);
+        let record = state.projects.get(project);
+        for q in crate::state::QUOTAS {
+            let resource = q.strip_prefix("limits.").unwrap_or(q).to_string();
+            f.usage.insert(resource.clone(), usage.get(q));
+            if let Some(limit) = crate::state::project_limit(record, q) {
+                f.limits.insert(resource, limit);
+            }
+        }
+        f
+    }
+
+    /// The figures of every project of `state` (`default` included).
+    pub fn all(state: &crate::state::State) -> Vec<Self> {
+        let mut names: Vec<&str> = state.projects.keys().map(String::as_str).collect();
+        if !state.projects.contains_key(crate::state::DEFAULT_PROJECT) {
+            names.insert(0, crate::state::DEFAULT_PROJECT);
+        }
+        names
+            .into_iter()
+            .map(|p| Self::from_state(state, p))
+            .collect()
+    }
+}
+
+/// An instance's status for the figures: "Unknown" while its node is offline.
+fn instance_status(state: &crate::state::State, i: &crate::state::Instance) -> InstanceStatusCode {
+    let offline = state
+        .nodes
+        .get(&i.node)
+        .is_some_and(|n| n.status != NodeStatus::Online);
+    if offline {
+        InstanceStatusCode::Unknown
+    } else {
+        i.observed.status
+    }
+}
+
+/// Renders per-project figures in the Prometheus text format: `berth_project_instances`
+/// (by status), `berth_project_usage` and `berth_project_limit` (by resource; no sample for
+/// a resource without quota). What a project-scoped key sees of `/1.0/metrics` is this for
+/// its own project alone.
+pub fn render_projects(projects: &[ProjectFigures]) -> String {
+    let mut out = String::with_capacity(1024 + 512 * projects.len());
+    family(
+        &mut out,
+        "berth_project_instances",
+        "gauge",
+        "Instances of the project by status.",
+    );
+    for p in projects {
+        let project = escape_label(&p.project);
+        for (s, n) in &every_status(&p.instances_by_status, &INSTANCE_STATUSES) {
+            sample(
+                &mut out,
+                "berth_project_instances",
+                &format!("project=\"{project}\",status=\"{}\"", escape_label(s)),
+                n,
+            );
+        }
+    }
+    family(
+        &mut out,
+        "berth_project_usage",
+        "gauge",
+        "What the project's instances use, by resource (a count, CPUs or bytes).",
+    );
+    for p in projects {
+        let project = escape_label(&p.project);
+        for (r, n) in &p.usage {
+            sample(
+                &mut out,
+                "berth_project_usage",
+                &format!("project=\"{project}\",resource=\"{}\"", escape_label(r)),
+                n,
+            );
+        }
+    }
+    family(
+        &mut out,
+        "berth_project_limit",
+        "gauge",
+        "The project's quota by resource (absent: no quota).",
+    );
+    for p in projects {
+        let project = escape_label(&p.project);
+        for (r, n) in &p.limits {
+            sample(
+                &mut out,
+                "berth_project_limit",
+                &format!("project=\"{project}\",resource=\"{}\"", escape_label(r)),
+                n,
+            );
+        }
     }
     out
 }

@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use axum::Extension;
 use axum::extract::State;
 use axum::response::Response;
 use base64::Engine as _;
@@ -19,7 +18,7 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 use super::operations::sync;
-use super::{ApiError, Identity, JsonBody, SharedState, key_hash};
+use super::{ApiError, JsonBody, Scope, SharedState, key_hash};
 use crate::agents::agent_tls_name;
 use crate::clock;
 use crate::raft::WriteError;
@@ -28,8 +27,17 @@ use crate::state::{ApplyErrorKind, ApplyOk, Command, JoinKind, JoinTokenRecord, 
 /// How long a join token stays valid.
 pub const JOIN_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 
+/// Reading the cluster (its view, members): fleet keys, and the keys of projects that are not
+/// restricted (a restricted project's keys do not list nodes: 403).
+fn require_cluster_read(state: &SharedState, scope: &Scope) -> Result<(), ApiError> {
+    state
+        .cp
+        .read_local(|m| scope.require_unrestricted(m, "listing the cluster's nodes"))
+}
+
 /// `GET /1.0/cluster/members?recursion=1`: the nodes.
-pub async fn members(State(state): State<SharedState>) -> Result<Response, ApiError> {
+pub async fn members(State(state): State<SharedState>, scope: Scope) -> Result<Response, ApiError> {
+    require_cluster_read(&state, &scope)?;
     let nodes: Vec<Node> = state
         .cp
         .read(|s| s.nodes.values().cloned().collect())
@@ -55,21 +63,36 @@ pub async fn issue_join_token(
     kind: JoinKind,
     api_addresses: Vec<String>,
 ) -> Result<String, ApiError> {
+    issue_join_token_as(state, None, name, kind, api_addresses).await
+}
+
+/// [`issue_join_token`] on behalf of `scope`'s key (named in the lifecycle event), when given.
+async fn issue_join_token_as(
+    state: &SharedState,
+    scope: Option<&Scope>,
+    name: &str,
+    kind: JoinKind,
+    api_addresses: Vec<String>,
+) -> Result<String, ApiError> {
     match kind {
         JoinKind::Node => validate_node_name(name)?,
         JoinKind::Controller => validate_controller_name(name)?,
     }
     let secret = random_secret()?;
+    let add = Command::AddJoinToken {
+        hash: key_hash(&secret),
+        record: JoinTokenRecord {
+            node_name: name.to_string(),
+            kind,
+            created_at: clock::now(),
+            expires_at: clock::after(JOIN_TOKEN_TTL),
+        },
+    };
     state
         .cp
-        .write(Command::AddJoinToken {
-            hash: key_hash(&secret),
-            record: JoinTokenRecord {
-                node_name: name.to_string(),
-                kind,
-                created_at: clock::now(),
-                expires_at: clock::after(JOIN_TOKEN_TTL),
-            },
+        .write(match scope {
+            Some(scope) => scope.by(add),
+            None => add,
         })
         .await?;
     let token = JoinToken {
@@ -106,12 +129,13 @@ async fn controller_api_addresses(state: &SharedState) -> Result<Vec<String>, Ap
     Ok(addrs)
 }
 
-/// `POST /1.0/cluster/join-tokens` {name}: a token an agent joins with.
+/// `POST /1.0/cluster/join-tokens` {name} (fleet keys): a token an agent joins with.
 pub async fn create_join_token(
     State(state): State<SharedState>,
-    Extension(_who): Extension<Identity>,
+    scope: Scope,
     JsonBody(body): JsonBody<JoinTokenPost>,
 ) -> Result<Response, ApiError> {
+    scope.identity.require_fleet()?;
     validate_node_name(&body.name)?;
     if state
         .cp
@@ -124,7 +148,8 @@ pub async fn create_join_token(
         )));
     }
     let addrs = controller_api_addresses(&state).await?;
-    let token = issue_join_token(&state, &body.name, JoinKind::Node, addrs).await?;
+    let token =
+        issue_join_token_as(&state, Some(&scope), &body.name, JoinKind::Node, addrs).await?;
     // As docs/operator-guide.md says: the token in a root-only file, `berth-agent join`
     // (joins and exits), then the service starts the agent.
     let command = format!(
@@ -342,12 +367,14 @@ fn token_refusal(
     None
 }
 
-/// `POST /1.0/cluster/controller-tokens` {name}: a token a new controller joins with.
+/// `POST /1.0/cluster/controller-tokens` {name} (admin keys): a token a new controller joins
+/// with.
 pub async fn create_controller_token(
     State(state): State<SharedState>,
-    Extension(_who): Extension<Identity>,
+    scope: Scope,
     JsonBody(body): JsonBody<JoinTokenPost>,
 ) -> Result<Response, ApiError> {
+    scope.identity.require_admin()?;
     validate_controller_name(&body.name)?;
     if state
         .cp
@@ -361,7 +388,14 @@ pub async fn create_controller_token(
     }
     let addrs = controller_api_addresses(&state).await?;
     let first = addrs.first().cloned().unwrap_or_default();
-    let token = issue_join_token(&state, &body.name, JoinKind::Controller, addrs).await?;
+    let token = issue_join_token_as(
+        &state,
+        Some(&scope),
+        &body.name,
+        JoinKind::Controller,
+        addrs,
+    )
+    .await?;
     let command = format!("berthd --join {first} --token {token}");
     info!(controller = %body.name, "controller join token issued");
     Ok(sync(JoinTokenResponse {
@@ -563,8 +597,10 @@ fn node_view(node: &Node, usage: Option<&crate::scheduler::NodeUsage>) -> Cluste
 /// `unknown` controller states, when the leader cannot be asked.
 pub async fn overview(
     State(state): State<SharedState>,
+    scope: Scope,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    require_cluster_read(&state, &scope)?;
     if !state.cp.is_leader()
         && !headers.contains_key(FORWARDED)
         && let Some(view) = leader_overview(&state, &headers).await
@@ -644,12 +680,14 @@ pub struct ClusterPatch {
     pub config: BTreeMap<String, Option<String>>,
 }
 
-/// `PATCH /1.0/cluster` {config: {key: value|null}}: cluster-wide settings; null removes.
+/// `PATCH /1.0/cluster` {config: {key: value|null}} (fleet keys): cluster-wide settings;
+/// null removes.
 pub async fn patch_cluster(
     State(state): State<SharedState>,
-    Extension(_who): Extension<Identity>,
+    scope: Scope,
     JsonBody(body): JsonBody<ClusterPatch>,
 ) -> Result<Response, ApiError> {
+    scope.identity.require_fleet()?;
     for (k, v) in &body.config {
         if let Some(v) = v {
             crate::scheduler::validate_cluster_config_key(k, v).map_err(ApiError::bad_request)?;
@@ -662,7 +700,7 @@ pub async fn patch_cluster(
         .collect();
     state
         .cp
-        .write(Command::SetClusterConfig { changes })
+        .write(scope.by(Command::SetClusterConfig { changes }))
         .await?;
     let config = state.cp.read(|s| s.cluster.config.clone()).await?;
     info!(?config, "cluster config changed");
@@ -672,8 +710,10 @@ pub async fn patch_cluster(
 /// `GET /1.0/cluster/members/{name}`: a node (ClusterNode) or a controller (ClusterController).
 pub async fn member(
     State(state): State<SharedState>,
+    scope: Scope,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
+    require_cluster_read(&state, &scope)?;
     enum Found {
         Node(ClusterNode),
         Controller(ClusterController),
@@ -704,14 +744,15 @@ pub async fn member(
     }
 }
 
-/// `PATCH /1.0/cluster/members/{name}`: node settings (`scheduler.instance`, labels); a null
-/// value removes the key.
+/// `PATCH /1.0/cluster/members/{name}` (fleet keys): node settings (`scheduler.instance`,
+/// labels); a null value removes the key.
 pub async fn patch_member(
     State(state): State<SharedState>,
-    Extension(_who): Extension<Identity>,
+    scope: Scope,
     Path(name): Path<String>,
     JsonBody(body): JsonBody<ClusterMemberPatch>,
 ) -> Result<Response, ApiError> {
+    scope.identity.require_fleet()?;
     for (k, v) in &body.config {
         match v {
             Some(v) => crate::scheduler::validate_node_config_key(k, v),
@@ -755,10 +796,10 @@ pub async fn patch_member(
         .collect();
     state
         .cp
-        .write(Command::SetNodeConfig {
+        .write(scope.by(Command::SetNodeConfig {
             name: name.clone(),
             changes,
-        })
+        }))
         .await?;
     info!(node = %name, "node config changed");
     let node = state
@@ -775,11 +816,13 @@ pub async fn patch_member(
 /// `DELETE /1.0/cluster/members/{name}`: removes a node (refused while it has instances) or
 /// a controller (refused when it is the last voter or the remaining voters would not have a
 /// reachable majority; the leader checks). A removed controller leaves the Raft membership.
+/// Nodes need a fleet key, controllers an admin key.
 pub async fn remove_member(
     State(state): State<SharedState>,
-    Extension(_who): Extension<Identity>,
+    scope: Scope,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
+    scope.identity.require_fleet()?;
     let (is_node, is_controller) = state
         .cp
         .read(|s| {
@@ -792,7 +835,7 @@ pub async fn remove_member(
     if is_node {
         state
             .cp
-            .write(Command::RemoveNode { name: name.clone() })
+            .write(scope.by(Command::RemoveNode { name: name.clone() }))
             .await?;
         info!(node = %name, "node removed");
         return Ok(sync(serde_json::json!({})));
@@ -802,9 +845,10 @@ pub async fn remove_member(
             "cluster member {name} not found"
         )));
     }
+    scope.identity.require_admin()?;
     state
         .cp
-        .write(Command::RemoveController { name: name.clone() })
+        .write(scope.by(Command::RemoveController { name: name.clone() }))
         .await?;
     info!(controller = %name, "controller removed; the leader takes it out of the raft membership");
     Ok(sync(serde_json::json!({})))

@@ -51,6 +51,62 @@ impl ApiError {
     pub fn unauthorized() -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "missing or invalid API key")
     }
+    /// 403: the object is visible to the caller, the action is not allowed.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, message)
+    }
+    /// 412: an `If-Match` ETag no longer matches.
+    pub fn precondition_failed(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::PRECONDITION_FAILED, message)
+    }
+    /// 413: a body over `limit` bytes (`what` names it, e.g. "image upload").
+    pub fn too_large(what: &str, limit: u64) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("{what} is larger than the limit of {limit} bytes"),
+        )
+    }
+}
+
+/// The ETag an `If-Match` header asks for: `None` without the header (or with `*`); quotes
+/// and a weak `W/` prefix are removed. A header that is not text is a 400.
+pub fn if_match(headers: &http::HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get(http::header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let v = v
+        .to_str()
+        .map_err(|_| ApiError::bad_request("If-Match header is not text"))?
+        .trim();
+    let v = v.strip_prefix("W/").unwrap_or(v).trim_matches('"');
+    if v.is_empty() || v == "*" {
+        return Ok(None);
+    }
+    Ok(Some(v.to_string()))
+}
+
+/// `command` guarded by the request's `If-Match` on `key` (see [`crate::state::Command::IfMatch`]):
+/// applied only while the object still has that ETag, else 412. Unchanged without the header.
+pub fn guard_if_match(
+    headers: &http::HeaderMap,
+    key: crate::state::ObjectKey,
+    command: crate::state::Command,
+) -> Result<crate::state::Command, ApiError> {
+    Ok(match if_match(headers)? {
+        Some(etag) => crate::state::Command::IfMatch {
+            expect: vec![(key, etag)],
+            command: Box::new(command),
+        },
+        None => command,
+    })
+}
+
+/// Adds `ETag: "<etag>"` to an answer (nothing when `etag` is `None`).
+pub fn with_etag(mut resp: Response, etag: Option<String>) -> Response {
+    if let Some(v) = etag.and_then(|e| http::HeaderValue::from_str(&format!("\"{e}\"")).ok()) {
+        resp.headers_mut().insert(http::header::ETAG, v);
+    }
+    resp
 }
 
 impl std::fmt::Display for ApiError {
@@ -85,6 +141,7 @@ impl From<ApplyError> for ApiError {
             ApplyErrorKind::Invalid => StatusCode::BAD_REQUEST,
             ApplyErrorKind::Forbidden => StatusCode::FORBIDDEN,
             ApplyErrorKind::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
+            ApplyErrorKind::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
         };
         ApiError::new(status, e.message)
     }

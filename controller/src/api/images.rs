@@ -1,6 +1,13 @@
 //! `/1.0/images`: list, build, import, delete, and aliases.
+//!
+//! Aliases belong to a project. Images built or imported by a project are that project's
+//! (`Image.projects`); those of the default project are shared with every project. A key
+//! sees the images its project may use and only its project's aliases; anything else is
+//! 404, as if it did not exist.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -11,23 +18,28 @@ use http::HeaderMap;
 use serde::Deserialize;
 use tracing::{info, warn};
 
-use super::operations::{new_operation, run_task, sync};
-use super::{ApiError, JsonBody, SharedState};
+use super::error::{guard_if_match, if_match, with_etag};
+use super::operations::{new_operation_in, run_task, sync};
+use super::{ApiError, JsonBody, Scope, SharedState};
 use crate::agents::LONG_CALL;
 use crate::clock;
-use crate::state::{Alias, Command, Image, State as ClusterState};
+use crate::state::{Alias, Command, Image, ObjectKey, State as ClusterState};
 
 /// Image recipes a node can build.
 pub const RECIPES: &[&str] = &["busybox", "debian/12"];
 
-fn to_api(img: &Image, aliases: &BTreeMap<String, Alias>) -> api::Image {
+/// Largest image upload accepted (8 GiB): more is answered 413.
+pub const MAX_IMAGE_UPLOAD: u64 = 8 << 30;
+
+/// An image as `project` sees it: with the project's aliases for it.
+fn to_api(img: &Image, aliases: &BTreeMap<String, Alias>, project: &str) -> api::Image {
     api::Image {
         fingerprint: img.fingerprint.clone(),
         aliases: aliases
             .values()
-            .filter(|a| a.target == img.fingerprint)
+            .filter(|a| a.target == img.fingerprint && a.project == project)
             .map(|a| ImageAlias {
-                name: a.name.clone(),
+                name: a.short_name().to_string(),
                 description: a.description.clone(),
             })
             .collect(),
@@ -57,16 +69,31 @@ fn from_agent(img: &v1::Image, node: &str) -> Image {
 pub struct ListQuery {
     #[serde(default)]
     recursion: u8,
+    /// Fleet keys: every image, whichever project holds it.
+    #[serde(default, rename = "all-projects")]
+    all_projects: bool,
 }
 
-/// `GET /1.0/images`.
+/// `GET /1.0/images`: the images the `?project=` project may use (every image with
+/// `?all-projects=true`, for fleet keys).
 pub async fn list(
     State(state): State<SharedState>,
+    scope: Scope,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
+    if q.all_projects {
+        scope.identity.require_fleet()?;
+    }
+    let project = scope.project.clone();
     let images: Vec<api::Image> = state
         .cp
-        .read(|s| s.images.values().map(|i| to_api(i, &s.aliases)).collect())
+        .read(|s| {
+            s.images
+                .values()
+                .filter(|i| q.all_projects || s.image_visible(i, &project))
+                .map(|i| to_api(i, &s.aliases, &project))
+                .collect()
+        })
         .await?;
     if q.recursion == 0 {
         return Ok(sync(
@@ -79,17 +106,39 @@ pub async fn list(
     Ok(sync(images))
 }
 
-/// `GET /1.0/images/{fingerprint}` (an alias or a unique prefix works too).
+/// The image `key` (an alias of the project or of the default project, a fingerprint or a
+/// unique prefix) as `project` may use it. Keys with `@` (the internal form of project
+/// aliases) are never looked up.
+fn resolve_in<'a>(s: &'a ClusterState, project: &str, key: &str) -> Option<&'a Image> {
+    if key.contains('@') {
+        return None;
+    }
+    s.resolve_image_in(project, key)
+}
+
+fn image_not_found(key: &str) -> ApiError {
+    ApiError::not_found(format!("image \"{}\" not found", key.escape_debug()))
+}
+
+/// `GET /1.0/images/{fingerprint}` (an alias or a unique prefix works too), with its `ETag`.
 pub async fn get_one(
     State(state): State<SharedState>,
+    scope: Scope,
     Path(fp): Path<String>,
 ) -> Result<Response, ApiError> {
-    let img = state
+    let (img, etag) = state
         .cp
-        .read(|s| s.resolve_image(&fp).map(|i| to_api(i, &s.aliases)))
+        .read(|s| {
+            resolve_in(s, &scope.project, &fp).map(|i| {
+                (
+                    to_api(i, &s.aliases, &scope.project),
+                    s.etag(&ObjectKey::Image(i.fingerprint.clone())),
+                )
+            })
+        })
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("image \"{fp}\" not found")))?;
-    Ok(sync(img))
+        .ok_or_else(|| image_not_found(&fp))?;
+    Ok(with_etag(sync(img), etag))
 }
 
 /// The node that builds or receives an image: the least loaded online node.
@@ -113,24 +162,30 @@ async fn pick_node(state: &SharedState) -> Result<crate::state::Node, ApiError> 
         .ok_or_else(|| ApiError::bad_request("no node is online to hold the image"))
 }
 
+/// Records an image as `scope`'s project's (its aliases in that project).
 async fn record_image(
     state: &SharedState,
-    img: Image,
+    scope: &Scope,
+    mut img: Image,
     aliases: &[ImageAlias],
 ) -> Result<(), ApiError> {
     let fp = img.fingerprint.clone();
-    state.cp.write(Command::PutImage { image: img }).await?;
+    img.projects.insert(scope.project.clone());
+    state
+        .cp
+        .write(scope.by(Command::PutImage { image: img }))
+        .await?;
     for a in aliases {
         state
             .cp
-            .write(Command::PutAlias {
+            .write(scope.by(Command::PutAlias {
                 alias: Alias {
-                    name: a.name.clone(),
-                    project: crate::state::DEFAULT_PROJECT.into(),
+                    name: scope.alias_key(&a.name),
+                    project: scope.project.clone(),
                     target: fp.clone(),
                     description: a.description.clone(),
                 },
-            })
+            }))
             .await?;
     }
     Ok(())
@@ -144,19 +199,27 @@ pub struct TargetQuery {
 }
 
 /// `POST /1.0/images`: a JSON body builds an image on a node; an `application/octet-stream`
-/// body imports an LXD/Incus image tarball.
+/// body imports an LXD/Incus image tarball. The image is the `?project=` project's. Viewers
+/// may not; a restricted project's keys may not name a `?target=` node.
 pub async fn create(
     State(state): State<SharedState>,
+    scope: Scope,
     Query(target): Query<TargetQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    scope.require_write()?;
+    if !target.target.is_empty() {
+        state
+            .cp
+            .read_local(|m| scope.require_unrestricted(m, "choosing the node (--target)"))?;
+    }
     let is_upload = headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/octet-stream"));
     if is_upload {
-        return import(state, headers, body).await;
+        return import(state, scope, headers, body).await;
     }
     let bytes = axum::body::to_bytes(body, super::MAX_JSON_BODY)
         .await
@@ -198,13 +261,15 @@ pub async fn create(
     // where they can be (busybox gives the same fingerprint everywhere); where they are not
     // (debootstrap), each node's build is its own image and the alias names the first.
     let nodes = build_nodes(&state, &target.target).await?;
-    let op = new_operation(
+    let op = new_operation_in(
         &state,
+        &scope.project,
         "task",
         &format!("Building image {}", req.source.recipe),
         BTreeMap::new(),
     );
     let st = state.clone();
+    let sc = scope.clone();
     run_task(&state, op, async move {
         let builds = nodes.iter().map(|node| {
             let st = st.clone();
@@ -234,7 +299,7 @@ pub async fn create(
                     if first.as_ref().is_some_and(|fp| *fp != img.fingerprint) {
                         warn!(%node, fingerprint = %img.fingerprint, "the build is not reproducible; the node keeps its own image");
                     }
-                    record_image(&st, from_agent(&img, &node), names).await?;
+                    record_image(&st, &sc, from_agent(&img, &node), names).await?;
                     first.get_or_insert(img.fingerprint);
                 }
                 Err(e) => {
@@ -290,7 +355,37 @@ async fn build_nodes(
     }
 }
 
-async fn import(state: SharedState, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+/// The body of an upload, cut off with an error once it passes `limit` bytes; `over` is set
+/// when that happens, so the answer can be a 413.
+fn capped(body: Body, limit: u64, over: Arc<AtomicBool>) -> Body {
+    use futures::StreamExt as _;
+    let mut seen: u64 = 0;
+    Body::from_stream(body.into_data_stream().map(move |chunk| {
+        let chunk = chunk.map_err(axum::BoxError::from)?;
+        seen = seen.saturating_add(chunk.len() as u64);
+        if seen > limit {
+            over.store(true, Ordering::SeqCst);
+            return Err(axum::BoxError::from(format!(
+                "image upload is larger than the limit of {limit} bytes"
+            )));
+        }
+        Ok(chunk)
+    }))
+}
+
+async fn import(
+    state: SharedState,
+    scope: Scope,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_IMAGE_UPLOAD) {
+        return Err(ApiError::too_large("image upload", MAX_IMAGE_UPLOAD));
+    }
     let text = |k: &str| {
         headers
             .get(k)
@@ -335,6 +430,8 @@ async fn import(state: SharedState, headers: HeaderMap, body: Body) -> Result<Re
         })),
     };
     // A broken-off upload cancels the call, so the agent never imports a truncated file.
+    let over = Arc::new(AtomicBool::new(false));
+    let body = capped(body, MAX_IMAGE_UPLOAD, over.clone());
     let (stream, broke_rx) =
         super::forward_upload(header, body.into_data_stream(), true, |bytes| {
             v1::ImageImportChunk {
@@ -348,11 +445,21 @@ async fn import(state: SharedState, headers: HeaderMap, body: Body) -> Result<Re
     let img = tokio::select! {
         r = client.import_image(call) => r?.into_inner(),
         Ok(why) = broke_rx => {
+            if over.load(Ordering::SeqCst) {
+                return Err(ApiError::too_large("image upload", MAX_IMAGE_UPLOAD));
+            }
             return Err(ApiError::bad_request(format!("the upload broke off: {why}")));
         }
     };
-    let op = new_operation(&state, "task", "Importing image", BTreeMap::new());
+    let op = new_operation_in(
+        &state,
+        &scope.project,
+        "task",
+        "Importing image",
+        BTreeMap::new(),
+    );
     let st = state.clone();
+    let sc = scope.clone();
     let alias_list: Vec<ImageAlias> = aliases
         .into_iter()
         .map(|name| ImageAlias {
@@ -362,21 +469,33 @@ async fn import(state: SharedState, headers: HeaderMap, body: Body) -> Result<Re
         .collect();
     run_task(&state, op, async move {
         let fp = img.fingerprint.clone();
-        record_image(&st, from_agent(&img, &node.name), &alias_list).await?;
+        record_image(&st, &sc, from_agent(&img, &node.name), &alias_list).await?;
         Ok(serde_json::json!({ "fingerprint": fp }))
     })
     .await
 }
 
+/// Whether `scope` may delete `img` (which it sees): fleet keys always; a member only an
+/// image its project holds alone (shared images of the default project are the fleet's).
+fn may_delete(scope: &Scope, img: &Image) -> bool {
+    scope.identity.is_fleet()
+        || (scope.project != crate::state::DEFAULT_PROJECT
+            && img.projects.len() == 1
+            && img.projects.contains(&scope.project))
+}
+
 /// `DELETE /1.0/images/{fingerprint}`: removes the image from every node that holds it.
+/// Fleet keys, or a member of the one project that holds it; `If-Match` is honoured.
 pub async fn delete(
     State(state): State<SharedState>,
+    scope: Scope,
     Path(fp): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (img, nodes) = state
         .cp
         .read(|s| {
-            let img = s.resolve_image(&fp).cloned();
+            let img = resolve_in(s, &scope.project, &fp).cloned();
             let nodes: Vec<_> = img
                 .as_ref()
                 .map(|i| {
@@ -389,8 +508,22 @@ pub async fn delete(
             (img, nodes)
         })
         .await?;
-    let img = img.ok_or_else(|| ApiError::not_found(format!("image \"{fp}\" not found")))?;
-    let op = new_operation(&state, "task", "Deleting image", BTreeMap::new());
+    let img = img.ok_or_else(|| image_not_found(&fp))?;
+    scope.require_write()?;
+    if !may_delete(&scope, &img) {
+        return Err(ApiError::forbidden(format!(
+            "image {} is shared with other projects; only an admin or operator key can delete it",
+            img.fingerprint
+        )));
+    }
+    let expect = if_match(&headers)?;
+    let op = new_operation_in(
+        &state,
+        &scope.project,
+        "task",
+        "Deleting image",
+        BTreeMap::new(),
+    );
     let st = state.clone();
     run_task(&state, op, async move {
         for n in nodes {
@@ -407,86 +540,136 @@ pub async fn delete(
                 Err(e) => return Err(e.into()),
             }
         }
-        st.cp
-            .write(Command::DeleteImage {
-                fingerprint: img.fingerprint.clone(),
-            })
-            .await?;
+        let mut command = Command::DeleteImage {
+            fingerprint: img.fingerprint.clone(),
+        };
+        if let Some(etag) = expect {
+            command = Command::IfMatch {
+                expect: vec![(ObjectKey::Image(img.fingerprint.clone()), etag)],
+                command: Box::new(command),
+            };
+        }
+        st.cp.write(scope.by(command)).await?;
         Ok(serde_json::Value::Null)
     })
     .await
 }
 
-/// `GET /1.0/images/aliases`.
+/// An alias as the API shows it (its own name, without the project).
+fn alias_view(a: &Alias) -> serde_json::Value {
+    serde_json::json!({"name": a.short_name(), "target": a.target, "description": a.description})
+}
+
+/// `GET /1.0/images/aliases`: the `?project=` project's aliases.
 pub async fn list_aliases(
     State(state): State<SharedState>,
+    scope: Scope,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
     let aliases: Vec<Alias> = state
         .cp
-        .read(|s| s.aliases.values().cloned().collect())
+        .read(|s| {
+            s.aliases
+                .values()
+                .filter(|a| a.project == scope.project)
+                .cloned()
+                .collect()
+        })
         .await?;
     if q.recursion == 0 {
+        let suffix = scope.url_suffix();
         return Ok(sync(
             aliases
                 .iter()
-                .map(|a| format!("/1.0/images/aliases/{}", a.name))
+                .map(|a| format!("/1.0/images/aliases/{}{suffix}", a.short_name()))
                 .collect::<Vec<_>>(),
         ));
     }
-    Ok(sync(
-        aliases
-            .iter()
-            .map(|a| serde_json::json!({"name": a.name, "target": a.target, "description": a.description}))
-            .collect::<Vec<_>>(),
-    ))
+    Ok(sync(aliases.iter().map(alias_view).collect::<Vec<_>>()))
 }
 
-/// `GET /1.0/images/aliases/{name}`.
+/// The state key of alias `name` of `scope`'s project, once `name` is a valid alias (so that
+/// it cannot name another project's alias).
+fn alias_key_of(scope: &Scope, name: &str) -> Result<String, ApiError> {
+    api::names::validate_image_alias(name).map_err(ApiError::bad_request)?;
+    Ok(scope.alias_key(name))
+}
+
+fn alias_not_found(name: &str) -> ApiError {
+    ApiError::not_found(format!("image alias \"{}\" not found", name.escape_debug()))
+}
+
+/// `GET /1.0/images/aliases/{name}`, with its `ETag`.
 pub async fn get_alias(
     State(state): State<SharedState>,
+    scope: Scope,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let a = state
+    let key = alias_key_of(&scope, &name).map_err(|_| alias_not_found(&name))?;
+    let (a, etag) = state
         .cp
-        .read(|s| s.aliases.get(&name).cloned())
+        .read(|s| {
+            s.aliases
+                .get(&key)
+                .map(|a| (alias_view(a), s.etag(&ObjectKey::Alias(key.clone()))))
+        })
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("image alias \"{name}\" not found")))?;
-    Ok(sync(
-        serde_json::json!({"name": a.name, "target": a.target, "description": a.description}),
-    ))
+        .ok_or_else(|| alias_not_found(&name))?;
+    Ok(with_etag(sync(a), etag))
 }
 
-/// `POST /1.0/images/aliases`.
+/// `POST /1.0/images/aliases`: an alias in the `?project=` project for an image it may use.
 pub async fn create_alias(
     State(state): State<SharedState>,
+    scope: Scope,
     JsonBody(req): JsonBody<ImageAliasesPost>,
 ) -> Result<Response, ApiError> {
-    api::names::validate_image_alias(&req.name).map_err(ApiError::bad_request)?;
+    scope.require_write()?;
+    let key = alias_key_of(&scope, &req.name)?;
     let target = state
         .cp
-        .read(|s| s.resolve_image(&req.target).map(|i| i.fingerprint.clone()))
+        .read(|s| resolve_in(s, &scope.project, &req.target).map(|i| i.fingerprint.clone()))
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("image \"{}\" not found", req.target)))?;
+        .ok_or_else(|| image_not_found(&req.target))?;
     state
         .cp
-        .write(Command::PutAlias {
+        .write(scope.by(Command::PutAlias {
             alias: Alias {
-                name: req.name,
-                project: crate::state::DEFAULT_PROJECT.into(),
+                name: key,
+                project: scope.project.clone(),
                 target,
                 description: req.description,
             },
-        })
+        }))
         .await?;
     Ok(sync(serde_json::Value::Null))
 }
 
-/// `DELETE /1.0/images/aliases/{name}`.
+/// `DELETE /1.0/images/aliases/{name}`; `If-Match` is honoured.
 pub async fn delete_alias(
     State(state): State<SharedState>,
+    scope: Scope,
     Path(name): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    state.cp.write(Command::DeleteAlias { name }).await?;
+    let key = alias_key_of(&scope, &name).map_err(|_| alias_not_found(&name))?;
+    if !state.cp.read(|s| s.aliases.contains_key(&key)).await? {
+        return Err(alias_not_found(&name));
+    }
+    scope.require_write()?;
+    let command = guard_if_match(
+        &headers,
+        ObjectKey::Alias(key.clone()),
+        Command::DeleteAlias { name: key },
+    )?;
+    state.cp.write(scope.by(command)).await.map_err(|e| {
+        // The apply error names the internal key; say it with the alias's own name.
+        let e = ApiError::from(e);
+        if e.status == http::StatusCode::NOT_FOUND {
+            alias_not_found(&name)
+        } else {
+            e
+        }
+    })?;
     Ok(sync(serde_json::Value::Null))
 }

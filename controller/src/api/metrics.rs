@@ -3,31 +3,42 @@
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 
-use super::{ApiError, SharedState};
-use crate::metrics::{ClusterFigures, RaftFigures, render};
+use super::{ApiError, Scope, SharedState};
+use crate::metrics::{ClusterFigures, ProjectFigures, RaftFigures, render, render_projects};
 
 /// The content type of the Prometheus text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// `GET /1.0/metrics`: instances, nodes, operations, reconciler queue (from this controller's copy of the
 /// replicated state, without a read barrier, so that a controller cut off from the leader
-/// still answers), this controller's Raft figures and its API request figures. Any valid API
-/// key may read it.
-pub async fn get(State(state): State<SharedState>) -> Result<Response, ApiError> {
-    let cluster = state.cp.read_local(ClusterFigures::from_state);
+/// still answers), this controller's Raft figures, its API request figures, and per-project
+/// figures, for fleet keys. A member or viewer key gets only its own project's figures
+/// (its instances by status, its use and quotas): nothing about the fleet or other projects.
+pub async fn get(State(state): State<SharedState>, scope: Scope) -> Result<Response, ApiError> {
+    if !scope.identity.is_fleet() {
+        let project = state
+            .cp
+            .read_local(|s| ProjectFigures::from_state(s, &scope.project));
+        let text = render_projects(&[project]);
+        return Ok(([(http::header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response());
+    }
+    let (cluster, projects) = state
+        .cp
+        .read_local(|s| (ClusterFigures::from_state(s), ProjectFigures::all(s)));
     let raft = {
         let rx = state.cp.raft().metrics();
         let m = rx.borrow();
         RaftFigures::from_metrics(&m, state.metrics.leader_changes())
     };
     let queue_depth = crate::reconcile::queue_depth(&state) as u64;
-    let text = render(
+    let mut text = render(
         &state.name,
         &cluster,
         &raft,
         &state.metrics.api_figures(),
         Some(queue_depth),
     );
+    text.push_str(&render_projects(&projects));
     Ok(([(http::header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response())
 }
 

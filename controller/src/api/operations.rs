@@ -13,7 +13,7 @@ use http::StatusCode;
 use serde::Deserialize;
 use tracing::{Instrument, error, info_span, warn};
 
-use super::{ApiError, SharedState};
+use super::{ApiError, Scope, SharedState};
 use crate::clock;
 use crate::raft::WriteError;
 use crate::state::{ApplyOk, Command};
@@ -31,9 +31,28 @@ pub fn accepted(op: &Operation) -> Response {
     (StatusCode::ACCEPTED, Json(api::Response::asynchronous(op))).into_response()
 }
 
-/// A new operation in state `Running`, not yet stored.
+/// A new operation of the default project in state `Running`, not yet stored (see
+/// [`new_operation_in`]).
 pub fn new_operation(
     state: &SharedState,
+    class: &str,
+    description: &str,
+    resources: BTreeMap<String, Vec<String>>,
+) -> Operation {
+    new_operation_in(
+        state,
+        crate::state::DEFAULT_PROJECT,
+        class,
+        description,
+        resources,
+    )
+}
+
+/// A new operation of `project` in state `Running`, not yet stored. Only that project's keys
+/// (and fleet keys) see it.
+pub fn new_operation_in(
+    state: &SharedState,
+    project: &str,
     class: &str,
     description: &str,
     resources: BTreeMap<String, Vec<String>>,
@@ -52,13 +71,41 @@ pub fn new_operation(
         may_cancel: false,
         err: String::new(),
         location: state.name.clone(),
-        project: crate::state::DEFAULT_PROJECT.into(),
+        project: project.to_string(),
     }
 }
 
 /// Resources naming one instance.
 pub fn instance_resources(name: &str) -> BTreeMap<String, Vec<String>> {
     BTreeMap::from([("instances".into(), vec![format!("/1.0/instances/{name}")])])
+}
+
+/// Resources naming instance `name` (its own name, not the scoped one) of `project`.
+pub fn instance_resources_in(project: &str, name: &str) -> BTreeMap<String, Vec<String>> {
+    let suffix = if project == crate::state::DEFAULT_PROJECT || project.is_empty() {
+        String::new()
+    } else {
+        format!("?project={project}")
+    };
+    BTreeMap::from([(
+        "instances".into(),
+        vec![format!("/1.0/instances/{name}{suffix}")],
+    )])
+}
+
+/// The project an operation belongs to (operations from before projects: `default`).
+pub fn operation_project(op: &Operation) -> &str {
+    if op.project.is_empty() {
+        crate::state::DEFAULT_PROJECT
+    } else {
+        &op.project
+    }
+}
+
+/// Whether `scope` sees `op`: fleet keys see every operation by id; project keys only their
+/// project's.
+fn sees(scope: &Scope, op: &Operation) -> bool {
+    scope.identity.is_fleet() || operation_project(op) == scope.project
 }
 
 /// Stores `op` and runs `work` in the background; the operation ends with the work's result.
@@ -171,28 +218,49 @@ where
     }
 }
 
-async fn find(state: &SharedState, id: &str) -> Result<Operation, ApiError> {
+fn not_found(id: &str) -> ApiError {
+    ApiError::not_found(format!("operation {id} not found"))
+}
+
+/// The operation `id`, if `scope` sees it (404 otherwise, as if it did not exist).
+async fn find(state: &SharedState, scope: &Scope, id: &str) -> Result<Operation, ApiError> {
     state
         .cp
         .read(|s| s.operations.get(id).cloned())
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("operation {id} not found")))
+        .filter(|op| sees(scope, op))
+        .ok_or_else(|| not_found(id))
 }
 
 #[derive(Deserialize)]
 pub struct ListQuery {
     #[serde(default)]
     recursion: u8,
+    /// Fleet keys: every project's operations.
+    #[serde(default, rename = "all-projects")]
+    all_projects: bool,
 }
 
-/// `GET /1.0/operations`: by status, as LXD groups them.
+/// `GET /1.0/operations`: by status, as LXD groups them; the operations of the `?project=`
+/// project, or of every project with `?all-projects=true` (fleet keys only).
 pub async fn list(
     State(state): State<SharedState>,
+    scope: Scope,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
+    if q.all_projects {
+        scope.identity.require_fleet()?;
+    }
+    let project = scope.project.clone();
     let ops: Vec<Operation> = state
         .cp
-        .read(|s| s.operations.values().cloned().collect())
+        .read(|s| {
+            s.operations
+                .values()
+                .filter(|op| q.all_projects || operation_project(op) == project)
+                .cloned()
+                .collect()
+        })
         .await?;
     let mut by_status: BTreeMap<String, serde_json::Value> = BTreeMap::new();
     for op in ops {
@@ -214,9 +282,10 @@ pub async fn list(
 /// `GET /1.0/operations/{id}`.
 pub async fn get_one(
     State(state): State<SharedState>,
+    scope: Scope,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    Ok(sync(find(&state, &id).await?))
+    Ok(sync(find(&state, &scope, &id).await?))
 }
 
 #[derive(Deserialize)]
@@ -230,6 +299,7 @@ pub struct WaitQuery {
 /// timeout has passed, whichever comes first.
 pub async fn wait(
     State(state): State<SharedState>,
+    scope: Scope,
     Path(id): Path<String>,
     Query(q): Query<WaitQuery>,
 ) -> Result<Response, ApiError> {
@@ -246,7 +316,7 @@ pub async fn wait(
     let mut changes = state.cp.subscribe();
     // One linearizable read, then this controller's own copy as it applies entries (a
     // follower would otherwise ask the leader for a read index on every applied entry).
-    let mut op = find(&state, &id).await?;
+    let mut op = find(&state, &scope, &id).await?;
     loop {
         if op.status.is_final() || tokio::time::Instant::now() >= deadline {
             return Ok(sync(op));
@@ -260,21 +330,23 @@ pub async fn wait(
         op = state
             .cp
             .read_local(|s| s.operations.get(&id).cloned())
-            .ok_or_else(|| ApiError::not_found(format!("operation {id} not found")))?;
+            .ok_or_else(|| not_found(&id))?;
     }
 }
 
 /// `DELETE /1.0/operations/{id}`: cancels an exec session that was never connected, or
-/// removes a finished operation.
+/// removes a finished operation. Viewers may not.
 pub async fn cancel(
     State(state): State<SharedState>,
+    scope: Scope,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let mut op = find(&state, &id).await?;
+    let mut op = find(&state, &scope, &id).await?;
+    scope.require_write()?;
     if op.status.is_final() {
         state
             .cp
-            .write(Command::DeleteOperations { ids: vec![id] })
+            .write(scope.by(Command::DeleteOperations { ids: vec![id] }))
             .await?;
         return Ok(sync(serde_json::Value::Null));
     }
@@ -285,7 +357,7 @@ pub async fn cancel(
         op.err = "operation cancelled".into();
         state
             .cp
-            .write(Command::PutOperation { operation: op })
+            .write(scope.by(Command::PutOperation { operation: op }))
             .await?;
         return Ok(sync(serde_json::Value::Null));
     }

@@ -1,28 +1,29 @@
 //! `GET /` and `GET /1.0`: what this server is.
 
-use axum::Extension;
 use axum::extract::State;
 use axum::response::Response;
 use berth_proto::api::{self, API_EXTENSIONS, API_VERSION};
 
 use super::operations::sync;
-use super::{ApiError, Identity, SharedState};
+use super::{ApiError, Scope, SharedState};
 
 /// `GET /`: the supported API versions (no auth, as in LXD).
 pub async fn get_root() -> Response {
     sync(vec![format!("/{API_VERSION}")])
 }
 
-/// `GET /1.0`.
+/// `GET /1.0`: the server, and who is asking: `environment.auth_user_name` (the key's name),
+/// `auth_role`, and `project` (the `?project=` one; a member's or viewer's own).
 pub async fn get_server(
     State(state): State<SharedState>,
-    Extension(who): Extension<Identity>,
+    scope: Scope,
 ) -> Result<Response, ApiError> {
+    let who = scope.identity;
     let node_count = state.cp.read_local(|s| s.nodes.len());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
-    Ok(sync(api::Server {
+    let server = api::Server {
         api_extensions: API_EXTENSIONS.iter().map(|s| s.to_string()).collect(),
         api_status: "stable".into(),
         api_version: API_VERSION.into(),
@@ -39,5 +40,11 @@ pub async fn get_server(
             auth_user_name: who.key_name,
             auth_role: who.role.as_str().to_string(),
         },
-    }))
+    };
+    // LXD's `environment.project`; ServerEnvironment has no field for it yet.
+    let mut value = serde_json::to_value(server).map_err(|e| ApiError::internal(e.to_string()))?;
+    if let Some(env) = value.get_mut("environment").and_then(|e| e.as_object_mut()) {
+        env.insert("project".into(), scope.project.into());
+    }
+    Ok(sync(value))
 }
