@@ -15,6 +15,7 @@ pub mod api;
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod events;
 pub mod join;
 pub mod liveness;
 pub mod metrics;

@@ -73,6 +73,10 @@ pub const ELECTION_TIMEOUT_MAX: Duration = Duration::from_millis(1000);
 /// leader (lease plus election timeout), short enough to fail fast on a minority side.
 pub const LEADER_WAIT: Duration = Duration::from_millis(2500);
 
+/// How many times [`ControlPlane::write`] proposes again a command with an idempotency tag
+/// whose previous attempt may or may not have committed.
+pub const UNSURE_RETRIES: u32 = 3;
+
 /// How long the leader waits for a proposed command to commit and apply.
 pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -345,9 +349,15 @@ impl ControlPlane {
     /// reachable leader with a quorum it fails within about [`LEADER_WAIT`] with
     /// [`WriteError::Unavailable`], never hangs. An attempt that may have been proposed is
     /// never repeated (the command could be applied twice): it ends in [`WriteError::Unsure`].
+    /// Except a command carrying an idempotency tag ([`Command::idempotency_tag`]): apply
+    /// answers a repeated one from its record, so it is proposed again (up to
+    /// [`UNSURE_RETRIES`] times, each with a fresh [`LEADER_WAIT`] to find a leader) and
+    /// survives a leader change.
     pub async fn write(&self, cmd: Command) -> Result<ApplyOk, WriteError> {
-        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
-        let unsure = false;
+        let mut deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        let mut unsure = false;
+        let tagged = cmd.idempotency_tag().is_some();
+        let mut unsure_retries = if tagged { UNSURE_RETRIES } else { 0 };
         loop {
             let attempt = match self.leader_for_request() {
                 None => Ok(Attempt::Retry(Unavailable::NoLeader)),
@@ -357,7 +367,18 @@ impl ControlPlane {
             let why = match attempt {
                 Ok(Attempt::Done(ok)) => return Ok(ok),
                 Ok(Attempt::Retry(why)) => why,
+                Ok(Attempt::RetryUnsure(why)) | Err(WriteError::Unsure(why))
+                    if unsure_retries > 0 =>
+                {
+                    unsure_retries -= 1;
+                    unsure = true;
+                    deadline = tokio::time::Instant::now() + LEADER_WAIT;
+                    tracing::info!(reason = %why, "a write with an idempotency tag may not have committed; proposing it again");
+                    why
+                }
                 Ok(Attempt::RetryUnsure(why)) => return Err(WriteError::Unsure(why)),
+                // Proposing a tagged write again is safe: wait for a leader until the deadline.
+                Err(WriteError::Unavailable(why)) if unsure && tagged => why,
                 // A rejection after an attempt that may have been applied could be caused by
                 // that attempt; still the rejection is what the state machine said.
                 Err(WriteError::Unavailable(why)) if unsure => return Err(WriteError::Unsure(why)),
@@ -871,6 +892,11 @@ impl ControlPlane {
                 Err(e) => tracing::warn!(node = id, error = %e, "cannot remove raft member"),
             }
         }
+    }
+
+    /// This controller's bus of lifecycle and operation events (published as entries apply).
+    pub fn events(&self) -> &crate::events::EventBus {
+        self.inner.sm.events()
     }
 
     /// A watch on the last applied log index; changes whenever an entry is applied.

@@ -5,12 +5,12 @@ use std::net::Ipv4Addr;
 
 use berth_proto::api::{InstanceStatusCode, OperationStatus};
 
-use super::command::{ApplyError, ApplyOk, ApplyResult, Command};
+use super::command::{ApplyError, ApplyOk, ApplyResult, Command, IdempotencyTag};
 use super::keys::ObjectKey;
 use super::model::{
     Action, ClusterInfo, ControllerRecord, DEFAULT_PROFILE, DEFAULT_PROJECT, DesiredState,
-    Instance, JoinKind, JoinTokenRecord, Profile, Project, State, alias_key, scoped_name,
-    split_scoped_name,
+    IdempotencyRecord, Instance, JoinKind, JoinTokenRecord, Profile, Project, State,
+    StoredResponse, alias_key, scoped_name, split_scoped_name,
 };
 use super::tenancy::Change;
 use super::time::Rfc3339;
@@ -20,8 +20,46 @@ impl State {
     /// is left unchanged.
     pub fn apply(&mut self, cmd: Command) -> ApplyResult {
         match cmd {
-            // Idempotency records are kept by helper CONV (see idempotency.rs).
-            Command::By { command, .. } => self.apply(*command),
+            Command::By {
+                idempotency: None,
+                command,
+                ..
+            } => self.apply(*command),
+            Command::By {
+                idempotency: Some(tag),
+                command,
+                ..
+            } => self.apply_tagged(tag, *command),
+            Command::CompleteIdempotency {
+                key,
+                request_hash,
+                status,
+                body,
+                etag,
+                now,
+            } => {
+                let record = self
+                    .idempotency
+                    .entry(key)
+                    .or_insert_with(|| IdempotencyRecord {
+                        request_hash: request_hash.clone(),
+                        created_at: now,
+                        results: Default::default(),
+                        response: None,
+                    });
+                if record.request_hash != request_hash {
+                    return Err(key_reused());
+                }
+                if record.response.is_none() {
+                    record.response = Some(StoredResponse { status, body, etag });
+                }
+                Ok(ApplyOk::Done)
+            }
+            Command::PruneIdempotency { before } => {
+                self.idempotency
+                    .retain(|_, r| r.created_at.as_str() >= before.as_str());
+                Ok(ApplyOk::Done)
+            }
             Command::IfMatch { expect, command } => {
                 for (key, etag) in &expect {
                     match self.etag(key) {
@@ -570,6 +608,50 @@ impl State {
         }
     }
 
+    /// Applies one write of a request made with an `Idempotency-Key`: a write the record
+    /// already holds a result for is answered from the record without applying it again;
+    /// otherwise it is applied and its result (success or error) recorded. The record is the
+    /// only thing that changes when the command itself is rejected.
+    fn apply_tagged(&mut self, tag: IdempotencyTag, command: Command) -> ApplyResult {
+        if let Some(record) = self.idempotency.get(&tag.key) {
+            if record.request_hash != tag.request_hash {
+                return Err(key_reused());
+            }
+            if let Some(result) = record.results.get(&tag.seq) {
+                return result.clone();
+            }
+        }
+        let result = self.apply(command);
+        self.idempotency
+            .entry(tag.key)
+            .or_insert_with(|| IdempotencyRecord {
+                request_hash: tag.request_hash,
+                created_at: tag.now,
+                results: Default::default(),
+                response: None,
+            })
+            .results
+            .insert(tag.seq, result.clone());
+        result
+    }
+
+    /// Whether applying `cmd` would only answer from an idempotency record (a repeated
+    /// write), changing nothing but possibly the record.
+    pub fn is_idempotent_replay(&self, cmd: &Command) -> bool {
+        match cmd {
+            Command::By {
+                idempotency: Some(tag),
+                ..
+            } => self.idempotency.get(&tag.key).is_some_and(|r| {
+                r.request_hash != tag.request_hash || r.results.contains_key(&tag.seq)
+            }),
+            Command::By { command, .. } | Command::IfMatch { command, .. } => {
+                self.is_idempotent_replay(command)
+            }
+            _ => false,
+        }
+    }
+
     /// Checks that `hash` names an unexpired token of `kind` issued for `name`.
     fn check_join_token(
         &self,
@@ -670,6 +752,13 @@ impl State {
     }
 }
 
+/// The answer to an idempotency key used again for another request.
+fn key_reused() -> ApplyError {
+    ApplyError::unprocessable(
+        "the idempotency key was already used for a different request; use a new key for a new request",
+    )
+}
+
 /// An object as an error message names it.
 fn describe(key: &ObjectKey) -> String {
     match key {
@@ -697,4 +786,197 @@ fn parse_cidr(cidr: &str) -> Result<(Ipv4Addr, u32), ApplyError> {
         return Err(invalid());
     }
     Ok((addr, len))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod idempotency_tests {
+    use super::super::command::{ApplyErrorKind, IdempotencyTag, Requestor};
+    use super::super::model::ApiKey;
+    use super::*;
+
+    fn tag(key: &str, hash: &str, seq: u32, now: &str) -> IdempotencyTag {
+        IdempotencyTag {
+            key: key.into(),
+            request_hash: hash.into(),
+            seq,
+            now: now.into(),
+        }
+    }
+
+    fn by(tag: IdempotencyTag, command: Command) -> Command {
+        Command::By {
+            requestor: Requestor {
+                key: "ci".into(),
+                key_id: "k1".into(),
+                role: "admin".into(),
+            },
+            idempotency: Some(tag),
+            command: Box::new(command),
+        }
+    }
+
+    fn add_key(id: &str) -> Command {
+        Command::AddApiKey {
+            key: ApiKey {
+                id: id.into(),
+                name: format!("name-{id}"),
+                hash: format!("hash-{id}"),
+                role: super::super::model::Role::Admin,
+                ..Default::default()
+            },
+        }
+    }
+
+    const T0: &str = "2026-01-01T00:00:00Z";
+
+    #[test]
+    fn a_repeated_write_is_answered_from_the_record() {
+        let mut s = State::default();
+        let t = tag("k1/abc", "h1", 0, T0);
+        assert_eq!(s.apply(by(t.clone(), add_key("a"))), Ok(ApplyOk::Done));
+        assert!(s.is_idempotent_replay(&by(t.clone(), add_key("a"))));
+        // Applied again, AddApiKey would conflict: the record answers instead.
+        let before = s.clone();
+        assert_eq!(s.apply(by(t.clone(), add_key("a"))), Ok(ApplyOk::Done));
+        assert_eq!(s, before);
+        assert_eq!(s.api_keys.len(), 1);
+        // The request's next write is its own.
+        let t1 = tag("k1/abc", "h1", 1, T0);
+        assert!(!s.is_idempotent_replay(&by(t1.clone(), add_key("b"))));
+        assert_eq!(s.apply(by(t1, add_key("b"))), Ok(ApplyOk::Done));
+        assert_eq!(s.api_keys.len(), 2);
+        let record = &s.idempotency["k1/abc"];
+        assert_eq!(record.results.len(), 2);
+        assert_eq!(record.created_at, T0);
+        // Without a tag nothing is recorded.
+        let mut plain = State::default();
+        plain
+            .apply(Command::By {
+                requestor: Requestor::default(),
+                idempotency: None,
+                command: Box::new(add_key("a")),
+            })
+            .unwrap();
+        assert!(plain.idempotency.is_empty());
+    }
+
+    #[test]
+    fn a_rejected_write_is_recorded_and_answered_the_same() {
+        let mut s = State::default();
+        let t = tag("k1/del", "h1", 0, T0);
+        let del = Command::DeleteApiKey { id: "a".into() };
+        let first = s.apply(by(t.clone(), del.clone())).unwrap_err();
+        assert_eq!(first.kind, ApplyErrorKind::NotFound);
+        assert_eq!(s.idempotency["k1/del"].results[&0], Err(first.clone()));
+        // Even once the key exists, the retry gets the first answer and deletes nothing.
+        s.apply(add_key("a")).unwrap();
+        assert_eq!(s.apply(by(t, del)).unwrap_err(), first);
+        assert!(s.api_keys.contains_key("a"));
+    }
+
+    #[test]
+    fn a_key_reused_for_another_request_is_unprocessable() {
+        let mut s = State::default();
+        s.apply(by(tag("k1/x", "h1", 0, T0), add_key("a"))).unwrap();
+        let before = s.clone();
+        let e = s
+            .apply(by(tag("k1/x", "h2", 0, T0), add_key("b")))
+            .unwrap_err();
+        assert_eq!(e.kind, ApplyErrorKind::Unprocessable);
+        assert!(e.message.contains("different request"), "{e}");
+        assert_eq!(s, before);
+        let e = s
+            .apply(Command::CompleteIdempotency {
+                key: "k1/x".into(),
+                request_hash: "h2".into(),
+                status: 200,
+                body: "{}".into(),
+                etag: None,
+                now: T0.into(),
+            })
+            .unwrap_err();
+        assert_eq!(e.kind, ApplyErrorKind::Unprocessable);
+        assert_eq!(s, before);
+        // Another API key's record with the same header is another record.
+        s.apply(by(tag("k2/x", "h2", 0, T0), add_key("b"))).unwrap();
+        assert_eq!(s.api_keys.len(), 2);
+    }
+
+    #[test]
+    fn the_first_answer_is_kept() {
+        let mut s = State::default();
+        let complete = |status: u16, body: &str| Command::CompleteIdempotency {
+            key: "k1/c".into(),
+            request_hash: "h1".into(),
+            status,
+            body: body.into(),
+            etag: Some("\"e1\"".into()),
+            now: T0.into(),
+        };
+        // A request that failed before writing anything still gets a record.
+        s.apply(complete(400, "{\"error\":\"bad\"}")).unwrap();
+        s.apply(complete(200, "{}")).unwrap();
+        let r = s.idempotency["k1/c"].response.clone().unwrap();
+        assert_eq!(r.status, 400);
+        assert_eq!(r.body, "{\"error\":\"bad\"}");
+        assert_eq!(r.etag.as_deref(), Some("\"e1\""));
+    }
+
+    #[test]
+    fn old_records_are_pruned() {
+        let mut s = State::default();
+        s.apply(by(
+            tag("k1/old", "h", 0, "2026-01-01T00:00:00Z"),
+            add_key("a"),
+        ))
+        .unwrap();
+        s.apply(by(
+            tag("k1/new", "h", 0, "2026-01-02T00:00:00Z"),
+            add_key("b"),
+        ))
+        .unwrap();
+        let prune = Command::PruneIdempotency {
+            before: "2026-01-01T12:00:00Z".into(),
+        };
+        assert_eq!(
+            prune.touched(&s),
+            vec![ObjectKey::Idempotency("k1/old".into())]
+        );
+        s.apply(prune).unwrap();
+        assert_eq!(s.idempotency.keys().collect::<Vec<_>>(), vec!["k1/new"]);
+        // Once pruned, the key is fresh again.
+        assert!(!s.is_idempotent_replay(&by(tag("k1/old", "other", 0, T0), add_key("c"))));
+    }
+
+    #[test]
+    fn records_are_touched_stored_and_reloaded() {
+        let mut s = State::default();
+        let cmd = by(tag("k1/a/b", "h", 0, T0), add_key("a"));
+        let keys = cmd.touched(&s);
+        assert!(keys.contains(&ObjectKey::Idempotency("k1/a/b".into())));
+        assert!(keys.contains(&ObjectKey::ApiKey("a".into())));
+        let wrapped = Command::IfMatch {
+            expect: vec![],
+            command: Box::new(cmd.clone()),
+        };
+        assert!(wrapped.idempotency_tag().is_some());
+        assert!(
+            wrapped
+                .touched(&s)
+                .contains(&ObjectKey::Idempotency("k1/a/b".into()))
+        );
+        s.apply(cmd).unwrap();
+        let key = ObjectKey::Idempotency("k1/a/b".into());
+        assert_eq!(key.to_storage_key(), "idempotency/k1/a/b");
+        assert_eq!(
+            ObjectKey::from_storage_key("idempotency/k1/a/b"),
+            Some(key.clone())
+        );
+        let mut reloaded = State::default();
+        for (k, v) in s.all_objects().unwrap() {
+            reloaded.load_object(&k, &v).unwrap();
+        }
+        assert_eq!(reloaded.idempotency, s.idempotency);
+    }
 }

@@ -238,6 +238,38 @@ pub enum Command {
         hash: String,
         expires_at: Option<String>,
     },
+    /// Stores the HTTP answer of the request that used the idempotency key `key` (the record
+    /// is made when missing); the first stored answer stays. A record of another request
+    /// (`request_hash` differs) is refused as [`ApplyErrorKind::Unprocessable`].
+    CompleteIdempotency {
+        key: String,
+        request_hash: String,
+        status: u16,
+        body: String,
+        #[serde(default)]
+        etag: Option<String>,
+        now: String,
+    },
+    /// Drops the idempotency records created before `before` (RFC 3339).
+    PruneIdempotency {
+        before: String,
+    },
+}
+
+impl Command {
+    /// The idempotency tag of this command, if a `By` in it carries one.
+    pub fn idempotency_tag(&self) -> Option<&IdempotencyTag> {
+        match self {
+            Command::By {
+                idempotency: Some(tag),
+                ..
+            } => Some(tag),
+            Command::By { command, .. } | Command::IfMatch { command, .. } => {
+                command.idempotency_tag()
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Marks one write of a request made with an `Idempotency-Key`.
@@ -286,6 +318,8 @@ pub enum ApplyErrorKind {
     Forbidden,
     /// An `If-Match` ETag is stale (412).
     PreconditionFailed,
+    /// Well-formed but not acceptable: an idempotency key reused for another request (422).
+    Unprocessable,
 }
 
 /// A rejected command; the state is unchanged.
@@ -329,6 +363,13 @@ impl ApplyError {
     pub fn precondition_failed(message: impl Into<String>) -> Self {
         ApplyError {
             kind: ApplyErrorKind::PreconditionFailed,
+            message: message.into(),
+        }
+    }
+
+    pub fn unprocessable(message: impl Into<String>) -> Self {
+        ApplyError {
+            kind: ApplyErrorKind::Unprocessable,
             message: message.into(),
         }
     }

@@ -19,6 +19,8 @@ pub enum ObjectKey {
     ApiKey(String),
     JoinToken(String),
     Controller(String),
+    /// An idempotency record by `<api key id>/<Idempotency-Key>`.
+    Idempotency(String),
 }
 
 /// Errors decoding a stored object.
@@ -48,6 +50,7 @@ impl ObjectKey {
             ObjectKey::Controller(n) => format!("controllers/{n}"),
             ObjectKey::Project(n) => format!("projects/{n}"),
             ObjectKey::Profile(n) => format!("profiles/{n}"),
+            ObjectKey::Idempotency(n) => format!("idempotency/{n}"),
         }
     }
 
@@ -69,6 +72,7 @@ impl ObjectKey {
             "controllers" => ObjectKey::Controller(name),
             "projects" => ObjectKey::Project(name),
             "profiles" => ObjectKey::Profile(name),
+            "idempotency" => ObjectKey::Idempotency(name),
             _ => return None,
         })
     }
@@ -78,9 +82,25 @@ impl Command {
     /// The objects this command may change when applied to `state` (computed before applying).
     pub fn touched(&self, state: &State) -> Vec<ObjectKey> {
         match self {
-            Command::By { command, .. } | Command::IfMatch { command, .. } => {
-                command.touched(state)
+            Command::By {
+                command,
+                idempotency,
+                ..
+            } => {
+                let mut keys = command.touched(state);
+                if let Some(tag) = idempotency {
+                    keys.push(ObjectKey::Idempotency(tag.key.clone()));
+                }
+                keys
             }
+            Command::IfMatch { command, .. } => command.touched(state),
+            Command::CompleteIdempotency { key, .. } => vec![ObjectKey::Idempotency(key.clone())],
+            Command::PruneIdempotency { before } => state
+                .idempotency
+                .iter()
+                .filter(|(_, r)| r.created_at.as_str() < before.as_str())
+                .map(|(k, _)| ObjectKey::Idempotency(k.clone()))
+                .collect(),
             Command::CreateProject { project } => vec![
                 ObjectKey::Project(project.name.clone()),
                 ObjectKey::Profile(super::model::scoped_name(
@@ -236,6 +256,7 @@ impl State {
             ObjectKey::Controller(n) => enc(self.controllers.get(n)),
             ObjectKey::Project(n) => enc(self.projects.get(n)),
             ObjectKey::Profile(n) => enc(self.profiles.get(n)),
+            ObjectKey::Idempotency(n) => enc(self.idempotency.get(n)),
         }
     }
 
@@ -252,6 +273,7 @@ impl State {
         keys.extend(self.controllers.keys().cloned().map(ObjectKey::Controller));
         keys.extend(self.projects.keys().cloned().map(ObjectKey::Project));
         keys.extend(self.profiles.keys().cloned().map(ObjectKey::Profile));
+        keys.extend(self.idempotency.keys().cloned().map(ObjectKey::Idempotency));
         let mut out = Vec::with_capacity(keys.len());
         for key in keys {
             if let Some(v) = self.encode_object(&key)? {
@@ -313,6 +335,10 @@ impl State {
             }
             ObjectKey::Profile(n) => {
                 self.profiles
+                    .insert(n, serde_json::from_slice(value).map_err(err)?);
+            }
+            ObjectKey::Idempotency(n) => {
+                self.idempotency
                     .insert(n, serde_json::from_slice(value).map_err(err)?);
             }
         }

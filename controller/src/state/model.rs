@@ -34,6 +34,37 @@ pub struct State {
     /// `project_name` in others).
     #[serde(default)]
     pub profiles: BTreeMap<String, Profile>,
+    /// What requests made with an `Idempotency-Key` did, by `<api key id>/<header>`; dropped
+    /// after a day (`PruneIdempotency`).
+    #[serde(default)]
+    pub idempotency: BTreeMap<String, IdempotencyRecord>,
+}
+
+/// The replicated memory of one `Idempotency-Key`: the request it was first used for, the
+/// result of each of that request's writes, and the HTTP answer once it was given.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct IdempotencyRecord {
+    /// sha256 (hex) of method, path, query and body of the first request.
+    pub request_hash: String,
+    /// When the first request arrived (RFC 3339).
+    pub created_at: String,
+    /// The result of each write of the request, by its position (`IdempotencyTag::seq`).
+    #[serde(default)]
+    pub results: BTreeMap<u32, super::command::ApplyResult>,
+    /// The answer the first request got, once stored (`CompleteIdempotency`).
+    #[serde(default)]
+    pub response: Option<StoredResponse>,
+}
+
+/// An HTTP answer kept for replay.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredResponse {
+    pub status: u16,
+    /// The JSON body.
+    pub body: String,
+    /// The `ETag` header, if the answer had one.
+    #[serde(default)]
+    pub etag: Option<String>,
 }
 
 pub use berth_proto::api::names::{scoped_name, split_scoped_name};

@@ -12,6 +12,7 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use tokio::sync::watch;
 
+use crate::events::EventBus;
 use crate::raft::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 use crate::state::{ApplyOk, ApplyResult, State};
 
@@ -50,6 +51,8 @@ pub struct StateMachineStore {
     meta: sled::Tree,
     applied: Arc<RwLock<Applied>>,
     applied_tx: Arc<watch::Sender<u64>>,
+    /// Where the events of applied commands go.
+    events: EventBus,
 }
 
 fn io_err(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
@@ -96,6 +99,7 @@ impl StateMachineStore {
                 membership,
             })),
             applied_tx: Arc::new(applied_tx),
+            events: EventBus::new(),
         })
     }
 
@@ -106,6 +110,11 @@ impl StateMachineStore {
 
     fn write(&self) -> RwLockWriteGuard<'_, Applied> {
         self.applied.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The bus the lifecycle and operation events of applied commands are published on.
+    pub fn events(&self) -> &EventBus {
+        &self.events
     }
 
     /// A watch on the last applied log index.
@@ -153,15 +162,19 @@ impl StateMachineStore {
             }
             EntryPayload::Normal(cmd) => {
                 let keys = cmd.touched(&applied.state);
+                // A write made with an idempotency key records its result even when rejected.
+                let tagged = cmd.idempotency_tag().is_some();
+                let drafts = crate::events::derive(&applied.state, &cmd);
                 let result = applied.state.apply(cmd);
                 let mut changes = Vec::new();
-                if result.is_ok() {
+                if result.is_ok() || tagged {
                     for key in keys {
                         let value = applied.state.encode_object(&key).map_err(io_err)?;
                         changes.push((key.to_storage_key(), value));
                     }
                 }
                 self.persist(&changes, &log_id, None)?;
+                self.events.publish_applied(drafts, &result, &applied.state);
                 result
             }
             EntryPayload::Membership(m) => {

@@ -1,0 +1,629 @@
+//! The event bus: lifecycle and operation events of this controller, for `/1.0/events`.
+//!
+//! The state machine publishes, after each applied log entry, the events the command implies
+//! (see [`derive`]): every controller applies the same log, so every controller publishes the
+//! same events, and a subscriber may connect to any of them. The bus is in memory and bounded
+//! ([`BUS_CAPACITY`]): a slow subscriber loses the oldest events (it is told how many), and
+//! publishing never waits for anyone. Events are not stored: nothing is replayed after a
+//! restart, a snapshot install publishes nothing, and entries applied while nobody listens
+//! (the log replayed at startup, before the API serves) are dropped.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use berth_proto::api::Operation;
+use berth_proto::api::tenancy::{Event, LifecycleEvent};
+use tokio::sync::broadcast;
+
+use berth_proto::api::InstanceStatusCode;
+
+use crate::state::{
+    Action, ApplyResult, Command, DEFAULT_PROJECT, Requestor, State, split_scoped_name,
+};
+
+/// How many events the bus holds for its slowest subscriber.
+pub const BUS_CAPACITY: usize = 1024;
+
+/// How many in-flight operations the bus remembers the requestor of (the key that asked for
+/// a start, a stop, ... is named when the action ends).
+const REMEMBERED_OPERATIONS: usize = 4096;
+
+/// Who may receive an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    /// Keys that see the event's project (every key of it, and fleet keys).
+    Project,
+    /// Admin and operator keys asking for all projects (nodes, cluster settings).
+    Fleet,
+    /// Admin keys asking for all projects (API keys).
+    Admin,
+}
+
+/// An event with who may see it.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub event: Event,
+    pub audience: Audience,
+}
+
+/// The in-memory broadcast of this controller's events. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct EventBus {
+    tx: broadcast::Sender<Arc<Published>>,
+    /// Requestors of actions in flight, by operation id, oldest first.
+    requestors: Arc<Mutex<Remembered>>,
+}
+
+#[derive(Debug, Default)]
+struct Remembered {
+    by_op: HashMap<String, Option<Requestor>>,
+    order: VecDeque<String>,
+}
+
+impl Default for EventBus {
+    fn default() -> Self {
+        EventBus::new()
+    }
+}
+
+impl EventBus {
+    pub fn new() -> EventBus {
+        let (tx, _) = broadcast::channel(BUS_CAPACITY);
+        EventBus {
+            tx,
+            requestors: Arc::default(),
+        }
+    }
+
+    /// A receiver of every event published from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Published>> {
+        self.tx.subscribe()
+    }
+
+    /// Publishes one event (dropped when nobody listens).
+    pub fn publish(&self, published: Published) {
+        let _ = self.tx.send(Arc::new(published));
+    }
+
+    /// Publishes what applying a command gave: `drafts` from [`derive`] (computed before the
+    /// command was applied), `result` its outcome and `after` the state it left. Nothing is
+    /// published for a rejected command.
+    pub fn publish_applied(&self, drafts: Vec<Draft>, result: &ApplyResult, after: &State) {
+        if result.is_err() || drafts.is_empty() {
+            return;
+        }
+        let listening = self.tx.receiver_count() > 0;
+        let now = crate::clock::now();
+        let mut remembered = self.requestors.lock().unwrap_or_else(|p| p.into_inner());
+        for draft in drafts {
+            match draft {
+                Draft::Remember { op, requestor } => remembered.insert(op, requestor),
+                Draft::Forget { op } => {
+                    remembered.take(&op);
+                }
+                Draft::Operation { id } => {
+                    if let Some(op) = after.operations.get(&id).filter(|_| listening) {
+                        self.publish(operation_event(op, &now));
+                    }
+                }
+                Draft::Lifecycle(mut l) => {
+                    if let Some(op) = &l.requestor_of {
+                        l.requestor = remembered.get(op);
+                    }
+                    if listening {
+                        self.publish(l.into_published(&now));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Remembered {
+    fn insert(&mut self, op: String, requestor: Option<Requestor>) {
+        if self.by_op.insert(op.clone(), requestor).is_none() {
+            self.order.push_back(op);
+        }
+        while self.order.len() > REMEMBERED_OPERATIONS {
+            if let Some(old) = self.order.pop_front() {
+                self.by_op.remove(&old);
+            }
+        }
+    }
+
+    fn get(&self, op: &str) -> Option<Requestor> {
+        self.by_op.get(op).cloned().flatten()
+    }
+
+    fn take(&mut self, op: &str) -> Option<Requestor> {
+        let requestor = self.by_op.remove(op)?;
+        self.order.retain(|o| o != op);
+        requestor
+    }
+}
+
+/// What a command implies, worked out before it is applied (the state it needs may go away).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Draft {
+    /// A lifecycle event.
+    Lifecycle(LifecycleDraft),
+    /// The operation `id` as it is after the command.
+    Operation { id: String },
+    /// The key that asked for the action of operation `op`, named when the action ends.
+    Remember {
+        op: String,
+        requestor: Option<Requestor>,
+    },
+    /// The action of operation `op` ended: forget who asked.
+    Forget { op: String },
+}
+
+/// A lifecycle event before publishing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LifecycleDraft {
+    pub audience: Audience,
+    pub project: String,
+    pub action: String,
+    pub source: String,
+    pub context: BTreeMap<String, String>,
+    pub requestor: Option<Requestor>,
+    /// Name the requestor remembered for this operation instead of `requestor`.
+    pub requestor_of: Option<String>,
+}
+
+impl LifecycleDraft {
+    fn into_published(self, now: &str) -> Published {
+        let metadata = LifecycleEvent {
+            action: self.action,
+            source: self.source,
+            context: self.context,
+            requestor: self.requestor,
+        };
+        Published {
+            event: Event {
+                kind: "lifecycle".into(),
+                timestamp: now.to_string(),
+                location: String::new(),
+                project: self.project,
+                metadata: serde_json::to_value(metadata).unwrap_or_default(),
+            },
+            audience: self.audience,
+        }
+    }
+}
+
+fn operation_event(op: &Operation, now: &str) -> Published {
+    Published {
+        event: Event {
+            kind: "operation".into(),
+            timestamp: now.to_string(),
+            location: String::new(),
+            project: if op.project.is_empty() {
+                DEFAULT_PROJECT.to_string()
+            } else {
+                op.project.clone()
+            },
+            metadata: serde_json::to_value(op).unwrap_or_default(),
+        },
+        audience: Audience::Project,
+    }
+}
+
+/// `url` of an object of `project`: `?project=` is added outside the default project.
+pub fn object_url(path: &str, project: &str) -> String {
+    if project == DEFAULT_PROJECT || project.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?project={project}")
+    }
+}
+
+/// The events `cmd` implies when applied to `before` (call it before applying). Commands
+/// answered from an idempotency record (a repeated write) imply none.
+pub fn derive(before: &State, cmd: &Command) -> Vec<Draft> {
+    if before.is_idempotent_replay(cmd) {
+        return Vec::new();
+    }
+    let mut requestor = None;
+    let mut inner = cmd;
+    loop {
+        match inner {
+            Command::By {
+                requestor: r,
+                command,
+                ..
+            } => {
+                requestor = Some(r.clone());
+                inner = command;
+            }
+            Command::IfMatch { command, .. } => inner = command,
+            _ => break,
+        }
+    }
+    let mut out = Vec::new();
+    let emit =
+        |out: &mut Vec<Draft>, audience: Audience, project: &str, action: &str, source: String| {
+            out.push(Draft::Lifecycle(LifecycleDraft {
+                audience,
+                project: project.to_string(),
+                action: action.to_string(),
+                source,
+                context: BTreeMap::new(),
+                requestor: requestor.clone(),
+                requestor_of: None,
+            }));
+            out.len() - 1
+        };
+    let instance_url = |key: &str| {
+        let (project, short) = split_scoped_name(key);
+        object_url(&format!("/1.0/instances/{short}"), project)
+    };
+    let profile_url = |key: &str| {
+        let (project, short) = split_scoped_name(key);
+        object_url(&format!("/1.0/profiles/{short}"), project)
+    };
+    let instance_project = |key: &str| {
+        before
+            .instances
+            .get(key)
+            .map(|i| i.project.clone())
+            .unwrap_or_else(|| split_scoped_name(key).0.to_string())
+    };
+    let mut old_name: Option<(usize, String)> = None;
+    match inner {
+        Command::CreateProject { project } => {
+            emit(
+                &mut out,
+                Audience::Project,
+                &project.name,
+                "project-created",
+                format!("/1.0/projects/{}", project.name),
+            );
+        }
+        Command::UpdateProject { name, .. } => {
+            emit(
+                &mut out,
+                Audience::Project,
+                name,
+                "project-updated",
+                format!("/1.0/projects/{name}"),
+            );
+        }
+        Command::RenameProject { from, to } => {
+            let i = emit(
+                &mut out,
+                Audience::Project,
+                to,
+                "project-renamed",
+                format!("/1.0/projects/{to}"),
+            );
+            old_name = Some((i, from.clone()));
+        }
+        Command::DeleteProject { name } => {
+            emit(
+                &mut out,
+                Audience::Project,
+                name,
+                "project-deleted",
+                format!("/1.0/projects/{name}"),
+            );
+        }
+        Command::CreateProfile { profile } => {
+            emit(
+                &mut out,
+                Audience::Project,
+                &profile.project,
+                "profile-created",
+                profile_url(&profile.name),
+            );
+        }
+        Command::UpdateProfile { name, .. } | Command::DeleteProfile { name } => {
+            let action = if matches!(inner, Command::UpdateProfile { .. }) {
+                "profile-updated"
+            } else {
+                "profile-deleted"
+            };
+            let project = before
+                .profiles
+                .get(name)
+                .map(|p| p.project.clone())
+                .unwrap_or_else(|| split_scoped_name(name).0.to_string());
+            emit(
+                &mut out,
+                Audience::Project,
+                &project,
+                action,
+                profile_url(name),
+            );
+        }
+        Command::RenameProfile { from, to } => {
+            let project = before
+                .profiles
+                .get(from)
+                .map(|p| p.project.clone())
+                .unwrap_or_else(|| split_scoped_name(from).0.to_string());
+            let i = emit(
+                &mut out,
+                Audience::Project,
+                &project,
+                "profile-renamed",
+                profile_url(to),
+            );
+            old_name = Some((i, split_scoped_name(from).1.to_string()));
+        }
+        Command::SetClusterConfig { .. } => {
+            emit(
+                &mut out,
+                Audience::Fleet,
+                "",
+                "cluster-updated",
+                "/1.0/cluster".into(),
+            );
+        }
+        Command::JoinNode { node, .. } => {
+            emit(
+                &mut out,
+                Audience::Fleet,
+                "",
+                "cluster-member-added",
+                format!("/1.0/cluster/members/{}", node.name),
+            );
+        }
+        Command::RemoveNode { name } | Command::SetNodeConfig { name, .. } => {
+            let action = if matches!(inner, Command::RemoveNode { .. }) {
+                "cluster-member-removed"
+            } else {
+                "cluster-member-updated"
+            };
+            emit(
+                &mut out,
+                Audience::Fleet,
+                "",
+                action,
+                format!("/1.0/cluster/members/{name}"),
+            );
+        }
+        Command::CreateInstance {
+            instance,
+            operation,
+        } => {
+            if let Some(op) = operation {
+                out.push(Draft::Operation { id: op.id.clone() });
+            }
+            match &instance.pending {
+                // Announced when the reconciler has made it.
+                Some(p) => out.push(Draft::Remember {
+                    op: p.op.clone(),
+                    requestor: requestor.clone(),
+                }),
+                None => {
+                    emit(
+                        &mut out,
+                        Audience::Project,
+                        &instance.project,
+                        "instance-created",
+                        instance_url(&instance.name),
+                    );
+                }
+            }
+        }
+        Command::UpdateInstance { name, .. } => {
+            emit(
+                &mut out,
+                Audience::Project,
+                &instance_project(name),
+                "instance-updated",
+                instance_url(name),
+            );
+        }
+        Command::RenameInstance { from, to } => {
+            let i = emit(
+                &mut out,
+                Audience::Project,
+                &instance_project(from),
+                "instance-renamed",
+                instance_url(to),
+            );
+            old_name = Some((i, split_scoped_name(from).1.to_string()));
+        }
+        Command::SetInstanceAction { pending, .. } => {
+            out.push(Draft::Remember {
+                op: pending.op.clone(),
+                requestor: requestor.clone(),
+            });
+            out.push(Draft::Operation {
+                id: pending.op.clone(),
+            });
+        }
+        Command::FinishAction {
+            name, op, error, ..
+        } => {
+            let Some(inst) = before.instances.get(name) else {
+                return out;
+            };
+            let Some(pending) = inst.pending.as_ref().filter(|p| &p.op == op) else {
+                return out;
+            };
+            out.push(Draft::Operation { id: op.clone() });
+            let actions: &[&str] = if !error.is_empty() {
+                &[]
+            } else {
+                match pending.action {
+                    Action::Create { start: true } => &["instance-created", "instance-started"],
+                    Action::Create { start: false } => &["instance-created"],
+                    Action::Start => &["instance-started"],
+                    Action::Stop { .. } => &["instance-stopped"],
+                    Action::Restart { .. } => &["instance-restarted"],
+                    Action::Delete { .. } => &["instance-deleted"],
+                }
+            };
+            for action in actions {
+                out.push(Draft::Lifecycle(LifecycleDraft {
+                    audience: Audience::Project,
+                    project: inst.project.clone(),
+                    action: (*action).to_string(),
+                    source: instance_url(name),
+                    context: BTreeMap::from([("operation".to_string(), op.clone())]),
+                    requestor: None,
+                    requestor_of: Some(op.clone()),
+                }));
+            }
+            out.push(Draft::Forget { op: op.clone() });
+        }
+        Command::ObserveInstance {
+            name,
+            observed,
+            based_on,
+        } => {
+            // Mirrors apply: an instance at rest that stopped by itself.
+            if let Some(inst) = before.instances.get(name).filter(|i| {
+                i.pending.is_none()
+                    && &i.observed.updated_at == based_on
+                    && i.observed.status == InstanceStatusCode::Running
+                    && observed.status == InstanceStatusCode::Stopped
+            }) {
+                emit(
+                    &mut out,
+                    Audience::Project,
+                    &inst.project,
+                    "instance-shutdown",
+                    instance_url(name),
+                );
+            }
+        }
+        Command::DeleteInstance { name } => {
+            emit(
+                &mut out,
+                Audience::Project,
+                &instance_project(name),
+                "instance-deleted",
+                instance_url(name),
+            );
+        }
+        Command::PutImage { image } => {
+            let old = before.images.get(&image.fingerprint);
+            let action = if old.is_some() {
+                "image-updated"
+            } else {
+                "image-created"
+            };
+            let mut projects = image.projects.clone();
+            if let Some(old) = old {
+                projects.extend(old.projects.iter().cloned());
+            }
+            if projects.is_empty() {
+                projects.insert(DEFAULT_PROJECT.to_string());
+            }
+            for p in projects {
+                emit(
+                    &mut out,
+                    Audience::Project,
+                    &p,
+                    action,
+                    object_url(&format!("/1.0/images/{}", image.fingerprint), &p),
+                );
+            }
+        }
+        Command::DeleteImage { fingerprint } => {
+            let mut projects = before
+                .images
+                .get(fingerprint)
+                .map(|i| i.projects.clone())
+                .unwrap_or_default();
+            if projects.is_empty() {
+                projects.insert(DEFAULT_PROJECT.to_string());
+            }
+            for p in projects {
+                emit(
+                    &mut out,
+                    Audience::Project,
+                    &p,
+                    "image-deleted",
+                    object_url(&format!("/1.0/images/{fingerprint}"), &p),
+                );
+            }
+        }
+        Command::PutAlias { alias } => {
+            let action = if before.aliases.contains_key(&alias.name) {
+                "image-alias-updated"
+            } else {
+                "image-alias-created"
+            };
+            emit(
+                &mut out,
+                Audience::Project,
+                &alias.project,
+                action,
+                object_url(
+                    &format!("/1.0/images/aliases/{}", alias.short_name()),
+                    &alias.project,
+                ),
+            );
+        }
+        Command::DeleteAlias { name } => {
+            if let Some(alias) = before.aliases.get(name) {
+                emit(
+                    &mut out,
+                    Audience::Project,
+                    &alias.project,
+                    "image-alias-deleted",
+                    object_url(
+                        &format!("/1.0/images/aliases/{}", alias.short_name()),
+                        &alias.project,
+                    ),
+                );
+            }
+        }
+        Command::PutOperation { operation } => {
+            out.push(Draft::Operation {
+                id: operation.id.clone(),
+            });
+        }
+        Command::AddApiKey { key } => {
+            emit(
+                &mut out,
+                Audience::Admin,
+                "",
+                "api-key-created",
+                format!("/1.0/keys/{}", key.name),
+            );
+        }
+        Command::DeleteApiKey { id } | Command::RotateApiKey { id, .. } => {
+            let action = if matches!(inner, Command::DeleteApiKey { .. }) {
+                "api-key-revoked"
+            } else {
+                "api-key-rotated"
+            };
+            let name = before
+                .api_keys
+                .get(id)
+                .map_or_else(|| id.clone(), |k| k.name.clone());
+            emit(
+                &mut out,
+                Audience::Admin,
+                "",
+                action,
+                format!("/1.0/keys/{name}"),
+            );
+        }
+        Command::By { .. }
+        | Command::IfMatch { .. }
+        | Command::Bootstrap { .. }
+        | Command::AddJoinToken { .. }
+        | Command::SetNodeStatus { .. }
+        | Command::RegisterController { .. }
+        | Command::JoinController { .. }
+        | Command::RemoveController { .. }
+        | Command::UpdateNodeCapacity { .. }
+        | Command::SetDesiredState { .. }
+        | Command::DeleteOperations { .. }
+        | Command::CompleteIdempotency { .. }
+        | Command::PruneIdempotency { .. } => {}
+    }
+    if let Some((i, old)) = old_name
+        && let Some(Draft::Lifecycle(l)) = out.get_mut(i)
+    {
+        l.context.insert("old_name".into(), old);
+    }
+    out
+}
