@@ -16,7 +16,8 @@ use clap::{Parser, Subcommand};
 
 use crate::client::Client;
 use crate::commands::{
-    cluster, config as config_cmd, exec, file, image, instance, operation, remote,
+    cluster, config as config_cmd, exec, file, image, instance, key, monitor, operation, profile,
+    project, remote,
 };
 use crate::config::{Config, EnvOverrides, split_remote};
 
@@ -81,7 +82,24 @@ pub enum Command {
         #[command(subcommand)]
         command: image::ImageCommand,
     },
-    /// List, show and delete background operations
+    /// Manage projects (tenants: instances, profiles and image aliases, with quotas)
+    Project {
+        #[command(subcommand)]
+        command: project::ProjectCommand,
+    },
+    /// Manage profiles (config shared by instances)
+    Profile {
+        #[command(subcommand)]
+        command: profile::ProfileCommand,
+    },
+    /// Manage API keys
+    Key {
+        #[command(subcommand)]
+        command: key::KeyCommand,
+    },
+    /// Print lifecycle and operation events as they happen
+    Monitor(monitor::MonitorArgs),
+    /// List, show, wait for and cancel background operations
     Operation {
         #[command(subcommand)]
         command: operation::OperationCommand,
@@ -210,6 +228,10 @@ async fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<i32> {
         Command::Config { command } => config_cmd::run(ctx, command).await,
         Command::Image { command } => image::run(ctx, command).await,
         Command::Operation { command } => operation::run(ctx, command).await,
+        Command::Project { command } => project::run(ctx, command).await,
+        Command::Profile { command } => profile::run(ctx, command).await,
+        Command::Key { command } => key::run(ctx, command).await,
+        Command::Monitor(a) => monitor::monitor(ctx, a).await,
         Command::Cluster { command } => cluster::run(ctx, command).await,
         Command::Remote { command } => remote::run(ctx, command).await,
         Command::Version => commands::version(ctx).await,
@@ -300,6 +322,93 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn tenancy_commands() {
+        let cli = Cli::try_parse_from(["berth", "list", "--project", "team-a"]).unwrap();
+        assert_eq!(cli.project.as_deref(), Some("team-a"));
+        let cli = Cli::try_parse_from([
+            "berth",
+            "key",
+            "create",
+            "ci",
+            "--role",
+            "member",
+            "--project",
+            "p1",
+            "--expires",
+            "30d",
+        ])
+        .unwrap();
+        assert_eq!(cli.project.as_deref(), Some("p1"));
+        match cli.command {
+            Command::Key {
+                command:
+                    key::KeyCommand::Create {
+                        name,
+                        role,
+                        expires,
+                    },
+            } => {
+                assert_eq!((name.as_str(), role.as_str()), ("ci", "member"));
+                assert_eq!(expires.as_deref(), Some("30d"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["berth", "key", "create", "ci"]).is_err());
+        match parse(&["launch", "busybox", "b1", "--no-profiles"]) {
+            Command::Launch(a) => assert!(a.no_profiles && a.profiles.is_empty()),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            Cli::try_parse_from(["berth", "launch", "i", "n", "-p", "x", "--no-profiles"]).is_err()
+        );
+        match parse(&["monitor", "--type", "lifecycle,operation", "--all-projects"]) {
+            Command::Monitor(a) => {
+                assert_eq!(a.types, ["lifecycle", "operation"]);
+                assert!(a.all_projects);
+                assert_eq!(a.format, "pretty");
+            }
+            other => panic!("{other:?}"),
+        }
+        for args in [
+            &[
+                "project",
+                "create",
+                "p1",
+                "-c",
+                "limits.instances=3",
+                "--description",
+                "d",
+            ][..],
+            &["project", "info", "p1", "-f", "json"],
+            &["project", "switch", "prod:p1"],
+            &["profile", "assign", "web1", "web,small"],
+            &[
+                "profile",
+                "copy",
+                "web",
+                "prod:web",
+                "--target-project",
+                "p2",
+            ],
+            &["operation", "list", "--all-projects"],
+            &["operation", "wait", "abc", "--timeout", "5"],
+            &["operation", "cancel", "abc"],
+            &["remote", "add", "r", "https://h:8443", "--key", "-"],
+            &["remote", "rename", "r", "s"],
+            &["config", "show", "web1", "--expanded"],
+            &["list", "--all-projects"],
+        ] {
+            let mut full = vec!["berth"];
+            full.extend_from_slice(args);
+            assert!(Cli::try_parse_from(full).is_ok(), "{args:?}");
+        }
+        assert!(
+            Cli::try_parse_from(["berth", "remote", "add", "r", "https://h:8443"]).is_err(),
+            "a key is required"
+        );
     }
 
     #[test]

@@ -1,15 +1,14 @@
 //! `berth config show|get|set|unset|edit` on an instance's writable configuration.
 
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 
+use berth_proto::api::tenancy::Profile;
 use berth_proto::api::{Instance, InstancePut};
 use clap::{Args, Subcommand};
 use http::Method;
 
-use super::{check_instance_name, parse_key_value};
-use crate::client::Client;
+use super::check_instance_name;
+use crate::client::{Client, if_match};
 use crate::commands::instance::instance_path;
 use crate::{Ctx, print, say};
 
@@ -17,7 +16,13 @@ use crate::{Ctx, print, say};
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Show instance configuration (YAML)
-    Show(NameArg),
+    Show {
+        /// Instance name, optionally REMOTE:NAME
+        name: String,
+        /// Show the effective config: the profiles' config in order, then the instance's own
+        #[arg(short = 'e', long)]
+        expanded: bool,
+    },
     /// Get the value of a configuration key
     Get {
         /// Instance name, optionally REMOTE:NAME
@@ -63,13 +68,7 @@ pub fn writable(i: &Instance) -> InstancePut {
 
 /// Turns `set` arguments into pairs: `KEY VALUE`, or `KEY=VALUE...`; each is checked locally.
 pub fn set_pairs(args: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
-    let pairs: Vec<(String, String)> = match args {
-        [k, v] if !k.contains('=') => vec![(k.clone(), v.clone())],
-        _ => args
-            .iter()
-            .map(|a| parse_key_value(a))
-            .collect::<anyhow::Result<_>>()?,
-    };
+    let pairs = super::set_arguments(args)?;
     let mut map = BTreeMap::new();
     for (k, v) in pairs {
         berth_proto::api::config::validate_key_value(&k, &v)
@@ -89,9 +88,16 @@ async fn fetch(ctx: &Ctx, arg: &str) -> anyhow::Result<(Client, String, Instance
 /// Runs a config subcommand.
 pub async fn run(ctx: &Ctx, command: ConfigCommand) -> anyhow::Result<i32> {
     match command {
-        ConfigCommand::Show(a) => {
-            let (_, _, inst) = fetch(ctx, &a.name).await?;
-            print(&serde_yaml::to_string(&writable(&inst))?);
+        ConfigCommand::Show { name, expanded } => {
+            let (client, name) = ctx.resolve(&name)?;
+            check_instance_name(name)?;
+            let raw: serde_json::Value = client.get(&instance_path(name)).await?;
+            let inst: Instance = crate::client::decode_metadata(raw.clone())?;
+            let mut shown = writable(&inst);
+            if expanded {
+                shown.config = expanded_config(&client, &raw, &inst).await?;
+            }
+            print(&serde_yaml::to_string(&shown)?);
         }
         ConfigCommand::Get { name, key } => {
             let (_, _, inst) = fetch(ctx, &name).await?;
@@ -118,73 +124,61 @@ pub async fn run(ctx: &Ctx, command: ConfigCommand) -> anyhow::Result<i32> {
                 .await?;
         }
         ConfigCommand::Edit(a) => {
-            let (client, name, inst) = fetch(ctx, &a.name).await?;
-            let put = if std::io::stdin().is_terminal() {
-                edit_in_editor(&serde_yaml::to_string(&writable(&inst))?)?
-            } else {
-                let mut text = String::new();
-                std::io::stdin().read_to_string(&mut text)?;
-                parse_put(&text)?
-            };
-            client
-                .run(Method::PUT, &instance_path(&name), Some(&put))
-                .await?;
+            let (client, name) = ctx.resolve(&a.name)?;
+            check_instance_name(name)?;
+            let (inst, etag) = client.get_tagged::<Instance>(&instance_path(name)).await?;
+            let put = super::edit::edit(&writable(&inst))?;
+            let what = format!("instance \"{name}\"");
+            let (resp, _) = client
+                .call_with(
+                    Method::PUT,
+                    &instance_path(name),
+                    Some(&put),
+                    if_match(etag.as_deref()),
+                )
+                .await
+                .map_err(|e| super::edit::stale(&what, e))?;
+            client.finish(resp).await?;
         }
     }
     Ok(0)
 }
 
+/// The config an instance runs with: `profiles`' config in order, then its own (later keys
+/// win), as the server layers it.
+pub fn layer(
+    profiles: &[BTreeMap<String, String>],
+    own: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for p in profiles {
+        out.extend(p.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    out.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
+    out
+}
+
+/// The effective config of an instance: the server's `expanded_config` when it sends one,
+/// else layered here from its profiles (read in the same project).
+pub async fn expanded_config(
+    client: &Client,
+    raw: &serde_json::Value,
+    inst: &Instance,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    if let Some(v) = raw.get("expanded_config").filter(|v| v.is_object()) {
+        return Ok(crate::client::decode_metadata(v.clone())?);
+    }
+    let mut profiles = Vec::new();
+    for p in &inst.profiles {
+        let prof: Profile = client.get(&super::profile::profile_path(p)).await?;
+        profiles.push(prof.config);
+    }
+    Ok(layer(&profiles, &inst.config))
+}
+
 /// Parses edited YAML into the writable config.
 pub fn parse_put(text: &str) -> anyhow::Result<InstancePut> {
     serde_yaml::from_str(text).map_err(|e| anyhow::anyhow!("cannot parse the YAML: {e}"))
-}
-
-/// Opens `$VISUAL`/`$EDITOR` (default vi) on `text` until it parses or the user gives up.
-fn edit_in_editor(text: &str) -> anyhow::Result<InstancePut> {
-    let path = std::env::temp_dir().join(format!("berth_config_edit_{}.yaml", std::process::id()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
-    let result = (|| {
-        f.write_all(text.as_bytes())?;
-        drop(f);
-        let editor = std::env::var("VISUAL")
-            .or_else(|_| std::env::var("EDITOR"))
-            .unwrap_or_else(|_| "vi".into());
-        loop {
-            let status = std::process::Command::new("sh")
-                .arg("-c")
-                .arg(format!("{editor} \"$1\""))
-                .arg("sh")
-                .arg(&path)
-                .status()
-                .map_err(|e| anyhow::anyhow!("cannot run the editor {editor}: {e}"))?;
-            if !status.success() {
-                anyhow::bail!("the editor {editor} failed ({status})");
-            }
-            let edited = std::fs::read_to_string(&path)?;
-            match parse_put(&edited) {
-                Ok(put) => return Ok(put),
-                Err(e) => {
-                    let mut err = std::io::stderr();
-                    let _ = writeln!(err, "Config parsing error: {e}");
-                    let _ = writeln!(
-                        err,
-                        "Press enter to open the editor again or ctrl+c to abort change"
-                    );
-                    let mut line = String::new();
-                    if std::io::stdin().read_line(&mut line)? == 0 {
-                        anyhow::bail!("configuration not changed");
-                    }
-                }
-            }
-        }
-    })();
-    let _ = std::fs::remove_file(&path);
-    result
 }
 
 #[cfg(test)]
@@ -217,6 +211,27 @@ mod tests {
         );
         assert_eq!(parse_put(&yaml).unwrap(), writable(&inst));
         assert!(parse_put("name: x\n").is_err());
+    }
+
+    #[test]
+    fn layered_config() {
+        let m = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let web = m(&[("limits.cpu", "2"), ("user.tier", "web")]);
+        let small = m(&[("limits.cpu", "1"), ("limits.memory", "256MiB")]);
+        let own = m(&[("limits.memory", "512MiB")]);
+        assert_eq!(
+            layer(&[web, small], &own),
+            m(&[
+                ("limits.cpu", "1"),
+                ("limits.memory", "512MiB"),
+                ("user.tier", "web")
+            ])
+        );
     }
 
     #[test]

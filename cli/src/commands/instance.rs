@@ -22,9 +22,12 @@ pub struct CreateArgs {
     /// Config key/value to apply to the new instance (KEY=VALUE, repeatable)
     #[arg(short = 'c', long = "config", value_name = "KEY=VALUE")]
     pub config: Vec<String>,
-    /// Profile to apply to the new instance (repeatable)
+    /// Profile to apply to the new instance (repeatable, in order; default: "default")
     #[arg(short = 'p', long = "profile", value_name = "PROFILE")]
     pub profiles: Vec<String>,
+    /// Create the instance without any profile
+    #[arg(long, conflicts_with = "profiles")]
+    pub no_profiles: bool,
     /// Cluster member to place the instance on
     #[arg(long, value_name = "NODE")]
     pub target: Option<String>,
@@ -43,9 +46,12 @@ pub struct ListArgs {
     pub format: Format,
     /// Columns: n name, s state, 4 IPv4, 6 IPv6, t type, S snapshots, L location, l last used,
     /// c created, d description, a architecture, p PID, N processes, m memory, u CPU time,
-    /// P profiles, f base image; or a comma list that may include config keys
+    /// P profiles, f base image, e project; or a comma list that may include config keys
     #[arg(short = 'c', long, default_value = "ns4tS")]
     pub columns: String,
+    /// Instances of every project (with a PROJECT column first)
+    #[arg(long)]
+    pub all_projects: bool,
 }
 
 /// `info`.
@@ -142,6 +148,9 @@ async fn image_source(client: &Client, image: &str) -> anyhow::Result<InstanceSo
 pub async fn create(ctx: &Ctx, args: CreateArgs, start: bool) -> anyhow::Result<i32> {
     let (client, name) = instance_arg(ctx, &args.name)?;
     let config = parse_config_pairs(&args.config)?;
+    for p in &args.profiles {
+        super::check_name(berth_proto::api::names::validate_profile_name, p)?;
+    }
     let image = match split_remote(&args.image) {
         (Some(r), rest) if ctx.config.remotes.contains_key(r) => {
             if Some(r) != split_remote(&args.name).0 {
@@ -164,22 +173,37 @@ pub async fn create(ctx: &Ctx, args: CreateArgs, start: bool) -> anyhow::Result<
             crate::client::encode_query(&target)
         )
     };
+    // The API gives an instance that names no profile the "default" one, so an instance
+    // without profiles is made stopped, has its profiles emptied, and is started after.
+    let no_profiles = args.no_profiles;
     let req = InstancesPost {
         name: name.to_string(),
         description: args.description,
         source,
         config,
         profiles: args.profiles,
-        start,
+        start: start && !no_profiles,
         target,
         kind: "container".into(),
     };
     say(&format!("Creating {name}"));
     let resp = client.call(Method::POST, &path, Some(&req)).await?;
-    if start {
+    if start && !no_profiles {
         say(&format!("Starting {name}"));
     }
     client.finish(resp).await?;
+    if no_profiles {
+        super::profile::put_profiles(
+            &client,
+            name,
+            &super::profile::ProfileChange::Assign(Vec::new()),
+        )
+        .await?;
+        if start {
+            say(&format!("Starting {name}"));
+            change_state(&client, name, "start", false, 0).await?;
+        }
+    }
     Ok(0)
 }
 
@@ -226,6 +250,8 @@ pub enum Column {
     Cpu,
     Profiles,
     BaseImage,
+    /// The instance's project (`e`; added first by `--all-projects`).
+    Project,
     /// A config key (`user.role`, `limits.cpu`).
     Config(String),
 }
@@ -250,6 +276,7 @@ impl Column {
             'u' => Column::Cpu,
             'P' => Column::Profiles,
             'f' => Column::BaseImage,
+            'e' => Column::Project,
             _ => return None,
         })
     }
@@ -274,6 +301,7 @@ impl Column {
             Column::Cpu => "CPU USAGE".into(),
             Column::Profiles => "PROFILES".into(),
             Column::BaseImage => "BASE IMAGE".into(),
+            Column::Project => "PROJECT".into(),
             Column::Config(k) => k.to_uppercase(),
         }
     }
@@ -323,6 +351,7 @@ impl Column {
             },
             Column::Profiles => i.profiles.join("\n"),
             Column::BaseImage => short(&i.image),
+            Column::Project => i.project.clone(),
             Column::Config(k) => i.config.get(k).cloned().unwrap_or_default(),
         }
     }
@@ -367,6 +396,7 @@ pub fn matches_filters(i: &Instance, filters: &[String]) -> bool {
             "location" | "L" => i.location == v,
             "type" | "t" => i.kind.eq_ignore_ascii_case(v),
             "architecture" | "a" => i.architecture == v,
+            "project" | "e" => i.project == v,
             key => i.config.get(key).map(String::as_str) == Some(v),
         },
     })
@@ -404,9 +434,18 @@ pub async fn list(ctx: &Ctx, args: ListArgs) -> anyhow::Result<i32> {
         }
     }
     let client = ctx.client(remote)?;
-    let mut instances: Vec<Instance> = client.get("/1.0/instances?recursion=2").await?;
+    let mut columns = columns;
+    let path = if args.all_projects {
+        if !columns.contains(&Column::Project) {
+            columns.insert(0, Column::Project);
+        }
+        "/1.0/instances?recursion=2&all-projects=true"
+    } else {
+        "/1.0/instances?recursion=2"
+    };
+    let mut instances: Vec<Instance> = client.get(path).await?;
     instances.retain(|i| matches_filters(i, &filters));
-    instances.sort_by(|a, b| a.name.cmp(&b.name));
+    instances.sort_by(|a, b| a.project.cmp(&b.project).then(a.name.cmp(&b.name)));
     print(&render_list(&instances, &columns, args.format)?);
     Ok(0)
 }
@@ -435,6 +474,10 @@ pub fn render_info(i: &Instance, state: Option<&InstanceState>) -> String {
     ));
     line(format!("Architecture: {}", i.architecture));
     line(format!("Location: {}", i.location));
+    if !i.project.is_empty() {
+        line(format!("Project: {}", i.project));
+    }
+    line(format!("Profiles: {}", i.profiles.join(", ")));
     if let Some(s) = state
         && s.pid > 0
     {
@@ -822,6 +865,10 @@ mod tests {
         let text = render_info(i, i.state.as_ref());
         assert!(text.starts_with("Name: web1\nStatus: Running\nType: container\n"));
         assert!(text.contains("PID: 4242\n"));
+        assert!(
+            text.contains("Location: node1\nProfiles: default\n"),
+            "{text}"
+        );
         assert!(text.contains("  Processes: 7\n"));
         assert!(text.contains("  Limits:\n    limits.memory: 64MiB\n"));
         assert!(text.contains("        inet:  10.87.0.5/24 (global)\n"));

@@ -2,18 +2,65 @@
 
 pub mod cluster;
 pub mod config;
+pub mod edit;
 pub mod exec;
 pub mod file;
 pub mod image;
 pub mod instance;
+pub mod key;
+pub mod monitor;
 pub mod operation;
+pub mod profile;
+pub mod project;
 pub mod remote;
 
 use std::collections::BTreeMap;
 
 use berth_proto::api::Server;
+use serde::de::DeserializeOwned;
 
+use crate::client::Client;
 use crate::{Ctx, say};
+
+/// Lists the objects under `base` (`/1.0/projects`, `/1.0/keys`): asks for them with
+/// `recursion=1`; when the server answers with URLs only, reads each one.
+pub async fn list_objects<T: DeserializeOwned>(
+    client: &Client,
+    base: &str,
+) -> anyhow::Result<Vec<T>> {
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let v: serde_json::Value = client.get(&format!("{base}{sep}recursion=1")).await?;
+    match v {
+        serde_json::Value::Null => Ok(Vec::new()),
+        serde_json::Value::Array(items) if items.iter().all(serde_json::Value::is_string) => {
+            let mut out = Vec::with_capacity(items.len());
+            for url in items.iter().filter_map(serde_json::Value::as_str) {
+                out.push(client.get(url).await?);
+            }
+            Ok(out)
+        }
+        other => Ok(crate::client::decode_metadata(other)?),
+    }
+}
+
+/// Checks a name with one of the `names::validate_*` rules, as a one-sentence error.
+pub fn check_name(rule: fn(&str) -> Result<(), String>, name: &str) -> anyhow::Result<()> {
+    rule(name).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Turns `set` arguments into pairs: `KEY VALUE`, or `KEY=VALUE...`.
+pub fn set_arguments(args: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    match args {
+        [k, v] if !k.contains('=') => Ok(vec![(k.clone(), v.clone())]),
+        _ => args.iter().map(|a| parse_key_value(a)).collect(),
+    }
+}
+
+/// A remote argument (`REMOTE:` or `REMOTE`) without its colon; none when not given.
+pub fn remote_arg(arg: Option<&str>) -> Option<&str> {
+    arg.map(|r| r.trim_end_matches(':'))
+        .filter(|r| !r.is_empty())
+}
 
 /// Splits `KEY=VALUE`; the key must not be empty.
 pub fn parse_key_value(arg: &str) -> anyhow::Result<(String, String)> {

@@ -1,12 +1,12 @@
-//! `berth operation list|show|delete`.
+//! `berth operation list|show|wait|cancel`.
 
-use berth_proto::api::Operation;
+use berth_proto::api::{Operation, OperationStatus};
 use clap::Subcommand;
 use http::Method;
 
 use crate::client::encode_query;
 use crate::output::{self, Format};
-use crate::{Ctx, print};
+use crate::{Ctx, print, say};
 
 /// Operation subcommands.
 #[derive(Debug, Subcommand)]
@@ -19,15 +19,26 @@ pub enum OperationCommand {
         /// Format (table, compact, csv, json, yaml)
         #[arg(short = 'f', long, default_value = "table")]
         format: Format,
+        /// Operations of every project (with a PROJECT column)
+        #[arg(long)]
+        all_projects: bool,
     },
     /// Show details of a background operation (YAML)
     Show {
         /// Operation id, optionally REMOTE:ID
         id: String,
     },
-    /// Cancel and delete a background operation
-    #[command(visible_alias = "rm")]
-    Delete {
+    /// Wait for a background operation to end; fails when it failed
+    Wait {
+        /// Operation id, optionally REMOTE:ID
+        id: String,
+        /// Give up after this many seconds (default: wait until it ends)
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
+    },
+    /// Cancel a background operation
+    #[command(visible_aliases = ["delete", "rm"])]
+    Cancel {
         /// Operation id, optionally REMOTE:ID
         id: String,
     },
@@ -53,61 +64,103 @@ pub fn flatten_operations(metadata: serde_json::Value) -> anyhow::Result<Vec<Ope
     Ok(ops)
 }
 
+/// The headers of `operation list`, with PROJECT first for `--all-projects`.
+pub fn operation_header(all_projects: bool) -> Vec<&'static str> {
+    let mut h = vec!["ID", "CLASS", "DESCRIPTION", "STATUS", "CREATED"];
+    if all_projects {
+        h.insert(0, "PROJECT");
+    }
+    h
+}
+
 /// Table rows of `operation list`.
-pub fn operation_rows(ops: &[Operation]) -> Vec<Vec<String>> {
+pub fn operation_rows(ops: &[Operation], all_projects: bool) -> Vec<Vec<String>> {
     ops.iter()
         .map(|o| {
-            vec![
+            let mut row = vec![
                 o.id.clone(),
                 o.class.to_uppercase(),
                 o.description.clone(),
                 format!("{:?}", o.status).to_uppercase(),
-                if o.may_cancel { "YES" } else { "NO" }.into(),
                 o.created_at.clone(),
-            ]
+            ];
+            if all_projects {
+                row.insert(0, o.project.clone());
+            }
+            row
         })
         .collect()
+}
+
+fn operation_path(id: &str) -> String {
+    format!("/1.0/operations/{}", encode_query(id))
 }
 
 /// Runs an operation subcommand.
 pub async fn run(ctx: &Ctx, command: OperationCommand) -> anyhow::Result<i32> {
     match command {
-        OperationCommand::List { remote, format } => {
-            let remote = remote.as_deref().map(|r| r.trim_end_matches(':'));
-            let client = ctx.client(remote)?;
-            let meta = client
-                .sync::<()>(Method::GET, "/1.0/operations?recursion=1", None)
-                .await?;
+        OperationCommand::List {
+            remote,
+            format,
+            all_projects,
+        } => {
+            let client = ctx.client(super::remote_arg(remote.as_deref()))?;
+            let path = if all_projects {
+                "/1.0/operations?recursion=1&all-projects=true"
+            } else {
+                "/1.0/operations?recursion=1"
+            };
+            let meta = client.sync::<()>(Method::GET, path, None).await?;
             let ops = flatten_operations(meta)?;
             print(&output::render(
                 format,
-                &[
-                    "ID",
-                    "TYPE",
-                    "DESCRIPTION",
-                    "STATUS",
-                    "CANCELABLE",
-                    "CREATED",
-                ],
-                &operation_rows(&ops),
+                &operation_header(all_projects),
+                &operation_rows(&ops, all_projects),
                 &ops,
             )?);
         }
         OperationCommand::Show { id } => {
             let (client, id) = ctx.resolve(&id)?;
-            let op: Operation = client
-                .get(&format!("/1.0/operations/{}", encode_query(id)))
-                .await?;
+            let op: Operation = client.get(&operation_path(id)).await?;
             print(&output::yaml(&op)?);
         }
-        OperationCommand::Delete { id } => {
+        OperationCommand::Wait { id, timeout } => {
             let (client, id) = ctx.resolve(&id)?;
+            if id.is_empty() {
+                anyhow::bail!("no operation id given");
+            }
+            let op = match timeout {
+                None => client.wait(id).await?,
+                Some(t) => {
+                    let op: Operation = client
+                        .get(&format!("{}/wait?timeout={t}", operation_path(id)))
+                        .await?;
+                    match op.status {
+                        OperationStatus::Success => op,
+                        OperationStatus::Failure => anyhow::bail!(
+                            "{}",
+                            if op.err.is_empty() {
+                                format!("operation {} failed", op.id)
+                            } else {
+                                op.err
+                            }
+                        ),
+                        OperationStatus::Cancelled => {
+                            anyhow::bail!("operation {} was cancelled", op.id)
+                        }
+                        _ => anyhow::bail!("operation {id} is still running after {t} s"),
+                    }
+                }
+            };
+            say(&format!("Operation {} succeeded", op.id));
+        }
+        OperationCommand::Cancel { id } => {
+            let (client, id) = ctx.resolve(&id)?;
+            if id.is_empty() {
+                anyhow::bail!("no operation id given");
+            }
             client
-                .sync::<()>(
-                    Method::DELETE,
-                    &format!("/1.0/operations/{}", encode_query(id)),
-                    None,
-                )
+                .sync::<()>(Method::DELETE, &operation_path(id), None)
                 .await?;
         }
     }
@@ -117,7 +170,6 @@ pub async fn run(ctx: &Ctx, command: OperationCommand) -> anyhow::Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use berth_proto::api::OperationStatus;
 
     fn op(id: &str, created: &str) -> Operation {
         Operation {
@@ -149,8 +201,12 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(
-            operation_rows(&[op("a", "1")])[0],
-            ["a", "TASK", "Starting instance", "RUNNING", "NO", "1"]
+            operation_rows(&[op("a", "1")], false)[0],
+            ["a", "TASK", "Starting instance", "RUNNING", "1"]
         );
+        let mut o = op("a", "1");
+        o.project = "team-a".into();
+        assert_eq!(operation_rows(&[o], true)[0][0], "team-a");
+        assert_eq!(operation_header(true)[0], "PROJECT");
     }
 }

@@ -1,4 +1,4 @@
-//! `berth remote add|list|remove|switch|get-default`.
+//! `berth remote add|list|rename|remove|switch|get-default|set-url`.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -23,8 +23,16 @@ pub enum RemoteCommand {
         #[arg(value_name = "URL[,URL...]")]
         url: String,
         /// File holding the API key
-        #[arg(long, value_name = "FILE")]
-        key_file: PathBuf,
+        #[arg(
+            long,
+            value_name = "FILE",
+            required_unless_present = "key",
+            conflicts_with = "key"
+        )]
+        key_file: Option<PathBuf>,
+        /// "-": read the API key from stdin (stored in a file of mode 0600 next to the config)
+        #[arg(long, value_name = "-", allow_hyphen_values = true)]
+        key: Option<String>,
         /// Cluster CA certificate (PEM) to verify the server with
         #[arg(long, value_name = "FILE")]
         ca_file: Option<PathBuf>,
@@ -46,6 +54,14 @@ pub enum RemoteCommand {
         /// https://HOST[:PORT], or several comma-separated
         #[arg(value_name = "URL[,URL...]")]
         url: String,
+    },
+    /// Rename a remote
+    #[command(visible_alias = "mv")]
+    Rename {
+        /// Current name
+        old: String,
+        /// New name
+        new: String,
     },
     /// Remove remotes
     #[command(visible_alias = "rm")]
@@ -73,6 +89,8 @@ pub struct RemoteEntry {
     pub key_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
     pub fingerprint: Option<String>,
+    /// The remote's current project (`berth project switch`).
+    pub project: Option<String>,
     pub current: bool,
 }
 
@@ -88,6 +106,7 @@ pub fn remote_entries(config: &Config, current: &str) -> Vec<RemoteEntry> {
             key_file: r.key_file.clone(),
             ca_file: r.ca_file.clone(),
             fingerprint: r.fingerprint.clone(),
+            project: r.project.clone(),
             current: name == current,
         })
         .collect()
@@ -120,6 +139,7 @@ pub async fn run(ctx: &Ctx, command: RemoteCommand) -> anyhow::Result<i32> {
             name,
             url,
             key_file,
+            key,
             ca_file,
             accept_certificate,
         } => {
@@ -128,23 +148,49 @@ pub async fn run(ctx: &Ctx, command: RemoteCommand) -> anyhow::Result<i32> {
                 anyhow::bail!("remote \"{name}\" already exists");
             }
             let urls = parse_urls(&url)?;
+            if ca_file.is_none() && urls.len() > 1 {
+                anyhow::bail!(
+                    "several addresses need --ca-file: each controller has its own certificate, so one pinned fingerprint cannot trust them all"
+                );
+            }
+            let secret = match (&key_file, key.as_deref()) {
+                (Some(f), _) => {
+                    warn_if_readable(f);
+                    None
+                }
+                (None, Some("-")) => Some(read_key_from_stdin()?),
+                (None, Some(_)) => anyhow::bail!(
+                    "--key only takes \"-\" (read the key from stdin); keep a key in a file of mode 0600 and pass --key-file"
+                ),
+                (None, None) => anyhow::bail!("give the API key with --key-file FILE or --key -"),
+            };
             let mut remote = Remote {
-                key_file: Some(absolute(&key_file)?),
+                key_file: key_file.as_deref().map(absolute).transpose()?,
+                key: secret.clone(),
                 ca_file: ca_file.as_deref().map(absolute).transpose()?,
                 ..Remote::default()
             };
             remote.set_urls(&urls);
-            let key = remote.api_key(&name)?;
-            if let Some(ca) = &remote.ca_file {
-                let client = crate::client::Client::new(&crate::config::Target {
-                    name: name.clone(),
-                    url: remote.url.clone(),
-                    more_urls: remote.addresses.clone(),
-                    key,
-                    ca_file: Some(ca.clone()),
-                    fingerprint: None,
-                    project: None,
-                })?;
+            let api_key = remote.api_key(&name)?;
+            if remote.ca_file.is_none() {
+                let fp = fetch_fingerprint(&remote.url).await?;
+                say(&format!("Certificate fingerprint: {fp}"));
+                if !accept_certificate && !confirm("Trust this certificate? (y/N) ")? {
+                    anyhow::bail!("server certificate not accepted");
+                }
+                remote.fingerprint = Some(fp);
+            }
+            let client = crate::client::Client::new(&crate::config::Target {
+                name: name.clone(),
+                url: remote.url.clone(),
+                more_urls: remote.addresses.clone(),
+                key: api_key,
+                ca_file: remote.ca_file.clone(),
+                fingerprint: remote.fingerprint.clone(),
+                project: None,
+            })?;
+            check_key(&client).await?;
+            if remote.ca_file.is_some() {
                 // Best effort: a cluster tells its other controllers' addresses.
                 if let Ok(Ok(learned)) =
                     tokio::time::timeout(LEARN_TIMEOUT, super::cluster::learn_urls(&client)).await
@@ -153,21 +199,27 @@ pub async fn run(ctx: &Ctx, command: RemoteCommand) -> anyhow::Result<i32> {
                     all.extend(learned);
                     remote.set_urls(&all);
                 }
-            } else if urls.len() > 1 {
-                anyhow::bail!(
-                    "several addresses need --ca-file: each controller has its own certificate, so one pinned fingerprint cannot trust them all"
-                );
-            } else {
-                let fp = fetch_fingerprint(&remote.url).await?;
-                if !accept_certificate {
-                    say(&format!("Certificate fingerprint: {fp}"));
-                    if !confirm("ok (y/n)? ")? {
-                        anyhow::bail!("server certificate not accepted");
-                    }
-                }
-                remote.fingerprint = Some(fp);
+            }
+            if let Some(secret) = &secret {
+                remote.key = None;
+                remote.key_file = Some(crate::config::store_key(&ctx.keys_dir(), &name, secret)?);
             }
             config.add_remote(&name, remote)?;
+            config.save(&ctx.config_path)?;
+        }
+        RemoteCommand::Rename { old, new } => {
+            config.rename_remote(&old, &new)?;
+            // A key this command stored follows the remote's name.
+            let keys_dir = ctx.keys_dir();
+            if let Some(r) = config.remotes.get_mut(&new)
+                && r.key_file.as_deref() == Some(keys_dir.join(format!("{old}.key")).as_path())
+            {
+                let to = keys_dir.join(format!("{new}.key"));
+                std::fs::rename(keys_dir.join(format!("{old}.key")), &to).map_err(|e| {
+                    anyhow::anyhow!("cannot rename the key file of remote \"{old}\": {e}")
+                })?;
+                r.key_file = Some(to);
+            }
             config.save(&ctx.config_path)?;
         }
         RemoteCommand::List { format } => {
@@ -204,12 +256,13 @@ pub async fn run(ctx: &Ctx, command: RemoteCommand) -> anyhow::Result<i32> {
                             }
                             (None, None) => String::new(),
                         },
+                        e.project.clone().unwrap_or_default(),
                     ]
                 })
                 .collect();
             print(&output::render(
                 format,
-                &["NAME", "URL", "KEY FILE", "TRUST"],
+                &["NAME", "URL", "KEY FILE", "TRUST", "PROJECT"],
                 &rows,
                 &entries,
             )?);
@@ -234,8 +287,13 @@ pub async fn run(ctx: &Ctx, command: RemoteCommand) -> anyhow::Result<i32> {
             config.save(&ctx.config_path)?;
         }
         RemoteCommand::Remove { name } => {
-            config.remove_remote(&name)?;
+            let removed = config.remove_remote(&name)?;
             config.save(&ctx.config_path)?;
+            // A key this command stored goes with its remote.
+            let stored = ctx.keys_dir().join(format!("{name}.key"));
+            if removed.key_file.as_deref() == Some(stored.as_path()) {
+                let _ = std::fs::remove_file(stored);
+            }
         }
         RemoteCommand::Switch { name } => {
             config.switch_remote(&name)?;
@@ -246,6 +304,53 @@ pub async fn run(ctx: &Ctx, command: RemoteCommand) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// Checks that the server takes the key (`GET /1.0`): a refused key is an error; a server that
+/// cannot answer right now is only a warning (the remote is still added).
+async fn check_key(client: &crate::client::Client) -> anyhow::Result<()> {
+    match client.get::<berth_proto::api::Server>("/1.0").await {
+        Ok(_) => Ok(()),
+        Err(e) if matches!(e.status(), Some(401 | 403)) => {
+            anyhow::bail!("the server refused the API key: {e}")
+        }
+        Err(e) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "Warning: cannot check the API key now: {e}"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Reads an API key from stdin (its first non-empty line).
+fn read_key_from_stdin() -> anyhow::Result<String> {
+    let mut text = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut text)
+        .map_err(|e| anyhow::anyhow!("cannot read the key from stdin: {e}"))?;
+    let key = text.trim();
+    if key.is_empty() {
+        anyhow::bail!("no API key on stdin");
+    }
+    Ok(key.to_string())
+}
+
+/// Warns when a key file can be read by other users.
+fn warn_if_readable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            let _ = writeln!(
+                std::io::stderr(),
+                "Warning: the key file {} can be read by other users (mode {mode:04o}): chmod 600 it",
+                path.display()
+            );
+        }
+    }
 }
 
 /// Asks a yes/no question on the terminal; without a terminal the answer is no.
