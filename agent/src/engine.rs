@@ -229,6 +229,20 @@ impl Engine {
         berth_proto::api::names::validate_scoped_name(name).map_err(EngineError::InvalidConfig)
     }
 
+    /// Refuses `limits.disk` where the storage driver cannot honour it (before anything is
+    /// made or changed).
+    fn check_disk_limit(&self, config: &BTreeMap<String, String>) -> Result<(), EngineError> {
+        if disk_limit(config)?.is_some() && !self.inner.storage.supports_disk_limits() {
+            return Err(EngineError::InvalidConfig(
+                StorageError::DiskLimitUnsupported {
+                    driver: self.inner.storage.name(),
+                }
+                .to_string(),
+            ));
+        }
+        Ok(())
+    }
+
     fn record(&self, name: &str) -> Result<InstanceRecord, EngineError> {
         Self::check_name(name)?;
         let dir = self.dir(name);
@@ -296,6 +310,7 @@ impl Engine {
         if let Some(net) = &spec.network {
             crate::network::check_guest_net(net)?;
         }
+        self.check_disk_limit(&spec.config.clone().into_iter().collect())?;
         let lock = self.lock(&name);
         let _g = lock.lock().await;
         let dir = self.dir(&name);
@@ -646,6 +661,17 @@ impl Engine {
         blocking(move || Ok(inner.status_blocking(&rec))).await
     }
 
+    /// The disk use and limit of an instance's root filesystem, when the storage driver
+    /// tracks them (btrfs once quotas are on: the first `limits.disk` turns them on).
+    pub async fn disk_usage(
+        &self,
+        name: &str,
+    ) -> Result<Option<crate::storage::DiskUsage>, EngineError> {
+        let rec = self.record(name)?;
+        let inner = self.inner.clone();
+        blocking(move || Ok(inner.storage.instance_disk_usage(&rec.name))).await
+    }
+
     /// Status of every instance on this node.
     pub async fn list(&self) -> Result<Vec<InstanceStatus>, EngineError> {
         let inner = self.inner.clone();
@@ -670,6 +696,7 @@ impl Engine {
         config: BTreeMap<String, String>,
     ) -> Result<InstanceStatus, EngineError> {
         berth_proto::api::config::validate(&config).map_err(|e| EngineError::InvalidConfig(e.0))?;
+        self.check_disk_limit(&config)?;
         let lock = self.lock(name);
         let _g = lock.lock().await;
         let mut rec = self.record(name)?;
@@ -677,13 +704,24 @@ impl Engine {
         let inner = self.inner.clone();
         let running = dir.live_init().is_some();
         let cfg = config.clone();
+        let old_disk = disk_limit(&rec.config)?;
+        let new_disk = disk_limit(&config)?;
         let n = name.to_string();
         blocking(move || {
             let (cpus, mem) = crate::cgroup::host_resources(&inner.cgroups);
             let limits = Limits::from_config(&cfg, &cpus, mem)
                 .map_err(|e| EngineError::InvalidConfig(e.to_string()))?;
-            if running {
-                inner.cgroups.apply_limits(&n, &limits)?;
+            // The disk limit holds whether or not the instance runs.
+            if new_disk != old_disk {
+                inner.storage.set_instance_disk_limit(&n, new_disk)?;
+            }
+            if running && let Err(e) = inner.cgroups.apply_limits(&n, &limits) {
+                if new_disk != old_disk
+                    && let Err(undo) = inner.storage.set_instance_disk_limit(&n, old_disk)
+                {
+                    tracing::warn!(instance = %n, "restoring the disk limit: {undo}");
+                }
+                return Err(e.into());
             }
             Ok(())
         })
@@ -865,6 +903,10 @@ impl Inner {
             undo.push(Box::new(move || {
                 let _ = storage.delete_instance_volume(&n);
             }));
+            // Before anything can write into the volume (and before any start).
+            if let Some(bytes) = disk_limit(&config)? {
+                self.storage.set_instance_disk_limit(name, Some(bytes))?;
+            }
             let rootfs = vol.join("rootfs");
             let mut rec = InstanceRecord {
                 name: name.to_string(),
@@ -1042,8 +1084,27 @@ impl Inner {
             s.limits = limits.into_iter().collect();
             s.started_at = st.started_at;
         }
+        // The disk limit holds whether or not the instance runs.
+        if let Some(limit) = self
+            .storage
+            .instance_disk_usage(&rec.name)
+            .and_then(|d| d.limit)
+        {
+            s.limits.insert("limits.disk".into(), limit.to_string());
+        }
         s
     }
+}
+
+/// The `limits.disk` of a config in bytes (None when unset).
+fn disk_limit(config: &BTreeMap<String, String>) -> Result<Option<u64>, EngineError> {
+    config
+        .get("limits.disk")
+        .map(|v| {
+            berth_proto::api::config::parse_bytes(v)
+                .map_err(|e| EngineError::InvalidConfig(format!("limits.disk: {e}")))
+        })
+        .transpose()
 }
 
 /// Whether `pid` blocks signal `sig` (SigBlk in /proc/<pid>/status).

@@ -835,6 +835,110 @@ mod boot {
         s.pool.driver.as_ref().unwrap().unmount().unwrap();
     }
 
+    /// `limits.disk` on btrfs: quotas come on with the first limit, the limit is set before the
+    /// first start, writes beyond it fail with EDQUOT inside the instance, it changes and goes
+    /// away live, and deleting the instance leaves no qgroup behind. The instance is a project's
+    /// (`p_disk1`), so its hostname is `disk1`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn disk_limit_on_btrfs() {
+        let name = "p_disk1";
+        let s = setup(name, "berthtest4", "10.254.80.1/24", None);
+        let driver = s.pool.driver.clone().unwrap();
+        let img = s.store.build("busybox", None).unwrap();
+        assert!(
+            !driver.quotas_enabled(),
+            "quotas must stay off until a limit is set"
+        );
+        let mut spec = spec(name, &img.fingerprint, "10.254.80.10", "10.254.80.1");
+        spec.config.insert("limits.disk".into(), "64MiB".into());
+        s.engine.create(&spec).await.unwrap();
+        assert!(driver.quotas_enabled());
+        let st = s.engine.status(name).await.unwrap();
+        assert_eq!(
+            st.limits.get("limits.disk").map(String::as_str),
+            Some("67108864"),
+            "{st:?}"
+        );
+        let usage = s.engine.disk_usage(name).await.unwrap().unwrap();
+        assert_eq!(usage.limit, Some(64 << 20));
+        assert!(usage.used > 0 && usage.used < 64 << 20, "{usage:?}");
+
+        s.engine.start(name).await.unwrap();
+        let (_, host) = run(&s.engine, name, &["hostname"]).await;
+        assert_eq!(host.trim(), "disk1");
+        let dd = |file: &str, mib: u32| {
+            vec![
+                "dd".to_string(),
+                "if=/dev/zero".into(),
+                format!("of=/root/{file}"),
+                "bs=1048576".into(),
+                format!("count={mib}"),
+            ]
+        };
+        let exec = |cmd: Vec<String>| {
+            let engine = &s.engine;
+            async move {
+                let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
+                run(engine, name, &args).await
+            }
+        };
+        let (code, out) = exec(dd("big", 100)).await;
+        assert_ne!(
+            code, 0,
+            "a 100 MiB write must fail under a 64 MiB limit: {out}"
+        );
+        assert!(out.contains("quota"), "{out}");
+        assert_eq!(exec(vec!["rm".into(), "/root/big".into()]).await.0, 0);
+        assert_eq!(exec(vec!["sync".into()]).await.0, 0);
+
+        // Removed live: the same write succeeds.
+        let mut cfg: std::collections::BTreeMap<String, String> =
+            spec.config.clone().into_iter().collect();
+        cfg.remove("limits.disk");
+        let st = s.engine.update(name, cfg.clone()).await.unwrap();
+        assert!(!st.limits.contains_key("limits.disk"), "{st:?}");
+        let (code, out) = exec(dd("big", 100)).await;
+        assert_eq!(code, 0, "{out}");
+        assert_eq!(exec(vec!["sync".into()]).await.0, 0);
+
+        // Set live below what is used: nothing more can be written.
+        cfg.insert("limits.disk".into(), "64MiB".into());
+        let st = s.engine.update(name, cfg).await.unwrap();
+        assert_eq!(
+            st.limits.get("limits.disk").map(String::as_str),
+            Some("67108864")
+        );
+        let (code, out) = exec(dd("more", 8)).await;
+        assert_ne!(code, 0, "{out}");
+        assert!(out.contains("quota"), "{out}");
+
+        // Deleting the instance removes its qgroup.
+        let vol = driver.instance_volume(name).unwrap();
+        let id = berth_agent::sys::btrfs::subvolume_id(&vol).unwrap();
+        let uuid = berth_agent::sys::btrfs::fs_uuid(&vol).unwrap();
+        let qgroup = PathBuf::from(format!("/sys/fs/btrfs/{uuid}/qgroups/0_{id}"));
+        assert!(qgroup.is_dir());
+        s.engine
+            .stop(name, true, Duration::from_secs(5))
+            .await
+            .unwrap();
+        s.engine.delete(name, false).await.unwrap();
+        assert!(!qgroup.exists(), "qgroup 0/{id} left behind");
+        let show = Command::new("btrfs")
+            .args(["qgroup", "show", "--raw"])
+            .arg(driver.root())
+            .output()
+            .unwrap();
+        let show = String::from_utf8_lossy(&show.stdout);
+        assert!(
+            !show.lines().any(|l| l.starts_with(&format!("0/{id} "))),
+            "{show}"
+        );
+        s.store.delete(&img.fingerprint).unwrap();
+        s.net.teardown().unwrap();
+        driver.unmount().unwrap();
+    }
+
     /// The debian/12 image (from the build cache: run `debian12_build` first) boots unprivileged
     /// to `systemctl is-system-running` = running with its static networkd address.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

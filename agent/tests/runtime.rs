@@ -978,3 +978,48 @@ async fn project_scoped_names() {
         assert!(!cg.exists(n));
     }
 }
+
+/// The dir driver cannot limit disk use: `limits.disk` is refused at create (nothing is made)
+/// and at update (nothing changes), with one clear sentence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dir_driver_refuses_disk_limits() {
+    let e = env();
+    busybox_image(e.storage.as_ref());
+    let name = "rt-disk";
+    let eng = engine(&e);
+    let err = eng
+        .create(&spec(name, &[("limits.disk", "64MiB")]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, berth_agent::engine::EngineError::InvalidConfig(_)),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("the dir storage driver cannot limit disk use"),
+        "{err}"
+    );
+    assert!(!InstanceDir::new(&e.state_dir, name).path().exists());
+    assert!(e.storage.instance_volume(name).is_none());
+
+    eng.create(&spec(name, &[("limits.memory", "64MiB")]))
+        .await
+        .unwrap();
+    let mut cfg = BTreeMap::new();
+    cfg.insert("limits.disk".to_string(), "1GiB".to_string());
+    let err = eng.update(name, cfg).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("the dir storage driver cannot limit disk use"),
+        "{err}"
+    );
+    let rec = InstanceDir::new(&e.state_dir, name).read_record().unwrap();
+    assert_eq!(
+        rec.config.get("limits.memory").map(String::as_str),
+        Some("64MiB")
+    );
+    assert!(!rec.config.contains_key("limits.disk"));
+    assert!(eng.disk_usage(name).await.unwrap().is_none());
+    eng.delete(name, false).await.unwrap();
+}

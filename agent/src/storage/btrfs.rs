@@ -3,13 +3,19 @@
 //!
 //! The pool is a directory on a btrfs filesystem: one the operator gives, a block device mounted
 //! at the pool mount point, or (the default) a sparse loop file formatted and mounted there.
+//!
+//! Disk limits are qgroup limits on the referenced size of an instance subvolume (what the
+//! instance sees as its root filesystem, its image's shared data included). Quotas slow some
+//! btrfs operations (snapshot deletion above all), so they are enabled on the pool only when the
+//! first limit is set, and stay on. Usage and limits are read from `/sys/fs/btrfs/<fsid>/qgroups`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Mutex, OnceLock};
 
 use super::{
-    CONTAINERS_DIR, IMAGES_DIR, PoolLayout, PoolUsage, StorageDriver, StorageError,
+    CONTAINERS_DIR, DiskUsage, IMAGES_DIR, PoolLayout, PoolUsage, StorageDriver, StorageError,
     create_dir_if_missing, ensure_dir, io_err, run, statvfs_usage,
 };
 
@@ -60,6 +66,10 @@ impl Default for BtrfsConfig {
 pub struct BtrfsDriver {
     cfg: BtrfsConfig,
     pool: PoolLayout,
+    /// Held while quotas are being enabled, so two first limits do not both enable them.
+    quota_lock: Mutex<()>,
+    /// The pool filesystem's directory in `/sys/fs/btrfs`, found on first use.
+    sysfs: OnceLock<Option<PathBuf>>,
 }
 
 impl BtrfsDriver {
@@ -93,6 +103,8 @@ impl BtrfsDriver {
         Ok(BtrfsDriver {
             cfg,
             pool: PoolLayout { root },
+            quota_lock: Mutex::new(()),
+            sysfs: OnceLock::new(),
         })
     }
 
@@ -125,7 +137,8 @@ impl BtrfsDriver {
     }
 
     /// Deletes a subvolume and every subvolume nested in it (deepest first), making read-only
-    /// ones writable first. Succeeds when `path` does not exist.
+    /// ones writable first, then their qgroups when quotas are on (btrfs leaves them behind).
+    /// Succeeds when `path` does not exist.
     fn delete_subvolume_tree(&self, path: &Path) -> Result<(), StorageError> {
         if fs::symlink_metadata(path).is_err() {
             return Ok(());
@@ -133,11 +146,127 @@ impl BtrfsDriver {
         let mut nested = nested_subvolumes(path)?;
         // Deepest first.
         nested.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        let quotas = self.quotas_enabled();
+        let mut ids = Vec::new();
         for sub in nested.iter().chain(std::iter::once(&path.to_path_buf())) {
+            if quotas {
+                match crate::sys::btrfs::subvolume_id(sub) {
+                    Ok(id) => ids.push(id),
+                    Err(e) => tracing::warn!(
+                        subvolume = %sub.display(),
+                        "cannot read the subvolume id; its qgroup may stay behind: {e}"
+                    ),
+                }
+            }
             set_readonly(sub, false)?;
             run(Command::new("btrfs").args(["subvolume", "delete"]).arg(sub))?;
         }
+        self.destroy_qgroups(&ids)
+    }
+
+    /// `/sys/fs/btrfs/<fsid>` of the pool's filesystem (None when it cannot be found: quotas
+    /// are then judged by asking `btrfs`, and usage is not reported).
+    fn sysfs_dir(&self) -> Option<&Path> {
+        self.sysfs
+            .get_or_init(|| match crate::sys::btrfs::fs_uuid(&self.pool.root) {
+                Ok(uuid) => {
+                    let dir = Path::new("/sys/fs/btrfs").join(uuid);
+                    dir.is_dir().then_some(dir)
+                }
+                Err(e) => {
+                    tracing::warn!(pool = %self.pool.root.display(), "cannot read the btrfs filesystem id: {e}");
+                    None
+                }
+            })
+            .as_deref()
+    }
+
+    /// Whether quotas (qgroups) are on for the pool's filesystem.
+    pub fn quotas_enabled(&self) -> bool {
+        match self.sysfs_dir() {
+            Some(dir) => dir.join("qgroups").is_dir(),
+            None => Command::new("btrfs")
+                .args(["qgroup", "show"])
+                .arg(&self.pool.root)
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false),
+        }
+    }
+
+    /// Turns quotas on (once; they stay on) and waits for the initial scan, so that limits count
+    /// the data already there.
+    fn ensure_quotas(&self) -> Result<(), StorageError> {
+        let _one_at_a_time = self.quota_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.quotas_enabled() {
+            return Ok(());
+        }
+        tracing::info!(pool = %self.pool.root.display(), "enabling btrfs quotas for the first disk limit");
+        run(Command::new("btrfs")
+            .args(["quota", "enable"])
+            .arg(&self.pool.root))?;
+        run(Command::new("btrfs")
+            .args(["quota", "rescan", "-W"])
+            .arg(&self.pool.root))?;
         Ok(())
+    }
+
+    /// Removes the level-0 qgroups of deleted subvolumes. The kernel refuses (EBUSY) while a
+    /// deleted subvolume's data is still being dropped, so then this waits for the cleaner
+    /// (`btrfs subvolume sync`) and tries again; newer kernels remove the qgroup themselves
+    /// once the subvolume is gone.
+    fn destroy_qgroups(&self, ids: &[u64]) -> Result<(), StorageError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let root = &self.pool.root;
+        let destroy = |id: u64| -> Result<bool, StorageError> {
+            if !self.qgroup_exists(id) {
+                return Ok(true);
+            }
+            let out = Command::new("btrfs")
+                .args(["qgroup", "destroy", &format!("0/{id}")])
+                .arg(root)
+                .output()
+                .map_err(|e| StorageError::Command {
+                    op: "btrfs qgroup destroy".into(),
+                    detail: format!("cannot spawn: {e}"),
+                })?;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            Ok(out.status.success() || stderr.contains("No such file"))
+        };
+        let mut busy = Vec::new();
+        for &id in ids {
+            if !destroy(id)? {
+                busy.push(id);
+            }
+        }
+        if busy.is_empty() {
+            return Ok(());
+        }
+        let mut sync = Command::new("btrfs");
+        sync.args(["subvolume", "sync"]).arg(root);
+        for id in &busy {
+            sync.arg(id.to_string());
+        }
+        run(&mut sync)?;
+        for id in busy {
+            if !destroy(id)? {
+                return Err(StorageError::Command {
+                    op: format!("btrfs qgroup destroy 0/{id} {}", root.display()),
+                    detail: "the qgroup of the deleted subvolume is still in use".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the level-0 qgroup of subvolume `id` exists (true when it cannot be told).
+    fn qgroup_exists(&self, id: u64) -> bool {
+        match self.sysfs_dir() {
+            Some(dir) => dir.join("qgroups").join(format!("0_{id}")).exists(),
+            None => true,
+        }
     }
 }
 
@@ -218,6 +347,58 @@ impl StorageDriver for BtrfsDriver {
     fn rename_instance_volume(&self, from: &str, to: &str) -> Result<(), StorageError> {
         self.pool.rename_instance_volume(from, to)
     }
+
+    fn supports_disk_limits(&self) -> bool {
+        true
+    }
+
+    fn set_instance_disk_limit(&self, name: &str, bytes: Option<u64>) -> Result<(), StorageError> {
+        let path = self
+            .pool
+            .instance_volume(name)
+            .ok_or_else(|| StorageError::VolumeNotFound(name.to_string()))?;
+        let size = match bytes {
+            Some(b) => {
+                self.ensure_quotas()?;
+                b.to_string()
+            }
+            // No quotas: nothing is limited, nothing to remove.
+            None if !self.quotas_enabled() => return Ok(()),
+            None => "none".to_string(),
+        };
+        run(Command::new("btrfs")
+            .args(["qgroup", "limit", &size])
+            .arg(&path))?;
+        tracing::info!(instance = name, limit = %size, "set disk limit");
+        Ok(())
+    }
+
+    fn instance_disk_usage(&self, name: &str) -> Option<DiskUsage> {
+        let qgroups = self.sysfs_dir()?.join("qgroups");
+        if !qgroups.is_dir() {
+            return None;
+        }
+        let path = self.pool.instance_volume(name)?;
+        let id = crate::sys::btrfs::subvolume_id(&path).ok()?;
+        read_qgroup(&qgroups.join(format!("0_{id}")))
+    }
+}
+
+/// `BTRFS_QGROUP_LIMIT_MAX_RFER` in a qgroup's `limit_flags`.
+const LIMIT_MAX_RFER: u64 = 1;
+
+/// Usage and referenced-size limit of one qgroup from its sysfs directory.
+fn read_qgroup(dir: &Path) -> Option<DiskUsage> {
+    let num =
+        |f: &str| -> Option<u64> { fs::read_to_string(dir.join(f)).ok()?.trim().parse().ok() };
+    let used = num("referenced")?;
+    let flags = num("limit_flags").unwrap_or(0);
+    let limit = if flags & LIMIT_MAX_RFER != 0 {
+        num("max_referenced").filter(|l| *l > 0)
+    } else {
+        None
+    };
+    Some(DiskUsage { used, limit })
 }
 
 /// Sets or clears the read-only property of a subvolume.
@@ -437,6 +618,30 @@ mod tests {
         assert!(parse_nested("containers/web10", list).is_empty());
         let list_a = "ID 258 gen 11 top level 257 path <FS_TREE>/pool/containers/a/rootfs/s\n";
         assert_eq!(parse_nested("pool/containers/a", list_a), vec!["rootfs/s"]);
+    }
+
+    #[test]
+    fn qgroup_from_sysfs() {
+        let t = tempfile::tempdir().unwrap();
+        let q = t.path();
+        fs::write(q.join("referenced"), "5259264\n").unwrap();
+        fs::write(q.join("limit_flags"), "0\n").unwrap();
+        fs::write(q.join("max_referenced"), "0\n").unwrap();
+        assert_eq!(
+            read_qgroup(q),
+            Some(DiskUsage {
+                used: 5259264,
+                limit: None
+            })
+        );
+        fs::write(q.join("limit_flags"), "1\n").unwrap();
+        fs::write(q.join("max_referenced"), "67108864\n").unwrap();
+        assert_eq!(read_qgroup(q).unwrap().limit, Some(64 << 20));
+        // Only an exclusive-size limit (flag 2): no referenced limit.
+        fs::write(q.join("limit_flags"), "2\n").unwrap();
+        assert_eq!(read_qgroup(q).unwrap().limit, None);
+        fs::remove_file(q.join("referenced")).unwrap();
+        assert_eq!(read_qgroup(q), None);
     }
 
     #[test]

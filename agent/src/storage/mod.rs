@@ -9,6 +9,10 @@
 //! On-disk owners are the instance's own ids (uid 0 on disk is the instance's root); the runtime
 //! maps them with an idmapped mount, so nothing is ever chowned at launch.
 //!
+//! Disk limits (`limits.disk`): the btrfs driver limits an instance volume's qgroup (quotas are
+//! enabled on the pool the first time a limit is set, since they cost some speed); the dir
+//! driver cannot limit disk use and refuses a limit.
+//!
 //! `images/` and `containers/` are mode 0700 (host root only): an instance root can plant
 //! set-uid-0 files in its own rootfs, which host users must never reach.
 
@@ -34,6 +38,8 @@ pub enum StorageError {
     Command { op: String, detail: String },
     #[error("invalid volume name {0:?}: must be non-empty and contain no '/', '..' or NUL")]
     InvalidName(String),
+    #[error("the {driver} storage driver cannot limit disk use")]
+    DiskLimitUnsupported { driver: &'static str },
     #[error("storage pool {path} is unusable: {reason}")]
     BadPool { path: PathBuf, reason: String },
     #[error("storage i/o on {path}: {source}")]
@@ -49,6 +55,15 @@ pub enum StorageError {
 pub struct PoolUsage {
     pub total: u64,
     pub used: u64,
+}
+
+/// An instance volume's disk use and limit, in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiskUsage {
+    /// Bytes the volume references: its own data and what it shares with its image.
+    pub used: u64,
+    /// The size limit, when one is set.
+    pub limit: Option<u64>,
 }
 
 /// A storage driver. Every method is blocking (call it from `spawn_blocking`) and idempotent
@@ -86,6 +101,29 @@ pub trait StorageDriver: Send + Sync {
     /// Removes an instance volume; succeeds when it is already gone.
     fn delete_instance_volume(&self, name: &str) -> Result<(), StorageError>;
     fn rename_instance_volume(&self, from: &str, to: &str) -> Result<(), StorageError>;
+
+    /// Whether the driver can limit an instance volume's size (`limits.disk`).
+    fn supports_disk_limits(&self) -> bool {
+        false
+    }
+    /// Sets (`Some(bytes)`) or removes (`None`) the size limit of an instance volume; writes
+    /// beyond it fail with EDQUOT. A driver that cannot limit disk use refuses a limit with
+    /// [`StorageError::DiskLimitUnsupported`] and does nothing on a removal.
+    fn set_instance_disk_limit(&self, name: &str, bytes: Option<u64>) -> Result<(), StorageError> {
+        let _ = name;
+        match bytes {
+            Some(_) => Err(StorageError::DiskLimitUnsupported {
+                driver: self.name(),
+            }),
+            None => Ok(()),
+        }
+    }
+    /// An instance volume's disk use and limit, when the driver tracks them (btrfs once quotas
+    /// are on); `None` otherwise.
+    fn instance_disk_usage(&self, name: &str) -> Option<DiskUsage> {
+        let _ = name;
+        None
+    }
 }
 
 /// Subdirectory of the pool holding image volumes.

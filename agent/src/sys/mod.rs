@@ -5,6 +5,7 @@
 //! Code here runs either in the single-threaded monitor/helper processes (which may fork and
 //! clone freely) or is a plain syscall wrapper safe to call from any thread.
 
+pub mod btrfs;
 pub mod caps;
 pub mod container;
 pub mod exec;
