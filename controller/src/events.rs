@@ -627,3 +627,328 @@ pub fn derive(before: &State, cmd: &Command) -> Vec<Draft> {
     }
     out
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use berth_proto::api::OperationStatus;
+
+    use super::*;
+    use crate::state::{ApiKey, IdempotencyTag, Image, Instance, PendingAction, Role};
+
+    fn alice() -> Requestor {
+        Requestor {
+            key: "alice".into(),
+            key_id: "a1".into(),
+            role: "member".into(),
+        }
+    }
+
+    fn by(command: Command) -> Command {
+        Command::By {
+            requestor: alice(),
+            idempotency: None,
+            command: Box::new(command),
+        }
+    }
+
+    fn state() -> State {
+        let mut s = State::default();
+        s.instances.insert(
+            "p_web".into(),
+            Instance {
+                name: "p_web".into(),
+                project: "p".into(),
+                ..Default::default()
+            },
+        );
+        s
+    }
+
+    /// Applies `cmd` to `s` and publishes its events on `bus`.
+    fn run(bus: &EventBus, s: &mut State, cmd: Command) -> ApplyResult {
+        let drafts = derive(s, &cmd);
+        let result = s.apply(cmd);
+        bus.publish_applied(drafts, &result, s);
+        result
+    }
+
+    fn drain(rx: &mut broadcast::Receiver<Arc<Published>>) -> Vec<Arc<Published>> {
+        let mut out = Vec::new();
+        while let Ok(p) = rx.try_recv() {
+            out.push(p);
+        }
+        out
+    }
+
+    fn action(op: &str) -> Command {
+        Command::SetInstanceAction {
+            name: "p_web".into(),
+            pending: PendingAction {
+                op: op.into(),
+                action: Action::Start,
+                since: String::new(),
+            },
+            desired: None,
+            operation: Operation {
+                project: "p".into(),
+                status: OperationStatus::Running,
+                ..Default::default()
+            },
+            now: String::new(),
+        }
+    }
+
+    fn finish(op: &str, error: &str) -> Command {
+        Command::FinishAction {
+            name: "p_web".into(),
+            op: op.into(),
+            observed: None,
+            error: error.into(),
+            now: "2026-01-01T00:00:00Z".into(),
+        }
+    }
+
+    #[test]
+    fn an_action_is_announced_when_it_ends_naming_who_asked() {
+        let bus = EventBus::new();
+        let mut rx = bus.subscribe();
+        let mut s = state();
+        run(&bus, &mut s, by(action("op1"))).unwrap();
+        let got = drain(&mut rx);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].event.kind, "operation");
+        assert_eq!(got[0].event.project, "p");
+        assert_eq!(got[0].event.metadata["id"], "op1");
+        // The reconciler ends it: a system command, yet the event names alice.
+        run(&bus, &mut s, finish("op1", "")).unwrap();
+        let got = drain(&mut rx);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].event.kind, "operation");
+        assert_eq!(got[0].event.metadata["status"], "Success");
+        let l = &got[1].event;
+        assert_eq!(l.kind, "lifecycle");
+        assert_eq!(l.project, "p");
+        assert_eq!(l.metadata["action"], "instance-started");
+        assert_eq!(l.metadata["source"], "/1.0/instances/web?project=p");
+        assert_eq!(l.metadata["requestor"]["key"], "alice");
+        assert_eq!(got[1].audience, Audience::Project);
+        // Stale: nothing.
+        run(&bus, &mut s, finish("op1", "")).unwrap();
+        assert!(drain(&mut rx).is_empty());
+        // A failed action: the operation only, and who asked is forgotten.
+        run(&bus, &mut s, by(action("op2"))).unwrap();
+        drain(&mut rx);
+        run(&bus, &mut s, finish("op2", "boom")).unwrap();
+        let got = drain(&mut rx);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].event.metadata["status"], "Failure");
+        assert!(bus.requestors.lock().unwrap().by_op.is_empty());
+    }
+
+    #[test]
+    fn create_and_start_name_the_requestor_twice() {
+        let bus = EventBus::new();
+        let mut rx = bus.subscribe();
+        let mut s = State::default();
+        s.images.insert(
+            "f".into(),
+            Image {
+                fingerprint: "f".into(),
+                ..Default::default()
+            },
+        );
+        let inst = Instance {
+            name: "web".into(),
+            image: "f".into(),
+            pending: Some(PendingAction {
+                op: "op1".into(),
+                action: Action::Create { start: true },
+                since: String::new(),
+            }),
+            ..Default::default()
+        };
+        let drafts = derive(
+            &s,
+            &by(Command::CreateInstance {
+                instance: inst.clone(),
+                operation: None,
+            }),
+        );
+        assert_eq!(
+            drafts,
+            vec![Draft::Remember {
+                op: "op1".into(),
+                requestor: Some(alice())
+            }]
+        );
+        // Placement needs nodes; put the instance in directly and publish what apply would.
+        s.instances.insert("web".into(), inst);
+        bus.publish_applied(drafts, &Ok(crate::state::ApplyOk::Done), &s);
+        run(&bus, &mut s, finish_named("web", "op1")).unwrap();
+        let got = drain(&mut rx);
+        let actions: Vec<_> = got
+            .iter()
+            .map(|p| {
+                (
+                    p.event.metadata["action"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_string(),
+                    p.event.metadata["requestor"]["key"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            actions,
+            vec![
+                ("instance-created".into(), "alice".into()),
+                ("instance-started".into(), "alice".into())
+            ]
+        );
+        assert_eq!(got[0].event.metadata["source"], "/1.0/instances/web");
+        assert_eq!(got[0].event.project, "default");
+    }
+
+    fn finish_named(name: &str, op: &str) -> Command {
+        Command::FinishAction {
+            name: name.into(),
+            op: op.into(),
+            observed: None,
+            error: String::new(),
+            now: String::new(),
+        }
+    }
+
+    #[test]
+    fn rejected_and_repeated_commands_publish_nothing() {
+        let bus = EventBus::new();
+        let mut rx = bus.subscribe();
+        let mut s = state();
+        assert!(
+            run(
+                &bus,
+                &mut s,
+                by(Command::DeleteInstance {
+                    name: "nope".into()
+                })
+            )
+            .is_err()
+        );
+        assert!(drain(&mut rx).is_empty());
+        let tagged = Command::By {
+            requestor: alice(),
+            idempotency: Some(IdempotencyTag {
+                key: "a1/x".into(),
+                request_hash: "h".into(),
+                seq: 0,
+                now: String::new(),
+            }),
+            command: Box::new(Command::DeleteInstance {
+                name: "p_web".into(),
+            }),
+        };
+        run(&bus, &mut s, tagged.clone()).unwrap();
+        let got = drain(&mut rx);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].event.metadata["action"], "instance-deleted");
+        assert!(derive(&s, &tagged).is_empty());
+        run(&bus, &mut s, tagged).unwrap();
+        assert!(drain(&mut rx).is_empty());
+    }
+
+    #[test]
+    fn audiences_sources_and_old_names() {
+        let mut s = state();
+        s.api_keys.insert(
+            "a1".into(),
+            ApiKey {
+                id: "a1".into(),
+                name: "alice".into(),
+                role: Role::Member,
+                project: "p".into(),
+                ..Default::default()
+            },
+        );
+        let one = |cmd: Command| match derive(&s, &cmd).pop() {
+            Some(Draft::Lifecycle(l)) => l,
+            other => panic!("{other:?}"),
+        };
+        let l = one(Command::DeleteApiKey { id: "a1".into() });
+        assert_eq!(
+            (
+                l.audience,
+                l.action.as_str(),
+                l.source.as_str(),
+                l.project.as_str()
+            ),
+            (Audience::Admin, "api-key-revoked", "/1.0/keys/alice", "")
+        );
+        let l = one(by(Command::RenameInstance {
+            from: "p_web".into(),
+            to: "p_www".into(),
+        }));
+        assert_eq!(l.action, "instance-renamed");
+        assert_eq!(l.source, "/1.0/instances/www?project=p");
+        assert_eq!(l.context["old_name"], "web");
+        assert_eq!(l.requestor, Some(alice()));
+        let l = one(Command::SetClusterConfig {
+            changes: Default::default(),
+        });
+        assert_eq!(
+            (l.audience, l.action.as_str()),
+            (Audience::Fleet, "cluster-updated")
+        );
+        let drafts = derive(
+            &s,
+            &Command::PutImage {
+                image: Image {
+                    fingerprint: "f".into(),
+                    projects: ["p".to_string(), "q".to_string()].into(),
+                    ..Default::default()
+                },
+            },
+        );
+        let sources: Vec<_> = drafts
+            .iter()
+            .map(|d| match d {
+                Draft::Lifecycle(l) => (l.project.clone(), l.source.clone()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            sources,
+            vec![
+                ("p".into(), "/1.0/images/f?project=p".into()),
+                ("q".into(), "/1.0/images/f?project=q".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn nothing_is_built_without_subscribers_but_requestors_are_kept() {
+        let bus = EventBus::new();
+        let mut s = state();
+        run(&bus, &mut s, by(action("op1"))).unwrap();
+        assert_eq!(bus.requestors.lock().unwrap().get("op1"), Some(alice()));
+        let mut rx = bus.subscribe();
+        run(&bus, &mut s, finish("op1", "")).unwrap();
+        let got = drain(&mut rx);
+        assert_eq!(got[1].event.metadata["requestor"]["key"], "alice");
+    }
+
+    #[test]
+    fn remembered_requestors_are_bounded() {
+        let mut r = Remembered::default();
+        for n in 0..REMEMBERED_OPERATIONS + 10 {
+            r.insert(format!("op{n}"), Some(alice()));
+        }
+        assert_eq!(r.by_op.len(), REMEMBERED_OPERATIONS);
+        assert!(r.get("op0").is_none());
+        assert_eq!(r.take("op20"), Some(alice()));
+        assert_eq!(r.order.len(), REMEMBERED_OPERATIONS - 1);
+    }
+}

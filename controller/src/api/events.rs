@@ -1,12 +1,299 @@
-//! `/1.0/events`: operation and lifecycle events over a websocket. (Being written.)
+//! `GET /1.0/events`: operation and lifecycle events over a websocket, one JSON text frame per
+//! event (LXD's shape, [`berth_proto::api::tenancy::Event`]).
+//!
+//! Query: `type=operation,lifecycle` (default both), `project=P` (default: the key's project,
+//! `default` for fleet keys) or `all-projects=true` (admin and operator keys only; adds the
+//! fleet's events: cluster members and settings, and for admins API keys). A member or viewer
+//! key gets only its project's events; naming another project is a 404.
+//!
+//! The stream ends when the client closes it, stops answering pings ([`PING_EVERY`], gone
+//! after [`SILENT_LIMIT`]), cannot take a frame within [`SEND_TIMEOUT`], or when the key it
+//! was opened with is revoked, rotated or expires. See `docs/events.md`.
 
-use axum::response::Response;
+use std::sync::Arc;
+use std::time::Duration;
 
-use super::{ApiError, Identity};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use futures::{SinkExt as _, StreamExt as _};
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+use tracing::{Instrument as _, debug, info_span, warn};
 
-pub async fn websocket(_who: Identity) -> Result<Response, ApiError> {
-    Err(ApiError::new(
-        http::StatusCode::NOT_IMPLEMENTED,
-        "events are being built",
-    ))
+use super::{ApiError, Scope, SharedState};
+use crate::events::{Audience, Published};
+use crate::state::Role;
+
+/// How often the server pings the client (and rechecks the key).
+pub const PING_EVERY: Duration = Duration::from_secs(30);
+
+/// A client silent (no pong, no frame) for this long is gone.
+pub const SILENT_LIMIT: Duration = Duration::from_secs(75);
+
+/// A client that cannot take one frame within this long is dropped.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct EventsQuery {
+    /// Comma-separated event types: `operation`, `lifecycle`.
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    /// `true` for every project's events (fleet keys).
+    #[serde(rename = "all-projects", default)]
+    pub all_projects: String,
+}
+
+/// What one subscriber receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    pub operation: bool,
+    pub lifecycle: bool,
+    /// The project whose events it gets; `None` for all projects and the fleet's events.
+    pub project: Option<String>,
+    pub role: Role,
+}
+
+impl Subscription {
+    /// Builds the subscription of a request; 400 for an unknown type or a malformed
+    /// `all-projects`, 403 for `all-projects` with a member or viewer key.
+    pub fn new(scope: &Scope, q: &EventsQuery) -> Result<Subscription, ApiError> {
+        let (mut operation, mut lifecycle) = (false, false);
+        for t in q.kind.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            match t {
+                "operation" => operation = true,
+                "lifecycle" => lifecycle = true,
+                other => {
+                    return Err(ApiError::bad_request(format!(
+                        "unknown event type {other:?} (expected operation or lifecycle)"
+                    )));
+                }
+            }
+        }
+        if !operation && !lifecycle {
+            (operation, lifecycle) = (true, true);
+        }
+        let all = match q.all_projects.as_str() {
+            "" | "false" | "0" => false,
+            "true" | "1" => true,
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "all-projects must be true or false, not {other:?}"
+                )));
+            }
+        };
+        if all {
+            scope.identity.require_fleet()?;
+        }
+        Ok(Subscription {
+            operation,
+            lifecycle,
+            project: (!all).then(|| scope.project.clone()),
+            role: scope.identity.role,
+        })
+    }
+
+    /// Whether the subscriber gets `p`.
+    pub fn wants(&self, p: &Published) -> bool {
+        let kind = match p.event.kind.as_str() {
+            "operation" => self.operation,
+            "lifecycle" => self.lifecycle,
+            _ => false,
+        };
+        kind && match p.audience {
+            Audience::Project => self
+                .project
+                .as_ref()
+                .is_none_or(|proj| *proj == p.event.project),
+            Audience::Fleet => {
+                self.project.is_none() && matches!(self.role, Role::Admin | Role::Operator)
+            }
+            Audience::Admin => self.project.is_none() && self.role == Role::Admin,
+        }
+    }
+}
+
+/// `GET /1.0/events`.
+pub async fn websocket(
+    State(state): State<SharedState>,
+    scope: Scope,
+    Query(q): Query<EventsQuery>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let sub = Subscription::new(&scope, &q)?;
+    // Subscribe now: nothing published after the answer is missed.
+    let rx = state.cp.events().subscribe();
+    let key_id = scope.identity.key_id.clone();
+    let key_hash = state
+        .cp
+        .read_local(|m| m.api_keys.get(&key_id).map(|k| k.hash.clone()))
+        .unwrap_or_default();
+    let span = info_span!("events", key = %scope.identity.key_name, project = ?sub.project);
+    Ok(ws
+        .on_upgrade(move |socket| stream(state, socket, rx, sub, key_id, key_hash).instrument(span))
+        .into_response())
+}
+
+/// Whether the key the stream was opened with still works (not revoked, rotated or expired).
+fn key_still_valid(state: &SharedState, key_id: &str, hash: &str) -> bool {
+    let now = crate::clock::now();
+    state.cp.read_local(|m| {
+        m.api_keys.get(key_id).is_some_and(|k| {
+            k.hash == hash && k.expires_at.as_deref().is_none_or(|e| e > now.as_str())
+        })
+    })
+}
+
+async fn stream(
+    state: SharedState,
+    socket: WebSocket,
+    mut rx: broadcast::Receiver<Arc<Published>>,
+    sub: Subscription,
+    key_id: String,
+    key_hash: String,
+) {
+    debug!("events subscriber connected");
+    let (mut tx, mut from_client) = socket.split();
+    let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
+    let mut last_heard = Instant::now();
+    let why = loop {
+        let frame = tokio::select! {
+            ev = rx.recv() => match ev {
+                Ok(p) if sub.wants(&p) => {
+                    let mut event = p.event.clone();
+                    event.location.clone_from(&state.name);
+                    match serde_json::to_string(&event) {
+                        Ok(text) => Message::Text(text.into()),
+                        Err(e) => {
+                            warn!(error = %e, "cannot encode an event");
+                            continue;
+                        }
+                    }
+                }
+                Ok(_) => continue,
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    warn!(missed = n, "events subscriber too slow; oldest events dropped");
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => break "the controller is stopping",
+            },
+            msg = from_client.next() => match msg {
+                None | Some(Err(_)) => break "the client went away",
+                Some(Ok(Message::Close(_))) => break "the client closed the stream",
+                Some(Ok(_)) => {
+                    last_heard = Instant::now();
+                    continue;
+                }
+            },
+            _ = ping.tick() => {
+                if last_heard.elapsed() > SILENT_LIMIT {
+                    break "the client stopped answering pings";
+                }
+                if !key_still_valid(&state, &key_id, &key_hash) {
+                    break "the API key was revoked, rotated or expired";
+                }
+                Message::Ping(Vec::new().into())
+            }
+        };
+        match tokio::time::timeout(SEND_TIMEOUT, tx.send(frame)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break "the client went away",
+            Err(_) => break "the client does not take events fast enough",
+        }
+    };
+    debug!(reason = why, "events stream ended");
+    let _ = tokio::time::timeout(Duration::from_secs(1), tx.send(Message::Close(None))).await;
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use berth_proto::api::tenancy::Event;
+
+    use super::*;
+    use crate::api::Identity;
+
+    fn scope(role: Role, project: &str) -> Scope {
+        Scope {
+            identity: Identity {
+                key_id: "1".into(),
+                key_name: "k".into(),
+                role,
+                project: project.into(),
+            },
+            idempotency: None,
+            project: project.into(),
+        }
+    }
+
+    fn q(kind: &str, all: &str) -> EventsQuery {
+        EventsQuery {
+            kind: kind.into(),
+            all_projects: all.into(),
+        }
+    }
+
+    fn ev(kind: &str, project: &str, audience: Audience) -> Published {
+        Published {
+            event: Event {
+                kind: kind.into(),
+                project: project.into(),
+                ..Default::default()
+            },
+            audience,
+        }
+    }
+
+    #[test]
+    fn types_and_errors() {
+        let s = Subscription::new(&scope(Role::Member, "a"), &q("", "")).unwrap();
+        assert!(s.operation && s.lifecycle);
+        let s = Subscription::new(&scope(Role::Member, "a"), &q("lifecycle", "")).unwrap();
+        assert!(!s.operation && s.lifecycle);
+        let s =
+            Subscription::new(&scope(Role::Member, "a"), &q("operation, lifecycle", "")).unwrap();
+        assert!(s.operation && s.lifecycle);
+        let e = Subscription::new(&scope(Role::Member, "a"), &q("logging", "")).unwrap_err();
+        assert_eq!(e.status, 400);
+        let e = Subscription::new(&scope(Role::Admin, "a"), &q("", "yes")).unwrap_err();
+        assert_eq!(e.status, 400);
+        let e = Subscription::new(&scope(Role::Member, "a"), &q("", "true")).unwrap_err();
+        assert_eq!(e.status, 403);
+        let e = Subscription::new(&scope(Role::Viewer, "a"), &q("", "1")).unwrap_err();
+        assert_eq!(e.status, 403);
+    }
+
+    #[test]
+    fn scoped_keys_get_their_project_only() {
+        let s = Subscription::new(&scope(Role::Member, "a"), &q("", "")).unwrap();
+        assert!(s.wants(&ev("lifecycle", "a", Audience::Project)));
+        assert!(s.wants(&ev("operation", "a", Audience::Project)));
+        assert!(!s.wants(&ev("lifecycle", "b", Audience::Project)));
+        assert!(!s.wants(&ev("lifecycle", "", Audience::Fleet)));
+        assert!(!s.wants(&ev("lifecycle", "", Audience::Admin)));
+        assert!(!s.wants(&ev("lifecycle", "a", Audience::Admin)));
+        let ops = Subscription::new(&scope(Role::Viewer, "a"), &q("operation", "")).unwrap();
+        assert!(!ops.wants(&ev("lifecycle", "a", Audience::Project)));
+        assert!(ops.wants(&ev("operation", "a", Audience::Project)));
+        assert!(!ops.wants(&ev("other", "a", Audience::Project)));
+    }
+
+    #[test]
+    fn fleet_keys_and_all_projects() {
+        let admin = Subscription::new(&scope(Role::Admin, "default"), &q("", "true")).unwrap();
+        let operator =
+            Subscription::new(&scope(Role::Operator, "default"), &q("", "true")).unwrap();
+        for s in [&admin, &operator] {
+            assert!(s.wants(&ev("lifecycle", "a", Audience::Project)));
+            assert!(s.wants(&ev("lifecycle", "b", Audience::Project)));
+            assert!(s.wants(&ev("lifecycle", "", Audience::Fleet)));
+        }
+        assert!(admin.wants(&ev("lifecycle", "", Audience::Admin)));
+        assert!(!operator.wants(&ev("lifecycle", "", Audience::Admin)));
+        // One project, without all-projects: that project only.
+        let one = Subscription::new(&scope(Role::Admin, "b"), &q("", "")).unwrap();
+        assert!(one.wants(&ev("lifecycle", "b", Audience::Project)));
+        assert!(!one.wants(&ev("lifecycle", "a", Audience::Project)));
+        assert!(!one.wants(&ev("lifecycle", "", Audience::Admin)));
+    }
 }

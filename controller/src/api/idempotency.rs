@@ -1,13 +1,55 @@
-//! `Idempotency-Key` on mutations. (Being written: for now every request passes through.)
+//! `Idempotency-Key` on mutations: a retry of a POST, PUT, PATCH or DELETE with the same key
+//! and the same request gets the first answer, and nothing is done twice, even when the first
+//! attempt's writes raced a leader change.
+//!
+//! How: the key (per API key: `<key id>/<header>`) names a replicated record
+//! ([`crate::state::IdempotencyRecord`]). Each write a handler makes through
+//! [`super::Scope::by`] carries a tag (key, request hash, its position among the request's
+//! writes); `apply` records each write's result and answers a repeated one from the record
+//! instead of applying it again. When the handler has answered (anything but a 5xx), the
+//! answer is stored too (`CompleteIdempotency`), and a retry replays it with
+//! `Idempotency-Replayed: true`. The same key with another request (method, path, query or
+//! body differ) is a 422. A retry that arrives while the first request still runs waits for its
+//! answer (up to [`WAIT_FOR_FIRST`]), then gets a 409. Records are dropped after
+//! [`RECORD_TTL`] ([`prune`], from the leader's reconciler).
+//!
+//! Only requests whose body is JSON (or empty) take part: the body is buffered (up to
+//! [`super::MAX_JSON_BODY`]) to hash it before the handler runs. Uploads (file push, image
+//! upload: other content types with a body) carrying the header are refused with a 400 rather
+//! than silently not deduplicated.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, Method, StatusCode};
+use sha2::{Digest, Sha256};
+use tracing::{debug, warn};
 
-use super::SharedState;
-use crate::state::IdempotencyTag;
+use super::{ApiError, Identity, MAX_JSON_BODY, SharedState};
+use crate::state::{Command, IdempotencyTag, StoredResponse};
+
+/// The request header.
+pub const HEADER: &str = "idempotency-key";
+
+/// The header set on a replayed answer.
+pub const REPLAYED_HEADER: &str = "idempotency-replayed";
+
+/// Longest key accepted.
+pub const MAX_KEY_LEN: usize = 255;
+
+/// Largest answer stored for replay; a larger one is answered but not stored.
+pub const MAX_STORED_BODY: usize = 64 * 1024;
+
+/// How long a retry waits for the first request with its key to answer.
+pub const WAIT_FOR_FIRST: Duration = Duration::from_secs(10);
+
+/// How long records are kept.
+pub const RECORD_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// What the middleware puts into a request's extensions (as `Arc<RequestContext>`) when it
 /// carries an `Idempotency-Key`: [`super::Scope::by`] tags each write with it.
@@ -43,7 +85,432 @@ impl RequestContext {
     }
 }
 
-/// The middleware every authenticated route runs behind.
-pub async fn middleware(State(_state): State<SharedState>, req: Request, next: Next) -> Response {
-    next.run(req).await
+/// Checks an `Idempotency-Key` value: 1 to [`MAX_KEY_LEN`] visible ASCII characters.
+pub fn validate_key(value: &[u8]) -> Result<&str, ApiError> {
+    let ok = !value.is_empty()
+        && value.len() <= MAX_KEY_LEN
+        && value.iter().all(|b| (0x21..=0x7e).contains(b));
+    match std::str::from_utf8(value) {
+        Ok(s) if ok => Ok(s),
+        _ => Err(ApiError::bad_request(format!(
+            "the Idempotency-Key header must be 1 to {MAX_KEY_LEN} visible ASCII characters"
+        ))),
+    }
+}
+
+/// sha256 (hex) of what makes two requests the same: method, path, query and body.
+pub fn request_hash(method: &Method, path: &str, query: &str, body: &[u8]) -> String {
+    let mut h = Sha256::new();
+    for part in [
+        method.as_str().as_bytes(),
+        path.as_bytes(),
+        query.as_bytes(),
+    ] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    h.update(body);
+    hex::encode(h.finalize())
+}
+
+/// Whether the body can be buffered and hashed: JSON, or no content type, or empty.
+fn bufferable(headers: &http::HeaderMap) -> Result<(), ApiError> {
+    let content_type = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase());
+    let Some(ct) = content_type else {
+        return Ok(());
+    };
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    if essence == "application/json" || essence.ends_with("+json") {
+        return Ok(());
+    }
+    let empty = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim() == "0");
+    if empty {
+        return Ok(());
+    }
+    Err(ApiError::bad_request(format!(
+        "Idempotency-Key is supported on JSON requests only, not on uploads ({essence}); send the upload without it"
+    )))
+}
+
+enum Found {
+    /// No record: run the request.
+    Absent,
+    /// The first request's answer.
+    Replay(StoredResponse),
+    /// The first request was applied (in part) but has no stored answer yet.
+    Unanswered,
+}
+
+async fn look_up(state: &SharedState, key: &str, hash: &str) -> Result<Found, ApiError> {
+    let record = state
+        .cp
+        .read(|m| {
+            m.idempotency
+                .get(key)
+                .map(|r| (r.request_hash.clone(), r.response.clone()))
+        })
+        .await?;
+    match record {
+        None => Ok(Found::Absent),
+        Some((h, _)) if h != hash => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the idempotency key was already used for a different request; use a new key for a new request",
+        )),
+        Some((_, Some(resp))) => Ok(Found::Replay(resp)),
+        Some((_, None)) => Ok(Found::Unanswered),
+    }
+}
+
+fn replay(stored: StoredResponse) -> Response {
+    let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+    let mut resp = (status, stored.body).into_response();
+    let headers = resp.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+    if let Some(etag) = stored.etag.and_then(|e| HeaderValue::from_str(&e).ok()) {
+        headers.insert(http::header::ETAG, etag);
+    }
+    resp
+}
+
+/// The middleware every authenticated route runs behind (after authentication: it needs the
+/// caller's [`Identity`]).
+pub async fn middleware(State(state): State<SharedState>, req: Request, next: Next) -> Response {
+    match handle(state, req, next).await {
+        Ok(resp) | Err(resp) => resp,
+    }
+}
+
+async fn handle(state: SharedState, req: Request, next: Next) -> Result<Response, Response> {
+    let mutation = matches!(
+        *req.method(),
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+    );
+    let Some(raw) = req.headers().get(HEADER).filter(|_| mutation) else {
+        return Ok(next.run(req).await);
+    };
+    let header = validate_key(raw.as_bytes())
+        .map_err(IntoResponse::into_response)?
+        .to_string();
+    let Some(identity) = req.extensions().get::<Identity>().cloned() else {
+        return Err(ApiError::unauthorized().into_response());
+    };
+    bufferable(req.headers()).map_err(IntoResponse::into_response)?;
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, MAX_JSON_BODY)
+        .await
+        .map_err(|e| {
+            // axum reports the limit only in words.
+            let too_large = format!("{e:#}").contains("length limit")
+                || std::error::Error::source(&e)
+                    .is_some_and(|s| s.to_string().contains("length limit"));
+            if too_large {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body is larger than {MAX_JSON_BODY} bytes"),
+                )
+            } else {
+                ApiError::bad_request(format!("cannot read request body: {e}"))
+            }
+            .into_response()
+        })?;
+    let hash = request_hash(
+        &parts.method,
+        parts.uri.path(),
+        parts.uri.query().unwrap_or(""),
+        &bytes,
+    );
+    let key = format!("{}/{}", identity.key_id, header);
+    let mut found = look_up(&state, &key, &hash)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    if matches!(found, Found::Unanswered) {
+        debug!(idempotency_key = %header, "waiting for the first request with this key to answer");
+        let deadline = tokio::time::Instant::now() + WAIT_FOR_FIRST;
+        while matches!(found, Found::Unanswered) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            found = look_up(&state, &key, &hash)
+                .await
+                .map_err(IntoResponse::into_response)?;
+        }
+    }
+    match found {
+        Found::Replay(stored) => {
+            debug!(idempotency_key = %header, status = stored.status, "replaying the first answer");
+            return Ok(replay(stored));
+        }
+        Found::Unanswered => {
+            return Err(ApiError::conflict(
+                "the first request with this key was applied but its answer was lost; read the object to see its state",
+            )
+            .into_response());
+        }
+        Found::Absent => {}
+    }
+    let ctx = Arc::new(RequestContext::new(
+        key.clone(),
+        hash.clone(),
+        crate::clock::now(),
+    ));
+    let mut req = Request::from_parts(parts, Body::from(bytes));
+    req.extensions_mut().insert(ctx.clone());
+    let resp = next.run(req).await;
+    if resp.status().is_server_error() || resp.status().is_informational() {
+        return Ok(resp);
+    }
+    Ok(store_answer(&state, &ctx, resp).await)
+}
+
+/// Stores a small JSON answer for replay, then gives it back.
+async fn store_answer(state: &SharedState, ctx: &RequestContext, resp: Response) -> Response {
+    let (parts, body) = resp.into_parts();
+    let small = axum::body::HttpBody::size_hint(&body)
+        .upper()
+        .is_some_and(|u| u <= MAX_STORED_BODY as u64);
+    if !small {
+        warn!(idempotency_key = %ctx.key, "answer too large to store for replay");
+        return Response::from_parts(parts, body);
+    }
+    let bytes = match axum::body::to_bytes(body, MAX_STORED_BODY).await {
+        Ok(b) => b,
+        Err(e) => {
+            return ApiError::internal(format!("cannot read the answer: {e}")).into_response();
+        }
+    };
+    match String::from_utf8(bytes.to_vec()) {
+        Ok(text) => {
+            let etag = parts
+                .headers
+                .get(http::header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let cmd = Command::CompleteIdempotency {
+                key: ctx.key.clone(),
+                request_hash: ctx.request_hash.clone(),
+                status: parts.status.as_u16(),
+                body: text,
+                etag,
+                now: ctx.now.clone(),
+            };
+            if let Err(e) = state.cp.write(cmd).await {
+                warn!(idempotency_key = %ctx.key, error = %e, "cannot store the answer for replay");
+            }
+        }
+        Err(_) => warn!(idempotency_key = %ctx.key, "answer is not text; not stored for replay"),
+    }
+    Response::from_parts(parts, Body::from(bytes))
+}
+
+/// Drops records older than [`RECORD_TTL`] (call it on the leader now and then; it writes
+/// only when there is something to drop).
+pub async fn prune(state: &SharedState) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let before = crate::clock::format_unix(now - RECORD_TTL.as_secs() as i64);
+    let any = state.cp.read_local(|m| {
+        m.idempotency
+            .values()
+            .any(|r| r.created_at.as_str() < before.as_str())
+    });
+    if any && let Err(e) = state.cp.write(Command::PruneIdempotency { before }).await {
+        warn!(error = %e, "could not prune idempotency records");
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::body::Body;
+    use tower::ServiceExt as _;
+
+    use super::*;
+    use crate::api::{AppState, key_hash, router};
+    use crate::raft::ControlPlane;
+    use crate::state::{ApiKey, Requestor, Role};
+
+    #[test]
+    fn keys_are_checked() {
+        assert!(validate_key(b"abc-123_XYZ/=").is_ok());
+        assert!(validate_key(&[b'a'; 255]).is_ok());
+        assert!(validate_key(&[b'a'; 256]).is_err());
+        assert!(validate_key(b"").is_err());
+        assert!(validate_key(b"a b").is_err());
+        assert!(validate_key("é".as_bytes()).is_err());
+        assert!(validate_key(b"a\tb").is_err());
+    }
+
+    #[test]
+    fn hashes_tell_requests_apart() {
+        let h = |m: Method, p: &str, q: &str, b: &[u8]| request_hash(&m, p, q, b);
+        let base = h(Method::POST, "/1.0/instances", "project=a", b"{}");
+        assert_eq!(base, h(Method::POST, "/1.0/instances", "project=a", b"{}"));
+        assert_ne!(base, h(Method::PUT, "/1.0/instances", "project=a", b"{}"));
+        assert_ne!(base, h(Method::POST, "/1.0/instances", "project=b", b"{}"));
+        assert_ne!(base, h(Method::POST, "/1.0/instances", "", b"{}"));
+        assert_ne!(base, h(Method::POST, "/1.0/instances", "project=a", b"{ }"));
+        // Parts are length-prefixed: moving bytes between them changes the hash.
+        assert_ne!(
+            h(Method::POST, "/1.0/a", "b", b""),
+            h(Method::POST, "/1.0/ab", "", b"")
+        );
+    }
+
+    fn post(path: &str, body: &str, key: Option<&str>) -> http::Request<Body> {
+        let mut b = http::Request::builder()
+            .method("POST")
+            .uri(path)
+            .header("authorization", "Bearer secret")
+            .header("content-type", "application/json");
+        if let Some(k) = key {
+            b = b.header(HEADER, k);
+        }
+        b.body(Body::from(body.to_string())).unwrap()
+    }
+
+    async fn answer(app: &axum::Router, req: http::Request<Body>) -> (u16, bool, String) {
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let replayed = resp.headers().get(REPLAYED_HEADER).is_some();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, replayed, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn retries_replay_the_first_answer_and_do_nothing_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = ControlPlane::open(dir.path(), 1, "127.0.0.1:1".into(), true, None)
+            .await
+            .unwrap();
+        assert!(cp.wait_for_leader(Duration::from_secs(10)).await.is_some());
+        cp.write(Command::AddApiKey {
+            key: ApiKey {
+                id: "k1".into(),
+                name: "ci".into(),
+                hash: key_hash("secret"),
+                role: Role::Admin,
+                ..Default::default()
+            },
+        })
+        .await
+        .unwrap();
+        let ca = crate::tls::ClusterCa::generate("test").unwrap();
+        let cert = ca.issue("c1", &["c1".into()]).unwrap();
+        let state = Arc::new(AppState {
+            cp: cp.clone(),
+            agents: crate::agents::AgentPool::new(ca.cert_pem.clone(), cert.cert_pem, cert.key_pem),
+            ca,
+            name: "c1".into(),
+            execs: Default::default(),
+            metrics: Default::default(),
+            liveness: crate::liveness::Liveness::new(Duration::from_secs(10)),
+            instance_locks: Default::default(),
+        });
+        let app = router(state);
+        let mut events = cp.events().subscribe();
+        let p1 = r#"{"name":"p1"}"#;
+
+        let first = answer(&app, post("/1.0/projects", p1, Some("abc"))).await;
+        assert!(first.0 < 300, "{first:?}");
+        assert!(!first.1);
+        let again = answer(&app, post("/1.0/projects", p1, Some("abc"))).await;
+        assert_eq!((again.0, &again.2), (first.0, &first.2));
+        assert!(again.1, "the retry is marked as replayed");
+        // Without the key, the same request is a new one: the project exists.
+        let plain = answer(&app, post("/1.0/projects", p1, None)).await;
+        assert_eq!(plain.0, 409, "{plain:?}");
+        // The same key for another request: 422, and nothing is done.
+        let other = answer(&app, post("/1.0/projects", r#"{"name":"p2"}"#, Some("abc"))).await;
+        assert_eq!(other.0, 422, "{other:?}");
+        assert!(other.2.contains("different request"), "{other:?}");
+        assert!(!cp.read_local(|m| m.projects.contains_key("p2")));
+        // A rejected request is answered the same way again too.
+        let bad = answer(&app, post("/1.0/projects", r#"{"name":"p1"}"#, Some("dup"))).await;
+        assert_eq!(bad.0, 409);
+        let bad_again = answer(&app, post("/1.0/projects", r#"{"name":"p1"}"#, Some("dup"))).await;
+        assert_eq!((bad_again.0, bad_again.1), (409, true));
+        // Malformed keys and uploads.
+        let e = answer(&app, post("/1.0/projects", p1, Some("a b"))).await;
+        assert_eq!(e.0, 400);
+        let upload = http::Request::builder()
+            .method("POST")
+            .uri("/1.0/images")
+            .header("authorization", "Bearer secret")
+            .header("content-type", "application/octet-stream")
+            .header("content-length", "3")
+            .header(HEADER, "up")
+            .body(Body::from("abc"))
+            .unwrap();
+        let e = answer(&app, upload).await;
+        assert_eq!(e.0, 400, "{e:?}");
+        assert!(e.2.contains("JSON requests only"), "{e:?}");
+
+        // One project-created event naming the key, nothing for the replay or the stored
+        // answers.
+        let mut created = Vec::new();
+        while let Ok(p) = events.try_recv() {
+            assert_eq!(p.event.kind, "lifecycle");
+            created.push(p.event.metadata.clone());
+        }
+        assert_eq!(created.len(), 1, "{created:?}");
+        assert_eq!(created[0]["action"], "project-created");
+        assert_eq!(created[0]["source"], "/1.0/projects/p1");
+        assert_eq!(created[0]["requestor"]["key"], "ci");
+
+        // A request whose write was applied but whose answer was never stored: the retry
+        // waits, then says so.
+        let body = r#"{"name":"p3"}"#;
+        let hash = request_hash(&Method::POST, "/1.0/projects", "", body.as_bytes());
+        cp.write(Command::By {
+            requestor: Requestor::default(),
+            idempotency: Some(IdempotencyTag {
+                key: "k1/lost".into(),
+                request_hash: hash,
+                seq: 0,
+                now: crate::clock::now(),
+            }),
+            command: Box::new(Command::CreateProject {
+                project: crate::state::Project {
+                    name: "p3".into(),
+                    ..Default::default()
+                },
+            }),
+        })
+        .await
+        .unwrap();
+        let started = std::time::Instant::now();
+        let lost = answer(&app, post("/1.0/projects", body, Some("lost"))).await;
+        assert_eq!(lost.0, 409, "{lost:?}");
+        assert!(lost.2.contains("answer was lost"), "{lost:?}");
+        assert!(started.elapsed() >= WAIT_FOR_FIRST);
+
+        // Pruning keeps fresh records.
+        prune_test_hook(&cp).await;
+        cp.shutdown().await;
+    }
+
+    async fn prune_test_hook(cp: &ControlPlane) {
+        let n = cp.read_local(|m| m.idempotency.len());
+        assert!(n >= 2);
+        cp.write(Command::PruneIdempotency {
+            before: "2000-01-01T00:00:00Z".into(),
+        })
+        .await
+        .unwrap();
+        assert_eq!(cp.read_local(|m| m.idempotency.len()), n);
+    }
 }
