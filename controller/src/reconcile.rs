@@ -136,6 +136,7 @@ pub async fn run(state: Arc<AppState>) {
             if last_slow_pass.elapsed() >= Duration::from_secs(30) {
                 last_slow_pass = Instant::now();
                 prune_operations(&state).await;
+                crate::api::idempotency::prune(&state).await;
                 fail_orphaned_operations(&state).await;
             }
         }
