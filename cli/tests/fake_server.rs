@@ -11,6 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
+use berth_proto::api::tenancy::{
+    ApiKey, Event, KeyCreated, KeyRotatePost, KeysPost, LifecycleEvent, Profile, ProfilePatch,
+    ProfilePut, ProfilesPost, Project, ProjectPatch, ProjectPut, ProjectResource, ProjectState,
+    ProjectsPost, RenamePost, Requestor,
+};
 use berth_proto::api::{
     ExecControl, Image, ImageAlias, Instance, InstanceExecPost, InstanceState, InstancesPost,
     Operation, OperationStatus, Response as Envelope, Server, ServerEnvironment, file_headers,
@@ -59,6 +64,14 @@ struct State {
     /// nothing was committed.
     unavailable: u32,
     retry_after: bool,
+    projects: BTreeMap<String, Project>,
+    /// Profiles by (project, name).
+    profiles: BTreeMap<(String, String), Profile>,
+    keys: BTreeMap<String, ApiKey>,
+    /// The next this many PUTs answer 412 (someone else changed the object).
+    stale_puts: u32,
+    /// The If-Match headers PUTs came with.
+    if_matches: Vec<String>,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -80,6 +93,323 @@ fn error(code: u16, msg: &str) -> Response<Full<Bytes>> {
         StatusCode::from_u16(code).unwrap(),
         &Envelope::error(code, msg),
     )
+}
+
+/// A strong ETag of a JSON value (a hash of its text).
+fn etag_of(v: &serde_json::Value) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.to_string().hash(&mut h);
+    format!("\"{:016x}\"", h.finish())
+}
+
+/// A sync answer with the object's ETag.
+fn tagged(v: serde_json::Value) -> Response<Full<Bytes>> {
+    let etag = etag_of(&v);
+    let mut r = sync(v);
+    r.headers_mut()
+        .insert("etag", http::HeaderValue::from_str(&etag).unwrap());
+    r
+}
+
+/// Checks a PUT's If-Match against the object's current ETag (and the `stale_puts` switch).
+fn precondition(
+    st: &mut State,
+    headers: &BTreeMap<String, String>,
+    current: &serde_json::Value,
+) -> Option<Response<Full<Bytes>>> {
+    let given = headers.get("if-match").cloned().unwrap_or_default();
+    st.if_matches.push(given.clone());
+    if st.stale_puts > 0 {
+        st.stale_puts -= 1;
+        return Some(error(412, "the object changed since it was read"));
+    }
+    if !given.is_empty() && given != etag_of(current) {
+        return Some(error(412, "the object changed since it was read"));
+    }
+    None
+}
+
+fn apply_patch(
+    config: &mut BTreeMap<String, String>,
+    patch: Option<BTreeMap<String, Option<String>>>,
+) {
+    for (k, v) in patch.unwrap_or_default() {
+        match v {
+            Some(v) => config.insert(k, v),
+            None => config.remove(&k),
+        };
+    }
+}
+
+/// The fake's projects, profiles and keys routes.
+fn tenancy_route(
+    st: &mut State,
+    m: &Method,
+    segs: &[&str],
+    q: &HashMap<String, String>,
+    headers: &BTreeMap<String, String>,
+    body: &Bytes,
+) -> Option<Response<Full<Bytes>>> {
+    let project = q
+        .get("project")
+        .cloned()
+        .unwrap_or_else(|| "default".into());
+    Some(match (m, segs) {
+        (&Method::GET, ["1.0", "projects"]) => {
+            sync(serde_json::to_value(st.projects.values().collect::<Vec<_>>()).unwrap())
+        }
+        (&Method::POST, ["1.0", "projects"]) => {
+            let post: ProjectsPost = serde_json::from_slice(body).unwrap();
+            if st.projects.contains_key(&post.name) {
+                return Some(error(
+                    409,
+                    &format!("project \"{}\" already exists", post.name),
+                ));
+            }
+            st.projects.insert(
+                post.name.clone(),
+                Project {
+                    name: post.name,
+                    description: post.description,
+                    config: post.config,
+                    created_at: "2026-11-29T20:00:00Z".into(),
+                    ..Default::default()
+                },
+            );
+            sync(serde_json::Value::Null)
+        }
+        (m, ["1.0", "projects", name, rest @ ..]) => {
+            let name = name.to_string();
+            let Some(p) = st.projects.get(&name).cloned() else {
+                return Some(error(404, &format!("project \"{name}\" not found")));
+            };
+            match (m, rest) {
+                (&Method::GET, []) => tagged(serde_json::to_value(&p).unwrap()),
+                (&Method::GET, ["state"]) => {
+                    let count = st.instances.values().filter(|i| i.project == name).count();
+                    let limit = |k: &str| -> i64 {
+                        p.config
+                            .get(k)
+                            .map(|v| {
+                                berth_proto::api::config::parse_project_limit(k, v).unwrap() as i64
+                            })
+                            .unwrap_or(-1)
+                    };
+                    let mut state = ProjectState::default();
+                    state.resources.insert(
+                        "instances".into(),
+                        ProjectResource {
+                            limit: limit("limits.instances"),
+                            usage: count as i64,
+                        },
+                    );
+                    state.resources.insert(
+                        "memory".into(),
+                        ProjectResource {
+                            limit: limit("limits.memory"),
+                            usage: 512 << 20,
+                        },
+                    );
+                    sync(serde_json::to_value(state).unwrap())
+                }
+                (&Method::PATCH, []) => {
+                    let patch: ProjectPatch = serde_json::from_slice(body).unwrap();
+                    let p = st.projects.get_mut(&name).unwrap();
+                    apply_patch(&mut p.config, patch.config);
+                    if let Some(d) = patch.description {
+                        p.description = d;
+                    }
+                    sync(serde_json::Value::Null)
+                }
+                (&Method::PUT, []) => {
+                    if let Some(r) = precondition(st, headers, &serde_json::to_value(&p).unwrap()) {
+                        return Some(r);
+                    }
+                    let put: ProjectPut = serde_json::from_slice(body).unwrap();
+                    let p = st.projects.get_mut(&name).unwrap();
+                    p.config = put.config;
+                    p.description = put.description;
+                    sync(serde_json::Value::Null)
+                }
+                (&Method::POST, []) => {
+                    let post: RenamePost = serde_json::from_slice(body).unwrap();
+                    let mut p = st.projects.remove(&name).unwrap();
+                    p.name = post.name.clone();
+                    st.projects.insert(post.name, p);
+                    sync(serde_json::Value::Null)
+                }
+                (&Method::DELETE, []) => {
+                    st.projects.remove(&name);
+                    sync(serde_json::Value::Null)
+                }
+                _ => error(404, "no such project route"),
+            }
+        }
+        (&Method::GET, ["1.0", "profiles"]) => sync(
+            serde_json::to_value(
+                st.profiles
+                    .iter()
+                    .filter(|((p, _), _)| *p == project)
+                    .map(|(_, v)| v)
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap(),
+        ),
+        (&Method::POST, ["1.0", "profiles"]) => {
+            let post: ProfilesPost = serde_json::from_slice(body).unwrap();
+            let key = (project.clone(), post.name.clone());
+            if st.profiles.contains_key(&key) {
+                return Some(error(
+                    409,
+                    &format!("profile \"{}\" already exists", post.name),
+                ));
+            }
+            st.profiles.insert(
+                key,
+                Profile {
+                    name: post.name,
+                    description: post.description,
+                    config: post.config,
+                    devices: post.devices,
+                    project: project.clone(),
+                    used_by: vec![],
+                },
+            );
+            sync(serde_json::Value::Null)
+        }
+        (m, ["1.0", "profiles", name]) => {
+            let key = (project.clone(), name.to_string());
+            let Some(p) = st.profiles.get(&key).cloned() else {
+                return Some(error(404, &format!("profile \"{name}\" not found")));
+            };
+            match *m {
+                Method::GET => tagged(serde_json::to_value(&p).unwrap()),
+                Method::PATCH => {
+                    let patch: ProfilePatch = serde_json::from_slice(body).unwrap();
+                    apply_patch(&mut st.profiles.get_mut(&key).unwrap().config, patch.config);
+                    sync(serde_json::Value::Null)
+                }
+                Method::PUT => {
+                    if let Some(r) = precondition(st, headers, &serde_json::to_value(&p).unwrap()) {
+                        return Some(r);
+                    }
+                    let put: ProfilePut = serde_json::from_slice(body).unwrap();
+                    let p = st.profiles.get_mut(&key).unwrap();
+                    p.config = put.config;
+                    p.description = put.description;
+                    sync(serde_json::Value::Null)
+                }
+                Method::POST => {
+                    let post: RenamePost = serde_json::from_slice(body).unwrap();
+                    let mut p = st.profiles.remove(&key).unwrap();
+                    p.name = post.name.clone();
+                    st.profiles.insert((project, post.name), p);
+                    sync(serde_json::Value::Null)
+                }
+                Method::DELETE => {
+                    st.profiles.remove(&key);
+                    sync(serde_json::Value::Null)
+                }
+                _ => error(405, "method not allowed"),
+            }
+        }
+        (&Method::GET, ["1.0", "keys"]) => {
+            sync(serde_json::to_value(st.keys.values().collect::<Vec<_>>()).unwrap())
+        }
+        (&Method::POST, ["1.0", "keys"]) => {
+            let post: KeysPost = serde_json::from_slice(body).unwrap();
+            st.next += 1;
+            let key = ApiKey {
+                name: post.name.clone(),
+                id: format!("id{}", st.next),
+                role: post.role,
+                project: if post.project.is_empty() {
+                    "default".into()
+                } else {
+                    post.project
+                },
+                created_at: "2026-11-29T21:00:00Z".into(),
+                expires_at: if post.expires_in.is_empty() {
+                    String::new()
+                } else {
+                    "2026-12-29T21:00:00Z".into()
+                },
+                expired: false,
+            };
+            st.keys.insert(post.name, key.clone());
+            let secret = format!("berth_{}_{}", key.id, "5".repeat(64));
+            sync(serde_json::to_value(KeyCreated { key, secret }).unwrap())
+        }
+        (m, ["1.0", "keys", name, rest @ ..]) => {
+            let Some(k) = st.keys.get(*name).cloned() else {
+                return Some(error(404, &format!("key \"{name}\" not found")));
+            };
+            match (m, rest) {
+                (&Method::GET, []) => tagged(serde_json::to_value(&k).unwrap()),
+                (&Method::DELETE, []) => {
+                    st.keys.remove(*name);
+                    sync(serde_json::Value::Null)
+                }
+                (&Method::POST, ["rotate"]) => {
+                    let _: KeyRotatePost = serde_json::from_slice(body).unwrap();
+                    st.next += 1;
+                    let secret = format!("berth_{}_{}", k.id, "7".repeat(64));
+                    sync(serde_json::to_value(KeyCreated { key: k, secret }).unwrap())
+                }
+                _ => error(404, "no such key route"),
+            }
+        }
+        _ => return None,
+    })
+}
+
+/// Events for `/1.0/events`: one lifecycle and one operation event, then a close.
+async fn run_events(ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>, project: String) {
+    let (mut tx, _rx) = ws.split();
+    let lifecycle = Event {
+        kind: "lifecycle".into(),
+        timestamp: "2026-11-29T22:00:00Z".into(),
+        location: "c1".into(),
+        project: project.clone(),
+        metadata: serde_json::to_value(LifecycleEvent {
+            action: "instance-created".into(),
+            source: "/1.0/instances/w1".into(),
+            context: BTreeMap::new(),
+            requestor: Some(Requestor {
+                key: "ci".into(),
+                key_id: "id1".into(),
+                role: "member".into(),
+            }),
+        })
+        .unwrap(),
+    };
+    let operation = Event {
+        kind: "operation".into(),
+        timestamp: "2026-11-29T22:00:01Z".into(),
+        location: "c1".into(),
+        project,
+        metadata: serde_json::to_value(Operation {
+            id: "op9".into(),
+            description: "Creating instance".into(),
+            status: OperationStatus::Success,
+            ..Default::default()
+        })
+        .unwrap(),
+    };
+    for e in [lifecycle, operation] {
+        tx.send(Message::text(serde_json::to_string(&e).unwrap()))
+            .await
+            .unwrap();
+    }
+    let _ = tx
+        .send(Message::Close(Some(
+            tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Away,
+                reason: "controller shutting down".into(),
+            },
+        )))
+        .await;
 }
 
 /// Records a finished (or failed) operation and answers 202 with it still "Running", so the
@@ -207,6 +537,29 @@ async fn handle(
             return Ok(resp);
         }
     }
+    // The event stream.
+    if path == "/1.0/events" {
+        let project = q
+            .get("project")
+            .cloned()
+            .unwrap_or_else(|| "default".into());
+        let key = header(&req, "sec-websocket-key");
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let upgraded = upgrade.await.unwrap();
+            let ws =
+                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+            run_events(ws, project).await;
+        });
+        return Ok(Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-accept", accept)
+            .body(Full::new(Bytes::new()))
+            .unwrap());
+    }
     // Websocket upgrade for exec.
     if path.ends_with("/websocket") {
         let id = path.split('/').nth(3).unwrap_or("").to_string();
@@ -240,6 +593,9 @@ async fn handle(
     let body = req.into_body().collect().await.unwrap().to_bytes();
     let mut st = shared.lock().unwrap();
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if let Some(resp) = tenancy_route(&mut st, &method, segs.as_slice(), &q, &headers, &body) {
+        return Ok(resp);
+    }
     let resp = match (&method, segs.as_slice()) {
         (&Method::GET, ["1.0"]) => sync(
             serde_json::to_value(Server {
@@ -256,13 +612,22 @@ async fn handle(
             sync(serde_json::to_value(list).unwrap())
         }
         (&Method::POST, ["1.0", "instances"]) => {
-            let post: InstancesPost = serde_json::from_slice(&body).unwrap();
+            let raw: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let post: InstancesPost = serde_json::from_value(raw.clone()).unwrap();
             if st.instances.contains_key(&post.name) {
                 error(409, &format!("instance \"{}\" already exists", post.name))
             } else if post.source.alias.is_empty() && post.source.fingerprint != "abcdef" {
                 error(404, "image not found")
             } else {
-                let i = instance(&post.name, post.start, post.config.clone());
+                let mut i = instance(&post.name, post.start, post.config.clone());
+                i.project = q
+                    .get("project")
+                    .cloned()
+                    .unwrap_or_else(|| "default".into());
+                // As the server: the default profile only when the body names none.
+                if raw.get("profiles").is_some() {
+                    i.profiles = post.profiles.clone();
+                }
                 st.instances.insert(post.name.clone(), i);
                 start_op(&mut st, serde_json::Value::Null, None)
             }
@@ -442,7 +807,7 @@ fn instance_route(
 ) -> Response<Full<Bytes>> {
     let running = st.instances[name].status == "Running";
     match (m, rest) {
-        (&Method::GET, []) => sync(serde_json::to_value(&st.instances[name]).unwrap()),
+        (&Method::GET, []) => tagged(serde_json::to_value(&st.instances[name]).unwrap()),
         (&Method::GET, ["state"]) => {
             sync(serde_json::to_value(with_state(st.instances[name].clone()).state).unwrap())
         }
@@ -481,10 +846,15 @@ fn instance_route(
             start_op(st, serde_json::Value::Null, None)
         }
         (&Method::PUT, []) => {
+            let current = serde_json::to_value(&st.instances[name]).unwrap();
+            if let Some(r) = precondition(st, headers, &current) {
+                return r;
+            }
             let put: berth_proto::api::InstancePut = serde_json::from_slice(body).unwrap();
             let i = st.instances.get_mut(name).unwrap();
             i.config = put.config;
             i.description = put.description;
+            i.profiles = put.profiles;
             start_op(st, serde_json::Value::Null, None)
         }
         (&Method::GET, ["console"]) => Response::new(Full::new(Bytes::from_static(
@@ -693,6 +1063,14 @@ async fn serve(acceptor: tokio_rustls::TlsAcceptor) -> (SocketAddr, Shared) {
         self_addr: addr.to_string(),
         ..State::default()
     }));
+    state.lock().unwrap().projects.insert(
+        "default".into(),
+        Project {
+            name: "default".into(),
+            description: "Default Berth project".into(),
+            ..Default::default()
+        },
+    );
     state.lock().unwrap().files.insert(
         "/".into(),
         FileEntry {
@@ -1242,7 +1620,8 @@ async fn t50_remotes_and_trust() {
     let o = f.run_with(&["list", "r3:"], b"", false).await;
     assert_eq!(o.code, 1);
     assert!(
-        o.stderr.contains("does not match the pinned"),
+        o.stderr
+            .contains("was pinned; if it was replaced on purpose"),
         "{}",
         o.stderr
     );
@@ -1583,4 +1962,655 @@ async fn t61_several_addresses_and_503() {
     assert!(o.stderr.contains("no raft leader"), "{}", o.stderr);
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
     f.state.lock().unwrap().unavailable = 0;
+}
+
+impl Fake {
+    /// The requests the fake has seen since `from` (method and URI).
+    fn requests_since(&self, from: usize) -> Vec<String> {
+        self.state.lock().unwrap().requests[from..].to_vec()
+    }
+
+    /// Adds this fake as remote `name` (trusted through its CA) and makes it the default.
+    async fn add_ca_remote(&self, name: &str) {
+        let key = self.key.to_str().unwrap().to_string();
+        let ca = self.ca.to_str().unwrap().to_string();
+        let o = self
+            .run_with(
+                &[
+                    "remote",
+                    "add",
+                    name,
+                    &self.url(),
+                    "--key-file",
+                    &key,
+                    "--ca-file",
+                    &ca,
+                ],
+                b"",
+                false,
+            )
+            .await;
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        let o = self.run_with(&["remote", "switch", name], b"", false).await;
+        assert_eq!(o.code, 0, "{}", o.stderr);
+    }
+
+    /// Runs `berth` against the configured remotes (not BERTH_URL); expects success.
+    async fn conf_ok(&self, args: &[&str]) -> String {
+        let o = self.run_with(args, b"", false).await;
+        assert_eq!(o.code, 0, "berth {args:?} failed: {}{}", o.stdout, o.stderr);
+        o.stdout
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t70_projects_and_the_current_project() {
+    let f = start(&["127.0.0.1"]).await;
+    f.add_ca_remote("r").await;
+
+    // Bad values are refused before any request.
+    let before = f.request_count();
+    for (args, err) in [
+        (
+            &["project", "create", "bad_name"][..],
+            "Error: project name \"bad_name\" contains '_'; only letters, digits and hyphens are allowed\n",
+        ),
+        (
+            &["project", "create", "p", "-c", "limits.instances=-1"],
+            "Error: limits.instances \"-1\" must be a whole number of 0 or more\n",
+        ),
+        (&["project", "set", "p", "limits.memory", "lots"], ""),
+        (&["list", "--project", "Not_ok"], ""),
+    ] {
+        let o = f.run_with(args, b"", false).await;
+        assert_eq!(o.code, 1, "{args:?}");
+        assert_eq!(o.stderr.lines().count(), 1, "{args:?}: {}", o.stderr);
+        if !err.is_empty() {
+            assert_eq!(o.stderr, err, "{args:?}");
+        }
+    }
+    assert_eq!(f.request_count(), before, "no request for bad input");
+
+    f.conf_ok(&[
+        "project",
+        "create",
+        "team-a",
+        "-c",
+        "limits.instances=2",
+        "-c",
+        "limits.memory=1GiB",
+        "--description",
+        "Team A",
+    ])
+    .await;
+    f.conf_ok(&[
+        "project",
+        "set",
+        "team-a",
+        "restricted=true",
+        "user.owner=ops",
+    ])
+    .await;
+    assert_eq!(
+        f.conf_ok(&["project", "get", "team-a", "limits.memory"])
+            .await,
+        "1GiB\n"
+    );
+    f.conf_ok(&["project", "unset", "team-a", "user.owner"])
+        .await;
+    let show = f.conf_ok(&["project", "show", "team-a"]).await;
+    assert!(show.contains("name: team-a\n"), "{show}");
+    assert!(!show.contains("user.owner"), "{show}");
+
+    let table = f.conf_ok(&["project", "list"]).await;
+    assert!(table.contains("| default (current) |"), "{table}");
+    assert!(
+        table.contains("| team-a            | 0         | instances=2 | YES        | Team A "),
+        "{table}"
+    );
+    let csv = f.conf_ok(&["project", "list", "-f", "csv"]).await;
+    assert_eq!(
+        csv,
+        "default,0,,NO,Default Berth project\nteam-a,0,\"instances=2\nmemory=1GiB\",YES,Team A\n"
+    );
+
+    // switch stores the project in the remote; requests then name it, except fleet endpoints.
+    f.conf_ok(&["project", "switch", "team-a"]).await;
+    let conf = std::fs::read_to_string(f.conf_dir().join("config.toml")).unwrap();
+    assert!(conf.contains("project = \"team-a\""), "{conf}");
+    assert!(
+        f.conf_ok(&["project", "list"])
+            .await
+            .contains("| team-a (current) |")
+    );
+    let from = f.request_count();
+    f.conf_ok(&["list", "-f", "csv"]).await;
+    f.conf_ok(&["key", "list"]).await;
+    f.conf_ok(&["list", "--project", "default", "-f", "csv"])
+        .await;
+    f.conf_ok(&["operation", "list", "--all-projects"]).await;
+    let o = f
+        .command(&["list", "-f", "csv"], false)
+        .env("BERTH_PROJECT", "team-b")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(
+        f.requests_since(from),
+        [
+            "GET /1.0/instances?recursion=2&project=team-a",
+            "GET /1.0/keys?recursion=1",
+            "GET /1.0/instances?recursion=2&project=default",
+            "GET /1.0/operations?recursion=1&all-projects=true",
+            "GET /1.0/instances?recursion=2&project=team-b",
+        ]
+    );
+    let o = f.run(&["project", "switch", "team-a"]).await;
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("BERTH_URL is set"), "{}", o.stderr);
+    let o = f.run_with(&["project", "switch", "nope"], b"", false).await;
+    assert_eq!(o.stderr, "Error: project \"nope\" not found\n");
+
+    // info: use against quota.
+    let info = f.conf_ok(&["project", "info", "team-a"]).await;
+    assert!(
+        info.contains("| instances | 2       | 0         |"),
+        "{info}"
+    );
+    assert!(
+        info.contains("| memory    | 1.00GiB | 512.00MiB |"),
+        "{info}"
+    );
+
+    // edit: PUT with If-Match of what was read; a stale read is refused with a sentence.
+    let o = f
+        .run_with(
+            &["project", "edit", "team-a"],
+            b"description: Team A, edited\nconfig:\n  limits.instances: '5'\n",
+            false,
+        )
+        .await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    {
+        let st = f.state.lock().unwrap();
+        assert!(st.if_matches.last().unwrap().starts_with('"'));
+        assert_eq!(st.projects["team-a"].config["limits.instances"], "5");
+        assert_eq!(st.projects["team-a"].description, "Team A, edited");
+    }
+    f.state.lock().unwrap().stale_puts = 1;
+    let o = f
+        .run_with(
+            &["project", "edit", "team-a"],
+            b"description: late\nconfig: {}\n",
+            false,
+        )
+        .await;
+    assert_eq!(
+        o.stderr,
+        "Error: project \"team-a\" was changed by someone else since it was read; nothing was saved, edit it again\n"
+    );
+    let o = f
+        .run_with(
+            &["project", "edit", "team-a"],
+            b"description: x\nconfig:\n  limits.instances: many\n",
+            false,
+        )
+        .await;
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("limits.instances"), "{}", o.stderr);
+    let o = f
+        .run_with(&["project", "edit", "team-a"], b"nonsense: [\n", false)
+        .await;
+    assert!(
+        o.stderr.starts_with("Error: cannot parse the YAML"),
+        "{}",
+        o.stderr
+    );
+
+    // rename and delete keep the current project right.
+    f.conf_ok(&["project", "rename", "team-a", "team-b"]).await;
+    let conf = std::fs::read_to_string(f.conf_dir().join("config.toml")).unwrap();
+    assert!(conf.contains("project = \"team-b\""), "{conf}");
+    f.conf_ok(&["project", "delete", "team-b"]).await;
+    let conf = std::fs::read_to_string(f.conf_dir().join("config.toml")).unwrap();
+    assert!(!conf.contains("project ="), "{conf}");
+    assert!(
+        f.requests_since(from)
+            .iter()
+            .any(|r| r == "DELETE /1.0/projects/team-b")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t71_profiles_and_launch() {
+    let f = start(&["127.0.0.1"]).await;
+    f.add_ca_remote("r").await;
+    f.conf_ok(&["project", "create", "p1"]).await;
+    f.conf_ok(&["project", "switch", "p1"]).await;
+
+    let before = f.request_count();
+    let o = f
+        .run_with(
+            &["profile", "create", "web", "-c", "limits.cpu=lots"],
+            b"",
+            false,
+        )
+        .await;
+    assert_eq!(o.code, 1);
+    let o = f
+        .run_with(&["launch", "abcdef", "w0", "-p", "bad_profile"], b"", false)
+        .await;
+    assert_eq!(o.code, 1);
+    assert_eq!(f.request_count(), before);
+
+    f.conf_ok(&[
+        "profile",
+        "create",
+        "web",
+        "-c",
+        "limits.cpu=2",
+        "-c",
+        "user.tier=web",
+    ])
+    .await;
+    f.conf_ok(&["profile", "create", "small", "-c", "limits.memory=256MiB"])
+        .await;
+    f.conf_ok(&["profile", "set", "small", "limits.cpu", "1"])
+        .await;
+    f.conf_ok(&["profile", "unset", "web", "user.tier"]).await;
+    assert_eq!(
+        f.conf_ok(&["profile", "get", "small", "limits.cpu"]).await,
+        "1\n"
+    );
+    assert_eq!(
+        f.conf_ok(&["profile", "list", "-f", "csv"]).await,
+        "small,,0\nweb,,0\n"
+    );
+    assert!(
+        f.conf_ok(&["profile", "show", "web"])
+            .await
+            .contains("limits.cpu: '2'")
+    );
+    f.conf_ok(&["profile", "copy", "web", "web2"]).await;
+    f.conf_ok(&["profile", "rename", "web2", "web3"]).await;
+    f.conf_ok(&["profile", "delete", "web3"]).await;
+    {
+        let st = f.state.lock().unwrap();
+        let names: Vec<_> = st.profiles.keys().cloned().collect();
+        assert_eq!(
+            names,
+            [
+                ("p1".to_string(), "small".to_string()),
+                ("p1".into(), "web".into())
+            ]
+        );
+    }
+    let o = f
+        .run_with(
+            &["profile", "edit", "web"],
+            b"description: web tier\nconfig:\n  limits.cpu: '3'\ndevices: {}\n",
+            false,
+        )
+        .await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(
+        f.state.lock().unwrap().profiles[&("p1".to_string(), "web".to_string())].config["limits.cpu"],
+        "3"
+    );
+
+    // launch -p, in order; then assign/add/remove with If-Match.
+    f.conf_ok(&[
+        "launch",
+        "abcdef",
+        "w1",
+        "-p",
+        "web",
+        "-p",
+        "small",
+        "-c",
+        "limits.memory=512MiB",
+    ])
+    .await;
+    let profiles = |f: &Fake, name: &str| f.state.lock().unwrap().instances[name].profiles.clone();
+    assert_eq!(profiles(&f, "w1"), ["web", "small"]);
+    assert_eq!(f.state.lock().unwrap().instances["w1"].project, "p1");
+    let info = f.conf_ok(&["info", "w1"]).await;
+    assert!(
+        info.contains("Project: p1\nProfiles: web, small\n"),
+        "{info}"
+    );
+    let expanded = f.conf_ok(&["config", "show", "w1", "--expanded"]).await;
+    assert!(
+        expanded.starts_with("config:\n  limits.cpu: '1'\n  limits.memory: 512MiB\n"),
+        "{expanded}"
+    );
+    let own = f.conf_ok(&["config", "show", "w1"]).await;
+    assert!(
+        own.starts_with("config:\n  limits.memory: 512MiB\n"),
+        "{own}"
+    );
+
+    f.conf_ok(&["profile", "remove", "w1", "web"]).await;
+    assert_eq!(profiles(&f, "w1"), ["small"]);
+    f.conf_ok(&["profile", "add", "w1", "web"]).await;
+    assert_eq!(profiles(&f, "w1"), ["small", "web"]);
+    let o = f
+        .run_with(&["profile", "add", "w1", "web"], b"", false)
+        .await;
+    assert_eq!(
+        o.stderr,
+        "Error: profile \"web\" is already assigned to instance \"w1\"\n"
+    );
+    f.conf_ok(&["profile", "assign", "w1", "web,small"]).await;
+    assert_eq!(profiles(&f, "w1"), ["web", "small"]);
+    f.conf_ok(&["profile", "assign", "w1", ""]).await;
+    assert!(profiles(&f, "w1").is_empty());
+    assert!(
+        f.state
+            .lock()
+            .unwrap()
+            .if_matches
+            .iter()
+            .all(|m| m.starts_with('"'))
+    );
+    f.state.lock().unwrap().stale_puts = 1;
+    let o = f
+        .run_with(&["profile", "add", "w1", "web"], b"", false)
+        .await;
+    assert_eq!(
+        o.stderr,
+        "Error: instance \"w1\" was changed by someone else since it was read; nothing was saved, edit it again\n"
+    );
+
+    // Without -p the server applies "default"; --no-profiles asks for none.
+    f.conf_ok(&["launch", "abcdef", "w3"]).await;
+    assert_eq!(profiles(&f, "w3"), ["default"]);
+    f.conf_ok(&["launch", "abcdef", "w2", "--no-profiles"])
+        .await;
+    {
+        let st = f.state.lock().unwrap();
+        assert!(st.instances["w2"].profiles.is_empty());
+        assert_eq!(st.instances["w2"].status, "Running");
+    }
+    let reqs = f.requests_since(before);
+    assert!(
+        reqs.iter().any(|r| r == "POST /1.0/profiles?project=p1"),
+        "{reqs:?}"
+    );
+    assert!(
+        reqs.iter().any(|r| r == "POST /1.0/instances?project=p1"),
+        "{reqs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t72_keys_and_monitor() {
+    let f = start(&["127.0.0.1"]).await;
+    f.add_ca_remote("r").await;
+    f.conf_ok(&["project", "create", "team-a"]).await;
+
+    let before = f.request_count();
+    for (args, err) in [
+        (
+            &["key", "create", "ci", "--role", "root"][..],
+            "Error: role \"root\" is not valid: use admin, operator, member or viewer\n",
+        ),
+        (
+            &["key", "create", "ci", "--role", "viewer", "--expires", "3y"],
+            "Error: --expires: \"3y\" is not a duration (expected a number with s, m, h, d or w, such as 30d)\n",
+        ),
+        (
+            &["key", "rotate", "ci", "--expires", "0d"],
+            "Error: --expires: duration \"0d\" must be more than zero\n",
+        ),
+        (
+            &["monitor", "--type", "logging"],
+            "Error: event type \"logging\" is not valid: use lifecycle or operation\n",
+        ),
+        (
+            &["monitor", "--format", "xml"],
+            "Error: invalid format \"xml\": use pretty, json or yaml\n",
+        ),
+    ] {
+        let o = f.run_with(args, b"", false).await;
+        assert_eq!((o.code, o.stderr.as_str()), (1, err), "{args:?}");
+    }
+    assert_eq!(f.request_count(), before);
+
+    let o = f
+        .run_with(
+            &[
+                "key",
+                "create",
+                "ci",
+                "--role",
+                "member",
+                "--project",
+                "team-a",
+                "--expires",
+                "30d",
+            ],
+            b"",
+            false,
+        )
+        .await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let secret = format!("berth_id1_{}\n", "5".repeat(64));
+    assert_eq!(o.stdout, secret, "only the secret on stdout");
+    assert_eq!(
+        o.stderr,
+        "Key \"ci\" created (member of project \"team-a\", expires 2026-12-29T21:00:00Z): store its secret now, it is not shown again\n"
+    );
+    let o = f
+        .run_with(&["key", "create", "ops", "--role", "operator"], b"", false)
+        .await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    {
+        let st = f.state.lock().unwrap();
+        assert_eq!(st.keys["ci"].project, "team-a");
+        assert_eq!(st.keys["ops"].project, "default");
+    }
+    let list = f.conf_ok(&["key", "list", "-f", "csv"]).await;
+    assert_eq!(
+        list,
+        "ci,member,team-a,2026-11-29T21:00:00Z,2026-12-29T21:00:00Z\nops,operator,,2026-11-29T21:00:00Z,never\n"
+    );
+    let json = f.conf_ok(&["key", "list", "-f", "json"]).await;
+    assert!(!json.contains("berth_id"), "{json}");
+    let show = f.conf_ok(&["key", "show", "ci"]).await;
+    assert!(show.contains("role: member\n"), "{show}");
+    let o = f.run_with(&["key", "rotate", "ci"], b"", false).await;
+    assert_eq!(o.stdout, format!("berth_id1_{}\n", "7".repeat(64)));
+    assert!(o.stderr.starts_with("Key \"ci\" rotated"), "{}", o.stderr);
+    f.conf_ok(&["key", "revoke", "ci"]).await;
+    let o = f.run_with(&["key", "show", "ci"], b"", false).await;
+    assert_eq!(o.stderr, "Error: key \"ci\" not found\n");
+    let reqs = f.requests_since(before);
+    assert!(
+        reqs.iter().all(|r| !r.contains("project=")),
+        "keys name no project: {reqs:?}"
+    );
+
+    // monitor prints each event, then exits with an error when the stream ends.
+    let o = f
+        .run_with(&["monitor", "--project", "team-a"], b"", false)
+        .await;
+    assert_eq!(o.code, 1);
+    assert_eq!(
+        o.stdout,
+        "2026-11-29T22:00:00Z team-a instance-created /1.0/instances/w1 key=ci\n\
+         2026-11-29T22:00:01Z team-a operation-success /1.0/operations/op9 \"Creating instance\"\n"
+    );
+    assert_eq!(
+        o.stderr,
+        "Error: the server of remote \"r\" closed the event stream: controller shutting down\n"
+    );
+    let o = f
+        .run_with(
+            &[
+                "monitor",
+                "--type",
+                "operation",
+                "--all-projects",
+                "-f",
+                "json",
+            ],
+            b"",
+            false,
+        )
+        .await;
+    assert_eq!(o.stdout.lines().count(), 1, "{}", o.stdout);
+    let e: Event = serde_json::from_str(o.stdout.trim()).unwrap();
+    assert_eq!(e.kind, "operation");
+    let reqs = f.requests_since(before);
+    assert!(
+        reqs.iter().any(|r| r == "GET /1.0/events?project=team-a"),
+        "{reqs:?}"
+    );
+    assert!(
+        reqs.iter()
+            .any(|r| r == "GET /1.0/events?type=operation&all-projects=true"),
+        "{reqs:?}"
+    );
+
+    // operation wait and cancel.
+    f.ok(&["launch", "abcdef", "w1"]).await;
+    let id = f.state.lock().unwrap().ops.keys().next().unwrap().clone();
+    assert_eq!(
+        f.ok(&["operation", "wait", &id]).await,
+        format!("Operation {id} succeeded\n")
+    );
+    assert_eq!(
+        f.ok(&["operation", "wait", &id, "--timeout", "1"]).await,
+        format!("Operation {id} succeeded\n")
+    );
+    let o = f.run(&["operation", "cancel", "nope"]).await;
+    assert_eq!(o.code, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t73_remote_key_from_stdin_and_pinning() {
+    let f = start(&["127.0.0.1"]).await;
+    let other = start(&["127.0.0.1"]).await;
+    let url = f.url();
+    let o = f
+        .run_with(
+            &[
+                "remote",
+                "add",
+                "r4",
+                &url,
+                "--key",
+                "-",
+                "--accept-certificate",
+            ],
+            format!("{KEY}\n").as_bytes(),
+            false,
+        )
+        .await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stdout.starts_with("Certificate fingerprint: "),
+        "{}",
+        o.stdout
+    );
+    let stored = f.conf_dir().join("keys").join("r4.key");
+    assert_eq!(
+        std::fs::read_to_string(&stored).unwrap(),
+        format!("{KEY}\n")
+    );
+    let mode = |p: &Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions())
+            & 0o777
+    };
+    assert_eq!(mode(&stored), 0o600);
+    let conf = std::fs::read_to_string(f.conf_dir().join("config.toml")).unwrap();
+    assert!(!conf.contains(KEY), "the key is not in the config: {conf}");
+    assert!(conf.contains("r4.key"), "{conf}");
+    f.conf_ok(&["list", "r4:"]).await;
+
+    // --key takes only "-"; a key the server refuses is not added.
+    let o = f
+        .run_with(
+            &[
+                "remote",
+                "add",
+                "r5",
+                &url,
+                "--key",
+                "secret",
+                "--accept-certificate",
+            ],
+            b"",
+            false,
+        )
+        .await;
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("--key only takes"), "{}", o.stderr);
+    let o = f
+        .run_with(
+            &[
+                "remote",
+                "add",
+                "r5",
+                &url,
+                "--key",
+                "-",
+                "--accept-certificate",
+            ],
+            b"wrong-key\n",
+            false,
+        )
+        .await;
+    assert_eq!(o.code, 1);
+    assert_eq!(
+        o.stderr,
+        "Error: the server refused the API key: not authorized\n"
+    );
+    assert!(!f.conf_dir().join("keys").join("r5.key").exists());
+
+    // rename moves the stored key; the default remote follows.
+    f.conf_ok(&["remote", "switch", "r4"]).await;
+    f.conf_ok(&["remote", "rename", "r4", "r6"]).await;
+    assert_eq!(f.conf_ok(&["remote", "get-default"]).await, "r6\n");
+    assert!(!stored.exists());
+    assert!(f.conf_dir().join("keys").join("r6.key").exists());
+    f.conf_ok(&["list"]).await;
+
+    // The server behind the pinned address now has another certificate: refused, and said so.
+    let conf_path = f.conf_dir().join("config.toml");
+    let conf = std::fs::read_to_string(&conf_path).unwrap();
+    std::fs::write(&conf_path, conf.replace(&f.url(), &other.url())).unwrap();
+    let before = other.request_count();
+    let o = f.run_with(&["list"], b"", false).await;
+    assert_eq!(o.code, 1);
+    assert!(
+        o.stderr.starts_with(&format!(
+            "Error: the certificate of remote \"r6\" at {} has changed: its sha256 fingerprint is now ",
+            other.url()
+        )),
+        "{}",
+        o.stderr
+    );
+    assert!(
+        o.stderr.contains("remove the remote and add it again"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(other.request_count(), before, "nothing was sent");
+
+    f.conf_ok(&[
+        "remote",
+        "add",
+        "r7",
+        &url,
+        "--key-file",
+        f.key.to_str().unwrap(),
+        "--accept-certificate",
+    ])
+    .await;
+    f.conf_ok(&["remote", "switch", "r7"]).await;
+    f.conf_ok(&["remote", "remove", "r6"]).await;
+    assert!(!f.conf_dir().join("keys").join("r6.key").exists());
 }

@@ -91,11 +91,10 @@ pub async fn run(ctx: &Ctx, command: ConfigCommand) -> anyhow::Result<i32> {
         ConfigCommand::Show { name, expanded } => {
             let (client, name) = ctx.resolve(&name)?;
             check_instance_name(name)?;
-            let raw: serde_json::Value = client.get(&instance_path(name)).await?;
-            let inst: Instance = crate::client::decode_metadata(raw.clone())?;
+            let inst: Instance = client.get(&instance_path(name)).await?;
             let mut shown = writable(&inst);
             if expanded {
-                shown.config = expanded_config(&client, &raw, &inst).await?;
+                shown.config = expanded_config(&client, &inst).await?;
             }
             print(&serde_yaml::to_string(&shown)?);
         }
@@ -158,15 +157,14 @@ pub fn layer(
     out
 }
 
-/// The effective config of an instance: the server's `expanded_config` when it sends one,
+/// The effective config of an instance: the server's `expanded_config` when it fills it,
 /// else layered here from its profiles (read in the same project).
 pub async fn expanded_config(
     client: &Client,
-    raw: &serde_json::Value,
     inst: &Instance,
 ) -> anyhow::Result<BTreeMap<String, String>> {
-    if let Some(v) = raw.get("expanded_config").filter(|v| v.is_object()) {
-        return Ok(crate::client::decode_metadata(v.clone())?);
+    if !inst.expanded_config.is_empty() {
+        return Ok(inst.expanded_config.clone());
     }
     let mut profiles = Vec::new();
     for p in &inst.profiles {

@@ -173,38 +173,37 @@ pub async fn create(ctx: &Ctx, args: CreateArgs, start: bool) -> anyhow::Result<
             crate::client::encode_query(&target)
         )
     };
-    // The API gives an instance that names no profile the "default" one, so an instance
-    // without profiles is made stopped, has its profiles emptied, and is started after.
-    let no_profiles = args.no_profiles;
     let req = InstancesPost {
         name: name.to_string(),
         description: args.description,
         source,
         config,
         profiles: args.profiles,
-        start: start && !no_profiles,
+        start,
         target,
         kind: "container".into(),
     };
+    let body = create_body(&req, args.no_profiles)?;
     say(&format!("Creating {name}"));
-    let resp = client.call(Method::POST, &path, Some(&req)).await?;
-    if start && !no_profiles {
+    let resp = client.call(Method::POST, &path, Some(&body)).await?;
+    if start {
         say(&format!("Starting {name}"));
     }
     client.finish(resp).await?;
-    if no_profiles {
-        super::profile::put_profiles(
-            &client,
-            name,
-            &super::profile::ProfileChange::Assign(Vec::new()),
-        )
-        .await?;
-        if start {
-            say(&format!("Starting {name}"));
-            change_state(&client, name, "start", false, 0).await?;
-        }
-    }
     Ok(0)
+}
+
+/// The JSON of a create: without `profiles` when none is named (the server then applies the
+/// `default` profile), with `"profiles": []` for `--no-profiles`.
+pub fn create_body(req: &InstancesPost, no_profiles: bool) -> anyhow::Result<serde_json::Value> {
+    let mut body = serde_json::to_value(req)?;
+    if req.profiles.is_empty()
+        && !no_profiles
+        && let Some(map) = body.as_object_mut()
+    {
+        map.remove("profiles");
+    }
+    Ok(body)
 }
 
 /// Addresses of one family ("inet" or "inet6"), global scope, as `addr (iface)` lines.
@@ -857,6 +856,24 @@ mod tests {
         assert_eq!(names(&["user.role=web"]), ["web1"]);
         assert_eq!(names(&["location=node1", "d"]), Vec::<String>::new());
         assert_eq!(names(&[]), ["db", "web1"]);
+    }
+
+    #[test]
+    fn create_bodies_name_profiles_only_when_asked() {
+        let mut req = InstancesPost {
+            name: "w1".into(),
+            ..Default::default()
+        };
+        assert!(create_body(&req, false).unwrap().get("profiles").is_none());
+        assert_eq!(
+            create_body(&req, true).unwrap()["profiles"],
+            serde_json::json!([])
+        );
+        req.profiles = vec!["web".into(), "small".into()];
+        assert_eq!(
+            create_body(&req, false).unwrap()["profiles"],
+            serde_json::json!(["web", "small"])
+        );
     }
 
     #[test]
