@@ -846,9 +846,11 @@ pub async fn remove_member(
         )));
     }
     scope.identity.require_admin()?;
+    // Not wrapped in `By`: the leader checks a bare RemoveController (last voter, majority)
+    // before proposing it, and would not look inside the wrapper.
     state
         .cp
-        .write(scope.by(Command::RemoveController { name: name.clone() }))
+        .write(Command::RemoveController { name: name.clone() })
         .await?;
     info!(controller = %name, "controller removed; the leader takes it out of the raft membership");
     Ok(sync(serde_json::json!({})))
@@ -1416,5 +1418,99 @@ mod tests {
         assert_eq!(view.name, "from-the-leader");
         assert_eq!(*seen.lock().unwrap(), Some(true));
         server.abort();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod role_tests {
+    use crate::api::projects::testkit::*;
+    use crate::state::Command;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cluster_reads_and_writes_by_role() {
+        let api = Api::start().await;
+        api.add_node_and_image().await;
+        api.cp
+            .write(Command::UpdateProject {
+                name: "b".into(),
+                description: String::new(),
+                config: [("restricted".to_string(), "true".to_string())].into(),
+            })
+            .await
+            .unwrap();
+        // Reads: fleet keys and keys of unrestricted projects; not a restricted project's.
+        for path in [
+            "/1.0/cluster",
+            "/1.0/cluster/members",
+            "/1.0/cluster/members/n1",
+        ] {
+            for key in [ADMIN, OPERATOR, MEMBER_A, VIEWER_A] {
+                let (status, body) = api.call(key, "GET", path, None).await;
+                assert_eq!(status, 200, "{key} {path}: {body}");
+            }
+            let (status, body) = api.call(MEMBER_B, "GET", path, None).await;
+            assert_eq!(status, 403, "{path}: {body}");
+            assert!(
+                body["error"].as_str().unwrap().contains("restricted"),
+                "{body}"
+            );
+        }
+        // Writes: fleet keys only; controller tokens and removal: admins only.
+        let before = api.model().await;
+        let name = serde_json::json!({"name": "n2"});
+        for key in [MEMBER_A, VIEWER_A, MEMBER_B] {
+            for (method, path, body) in [
+                (
+                    "PATCH",
+                    "/1.0/cluster",
+                    Some(serde_json::json!({"config": {"scheduler.policy": "binpack"}})),
+                ),
+                (
+                    "PATCH",
+                    "/1.0/cluster/members/n1",
+                    Some(serde_json::json!({"config": {"rack": "r9"}})),
+                ),
+                ("DELETE", "/1.0/cluster/members/n1", None),
+                ("DELETE", "/1.0/cluster/members/c1", None),
+                ("POST", "/1.0/cluster/join-tokens", Some(name.clone())),
+                ("POST", "/1.0/cluster/controller-tokens", Some(name.clone())),
+            ] {
+                let (status, answer) = api.call(key, method, path, body).await;
+                assert_eq!(status, 403, "{key} {method} {path}: {answer}");
+            }
+        }
+        for (method, path, body) in [
+            ("POST", "/1.0/cluster/controller-tokens", Some(name.clone())),
+            ("DELETE", "/1.0/cluster/members/c1", None),
+        ] {
+            let (status, answer) = api.call(OPERATOR, method, path, body).await;
+            assert_eq!(status, 403, "operator {method} {path}: {answer}");
+        }
+        assert_eq!(api.model().await, before);
+        let (status, body) = api
+            .call(
+                OPERATOR,
+                "POST",
+                "/1.0/cluster/join-tokens",
+                Some(name.clone()),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let (status, body) = api
+            .call(
+                OPERATOR,
+                "PATCH",
+                "/1.0/cluster/members/n1",
+                Some(serde_json::json!({"config": {"rack": "r9"}})),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        // The last voter is still refused when an admin asks.
+        let (status, body) = api
+            .call(ADMIN, "DELETE", "/1.0/cluster/members/c1", None)
+            .await;
+        assert_eq!(status, 409, "{body}");
+        api.cp.shutdown().await;
     }
 }

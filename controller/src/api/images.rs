@@ -673,3 +673,221 @@ pub async fn delete_alias(
     })?;
     Ok(sync(serde_json::Value::Null))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod api_tests {
+    use super::*;
+    use crate::api::projects::testkit::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn images_and_aliases_are_seen_by_project() {
+        let api = Api::start().await;
+        api.add_node_and_image().await;
+        api.put_image("bbbbbbbbbbbbbbbb", &["b"]).await;
+        api.put_image("aaaaaaaaaaaaaaaa", &["a"]).await;
+        // b names its image "mine"; the default project names the shared one "mine" too.
+        for (key, project, target) in [
+            (MEMBER_B, "b", "bbbbbbbbbbbbbbbb"),
+            (ADMIN, "default", "img"),
+        ] {
+            let (status, body) = api
+                .call(
+                    key,
+                    "POST",
+                    &format!("/1.0/images/aliases?project={project}"),
+                    Some(serde_json::json!({"name": "mine", "target": target})),
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+        }
+        // b's image is not a's to alias, see or delete.
+        let (status, body) = api
+            .call(
+                MEMBER_A,
+                "POST",
+                "/1.0/images/aliases",
+                Some(serde_json::json!({"name": "x", "target": "bbbbbbbbbbbbbbbb"})),
+            )
+            .await;
+        assert_eq!(status, 404, "{body}");
+        for (method, path) in [
+            ("GET", "/1.0/images/bbbbbbbbbbbbbbbb"),
+            ("GET", "/1.0/images/bbbbbbbbbbbb"),
+            ("DELETE", "/1.0/images/bbbbbbbbbbbbbbbb"),
+            ("GET", "/1.0/images/b@mine"),
+            ("GET", "/1.0/images/aliases/b@mine"),
+            ("DELETE", "/1.0/images/aliases/b@mine"),
+            ("GET", "/1.0/images/aliases/mine?project=b"),
+        ] {
+            let (status, body) = api.call(MEMBER_A, method, path, None).await;
+            assert_eq!(status, 404, "{method} {path}: {body}");
+            let text = body.to_string();
+            assert!(
+                !text.contains("shared") && !text.contains("target"),
+                "{text}"
+            );
+        }
+        // a sees the shared image and its own; "mine" resolves to the default project's.
+        let (_, body) = api.call(MEMBER_A, "GET", "/1.0/images", None).await;
+        let mut listed: Vec<String> = serde_json::from_value(body["metadata"].clone()).unwrap();
+        listed.sort();
+        assert_eq!(listed, ["/1.0/images/aaaaaaaaaaaaaaaa", "/1.0/images/img"]);
+        let (status, body) = api.call(MEMBER_A, "GET", "/1.0/images/mine", None).await;
+        assert_eq!(
+            (status, body["metadata"]["fingerprint"].as_str()),
+            (200, Some("img"))
+        );
+        let (_, body) = api.call(MEMBER_B, "GET", "/1.0/images/mine", None).await;
+        assert_eq!(body["metadata"]["fingerprint"], "bbbbbbbbbbbbbbbb");
+        assert_eq!(body["metadata"]["aliases"][0]["name"], "mine");
+        let (_, body) = api
+            .call(MEMBER_B, "GET", "/1.0/images/aliases?recursion=1", None)
+            .await;
+        assert_eq!(
+            body["metadata"],
+            serde_json::json!([{"name": "mine", "target": "bbbbbbbbbbbbbbbb", "description": ""}])
+        );
+        let (_, body) = api.call(MEMBER_B, "GET", "/1.0/images/aliases", None).await;
+        assert_eq!(
+            body["metadata"],
+            serde_json::json!(["/1.0/images/aliases/mine?project=b"])
+        );
+        assert_eq!(
+            api.call(MEMBER_A, "GET", "/1.0/images/aliases", None)
+                .await
+                .1["metadata"],
+            serde_json::json!([])
+        );
+        assert_eq!(
+            api.call(MEMBER_A, "GET", "/1.0/images?all-projects=true", None)
+                .await
+                .0,
+            403
+        );
+        let (_, body) = api
+            .call(OPERATOR, "GET", "/1.0/images?all-projects=true", None)
+            .await;
+        assert_eq!(body["metadata"].as_array().unwrap().len(), 3);
+
+        // Viewers read only; members may not delete the shared image.
+        let before = api.model().await;
+        for (key, method, path, body) in [
+            (
+                VIEWER_A,
+                "POST",
+                "/1.0/images/aliases",
+                Some(serde_json::json!({"name": "v", "target": "img"})),
+            ),
+            (
+                VIEWER_A,
+                "POST",
+                "/1.0/images",
+                Some(serde_json::json!({"source": {"type": "build", "recipe": "busybox"}})),
+            ),
+            (VIEWER_A, "DELETE", "/1.0/images/aaaaaaaaaaaaaaaa", None),
+            (MEMBER_A, "DELETE", "/1.0/images/img", None),
+        ] {
+            let (status, answer) = api.call(key, method, path, body).await;
+            assert_eq!(status, 403, "{key} {method} {path}: {answer}");
+        }
+        assert_eq!(api.model().await, before);
+
+        // Aliases with If-Match; the member removes its own alias.
+        let got = api
+            .send(MEMBER_B, "GET", "/1.0/images/aliases/mine", None, &[])
+            .await;
+        assert_eq!(got.status, 200);
+        let stale = api
+            .send(
+                MEMBER_B,
+                "DELETE",
+                "/1.0/images/aliases/mine",
+                None,
+                &[("if-match", "\"nope\"")],
+            )
+            .await;
+        assert_eq!(stale.status, 412, "{}", stale.body);
+        let etag = got.headers["etag"].to_str().unwrap().to_string();
+        let ok = api
+            .send(
+                MEMBER_B,
+                "DELETE",
+                "/1.0/images/aliases/mine",
+                None,
+                &[("if-match", &etag)],
+            )
+            .await;
+        assert_eq!(ok.status, 200, "{}", ok.body);
+        assert!(
+            api.model().await.aliases.contains_key("mine"),
+            "default's alias stays"
+        );
+        api.cp.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn uploads_over_the_limit_get_413() {
+        let api = Api::start().await;
+        let too_big = (MAX_IMAGE_UPLOAD + 1).to_string();
+        let a = api
+            .send(
+                ADMIN,
+                "POST",
+                "/1.0/images",
+                None,
+                &[
+                    ("content-type", "application/octet-stream"),
+                    ("content-length", &too_big),
+                ],
+            )
+            .await;
+        assert_eq!(a.status, 413, "{}", a.body);
+        assert!(
+            a.body["error"].as_str().unwrap().contains("larger than"),
+            "{}",
+            a.body
+        );
+        // A restricted project's key may not choose the node.
+        api.cp
+            .write(Command::UpdateProject {
+                name: "b".into(),
+                description: String::new(),
+                config: [("restricted".to_string(), "true".to_string())].into(),
+            })
+            .await
+            .unwrap();
+        let (status, body) = api
+            .call(
+                MEMBER_B,
+                "POST",
+                "/1.0/images?target=n1",
+                Some(serde_json::json!({"source": {"type": "build", "recipe": "busybox"}})),
+            )
+            .await;
+        assert_eq!(status, 403, "{body}");
+        api.cp.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn the_upload_cap_cuts_a_stream_off() {
+        use futures::StreamExt as _;
+        let over = Arc::new(AtomicBool::new(false));
+        let chunks: Vec<Result<bytes::Bytes, std::io::Error>> =
+            vec![Ok(vec![0u8; 6].into()), Ok(vec![0u8; 6].into())];
+        let body = capped(
+            Body::from_stream(futures::stream::iter(chunks)),
+            10,
+            over.clone(),
+        );
+        let got: Vec<_> = body.into_data_stream().collect().await;
+        assert!(got[0].is_ok());
+        assert!(got[1].is_err());
+        assert!(over.load(Ordering::SeqCst));
+        let fine = Arc::new(AtomicBool::new(false));
+        let body = capped(Body::from(vec![0u8; 10]), 10, fine.clone());
+        let got: Vec<_> = body.into_data_stream().collect().await;
+        assert!(got.iter().all(|c| c.is_ok()));
+        assert!(!fine.load(Ordering::SeqCst));
+    }
+}

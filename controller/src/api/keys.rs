@@ -292,3 +292,152 @@ mod tests {
         assert_eq!(expiry("-1d").unwrap_err().status, 400);
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod api_tests {
+    use crate::api::projects::testkit::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_admins_manage_keys() {
+        let api = Api::start().await;
+        for key in [OPERATOR, MEMBER_A, VIEWER_A] {
+            for (method, path, body) in [
+                ("GET", "/1.0/keys", None),
+                ("GET", "/1.0/keys/alice", None),
+                (
+                    "POST",
+                    "/1.0/keys",
+                    Some(serde_json::json!({"name": "x", "role": "admin"})),
+                ),
+                ("DELETE", "/1.0/keys/alice", None),
+                (
+                    "POST",
+                    "/1.0/keys/alice/rotate",
+                    Some(serde_json::json!({})),
+                ),
+            ] {
+                let (status, answer) = api.call(key, method, path, body).await;
+                assert_eq!(status, 403, "{method} {path}: {answer}");
+            }
+        }
+        api.cp.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn key_lifecycle_create_use_rotate_revoke() {
+        let api = Api::start().await;
+        let before = api.model().await;
+        for (body, status) in [
+            (serde_json::json!({"name": "t", "role": "root"}), 400),
+            (
+                serde_json::json!({"name": "t", "role": "member", "project": "nope"}),
+                404,
+            ),
+            (
+                serde_json::json!({"name": "t", "role": "admin", "project": "a"}),
+                400,
+            ),
+            (serde_json::json!({"name": "1t", "role": "member"}), 400),
+            (
+                serde_json::json!({"name": "t", "role": "member", "expires_in": "soon"}),
+                400,
+            ),
+            (
+                serde_json::json!({"name": "alice", "role": "member", "project": "a"}),
+                409,
+            ),
+        ] {
+            let (got, answer) = api
+                .call(ADMIN, "POST", "/1.0/keys", Some(body.clone()))
+                .await;
+            assert_eq!(got, status, "{body}: {answer}");
+        }
+        assert_eq!(api.model().await, before, "refused keys change nothing");
+
+        let (status, body) = api
+            .call(
+                ADMIN,
+                "POST",
+                "/1.0/keys",
+                Some(serde_json::json!({"name": "ci", "role": "member", "project": "a", "expires_in": "30d"})),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let secret = body["metadata"]["secret"].as_str().unwrap().to_string();
+        assert!(secret.starts_with("berth_"), "{secret}");
+        assert_eq!(body["metadata"]["key"]["project"], "a");
+        assert!(
+            !body["metadata"]["key"]["expires_at"]
+                .as_str()
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(body["metadata"]["key"]["expired"], false);
+
+        // The new key works, in its project, and says who it is.
+        let (status, body) = api.call(&secret, "GET", "/1.0", None).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["metadata"]["environment"]["auth_user_name"], "ci");
+        assert_eq!(body["metadata"]["environment"]["auth_role"], "member");
+        assert_eq!(body["metadata"]["environment"]["project"], "a");
+
+        // Listing never shows secrets or hashes.
+        let (_, body) = api.call(ADMIN, "GET", "/1.0/keys", None).await;
+        assert!(
+            body["metadata"]
+                .as_array()
+                .unwrap()
+                .contains(&"/1.0/keys/ci".into())
+        );
+        let (_, body) = api.call(ADMIN, "GET", "/1.0/keys?recursion=1", None).await;
+        let text = body.to_string();
+        assert!(!text.contains(&secret[20..]), "{text}");
+        assert!(!text.contains("hash"), "{text}");
+        assert_eq!(body["metadata"].as_array().unwrap().len(), 6);
+        let (status, body) = api.call(ADMIN, "GET", "/1.0/keys/ci", None).await;
+        assert_eq!(
+            (status, body["metadata"]["role"].as_str()),
+            (200, Some("member"))
+        );
+
+        // Rotation: the old secret stops, the new one works, the id stays.
+        let (status, body) = api
+            .call(
+                ADMIN,
+                "POST",
+                "/1.0/keys/ci/rotate",
+                Some(serde_json::json!({})),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let rotated = body["metadata"]["secret"].as_str().unwrap().to_string();
+        assert_ne!(rotated, secret);
+        assert_eq!(api.call(&secret, "GET", "/1.0", None).await.0, 401);
+        assert_eq!(api.call(&rotated, "GET", "/1.0", None).await.0, 200);
+        assert_eq!(
+            api.call(
+                ADMIN,
+                "POST",
+                "/1.0/keys/nope/rotate",
+                Some(serde_json::json!({}))
+            )
+            .await
+            .0,
+            404
+        );
+
+        // Revocation: at once; never the last admin key.
+        assert_eq!(api.call(ADMIN, "DELETE", "/1.0/keys/ci", None).await.0, 200);
+        assert_eq!(api.call(&rotated, "GET", "/1.0", None).await.0, 401);
+        assert_eq!(api.call(ADMIN, "DELETE", "/1.0/keys/ci", None).await.0, 404);
+        let (status, body) = api.call(ADMIN, "DELETE", "/1.0/keys/admin", None).await;
+        assert_eq!(status, 409, "{body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("last admin key"),
+            "{body}"
+        );
+        assert_eq!(api.call(ADMIN, "GET", "/1.0", None).await.0, 200);
+        api.cp.shutdown().await;
+    }
+}

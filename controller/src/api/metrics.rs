@@ -144,3 +144,78 @@ mod tests {
         cp.shutdown().await;
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod project_tests {
+    use axum::body::Body;
+    use tower::ServiceExt as _;
+
+    use crate::api::projects::testkit::*;
+
+    async fn text(api: &Api, key: &str) -> String {
+        let req = http::Request::builder()
+            .uri("/1.0/metrics")
+            .header("authorization", format!("Bearer {key}"))
+            .body(Body::empty())
+            .unwrap();
+        let resp = api.app.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_project_key_gets_its_project_figures_only() {
+        let api = Api::start().await;
+        api.add_node_and_image().await;
+        api.cp
+            .write(crate::state::Command::UpdateProject {
+                name: "a".into(),
+                description: String::new(),
+                config: [("limits.instances".to_string(), "3".to_string())].into(),
+            })
+            .await
+            .unwrap();
+        api.add_instance("a", "web1", &[]).await;
+        api.add_instance("b", "db1", &[]).await;
+        api.add_instance("b", "db2", &[]).await;
+
+        let member = text(&api, MEMBER_A).await;
+        for line in [
+            "berth_project_instances{project=\"a\",status=\"Stopped\"} 1",
+            "berth_project_usage{project=\"a\",resource=\"instances\"} 1",
+            "berth_project_limit{project=\"a\",resource=\"instances\"} 3",
+        ] {
+            assert!(
+                member.lines().any(|l| l == line),
+                "missing {line:?} in\n{member}"
+            );
+        }
+        for absent in [
+            "project=\"b\"",
+            "berth_nodes",
+            "berth_raft",
+            "berth_api_requests",
+            "n1",
+        ] {
+            assert!(!member.contains(absent), "{absent} in\n{member}");
+        }
+        assert!(text(&api, VIEWER_A).await.contains("project=\"a\""));
+
+        let fleet = text(&api, OPERATOR).await;
+        for line in [
+            "berth_instances{status=\"Stopped\"} 3",
+            "berth_project_instances{project=\"b\",status=\"Stopped\"} 2",
+            "berth_project_instances{project=\"default\",status=\"Stopped\"} 0",
+        ] {
+            assert!(
+                fleet.lines().any(|l| l == line),
+                "missing {line:?} in\n{fleet}"
+            );
+        }
+        api.cp.shutdown().await;
+    }
+}

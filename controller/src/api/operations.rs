@@ -415,3 +415,126 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod api_tests {
+    use berth_proto::api::{Operation, OperationStatus};
+
+    use crate::api::projects::testkit::*;
+    use crate::state::Command;
+
+    async fn put(api: &Api, id: &str, project: &str, status: OperationStatus) {
+        api.cp
+            .write(Command::PutOperation {
+                operation: Operation {
+                    id: id.into(),
+                    class: "task".into(),
+                    status,
+                    status_code: status.code(),
+                    project: project.into(),
+                    ..Default::default()
+                },
+            })
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn operations_are_seen_in_their_project_only() {
+        let api = Api::start().await;
+        put(&api, "op-a", "a", OperationStatus::Success).await;
+        put(&api, "op-b", "b", OperationStatus::Success).await;
+        put(&api, "op-d", "", OperationStatus::Running).await;
+
+        let (status, body) = api.call(MEMBER_A, "GET", "/1.0/operations", None).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["metadata"],
+            serde_json::json!({"success": ["/1.0/operations/op-a"]})
+        );
+        for path in [
+            "/1.0/operations/op-b",
+            "/1.0/operations/op-d",
+            "/1.0/operations/op-b/wait?timeout=0",
+            "/1.0/operations/nope",
+        ] {
+            let (status, body) = api.call(MEMBER_A, "GET", path, None).await;
+            assert_eq!(status, 404, "{path}: {body}");
+        }
+        assert_eq!(
+            api.call(MEMBER_A, "DELETE", "/1.0/operations/op-b", None)
+                .await
+                .0,
+            404
+        );
+        assert_eq!(
+            api.call(MEMBER_A, "GET", "/1.0/operations/op-a", None)
+                .await
+                .0,
+            200
+        );
+        assert_eq!(
+            api.call(MEMBER_A, "GET", "/1.0/operations/op-a/wait?timeout=0", None)
+                .await
+                .0,
+            200
+        );
+        // Asking for project b or for all projects gives nothing away.
+        assert_eq!(
+            api.call(MEMBER_A, "GET", "/1.0/operations?project=b", None)
+                .await
+                .0,
+            404
+        );
+        assert_eq!(
+            api.call(MEMBER_A, "GET", "/1.0/operations?all-projects=true", None)
+                .await
+                .0,
+            403
+        );
+        // A viewer reads, but does not cancel or remove.
+        assert_eq!(
+            api.call(VIEWER_A, "GET", "/1.0/operations/op-a", None)
+                .await
+                .0,
+            200
+        );
+        assert_eq!(
+            api.call(VIEWER_A, "DELETE", "/1.0/operations/op-a", None)
+                .await
+                .0,
+            403
+        );
+
+        // Fleet keys: the ?project= one by default, every one with all-projects, any by id.
+        let (_, body) = api.call(OPERATOR, "GET", "/1.0/operations", None).await;
+        assert_eq!(
+            body["metadata"],
+            serde_json::json!({"running": ["/1.0/operations/op-d"]})
+        );
+        let (_, body) = api
+            .call(
+                OPERATOR,
+                "GET",
+                "/1.0/operations?all-projects=true&recursion=1",
+                None,
+            )
+            .await;
+        assert_eq!(body["metadata"]["success"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            api.call(ADMIN, "GET", "/1.0/operations/op-b", None).await.0,
+            200
+        );
+
+        // The member removes its finished operation.
+        assert_eq!(
+            api.call(MEMBER_A, "DELETE", "/1.0/operations/op-a", None)
+                .await
+                .0,
+            200
+        );
+        assert!(!api.model().await.operations.contains_key("op-a"));
+        api.cp.shutdown().await;
+    }
+}

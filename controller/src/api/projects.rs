@@ -394,3 +394,549 @@ pub async fn get_state(
         .ok_or_else(|| not_found(&name))?;
     Ok(sync(st))
 }
+
+/// An API on a one-controller cluster, with projects `a` and `b` and keys of every role, for
+/// the handler tests of this module and of keys, images, operations, cluster and metrics.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) mod testkit {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use axum::body::Body;
+    use tower::ServiceExt as _;
+
+    use crate::api::{AppState, key_hash, router};
+    use crate::clock;
+    use crate::raft::ControlPlane;
+    use crate::state::{
+        ApiKey, Command, ControllerRecord, Image, Instance, JoinKind, JoinTokenRecord, Node,
+        Project, Role,
+    };
+
+    /// Secrets of the test keys: admin, operator, member and viewer of `a`, member of `b`.
+    pub const ADMIN: &str = "admin-secret";
+    pub const OPERATOR: &str = "operator-secret";
+    pub const MEMBER_A: &str = "member-a-secret";
+    pub const VIEWER_A: &str = "viewer-a-secret";
+    pub const MEMBER_B: &str = "member-b-secret";
+
+    pub struct Api {
+        pub app: axum::Router,
+        pub cp: ControlPlane,
+        _dir: tempfile::TempDir,
+    }
+
+    /// An answer: status, envelope, headers.
+    pub struct Answer {
+        pub status: u16,
+        pub body: serde_json::Value,
+        pub headers: http::HeaderMap,
+    }
+
+    fn key(id: &str, name: &str, secret: &str, role: Role, project: &str) -> ApiKey {
+        ApiKey {
+            id: id.into(),
+            name: name.into(),
+            hash: key_hash(secret),
+            role,
+            project: project.into(),
+            created_at: clock::now(),
+            expires_at: None,
+        }
+    }
+
+    impl Api {
+        pub async fn start() -> Api {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let dir = tempfile::tempdir().unwrap();
+            let cp = ControlPlane::open(dir.path(), 1, "127.0.0.1:1".into(), true, None)
+                .await
+                .unwrap();
+            assert!(cp.wait_for_leader(Duration::from_secs(10)).await.is_some());
+            let ca = crate::tls::ClusterCa::generate("test").unwrap();
+            cp.write(Command::Bootstrap {
+                name: "test".into(),
+                ca_cert_pem: ca.cert_pem.clone(),
+                ca_key_pem: ca.key_pem.clone(),
+                admin_key: key("k1", "admin", ADMIN, Role::Admin, "default"),
+                now: clock::now(),
+            })
+            .await
+            .unwrap();
+            cp.write(Command::RegisterController {
+                record: ControllerRecord {
+                    name: "c1".into(),
+                    id: 1,
+                    peer_address: "127.0.0.1:1".into(),
+                    api_address: "c1.example:8443".into(),
+                    joined_at: clock::now(),
+                    cert_fingerprint: String::new(),
+                },
+            })
+            .await
+            .unwrap();
+            for p in ["a", "b"] {
+                cp.write(Command::CreateProject {
+                    project: Project {
+                        name: p.into(),
+                        created_at: clock::now(),
+                        ..Default::default()
+                    },
+                })
+                .await
+                .unwrap();
+            }
+            for k in [
+                key("k2", "ops", OPERATOR, Role::Operator, "default"),
+                key("k3", "alice", MEMBER_A, Role::Member, "a"),
+                key("k4", "victor", VIEWER_A, Role::Viewer, "a"),
+                key("k5", "bob", MEMBER_B, Role::Member, "b"),
+            ] {
+                cp.write(Command::AddApiKey { key: k }).await.unwrap();
+            }
+            let cert = ca.issue("c1", &["c1".into()]).unwrap();
+            let state = Arc::new(AppState {
+                cp: cp.clone(),
+                agents: crate::agents::AgentPool::new(
+                    ca.cert_pem.clone(),
+                    cert.cert_pem,
+                    cert.key_pem,
+                ),
+                ca,
+                name: "c1".into(),
+                execs: Default::default(),
+                metrics: Default::default(),
+                liveness: crate::liveness::Liveness::new(Duration::from_secs(10)),
+                instance_locks: Default::default(),
+            });
+            Api {
+                app: router(state),
+                cp,
+                _dir: dir,
+            }
+        }
+
+        /// Sends a request with `key` and extra `headers`.
+        pub async fn send(
+            &self,
+            key: &str,
+            method: &str,
+            path: &str,
+            body: Option<serde_json::Value>,
+            headers: &[(&str, &str)],
+        ) -> Answer {
+            let mut b = http::Request::builder()
+                .method(method)
+                .uri(path)
+                .header("authorization", format!("Bearer {key}"));
+            if !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+            {
+                b = b.header("content-type", "application/json");
+            }
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            let req = b
+                .body(match body {
+                    Some(b) => Body::from(b.to_string()),
+                    None => Body::empty(),
+                })
+                .unwrap();
+            let resp = self.app.clone().oneshot(req).await.unwrap();
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(&bytes).into())
+            });
+            Answer {
+                status,
+                body,
+                headers,
+            }
+        }
+
+        /// Sends a request with `key`; answers the status and the envelope.
+        pub async fn call(
+            &self,
+            key: &str,
+            method: &str,
+            path: &str,
+            body: Option<serde_json::Value>,
+        ) -> (u16, serde_json::Value) {
+            let a = self.send(key, method, path, body, &[]).await;
+            (a.status, a.body)
+        }
+
+        /// A node `n1` (4 CPUs, 8 GiB) and an image `img` shared by every project.
+        pub async fn add_node_and_image(&self) {
+            self.cp
+                .write(Command::AddJoinToken {
+                    hash: key_hash("n"),
+                    record: JoinTokenRecord {
+                        node_name: "n1".into(),
+                        kind: JoinKind::Node,
+                        created_at: clock::now(),
+                        expires_at: clock::after(Duration::from_secs(60)),
+                    },
+                })
+                .await
+                .unwrap();
+            self.cp
+                .write(Command::JoinNode {
+                    token_hash: key_hash("n"),
+                    node: Node {
+                        name: "n1".into(),
+                        address: "10.0.0.5:8445".into(),
+                        ipv4_cidr: "10.87.1.1/24".into(),
+                        cpus: 4,
+                        memory_bytes: 8 << 30,
+                        ..Default::default()
+                    },
+                    now: clock::now(),
+                })
+                .await
+                .unwrap();
+            self.put_image("img", &[]).await;
+        }
+
+        /// An image with fingerprint `fp`, held by `projects` (none: shared).
+        pub async fn put_image(&self, fp: &str, projects: &[&str]) {
+            self.cp
+                .write(Command::PutImage {
+                    image: Image {
+                        fingerprint: fp.into(),
+                        locations: ["n1".to_string()].into(),
+                        projects: projects.iter().map(|p| p.to_string()).collect(),
+                        ..Default::default()
+                    },
+                })
+                .await
+                .unwrap();
+        }
+
+        /// An instance `name` of `project` on `n1`, from image `img`, with `config`.
+        pub async fn add_instance(&self, project: &str, name: &str, config: &[(&str, &str)]) {
+            self.cp
+                .write(Command::CreateInstance {
+                    instance: Instance {
+                        name: crate::state::scoped_name(project, name),
+                        project: project.into(),
+                        node: "n1".into(),
+                        image: "img".into(),
+                        config: config
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect::<BTreeMap<_, _>>(),
+                        created_at: clock::now(),
+                        ..Default::default()
+                    },
+                    operation: None,
+                })
+                .await
+                .unwrap();
+        }
+
+        /// The replicated state now.
+        pub async fn model(&self) -> crate::state::State {
+            self.cp.read(|s| s.clone()).await.unwrap()
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::testkit::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_member_sees_only_its_project_and_changes_none() {
+        let api = Api::start().await;
+        let (status, body) = api.call(MEMBER_A, "GET", "/1.0/projects", None).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["metadata"], serde_json::json!(["/1.0/projects/a"]));
+        let (_, body) = api
+            .call(MEMBER_A, "GET", "/1.0/projects?recursion=1", None)
+            .await;
+        assert_eq!(body["metadata"][0]["name"], "a");
+        assert_eq!(body["metadata"].as_array().unwrap().len(), 1);
+
+        let own = api
+            .send(MEMBER_A, "GET", "/1.0/projects/a", None, &[])
+            .await;
+        assert_eq!(own.status, 200);
+        assert!(own.headers.contains_key("etag"));
+        for path in [
+            "/1.0/projects/b",
+            "/1.0/projects/b/state",
+            "/1.0/projects/default",
+            "/1.0/projects/nope",
+        ] {
+            let (status, body) = api.call(MEMBER_A, "GET", path, None).await;
+            assert_eq!(status, 404, "{path}: {body}");
+        }
+        assert_eq!(
+            api.call(MEMBER_A, "GET", "/1.0/projects/a/state", None)
+                .await
+                .0,
+            200
+        );
+        assert_eq!(
+            api.call(VIEWER_A, "GET", "/1.0/projects/a/state", None)
+                .await
+                .0,
+            200
+        );
+
+        let before = api.model().await;
+        let put = serde_json::json!({"config": {"limits.instances": "100"}});
+        // Its own project: visible, not changeable (403); another: invisible (404).
+        for (key, method, path, status) in [
+            (MEMBER_A, "PUT", "/1.0/projects/a", 403),
+            (MEMBER_A, "PATCH", "/1.0/projects/a", 403),
+            (MEMBER_A, "DELETE", "/1.0/projects/a", 403),
+            (MEMBER_A, "POST", "/1.0/projects/a", 403),
+            (VIEWER_A, "PUT", "/1.0/projects/a", 403),
+            (MEMBER_A, "PUT", "/1.0/projects/b", 404),
+            (MEMBER_A, "PATCH", "/1.0/projects/b", 404),
+            (MEMBER_A, "DELETE", "/1.0/projects/b", 404),
+            (MEMBER_A, "POST", "/1.0/projects/b", 404),
+            (MEMBER_A, "POST", "/1.0/projects", 403),
+        ] {
+            let body = match method {
+                "POST" if path == "/1.0/projects" => serde_json::json!({"name": "c"}),
+                "POST" => serde_json::json!({"name": "z"}),
+                _ => put.clone(),
+            };
+            let (got, answer) = api.call(key, method, path, Some(body)).await;
+            assert_eq!(got, status, "{method} {path}: {answer}");
+            assert!(
+                !answer["error"].as_str().unwrap_or_default().contains("b_"),
+                "{answer}"
+            );
+        }
+        assert_eq!(api.model().await, before);
+        api.cp.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fleet_keys_manage_projects_with_etags_and_clear_errors() {
+        let api = Api::start().await;
+        let before = api.model().await;
+        for (config, needle) in [
+            (serde_json::json!({"limits.cpu": "-1"}), "limits.cpu"),
+            (
+                serde_json::json!({"limits.memory": "lots"}),
+                "limits.memory",
+            ),
+            (serde_json::json!({"limits.bogus": "1"}), "limits.bogus"),
+            (serde_json::json!({"restricted": "maybe"}), "restricted"),
+        ] {
+            let (status, body) = api
+                .call(
+                    OPERATOR,
+                    "POST",
+                    "/1.0/projects",
+                    Some(serde_json::json!({"name": "c", "config": config})),
+                )
+                .await;
+            assert_eq!(status, 400, "{body}");
+            assert!(body["error"].as_str().unwrap().contains(needle), "{body}");
+            let (status, body) = api
+                .call(
+                    ADMIN,
+                    "PATCH",
+                    "/1.0/projects/a",
+                    Some(serde_json::json!({ "config": config })),
+                )
+                .await;
+            assert_eq!(status, 400, "{body}");
+        }
+        for bad in ["1c", "c_d", ""] {
+            let (status, _) = api
+                .call(
+                    ADMIN,
+                    "POST",
+                    "/1.0/projects",
+                    Some(serde_json::json!({ "name": bad })),
+                )
+                .await;
+            assert_eq!(status, 400, "{bad:?}");
+        }
+        assert_eq!(api.model().await, before, "bad requests change nothing");
+
+        let (status, body) = api
+            .call(
+                OPERATOR,
+                "POST",
+                "/1.0/projects",
+                Some(serde_json::json!({"name": "c", "description": "team c", "config": {"limits.instances": "2", "restricted": "true"}})),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["metadata"]["used_by"],
+            serde_json::json!(["/1.0/profiles/default?project=c"])
+        );
+        let (status, _) = api
+            .call(
+                OPERATOR,
+                "POST",
+                "/1.0/projects",
+                Some(serde_json::json!({"name": "c"})),
+            )
+            .await;
+        assert_eq!(status, 409);
+
+        // PATCH merges (null removes); PUT replaces; If-Match guards both.
+        let first = api.send(ADMIN, "GET", "/1.0/projects/c", None, &[]).await;
+        let etag = first.headers["etag"].to_str().unwrap().to_string();
+        let (status, body) = api
+            .call(
+                ADMIN,
+                "PATCH",
+                "/1.0/projects/c",
+                Some(serde_json::json!({"config": {"limits.memory": "1GiB", "restricted": null}})),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["metadata"]["config"],
+            serde_json::json!({"limits.instances": "2", "limits.memory": "1GiB"})
+        );
+        assert_eq!(body["metadata"]["description"], "team c");
+        let stale = api
+            .send(
+                ADMIN,
+                "PUT",
+                "/1.0/projects/c",
+                Some(serde_json::json!({"config": {}})),
+                &[("if-match", &etag)],
+            )
+            .await;
+        assert_eq!(stale.status, 412, "{}", stale.body);
+        let now = api.send(ADMIN, "GET", "/1.0/projects/c", None, &[]).await;
+        let etag = now.headers["etag"].to_str().unwrap().to_string();
+        let put = api
+            .send(
+                ADMIN,
+                "PUT",
+                "/1.0/projects/c",
+                Some(serde_json::json!({"config": {"limits.cpu": "4"}})),
+                &[("if-match", &etag)],
+            )
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+        assert_eq!(
+            put.body["metadata"]["config"],
+            serde_json::json!({"limits.cpu": "4"})
+        );
+        assert_eq!(put.body["metadata"]["description"], "");
+
+        let (_, body) = api.call(ADMIN, "GET", "/1.0/projects/c/state", None).await;
+        assert_eq!(
+            body["metadata"]["resources"]["cpu"],
+            serde_json::json!({"limit": 4, "usage": 0})
+        );
+        assert_eq!(
+            body["metadata"]["resources"]["memory"],
+            serde_json::json!({"limit": -1, "usage": 0})
+        );
+
+        // Rename, then delete; default is neither.
+        let (status, body) = api
+            .call(
+                ADMIN,
+                "POST",
+                "/1.0/projects/c",
+                Some(serde_json::json!({"name": "d"})),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(api.call(ADMIN, "GET", "/1.0/projects/c", None).await.0, 404);
+        assert_eq!(
+            api.call(ADMIN, "DELETE", "/1.0/projects/d", None).await.0,
+            200
+        );
+        assert_eq!(
+            api.call(ADMIN, "DELETE", "/1.0/projects/default", None)
+                .await
+                .0,
+            400
+        );
+        let (_, body) = api.call(OPERATOR, "GET", "/1.0/projects", None).await;
+        assert_eq!(
+            body["metadata"],
+            serde_json::json!([
+                "/1.0/projects/a",
+                "/1.0/projects/b",
+                "/1.0/projects/default"
+            ])
+        );
+        api.cp.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_quota_below_use_is_refused_and_changes_nothing() {
+        let api = Api::start().await;
+        api.add_node_and_image().await;
+        api.add_instance("a", "web1", &[("limits.memory", "256MiB")])
+            .await;
+        api.add_instance("a", "web2", &[("limits.memory", "256MiB")])
+            .await;
+        let (_, body) = api.call(MEMBER_A, "GET", "/1.0/projects/a", None).await;
+        let used_by = body["metadata"]["used_by"].as_array().unwrap();
+        assert!(
+            used_by.contains(&"/1.0/instances/web1?project=a".into()),
+            "{body}"
+        );
+        let before = api.model().await;
+        for config in [
+            serde_json::json!({"limits.instances": "1"}),
+            serde_json::json!({"limits.memory": "300MiB"}),
+        ] {
+            let (status, body) = api
+                .call(
+                    ADMIN,
+                    "PATCH",
+                    "/1.0/projects/a",
+                    Some(serde_json::json!({ "config": config })),
+                )
+                .await;
+            assert_eq!(status, 403, "{body}");
+            assert!(
+                body["error"].as_str().unwrap().contains("already use"),
+                "{body}"
+            );
+        }
+        assert_eq!(api.model().await, before);
+        // Exactly at the use is fine.
+        let (status, body) = api
+            .call(ADMIN, "PATCH", "/1.0/projects/a", Some(serde_json::json!({"config": {"limits.instances": "2", "limits.memory": "512MiB"}})))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let (_, body) = api
+            .call(MEMBER_A, "GET", "/1.0/projects/a/state", None)
+            .await;
+        assert_eq!(
+            body["metadata"]["resources"]["instances"],
+            serde_json::json!({"limit": 2, "usage": 2})
+        );
+        assert_eq!(
+            body["metadata"]["resources"]["memory"],
+            serde_json::json!({"limit": 512i64 << 20, "usage": 512i64 << 20})
+        );
+        // A project with instances is not deleted.
+        assert_eq!(
+            api.call(ADMIN, "DELETE", "/1.0/projects/a", None).await.0,
+            409
+        );
+        api.cp.shutdown().await;
+    }
+}
