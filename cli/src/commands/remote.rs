@@ -324,8 +324,12 @@ async fn check_key(client: &crate::client::Client) -> anyhow::Result<()> {
     }
 }
 
-/// Reads an API key from stdin (its first non-empty line).
+/// Reads an API key from stdin (its first line); asks for it on a terminal.
 fn read_key_from_stdin() -> anyhow::Result<String> {
+    if std::io::stdin().is_terminal() {
+        let _ = write!(std::io::stderr(), "API key: ");
+        let _ = std::io::stderr().flush();
+    }
     let mut text = String::new();
     std::io::stdin()
         .lock()
