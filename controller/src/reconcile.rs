@@ -269,6 +269,27 @@ async fn update_config(
         .map(|_| ())
 }
 
+/// A profile may have changed while the action ran, after `sent` was read; its own push
+/// may then have reached the node before `sent` did. Sends the committed effective config
+/// again when it differs from `sent`, so the instance never keeps running with a stale one.
+async fn catch_up_config(
+    state: &Arc<AppState>,
+    client: &mut crate::agents::AgentConn,
+    name: &str,
+    sent: &std::collections::BTreeMap<String, String>,
+) {
+    let now = state.cp.read_local(|s| {
+        s.instances
+            .get(name)
+            .map(|i| s.effective_config(i).into_owned())
+    });
+    if let Some(config) = now.filter(|c| c != sent)
+        && let Err(e) = update_config(client, name, &config).await
+    {
+        warn!(error = %e.message(), "could not give the instance its profiles' newest config");
+    }
+}
+
 /// The outcome when the agent would not take the instance's config.
 fn failed_config(e: tonic::Status) -> Outcome {
     if passing(&e) {
@@ -445,6 +466,9 @@ async fn execute(state: &Arc<AppState>, name: &str, action: &PendingAction) -> O
             };
         }
     };
+    if result.is_ok() {
+        catch_up_config(state, &mut client, name, &config).await;
+    }
     match result {
         Ok(s) => {
             let observed = observed_from(&s);
