@@ -107,13 +107,34 @@ pub async fn list(
 }
 
 /// The image `key` (an alias of the project or of the default project, a fingerprint or a
-/// unique prefix) as `project` may use it. Keys with `@` (the internal form of project
-/// aliases) are never looked up.
+/// unique prefix of one) as `project` may use it. Keys with `@` (the internal form of project
+/// aliases) are never looked up, and a prefix is matched among the images the project may
+/// use only, so that another project's images cannot make it ambiguous.
 fn resolve_in<'a>(s: &'a ClusterState, project: &str, key: &str) -> Option<&'a Image> {
     if key.contains('@') {
         return None;
     }
-    s.resolve_image_in(project, key)
+    for p in [project, crate::state::DEFAULT_PROJECT] {
+        if let Some(alias) = s.aliases.get(&crate::state::alias_key(p, key)) {
+            return s.images.get(&alias.target);
+        }
+    }
+    if let Some(img) = s.images.get(key) {
+        return s.image_visible(img, project).then_some(img);
+    }
+    if key.len() < crate::state::MIN_FINGERPRINT_PREFIX
+        || !key.chars().all(|c| c.is_ascii_hexdigit())
+    {
+        return None;
+    }
+    let mut matches = s
+        .images
+        .range(key.to_string()..)
+        .take_while(|(fp, _)| fp.starts_with(key))
+        .map(|(_, img)| img)
+        .filter(|img| s.image_visible(img, project));
+    let first = matches.next()?;
+    matches.next().is_none().then_some(first)
 }
 
 fn image_not_found(key: &str) -> ApiError {
@@ -686,6 +707,8 @@ mod api_tests {
         api.add_node_and_image().await;
         api.put_image("bbbbbbbbbbbbbbbb", &["b"]).await;
         api.put_image("aaaaaaaaaaaaaaaa", &["a"]).await;
+        // b's image shares a's prefix: a's prefix still finds a's image alone.
+        api.put_image("aaaaaaaaaaaaaaab", &["b"]).await;
         // b names its image "mine"; the default project names the shared one "mine" too.
         for (key, project, target) in [
             (MEMBER_B, "b", "bbbbbbbbbbbbbbbb"),
@@ -733,6 +756,13 @@ mod api_tests {
         let mut listed: Vec<String> = serde_json::from_value(body["metadata"].clone()).unwrap();
         listed.sort();
         assert_eq!(listed, ["/1.0/images/aaaaaaaaaaaaaaaa", "/1.0/images/img"]);
+        let (status, body) = api
+            .call(MEMBER_A, "GET", "/1.0/images/aaaaaaaaaaaa", None)
+            .await;
+        assert_eq!(
+            (status, body["metadata"]["fingerprint"].as_str()),
+            (200, Some("aaaaaaaaaaaaaaaa"))
+        );
         let (status, body) = api.call(MEMBER_A, "GET", "/1.0/images/mine", None).await;
         assert_eq!(
             (status, body["metadata"]["fingerprint"].as_str()),
@@ -768,7 +798,7 @@ mod api_tests {
         let (_, body) = api
             .call(OPERATOR, "GET", "/1.0/images?all-projects=true", None)
             .await;
-        assert_eq!(body["metadata"].as_array().unwrap().len(), 3);
+        assert_eq!(body["metadata"].as_array().unwrap().len(), 4);
 
         // Viewers read only; members may not delete the shared image.
         let before = api.model().await;
