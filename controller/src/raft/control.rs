@@ -974,3 +974,157 @@ impl ControlPlane {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod unsure_retry_tests {
+    use std::time::Duration;
+
+    use tokio::net::TcpListener;
+
+    use super::{ControlPlane, WriteError};
+    use crate::state::{ApiKey, Command, IdempotencyTag, Requestor, Role};
+
+    fn add_key(id: &str, tag: Option<&str>) -> Command {
+        Command::By {
+            requestor: Requestor::default(),
+            idempotency: tag.map(|t| IdempotencyTag {
+                key: t.into(),
+                request_hash: "h".into(),
+                seq: 0,
+                now: "2026-11-29T12:00:00Z".into(),
+            }),
+            command: Box::new(Command::AddApiKey {
+                key: ApiKey {
+                    id: id.into(),
+                    name: id.into(),
+                    hash: format!("hash-{id}"),
+                    role: Role::Admin,
+                    ..Default::default()
+                },
+            }),
+        }
+    }
+
+    async fn wait_until(mut cond: impl FnMut() -> bool) -> bool {
+        for _ in 0..1000 {
+            if cond() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    /// A leader cut off while committing: an untagged write ends unsure; a tagged one is
+    /// proposed again once the partition heals and lands exactly once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tagged_writes_survive_a_leader_change() {
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let mut cps = Vec::new();
+        let mut stops = Vec::new();
+        let mut addrs = Vec::new();
+        for (i, dir) in dirs.iter().enumerate() {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            let cp = ControlPlane::open(dir.path(), i as u64 + 1, addr.clone(), i == 0, None)
+                .await
+                .unwrap();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let server = cp.clone();
+            tokio::spawn(async move {
+                let shutdown = async {
+                    let _ = stopped.await;
+                };
+                let _ = server
+                    .serve(listener, crate::peer::HeartbeatSlot::default(), shutdown)
+                    .await;
+            });
+            cps.push(cp);
+            stops.push(stop);
+            addrs.push(addr);
+        }
+        let n1 = cps[0].clone();
+        assert!(wait_until(|| n1.is_leader()).await, "node 1 never led");
+        n1.add_member(2, addrs[1].clone()).await.unwrap();
+        n1.add_member(3, addrs[2].clone()).await.unwrap();
+        n1.write(add_key("before", None)).await.unwrap();
+
+        let isolate = |cps: &[ControlPlane]| {
+            cps[0].faults().block(2);
+            cps[0].faults().block(3);
+            cps[1].faults().block(1);
+            cps[2].faults().block(1);
+        };
+        let heal = |cps: &[ControlPlane]| {
+            for cp in cps {
+                cp.faults().heal();
+            }
+        };
+
+        // Untagged: the leader cannot confirm it, and says so.
+        isolate(&cps);
+        let plain = n1.write(add_key("plain", None)).await;
+        assert!(
+            matches!(
+                plain,
+                Err(WriteError::Unsure(_)) | Err(WriteError::Unavailable(_))
+            ),
+            "{plain:?}"
+        );
+        heal(&cps);
+        assert!(
+            wait_until(|| cps.iter().any(|c| c.leads_with_quorum())).await,
+            "no leader after healing"
+        );
+
+        // Tagged: cut the current leader off, heal while the write is retrying.
+        let li = cps.iter().position(|c| c.is_leader()).unwrap();
+        let old = cps[li].clone();
+        for (i, cp) in cps.iter().enumerate() {
+            if i == li {
+                for other in 1..=3u64 {
+                    if other != cp.id() {
+                        cp.faults().block(other);
+                    }
+                }
+            } else {
+                cp.faults().block(old.id());
+            }
+        }
+        let healer = {
+            let cps = cps.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+                heal(&cps);
+            })
+        };
+        let tagged = old.write(add_key("tagged", Some("k/1"))).await;
+        healer.await.unwrap();
+        assert!(tagged.is_ok(), "a tagged write did not survive: {tagged:?}");
+        // Once, and every controller agrees; again it is answered from the record.
+        let leader = {
+            assert!(wait_until(|| cps.iter().any(|c| c.leads_with_quorum())).await);
+            cps.iter().find(|c| c.is_leader()).unwrap().clone()
+        };
+        assert!(leader.write(add_key("tagged", Some("k/1"))).await.is_ok());
+        let want = leader.read(|s| s.clone()).await.unwrap();
+        assert!(want.api_keys.contains_key("tagged"));
+        assert_eq!(want.idempotency["k/1"].results.len(), 1);
+        for cp in &cps {
+            let cp = cp.clone();
+            let want = want.clone();
+            assert!(
+                wait_until(|| cp.read_local(|s| *s == want)).await,
+                "node {} diverged",
+                cp.id()
+            );
+        }
+        for cp in &cps {
+            cp.shutdown().await;
+        }
+        for stop in stops {
+            let _ = stop.send(());
+        }
+    }
+}
