@@ -372,7 +372,12 @@ impl Engine {
         }
         let inner = self.inner.clone();
         let n = name.to_string();
-        blocking(move || inner.spawn_monitor(&n)).await?;
+        let disk = disk_limit(&rec.config)?;
+        blocking(move || {
+            inner.ensure_disk_limit(&n, disk)?;
+            inner.spawn_monitor(&n)
+        })
+        .await?;
         self.wait_started(name).await
     }
 
@@ -951,6 +956,33 @@ impl Inner {
             }
         }
         result
+    }
+
+    /// Makes sure the volume carries the configured disk limit before a start (it was set at
+    /// create; this repairs a pool whose quotas were turned off by hand, or a volume that
+    /// arrived without its limit). Costs one sysfs read when all is in order.
+    fn ensure_disk_limit(&self, name: &str, limit: Option<u64>) -> Result<(), EngineError> {
+        let Some(bytes) = limit else {
+            return Ok(());
+        };
+        if !self.storage.supports_disk_limits() {
+            return Err(EngineError::InvalidConfig(
+                StorageError::DiskLimitUnsupported {
+                    driver: self.storage.name(),
+                }
+                .to_string(),
+            ));
+        }
+        let current = self.storage.instance_disk_usage(name).and_then(|d| d.limit);
+        if current != Some(bytes) {
+            tracing::info!(
+                instance = name,
+                bytes,
+                "setting the disk limit before start"
+            );
+            self.storage.set_instance_disk_limit(name, Some(bytes))?;
+        }
+        Ok(())
     }
 
     fn spawn_monitor(&self, name: &str) -> Result<(), EngineError> {

@@ -863,7 +863,23 @@ mod boot {
         assert_eq!(usage.limit, Some(64 << 20));
         assert!(usage.used > 0 && usage.used < 64 << 20, "{usage:?}");
 
+        // A limit lost behind the agent's back (removed by hand) is set again at start.
+        let vol = driver.instance_volume(name).unwrap();
+        let out = Command::new("btrfs")
+            .args(["qgroup", "limit", "none"])
+            .arg(&vol)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        assert_eq!(
+            s.engine.disk_usage(name).await.unwrap().unwrap().limit,
+            None
+        );
         s.engine.start(name).await.unwrap();
+        assert_eq!(
+            s.engine.disk_usage(name).await.unwrap().unwrap().limit,
+            Some(64 << 20)
+        );
         let (_, host) = run(&s.engine, name, &["hostname"]).await;
         assert_eq!(host.trim(), "disk1");
         let dd = |file: &str, mib: u32| {

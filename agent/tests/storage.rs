@@ -331,3 +331,94 @@ fn btrfs_block_device_source() {
     d.unmount().unwrap();
     // The Pool guard detaches the device.
 }
+
+fn write_mib(path: &Path, mib: usize) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    let chunk = vec![0x5au8; 1 << 20];
+    for _ in 0..mib {
+        f.write_all(&chunk)?;
+    }
+    f.sync_all()
+}
+
+fn qgroup_dir(vol: &Path) -> PathBuf {
+    let id = berth_agent::sys::btrfs::subvolume_id(vol).unwrap();
+    let uuid = berth_agent::sys::btrfs::fs_uuid(vol).unwrap();
+    PathBuf::from(format!("/sys/fs/btrfs/{uuid}/qgroups/0_{id}"))
+}
+
+#[test]
+fn btrfs_disk_limits() {
+    let pool = Pool::new();
+    let d = BtrfsDriver::open(pool.cfg()).unwrap();
+    assert!(d.supports_disk_limits());
+    let v = d.create_image_volume("img").unwrap();
+    write_mib(&v.join("rootfs/base"), 4).unwrap();
+    d.finish_image_volume("img").unwrap();
+    let inst = d.create_instance_volume("p_c1", "img").unwrap();
+
+    // No limit, no quotas: removing a limit that was never set turns nothing on.
+    assert!(!d.quotas_enabled());
+    d.set_instance_disk_limit("p_c1", None).unwrap();
+    assert!(!d.quotas_enabled());
+    assert_eq!(d.instance_disk_usage("p_c1"), None);
+    assert!(matches!(
+        d.set_instance_disk_limit("missing", Some(32 << 20)),
+        Err(StorageError::VolumeNotFound(_))
+    ));
+
+    // The first limit turns quotas on; the image's shared data counts.
+    d.set_instance_disk_limit("p_c1", Some(32 << 20)).unwrap();
+    assert!(d.quotas_enabled());
+    let u = d.instance_disk_usage("p_c1").unwrap();
+    assert_eq!(u.limit, Some(32 << 20));
+    assert!(u.used >= 4 << 20, "{u:?}");
+    let err = write_mib(&inst.join("rootfs/big"), 40).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EDQUOT), "{err}");
+    std::fs::remove_file(inst.join("rootfs/big")).unwrap();
+
+    // A rename keeps the subvolume and so its limit.
+    d.rename_instance_volume("p_c1", "p_c2").unwrap();
+    let inst = d.instance_volume("p_c2").unwrap();
+    assert_eq!(d.instance_disk_usage("p_c2").unwrap().limit, Some(32 << 20));
+    d.set_instance_disk_limit("p_c2", None).unwrap();
+    assert_eq!(d.instance_disk_usage("p_c2").unwrap().limit, None);
+    write_mib(&inst.join("rootfs/big"), 40).unwrap();
+
+    // Deleting removes the qgroups of the volume and of subvolumes nested in it.
+    run(&[
+        "btrfs",
+        "subvolume",
+        "create",
+        &inst.join("rootfs/nested").to_string_lossy(),
+    ]);
+    let own = qgroup_dir(&inst);
+    let nested = qgroup_dir(&inst.join("rootfs/nested"));
+    assert_ne!(own, nested);
+    assert!(own.is_dir() && nested.is_dir());
+    d.delete_instance_volume("p_c2").unwrap();
+    assert!(!own.exists(), "{} left behind", own.display());
+    assert!(!nested.exists(), "{} left behind", nested.display());
+    // Image volumes too.
+    let img = qgroup_dir(&v);
+    assert!(img.is_dir());
+    d.delete_image_volume("img").unwrap();
+    assert!(!img.exists());
+    d.unmount().unwrap();
+}
+
+#[test]
+fn dir_refuses_disk_limits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = DirDriver::open(tmp.path().join("pool")).unwrap();
+    assert!(!d.supports_disk_limits());
+    let err = d.set_instance_disk_limit("c1", Some(1 << 30)).unwrap_err();
+    assert!(matches!(err, StorageError::DiskLimitUnsupported { .. }));
+    assert_eq!(
+        err.to_string(),
+        "the dir storage driver cannot limit disk use"
+    );
+    d.set_instance_disk_limit("c1", None).unwrap();
+    assert_eq!(d.instance_disk_usage("c1"), None);
+}

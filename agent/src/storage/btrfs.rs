@@ -212,9 +212,10 @@ impl BtrfsDriver {
     }
 
     /// Removes the level-0 qgroups of deleted subvolumes. The kernel refuses (EBUSY) while a
-    /// deleted subvolume's data is still being dropped, so then this waits for the cleaner
-    /// (`btrfs subvolume sync`) and tries again; newer kernels remove the qgroup themselves
-    /// once the subvolume is gone.
+    /// deleted subvolume's data is still being dropped, so then this wakes the cleaner (`btrfs
+    /// filesystem sync`; otherwise it waits for the next commit, up to 30 s), waits for it
+    /// (`btrfs subvolume sync`) and tries again; newer kernels remove the qgroup themselves once
+    /// the subvolume is gone.
     fn destroy_qgroups(&self, ids: &[u64]) -> Result<(), StorageError> {
         if ids.is_empty() {
             return Ok(());
@@ -244,6 +245,8 @@ impl BtrfsDriver {
         if busy.is_empty() {
             return Ok(());
         }
+        let fs_sync = || run(Command::new("btrfs").args(["filesystem", "sync"]).arg(root));
+        fs_sync()?;
         let mut sync = Command::new("btrfs");
         sync.args(["subvolume", "sync"]).arg(root);
         for id in &busy {
@@ -251,11 +254,17 @@ impl BtrfsDriver {
         }
         run(&mut sync)?;
         for id in busy {
-            if !destroy(id)? {
-                return Err(StorageError::Command {
-                    op: format!("btrfs qgroup destroy 0/{id} {}", root.display()),
-                    detail: "the qgroup of the deleted subvolume is still in use".into(),
-                });
+            // The subvolume is gone; its qgroup goes at the latest with the next commit.
+            let mut tries = 0;
+            while !destroy(id)? {
+                tries += 1;
+                if tries == 3 {
+                    return Err(StorageError::Command {
+                        op: format!("btrfs qgroup destroy 0/{id} {}", root.display()),
+                        detail: "the qgroup of the deleted subvolume is still in use".into(),
+                    });
+                }
+                fs_sync()?;
             }
         }
         Ok(())
