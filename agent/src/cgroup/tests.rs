@@ -328,3 +328,16 @@ fn privileged_device_rules() {
         *DEVICE_ALLOW.last().unwrap()
     );
 }
+
+#[test]
+fn scoped_instance_cgroup_names() {
+    // A project's instance keeps its scoped name: distinct from the default project's
+    // instance of the same own name, one path component, well under NAME_MAX.
+    let longest = format!("{}_{}", "p".repeat(63), "w".repeat(63));
+    for n in ["acme_web1", longest.as_str()] {
+        for d in [payload_name(n), monitor_name(n)] {
+            assert!(d.len() <= 255 && !d.contains('/'), "{d}");
+        }
+    }
+    assert_ne!(payload_name("acme_web1"), payload_name("web1"));
+}
