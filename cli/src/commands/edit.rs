@@ -14,15 +14,42 @@ pub fn parse_yaml<T: DeserializeOwned>(text: &str) -> anyhow::Result<T> {
     serde_yaml::from_str(text).map_err(|e| anyhow::anyhow!("cannot parse the YAML: {e}"))
 }
 
+/// Parses YAML into `T`, ignoring the top-level keys `read_only` (the fields `show` prints but
+/// an edit cannot change, such as `name` or `used_by`), so that `show | edit` works.
+pub fn parse_yaml_ignoring<T: DeserializeOwned>(
+    text: &str,
+    read_only: &[&str],
+) -> anyhow::Result<T> {
+    let first = match parse_yaml(text) {
+        Ok(v) => return Ok(v),
+        Err(e) => e,
+    };
+    let Ok(serde_yaml::Value::Mapping(mut map)) = serde_yaml::from_str(text) else {
+        return Err(first);
+    };
+    for k in read_only {
+        map.remove(*k);
+    }
+    serde_yaml::from_value(serde_yaml::Value::Mapping(map)).map_err(|_| first)
+}
+
 /// The edited form of `current`: read from stdin when it is not a terminal, else from the
 /// editor (opened again until the text parses, or the user gives up).
 pub fn edit<T: Serialize + DeserializeOwned>(current: &T) -> anyhow::Result<T> {
+    edit_ignoring(current, &[])
+}
+
+/// [`edit`], where the text may also hold the `read_only` keys (ignored).
+pub fn edit_ignoring<T: Serialize + DeserializeOwned>(
+    current: &T,
+    read_only: &[&str],
+) -> anyhow::Result<T> {
     if std::io::stdin().is_terminal() {
-        edit_in_editor(&serde_yaml::to_string(current)?)
+        edit_in_editor(&serde_yaml::to_string(current)?, read_only)
     } else {
         let mut text = String::new();
         std::io::stdin().read_to_string(&mut text)?;
-        parse_yaml(&text)
+        parse_yaml_ignoring(&text, read_only)
     }
 }
 
@@ -39,7 +66,7 @@ pub fn stale(what: &str, e: ClientError) -> anyhow::Error {
 }
 
 /// Opens `$VISUAL`/`$EDITOR` (default vi) on `text` until it parses or the user gives up.
-fn edit_in_editor<T: DeserializeOwned>(text: &str) -> anyhow::Result<T> {
+fn edit_in_editor<T: DeserializeOwned>(text: &str, read_only: &[&str]) -> anyhow::Result<T> {
     let path = std::env::temp_dir().join(format!("berth_edit_{}.yaml", std::process::id()));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -65,7 +92,7 @@ fn edit_in_editor<T: DeserializeOwned>(text: &str) -> anyhow::Result<T> {
                 anyhow::bail!("the editor {editor} failed ({status})");
             }
             let edited = std::fs::read_to_string(&path)?;
-            match parse_yaml(&edited) {
+            match parse_yaml_ignoring(&edited, read_only) {
                 Ok(v) => return Ok(v),
                 Err(e) => {
                     let mut err = std::io::stderr();
@@ -97,6 +124,16 @@ mod tests {
         assert!(e.to_string().contains("line 3"), "{e}");
         let ok: ProjectPut = parse_yaml("description: x\n").unwrap();
         assert_eq!(ok.description, "x");
+    }
+
+    #[test]
+    fn shown_objects_can_be_edited_back() {
+        let shown = "name: a\ndescription: d\nconfig:\n  limits.cpu: '2'\nused_by: []\n";
+        let put: ProjectPut = parse_yaml_ignoring(shown, &["name", "used_by"]).unwrap();
+        assert_eq!(put.description, "d");
+        assert_eq!(put.config["limits.cpu"], "2");
+        let e = parse_yaml_ignoring::<ProjectPut>("name: a\nbogus: 1\n", &["name"]).unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
     }
 
     #[test]

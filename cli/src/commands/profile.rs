@@ -287,7 +287,8 @@ pub async fn run(ctx: &Ctx, command: ProfileCommand) -> anyhow::Result<i32> {
         ProfileCommand::Edit { name } => {
             let (client, name) = profile_arg(ctx, &name)?;
             let (p, etag) = client.get_tagged::<Profile>(&profile_path(name)).await?;
-            let put: ProfilePut = super::edit::edit(&profile_put(&p))?;
+            let put: ProfilePut =
+                super::edit::edit_ignoring(&profile_put(&p), &["name", "project", "used_by"])?;
             berth_proto::api::config::validate(&put.config)
                 .map_err(|e| anyhow::anyhow!("{}", e.0))?;
             let what = format!("profile \"{name}\"");

@@ -214,6 +214,18 @@ pub fn info_rows(state: &ProjectState) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// The project requests work in, for marking it: the one named (`--project`, the remote's
+/// current one), else `default` when it is listed, else a key's only project (the server uses
+/// a member or viewer key's own project when none is named).
+pub fn current_project(named: Option<&str>, listed: &[&str]) -> String {
+    match (named, listed) {
+        (Some(p), _) => p.to_string(),
+        (None, l) if l.contains(&DEFAULT_PROJECT) => DEFAULT_PROJECT.to_string(),
+        (None, [only]) => only.to_string(),
+        (None, _) => DEFAULT_PROJECT.to_string(),
+    }
+}
+
 /// The configured remote a command names (for the current project); `BERTH_URL` has none.
 fn config_remote(ctx: &Ctx, explicit: Option<&str>) -> anyhow::Result<String> {
     let target = ctx.config.target(explicit, &ctx.env)?;
@@ -253,9 +265,10 @@ pub async fn run(ctx: &Ctx, command: ProjectCommand) -> anyhow::Result<i32> {
         ProjectCommand::List { remote, format } => {
             let remote = remote_arg(remote.as_deref());
             let client = ctx.client(remote)?;
-            let current = client.project().unwrap_or(DEFAULT_PROJECT).to_string();
             let mut projects: Vec<Project> = list_objects(&client, "/1.0/projects").await?;
             projects.sort_by(|a, b| a.name.cmp(&b.name));
+            let names: Vec<&str> = projects.iter().map(|p| p.name.as_str()).collect();
+            let current = current_project(client.project(), &names);
             let entries: Vec<ProjectEntry> = projects
                 .into_iter()
                 .map(|p| ProjectEntry {
@@ -307,10 +320,13 @@ pub async fn run(ctx: &Ctx, command: ProjectCommand) -> anyhow::Result<i32> {
         ProjectCommand::Edit { name } => {
             let (client, name) = project_arg(ctx, &name)?;
             let (p, etag) = client.get_tagged::<Project>(&project_path(name)).await?;
-            let put: ProjectPut = super::edit::edit(&ProjectPut {
-                description: p.description,
-                config: p.config,
-            })?;
+            let put: ProjectPut = super::edit::edit_ignoring(
+                &ProjectPut {
+                    description: p.description,
+                    config: p.config,
+                },
+                &["name", "used_by", "created_at"],
+            )?;
             validate_project(&put.config).map_err(|e| anyhow::anyhow!("{}", e.0))?;
             let what = format!("project \"{name}\"");
             let (resp, _) = client
@@ -461,6 +477,14 @@ mod tests {
         let json = output::json(&entries).unwrap();
         assert!(json.contains("\"current\": true"), "{json}");
         assert!(json.contains("\"name\": \"team-a\""), "{json}");
+    }
+
+    #[test]
+    fn current_marker() {
+        assert_eq!(current_project(Some("b"), &["a", "b"]), "b");
+        assert_eq!(current_project(None, &["a", "default"]), "default");
+        assert_eq!(current_project(None, &["team-a"]), "team-a");
+        assert_eq!(current_project(None, &[]), "default");
     }
 
     #[test]
