@@ -19,7 +19,7 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use serde::Deserialize;
 use tracing::{debug, error, info, warn};
 
-use super::operations::{new_operation, run_task, sync};
+use super::operations::{instance_resources_in, new_operation_in, run_task, sync};
 use super::{ApiError, JsonBody, Scope, SharedState};
 use crate::clock;
 use crate::raft::WriteError;
@@ -270,13 +270,13 @@ pub fn instance_operation(
     description: &str,
     name: &str,
 ) -> api::Operation {
-    let resources = BTreeMap::from([(
-        "instances".to_string(),
-        vec![format!("/1.0/instances/{name}{}", scope.url_suffix())],
-    )]);
-    let mut op = new_operation(state, class, description, resources);
-    op.project = scope.project.clone();
-    op
+    new_operation_in(
+        state,
+        &scope.project,
+        class,
+        description,
+        instance_resources_in(&scope.project, name),
+    )
 }
 
 /// The ETag an `If-Match` header asks for: `None` without the header or for `*` (any

@@ -125,6 +125,30 @@ pub fn validate_profile_config(config: &BTreeMap<String, String>) -> Result<(), 
     config::validate(config).map_err(|e| ApiError::bad_request(e.0))
 }
 
+/// 403 when `restricted` (the project is `restricted=true`) and the profile sets
+/// `security.privileged` or `security.nesting` true: no instance there could use it.
+fn check_restricted(
+    restricted: bool,
+    project: &str,
+    config: &BTreeMap<String, String>,
+) -> Result<(), ApiError> {
+    if !restricted {
+        return Ok(());
+    }
+    for key in ["security.privileged", "security.nesting"] {
+        if config
+            .get(key)
+            .is_some_and(|v| config::parse_bool(key, v).unwrap_or(false))
+        {
+            return Err(ApiError::new(
+                http::StatusCode::FORBIDDEN,
+                format!("project {project:?} is restricted: a profile cannot set {key}=true"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn no_devices(devices: &BTreeMap<String, BTreeMap<String, String>>) -> Result<(), ApiError> {
     if devices.is_empty() {
         Ok(())
@@ -183,6 +207,11 @@ pub async fn create(
         config: body.config,
     };
     let key = profile.name.clone();
+    let restricted = state
+        .cp
+        .read(|s| crate::state::project_restricted(s.projects.get(&scope.project)))
+        .await?;
+    check_restricted(restricted, &scope.project, &profile.config)?;
     state
         .cp
         .write(scope.by(Command::CreateProfile { profile }))
@@ -246,14 +275,16 @@ where
                         (
                             p.clone(),
                             s.etag(&ObjectKey::Profile(key.clone())).unwrap_or_default(),
+                            crate::state::project_restricted(s.projects.get(&scope.project)),
                         )
                     })
             })
             .await?;
-        let (current, etag) = found.ok_or_else(|| not_found(&name))?;
+        let (current, etag, restricted) = found.ok_or_else(|| not_found(&name))?;
         check_if_match(&what, wanted.as_deref(), &etag)?;
         let (description, config) = build(&current)?;
         validate_profile_config(&config)?;
+        check_restricted(restricted, &scope.project, &config)?;
         let command = guarded(
             Command::UpdateProfile {
                 name: key.clone(),
@@ -859,6 +890,36 @@ mod tests {
                 .await
                 .unwrap()
         );
+        // A restricted project's profiles cannot make instances privileged.
+        api.cp
+            .write(Command::UpdateProject {
+                name: "a".into(),
+                description: String::new(),
+                config: BTreeMap::from([("restricted".to_string(), "true".to_string())]),
+            })
+            .await
+            .unwrap();
+        let (status, body) = api
+            .call(
+                "a-member",
+                "POST",
+                "/1.0/profiles",
+                Some(serde_json::json!({
+                    "name": "root",
+                    "config": { "security.privileged": "true" },
+                })),
+            )
+            .await;
+        assert_eq!(status, 403, "{body}");
+        let (status, _) = api
+            .call(
+                "a-member",
+                "PATCH",
+                "/1.0/profiles/default",
+                Some(serde_json::json!({ "config": { "security.nesting": "true" } })),
+            )
+            .await;
+        assert_eq!(status, 403);
         api.cp.shutdown().await;
     }
 
