@@ -429,6 +429,10 @@ pub fn plan(
             .iter()
             .find(|a| a.project == p.project && a.name == p.name)
         {
+            // Every project has its default profile from its creation: the stack sets it.
+            None if p.name == "default" => {
+                update_action(&p.config, &BTreeMap::new(), &p.description, "", &[])
+            }
             None => Action::Create,
             Some(a) => {
                 // The default profile exists in every project: the stack may manage its config.
