@@ -31,23 +31,6 @@ pub fn accepted(op: &Operation) -> Response {
     (StatusCode::ACCEPTED, Json(api::Response::asynchronous(op))).into_response()
 }
 
-/// A new operation of the default project in state `Running`, not yet stored (see
-/// [`new_operation_in`]).
-pub fn new_operation(
-    state: &SharedState,
-    class: &str,
-    description: &str,
-    resources: BTreeMap<String, Vec<String>>,
-) -> Operation {
-    new_operation_in(
-        state,
-        crate::state::DEFAULT_PROJECT,
-        class,
-        description,
-        resources,
-    )
-}
-
 /// A new operation of `project` in state `Running`, not yet stored. Only that project's keys
 /// (and fleet keys) see it.
 pub fn new_operation_in(
@@ -73,11 +56,6 @@ pub fn new_operation_in(
         location: state.name.clone(),
         project: project.to_string(),
     }
-}
-
-/// Resources naming one instance.
-pub fn instance_resources(name: &str) -> BTreeMap<String, Vec<String>> {
-    BTreeMap::from([("instances".into(), vec![format!("/1.0/instances/{name}")])])
 }
 
 /// Resources naming instance `name` (its own name, not the scoped one) of `project`.
