@@ -114,6 +114,10 @@ pub enum Command {
         #[command(subcommand)]
         command: remote::RemoteCommand,
     },
+    /// Make the cluster match a stack file (projects, profiles, image aliases, instances)
+    Apply(commands::apply::ApplyArgs),
+    /// Delete what a stack file's `berth apply` created
+    Destroy(commands::apply::DestroyArgs),
     /// Show local and remote versions
     Version,
 }
@@ -234,6 +238,8 @@ async fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<i32> {
         Command::Monitor(a) => monitor::monitor(ctx, a).await,
         Command::Cluster { command } => cluster::run(ctx, command).await,
         Command::Remote { command } => remote::run(ctx, command).await,
+        Command::Apply(a) => commands::apply::apply(ctx, a).await,
+        Command::Destroy(a) => commands::apply::destroy(ctx, a).await,
         Command::Version => commands::version(ctx).await,
     }
 }

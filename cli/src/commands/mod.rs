@@ -1,5 +1,6 @@
 //! One module per command family, plus small helpers they share.
 
+pub mod apply;
 pub mod cluster;
 pub mod config;
 pub mod edit;
