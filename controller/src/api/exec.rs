@@ -168,9 +168,9 @@ pub async fn post_exec(
     // The operation ends when the session does; if nobody connects in time, it fails.
     state
         .cp
-        .write(Command::PutOperation {
+        .write(scope.by(Command::PutOperation {
             operation: op.clone(),
-        })
+        }))
         .await?;
     state.execs.insert(
         id.clone(),
