@@ -208,6 +208,8 @@ async fn stream(
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use std::future::IntoFuture as _;
+
     use berth_proto::api::tenancy::Event;
 
     use super::*;
@@ -276,6 +278,172 @@ mod tests {
         assert!(!ops.wants(&ev("lifecycle", "a", Audience::Project)));
         assert!(ops.wants(&ev("operation", "a", Audience::Project)));
         assert!(!ops.wants(&ev("other", "a", Audience::Project)));
+    }
+
+    /// Reads one server frame (unmasked) and returns its opcode and payload.
+    async fn read_frame(s: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
+        use tokio::io::AsyncReadExt as _;
+        let mut head = [0u8; 2];
+        s.read_exact(&mut head).await.unwrap();
+        let mut len = u64::from(head[1] & 0x7f);
+        if len == 126 {
+            let mut b = [0u8; 2];
+            s.read_exact(&mut b).await.unwrap();
+            len = u64::from(u16::from_be_bytes(b));
+        } else if len == 127 {
+            let mut b = [0u8; 8];
+            s.read_exact(&mut b).await.unwrap();
+            len = u64::from_be_bytes(b);
+        }
+        let mut payload = vec![0u8; len as usize];
+        s.read_exact(&mut payload).await.unwrap();
+        (head[0] & 0x0f, payload)
+    }
+
+    /// Opens `/1.0/events` with `query` and `secret`; returns the stream after the 101, or
+    /// the status line.
+    async fn open(
+        addr: std::net::SocketAddr,
+        query: &str,
+        secret: &str,
+    ) -> Result<tokio::net::TcpStream, String> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "GET /1.0/events{query} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {secret}\r\n\
+             Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            if s.read(&mut b).await.unwrap() == 0 {
+                break;
+            }
+            head.push(b[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_string();
+        let status = head.lines().next().unwrap_or("").to_string();
+        if status.contains(" 101 ") {
+            Ok(s)
+        } else {
+            Err(status)
+        }
+    }
+
+    #[tokio::test]
+    async fn events_stream_over_a_websocket() {
+        use crate::api::{AppState, key_hash, router};
+        use crate::raft::ControlPlane;
+        use crate::state::{ApiKey, Command, Project, Requestor};
+
+        let dir = tempfile::tempdir().unwrap();
+        let cp = ControlPlane::open(dir.path(), 1, "127.0.0.1:1".into(), true, None)
+            .await
+            .unwrap();
+        assert!(cp.wait_for_leader(Duration::from_secs(10)).await.is_some());
+        for (id, secret, role, project) in [
+            ("k1", "admin-secret", Role::Admin, ""),
+            ("k2", "member-secret", Role::Member, "p1"),
+        ] {
+            if !project.is_empty() {
+                cp.write(Command::CreateProject {
+                    project: Project {
+                        name: project.into(),
+                        ..Default::default()
+                    },
+                })
+                .await
+                .unwrap();
+            }
+            cp.write(Command::AddApiKey {
+                key: ApiKey {
+                    id: id.into(),
+                    name: format!("key-{id}"),
+                    hash: key_hash(secret),
+                    role,
+                    project: project.into(),
+                    ..Default::default()
+                },
+            })
+            .await
+            .unwrap();
+        }
+        let ca = crate::tls::ClusterCa::generate("test").unwrap();
+        let cert = ca.issue("c1", &["c1".into()]).unwrap();
+        let state = Arc::new(AppState {
+            cp: cp.clone(),
+            agents: crate::agents::AgentPool::new(ca.cert_pem.clone(), cert.cert_pem, cert.key_pem),
+            ca,
+            name: "c1".into(),
+            execs: Default::default(),
+            metrics: Default::default(),
+            liveness: crate::liveness::Liveness::new(Duration::from_secs(10)),
+            instance_locks: Default::default(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(axum::serve(listener, router(state)).into_future());
+
+        // Refusals come before the upgrade.
+        assert!(open(addr, "", "nope").await.unwrap_err().contains("401"));
+        let e = open(addr, "?project=default", "member-secret")
+            .await
+            .unwrap_err();
+        assert!(e.contains("404"), "{e}");
+        let e = open(addr, "?all-projects=true", "member-secret")
+            .await
+            .unwrap_err();
+        assert!(e.contains("403"), "{e}");
+        let e = open(addr, "?type=nope", "admin-secret").await.unwrap_err();
+        assert!(e.contains("400"), "{e}");
+
+        let mut member = open(addr, "?type=lifecycle", "member-secret")
+            .await
+            .unwrap();
+        let mut admin = open(addr, "?all-projects=true", "admin-secret")
+            .await
+            .unwrap();
+        let alice = Requestor {
+            key: "alice".into(),
+            key_id: "a".into(),
+            role: "admin".into(),
+        };
+        for (project, name) in [("default", "d1"), ("p1", "w1")] {
+            cp.write(Command::By {
+                requestor: alice.clone(),
+                idempotency: None,
+                command: Box::new(Command::CreateProfile {
+                    profile: crate::state::Profile {
+                        name: crate::state::scoped_name(project, name),
+                        project: project.into(),
+                        ..Default::default()
+                    },
+                }),
+            })
+            .await
+            .unwrap();
+        }
+        // The member sees its project's event only; the admin sees both, in order.
+        let (op, payload) = read_frame(&mut member).await;
+        assert_eq!(op, 1, "a text frame");
+        let ev: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(ev["type"], "lifecycle");
+        assert_eq!(ev["project"], "p1");
+        assert_eq!(ev["location"], "c1");
+        assert_eq!(ev["metadata"]["action"], "profile-created");
+        assert_eq!(ev["metadata"]["source"], "/1.0/profiles/w1?project=p1");
+        assert_eq!(ev["metadata"]["requestor"]["key"], "alice");
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let (_, payload) = read_frame(&mut admin).await;
+            let ev: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+            seen.push(ev["metadata"]["source"].as_str().unwrap().to_string());
+        }
+        assert_eq!(seen, ["/1.0/profiles/d1", "/1.0/profiles/w1?project=p1"]);
+        server.abort();
+        cp.shutdown().await;
     }
 
     #[test]
