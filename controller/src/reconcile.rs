@@ -10,6 +10,11 @@
 //! runs it again. An action whose node is offline, or that keeps failing, ends in failure with
 //! a clear reason, so that no operation stays running forever.
 //!
+//! Agents always get an instance's *effective* config (its profiles' config in order, then its
+//! own), read from the state when the action runs: a create sends it in the spec, a start or
+//! restart sends it first, so that an instance never starts with a profile's stale config (a
+//! profile changed while its node was offline reaches the instance this way).
+//!
 //! **Liveness.** Agents heartbeat to the leader ([`crate::liveness`]); each pass marks nodes
 //! that missed heartbeats for longer than the threshold offline.
 //!
