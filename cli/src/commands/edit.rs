@@ -27,10 +27,15 @@ pub fn parse_yaml_ignoring<T: DeserializeOwned>(
     let Ok(serde_yaml::Value::Mapping(mut map)) = serde_yaml::from_str(text) else {
         return Err(first);
     };
+    let before = map.len();
     for k in read_only {
         map.remove(*k);
     }
-    serde_yaml::from_value(serde_yaml::Value::Mapping(map)).map_err(|_| first)
+    if map.len() == before {
+        return Err(first);
+    }
+    serde_yaml::from_value(serde_yaml::Value::Mapping(map))
+        .map_err(|e| anyhow::anyhow!("cannot parse the YAML: {e}"))
 }
 
 /// The edited form of `current`: read from stdin when it is not a terminal, else from the
@@ -134,6 +139,9 @@ mod tests {
         assert_eq!(put.config["limits.cpu"], "2");
         let e = parse_yaml_ignoring::<ProjectPut>("name: a\nbogus: 1\n", &["name"]).unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
+        let e =
+            parse_yaml_ignoring::<ProjectPut>("description: x\nbogus: 1\n", &["name"]).unwrap_err();
+        assert!(e.to_string().contains("line 2"), "{e}");
     }
 
     #[test]
