@@ -1,0 +1,822 @@
+//! Keeps `docs/api/openapi.yaml` true to the server: every route of
+//! `controller/src/api/mod.rs::router` is documented and every documented operation is a
+//! route; each operation has a summary, a description and its path parameters; every JSON
+//! request body names its Rust type (`x-rust-type`) and its example parses into that type.
+//!
+//! The routes are read from the router's source text, so the test needs no server and no
+//! network. It understands `.route("PATH", get(..).post(..)...)`; anything else that adds
+//! routes (`nest`, `route_service`, ...) makes it fail until it is taught about it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+/// The HTTP methods axum's method routers are built with, as OpenAPI names them.
+const METHODS: &[&str] = &["get", "post", "put", "patch", "delete"];
+
+/// Methods OpenAPI knows that the router does not use: documenting one is an error.
+const OTHER_METHODS: &[&str] = &["head", "options", "trace"];
+
+/// Calls on a method router that add no route.
+const NOT_ROUTES: &[&str] = &["layer", "route_layer", "with_state"];
+
+/// Router calls that would add routes this parser cannot see.
+const UNSUPPORTED: &[&str] = &["nest", "nest_service", "route_service", "fallback_service"];
+
+/// A route: its OpenAPI path (`/1.0/instances/{name}`) and a lowercase method.
+type Route = (String, String);
+
+fn repo_file(rel: &str) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(rel);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+// ---- Rust source -------------------------------------------------------------------------
+
+/// `src` without comments; string and char literals are kept as they are.
+fn strip_comments(src: &str) -> String {
+    let b = src.as_bytes();
+    let mut out = String::with_capacity(src.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'/' if b.get(i + 1) == Some(&b'/') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                let mut depth = 0;
+                while i < b.len() {
+                    if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
+                        depth += 1;
+                        i += 2;
+                    } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
+                        depth -= 1;
+                        i += 2;
+                        if depth == 0 {
+                            break;
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+                out.push(' ');
+            }
+            b'"' => {
+                let end = string_end(b, i);
+                out.push_str(&src[i..end]);
+                i = end;
+            }
+            b'\'' => {
+                let end = char_literal_end(b, i).unwrap_or(i + 1);
+                out.push_str(&src[i..end]);
+                i = end;
+            }
+            _ => {
+                let ch = src[i..].chars().next().unwrap_or(' ');
+                out.push(ch);
+                i += ch.len_utf8();
+            }
+        }
+    }
+    out
+}
+
+/// The index just past the string literal that starts at `b[start] == '"'`.
+fn string_end(b: &[u8], start: usize) -> usize {
+    let mut i = start + 1;
+    while i < b.len() {
+        match b[i] {
+            b'\\' => i += 2,
+            b'"' => return i + 1,
+            _ => i += 1,
+        }
+    }
+    b.len()
+}
+
+/// The index just past a char literal at `b[start] == '\''`; `None` for a lifetime.
+fn char_literal_end(b: &[u8], start: usize) -> Option<usize> {
+    if b.get(start + 1) == Some(&b'\\') {
+        let mut i = start + 2;
+        while i < b.len() && b[i] != b'\'' {
+            i += 1;
+        }
+        return Some(i + 1);
+    }
+    // One (possibly multi-byte) character, then a quote.
+    let rest = std::str::from_utf8(&b[start + 1..]).ok()?;
+    let c = rest.chars().next()?;
+    (b.get(start + 1 + c.len_utf8()) == Some(&b'\'')).then_some(start + 2 + c.len_utf8())
+}
+
+/// The index of the bracket closing the one at `b[open]` (`(`, `{` or `[`), skipping literals.
+fn matching(b: &[u8], open: usize) -> Result<usize, String> {
+    let mut depth = 0i32;
+    let mut i = open;
+    while i < b.len() {
+        match b[i] {
+            b'(' | b'{' | b'[' => depth += 1,
+            b')' | b'}' | b']' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Ok(i);
+                }
+            }
+            b'"' => {
+                i = string_end(b, i);
+                continue;
+            }
+            b'\'' => {
+                if let Some(end) = char_literal_end(b, i) {
+                    i = end;
+                    continue;
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    Err(format!("unbalanced bracket at byte {open}"))
+}
+
+fn is_ident(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_'
+}
+
+/// Identifiers directly followed by `(` at the top level of `expr` (calls and method calls,
+/// not what is inside their arguments), with the rest of the expression skipped.
+fn top_level_calls(expr: &str) -> Result<Vec<String>, String> {
+    let b = expr.as_bytes();
+    let mut calls = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if is_ident(c) && (i == 0 || !is_ident(b[i - 1])) {
+            let start = i;
+            while i < b.len() && is_ident(b[i]) {
+                i += 1;
+            }
+            let mut j = i;
+            while j < b.len() && b[j].is_ascii_whitespace() {
+                j += 1;
+            }
+            if b.get(j) == Some(&b'(') {
+                calls.push(expr[start..i].to_string());
+                i = matching(b, j)? + 1;
+            }
+            continue;
+        }
+        match c {
+            b'(' | b'{' | b'[' => i = matching(b, i)? + 1,
+            b'"' => i = string_end(b, i),
+            _ => i += 1,
+        }
+    }
+    Ok(calls)
+}
+
+/// Splits `args` at its top-level commas.
+fn split_args(args: &str) -> Result<Vec<&str>, String> {
+    let b = args.as_bytes();
+    let mut parts = Vec::new();
+    let (mut start, mut i) = (0, 0);
+    while i < b.len() {
+        match b[i] {
+            b'(' | b'{' | b'[' => i = matching(b, i)? + 1,
+            b'"' => i = string_end(b, i),
+            b',' => {
+                parts.push(args[start..i].trim());
+                i += 1;
+                start = i;
+            }
+            _ => i += 1,
+        }
+    }
+    let last = args[start..].trim();
+    if !last.is_empty() {
+        parts.push(last);
+    }
+    Ok(parts)
+}
+
+/// axum's `{name}` and `{*name}` path syntax as OpenAPI writes it (`{name}`).
+fn openapi_path(axum_path: &str) -> String {
+    axum_path.replace("{*", "{")
+}
+
+/// Every route+method the body of `fn router` in `src` (the text of `api/mod.rs`) adds.
+fn routes_from_source(src: &str) -> Result<BTreeSet<Route>, String> {
+    let src = strip_comments(src);
+    let b = src.as_bytes();
+    let at = src
+        .find("fn router(")
+        .ok_or("api/mod.rs has no `fn router(`")?;
+    let open = at + src[at..].find('{').ok_or("fn router has no body")?;
+    let close = matching(b, open)?;
+    let body = &src[open..=close];
+    for call in UNSUPPORTED {
+        if body.contains(&format!(".{call}(")) {
+            return Err(format!(
+                "the router uses `.{call}(`, which this test does not understand; teach it"
+            ));
+        }
+    }
+    let bb = body.as_bytes();
+    let mut routes = BTreeSet::new();
+    let mut from = 0;
+    while let Some(found) = body[from..].find(".route(") {
+        let open = from + found + ".route".len();
+        let close = matching(bb, open)?;
+        let args = split_args(&body[open + 1..close])?;
+        from = close + 1;
+        let [path, methods] = args[..] else {
+            return Err(format!(
+                "cannot read the route {:?}: expected a path and a method router",
+                &body[open..=close]
+            ));
+        };
+        let path = path
+            .strip_prefix('"')
+            .and_then(|p| p.strip_suffix('"'))
+            .ok_or_else(|| format!("route path {path} is not a string literal"))?;
+        let calls = top_level_calls(methods)?;
+        let mut any = false;
+        for call in calls {
+            if METHODS.contains(&call.as_str()) {
+                any = true;
+                if !routes.insert((openapi_path(path), call.clone())) {
+                    return Err(format!("{} {path} is routed twice", call.to_uppercase()));
+                }
+            } else if !NOT_ROUTES.contains(&call.as_str()) {
+                return Err(format!(
+                    "route {path}: `{call}(` is not a method this test knows (get, post, put, patch, delete)"
+                ));
+            }
+        }
+        if !any {
+            return Err(format!("route {path} has no method"));
+        }
+    }
+    if routes.is_empty() {
+        return Err("no `.route(` found in fn router".into());
+    }
+    Ok(routes)
+}
+
+// ---- The OpenAPI document ----------------------------------------------------------------
+
+/// The value a local `$ref` (`#/components/...`) points to.
+fn resolve_ref<'a>(doc: &'a Value, reference: &str) -> Option<&'a Value> {
+    let pointer = reference.strip_prefix('#')?;
+    doc.pointer(pointer)
+}
+
+/// `v` itself, or what it refers to when it is a `{"$ref": ...}` (one level; refs to refs
+/// are followed too).
+fn deref<'a>(doc: &'a Value, v: &'a Value) -> Result<&'a Value, String> {
+    let mut v = v;
+    for _ in 0..8 {
+        match v.get("$ref").and_then(Value::as_str) {
+            Some(r) => v = resolve_ref(doc, r).ok_or_else(|| format!("$ref {r} points nowhere"))?,
+            None => return Ok(v),
+        }
+    }
+    Err("a chain of $ref is too long".into())
+}
+
+/// `{name}` parameters of an OpenAPI path.
+fn path_params(path: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = path;
+    while let Some(open) = rest.find('{') {
+        let Some(close) = rest[open..].find('}') else {
+            break;
+        };
+        out.insert(rest[open + 1..open + close].to_string());
+        rest = &rest[open + close + 1..];
+    }
+    out
+}
+
+fn non_empty_str(v: Option<&Value>) -> bool {
+    v.and_then(Value::as_str)
+        .is_some_and(|s| !s.trim().is_empty())
+}
+
+/// Checks that turn an example body into a Rust type: `Err` says why it does not parse.
+type Check = fn(&Value) -> Result<(), String>;
+
+fn parses<T: serde::de::DeserializeOwned>(v: &Value) -> Result<(), String> {
+    serde_json::from_value::<T>(v.clone())
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// The check of each request type an `x-rust-type` may name.
+fn rust_type(name: &str) -> Option<Check> {
+    use berth_proto::api::{self, tenancy};
+    Some(match name {
+        "berth_proto::api::InstancesPost" => parses::<api::InstancesPost>,
+        "berth_proto::api::InstancePut" => parses::<api::InstancePut>,
+        "berth_proto::api::InstancePatch" => parses::<api::InstancePatch>,
+        "berth_proto::api::InstancePost" => parses::<api::InstancePost>,
+        "berth_proto::api::InstanceStatePut" => parses::<api::InstanceStatePut>,
+        "berth_proto::api::InstanceExecPost" => parses::<api::InstanceExecPost>,
+        "berth_proto::api::ImagesPost" => parses::<api::ImagesPost>,
+        "berth_proto::api::ImageAliasesPost" => parses::<api::ImageAliasesPost>,
+        "berth_proto::api::ClusterJoinPost" => parses::<api::ClusterJoinPost>,
+        "berth_proto::api::ControllerJoinPost" => parses::<api::ControllerJoinPost>,
+        "berth_proto::api::JoinTokenPost" => parses::<api::JoinTokenPost>,
+        "berth_proto::api::ClusterMemberPatch" => parses::<api::ClusterMemberPatch>,
+        "berth_controller::api::cluster::ClusterPatch" => {
+            parses::<berth_controller::api::cluster::ClusterPatch>
+        }
+        "berth_proto::api::tenancy::ProjectsPost" => parses::<tenancy::ProjectsPost>,
+        "berth_proto::api::tenancy::ProjectPut" => parses::<tenancy::ProjectPut>,
+        "berth_proto::api::tenancy::ProjectPatch" => parses::<tenancy::ProjectPatch>,
+        "berth_proto::api::tenancy::RenamePost" => parses::<tenancy::RenamePost>,
+        "berth_proto::api::tenancy::ProfilesPost" => parses::<tenancy::ProfilesPost>,
+        "berth_proto::api::tenancy::ProfilePut" => parses::<tenancy::ProfilePut>,
+        "berth_proto::api::tenancy::ProfilePatch" => parses::<tenancy::ProfilePatch>,
+        "berth_proto::api::tenancy::KeysPost" => parses::<tenancy::KeysPost>,
+        "berth_proto::api::tenancy::KeyRotatePost" => parses::<tenancy::KeyRotatePost>,
+        _ => return None,
+    })
+}
+
+fn is_json(media_type: &str) -> bool {
+    let essence = media_type.split(';').next().unwrap_or("").trim();
+    essence == "application/json" || essence.ends_with("+json")
+}
+
+/// The examples of a media type object: `example`, or the `value` of each of `examples`.
+fn examples<'a>(doc: &'a Value, media: &'a Value) -> Result<Vec<(String, &'a Value)>, String> {
+    let mut out = Vec::new();
+    if let Some(e) = media.get("example") {
+        out.push(("example".to_string(), e));
+    }
+    if let Some(map) = media.get("examples").and_then(Value::as_object) {
+        for (name, e) in map {
+            let e = deref(doc, e)?;
+            let value = e
+                .get("value")
+                .ok_or_else(|| format!("example {name} has no value"))?;
+            out.push((format!("examples.{name}"), value));
+        }
+    }
+    Ok(out)
+}
+
+/// Every `$ref` in `v` that does not resolve in `doc`.
+fn dangling_refs(doc: &Value, v: &Value, at: &str, out: &mut Vec<String>) {
+    match v {
+        Value::Object(map) => {
+            for (k, child) in map {
+                if k == "$ref" {
+                    let ok = child
+                        .as_str()
+                        .is_some_and(|r| resolve_ref(doc, r).is_some());
+                    if !ok {
+                        out.push(format!("{at}: $ref {child} points nowhere"));
+                    }
+                } else {
+                    dangling_refs(doc, child, &format!("{at}/{k}"), out);
+                }
+            }
+        }
+        Value::Array(items) => {
+            for (i, child) in items.iter().enumerate() {
+                dangling_refs(doc, child, &format!("{at}/{i}"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Every `x-rust-type` named anywhere in `v`, with where.
+fn rust_type_names(v: &Value, at: &str, out: &mut Vec<(String, String)>) {
+    match v {
+        Value::Object(map) => {
+            for (k, child) in map {
+                if k == "x-rust-type" {
+                    out.push((at.to_string(), child.as_str().unwrap_or("").to_string()));
+                } else {
+                    rust_type_names(child, &format!("{at}/{k}"), out);
+                }
+            }
+        }
+        Value::Array(items) => {
+            for (i, child) in items.iter().enumerate() {
+                rust_type_names(child, &format!("{at}/{i}"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Checks one operation: summary, description, path parameters and JSON request bodies.
+fn check_operation(
+    doc: &Value,
+    path: &str,
+    method: &str,
+    op: &Value,
+    path_level: &[Value],
+    out: &mut Vec<String>,
+) {
+    let at = format!("{} {path}", method.to_uppercase());
+    if !non_empty_str(op.get("summary")) {
+        out.push(format!("{at}: no summary"));
+    }
+    if !non_empty_str(op.get("description")) {
+        out.push(format!("{at}: no description"));
+    }
+    if op
+        .get("responses")
+        .and_then(Value::as_object)
+        .is_none_or(|r| r.is_empty())
+    {
+        out.push(format!("{at}: no responses"));
+    }
+
+    // Path parameters: declared (at the path or the operation), required, and in the path.
+    let wanted = path_params(path);
+    let mut declared = BTreeSet::new();
+    let own: Vec<Value> = op
+        .get("parameters")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    for p in path_level.iter().chain(own.iter()) {
+        let p = match deref(doc, p) {
+            Ok(p) => p,
+            Err(e) => {
+                out.push(format!("{at}: parameter: {e}"));
+                continue;
+            }
+        };
+        if p.get("in").and_then(Value::as_str) != Some("path") {
+            continue;
+        }
+        let name = p.get("name").and_then(Value::as_str).unwrap_or("");
+        if !wanted.contains(name) {
+            out.push(format!("{at}: path parameter {name:?} is not in the path"));
+        }
+        if p.get("required").and_then(Value::as_bool) != Some(true) {
+            out.push(format!(
+                "{at}: path parameter {name:?} is not marked required"
+            ));
+        }
+        declared.insert(name.to_string());
+    }
+    for name in wanted.difference(&declared) {
+        out.push(format!("{at}: path parameter {{{name}}} is not declared"));
+    }
+
+    // JSON request bodies: a Rust type and examples that parse into it.
+    let Some(body) = op.get("requestBody") else {
+        return;
+    };
+    let body = match deref(doc, body) {
+        Ok(b) => b,
+        Err(e) => {
+            out.push(format!("{at}: requestBody: {e}"));
+            return;
+        }
+    };
+    let Some(content) = body.get("content").and_then(Value::as_object) else {
+        out.push(format!("{at}: requestBody has no content"));
+        return;
+    };
+    for (media_type, media) in content {
+        if !is_json(media_type) {
+            continue;
+        }
+        let at = format!("{at} ({media_type})");
+        let schema = match media.get("schema").map(|s| deref(doc, s)) {
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                out.push(format!("{at}: schema: {e}"));
+                continue;
+            }
+            None => {
+                out.push(format!("{at}: no schema"));
+                continue;
+            }
+        };
+        let Some(type_name) = schema.get("x-rust-type").and_then(Value::as_str) else {
+            out.push(format!("{at}: the body schema has no x-rust-type"));
+            continue;
+        };
+        let Some(check) = rust_type(type_name) else {
+            out.push(format!(
+                "{at}: x-rust-type {type_name} is not a type this test knows; add it to rust_type()"
+            ));
+            continue;
+        };
+        let found = match examples(doc, media) {
+            Ok(found) => found,
+            Err(e) => {
+                out.push(format!("{at}: {e}"));
+                continue;
+            }
+        };
+        if found.is_empty() {
+            out.push(format!("{at}: the JSON body has no example"));
+        }
+        for (name, example) in found {
+            if let Err(e) = check(example) {
+                out.push(format!("{at}: {name} does not parse into {type_name}: {e}"));
+            }
+        }
+    }
+}
+
+/// Everything wrong with `doc` against `routes`, one line each (empty when all is well).
+fn problems(routes: &BTreeSet<Route>, doc: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    if doc.get("openapi").and_then(Value::as_str) != Some("3.0.3") {
+        out.push("the document is not `openapi: 3.0.3`".into());
+    }
+    let Some(paths) = doc.get("paths").and_then(Value::as_object) else {
+        out.push("the document has no paths".into());
+        return out;
+    };
+    let mut documented = BTreeSet::new();
+    let mut operation_ids: BTreeMap<String, String> = BTreeMap::new();
+    for (path, item) in paths {
+        let Some(item) = item.as_object() else {
+            out.push(format!("{path}: not a path item"));
+            continue;
+        };
+        let path_level: Vec<Value> = item
+            .get("parameters")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        for (key, op) in item {
+            let method = key.as_str();
+            if METHODS.contains(&method) || OTHER_METHODS.contains(&method) {
+                documented.insert((path.clone(), method.to_string()));
+                check_operation(doc, path, method, op, &path_level, &mut out);
+                if let Some(id) = op.get("operationId").and_then(Value::as_str) {
+                    let here = format!("{} {path}", method.to_uppercase());
+                    if let Some(first) = operation_ids.insert(id.to_string(), here.clone()) {
+                        out.push(format!("operationId {id} is used by {first} and {here}"));
+                    }
+                }
+            } else if !matches!(method, "parameters" | "summary" | "description" | "servers")
+                && !method.starts_with("x-")
+            {
+                out.push(format!("{path}: unknown key {method:?}"));
+            }
+        }
+    }
+    for (path, method) in routes.difference(&documented) {
+        out.push(format!(
+            "route {} {path} is not in openapi.yaml",
+            method.to_uppercase()
+        ));
+    }
+    for (path, method) in documented.difference(routes) {
+        out.push(format!(
+            "openapi.yaml documents {} {path}, which is not a route",
+            method.to_uppercase()
+        ));
+    }
+    dangling_refs(doc, doc, "#", &mut out);
+    let mut named = Vec::new();
+    rust_type_names(doc, "#", &mut named);
+    for (at, name) in named {
+        if rust_type(&name).is_none() {
+            out.push(format!(
+                "{at}: x-rust-type {name:?} is not a type this test knows; add it to rust_type()"
+            ));
+        }
+    }
+    out
+}
+
+fn load_doc(text: &str) -> Result<Value, String> {
+    serde_yaml::from_str::<Value>(text).map_err(|e| format!("openapi.yaml is not valid: {e}"))
+}
+
+// ---- The tests ---------------------------------------------------------------------------
+
+#[test]
+fn openapi_yaml_documents_exactly_the_router() {
+    let routes = routes_from_source(&repo_file("controller/src/api/mod.rs"))
+        .unwrap_or_else(|e| panic!("cannot read the routes of api/mod.rs: {e}"));
+    let doc = load_doc(&repo_file("docs/api/openapi.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let found = problems(&routes, &doc);
+    assert!(
+        found.is_empty(),
+        "docs/api/openapi.yaml and the router disagree ({} problems):\n  {}",
+        found.len(),
+        found.join("\n  ")
+    );
+}
+
+#[test]
+fn the_router_source_is_read_whole() {
+    // Both routers (the authenticated one and the open one) are seen, with every method.
+    let routes = routes_from_source(&repo_file("controller/src/api/mod.rs")).unwrap();
+    for (path, method) in [
+        ("/", "get"),
+        ("/1.0/cluster/join", "post"),
+        ("/1.0/cluster/join-controller", "post"),
+        ("/1.0/instances/{name}", "post"),
+        ("/1.0/instances/{name}", "delete"),
+        ("/1.0/images/aliases/{alias}", "get"),
+        ("/1.0/keys/{name}/rotate", "post"),
+    ] {
+        assert!(
+            routes.contains(&(path.to_string(), method.to_string())),
+            "{method} {path} not found in {routes:?}"
+        );
+    }
+    assert!(routes.len() > 50, "only {} routes read", routes.len());
+}
+
+// The checks themselves must be able to fail: each of these breaks one rule on purpose.
+
+const SAMPLE_ROUTER: &str = r#"
+pub fn router(state: SharedState) -> Router {
+    // .route("/commented/out", get(nothing))
+    let authed = Router::new()
+        .route("/1.0/things", get(things::list).post(things::create))
+        .route("/1.0/things/{name}", get(things::get_one).delete(things::delete))
+        .layer(middleware::from_fn(auth));
+    Router::new()
+        .route("/1.0/files/{*path}", axum::routing::put(|b: String| async move { b.len().to_string() }))
+        .merge(authed)
+        .with_state(state)
+}
+"#;
+
+fn sample_doc() -> Value {
+    load_doc(
+        r##"
+openapi: 3.0.3
+info: {title: t, version: "1"}
+paths:
+  /1.0/things:
+    get:
+      summary: List things
+      description: All the things.
+      responses: {"200": {description: ok}}
+    post:
+      summary: Make a thing
+      description: A new thing.
+      requestBody:
+        content:
+          application/json:
+            schema: {$ref: "#/components/schemas/Rename"}
+            example: {name: web}
+      responses: {"200": {description: ok}}
+  /1.0/things/{name}:
+    parameters:
+      - {name: name, in: path, required: true, schema: {type: string}}
+    get:
+      summary: Show a thing
+      description: One thing.
+      responses: {"200": {description: ok}}
+    delete:
+      summary: Delete a thing
+      description: Gone.
+      responses: {"200": {description: ok}}
+  /1.0/files/{path}:
+    put:
+      summary: Put a file
+      description: Writes it.
+      parameters:
+        - {name: path, in: path, required: true, schema: {type: string}}
+      responses: {"200": {description: ok}}
+components:
+  schemas:
+    Rename:
+      x-rust-type: berth_proto::api::tenancy::RenamePost
+      type: object
+"##,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn sample_problems(edit: impl FnOnce(&mut Value)) -> Vec<String> {
+    let routes = routes_from_source(SAMPLE_ROUTER).unwrap_or_else(|e| panic!("{e}"));
+    let mut doc = sample_doc();
+    edit(&mut doc);
+    problems(&routes, &doc)
+}
+
+#[test]
+fn the_sample_router_is_read_as_written() {
+    let routes = routes_from_source(SAMPLE_ROUTER).unwrap();
+    let want: BTreeSet<Route> = [
+        ("/1.0/things", "get"),
+        ("/1.0/things", "post"),
+        ("/1.0/things/{name}", "get"),
+        ("/1.0/things/{name}", "delete"),
+        ("/1.0/files/{path}", "put"),
+    ]
+    .into_iter()
+    .map(|(p, m)| (p.to_string(), m.to_string()))
+    .collect();
+    assert_eq!(routes, want);
+    assert_eq!(sample_problems(|_| {}), Vec::<String>::new());
+}
+
+#[test]
+fn a_route_missing_from_the_document_fails() {
+    let found = sample_problems(|d| {
+        d["paths"]["/1.0/things/{name}"]
+            .as_object_mut()
+            .unwrap()
+            .remove("delete");
+    });
+    assert_eq!(
+        found,
+        ["route DELETE /1.0/things/{name} is not in openapi.yaml"]
+    );
+}
+
+#[test]
+fn a_documented_operation_without_a_route_fails() {
+    let found = sample_problems(|d| {
+        d["paths"]["/1.0/things"]["patch"] = d["paths"]["/1.0/things"]["get"].clone();
+        d["paths"]["/1.0/things"]["patch"]["operationId"] = "x".into();
+    });
+    assert_eq!(
+        found,
+        ["openapi.yaml documents PATCH /1.0/things, which is not a route"]
+    );
+}
+
+#[test]
+fn missing_summaries_descriptions_and_path_parameters_fail() {
+    let found = sample_problems(|d| {
+        let get = &mut d["paths"]["/1.0/things"]["get"];
+        get.as_object_mut().unwrap().remove("summary");
+        get["description"] = " ".into();
+        d["paths"]["/1.0/files/{path}"]["put"]
+            .as_object_mut()
+            .unwrap()
+            .remove("parameters");
+    });
+    assert_eq!(
+        found,
+        [
+            "PUT /1.0/files/{path}: path parameter {path} is not declared",
+            "GET /1.0/things: no summary",
+            "GET /1.0/things: no description",
+        ]
+    );
+}
+
+#[test]
+fn an_example_that_does_not_parse_fails() {
+    let found = sample_problems(|d| {
+        d["paths"]["/1.0/things"]["post"]["requestBody"]["content"]["application/json"]["example"] =
+            serde_json::json!({"name": "web", "extra": 1});
+    });
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].starts_with("POST /1.0/things (application/json): example does not parse into berth_proto::api::tenancy::RenamePost: unknown field `extra`"),
+        "{found:?}"
+    );
+}
+
+#[test]
+fn an_unknown_rust_type_or_a_body_without_example_fails() {
+    let found = sample_problems(|d| {
+        d["components"]["schemas"]["Rename"]["x-rust-type"] = "berth_proto::api::Nope".into();
+    });
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert!(
+        found.iter().all(|f| f.contains("berth_proto::api::Nope")),
+        "{found:?}"
+    );
+
+    let found = sample_problems(|d| {
+        d["paths"]["/1.0/things"]["post"]["requestBody"]["content"]["application/json"]
+            .as_object_mut()
+            .unwrap()
+            .remove("example");
+    });
+    assert_eq!(
+        found,
+        ["POST /1.0/things (application/json): the JSON body has no example"]
+    );
+}
+
+#[test]
+fn routers_this_test_cannot_read_fail() {
+    let nested = SAMPLE_ROUTER.replace(".merge(authed)", ".nest(\"/x\", authed)");
+    assert!(routes_from_source(&nested).unwrap_err().contains("nest"));
+    let any = SAMPLE_ROUTER.replace("get(things::list)", "any(things::list)");
+    assert!(routes_from_source(&any).unwrap_err().contains("`any(`"));
+}
