@@ -138,6 +138,58 @@ fn bufferable(headers: &http::HeaderMap) -> Result<(), ApiError> {
     )))
 }
 
+/// Keys of the requests this process is answering.
+static RUNNING: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+> = std::sync::LazyLock::new(Default::default);
+
+/// Held while a request with an idempotency key runs; lets the next one with that key go when
+/// dropped (also when the request is cancelled).
+struct Running {
+    key: String,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Running {
+    async fn acquire(key: &str) -> Result<Running, ApiError> {
+        let lock = RUNNING
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.to_string())
+            .or_default()
+            .clone();
+        let mut running = Running {
+            key: key.to_string(),
+            lock: lock.clone(),
+            guard: None,
+        };
+        match tokio::time::timeout(WAIT_FOR_FIRST, lock.lock_owned()).await {
+            Ok(guard) => {
+                running.guard = Some(guard);
+                Ok(running)
+            }
+            Err(_) => Err(ApiError::conflict(
+                "a request with this idempotency key is still being answered; retry later",
+            )),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut running = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
+        // Only the map and this handle hold it: nobody waits, forget the key.
+        if running
+            .get(&self.key)
+            .is_some_and(|l| Arc::ptr_eq(l, &self.lock) && Arc::strong_count(l) == 2)
+        {
+            running.remove(&self.key);
+        }
+    }
+}
+
 enum Found {
     /// No record: run the request.
     Absent,
@@ -230,6 +282,11 @@ async fn handle(state: SharedState, req: Request, next: Next) -> Result<Response
         &bytes,
     );
     let key = format!("{}/{}", identity.key_id, header);
+    // Requests with the same key on this controller run one at a time: a retry sent before
+    // the first answer waits for it and replays it.
+    let _running = Running::acquire(&key)
+        .await
+        .map_err(IntoResponse::into_response)?;
     let mut found = look_up(&state, &key, &hash)
         .await
         .map_err(IntoResponse::into_response)?;
@@ -443,6 +500,16 @@ mod tests {
         assert_eq!(bad.0, 409);
         let bad_again = answer(&app, post("/1.0/projects", r#"{"name":"p1"}"#, Some("dup"))).await;
         assert_eq!((bad_again.0, bad_again.1), (409, true));
+        // Two at once on one controller: one runs, the other waits and replays its answer.
+        let p4 = r#"{"name":"p4"}"#;
+        let (x, y) = tokio::join!(
+            answer(&app, post("/1.0/projects", p4, Some("conc"))),
+            answer(&app, post("/1.0/projects", p4, Some("conc")))
+        );
+        assert_eq!((x.0, &x.2), (y.0, &y.2));
+        assert!(x.0 < 300, "{x:?}");
+        assert!(x.1 ^ y.1, "exactly one is replayed: {x:?} {y:?}");
+        assert!(RUNNING.lock().unwrap().get("k1/conc").is_none());
         // Malformed keys and uploads.
         let e = answer(&app, post("/1.0/projects", p1, Some("a b"))).await;
         assert_eq!(e.0, 400);
@@ -466,7 +533,8 @@ mod tests {
             assert_eq!(p.event.kind, "lifecycle");
             created.push(p.event.metadata.clone());
         }
-        assert_eq!(created.len(), 1, "{created:?}");
+        assert_eq!(created.len(), 2, "{created:?}");
+        assert_eq!(created[1]["source"], "/1.0/projects/p4");
         assert_eq!(created[0]["action"], "project-created");
         assert_eq!(created[0]["source"], "/1.0/projects/p1");
         assert_eq!(created[0]["requestor"]["key"], "ci");
