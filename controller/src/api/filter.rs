@@ -15,7 +15,8 @@
 //! A FIELD is a bare word (`name`, `status`, `location`, `project`, `config.limits.cpu`, ...);
 //! a VALUE is a bare word or a quoted string (`"a b"` or `'a b'`, with `\` escaping the quote
 //! and itself). Comparisons are exact, except on `status`, which ignores case. A field the
-//! object does not have compares as the empty string. See `docs/filtering.md`.
+//! object does not have compares as the empty string. [`Filter::matches_json`] finds fields
+//! in an object as the API shows it ([`json_field`]). See `docs/filtering.md`.
 
 /// Longest filter accepted, in bytes.
 pub const MAX_FILTER_LEN: usize = 4096;
@@ -279,9 +280,7 @@ impl Filter {
     /// characters) where the filter went wrong.
     pub fn parse(input: &str) -> Result<Filter, String> {
         if input.len() > MAX_FILTER_LEN {
-            return Err(format!(
-                "the filter is longer than {MAX_FILTER_LEN} bytes"
-            ));
+            return Err(format!("the filter is longer than {MAX_FILTER_LEN} bytes"));
         }
         let tokens = tokenize(input)?;
         if tokens.is_empty() {
@@ -319,6 +318,41 @@ impl Filter {
     pub fn matches(&self, get: &dyn Fn(&str) -> Option<String>) -> bool {
         self.expr.eval(get)
     }
+
+    /// Whether an object, as the API shows it (JSON), matches; fields are found with
+    /// [`json_field`].
+    pub fn matches_json(&self, object: &serde_json::Value) -> bool {
+        self.matches(&|field| json_field(object, field))
+    }
+}
+
+/// The value of a filter field in an API object: a top-level member (`name`, `status`,
+/// `location`, `project`, ...), or `MAP.KEY` for a member of a string map such as
+/// `config.limits.cpu` or `properties.os`. `config.KEY` looks in `expanded_config` (profiles
+/// included) when the object has one. Numbers and booleans compare as their JSON text, lists
+/// as their items joined with `,`; objects and missing members are `None`.
+pub fn json_field(object: &serde_json::Value, field: &str) -> Option<String> {
+    use serde_json::Value;
+    fn text(v: &Value) -> Option<String> {
+        match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(_) | Value::Bool(_) => Some(v.to_string()),
+            Value::Array(items) => {
+                Some(items.iter().filter_map(text).collect::<Vec<_>>().join(","))
+            }
+            Value::Null | Value::Object(_) => None,
+        }
+    }
+    if let Some(v) = object.get(field) {
+        return text(v);
+    }
+    let (map, key) = field.split_once('.')?;
+    let map = if map == "config" && object.get("expanded_config").is_some() {
+        "expanded_config"
+    } else {
+        map
+    };
+    object.get(map)?.get(key).and_then(text)
 }
 
 impl Expr {
@@ -483,6 +517,41 @@ mod tests {
             assert!(e.contains(want), "{filter:?}: {e}");
             assert!(!e.ends_with('.'), "{e}");
         }
+    }
+
+    #[test]
+    fn api_objects_as_json() {
+        let inst = serde_json::json!({
+            "name": "web1",
+            "status": "Running",
+            "location": "n1",
+            "project": "p",
+            "config": {"limits.cpu": "1"},
+            "expanded_config": {"limits.cpu": "2", "limits.memory": "1GiB"},
+            "profiles": ["default", "web"],
+            "ephemeral": false,
+            "state": {"pid": 7},
+        });
+        let m = |f: &str| Filter::parse(f).unwrap().matches_json(&inst);
+        assert!(m(
+            "name eq web1 and status eq running and location eq n1 and project eq p"
+        ));
+        assert!(m("config.limits.cpu eq 2"), "the effective config");
+        assert!(m("config.limits.memory eq 1GiB"));
+        assert!(m("expanded_config.limits.cpu eq 2"));
+        assert!(m("profiles eq default,web"));
+        assert!(m("ephemeral eq false"));
+        assert!(m("state ne x"), "objects compare as missing");
+        assert!(m("config.nope eq ''"));
+        let image = serde_json::json!({"properties": {"os": "debian"}, "size": 10});
+        let f = Filter::parse("properties.os eq debian and size eq 10").unwrap();
+        assert!(f.matches_json(&image));
+        let profile = serde_json::json!({"name": "p", "config": {"limits.cpu": "4"}});
+        assert!(
+            Filter::parse("config.limits.cpu eq 4")
+                .unwrap()
+                .matches_json(&profile)
+        );
     }
 
     #[test]
