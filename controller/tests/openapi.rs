@@ -149,8 +149,8 @@ fn is_ident(c: u8) -> bool {
 }
 
 /// Identifiers directly followed by `(` at the top level of `expr` (calls and method calls,
-/// not what is inside their arguments), with the rest of the expression skipped.
-fn top_level_calls(expr: &str) -> Result<Vec<String>, String> {
+/// not what is inside their arguments), each with the text of its arguments.
+fn top_level_calls(expr: &str) -> Result<Vec<(String, String)>, String> {
     let b = expr.as_bytes();
     let mut calls = Vec::new();
     let mut i = 0;
@@ -166,8 +166,12 @@ fn top_level_calls(expr: &str) -> Result<Vec<String>, String> {
                 j += 1;
             }
             if b.get(j) == Some(&b'(') {
-                calls.push(expr[start..i].to_string());
-                i = matching(b, j)? + 1;
+                let close = matching(b, j)?;
+                calls.push((
+                    expr[start..i].to_string(),
+                    expr[j + 1..close].trim().to_string(),
+                ));
+                i = close + 1;
             }
             continue;
         }
@@ -209,8 +213,9 @@ fn openapi_path(axum_path: &str) -> String {
     axum_path.replace("{*", "{")
 }
 
-/// Every route+method the body of `fn router` in `src` (the text of `api/mod.rs`) adds.
-fn routes_from_source(src: &str) -> Result<BTreeSet<Route>, String> {
+/// Every route+method the body of `fn router` in `src` (the text of `api/mod.rs`) adds, with
+/// the text of its handler (`instances::list`, or a closure).
+fn routes_from_source(src: &str) -> Result<BTreeMap<Route, String>, String> {
     let src = strip_comments(src);
     let b = src.as_bytes();
     let at = src
@@ -227,7 +232,7 @@ fn routes_from_source(src: &str) -> Result<BTreeSet<Route>, String> {
         }
     }
     let bb = body.as_bytes();
-    let mut routes = BTreeSet::new();
+    let mut routes = BTreeMap::new();
     let mut from = 0;
     while let Some(found) = body[from..].find(".route(") {
         let open = from + found + ".route".len();
@@ -246,10 +251,11 @@ fn routes_from_source(src: &str) -> Result<BTreeSet<Route>, String> {
             .ok_or_else(|| format!("route path {path} is not a string literal"))?;
         let calls = top_level_calls(methods)?;
         let mut any = false;
-        for call in calls {
+        for (call, handler) in calls {
             if METHODS.contains(&call.as_str()) {
                 any = true;
-                if !routes.insert((openapi_path(path), call.clone())) {
+                let route = (openapi_path(path), call.clone());
+                if routes.insert(route, handler).is_some() {
                     return Err(format!("{} {path} is routed twice", call.to_uppercase()));
                 }
             } else if !NOT_ROUTES.contains(&call.as_str()) {
@@ -537,7 +543,7 @@ fn check_operation(
 }
 
 /// Everything wrong with `doc` against `routes`, one line each (empty when all is well).
-fn problems(routes: &BTreeSet<Route>, doc: &Value) -> Vec<String> {
+fn problems(routes: &BTreeMap<Route, String>, doc: &Value) -> Vec<String> {
     let mut out = Vec::new();
     if doc.get("openapi").and_then(Value::as_str) != Some("3.0.3") {
         out.push("the document is not `openapi: 3.0.3`".into());
@@ -576,13 +582,13 @@ fn problems(routes: &BTreeSet<Route>, doc: &Value) -> Vec<String> {
             }
         }
     }
-    for (path, method) in routes.difference(&documented) {
+    for (path, method) in routes.keys().filter(|r| !documented.contains(*r)) {
         out.push(format!(
             "route {} {path} is not in openapi.yaml",
             method.to_uppercase()
         ));
     }
-    for (path, method) in documented.difference(routes) {
+    for (path, method) in documented.iter().filter(|r| !routes.contains_key(*r)) {
         out.push(format!(
             "openapi.yaml documents {} {path}, which is not a route",
             method.to_uppercase()
@@ -601,6 +607,180 @@ fn problems(routes: &BTreeSet<Route>, doc: &Value) -> Vec<String> {
     out
 }
 
+// ---- Query parameters the handlers read ----------------------------------------------------
+
+/// The `{ ... }` body of `struct name` in `src` (comments stripped), and the attributes
+/// written just before it.
+fn struct_body<'a>(src: &'a str, name: &str) -> Option<(&'a str, &'a str)> {
+    let b = src.as_bytes();
+    let mut from = 0;
+    while let Some(found) = src[from..].find(&format!("struct {name}")) {
+        let at = from + found;
+        from = at + 1;
+        let after = at + "struct ".len() + name.len();
+        if b.get(after).is_some_and(|c| is_ident(*c)) {
+            continue;
+        }
+        let open = after + src[after..].find('{')?;
+        if !src[after..open].trim().is_empty() {
+            continue;
+        }
+        let close = matching(b, open).ok()?;
+        // The attributes: the text back to the end of the previous item.
+        let before = &src[..at];
+        let start = before.rfind(['}', ';']).map_or(0, |i| i + 1);
+        return Some((&src[open + 1..close], &src[start..at]));
+    }
+    None
+}
+
+/// The query parameter names of the fields of a `Query<T>` struct body (serde renames
+/// applied). Attributes this reader does not understand are an error.
+fn query_fields(body: &str, attrs: &str) -> Result<BTreeSet<String>, String> {
+    if attrs.contains("rename_all") || attrs.contains("flatten") {
+        return Err("a serde rename_all or flatten on the query struct".into());
+    }
+    let mut names = BTreeSet::new();
+    for field in split_args(body)? {
+        // `#[...]` attributes, then `pub name: Type`.
+        let mut rest = field;
+        let mut rename = None;
+        while let Some(attr) = rest.strip_prefix("#[") {
+            let close = matching(rest.as_bytes(), 1)?;
+            let inner = &attr[..close - 2];
+            if inner.contains("flatten") {
+                return Err(format!("field {field:?} is flattened"));
+            }
+            if let Some(r) = inner.split("rename = \"").nth(1) {
+                rename = r.split('"').next().map(str::to_string);
+            }
+            rest = rest[close + 1..].trim_start();
+        }
+        let rest = rest.strip_prefix("pub ").unwrap_or(rest);
+        let name = rest
+            .split(':')
+            .next()
+            .map(str::trim)
+            .filter(|n| !n.is_empty() && n.bytes().all(is_ident))
+            .ok_or_else(|| format!("cannot read the field {field:?}"))?;
+        names.insert(rename.unwrap_or_else(|| name.to_string()));
+    }
+    Ok(names)
+}
+
+/// The query parameters handler `module::function` reads: the fields of each `Query<T>` it
+/// extracts, and `project` when it takes a `Scope` (which reads `?project=`). `module`
+/// gives the source of `api/<module>.rs`.
+fn handler_query_params(
+    handler: &str,
+    module: &dyn Fn(&str) -> Result<String, String>,
+) -> Result<BTreeSet<String>, String> {
+    let (file, func) = handler
+        .split_once("::")
+        .filter(|(m, f)| m.bytes().all(is_ident) && f.bytes().all(is_ident))
+        .ok_or_else(|| format!("handler {handler:?} is not a `module::function` path"))?;
+    let src = strip_comments(&module(file)?);
+    let at = src
+        .find(&format!("async fn {func}("))
+        .ok_or_else(|| format!("no `async fn {func}(` in api/{file}.rs"))?;
+    let open = at + src[at..].find('(').unwrap_or(0);
+    let close = matching(src.as_bytes(), open)?;
+    let signature = &src[open + 1..close];
+    let mut params = BTreeSet::new();
+    let words: Vec<&str> = signature
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .collect();
+    if words.contains(&"Scope") {
+        params.insert("project".to_string());
+    }
+    let mut rest = signature;
+    while let Some(i) = rest.find("Query<") {
+        rest = &rest[i + "Query<".len()..];
+        let ty = rest.split('>').next().unwrap_or("").trim();
+        if !ty.bytes().all(is_ident) {
+            return Err(format!("{handler}: cannot read the query type Query<{ty}>"));
+        }
+        // The struct is in the handler's file, or imported with `use super::other::{.., T}`.
+        let (body, attrs) = match struct_body(&src, ty) {
+            Some(found) => (found.0.to_string(), found.1.to_string()),
+            None => {
+                let other = src
+                    .lines()
+                    .filter_map(|l| l.trim().strip_prefix("use super::"))
+                    .find(|l| {
+                        l.split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+                            .any(|w| w == ty)
+                    })
+                    .and_then(|l| l.split("::").next())
+                    .ok_or_else(|| format!("{handler}: struct {ty} not found"))?
+                    .to_string();
+                let other_src = strip_comments(&module(&other)?);
+                let (b, a) = struct_body(&other_src, ty)
+                    .ok_or_else(|| format!("{handler}: struct {ty} not found in api/{other}.rs"))?;
+                (b.to_string(), a.to_string())
+            }
+        };
+        params.extend(query_fields(&body, &attrs).map_err(|e| format!("{handler}: {ty}: {e}"))?);
+    }
+    Ok(params)
+}
+
+/// The `in: query` parameters documented for an operation (path-level ones included).
+fn documented_query_params(doc: &Value, item: &Value, op: &Value) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for list in [item.get("parameters"), op.get("parameters")] {
+        for p in list.and_then(Value::as_array).into_iter().flatten() {
+            if let Ok(p) = deref(doc, p)
+                && p.get("in").and_then(Value::as_str) == Some("query")
+                && let Some(n) = p.get("name").and_then(Value::as_str)
+            {
+                names.insert(n.to_string());
+            }
+        }
+    }
+    names
+}
+
+/// For every route: the query parameters its handler reads are documented, and every
+/// documented one is read.
+fn query_problems(
+    routes: &BTreeMap<Route, String>,
+    doc: &Value,
+    module: &dyn Fn(&str) -> Result<String, String>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for ((path, method), handler) in routes {
+        let at = format!("{} {path}", method.to_uppercase());
+        let Some(item) = doc.get("paths").and_then(|p| p.get(path)) else {
+            continue;
+        };
+        let Some(op) = item.get(method) else {
+            continue;
+        };
+        let read = match handler_query_params(handler, module) {
+            Ok(read) => read,
+            Err(e) => {
+                out.push(format!(
+                    "{at}: cannot tell which query parameters it reads: {e}"
+                ));
+                continue;
+            }
+        };
+        let documented = documented_query_params(doc, item, op);
+        for name in read.difference(&documented) {
+            out.push(format!(
+                "{at}: {handler} reads ?{name}= but openapi.yaml does not declare it"
+            ));
+        }
+        for name in documented.difference(&read) {
+            out.push(format!(
+                "{at}: openapi.yaml declares ?{name}=, which {handler} does not read"
+            ));
+        }
+    }
+    out
+}
+
 fn load_doc(text: &str) -> Result<Value, String> {
     serde_yaml::from_str::<Value>(text).map_err(|e| format!("openapi.yaml is not valid: {e}"))
 }
@@ -612,7 +792,12 @@ fn openapi_yaml_documents_exactly_the_router() {
     let routes = routes_from_source(&repo_file("controller/src/api/mod.rs"))
         .unwrap_or_else(|e| panic!("cannot read the routes of api/mod.rs: {e}"));
     let doc = load_doc(&repo_file("docs/api/openapi.yaml")).unwrap_or_else(|e| panic!("{e}"));
-    let found = problems(&routes, &doc);
+    let mut found = problems(&routes, &doc);
+    let module = |name: &str| -> Result<String, String> {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("src/api/{name}.rs"));
+        std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    };
+    found.extend(query_problems(&routes, &doc, &module));
     assert!(
         found.is_empty(),
         "docs/api/openapi.yaml and the router disagree ({} problems):\n  {}",
@@ -635,7 +820,7 @@ fn the_router_source_is_read_whole() {
         ("/1.0/keys/{name}/rotate", "post"),
     ] {
         assert!(
-            routes.contains(&(path.to_string(), method.to_string())),
+            routes.contains_key(&(path.to_string(), method.to_string())),
             "{method} {path} not found in {routes:?}"
         );
     }
@@ -726,7 +911,7 @@ fn the_sample_router_is_read_as_written() {
     .into_iter()
     .map(|(p, m)| (p.to_string(), m.to_string()))
     .collect();
-    assert_eq!(routes, want);
+    assert_eq!(routes.keys().cloned().collect::<BTreeSet<_>>(), want);
     assert_eq!(sample_problems(|_| {}), Vec::<String>::new());
 }
 
@@ -819,4 +1004,70 @@ fn routers_this_test_cannot_read_fail() {
     assert!(routes_from_source(&nested).unwrap_err().contains("nest"));
     let any = SAMPLE_ROUTER.replace("get(things::list)", "any(things::list)");
     assert!(routes_from_source(&any).unwrap_err().contains("`any(`"));
+}
+
+const SAMPLE_MODULE: &str = r#"
+#[derive(Deserialize)]
+pub struct ListQuery {
+    #[serde(default)]
+    recursion: u8,
+    /// Every project's things.
+    #[serde(default, rename = "all-projects")]
+    all_projects: bool,
+}
+
+/// `GET /1.0/things`.
+pub async fn list(
+    State(state): State<SharedState>,
+    scope: Scope,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    todo!()
+}
+"#;
+
+#[test]
+fn query_parameters_are_checked_against_the_handler() {
+    let routes = routes_from_source(
+        "fn router() { Router::new().route(\"/1.0/things\", get(things::list)) }",
+    )
+    .unwrap();
+    let module = |name: &str| -> Result<String, String> {
+        match name {
+            "things" => Ok(SAMPLE_MODULE.to_string()),
+            other => Err(format!("no module {other}")),
+        }
+    };
+    let doc = |params: &str| {
+        load_doc(&format!(
+            "openapi: 3.0.3\npaths:\n  /1.0/things:\n    get:\n      parameters: {params}\n"
+        ))
+        .unwrap()
+    };
+    let all = "[{name: project, in: query}, {name: recursion, in: query}, {name: all-projects, in: query}]";
+    assert_eq!(
+        query_problems(&routes, &doc(all), &module),
+        Vec::<String>::new()
+    );
+    let found = query_problems(
+        &routes,
+        &doc(
+            "[{name: project, in: query}, {name: recursion, in: query}, {name: filter, in: query}]",
+        ),
+        &module,
+    );
+    assert_eq!(
+        found,
+        [
+            "GET /1.0/things: things::list reads ?all-projects= but openapi.yaml does not declare it",
+            "GET /1.0/things: openapi.yaml declares ?filter=, which things::list does not read",
+        ]
+    );
+    let flattened = SAMPLE_MODULE.replace("#[serde(default)]", "#[serde(flatten)]");
+    let module = |_: &str| -> Result<String, String> { Ok(flattened.clone()) };
+    let found = query_problems(&routes, &doc(all), &module);
+    assert!(
+        found.len() == 1 && found[0].contains("flattened"),
+        "{found:?}"
+    );
 }
