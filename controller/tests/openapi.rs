@@ -186,6 +186,11 @@ fn top_level_calls(expr: &str) -> Result<Vec<(String, String)>, String> {
 
 /// Splits `args` at its top-level commas.
 fn split_args(args: &str) -> Result<Vec<&str>, String> {
+    split_top_level(args, b',')
+}
+
+/// Splits `text` at `sep` where it is outside brackets and literals.
+fn split_top_level(args: &str, sep: u8) -> Result<Vec<&str>, String> {
     let b = args.as_bytes();
     let mut parts = Vec::new();
     let (mut start, mut i) = (0, 0);
@@ -193,7 +198,7 @@ fn split_args(args: &str) -> Result<Vec<&str>, String> {
         match b[i] {
             b'(' | b'{' | b'[' => i = matching(b, i)? + 1,
             b'"' => i = string_end(b, i),
-            b',' => {
+            c if c == sep => {
                 parts.push(args[start..i].trim());
                 i += 1;
                 start = i;
@@ -231,6 +236,37 @@ fn routes_from_source(src: &str) -> Result<BTreeMap<Route, String>, String> {
             ));
         }
     }
+    let routes = routes_in(body)?;
+    if routes.is_empty() {
+        return Err("no `.route(` found in fn router".into());
+    }
+    Ok(routes)
+}
+
+/// The routes of `fn router` in `src` that need no API key: those added in a statement of
+/// its body that does not apply the `auth::authenticate` layer.
+fn open_routes_from_source(src: &str) -> Result<BTreeSet<Route>, String> {
+    let src = strip_comments(src);
+    let at = src
+        .find("fn router(")
+        .ok_or("api/mod.rs has no `fn router(`")?;
+    let open = at + src[at..].find('{').ok_or("fn router has no body")?;
+    let close = matching(src.as_bytes(), open)?;
+    let statements = split_top_level(&src[open + 1..close], b';')?;
+    if !statements.iter().any(|s| s.contains("authenticate")) {
+        return Err("no statement of fn router applies auth::authenticate; teach this test where authentication is".into());
+    }
+    let mut open_routes = BTreeSet::new();
+    for statement in statements {
+        if !statement.contains("authenticate") {
+            open_routes.extend(routes_in(statement)?.into_keys());
+        }
+    }
+    Ok(open_routes)
+}
+
+/// Every `.route(PATH, METHOD_ROUTER)` in `body` (comments already stripped).
+fn routes_in(body: &str) -> Result<BTreeMap<Route, String>, String> {
     let bb = body.as_bytes();
     let mut routes = BTreeMap::new();
     let mut from = 0;
@@ -267,9 +303,6 @@ fn routes_from_source(src: &str) -> Result<BTreeMap<Route, String>, String> {
         if !any {
             return Err(format!("route {path} has no method"));
         }
-    }
-    if routes.is_empty() {
-        return Err("no `.route(` found in fn router".into());
     }
     Ok(routes)
 }
@@ -781,6 +814,45 @@ fn query_problems(
     out
 }
 
+/// Operations must say `security: []` exactly when their route is served without an API key,
+/// and the document's default must be the bearer scheme.
+fn security_problems(
+    routes: &BTreeMap<Route, String>,
+    open: &BTreeSet<Route>,
+    doc: &Value,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let bearer = doc.pointer("/components/securitySchemes/bearer");
+    if bearer.and_then(|b| b.get("scheme")).and_then(Value::as_str) != Some("bearer") {
+        out.push("components.securitySchemes.bearer is not an http bearer scheme".into());
+    }
+    if doc.get("security") != Some(&serde_json::json!([{"bearer": []}])) {
+        out.push("the document's security is not [{bearer: []}]".into());
+    }
+    for (path, method) in routes.keys() {
+        let Some(op) = doc.pointer(&format!(
+            "/paths/{}/{method}",
+            path.replace('~', "~0").replace('/', "~1")
+        )) else {
+            continue;
+        };
+        let at = format!("{} {path}", method.to_uppercase());
+        let documented_open = op.get("security") == Some(&serde_json::json!([]));
+        let is_open = open.contains(&(path.clone(), method.clone()));
+        if is_open && !documented_open {
+            out.push(format!(
+                "{at} is served without an API key but openapi.yaml does not say `security: []`"
+            ));
+        }
+        if !is_open && documented_open {
+            out.push(format!(
+                "{at} needs an API key but openapi.yaml says `security: []`"
+            ));
+        }
+    }
+    out
+}
+
 fn load_doc(text: &str) -> Result<Value, String> {
     serde_yaml::from_str::<Value>(text).map_err(|e| format!("openapi.yaml is not valid: {e}"))
 }
@@ -798,6 +870,9 @@ fn openapi_yaml_documents_exactly_the_router() {
         std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))
     };
     found.extend(query_problems(&routes, &doc, &module));
+    let open = open_routes_from_source(&repo_file("controller/src/api/mod.rs"))
+        .unwrap_or_else(|e| panic!("cannot tell which routes are open: {e}"));
+    found.extend(security_problems(&routes, &open, &doc));
     assert!(
         found.is_empty(),
         "docs/api/openapi.yaml and the router disagree ({} problems):\n  {}",
@@ -1069,5 +1144,36 @@ fn query_parameters_are_checked_against_the_handler() {
     assert!(
         found.len() == 1 && found[0].contains("flattened"),
         "{found:?}"
+    );
+}
+
+#[test]
+fn open_routes_are_those_outside_the_authenticated_router() {
+    let src = repo_file("controller/src/api/mod.rs");
+    let open = open_routes_from_source(&src).unwrap();
+    let want: BTreeSet<Route> = [
+        ("/", "get"),
+        ("/1.0/cluster/join", "post"),
+        ("/1.0/cluster/join-controller", "post"),
+    ]
+    .into_iter()
+    .map(|(p, m)| (p.to_string(), m.to_string()))
+    .collect();
+    assert_eq!(open, want);
+
+    // An open route documented as needing a key, and the reverse, both fail.
+    let routes = routes_from_source(&src).unwrap();
+    let mut doc = load_doc(&repo_file("docs/api/openapi.yaml")).unwrap();
+    doc["paths"]["/"]["get"]
+        .as_object_mut()
+        .unwrap()
+        .remove("security");
+    doc["paths"]["/1.0/metrics"]["get"]["security"] = serde_json::json!([]);
+    assert_eq!(
+        security_problems(&routes, &open, &doc),
+        [
+            "GET / is served without an API key but openapi.yaml does not say `security: []`",
+            "GET /1.0/metrics needs an API key but openapi.yaml says `security: []`",
+        ]
     );
 }
