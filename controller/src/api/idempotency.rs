@@ -510,6 +510,10 @@ mod tests {
         assert!(x.0 < 300, "{x:?}");
         assert!(x.1 ^ y.1, "exactly one is replayed: {x:?} {y:?}");
         assert!(RUNNING.lock().unwrap().get("k1/conc").is_none());
+        // Too large to hash.
+        let big = format!("{{\"name\":\"{}\"}}", "x".repeat(MAX_JSON_BODY));
+        let e = answer(&app, post("/1.0/projects", &big, Some("big"))).await;
+        assert_eq!(e.0, 413, "{}", &e.2[..e.2.len().min(200)]);
         // Malformed keys and uploads.
         let e = answer(&app, post("/1.0/projects", p1, Some("a b"))).await;
         assert_eq!(e.0, 400);
