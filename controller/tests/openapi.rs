@@ -1,7 +1,10 @@
 //! Keeps `docs/api/openapi.yaml` true to the server: every route of
 //! `controller/src/api/mod.rs::router` is documented and every documented operation is a
-//! route; each operation has a summary, a description and its path parameters; every JSON
-//! request body names its Rust type (`x-rust-type`) and its example parses into that type.
+//! route; each operation has a summary, a description and its path parameters; the query
+//! parameters documented are exactly those its handler reads (the fields of its `Query<T>`
+//! struct, and `project` when it takes a `Scope`); `security: []` marks exactly the routes
+//! served without an API key; every JSON request body names its Rust type (`x-rust-type`)
+//! and its example parses into that type; every `$ref` resolves.
 //!
 //! The routes are read from the router's source text, so the test needs no server and no
 //! network. It understands `.route("PATH", get(..).post(..)...)`; anything else that adds
