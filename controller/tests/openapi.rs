@@ -3,8 +3,9 @@
 //! route; each operation has a summary, a description and its path parameters; the query
 //! parameters documented are exactly those its handler reads (the fields of its `Query<T>`
 //! struct, and `project` when it takes a `Scope`); `security: []` marks exactly the routes
-//! served without an API key; every JSON request body names its Rust type (`x-rust-type`)
-//! and its example parses into that type; every `$ref` resolves.
+//! served without an API key; every JSON request body names its Rust type (`x-rust-type`),
+//! its schema lists exactly that type's fields (nested structs too) and its example parses
+//! into it; every `$ref` resolves.
 //!
 //! The routes are read from the router's source text, so the test needs no server and no
 //! network. It understands `.route("PATH", get(..).post(..)...)`; anything else that adds
@@ -210,6 +211,39 @@ fn split_top_level(args: &str, sep: u8) -> Result<Vec<&str>, String> {
         }
     }
     let last = args[start..].trim();
+    if !last.is_empty() {
+        parts.push(last);
+    }
+    Ok(parts)
+}
+
+/// Splits a struct body into its fields: at commas outside brackets, literals and the
+/// angle brackets of generic types.
+fn split_fields(body: &str) -> Result<Vec<&str>, String> {
+    let b = body.as_bytes();
+    let mut parts = Vec::new();
+    let (mut start, mut i, mut angle) = (0, 0, 0i32);
+    while i < b.len() {
+        match b[i] {
+            b'(' | b'{' | b'[' => i = matching(b, i)? + 1,
+            b'"' => i = string_end(b, i),
+            b'<' => {
+                angle += 1;
+                i += 1;
+            }
+            b'>' => {
+                angle -= 1;
+                i += 1;
+            }
+            b',' if angle == 0 => {
+                parts.push(body[start..i].trim());
+                i += 1;
+                start = i;
+            }
+            _ => i += 1,
+        }
+    }
+    let last = body[start..].trim();
     if !last.is_empty() {
         parts.push(last);
     }
@@ -448,6 +482,7 @@ fn rust_type_names(v: &Value, at: &str, out: &mut Vec<(String, String)>) {
                 if k == "x-rust-type" {
                     out.push((at.to_string(), child.as_str().unwrap_or("").to_string()));
                 } else {
+                    let k = k.replace('~', "~0").replace('/', "~1");
                     rust_type_names(child, &format!("{at}/{k}"), out);
                 }
             }
@@ -458,6 +493,89 @@ fn rust_type_names(v: &Value, at: &str, out: &mut Vec<(String, String)>) {
             }
         }
         _ => {}
+    }
+}
+
+/// `T::default()` as JSON: every field the type (de)serializes, by its JSON name.
+fn shape<T: Default + serde::Serialize>() -> Value {
+    serde_json::to_value(T::default()).unwrap_or(Value::Null)
+}
+
+/// The fields of `ClusterPatch` (a controller type without `Serialize`), read from its source.
+fn cluster_patch_shape() -> Value {
+    let src = strip_comments(&repo_file("controller/src/api/cluster.rs"));
+    let fields = struct_body(&src, "ClusterPatch")
+        .ok_or_else(|| "struct ClusterPatch not found in api/cluster.rs".to_string())
+        .and_then(|(body, attrs)| query_fields(body, attrs));
+    match fields {
+        Ok(fields) => fields.into_iter().map(|f| (f, Value::Null)).collect(),
+        Err(e) => Value::String(e),
+    }
+}
+
+/// The shape (field names, nested objects) of each type [`rust_type`] knows.
+fn rust_shape(name: &str) -> Option<Value> {
+    use berth_proto::api::{self, tenancy};
+    Some(match name {
+        "berth_proto::api::InstancesPost" => shape::<api::InstancesPost>(),
+        "berth_proto::api::InstancePut" => shape::<api::InstancePut>(),
+        "berth_proto::api::InstancePatch" => shape::<api::InstancePatch>(),
+        "berth_proto::api::InstancePost" => shape::<api::InstancePost>(),
+        "berth_proto::api::InstanceStatePut" => shape::<api::InstanceStatePut>(),
+        "berth_proto::api::InstanceExecPost" => shape::<api::InstanceExecPost>(),
+        "berth_proto::api::ImagesPost" => shape::<api::ImagesPost>(),
+        "berth_proto::api::ImageAliasesPost" => shape::<api::ImageAliasesPost>(),
+        "berth_proto::api::ClusterJoinPost" => shape::<api::ClusterJoinPost>(),
+        "berth_proto::api::ControllerJoinPost" => shape::<api::ControllerJoinPost>(),
+        "berth_proto::api::JoinTokenPost" => shape::<api::JoinTokenPost>(),
+        "berth_proto::api::ClusterMemberPatch" => shape::<api::ClusterMemberPatch>(),
+        "berth_controller::api::cluster::ClusterPatch" => cluster_patch_shape(),
+        "berth_proto::api::tenancy::ProjectsPost" => shape::<tenancy::ProjectsPost>(),
+        "berth_proto::api::tenancy::ProjectPut" => shape::<tenancy::ProjectPut>(),
+        "berth_proto::api::tenancy::ProjectPatch" => shape::<tenancy::ProjectPatch>(),
+        "berth_proto::api::tenancy::RenamePost" => shape::<tenancy::RenamePost>(),
+        "berth_proto::api::tenancy::ProfilesPost" => shape::<tenancy::ProfilesPost>(),
+        "berth_proto::api::tenancy::ProfilePut" => shape::<tenancy::ProfilePut>(),
+        "berth_proto::api::tenancy::ProfilePatch" => shape::<tenancy::ProfilePatch>(),
+        "berth_proto::api::tenancy::KeysPost" => shape::<tenancy::KeysPost>(),
+        "berth_proto::api::tenancy::KeyRotatePost" => shape::<tenancy::KeyRotatePost>(),
+        _ => return None,
+    })
+}
+
+/// Differences between the `properties` of `schema` and the fields of `shape`, recursing
+/// into nested objects whose schema lists properties (maps, with none listed, are leaves).
+fn shape_problems(doc: &Value, schema: &Value, shape: &Value, at: &str, out: &mut Vec<String>) {
+    if let Value::String(e) = shape {
+        out.push(format!("{at}: {e}"));
+        return;
+    }
+    let Ok(schema) = deref(doc, schema) else {
+        return;
+    };
+    let Some(props) = schema.get("properties").and_then(Value::as_object) else {
+        return;
+    };
+    let Some(fields) = shape.as_object() else {
+        out.push(format!(
+            "{at}: the schema lists properties but the Rust type is not a struct"
+        ));
+        return;
+    };
+    for name in props.keys().filter(|k| !fields.contains_key(*k)) {
+        out.push(format!(
+            "{at}: property {name:?} is not a field of the Rust type"
+        ));
+    }
+    for name in fields.keys().filter(|k| !props.contains_key(*k)) {
+        out.push(format!(
+            "{at}: field {name:?} of the Rust type is not documented"
+        ));
+    }
+    for (name, prop) in props {
+        if let Some(inner) = fields.get(name).filter(|v| v.is_object()) {
+            shape_problems(doc, prop, inner, &format!("{at}.{name}"), out);
+        }
     }
 }
 
@@ -634,10 +752,15 @@ fn problems(routes: &BTreeMap<Route, String>, doc: &Value) -> Vec<String> {
     let mut named = Vec::new();
     rust_type_names(doc, "#", &mut named);
     for (at, name) in named {
-        if rust_type(&name).is_none() {
-            out.push(format!(
-                "{at}: x-rust-type {name:?} is not a type this test knows; add it to rust_type()"
-            ));
+        match (rust_type(&name), rust_shape(&name)) {
+            (Some(_), Some(shape)) => {
+                if let Some(schema) = at.strip_prefix('#').and_then(|p| doc.pointer(p)) {
+                    shape_problems(doc, schema, &shape, &format!("{at} ({name})"), &mut out);
+                }
+            }
+            _ => out.push(format!(
+                "{at}: x-rust-type {name:?} is not a type this test knows; add it to rust_type() and rust_shape()"
+            )),
         }
     }
     out
@@ -677,7 +800,7 @@ fn query_fields(body: &str, attrs: &str) -> Result<BTreeSet<String>, String> {
         return Err("a serde rename_all or flatten on the query struct".into());
     }
     let mut names = BTreeSet::new();
-    for field in split_args(body)? {
+    for field in split_fields(body)? {
         // `#[...]` attributes, then `pub name: Type`.
         let mut rest = field;
         let mut rename = None;
@@ -1177,6 +1300,29 @@ fn open_routes_are_those_outside_the_authenticated_router() {
         [
             "GET / is served without an API key but openapi.yaml does not say `security: []`",
             "GET /1.0/metrics needs an API key but openapi.yaml says `security: []`",
+        ]
+    );
+}
+
+#[test]
+fn schemas_must_list_exactly_the_fields_of_their_rust_type() {
+    let routes = routes_from_source(&repo_file("controller/src/api/mod.rs")).unwrap();
+    let mut doc = load_doc(&repo_file("docs/api/openapi.yaml")).unwrap();
+    doc["components"]["schemas"]["InstanceExecPost"]["properties"]
+        .as_object_mut()
+        .unwrap()
+        .remove("record-output");
+    doc["components"]["schemas"]["InstancesPost"]["properties"]["source"]["properties"]["size"] =
+        serde_json::json!({"type": "integer"});
+    doc["components"]["schemas"]["ClusterPatch"]["properties"]["labels"] =
+        serde_json::json!({"type": "object"});
+    let found = problems(&routes, &doc);
+    assert_eq!(
+        found,
+        [
+            "#/components/schemas/ClusterPatch (berth_controller::api::cluster::ClusterPatch): property \"labels\" is not a field of the Rust type",
+            "#/components/schemas/InstanceExecPost (berth_proto::api::InstanceExecPost): field \"record-output\" of the Rust type is not documented",
+            "#/components/schemas/InstancesPost (berth_proto::api::InstancesPost).source: property \"size\" is not a field of the Rust type",
         ]
     );
 }
