@@ -421,6 +421,27 @@ fn rust_type(name: &str) -> Option<Check> {
         "berth_proto::api::tenancy::ProfilePatch" => parses::<tenancy::ProfilePatch>,
         "berth_proto::api::tenancy::KeysPost" => parses::<tenancy::KeysPost>,
         "berth_proto::api::tenancy::KeyRotatePost" => parses::<tenancy::KeyRotatePost>,
+        // Answers (their schemas are checked field by field; they take no example).
+        "berth_proto::api::Operation" => parses::<api::Operation>,
+        "berth_proto::api::Instance" => parses::<api::Instance>,
+        "berth_proto::api::InstanceState" => parses::<api::InstanceState>,
+        "berth_proto::api::Image" => parses::<api::Image>,
+        "berth_proto::api::ImageAlias" => parses::<api::ImageAlias>,
+        "berth_proto::api::Cluster" => parses::<api::Cluster>,
+        "berth_proto::api::ClusterController" => parses::<api::ClusterController>,
+        "berth_proto::api::NodeResources" => parses::<api::NodeResources>,
+        "berth_proto::api::ClusterNode" => parses::<api::ClusterNode>,
+        "berth_proto::api::ClusterMember" => parses::<api::ClusterMember>,
+        "berth_proto::api::JoinTokenResponse" => parses::<api::JoinTokenResponse>,
+        "berth_proto::api::ClusterJoinResponse" => parses::<api::ClusterJoinResponse>,
+        "berth_proto::api::ControllerJoinResponse" => parses::<api::ControllerJoinResponse>,
+        "berth_proto::api::tenancy::Project" => parses::<tenancy::Project>,
+        "berth_proto::api::tenancy::ProjectState" => parses::<tenancy::ProjectState>,
+        "berth_proto::api::tenancy::Profile" => parses::<tenancy::Profile>,
+        "berth_proto::api::tenancy::ApiKey" => parses::<tenancy::ApiKey>,
+        "berth_proto::api::tenancy::KeyCreated" => parses::<tenancy::KeyCreated>,
+        "berth_proto::api::tenancy::Event" => parses::<tenancy::Event>,
+        "berth_proto::api::tenancy::LifecycleEvent" => parses::<tenancy::LifecycleEvent>,
         _ => return None,
     })
 }
@@ -498,7 +519,7 @@ fn rust_type_names(v: &Value, at: &str, out: &mut Vec<(String, String)>) {
 
 /// `T::default()` as JSON: every field the type (de)serializes, by its JSON name.
 fn shape<T: Default + serde::Serialize>() -> Value {
-    serde_json::to_value(T::default()).unwrap_or(Value::Null)
+    shape_of(T::default())
 }
 
 /// The fields of `ClusterPatch` (a controller type without `Serialize`), read from its source.
@@ -511,6 +532,26 @@ fn cluster_patch_shape() -> Value {
         Ok(fields) => fields.into_iter().map(|f| (f, Value::Null)).collect(),
         Err(e) => Value::String(e),
     }
+}
+
+/// An instance with its optional `state` (left out of the JSON when absent).
+fn instance_shape() -> Value {
+    shape_of(berth_proto::api::Instance {
+        state: Some(Default::default()),
+        ..Default::default()
+    })
+}
+
+/// A lifecycle event with its optional `requestor`.
+fn lifecycle_shape() -> Value {
+    shape_of(berth_proto::api::tenancy::LifecycleEvent {
+        requestor: Some(Default::default()),
+        ..Default::default()
+    })
+}
+
+fn shape_of(v: impl serde::Serialize) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
 }
 
 /// The shape (field names, nested objects) of each type [`rust_type`] knows.
@@ -539,6 +580,26 @@ fn rust_shape(name: &str) -> Option<Value> {
         "berth_proto::api::tenancy::ProfilePatch" => shape::<tenancy::ProfilePatch>(),
         "berth_proto::api::tenancy::KeysPost" => shape::<tenancy::KeysPost>(),
         "berth_proto::api::tenancy::KeyRotatePost" => shape::<tenancy::KeyRotatePost>(),
+        "berth_proto::api::Operation" => shape::<api::Operation>(),
+        "berth_proto::api::Instance" => instance_shape(),
+        "berth_proto::api::InstanceState" => shape::<api::InstanceState>(),
+        "berth_proto::api::Image" => shape::<api::Image>(),
+        "berth_proto::api::ImageAlias" => shape::<api::ImageAlias>(),
+        "berth_proto::api::Cluster" => shape::<api::Cluster>(),
+        "berth_proto::api::ClusterController" => shape::<api::ClusterController>(),
+        "berth_proto::api::NodeResources" => shape::<api::NodeResources>(),
+        "berth_proto::api::ClusterNode" => shape::<api::ClusterNode>(),
+        "berth_proto::api::ClusterMember" => shape::<api::ClusterMember>(),
+        "berth_proto::api::JoinTokenResponse" => shape::<api::JoinTokenResponse>(),
+        "berth_proto::api::ClusterJoinResponse" => shape::<api::ClusterJoinResponse>(),
+        "berth_proto::api::ControllerJoinResponse" => shape::<api::ControllerJoinResponse>(),
+        "berth_proto::api::tenancy::Project" => shape::<tenancy::Project>(),
+        "berth_proto::api::tenancy::ProjectState" => shape::<tenancy::ProjectState>(),
+        "berth_proto::api::tenancy::Profile" => shape::<tenancy::Profile>(),
+        "berth_proto::api::tenancy::ApiKey" => shape::<tenancy::ApiKey>(),
+        "berth_proto::api::tenancy::KeyCreated" => shape::<tenancy::KeyCreated>(),
+        "berth_proto::api::tenancy::Event" => shape::<tenancy::Event>(),
+        "berth_proto::api::tenancy::LifecycleEvent" => lifecycle_shape(),
         _ => return None,
     })
 }
