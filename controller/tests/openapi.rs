@@ -3,9 +3,9 @@
 //! route; each operation has a summary, a description and its path parameters; the query
 //! parameters documented are exactly those its handler reads (the fields of its `Query<T>`
 //! struct, and `project` when it takes a `Scope`); `security: []` marks exactly the routes
-//! served without an API key; every JSON request body names its Rust type (`x-rust-type`),
-//! its schema lists exactly that type's fields (nested structs too) and its example parses
-//! into it; every `$ref` resolves.
+//! served without an API key; every JSON request body names its Rust type (`x-rust-type`)
+//! and its example parses into it; every schema with an `x-rust-type` (request bodies and
+//! answers) lists exactly that type's fields, nested structs too; every `$ref` resolves.
 //!
 //! The routes are read from the router's source text, so the test needs no server and no
 //! network. It understands `.route("PATH", get(..).post(..)...)`; anything else that adds
