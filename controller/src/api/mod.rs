@@ -7,6 +7,7 @@ pub mod error;
 pub mod events;
 pub mod exec;
 pub mod files;
+pub mod filter;
 pub mod idempotency;
 pub mod images;
 pub mod instances;

@@ -39,12 +39,8 @@ pub async fn get_server(
             storage: String::new(),
             auth_user_name: who.key_name,
             auth_role: who.role.as_str().to_string(),
+            project: scope.project,
         },
     };
-    // LXD's `environment.project`; ServerEnvironment has no field for it yet.
-    let mut value = serde_json::to_value(server).map_err(|e| ApiError::internal(e.to_string()))?;
-    if let Some(env) = value.get_mut("environment").and_then(|e| e.as_object_mut()) {
-        env.insert("project".into(), scope.project.into());
-    }
-    Ok(sync(value))
+    Ok(sync(server))
 }

@@ -403,7 +403,12 @@ impl ControlPlane {
         if !self.has_quorum() {
             return Err(WriteError::Unavailable(Unavailable::NoQuorum));
         }
-        if let Command::RemoveController { name } = &cmd {
+        // Look through the wrappers (`By`, `IfMatch`) for the command itself.
+        let mut inner = &cmd;
+        while let Command::By { command, .. } | Command::IfMatch { command, .. } = inner {
+            inner = command;
+        }
+        if let Command::RemoveController { name } = inner {
             self.check_controller_removal(name)
                 .map_err(|m| WriteError::Rejected(ApplyError::conflict(m)))?;
         }

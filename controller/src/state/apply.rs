@@ -9,7 +9,7 @@ use super::command::{ApplyError, ApplyOk, ApplyResult, Command, IdempotencyTag};
 use super::keys::ObjectKey;
 use super::model::{
     Action, ClusterInfo, ControllerRecord, DEFAULT_PROFILE, DEFAULT_PROJECT, DesiredState,
-    IdempotencyRecord, Instance, JoinKind, JoinTokenRecord, Profile, Project, State,
+    IdempotencyRecord, Instance, JoinKind, JoinTokenRecord, Profile, Project, Role, State,
     StoredResponse, alias_key, scoped_name, split_scoped_name,
 };
 use super::tenancy::Change;
@@ -587,9 +587,24 @@ impl State {
                 Ok(ApplyOk::Done)
             }
             Command::DeleteApiKey { id } => {
-                self.api_keys
-                    .remove(&id)
+                let key = self
+                    .api_keys
+                    .get(&id)
                     .ok_or_else(|| ApplyError::not_found(format!("api key {id:?} not found")))?;
+                // Checked here too (the API also refuses the last *working* admin key), so
+                // that two admins deleting each other's keys at once cannot both succeed.
+                if key.role == Role::Admin
+                    && !self
+                        .api_keys
+                        .values()
+                        .any(|k| k.id != id && k.role == Role::Admin)
+                {
+                    return Err(ApplyError::conflict(format!(
+                        "api key {:?} is the last admin key and cannot be deleted",
+                        key.name
+                    )));
+                }
+                self.api_keys.remove(&id);
                 Ok(ApplyOk::Done)
             }
             Command::RotateApiKey {

@@ -466,9 +466,8 @@ impl State {
                     "profile {p:?} is listed twice"
                 )));
             }
-            if !self.profiles.contains_key(&scoped_name(project, p))
-                && !(project == DEFAULT_PROJECT && p == DEFAULT_PROFILE)
-            {
+            let implicit_default = project == DEFAULT_PROJECT && p == DEFAULT_PROFILE;
+            if !implicit_default && !self.profiles.contains_key(&scoped_name(project, p)) {
                 return Err(ApplyError::not_found(format!("profile {p:?} not found")));
             }
         }

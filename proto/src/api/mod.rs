@@ -122,6 +122,9 @@ pub struct ServerEnvironment {
     /// The identity of the key that made the request.
     pub auth_user_name: String,
     pub auth_role: String,
+    /// The project the request worked in.
+    #[serde(default)]
+    pub project: String,
 }
 
 /// Instance statuses, with LXD's status codes.
