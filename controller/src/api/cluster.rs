@@ -846,11 +846,11 @@ pub async fn remove_member(
         )));
     }
     scope.identity.require_admin()?;
-    // Not wrapped in `By`: the leader checks a bare RemoveController (last voter, majority)
-    // before proposing it, and would not look inside the wrapper.
+    // The leader checks RemoveController (last voter, majority) before proposing it, also
+    // inside the `By` wrapper.
     state
         .cp
-        .write(Command::RemoveController { name: name.clone() })
+        .write(scope.by(Command::RemoveController { name: name.clone() }))
         .await?;
     info!(controller = %name, "controller removed; the leader takes it out of the raft membership");
     Ok(sync(serde_json::json!({})))
