@@ -35,6 +35,24 @@ pub struct ListQuery {
     /// Every project's instances (admin and operator keys only).
     #[serde(default, rename = "all-projects")]
     all_projects: bool,
+    /// An LXD-style filter ([`super::filter`]) on the instances as the API shows them.
+    #[serde(default)]
+    filter: String,
+}
+
+/// Parses `?filter=` (none when empty); 400 with the parser's sentence otherwise.
+pub fn parse_filter(text: &str) -> Result<Option<super::filter::Filter>, ApiError> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    super::filter::Filter::parse(text)
+        .map(Some)
+        .map_err(ApiError::bad_request)
+}
+
+/// Whether an object, as the API shows it, passes the filter (if any).
+pub fn passes(filter: Option<&super::filter::Filter>, shown: &impl serde::Serialize) -> bool {
+    filter.is_none_or(|f| serde_json::to_value(shown).is_ok_and(|v| f.matches_json(&v)))
 }
 
 /// An instance's own name (its state key without the project prefix).
@@ -389,14 +407,22 @@ pub async fn list(
     if q.all_projects {
         scope.identity.require_fleet()?;
     }
-    let in_scope = |i: &Instance| q.all_projects || i.project == scope.project;
+    let filter = parse_filter(&q.filter)?;
+    let in_scope = |s: &crate::state::State, i: &Instance| {
+        (q.all_projects || i.project == scope.project)
+            && (filter.is_none() || {
+                let mut a = to_api(i, s.nodes.get(&i.node));
+                a.expanded_config = s.effective_config(i).into_owned();
+                passes(filter.as_ref(), &a)
+            })
+    };
     if q.recursion == 0 {
         let paths: Vec<String> = state
             .cp
             .read(|s| {
                 s.instances
                     .values()
-                    .filter(|i| in_scope(i))
+                    .filter(|i| in_scope(s, i))
                     .map(instance_url)
                     .collect()
             })
@@ -409,7 +435,7 @@ pub async fn list(
             let list = s
                 .instances
                 .values()
-                .filter(|i| in_scope(i))
+                .filter(|i| in_scope(s, i))
                 .map(|i| {
                     let mut a = to_api(i, s.nodes.get(&i.node));
                     a.expanded_config = s.effective_config(i).into_owned();

@@ -37,6 +37,9 @@ const PATCH_ATTEMPTS: usize = 5;
 pub struct ListQuery {
     #[serde(default)]
     recursion: u8,
+    /// An LXD-style filter on the profiles as the API shows them.
+    #[serde(default)]
+    filter: String,
 }
 
 fn not_found(name: &str) -> ApiError {
@@ -166,26 +169,24 @@ pub async fn list(
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
     let project = scope.project.clone();
+    let filter = super::instances::parse_filter(&q.filter)?;
+    let shown = |s: &Model| -> Vec<(String, api::tenancy::Profile)> {
+        project_profiles(s, &project)
+            .iter()
+            .map(|p| (profile_url(p), to_api(s, p)))
+            .filter(|(_, a)| super::instances::passes(filter.as_ref(), a))
+            .collect()
+    };
     if q.recursion == 0 {
         let urls: Vec<String> = state
             .cp
-            .read(|s| {
-                project_profiles(s, &project)
-                    .iter()
-                    .map(profile_url)
-                    .collect()
-            })
+            .read(|s| shown(s).into_iter().map(|(url, _)| url).collect())
             .await?;
         return Ok(sync(urls));
     }
     let profiles: Vec<api::tenancy::Profile> = state
         .cp
-        .read(|s| {
-            project_profiles(s, &project)
-                .iter()
-                .map(|p| to_api(s, p))
-                .collect()
-        })
+        .read(|s| shown(s).into_iter().map(|(_, p)| p).collect())
         .await?;
     Ok(sync(profiles))
 }
@@ -1130,6 +1131,60 @@ mod tests {
         );
         let (_, body) = api.call("admin", "GET", "/1.0/instances", None).await;
         assert_eq!(body["metadata"], serde_json::json!([]));
+        // ?filter= on what the API shows (config.KEY on the effective config).
+        for (filter, want) in [
+            (
+                "name%20eq%20web",
+                serde_json::json!(["/1.0/instances/web?project=b"]),
+            ),
+            (
+                "name%20ne%20web",
+                serde_json::json!(["/1.0/instances/bare?project=b"]),
+            ),
+            (
+                "project%20eq%20b%20and%20not%20profiles%20eq%20default",
+                serde_json::json!(["/1.0/instances/bare?project=b"]),
+            ),
+        ] {
+            let (status, body) = api
+                .call(
+                    "b-member",
+                    "GET",
+                    &format!("/1.0/instances?filter={filter}"),
+                    None,
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["metadata"], want, "{filter}");
+        }
+        let (_, body) = api
+            .call(
+                "a-member",
+                "GET",
+                "/1.0/instances?filter=config.limits.cpu%20eq%201",
+                None,
+            )
+            .await;
+        assert_eq!(
+            body["metadata"],
+            serde_json::json!(["/1.0/instances/web?project=a"])
+        );
+        let (status, _) = api
+            .call("a-member", "GET", "/1.0/instances?filter=name%20eq", None)
+            .await;
+        assert_eq!(status, 400);
+        let (_, body) = api
+            .call(
+                "a-member",
+                "GET",
+                "/1.0/profiles?filter=config.limits.cpu%20eq%201",
+                None,
+            )
+            .await;
+        assert_eq!(
+            body["metadata"],
+            serde_json::json!(["/1.0/profiles/small?project=a"])
+        );
 
         // A profile in use cannot go; its changes are checked against the project's quota.
         let (status, _) = api
