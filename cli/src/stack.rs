@@ -563,12 +563,16 @@ fn instance_action(
     fingerprint: &dyn Fn(&str, &str) -> Option<String>,
 ) -> Action {
     let had_image = x.config.get(IMAGE_KEY).map(String::as_str);
+    let now_fp = fingerprint(&i.project, &i.image);
+    // Another reference to the same image (an alias of it) only updates the recorded one.
+    let same_image = now_fp.as_deref() == Some(x.image.as_str()) && !x.image.is_empty();
     if let Some(had) = had_image
         && had != i.image
+        && !same_image
     {
         return Action::Replace(format!("image changed from {had} to {}", i.image));
     }
-    if let Some(fp) = fingerprint(&i.project, &i.image)
+    if let Some(fp) = now_fp
         && !x.image.is_empty()
         && fp != x.image
     {
@@ -744,6 +748,7 @@ instances:
         a.instances[1]
             .config
             .insert(IMAGE_KEY.into(), "debian/12".into());
+        a.instances[1].image = "e".repeat(64);
         // A marked instance the file no longer lists, and an unmarked one.
         let mut old = a.instances[0].clone();
         old.name = "old".into();

@@ -475,6 +475,68 @@ impl Drop for Cluster {
     }
 }
 
+/// A minimal machine rootfs from the host's static busybox, with LXD's metadata.yaml, as a
+/// unified tarball (`unified.tar.xz`) and a split one (`meta.tar`, `rootfs.tar.gz`) in `dir`.
+pub fn make_image(dir: &Path) -> Result<()> {
+    let root = dir.join("rootfs");
+    for d in [
+        "bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "root", "run",
+    ] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))?;
+    for applet in [
+        "sh", "cat", "id", "hostname", "sleep", "ls", "mkdir", "umount",
+    ] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
+    }
+    std::os::unix::fs::symlink("/bin/busybox", root.join("sbin/init"))?;
+    std::fs::write(
+        root.join("etc/inittab"),
+        "::sysinit:/bin/hostname -F /etc/hostname\n::shutdown:/bin/umount -a -r\n",
+    )?;
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
+    std::fs::write(root.join("etc/group"), "root:x:0:\n")?;
+    std::fs::write(root.join("etc/hostname"), "imported\n")?;
+    std::fs::write(
+        dir.join("metadata.yaml"),
+        format!(
+            "architecture: {}\ncreation_date: 1700000000\nproperties:\n  os: testos\n  release: \"1\"\n  description: an imported test image\n",
+            std::env::consts::ARCH
+        ),
+    )?;
+    let tar = |args: &[&str]| -> Result<()> {
+        let ok = Command::new("tar")
+            .current_dir(dir)
+            .args(args)
+            .status()?
+            .success();
+        anyhow::ensure!(ok, "tar {args:?} failed");
+        Ok(())
+    };
+    tar(&[
+        "--numeric-owner",
+        "--owner=0",
+        "--group=0",
+        "-cJf",
+        "unified.tar.xz",
+        "metadata.yaml",
+        "rootfs",
+    ])?;
+    tar(&["-cf", "meta.tar", "metadata.yaml"])?;
+    tar(&[
+        "--numeric-owner",
+        "--owner=0",
+        "--group=0",
+        "-czf",
+        "rootfs.tar.gz",
+        "-C",
+        "rootfs",
+        ".",
+    ])?;
+    Ok(())
+}
+
 /// The name the first node gets: the one berthd's bootstrap join token is made for.
 pub fn node_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();

@@ -1,71 +1,7 @@
 //! Images through the API: an LXD-format image imported with the CLI (unified and split
 //! tarballs) launches; aliases and deletion work.
 
-use std::path::Path;
-use std::process::Command;
-
-use berth_tests::Cluster;
-
-/// A minimal machine rootfs from the host's static busybox, with LXD's metadata.yaml.
-fn make_image(dir: &Path) -> anyhow::Result<()> {
-    let root = dir.join("rootfs");
-    for d in [
-        "bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "root", "run",
-    ] {
-        std::fs::create_dir_all(root.join(d))?;
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox"))?;
-    for applet in [
-        "sh", "cat", "id", "hostname", "sleep", "ls", "mkdir", "umount",
-    ] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
-    }
-    std::os::unix::fs::symlink("/bin/busybox", root.join("sbin/init"))?;
-    std::fs::write(
-        root.join("etc/inittab"),
-        "::sysinit:/bin/hostname -F /etc/hostname\n::shutdown:/bin/umount -a -r\n",
-    )?;
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
-    std::fs::write(root.join("etc/group"), "root:x:0:\n")?;
-    std::fs::write(root.join("etc/hostname"), "imported\n")?;
-    std::fs::write(
-        dir.join("metadata.yaml"),
-        format!(
-            "architecture: {}\ncreation_date: 1700000000\nproperties:\n  os: testos\n  release: \"1\"\n  description: an imported test image\n",
-            std::env::consts::ARCH
-        ),
-    )?;
-    let tar = |args: &[&str]| -> anyhow::Result<()> {
-        let ok = Command::new("tar")
-            .current_dir(dir)
-            .args(args)
-            .status()?
-            .success();
-        anyhow::ensure!(ok, "tar {args:?} failed");
-        Ok(())
-    };
-    tar(&[
-        "--numeric-owner",
-        "--owner=0",
-        "--group=0",
-        "-cJf",
-        "unified.tar.xz",
-        "metadata.yaml",
-        "rootfs",
-    ])?;
-    tar(&["-cf", "meta.tar", "metadata.yaml"])?;
-    tar(&[
-        "--numeric-owner",
-        "--owner=0",
-        "--group=0",
-        "-czf",
-        "rootfs.tar.gz",
-        "-C",
-        "rootfs",
-        ".",
-    ])?;
-    Ok(())
-}
+use berth_tests::{Cluster, make_image};
 
 #[test]
 fn imported_images_launch() -> anyhow::Result<()> {

@@ -402,6 +402,61 @@ fn apply_converges_reports_drift_and_destroys() -> Result<()> {
     let list = c.berth_ok(&["list", "--project", "shop", "--format", "json"])?;
     assert!(list.contains("Running"), "{list}");
 
+    // A change in place and a replace: web2 gets a new key, batch another image.
+    let work = tempfile::tempdir()?;
+    berth_tests::make_image(work.path())?;
+    let unified = work.path().join("unified.tar.xz").display().to_string();
+    c.berth_ok(&["image", "import", &unified, "--alias", "other"])?;
+    let before = c.berth_ok(&["list", "--project", "shop", "--format", "json"])?;
+    let image_of = |list: &str, name: &str| -> Result<String> {
+        let v: Value = serde_json::from_str(list)?;
+        v.as_array()
+            .and_then(|l| l.iter().find(|i| i["name"] == name))
+            .and_then(|i| i["image"].as_str().map(str::to_string))
+            .with_context(|| format!("{name} not listed: {list}"))
+    };
+    let changed = std::fs::read_to_string(stack)?
+        .replace(
+            "    profiles: [default, web]\n  - name: batch",
+            "    profiles: [default, web]\n    config:\n      user.note: changed\n  - name: batch",
+        )
+        .replace(
+            "  - name: batch\n    project: shop\n    image: busybox",
+            "  - name: batch\n    project: shop\n    image: other",
+        );
+    let changed_file = work.path().join("changed.yaml");
+    std::fs::write(&changed_file, &changed)?;
+    let changed_path = changed_file.display().to_string();
+    let plan = c.berth(&[
+        "apply",
+        "-f",
+        &changed_path,
+        "--plan",
+        "--detailed-exitcode",
+    ])?;
+    let text = String::from_utf8_lossy(&plan.stdout).into_owned();
+    assert_eq!(plan.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("update   instance shop/web2 (in place: config user.note)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("replace  instance shop/batch (image changed from busybox to other)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Plan: 0 to create, 1 to update in place, 1 to replace, 0 to delete."),
+        "{text}"
+    );
+    c.berth_ok(&["apply", "-f", &changed_path])?;
+    let after = c.berth_ok(&["list", "--project", "shop", "--format", "json"])?;
+    assert_ne!(image_of(&before, "batch")?, image_of(&after, "batch")?);
+    assert_eq!(image_of(&before, "web2")?, image_of(&after, "web2")?);
+    let out = c.berth_ok(&["apply", "-f", &changed_path])?;
+    assert!(out.contains("No changes"), "{out}");
+    // Back to the file in docs/ for the checks below.
+    c.berth_ok(&["apply", "-f", stack])?;
+
     // A stack that is not a stack: the line and column, nothing changed.
     let bad = tempfile::NamedTempFile::new()?;
     std::fs::write(
