@@ -412,15 +412,18 @@ impl Cluster {
         }
     }
 
-    /// Deletes every instance (stopping it first), each step bounded in time.
+    /// Deletes every instance of every project (stopping it first), each step bounded in time.
     pub fn delete_all(&self) {
         let limit = Duration::from_secs(60);
-        if let Some(out) = self.berth_bounded(&["list", "--format", "json"], limit)
+        if let Some(out) =
+            self.berth_bounded(&["list", "--all-projects", "--format", "json"], limit)
             && let Ok(serde_json::Value::Array(list)) = serde_json::from_slice(&out.stdout)
         {
             for i in list {
                 if let Some(name) = i["name"].as_str() {
-                    let _ = self.berth_bounded(&["delete", "--force", name], limit);
+                    let project = i["project"].as_str().unwrap_or("default");
+                    let _ = self
+                        .berth_bounded(&["delete", "--force", "--project", project, name], limit);
                 }
             }
         }
