@@ -246,6 +246,21 @@ impl Cluster {
             .context("cannot run berth")
     }
 
+    /// Starts `berth ARGS` in the background with this cluster's CLI config and `env`, stdout
+    /// piped (for `berth monitor`). The caller kills it.
+    pub fn berth_spawn(&self, args: &[&str], env: &[(&str, &str)]) -> Result<Child> {
+        Command::new(bin_dir().join("berth"))
+            .args(args)
+            .env("BERTH_CONF", &self.cli_conf)
+            .env_remove("BERTH_REMOTE")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot run berth")
+    }
+
     /// Runs `berth ARGS` and fails unless it succeeds; returns stdout.
     pub fn berth_ok(&self, args: &[&str]) -> Result<String> {
         let out = self.berth(args)?;

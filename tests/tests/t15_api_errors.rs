@@ -61,10 +61,10 @@ fn api_refuses_bad_requests() -> anyhow::Result<()> {
     let launch = |body: &str| curl(&c, key, "POST", "/1.0/instances", Some(body));
     let cases = [
         ("not json", "not valid JSON"),
-        ("{\"name\": \"x\"}", "not valid JSON"),
+        ("{\"name\": \"x\"}", "missing field `source`"),
         (
             "{\"name\": \"t15-a\", \"source\": {\"type\": \"image\", \"alias\": \"busybox\"}, \"bogus\": 1}",
-            "not valid JSON",
+            "unknown field `bogus`",
         ),
         (
             "{\"name\": \"-bad\", \"source\": {\"type\": \"image\", \"alias\": \"busybox\"}}",

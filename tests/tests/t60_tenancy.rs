@@ -71,6 +71,23 @@ impl Api<'_> {
     }
 }
 
+/// Reads what a killed child wrote to its stdout.
+trait ChildOutput {
+    fn wait_with_output_ref(&mut self) -> Result<String>;
+}
+
+impl ChildOutput for std::process::Child {
+    fn wait_with_output_ref(&mut self) -> Result<String> {
+        use std::io::Read;
+        let mut out = String::new();
+        if let Some(mut s) = self.stdout.take() {
+            s.read_to_string(&mut out)?;
+        }
+        self.wait()?;
+        Ok(out)
+    }
+}
+
 fn launch_body(name: &str) -> Value {
     json!({"name": name, "source": {"type": "image", "alias": "busybox"}, "start": true})
 }
@@ -133,6 +150,25 @@ fn tenants_are_isolated_and_held_to_their_quotas() -> Result<()> {
         key: make_key(&admin, "bob", "member", "b")?,
     };
 
+    // Events: the admin watches every project; bob watches his own.
+    let mut watch_all = c.berth_spawn(&["monitor", "--all-projects", "--format", "json"], &[])?;
+    let bob_key = tempfile::NamedTempFile::new()?;
+    std::fs::write(bob_key.path(), &bob.key)?;
+    let (url, bob_key_path, ca) = (
+        c.api_url(),
+        bob_key.path().display().to_string(),
+        c.ca_file().display().to_string(),
+    );
+    let mut watch_bob = c.berth_spawn(
+        &["monitor", "--format", "json"],
+        &[
+            ("BERTH_URL", url.as_str()),
+            ("BERTH_KEY_FILE", bob_key_path.as_str()),
+            ("BERTH_CA", ca.as_str()),
+        ],
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+
     // Alice launches in her project without naming it.
     let op = alice.run("POST", "/1.0/instances", Some(launch_body("web")))?;
     let op_id = op["id"].as_str().unwrap_or_default().to_string();
@@ -188,6 +224,32 @@ fn tenants_are_isolated_and_held_to_their_quotas() -> Result<()> {
     bob.run("POST", "/1.0/instances", Some(launch_body("web")))?;
     let (code, out, _) = c.exec_in("b", "web", &["hostname"])?;
     assert_eq!((code, out.trim()), (0, "web"));
+    // Every change is an event naming the key that asked; bob saw only his project's.
+    std::thread::sleep(Duration::from_millis(500));
+    let events = |child: &mut std::process::Child| -> Result<Vec<Value>> {
+        let _ = child.kill();
+        let out = child.wait_with_output_ref()?;
+        Ok(out
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .collect())
+    };
+    let all = events(&mut watch_all)?;
+    let created_by = |evs: &[Value], project: &str| {
+        evs.iter()
+            .filter(|e| e["project"] == project && e["metadata"]["action"] == "instance-created")
+            .map(|e| e["metadata"]["requestor"]["key"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(created_by(&all, "a"), [json!("alice")], "{all:?}");
+    assert_eq!(created_by(&all, "b"), [json!("bob")], "{all:?}");
+    let seen_by_bob = events(&mut watch_bob)?;
+    assert!(!seen_by_bob.is_empty(), "bob saw no events at all");
+    assert!(
+        seen_by_bob.iter().all(|e| e["project"] == "b"),
+        "bob saw another project's events: {seen_by_bob:?}"
+    );
+
     // Members may not manage keys or the fleet; they may read an unrestricted cluster.
     alice.expect(403, "GET", "/1.0/keys", None)?;
     alice.expect(
