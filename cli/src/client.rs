@@ -453,6 +453,21 @@ pub async fn fetch_fingerprint(url: &str) -> Result<String, ClientError> {
 /// result).
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
+/// Whether a write to `path` (query allowed) takes an `Idempotency-Key`: not the routes whose
+/// answer holds a secret (`POST /1.0/keys`, `POST /1.0/keys/{name}/rotate`,
+/// `POST /1.0/instances/{name}/exec`), where the server ignores it and stores nothing.
+pub fn takes_idempotency_key(method: &Method, path: &str) -> bool {
+    if *method != Method::POST {
+        return true;
+    }
+    let path = path.split('?').next().unwrap_or(path);
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    !matches!(
+        segments.as_slice(),
+        ["1.0", "keys"] | ["1.0", "keys", _, "rotate"] | ["1.0", "instances", _, "exec"]
+    )
+}
+
 /// A fresh idempotency key: unique per request (process id, time, counter), not secret.
 pub fn idempotency_key() -> String {
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -804,7 +819,7 @@ impl Client {
 
     /// [`Client::call`] with extra request headers (`If-Match`); also returns the answer's
     /// headers (`ETag`). Writes carry an `Idempotency-Key` (the same on every retry) unless
-    /// `headers` has one.
+    /// `headers` has one or the route answers a secret ([`takes_idempotency_key`]).
     pub async fn call_with<B: Serialize>(
         &self,
         method: Method,
@@ -813,6 +828,7 @@ impl Client {
         mut headers: HeaderMap,
     ) -> Result<(Response, HeaderMap), ClientError> {
         if !matches!(method, Method::GET | Method::HEAD)
+            && takes_idempotency_key(&method, path)
             && !headers.contains_key(IDEMPOTENCY_KEY)
             && let Ok(v) = HeaderValue::from_str(&idempotency_key())
         {
@@ -1145,6 +1161,17 @@ mod tests {
         assert_eq!(a.len(), 32);
         assert_ne!(a, idempotency_key());
         assert!(if_match(None).is_empty());
+        assert!(takes_idempotency_key(
+            &Method::POST,
+            "/1.0/instances?project=a"
+        ));
+        assert!(takes_idempotency_key(&Method::DELETE, "/1.0/keys/ci"));
+        assert!(!takes_idempotency_key(&Method::POST, "/1.0/keys"));
+        assert!(!takes_idempotency_key(&Method::POST, "/1.0/keys/ci/rotate"));
+        assert!(!takes_idempotency_key(
+            &Method::POST,
+            "/1.0/instances/web/exec?project=a"
+        ));
         assert_eq!(if_match(Some("\"abc\""))[header::IF_MATCH], "\"abc\"");
     }
 

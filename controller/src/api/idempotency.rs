@@ -13,6 +13,10 @@
 //! answer (up to [`WAIT_FOR_FIRST`]), then gets a 409. Records are dropped after
 //! [`RECORD_TTL`] ([`prune`], from the leader's reconciler).
 //!
+//! Routes whose answer holds a secret ([`answers_secret`]: key creation and rotation, exec
+//! sessions) do not take part at all: the header is ignored there (no tag, no record), so that
+//! no secret is ever written into the replicated state.
+//!
 //! Only requests whose body is JSON (or empty) take part: the body is buffered (up to
 //! [`super::MAX_JSON_BODY`]) to hash it before the handler runs. Uploads (file push, image
 //! upload: other content types with a body) carrying the header are refused with a 400 rather
@@ -83,6 +87,35 @@ impl RequestContext {
             now: self.now.clone(),
         }
     }
+}
+
+/// The routes (method, route pattern) whose answer carries a secret: a new API key's secret
+/// or an exec session's websocket secrets. Idempotency does not apply to them.
+const SECRET_ROUTES: [(Method, &str); 3] = [
+    (Method::POST, "/1.0/keys"),
+    (Method::POST, "/1.0/keys/{name}/rotate"),
+    (Method::POST, "/1.0/instances/{name}/exec"),
+];
+
+/// Whether the request goes to a route whose answer holds a secret (then the
+/// `Idempotency-Key` header is ignored). `matched` is the route pattern axum matched, when
+/// known; otherwise the path's segments are compared with the patterns.
+pub fn answers_secret(method: &Method, matched: Option<&str>, path: &str) -> bool {
+    SECRET_ROUTES.iter().any(|(m, pattern)| {
+        m == method
+            && match matched {
+                Some(route) => route == *pattern,
+                None => {
+                    let got: Vec<&str> = path.split('/').collect();
+                    let want: Vec<&str> = pattern.split('/').collect();
+                    got.len() == want.len()
+                        && got
+                            .iter()
+                            .zip(&want)
+                            .all(|(g, w)| w.starts_with('{') || g == w)
+                }
+            }
+    })
 }
 
 /// Checks an `Idempotency-Key` value: 1 to [`MAX_KEY_LEN`] visible ASCII characters.
@@ -247,7 +280,14 @@ async fn handle(state: SharedState, req: Request, next: Next) -> Result<Response
         *req.method(),
         Method::POST | Method::PUT | Method::PATCH | Method::DELETE
     );
-    let Some(raw) = req.headers().get(HEADER).filter(|_| mutation) else {
+    let secret = answers_secret(
+        req.method(),
+        req.extensions()
+            .get::<axum::extract::MatchedPath>()
+            .map(|m| m.as_str()),
+        req.uri().path(),
+    );
+    let Some(raw) = req.headers().get(HEADER).filter(|_| mutation && !secret) else {
         return Ok(next.run(req).await);
     };
     let header = validate_key(raw.as_bytes())
@@ -410,6 +450,28 @@ mod tests {
     }
 
     #[test]
+    fn secret_routes_are_recognized() {
+        let m = |r: &str| answers_secret(&Method::POST, Some(r), "/ignored");
+        assert!(m("/1.0/keys"));
+        assert!(m("/1.0/keys/{name}/rotate"));
+        assert!(m("/1.0/instances/{name}/exec"));
+        assert!(!m("/1.0/keys/{name}"));
+        assert!(!m("/1.0/instances"));
+        assert!(!answers_secret(
+            &Method::DELETE,
+            Some("/1.0/keys/{name}"),
+            "/1.0/keys/x"
+        ));
+        let p = |path: &str| answers_secret(&Method::POST, None, path);
+        assert!(p("/1.0/keys"));
+        assert!(p("/1.0/keys/ci/rotate"));
+        assert!(p("/1.0/instances/web/exec"));
+        assert!(!p("/1.0/instances/web/files"));
+        assert!(!p("/1.0/keys/ci"));
+        assert!(!answers_secret(&Method::PUT, None, "/1.0/keys/ci/rotate"));
+    }
+
+    #[test]
     fn hashes_tell_requests_apart() {
         let h = |m: Method, p: &str, q: &str, b: &[u8]| request_hash(&m, p, q, b);
         let base = h(Method::POST, "/1.0/instances", "project=a", b"{}");
@@ -542,6 +604,25 @@ mod tests {
         assert_eq!(created[0]["action"], "project-created");
         assert_eq!(created[0]["source"], "/1.0/projects/p1");
         assert_eq!(created[0]["requestor"]["key"], "ci");
+
+        // Routes that answer a secret ignore the header: no record, a retry is a new request.
+        let records = cp.read_local(|m| m.idempotency.len());
+        let k = r#"{"name":"deploy","role":"viewer"}"#;
+        let first = answer(&app, post("/1.0/keys", k, Some("key1"))).await;
+        assert!(first.0 < 300, "{first:?}");
+        assert!(first.2.contains("secret"), "{first:?}");
+        let again = answer(&app, post("/1.0/keys", k, Some("key1"))).await;
+        assert_eq!((again.0, again.1), (409, false), "{again:?}");
+        assert!(again.2.contains("already exists"), "{again:?}");
+        let rotate = answer(&app, post("/1.0/keys/deploy/rotate", "{}", Some("rot"))).await;
+        assert!(rotate.0 < 300, "{rotate:?}");
+        let rotate2 = answer(&app, post("/1.0/keys/deploy/rotate", "{}", Some("rot"))).await;
+        assert!(rotate2.0 < 300 && !rotate2.1, "{rotate2:?}");
+        assert_ne!(rotate.2, rotate2.2, "a retried rotate rotates again");
+        assert_eq!(cp.read_local(|m| m.idempotency.len()), records);
+        let stored = cp.read_local(|m| serde_json::to_string(&m.idempotency).unwrap());
+        assert!(!stored.contains("secret"), "{stored}");
+        while events.try_recv().is_ok() {}
 
         // A request whose write was applied but whose answer was never stored: the retry
         // waits, then says so.
