@@ -181,6 +181,9 @@ pub(super) fn memory_claim(
 pub struct Group {
     /// `placement.group`.
     pub name: String,
+    /// The group's identity: groups belong to a project (`scoped_name(project, name)`), so
+    /// one tenant's group never meets, reveals or blocks another's.
+    pub key: String,
     /// `placement.group.policy` (default spread).
     pub policy: GroupPolicy,
     /// `placement.group.enforce` (default strict).
@@ -350,7 +353,7 @@ impl ClusterView {
             nodes[i].add(&cpu, memory);
             if let Some(g) = config.get("placement.group") {
                 *groups
-                    .entry(g.trim().to_string())
+                    .entry(crate::state::scoped_name(&inst.project, g.trim()))
                     .or_default()
                     .entry(i)
                     .or_insert(0) += 1;
@@ -387,7 +390,7 @@ impl ClusterView {
         &self.nodes[index]
     }
 
-    /// Members of `group` per node index.
+    /// Members of `group` (its key: `scoped_name(project, group)`) per node index.
     pub fn group_members(&self, group: &str) -> Option<&BTreeMap<usize, u32>> {
         self.groups.get(group)
     }
@@ -412,6 +415,10 @@ impl ClusterView {
                 name: config::parse_placement_group(name)
                     .map_err(bad)?
                     .to_string(),
+                key: crate::state::scoped_name(
+                    &instance.project,
+                    config::parse_placement_group(name).map_err(bad)?,
+                ),
                 policy: c
                     .get("placement.group.policy")
                     .map(|v| config::parse_group_policy(v))
@@ -458,7 +465,7 @@ impl ClusterView {
         let members = req
             .group
             .as_ref()
-            .and_then(|g| self.groups.get(&g.name))
+            .and_then(|g| self.groups.get(&g.key))
             .filter(|m| !m.is_empty());
         if let Some(target) = req.target {
             let Some(&i) = self.index.get(target) else {
@@ -511,7 +518,7 @@ impl ClusterView {
         if let Some(g) = &req.group {
             *self
                 .groups
-                .entry(g.name.clone())
+                .entry(g.key.clone())
                 .or_default()
                 .entry(index)
                 .or_insert(0) += 1;

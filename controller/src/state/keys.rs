@@ -78,6 +78,16 @@ impl ObjectKey {
     }
 }
 
+/// The operations of a project (dropped when it is deleted or renamed).
+fn project_operations(state: &State, project: &str) -> Vec<ObjectKey> {
+    state
+        .operations
+        .values()
+        .filter(|op| op.project == project)
+        .map(|op| ObjectKey::Operation(op.id.clone()))
+        .collect()
+}
+
 impl Command {
     /// The objects this command may change when applied to `state` (computed before applying).
     pub fn touched(&self, state: &State) -> Vec<ObjectKey> {
@@ -110,7 +120,7 @@ impl Command {
             ],
             Command::UpdateProject { name, .. } => vec![ObjectKey::Project(name.clone())],
             Command::RenameProject { from, to } => {
-                let mut keys = Vec::new();
+                let mut keys = project_operations(state, from);
                 for p in [from, to] {
                     keys.push(ObjectKey::Project(p.clone()));
                     keys.push(ObjectKey::Profile(super::model::scoped_name(
@@ -120,13 +130,15 @@ impl Command {
                 }
                 keys
             }
-            Command::DeleteProject { name } => vec![
-                ObjectKey::Project(name.clone()),
-                ObjectKey::Profile(super::model::scoped_name(
+            Command::DeleteProject { name } => {
+                let mut keys = project_operations(state, name);
+                keys.push(ObjectKey::Project(name.clone()));
+                keys.push(ObjectKey::Profile(super::model::scoped_name(
                     name,
                     super::model::DEFAULT_PROFILE,
-                )),
-            ],
+                )));
+                keys
+            }
             Command::CreateProfile { profile } => vec![ObjectKey::Profile(profile.name.clone())],
             Command::UpdateProfile { name, .. } | Command::DeleteProfile { name } => {
                 vec![ObjectKey::Profile(name.clone())]

@@ -47,21 +47,31 @@ impl Usage {
         }
     }
 
+    /// Adds one instance's config. Saturating: sizes are bounded by validation, but a sum
+    /// must never wrap (a wrapped sum would pass any quota).
     fn add(&mut self, config: &BTreeMap<String, String>) {
-        self.instances += 1;
-        self.cpu += CpuClaim::from_config(config).map_or(0, |c| c.count());
-        self.memory += match config.get("limits.memory").map(|v| config::parse_memory(v)) {
-            Some(Ok(MemoryLimit::Bytes(b))) => b,
-            _ => 0,
-        };
-        self.disk += config
-            .get("limits.disk")
-            .and_then(|v| config::parse_bytes(v).ok())
-            .unwrap_or(0);
-        self.processes += config
-            .get("limits.processes")
-            .and_then(|v| config::parse_processes(v).ok())
-            .unwrap_or(0);
+        self.instances = self.instances.saturating_add(1);
+        self.cpu = self
+            .cpu
+            .saturating_add(CpuClaim::from_config(config).map_or(0, |c| c.count()));
+        self.memory = self.memory.saturating_add(
+            match config.get("limits.memory").map(|v| config::parse_memory(v)) {
+                Some(Ok(MemoryLimit::Bytes(b))) => b,
+                _ => 0,
+            },
+        );
+        self.disk = self.disk.saturating_add(
+            config
+                .get("limits.disk")
+                .and_then(|v| config::parse_bytes(v).ok())
+                .unwrap_or(0),
+        );
+        self.processes = self.processes.saturating_add(
+            config
+                .get("limits.processes")
+                .and_then(|v| config::parse_processes(v).ok())
+                .unwrap_or(0),
+        );
     }
 }
 
@@ -198,7 +208,7 @@ impl State {
                     } else {
                         "are"
                     },
-                    figure(key, will - was),
+                    figure(key, will.saturating_sub(was)),
                 )));
             }
         }
@@ -275,13 +285,39 @@ impl State {
     /// Finds an image for `project`: an alias of the project, then one of the default
     /// project, then a fingerprint (or unique prefix) of an image the project may use.
     pub fn resolve_image_in(&self, project: &str, key: &str) -> Option<&super::model::Image> {
+        // `@` is the separator of other projects' alias keys: never part of a name asked for.
+        if key.contains('@') {
+            return None;
+        }
         for p in [project, DEFAULT_PROJECT] {
             if let Some(alias) = self.aliases.get(&super::model::alias_key(p, key)) {
-                return self.images.get(&alias.target);
+                return self
+                    .images
+                    .get(&alias.target)
+                    .filter(|i| self.image_visible(i, project));
             }
         }
-        self.resolve_image(key)
-            .filter(|i| self.image_visible(i, project))
+        if let Some(image) = self.images.get(key) {
+            return Some(image).filter(|i| self.image_visible(i, project));
+        }
+        // A unique prefix among the images this project may use (others cannot make it
+        // ambiguous, and are never found).
+        if key.len() < super::model::MIN_FINGERPRINT_PREFIX
+            || !key.chars().all(|c| c.is_ascii_hexdigit())
+        {
+            return None;
+        }
+        let mut matches = self
+            .images
+            .range(key.to_string()..)
+            .take_while(|(fp, _)| fp.starts_with(key))
+            .map(|(_, image)| image)
+            .filter(|i| self.image_visible(i, project));
+        let first = matches.next()?;
+        match matches.next() {
+            Some(_) => None,
+            None => Some(first),
+        }
     }
 
     pub(super) fn apply_tenancy(&mut self, cmd: super::Command) -> ApplyResult {
@@ -330,6 +366,7 @@ impl State {
                     )));
                 }
                 self.check_project_empty(&from, "renamed")?;
+                self.forget_project_operations(&from);
                 let mut p = self
                     .projects
                     .remove(&from)
@@ -353,6 +390,7 @@ impl State {
                     return Err(project_not_found(&name));
                 }
                 self.check_project_empty(&name, "deleted")?;
+                self.forget_project_operations(&name);
                 self.projects.remove(&name);
                 self.profiles.remove(&scoped_name(&name, DEFAULT_PROFILE));
                 Ok(ApplyOk::Done)
@@ -474,7 +512,24 @@ impl State {
         Ok(())
     }
 
+    /// Drops the (finished) operations of a project that goes away or changes its name, so
+    /// that a new project of the same name never sees them.
+    fn forget_project_operations(&mut self, name: &str) {
+        self.operations.retain(|_, op| op.project != name);
+    }
+
     fn check_project_empty(&self, name: &str, what: &str) -> Result<(), ApplyError> {
+        let running = self
+            .operations
+            .values()
+            .filter(|op| op.project == name && !op.status.is_final())
+            .count();
+        if running > 0 {
+            return Err(ApplyError::conflict(format!(
+                "project {name:?} cannot be {what}: it still has {running} running operation{}",
+                if running == 1 { "" } else { "s" }
+            )));
+        }
         let busy = |kind: &str, n: usize| {
             ApplyError::conflict(format!(
                 "project {name:?} cannot be {what}: it still has {n} {kind}"
@@ -549,6 +604,11 @@ fn check_instance_in_project(
     config: &BTreeMap<String, String>,
 ) -> Result<(), ApplyError> {
     if project_restricted(p) {
+        if config.contains_key("placement.constraints") {
+            return Err(ApplyError::forbidden(format!(
+                "project {project:?} is restricted: instance {instance:?} cannot choose nodes with placement.constraints"
+            )));
+        }
         for key in ["security.privileged", "security.nesting"] {
             if config
                 .get(key)

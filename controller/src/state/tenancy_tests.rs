@@ -578,3 +578,141 @@ fn api_keys_names_are_unique_and_rotation_replaces_the_hash() {
         ApplyErrorKind::Conflict,
     );
 }
+
+#[test]
+fn huge_limits_saturate_instead_of_wrapping() {
+    let mut s = base(&[("limits.disk", "10GiB")]);
+    // Validation caps sizes at 1 PiB; state built otherwise must still never wrap.
+    let huge = "9223372036854775808";
+    create(&mut s, inst("p", "a", &[("limits.disk", "1GiB")])).unwrap();
+    let e = rejected(
+        &mut s,
+        Command::CreateInstance {
+            instance: inst("p", "b", &[("limits.disk", huge)]),
+            operation: None,
+        },
+        ApplyErrorKind::Forbidden,
+    );
+    assert!(e.message.contains("limits.disk quota"), "{e}");
+    assert!(berth_proto::api::config::validate_key_value("limits.disk", huge).is_err());
+    assert!(berth_proto::api::config::validate_key_value("limits.memory", "2PiB").is_err());
+}
+
+#[test]
+fn placement_groups_belong_to_their_project() {
+    let mut s = base(&[]);
+    s.nodes.insert(
+        "n2".into(),
+        Node {
+            name: "n2".into(),
+            ipv4_cidr: "10.1.0.1/16".into(),
+            cpus: 64,
+            memory_bytes: 256 << 30,
+            ..Default::default()
+        },
+    );
+    s.images.get_mut(FP).unwrap().locations.insert("n2".into());
+    let grouped = |project: &str, name: &str| inst(project, name, &[("placement.group", "db")]);
+    create(&mut s, grouped("default", "d1")).unwrap();
+    create(&mut s, grouped("default", "d2")).unwrap();
+    // Project p's group "db" is its own: two strict-spread members still fit on two nodes.
+    create(&mut s, grouped("p", "d1")).unwrap();
+    create(&mut s, grouped("p", "d2")).unwrap();
+    let e = create(&mut s, grouped("p", "d3")).unwrap_err();
+    assert!(e.message.contains("group db"), "{e}");
+    assert!(!e.message.contains("p_db"), "{e}");
+}
+
+#[test]
+fn restricted_projects_cannot_pick_nodes_by_labels() {
+    let mut s = base(&[("restricted", "true")]);
+    rejected(
+        &mut s,
+        Command::CreateInstance {
+            instance: inst("p", "a", &[("placement.constraints", "rack=r1")]),
+            operation: None,
+        },
+        ApplyErrorKind::Forbidden,
+    );
+}
+
+#[test]
+fn images_resolve_only_within_what_a_project_may_use() {
+    let mut s = base(&[]);
+    ok(
+        &mut s,
+        Command::CreateProject {
+            project: Project {
+                name: "q".into(),
+                ..Default::default()
+            },
+        },
+    );
+    let private = "bbbbbbbbbbbbbbbb1111111111111111";
+    ok(
+        &mut s,
+        Command::PutImage {
+            image: Image {
+                fingerprint: private.into(),
+                projects: ["q".to_string()].into(),
+                ..Default::default()
+            },
+        },
+    );
+    ok(
+        &mut s,
+        Command::PutAlias {
+            alias: Alias {
+                name: alias_key("q", "mine"),
+                project: "q".into(),
+                target: FP.into(),
+                description: String::new(),
+            },
+        },
+    );
+    // Another project's alias key spelled out is not found.
+    assert!(s.resolve_image_in("p", "q@mine").is_none());
+    assert!(s.resolve_image_in("q", "mine").is_some());
+    // A prefix shared by q's private image and a shared one is unique for p, and q's image
+    // is never found by p.
+    assert_eq!(
+        s.resolve_image_in("p", "bbbbbbbbbbbbbbbb")
+            .map(|i| i.fingerprint.as_str()),
+        Some(FP)
+    );
+    assert!(s.resolve_image_in("q", "bbbbbbbbbbbbbbbb").is_none());
+    assert!(s.resolve_image_in("p", private).is_none());
+}
+
+#[test]
+fn a_deleted_project_takes_its_operations_along() {
+    use berth_proto::api::{Operation, OperationStatus};
+    let mut s = base(&[]);
+    let op = |id: &str, status: OperationStatus| Operation {
+        id: id.into(),
+        status,
+        project: "p".into(),
+        ..Default::default()
+    };
+    ok(
+        &mut s,
+        Command::PutOperation {
+            operation: op("o1", OperationStatus::Running),
+        },
+    );
+    rejected(
+        &mut s,
+        Command::DeleteProject { name: "p".into() },
+        ApplyErrorKind::Conflict,
+    );
+    ok(
+        &mut s,
+        Command::PutOperation {
+            operation: op("o1", OperationStatus::Success),
+        },
+    );
+    let keys = Command::DeleteProject { name: "p".into() }.touched(&s);
+    assert!(keys.contains(&ObjectKey::Operation("o1".into())));
+    ok(&mut s, Command::DeleteProject { name: "p".into() });
+    assert!(s.operations.is_empty());
+}

@@ -41,6 +41,10 @@ impl MemoryLimit {
 /// The smallest memory limit accepted: below it not even init fits.
 pub const MIN_MEMORY_BYTES: u64 = 4 * 1024 * 1024;
 
+/// The largest size `limits.memory`, `limits.disk` and the project quotas accept (1 PiB):
+/// sums of many of them stay far from overflowing.
+pub const MAX_SIZE_BYTES: u64 = 1 << 50;
+
 /// The smallest `limits.disk` accepted.
 pub const MIN_DISK_BYTES: u64 = 16 * 1024 * 1024;
 
@@ -107,6 +111,11 @@ pub fn parse_memory(value: &str) -> Result<MemoryLimit, ConfigError> {
     if bytes < MIN_MEMORY_BYTES {
         return Err(err(format!(
             "limits.memory \"{value}\" is below the minimum of 4MiB"
+        )));
+    }
+    if bytes > MAX_SIZE_BYTES {
+        return Err(err(format!(
+            "limits.memory \"{value}\" is above the maximum of 1PiB"
         )));
     }
     Ok(MemoryLimit::Bytes(bytes))
@@ -467,7 +476,10 @@ pub fn validate_key_value(key: &str, value: &str) -> Result<(), ConfigError> {
         "limits.memory" => parse_memory(value).map(drop),
         "limits.processes" => parse_processes(value).map(drop),
         "limits.disk" => match parse_bytes(value) {
-            Ok(b) if b >= MIN_DISK_BYTES => Ok(()),
+            Ok(b) if (MIN_DISK_BYTES..=MAX_SIZE_BYTES).contains(&b) => Ok(()),
+            Ok(b) if b > MAX_SIZE_BYTES => Err(err(format!(
+                "limits.disk \"{value}\" is above the maximum of 1PiB"
+            ))),
             Ok(_) => Err(err(format!(
                 "limits.disk \"{value}\" is below the minimum of 16MiB"
             ))),
@@ -521,7 +533,13 @@ pub fn parse_project_limit(key: &str, value: &str) -> Result<u64, ConfigError> {
             if value.trim().starts_with('-') {
                 return Err(err(format!("{key} \"{value}\" must not be negative")));
             }
-            parse_bytes(value).map_err(|e| err(format!("{key}: {e}")))
+            let b = parse_bytes(value).map_err(|e| err(format!("{key}: {e}")))?;
+            if b > MAX_SIZE_BYTES {
+                return Err(err(format!(
+                    "{key} \"{value}\" is above the maximum of 1PiB"
+                )));
+            }
+            Ok(b)
         }
         "limits.instances" | "limits.cpu" | "limits.processes" => {
             value.trim().parse::<u64>().map_err(|_| {
