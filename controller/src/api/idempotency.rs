@@ -6,9 +6,10 @@
 //! ([`crate::state::IdempotencyRecord`]). Each write a handler makes through
 //! [`super::Scope::by`] carries a tag (key, request hash, its position among the request's
 //! writes); `apply` records each write's result and answers a repeated one from the record
-//! instead of applying it again. When the handler has answered (anything but a 5xx), the
-//! answer is stored too (`CompleteIdempotency`), and a retry replays it with
-//! `Idempotency-Replayed: true`. The same key with another request (method, path, query or
+//! instead of applying it again. When the handler has answered (anything but a 5xx) after at
+//! least one tagged write, the answer is stored too (`CompleteIdempotency`), and a retry
+//! replays it with `Idempotency-Replayed: true`; a request that wrote nothing leaves no
+//! record. One API key holds at most [`MAX_RECORDS_PER_KEY`] records (beyond: 429). The same key with another request (method, path, query or
 //! body differ) is a 422. A retry that arrives while the first request still runs waits for its
 //! answer (up to [`WAIT_FOR_FIRST`]), then gets a 409. Records are dropped after
 //! [`RECORD_TTL`] ([`prune`], from the leader's reconciler).
@@ -52,6 +53,10 @@ pub const MAX_STORED_BODY: usize = 64 * 1024;
 /// How long a retry waits for the first request with its key to answer.
 pub const WAIT_FOR_FIRST: Duration = Duration::from_secs(10);
 
+/// Most records one API key may hold at once; a request with a new idempotency key beyond it
+/// is refused with a 429 before it runs.
+pub const MAX_RECORDS_PER_KEY: usize = 10_000;
+
 /// How long records are kept.
 pub const RECORD_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -76,6 +81,11 @@ impl RequestContext {
             now,
             next_seq: AtomicU32::new(0),
         }
+    }
+
+    /// Whether the request made at least one tagged write.
+    pub fn wrote(&self) -> bool {
+        self.next_seq.load(Ordering::Relaxed) > 0
     }
 
     /// The tag of the request's next write.
@@ -252,6 +262,22 @@ async fn look_up(state: &SharedState, key: &str, hash: &str) -> Result<Found, Ap
     }
 }
 
+/// How many of `records` belong to the API key `key_id` (those keyed `<key_id>/...`).
+pub fn count_records<V>(records: &std::collections::BTreeMap<String, V>, key_id: &str) -> usize {
+    let from = format!("{key_id}/");
+    // '0' follows '/' in ASCII: the range is exactly the keys starting with `<key_id>/`.
+    let to = format!("{key_id}0");
+    records.range(from..to).count()
+}
+
+/// How many records the API key `key_id` holds.
+async fn records_of(state: &SharedState, key_id: &str) -> Result<usize, ApiError> {
+    Ok(state
+        .cp
+        .read(|m| count_records(&m.idempotency, key_id))
+        .await?)
+}
+
 fn replay(stored: StoredResponse) -> Response {
     let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
     let mut resp = (status, stored.body).into_response();
@@ -353,6 +379,19 @@ async fn handle(state: SharedState, req: Request, next: Next) -> Result<Response
         }
         Found::Absent => {}
     }
+    if records_of(&state, &identity.key_id)
+        .await
+        .map_err(IntoResponse::into_response)?
+        >= MAX_RECORDS_PER_KEY
+    {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "this API key already holds {MAX_RECORDS_PER_KEY} idempotency records from the last 24 hours; send the request without Idempotency-Key or retry later"
+            ),
+        )
+        .into_response());
+    }
     let ctx = Arc::new(RequestContext::new(
         key.clone(),
         hash.clone(),
@@ -361,7 +400,9 @@ async fn handle(state: SharedState, req: Request, next: Next) -> Result<Response
     let mut req = Request::from_parts(parts, Body::from(bytes));
     req.extensions_mut().insert(ctx.clone());
     let resp = next.run(req).await;
-    if resp.status().is_server_error() || resp.status().is_informational() {
+    // Only a request that changed (or tried to change) something leaves a record: one refused
+    // before any write (a viewer's, a bad body) is simply answered again on a retry.
+    if resp.status().is_server_error() || resp.status().is_informational() || !ctx.wrote() {
         return Ok(resp);
     }
     Ok(store_answer(&state, &ctx, resp).await)
@@ -472,6 +513,19 @@ mod tests {
     }
 
     #[test]
+    fn records_are_counted_per_api_key() {
+        let mut m = std::collections::BTreeMap::new();
+        for k in [
+            "k1/a", "k1/b", "k1/zz/z", "k1x/a", "k10/a", "k/a", "k1", "k2/a",
+        ] {
+            m.insert(k.to_string(), ());
+        }
+        assert_eq!(count_records(&m, "k1"), 3);
+        assert_eq!(count_records(&m, "k"), 1);
+        assert_eq!(count_records(&m, "k3"), 0);
+    }
+
+    #[test]
     fn hashes_tell_requests_apart() {
         let h = |m: Method, p: &str, q: &str, b: &[u8]| request_hash(&m, p, q, b);
         let base = h(Method::POST, "/1.0/instances", "project=a", b"{}");
@@ -572,6 +626,21 @@ mod tests {
         assert!(x.0 < 300, "{x:?}");
         assert!(x.1 ^ y.1, "exactly one is replayed: {x:?} {y:?}");
         assert!(RUNNING.lock().unwrap().get("k1/conc").is_none());
+        // A request refused before it wrote anything leaves no record.
+        let before = cp.read_local(|m| m.idempotency.len());
+        let bad = answer(
+            &app,
+            post("/1.0/projects", r#"{"name":"Bad Name"}"#, Some("nw")),
+        )
+        .await;
+        assert_eq!(bad.0, 400, "{bad:?}");
+        let bad = answer(
+            &app,
+            post("/1.0/projects", r#"{"name":"Bad Name"}"#, Some("nw")),
+        )
+        .await;
+        assert_eq!((bad.0, bad.1), (400, false), "{bad:?}");
+        assert_eq!(cp.read_local(|m| m.idempotency.len()), before);
         // Too large to hash.
         let big = format!("{{\"name\":\"{}\"}}", "x".repeat(MAX_JSON_BODY));
         let e = answer(&app, post("/1.0/projects", &big, Some("big"))).await;
