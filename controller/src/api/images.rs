@@ -221,7 +221,8 @@ pub struct TargetQuery {
 
 /// `POST /1.0/images`: a JSON body builds an image on a node; an `application/octet-stream`
 /// body imports an LXD/Incus image tarball. The image is the `?project=` project's. Viewers
-/// may not; a restricted project's keys may not name a `?target=` node.
+/// may not, nor members in the default project (its images are shared); a restricted
+/// project's keys may not name a `?target=` node.
 pub async fn create(
     State(state): State<SharedState>,
     scope: Scope,
@@ -229,7 +230,7 @@ pub async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    scope.require_write()?;
+    require_image_write(&scope)?;
     if !target.target.is_empty() {
         state
             .cp
@@ -496,6 +497,18 @@ async fn import(
     .await
 }
 
+/// 403 unless `scope` may change the images and aliases of its project: those of the default
+/// project are every project's fallback, so there only fleet keys (admin, operator) may.
+fn require_image_write(scope: &Scope) -> Result<(), ApiError> {
+    scope.require_write()?;
+    if scope.project == crate::state::DEFAULT_PROJECT && !scope.identity.is_fleet() {
+        return Err(ApiError::forbidden(
+            "images and aliases of the default project are shared with every project; changing them needs an admin or operator key",
+        ));
+    }
+    Ok(())
+}
+
 /// Whether `scope` may delete `img` (which it sees): fleet keys always; a member only an
 /// image its project holds alone (shared images of the default project are the fleet's).
 fn may_delete(scope: &Scope, img: &Image) -> bool {
@@ -530,7 +543,7 @@ pub async fn delete(
         })
         .await?;
     let img = img.ok_or_else(|| image_not_found(&fp))?;
-    scope.require_write()?;
+    require_image_write(&scope)?;
     if !may_delete(&scope, &img) {
         return Err(ApiError::forbidden(format!(
             "image {} is shared with other projects; only an admin or operator key can delete it",
@@ -639,19 +652,31 @@ pub async fn get_alias(
     Ok(with_etag(sync(a), etag))
 }
 
-/// `POST /1.0/images/aliases`: an alias in the `?project=` project for an image it may use.
+/// `POST /1.0/images/aliases`: a new alias in the `?project=` project for an image it may use
+/// (409 if the name is taken; in the default project, fleet keys only).
 pub async fn create_alias(
     State(state): State<SharedState>,
     scope: Scope,
     JsonBody(req): JsonBody<ImageAliasesPost>,
 ) -> Result<Response, ApiError> {
-    scope.require_write()?;
+    require_image_write(&scope)?;
     let key = alias_key_of(&scope, &req.name)?;
-    let target = state
+    let (exists, target) = state
         .cp
-        .read(|s| resolve_in(s, &scope.project, &req.target).map(|i| i.fingerprint.clone()))
-        .await?
-        .ok_or_else(|| image_not_found(&req.target))?;
+        .read(|s| {
+            (
+                s.aliases.contains_key(&key),
+                resolve_in(s, &scope.project, &req.target).map(|i| i.fingerprint.clone()),
+            )
+        })
+        .await?;
+    if exists {
+        return Err(ApiError::conflict(format!(
+            "image alias \"{}\" already exists; delete it first to point it elsewhere",
+            req.name.escape_debug()
+        )));
+    }
+    let target = target.ok_or_else(|| image_not_found(&req.target))?;
     state
         .cp
         .write(scope.by(Command::PutAlias {
@@ -677,7 +702,7 @@ pub async fn delete_alias(
     if !state.cp.read(|s| s.aliases.contains_key(&key)).await? {
         return Err(alias_not_found(&name));
     }
-    scope.require_write()?;
+    require_image_write(&scope)?;
     let command = guard_if_match(
         &headers,
         ObjectKey::Alias(key.clone()),
@@ -853,6 +878,102 @@ mod api_tests {
             api.model().await.aliases.contains_key("mine"),
             "default's alias stays"
         );
+        api.cp.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn default_project_images_are_changed_by_fleet_keys_only() {
+        let api = Api::start().await;
+        api.add_node_and_image().await;
+        const MEMBER_DEFAULT: &str = "member-default-secret";
+        api.cp
+            .write(Command::AddApiKey {
+                key: crate::state::ApiKey {
+                    id: "k6".into(),
+                    name: "dora".into(),
+                    hash: crate::api::key_hash(MEMBER_DEFAULT),
+                    role: crate::state::Role::Member,
+                    project: "default".into(),
+                    ..Default::default()
+                },
+            })
+            .await
+            .unwrap();
+        let (status, body) = api
+            .call(
+                ADMIN,
+                "POST",
+                "/1.0/images/aliases",
+                Some(serde_json::json!({"name": "base", "target": "img"})),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let before = api.model().await;
+        for (method, path, body) in [
+            (
+                "POST",
+                "/1.0/images/aliases",
+                Some(serde_json::json!({"name": "other", "target": "img"})),
+            ),
+            ("DELETE", "/1.0/images/aliases/base", None),
+            (
+                "POST",
+                "/1.0/images",
+                Some(serde_json::json!({"source": {"type": "build", "recipe": "busybox"}})),
+            ),
+            ("DELETE", "/1.0/images/img", None),
+        ] {
+            let (status, answer) = api.call(MEMBER_DEFAULT, method, path, body).await;
+            assert_eq!(status, 403, "{method} {path}: {answer}");
+            assert!(
+                answer["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("needs an admin or operator key"),
+                "{answer}"
+            );
+        }
+        // An existing name is a 409, whoever asks; nothing is overwritten.
+        api.put_image("bbbbbbbbbbbbbbbb", &["b"]).await;
+        let (status, answer) = api
+            .call(
+                OPERATOR,
+                "POST",
+                "/1.0/images/aliases",
+                Some(serde_json::json!({"name": "base", "target": "img"})),
+            )
+            .await;
+        assert_eq!(status, 409, "{answer}");
+        assert!(answer.to_string().contains("already exists"), "{answer}");
+        let (status, _) = api
+            .call(
+                MEMBER_B,
+                "POST",
+                "/1.0/images/aliases",
+                Some(serde_json::json!({"name": "base", "target": "bbbbbbbbbbbbbbbb"})),
+            )
+            .await;
+        assert_eq!(
+            status, 200,
+            "b's own alias of the same name is another alias"
+        );
+        let (status, answer) = api
+            .call(
+                MEMBER_B,
+                "POST",
+                "/1.0/images/aliases",
+                Some(serde_json::json!({"name": "base", "target": "img"})),
+            )
+            .await;
+        assert_eq!(status, 409, "{answer}");
+        let after = api.model().await;
+        assert_eq!(after.aliases["base"], before.aliases["base"]);
+        assert_eq!(after.aliases["b@base"].target, "bbbbbbbbbbbbbbbb");
+        // The operator may change the default project's aliases.
+        let (status, answer) = api
+            .call(OPERATOR, "DELETE", "/1.0/images/aliases/base", None)
+            .await;
+        assert_eq!(status, 200, "{answer}");
         api.cp.shutdown().await;
     }
 
