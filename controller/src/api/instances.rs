@@ -24,8 +24,8 @@ use super::{ApiError, JsonBody, Scope, SharedState};
 use crate::clock;
 use crate::raft::WriteError;
 use crate::state::{
-    Action, ApplyErrorKind, Command, DEFAULT_PROFILE, DesiredState, Instance, Node, NodeStatus,
-    ObjectKey, Observed, PendingAction, Role, split_scoped_name,
+    Action, ApplyError, ApplyErrorKind, Change, Command, DEFAULT_PROFILE, DesiredState, Instance,
+    Node, NodeStatus, ObjectKey, Observed, PendingAction, Role, split_scoped_name,
 };
 
 #[derive(Deserialize)]
@@ -857,11 +857,20 @@ where
     candidate.config = config.clone();
     candidate.description = w.description.clone();
     candidate.profiles = w.profiles.clone();
+    // The quotas and restrictions apply checks again are checked here first too, so that a
+    // refused change never reaches the agent (not even for the moment until it is undone).
     let expanded = state
         .cp
         .read(|s| {
-            s.check_profiles(&scope.project, &candidate.profiles)
-                .map(|()| s.effective_config(&candidate).into_owned())
+            s.check_profiles(&scope.project, &candidate.profiles)?;
+            s.check_project_change(
+                &scope.project,
+                &Change {
+                    instances: vec![(key.as_str(), Some(&candidate))],
+                    profile: None,
+                },
+            )?;
+            Ok::<_, ApplyError>(s.effective_config(&candidate).into_owned())
         })
         .await??;
     let op = instance_operation(&state, &scope, "task", "Updating instance", &name);
@@ -1480,5 +1489,61 @@ mod tests {
             None,
         );
         assert!(matches!(c, Command::DeleteInstance { .. }));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod api_tests {
+    use crate::api::projects::testkit::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_over_the_quota_is_refused_before_the_agent_hears_of_it() {
+        let api = Api::start().await;
+        api.add_node_and_image().await;
+        let (status, body) = api
+            .call(
+                ADMIN,
+                "PATCH",
+                "/1.0/projects/a",
+                Some(serde_json::json!({"config": {"limits.memory": "1GiB"}})),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        api.add_instance("a", "web", &[("limits.memory", "512MiB")])
+            .await;
+        let before = api.model().await;
+        // The node's agent is not reachable: a request that got as far as calling it would
+        // fail otherwise (and slowly), not with the quota's 403.
+        let started = std::time::Instant::now();
+        for (method, body) in [
+            (
+                "PATCH",
+                serde_json::json!({"config": {"limits.memory": "2GiB"}}),
+            ),
+            (
+                "PUT",
+                serde_json::json!({"config": {"limits.memory": "2GiB"}}),
+            ),
+            (
+                "PATCH",
+                serde_json::json!({"config": {"limits.memory": null}}),
+            ),
+        ] {
+            let (status, answer) = api
+                .call(MEMBER_A, method, "/1.0/instances/web", Some(body))
+                .await;
+            assert_eq!(status, 403, "{method}: {answer}");
+            assert!(
+                answer.to_string().contains("limits.memory"),
+                "{method}: {answer}"
+            );
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(3));
+        assert_eq!(
+            api.model().await.instances["a_web"],
+            before.instances["a_web"]
+        );
+        api.cp.shutdown().await;
     }
 }
