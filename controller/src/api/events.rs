@@ -134,10 +134,11 @@ pub async fn websocket(
         .into_response())
 }
 
-/// Whether the key the stream was opened with still works (not revoked, rotated or expired).
-fn key_still_valid(state: &SharedState, key_id: &str, hash: &str) -> bool {
+/// Whether the key a stream or session was opened with still works (not revoked, rotated or
+/// expired): `hash` is the key's hash when it was opened.
+pub(crate) fn key_still_valid(cp: &crate::raft::ControlPlane, key_id: &str, hash: &str) -> bool {
     let now = crate::clock::now();
-    state.cp.read_local(|m| {
+    cp.read_local(|m| {
         m.api_keys.get(key_id).is_some_and(|k| {
             k.hash == hash && k.expires_at.as_deref().is_none_or(|e| e > now.as_str())
         })
@@ -189,7 +190,7 @@ async fn stream(
                 if last_heard.elapsed() > SILENT_LIMIT {
                     break "the client stopped answering pings";
                 }
-                if !key_still_valid(&state, &key_id, &key_hash) {
+                if !key_still_valid(&state.cp, &key_id, &key_hash) {
                     break "the API key was revoked, rotated or expired";
                 }
                 Message::Ping(Vec::new().into())

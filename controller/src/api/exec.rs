@@ -4,7 +4,10 @@
 //! then opens `GET /1.0/operations/{id}/websocket?secret=...`. On that one websocket, binary
 //! frames carry data (first byte: 0 stdin, 1 stdout, 2 stderr) and text frames carry JSON
 //! control messages ([`ExecControl`]). The server ends with an `exit` message and closes.
-//! An exec session that nobody connects to within [`CONNECT_WINDOW`] fails.
+//! An exec session that nobody connects to within [`CONNECT_WINDOW`] fails. A session whose
+//! API key is revoked, rotated or expires is ended (the key is checked every
+//! [`KEY_CHECK_EVERY`]): the command is killed, the client gets an `exit` message (137) and the
+//! operation fails with "the API key was revoked, rotated or expired".
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -22,6 +25,7 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::cluster::random_secret;
+use super::events::key_still_valid;
 use super::instances::{instance_operation, lookup, require_member};
 use super::operations::{accepted, finish};
 use super::{ApiError, JsonBody, Scope, SharedState};
@@ -29,6 +33,15 @@ use crate::state::{Command, Node};
 
 /// How long an exec session waits for its websocket.
 pub const CONNECT_WINDOW: Duration = Duration::from_secs(30);
+
+/// How often a running session checks that its API key still works.
+pub const KEY_CHECK_EVERY: Duration = Duration::from_secs(30);
+
+/// The exit code reported when the server ends a session (the command is killed: 128 + 9).
+const KILLED: i32 = 137;
+
+/// Why a session ended on the server's side.
+const KEY_GONE: &str = "the API key was revoked, rotated or expired; the exec session was ended";
 
 /// How long the server waits for the client's close after the exit message.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
@@ -42,6 +55,9 @@ pub struct PendingExec {
     op: Operation,
     node: Node,
     start: v1::ExecStart,
+    /// The id of the API key that started the session, and its hash then.
+    key_id: String,
+    key_hash: String,
 }
 
 /// Exec sessions created on this controller, by operation id.
@@ -172,6 +188,11 @@ pub async fn post_exec(
             operation: op.clone(),
         }))
         .await?;
+    let key_id = scope.identity.key_id.clone();
+    let key_hash = state
+        .cp
+        .read_local(|m| m.api_keys.get(&key_id).map(|k| k.hash.clone()))
+        .unwrap_or_default();
     state.execs.insert(
         id.clone(),
         PendingExec {
@@ -179,6 +200,8 @@ pub async fn post_exec(
             op: op.clone(),
             node,
             start,
+            key_id,
+            key_hash,
         },
     );
     let st = state.clone();
@@ -238,6 +261,9 @@ async fn run_session(
     p: PendingExec,
     socket: WebSocket,
 ) -> Result<i32, ApiError> {
+    if !key_still_valid(&state.cp, &p.key_id, &p.key_hash) {
+        return Err(ApiError::forbidden(KEY_GONE));
+    }
     let mut client = state.agents.client(&p.node)?;
     let (to_agent, rx) = mpsc::channel::<v1::ExecInput>(64);
     to_agent
@@ -294,11 +320,29 @@ async fn run_session(
     // Agent to client.
     let mut exit_code = None;
     let mut input = input;
+    let mut key_check = tokio::time::interval_at(
+        tokio::time::Instant::now() + KEY_CHECK_EVERY,
+        KEY_CHECK_EVERY,
+    );
     loop {
         let next = tokio::select! {
             m = output.message() => Some(m),
             // The client closed the websocket (or it broke) before the command ended.
             _ = &mut input => None,
+            _ = key_check.tick() => {
+                if key_still_valid(&state.cp, &p.key_id, &p.key_hash) {
+                    continue;
+                }
+                // Dropping the agent stream cancels it: the agent kills the command.
+                drop(output);
+                input.abort();
+                warn!("the exec session's API key no longer works; ending the session");
+                let ctl = serde_json::to_string(&ExecControl::Exit { code: KILLED })
+                    .unwrap_or_default();
+                let _ = ws_tx.send(Message::Text(ctl.into())).await;
+                let _ = ws_tx.send(Message::Close(None)).await;
+                return Err(ApiError::forbidden(KEY_GONE));
+            }
         };
         let Some(next) = next else {
             // Dropping the agent stream cancels it, and the agent kills the command.
@@ -357,4 +401,38 @@ fn with_stream(id: u8, data: &[u8]) -> Vec<u8> {
     v.push(id);
     v.extend_from_slice(data);
     v
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::api::projects::testkit::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_session_notices_its_key_revoked_or_rotated() {
+        let api = Api::start().await;
+        let hash = |id: &str| {
+            api.cp
+                .read_local(|m| m.api_keys.get(id).map(|k| k.hash.clone()))
+                .unwrap()
+        };
+        let (k3, k5) = (hash("k3"), hash("k5"));
+        assert!(key_still_valid(&api.cp, "k3", &k3));
+        api.cp
+            .write(Command::DeleteApiKey { id: "k3".into() })
+            .await
+            .unwrap();
+        assert!(!key_still_valid(&api.cp, "k3", &k3));
+        api.cp
+            .write(Command::RotateApiKey {
+                id: "k5".into(),
+                hash: crate::api::key_hash("new"),
+                expires_at: None,
+            })
+            .await
+            .unwrap();
+        assert!(!key_still_valid(&api.cp, "k5", &k5));
+        api.cp.shutdown().await;
+    }
 }
