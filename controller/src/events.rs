@@ -18,7 +18,7 @@ use tokio::sync::broadcast;
 use berth_proto::api::InstanceStatusCode;
 
 use crate::state::{
-    Action, ApplyResult, Command, DEFAULT_PROJECT, Requestor, State, split_scoped_name,
+    Action, ApplyResult, Command, DEFAULT_PROJECT, Requestor, Role, State, split_scoped_name,
 };
 
 /// How many events the bus holds for its slowest subscriber.
@@ -507,21 +507,26 @@ pub fn derive(before: &State, cmd: &Command) -> Vec<Draft> {
             } else {
                 "image-created"
             };
-            let mut projects = image.projects.clone();
+            // The projects the command names are the importer's; the others that hold the
+            // image hear of it without learning which key (of another project) did it.
+            let mut own = image.projects.clone();
+            if own.is_empty() {
+                own.insert(DEFAULT_PROJECT.to_string());
+            }
+            let mut projects = own.clone();
             if let Some(old) = old {
                 projects.extend(old.projects.iter().cloned());
             }
-            if projects.is_empty() {
-                projects.insert(DEFAULT_PROJECT.to_string());
-            }
             for p in projects {
-                emit(
-                    &mut out,
-                    Audience::Project,
-                    &p,
-                    action,
-                    object_url(&format!("/1.0/images/{}", image.fingerprint), &p),
-                );
+                out.push(Draft::Lifecycle(LifecycleDraft {
+                    audience: Audience::Project,
+                    project: p.clone(),
+                    action: action.to_string(),
+                    source: object_url(&format!("/1.0/images/{}", image.fingerprint), &p),
+                    context: BTreeMap::new(),
+                    requestor: requestor.clone().filter(|_| own.contains(&p)),
+                    requestor_of: None,
+                }));
             }
         }
         Command::DeleteImage { fingerprint } => {
@@ -533,14 +538,24 @@ pub fn derive(before: &State, cmd: &Command) -> Vec<Draft> {
             if projects.is_empty() {
                 projects.insert(DEFAULT_PROJECT.to_string());
             }
+            // The requestor is named only in its own key's project (fleet keys: the default
+            // project's).
+            let own = requestor
+                .as_ref()
+                .and_then(|r| before.api_keys.get(&r.key_id))
+                .filter(|k| matches!(k.role, Role::Member | Role::Viewer))
+                .map(|k| k.project.clone())
+                .unwrap_or_else(|| DEFAULT_PROJECT.to_string());
             for p in projects {
-                emit(
-                    &mut out,
-                    Audience::Project,
-                    &p,
-                    "image-deleted",
-                    object_url(&format!("/1.0/images/{fingerprint}"), &p),
-                );
+                out.push(Draft::Lifecycle(LifecycleDraft {
+                    audience: Audience::Project,
+                    project: p.clone(),
+                    action: "image-deleted".to_string(),
+                    source: object_url(&format!("/1.0/images/{fingerprint}"), &p),
+                    context: BTreeMap::new(),
+                    requestor: requestor.clone().filter(|_| p == own),
+                    requestor_of: None,
+                }));
             }
         }
         Command::PutAlias { alias } => {
@@ -634,7 +649,7 @@ mod tests {
     use berth_proto::api::OperationStatus;
 
     use super::*;
-    use crate::state::{ApiKey, IdempotencyTag, Image, Instance, PendingAction, Role};
+    use crate::state::{ApiKey, IdempotencyTag, Image, Instance, PendingAction};
 
     fn alice() -> Requestor {
         Requestor {
@@ -858,6 +873,71 @@ mod tests {
         assert!(derive(&s, &tagged).is_empty());
         run(&bus, &mut s, tagged).unwrap();
         assert!(drain(&mut rx).is_empty());
+    }
+
+    #[test]
+    fn shared_image_events_name_the_requestor_in_its_own_project_only() {
+        let mut s = state();
+        s.api_keys.insert(
+            "a1".into(),
+            ApiKey {
+                id: "a1".into(),
+                name: "alice".into(),
+                role: Role::Member,
+                project: "p".into(),
+                ..Default::default()
+            },
+        );
+        s.images.insert(
+            "f".into(),
+            Image {
+                fingerprint: "f".into(),
+                projects: ["q".to_string(), "r".to_string()].into(),
+                ..Default::default()
+            },
+        );
+        let lifecycle = |s: &State, cmd: Command| -> Vec<(String, Option<Requestor>)> {
+            derive(s, &cmd)
+                .into_iter()
+                .filter_map(|d| match d {
+                    Draft::Lifecycle(l) => Some((l.project, l.requestor)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let put = lifecycle(
+            &s,
+            by(Command::PutImage {
+                image: Image {
+                    fingerprint: "f".into(),
+                    projects: ["p".to_string()].into(),
+                    ..Default::default()
+                },
+            }),
+        );
+        assert_eq!(
+            put,
+            vec![
+                ("p".to_string(), Some(alice())),
+                ("q".to_string(), None),
+                ("r".to_string(), None)
+            ]
+        );
+        s.images.get_mut("f").unwrap().projects.insert("p".into());
+        let del = lifecycle(
+            &s,
+            by(Command::DeleteImage {
+                fingerprint: "f".into(),
+            }),
+        );
+        assert_eq!(
+            del,
+            vec![
+                ("p".to_string(), Some(alice())),
+                ("q".to_string(), None),
+                ("r".to_string(), None)
+            ]
+        );
     }
 
     #[test]
