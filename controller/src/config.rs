@@ -89,7 +89,7 @@ impl Config {
 
     /// Checks `raw` and fills in the defaults.
     pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
-        let name = raw.name.unwrap_or_else(host_name);
+        let name = raw.name.unwrap_or_else(default_name);
         if name.is_empty()
             || name.len() > 63
             || !name
@@ -212,6 +212,16 @@ pub fn host_name() -> String {
     berth_proto::host::host_name()
 }
 
+/// A controller's name when the config gives none: the node name the host would get, with
+/// `-ctl` (`vm` gives `vm-ctl`). Controllers and nodes share one namespace of member names,
+/// and the host's agent is called after the host, so the controller on the same host must be
+/// called something else.
+pub fn default_name() -> String {
+    let mut label = berth_proto::api::names::node_name_from_host(&host_name());
+    label.truncate(59);
+    format!("{}-ctl", label.trim_end_matches('-'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,6 +229,12 @@ mod tests {
     #[test]
     fn defaults_and_errors() {
         let c = Config::validate(RawConfig::default()).unwrap();
+        assert!(c.name.ends_with("-ctl"), "{}", c.name);
+        assert_ne!(
+            c.name,
+            berth_proto::api::names::node_name_from_host(&host_name()),
+            "the controller and the host's node must not share a name"
+        );
         assert_eq!(c.api_listen.port(), 8443);
         assert_eq!(c.node_id, 1);
         let bad: Result<RawConfig, _> = toml::from_str("bogus = 1");
