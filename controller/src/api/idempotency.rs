@@ -270,6 +270,19 @@ pub fn count_records<V>(records: &std::collections::BTreeMap<String, V>, key_id:
     records.range(from..to).count()
 }
 
+/// 429 when an API key holding `held` records may not start another (`cap` at most).
+fn within_cap(held: usize, cap: usize) -> Result<(), ApiError> {
+    if held < cap {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!(
+            "this API key already holds {cap} idempotency records from the last 24 hours; send the request without Idempotency-Key or retry later"
+        ),
+    ))
+}
+
 /// How many records the API key `key_id` holds.
 async fn records_of(state: &SharedState, key_id: &str) -> Result<usize, ApiError> {
     Ok(state
@@ -379,19 +392,10 @@ async fn handle(state: SharedState, req: Request, next: Next) -> Result<Response
         }
         Found::Absent => {}
     }
-    if records_of(&state, &identity.key_id)
+    let held = records_of(&state, &identity.key_id)
         .await
-        .map_err(IntoResponse::into_response)?
-        >= MAX_RECORDS_PER_KEY
-    {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!(
-                "this API key already holds {MAX_RECORDS_PER_KEY} idempotency records from the last 24 hours; send the request without Idempotency-Key or retry later"
-            ),
-        )
-        .into_response());
-    }
+        .map_err(IntoResponse::into_response)?;
+    within_cap(held, MAX_RECORDS_PER_KEY).map_err(IntoResponse::into_response)?;
     let ctx = Arc::new(RequestContext::new(
         key.clone(),
         hash.clone(),
@@ -523,6 +527,11 @@ mod tests {
         assert_eq!(count_records(&m, "k1"), 3);
         assert_eq!(count_records(&m, "k"), 1);
         assert_eq!(count_records(&m, "k3"), 0);
+        assert!(within_cap(0, 2).is_ok());
+        assert!(within_cap(1, 2).is_ok());
+        let e = within_cap(2, 2).unwrap_err();
+        assert_eq!(e.status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(within_cap(MAX_RECORDS_PER_KEY, MAX_RECORDS_PER_KEY).is_err());
     }
 
     #[test]
