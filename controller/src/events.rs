@@ -558,7 +558,22 @@ pub fn derive(before: &State, cmd: &Command) -> Vec<Draft> {
                 }));
             }
         }
-        Command::PutAlias { alias } => {
+        Command::UnshareImage {
+            fingerprint,
+            project,
+        } => {
+            // Only the project that let go of it hears of it.
+            out.push(Draft::Lifecycle(LifecycleDraft {
+                audience: Audience::Project,
+                project: project.clone(),
+                action: "image-deleted".to_string(),
+                source: object_url(&format!("/1.0/images/{fingerprint}"), project),
+                context: BTreeMap::new(),
+                requestor: requestor.clone(),
+                requestor_of: None,
+            }));
+        }
+        Command::PutAlias { alias } | Command::CreateAlias { alias } => {
             let action = if before.aliases.contains_key(&alias.name) {
                 "image-alias-updated"
             } else {

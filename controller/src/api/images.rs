@@ -544,6 +544,35 @@ pub async fn delete(
         .await?;
     let img = img.ok_or_else(|| image_not_found(&fp))?;
     require_image_write(&scope)?;
+    // A member deleting an image its project holds with others lets go of it (its aliases
+    // too); the image stays for the others, and nothing says who they are.
+    if !scope.identity.is_fleet() && img.projects.len() > 1 && img.projects.contains(&scope.project)
+    {
+        let expect = if_match(&headers)?;
+        let op = new_operation_in(
+            &state,
+            &scope.project,
+            "task",
+            "Deleting image",
+            BTreeMap::new(),
+        );
+        let st = state.clone();
+        return run_task(&state, op, async move {
+            let mut command = Command::UnshareImage {
+                fingerprint: img.fingerprint.clone(),
+                project: scope.project.clone(),
+            };
+            if let Some(etag) = expect {
+                command = Command::IfMatch {
+                    expect: vec![(ObjectKey::Image(img.fingerprint.clone()), etag)],
+                    command: Box::new(command),
+                };
+            }
+            st.cp.write(scope.by(command)).await?;
+            Ok(serde_json::Value::Null)
+        })
+        .await;
+    }
     if !may_delete(&scope, &img) {
         return Err(ApiError::forbidden(format!(
             "image {} is shared with other projects; only an admin or operator key can delete it",
@@ -679,7 +708,7 @@ pub async fn create_alias(
     let target = target.ok_or_else(|| image_not_found(&req.target))?;
     state
         .cp
-        .write(scope.by(Command::PutAlias {
+        .write(scope.by(Command::CreateAlias {
             alias: Alias {
                 name: key,
                 project: scope.project.clone(),
@@ -1040,5 +1069,38 @@ mod api_tests {
         let got: Vec<_> = body.into_data_stream().collect().await;
         assert!(got.iter().all(|c| c.is_ok()));
         assert!(!fine.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_member_deleting_a_shared_image_lets_go_of_it() {
+        let api = Api::start().await;
+        let fp = "cafe".repeat(16);
+        api.cp
+            .write(Command::PutImage {
+                image: Image {
+                    fingerprint: fp.clone(),
+                    projects: ["a".to_string(), "b".to_string()].into(),
+                    ..Default::default()
+                },
+            })
+            .await
+            .unwrap();
+        let (status, answer) = api
+            .call(MEMBER_A, "DELETE", &format!("/1.0/images/{fp}"), None)
+            .await;
+        assert_eq!(status, 202, "{answer}");
+        let mut held = Default::default();
+        for _ in 0..100 {
+            held = api.model().await.images[&fp].projects.clone();
+            if held.len() == 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(held, ["b".to_string()].into());
+        // a no longer sees it; b still does.
+        let path = format!("/1.0/images/{fp}");
+        assert_eq!(api.call(MEMBER_A, "GET", &path, None).await.0, 404);
+        assert_eq!(api.call(MEMBER_B, "GET", &path, None).await.0, 200);
     }
 }

@@ -531,6 +531,36 @@ impl State {
                 self.aliases.retain(|_, a| a.target != fingerprint);
                 Ok(ApplyOk::Done)
             }
+            Command::CreateAlias { alias } => {
+                if self.aliases.contains_key(&alias.name) {
+                    return Err(ApplyError::conflict(format!(
+                        "image alias {:?} already exists",
+                        alias.short_name()
+                    )));
+                }
+                self.apply(Command::PutAlias { alias })
+            }
+            Command::UnshareImage {
+                fingerprint,
+                project,
+            } => {
+                let not_found =
+                    || ApplyError::not_found(format!("image {fingerprint:?} not found"));
+                let image = self.images.get_mut(&fingerprint).ok_or_else(not_found)?;
+                if !image.projects.contains(&project) {
+                    return Err(not_found());
+                }
+                // An empty list means shared with everyone: never unshare down to it.
+                if image.projects.len() < 2 {
+                    return Err(ApplyError::invalid(format!(
+                        "image {fingerprint:?} is held by project {project:?} alone: delete it instead"
+                    )));
+                }
+                image.projects.remove(&project);
+                self.aliases
+                    .retain(|_, a| !(a.target == fingerprint && a.project == project));
+                Ok(ApplyOk::Done)
+            }
             Command::PutAlias { alias } => {
                 if !self.project_exists(&alias.project) {
                     return Err(ApplyError::not_found(format!(

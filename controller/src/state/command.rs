@@ -211,6 +211,16 @@ pub enum Command {
         fingerprint: String,
     },
     /// Inserts or updates an alias; its target must exist.
+    /// Adds an alias; refused (409) when the project already has one of that name.
+    CreateAlias {
+        alias: Alias,
+    },
+    /// Takes `project` out of an image that other projects hold too, with that project's
+    /// aliases of it; the image itself stays for the others.
+    UnshareImage {
+        fingerprint: String,
+        project: String,
+    },
     PutAlias {
         alias: Alias,
     },

@@ -235,7 +235,23 @@ impl Command {
                 );
                 keys
             }
-            Command::PutAlias { alias } => vec![ObjectKey::Alias(alias.name.clone())],
+            Command::PutAlias { alias } | Command::CreateAlias { alias } => {
+                vec![ObjectKey::Alias(alias.name.clone())]
+            }
+            Command::UnshareImage {
+                fingerprint,
+                project,
+            } => {
+                let mut keys = vec![ObjectKey::Image(fingerprint.clone())];
+                keys.extend(
+                    state
+                        .aliases
+                        .values()
+                        .filter(|a| &a.target == fingerprint && &a.project == project)
+                        .map(|a| ObjectKey::Alias(a.name.clone())),
+                );
+                keys
+            }
             Command::DeleteAlias { name } => vec![ObjectKey::Alias(name.clone())],
             Command::PutOperation { operation } => {
                 vec![ObjectKey::Operation(operation.id.clone())]

@@ -716,3 +716,69 @@ fn a_deleted_project_takes_its_operations_along() {
     ok(&mut s, Command::DeleteProject { name: "p".into() });
     assert!(s.operations.is_empty());
 }
+
+#[test]
+fn aliases_are_created_once_and_images_unshared_per_project() {
+    let mut s = base(&[]);
+    let alias = |project: &str, name: &str| Alias {
+        name: alias_key(project, name),
+        project: project.into(),
+        target: FP.into(),
+        description: String::new(),
+    };
+    ok(
+        &mut s,
+        Command::CreateAlias {
+            alias: alias("p", "base"),
+        },
+    );
+    let e = rejected(
+        &mut s,
+        Command::CreateAlias {
+            alias: alias("p", "base"),
+        },
+        ApplyErrorKind::Conflict,
+    );
+    assert_eq!(e.message, "image alias \"base\" already exists");
+    // The same name in another project is another alias.
+    ok(
+        &mut s,
+        Command::CreateAlias {
+            alias: alias("default", "base"),
+        },
+    );
+    // An image p holds with q: p lets go of it and of its aliases; q keeps it.
+    s.images.get_mut(FP).unwrap().projects = ["p".to_string(), "q".to_string()].into();
+    let keys = Command::UnshareImage {
+        fingerprint: FP.into(),
+        project: "p".into(),
+    }
+    .touched(&s);
+    assert!(keys.contains(&ObjectKey::Alias("p@base".into())));
+    ok(
+        &mut s,
+        Command::UnshareImage {
+            fingerprint: FP.into(),
+            project: "p".into(),
+        },
+    );
+    assert_eq!(s.images[FP].projects, ["q".to_string()].into());
+    assert!(!s.aliases.contains_key("p@base") && s.aliases.contains_key("base"));
+    // Never down to no project (that would share it with everyone).
+    rejected(
+        &mut s,
+        Command::UnshareImage {
+            fingerprint: FP.into(),
+            project: "q".into(),
+        },
+        ApplyErrorKind::Invalid,
+    );
+    rejected(
+        &mut s,
+        Command::UnshareImage {
+            fingerprint: FP.into(),
+            project: "p".into(),
+        },
+        ApplyErrorKind::NotFound,
+    );
+}
