@@ -25,7 +25,8 @@ use super::{ApiError, Scope, SharedState};
 use crate::events::{Audience, Published};
 use crate::state::Role;
 
-/// How often the server pings the client (and rechecks the key).
+/// How often the server pings the client (and rechecks the key, which is also checked before
+/// every event frame).
 pub const PING_EVERY: Duration = Duration::from_secs(30);
 
 /// A client silent (no pong, no frame) for this long is gone.
@@ -161,6 +162,10 @@ async fn stream(
         let frame = tokio::select! {
             ev = rx.recv() => match ev {
                 Ok(p) if sub.wants(&p) => {
+                    // A key that stopped working gets nothing more (not only at the next ping).
+                    if !key_still_valid(&state.cp, &key_id, &key_hash) {
+                        break "the API key was revoked, rotated or expired";
+                    }
                     let mut event = p.event.clone();
                     event.location.clone_from(&state.name);
                     match serde_json::to_string(&event) {
@@ -443,6 +448,28 @@ mod tests {
             seen.push(ev["metadata"]["source"].as_str().unwrap().to_string());
         }
         assert_eq!(seen, ["/1.0/profiles/d1", "/1.0/profiles/w1?project=p1"]);
+
+        // A revoked key gets no further event: its stream closes at the next one.
+        cp.write(Command::DeleteApiKey { id: "k2".into() })
+            .await
+            .unwrap();
+        cp.write(Command::By {
+            requestor: alice.clone(),
+            idempotency: None,
+            command: Box::new(Command::CreateProfile {
+                profile: crate::state::Profile {
+                    name: crate::state::scoped_name("p1", "w2"),
+                    project: "p1".into(),
+                    ..Default::default()
+                },
+            }),
+        })
+        .await
+        .unwrap();
+        let (op, _) = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut member))
+            .await
+            .unwrap();
+        assert_eq!(op, 8, "a close frame, not the event");
         server.abort();
         cp.shutdown().await;
     }
