@@ -241,6 +241,8 @@ pub fn alias_mark(description: &str) -> (Option<&str>, &str) {
 /// What exists, as read from the API.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Actual {
+    /// Node names, when the key may list them.
+    pub nodes: Option<Vec<String>>,
     pub projects: Vec<ActualObject>,
     pub profiles: Vec<ActualObject>,
     pub aliases: Vec<ActualAlias>,
@@ -392,6 +394,72 @@ fn config_diff(want: &BTreeMap<String, String>, have: &BTreeMap<String, String>)
 
 fn describe_keys(keys: &[String]) -> String {
     format!("config {}", keys.join(" "))
+}
+
+/// Checks, before anything is planned or changed, what would make the apply fail half-way:
+/// objects in a project that neither exists (for this key) nor is declared, images that do not
+/// resolve, and target nodes that do not exist (when the key may list nodes). The error names
+/// the object.
+pub fn check(
+    stack: &Stack,
+    actual: &Actual,
+    fingerprint: &dyn Fn(&str, &str) -> Option<String>,
+) -> Result<(), String> {
+    let project_known = |p: &str| {
+        actual.projects.iter().any(|a| a.name == p) || stack.projects.iter().any(|s| s.name == p)
+    };
+    let missing_project = |kind: &str, project: &str, name: &str| {
+        format!(
+            "{kind} {project}/{name}: project {project} does not exist (or this key cannot see it) and the stack does not declare it"
+        )
+    };
+    // An image is found when the server resolves it, or when the stack itself makes an alias
+    // of that name (in the project, or in the default project every project falls back to).
+    let image_known = |project: &str, image: &str| {
+        fingerprint(project, image).is_some()
+            || stack.image_aliases.iter().any(|a| {
+                a.name == image
+                    && (a.project == project || a.project == DEFAULT_PROJECT)
+                    && fingerprint(&a.project, &a.image).is_some()
+            })
+    };
+    for p in &stack.profiles {
+        if !project_known(&p.project) {
+            return Err(missing_project("profile", &p.project, &p.name));
+        }
+    }
+    for a in &stack.image_aliases {
+        if !project_known(&a.project) {
+            return Err(missing_project("image alias", &a.project, &a.name));
+        }
+        if fingerprint(&a.project, &a.image).is_none() {
+            return Err(format!(
+                "image alias {}/{}: image {} not found",
+                a.project, a.name, a.image
+            ));
+        }
+    }
+    for i in &stack.instances {
+        if !project_known(&i.project) {
+            return Err(missing_project("instance", &i.project, &i.name));
+        }
+        if !image_known(&i.project, &i.image) {
+            return Err(format!(
+                "instance {}/{}: image {} not found",
+                i.project, i.name, i.image
+            ));
+        }
+        if let Some(nodes) = &actual.nodes
+            && !i.target.is_empty()
+            && !nodes.contains(&i.target)
+        {
+            return Err(format!(
+                "instance {}/{}: node {} does not exist",
+                i.project, i.name, i.target
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Computes the plan: per object of the stack, create, update in place, replace or nothing;
@@ -775,6 +843,40 @@ instances:
         );
         assert_eq!(line("old"), "delete   instance shop/old");
         assert!(changes.iter().all(|c| c.name != "foreign"));
+    }
+
+    #[test]
+    fn checks_fail_before_anything_changes() {
+        let s = stack();
+        let a = converged(&s);
+        assert_eq!(check(&s, &a, &fp), Ok(()));
+        // Nothing resolves: the alias (and so the instances using it) cannot be made.
+        let none = |_: &str, _: &str| None;
+        let e = check(&s, &a, &none).unwrap_err();
+        assert!(
+            e.starts_with("image alias shop/base: image busybox not found"),
+            "{e}"
+        );
+        let mut bad = s.clone();
+        bad.instances[0].image = "nosuchimage".into();
+        let only_busybox = |_: &str, i: &str| (i == "busybox").then(|| "f".repeat(64));
+        let e = check(&bad, &a, &only_busybox).unwrap_err();
+        assert_eq!(e, "instance shop/web1: image nosuchimage not found");
+        // An alias the stack makes counts.
+        bad.instances[0].image = "base".into();
+        assert_eq!(check(&bad, &a, &only_busybox), Ok(()));
+        let mut far = s.clone();
+        far.instances[0].target = "n9".into();
+        let mut known = a.clone();
+        known.nodes = Some(vec!["n1".into()]);
+        assert_eq!(
+            check(&far, &known, &fp).unwrap_err(),
+            "instance shop/web1: node n9 does not exist"
+        );
+        let mut lost = s.clone();
+        lost.projects.clear();
+        let e = check(&lost, &Actual::default(), &fp).unwrap_err();
+        assert!(e.contains("project shop does not exist"), "{e}");
     }
 
     #[test]

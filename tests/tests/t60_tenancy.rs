@@ -516,6 +516,16 @@ fn apply_converges_reports_drift_and_destroys() -> Result<()> {
     assert_eq!(image_of(&before, "web2")?, image_of(&after, "web2")?);
     let out = c.berth_ok(&["apply", "-f", &changed_path])?;
     assert!(out.contains("No changes"), "{out}");
+    // A replace whose new image does not exist changes nothing (checked before any change).
+    let broken = changed.replace("    image: other", "    image: nosuchimage");
+    std::fs::write(&changed_file, &broken)?;
+    let err = c.berth_err(&["apply", "-f", &changed_path])?;
+    assert!(
+        err.contains("instance shop/batch: image nosuchimage not found"),
+        "{err}"
+    );
+    let still = c.berth_ok(&["list", "--project", "shop", "--format", "json"])?;
+    assert_eq!(image_of(&after, "batch")?, image_of(&still, "batch")?);
     // Back to the file in docs/ for the checks below.
     c.berth_ok(&["apply", "-f", stack])?;
 

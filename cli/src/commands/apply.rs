@@ -70,6 +70,19 @@ fn in_project(path: &str, project: &str) -> String {
 /// Reads what exists in every project the key can see (and the stack's projects).
 async fn read_actual(client: &Client, s: &Stack) -> anyhow::Result<Actual> {
     let mut actual = Actual::default();
+    // Node names when this key may list them (restricted keys may not: targets are then
+    // checked by the server only).
+    actual.nodes = client
+        .get::<Vec<serde_json::Value>>("/1.0/cluster/members?recursion=1")
+        .await
+        .ok()
+        .map(|members| {
+            members
+                .iter()
+                .filter_map(|m| m.get("server_name").and_then(|n| n.as_str()))
+                .map(str::to_string)
+                .collect()
+        });
     let projects: Vec<Project> = client.get("/1.0/projects?recursion=1").await?;
     for p in &projects {
         actual.projects.push(ActualObject {
@@ -131,8 +144,14 @@ async fn read_actual(client: &Client, s: &Stack) -> anyhow::Result<Actual> {
     Ok(actual)
 }
 
-/// Resolves every image the stack names to a fingerprint, where the server can.
-async fn resolve_images(client: &Client, s: &Stack) -> BTreeMap<(String, String), String> {
+/// Resolves every image the stack names to a fingerprint, where the server can. A project the
+/// stack has yet to create would see the shared images of the default project: those are
+/// asked for there.
+async fn resolve_images(
+    client: &Client,
+    s: &Stack,
+    actual: &Actual,
+) -> BTreeMap<(String, String), String> {
     let mut out = BTreeMap::new();
     let wanted = s
         .instances
@@ -147,10 +166,15 @@ async fn resolve_images(client: &Client, s: &Stack) -> BTreeMap<(String, String)
         if out.contains_key(&(project.clone(), image.clone())) {
             continue;
         }
+        let asked = if actual.projects.iter().any(|p| p.name == project) {
+            project.clone()
+        } else {
+            stack::DEFAULT_PROJECT.to_string()
+        };
         let alias: Result<serde_json::Value, ClientError> = client
             .get(&in_project(
                 &format!("/1.0/images/aliases/{}", encode_query(&image)),
-                &project,
+                &asked,
             ))
             .await;
         let fp = match alias {
@@ -158,7 +182,7 @@ async fn resolve_images(client: &Client, s: &Stack) -> BTreeMap<(String, String)
             Err(_) => client
                 .get::<serde_json::Value>(&in_project(
                     &format!("/1.0/images/{}", encode_query(&image)),
-                    &project,
+                    &asked,
                 ))
                 .await
                 .ok()
@@ -177,9 +201,10 @@ async fn resolve_images(client: &Client, s: &Stack) -> BTreeMap<(String, String)
 
 async fn plan_for(client: &Client, s: &Stack) -> anyhow::Result<(Vec<Change>, Actual)> {
     let actual = read_actual(client, s).await?;
-    let fps = resolve_images(client, s).await;
+    let fps = resolve_images(client, s, &actual).await;
     let resolve =
         |project: &str, image: &str| fps.get(&(project.to_string(), image.to_string())).cloned();
+    stack::check(s, &actual, &resolve).map_err(|e| anyhow::anyhow!("{e}; nothing was changed"))?;
     Ok((stack::plan(s, &actual, &resolve), actual))
 }
 
@@ -243,15 +268,16 @@ async fn execute(
     let order = [Kind::Project, Kind::Profile, Kind::Alias, Kind::Instance];
     for kind in order {
         for c in changes.iter().filter(|c| c.kind == kind) {
-            match &c.action {
-                Action::Create => create(client, s, c).await?,
-                Action::Update(_) => update(client, s, actual, c).await?,
-                Action::Replace(_) => {
-                    delete(client, actual, c).await?;
-                    create(client, s, c).await?;
-                }
+            let done = match &c.action {
+                Action::Create => create(client, s, c).await,
+                Action::Update(_) => update(client, s, actual, c).await,
+                Action::Replace(_) => match delete(client, actual, c).await {
+                    Ok(()) => create(client, s, c).await,
+                    Err(e) => Err(e),
+                },
                 Action::Delete | Action::Nothing => continue,
-            }
+            };
+            done.map_err(|e| anyhow::anyhow!("{} {}: {e}", c.kind, c.label()))?;
             say(&format!("done     {} {}", c.kind, c.label()));
         }
     }
@@ -260,7 +286,9 @@ async fn execute(
             .iter()
             .filter(|c| c.kind == *kind && c.action == Action::Delete)
         {
-            delete(client, actual, c).await?;
+            delete(client, actual, c)
+                .await
+                .map_err(|e| anyhow::anyhow!("{} {}: {e}", c.kind, c.label()))?;
             say(&format!("deleted  {} {}", c.kind, c.label()));
         }
     }
