@@ -1229,6 +1229,15 @@ async fn t10_instances_lifecycle() {
     f.run_with(&["config", "edit", "web1"], edited.as_bytes(), true)
         .await;
     assert_eq!(f.ok(&["config", "get", "web1", "user.a"]).await, "edited\n");
+    let o = f
+        .run_with(&["config", "edit", "web1"], b"# emptied\n", true)
+        .await;
+    assert_eq!(o.code, 1);
+    assert_eq!(
+        o.stderr,
+        "Error: the edited text is empty; nothing was changed\n"
+    );
+    assert_eq!(f.ok(&["config", "get", "web1", "user.a"]).await, "edited\n");
 
     // Bad local input never reaches the server.
     let before = f.request_count();
@@ -2167,6 +2176,29 @@ async fn t70_projects_and_the_current_project() {
         "{}",
         o.stderr
     );
+    // An empty edit (no input, or only comments) changes nothing instead of wiping the project.
+    let before = f.request_count();
+    for input in [&b""[..], b"  \n", b"# nothing here\n"] {
+        let o = f
+            .run_with(&["project", "edit", "team-a"], input, false)
+            .await;
+        assert_eq!(o.code, 1, "{input:?}");
+        assert_eq!(
+            o.stderr,
+            "Error: the edited text is empty; nothing was changed\n"
+        );
+    }
+    assert!(
+        f.requests_since(before)
+            .iter()
+            .all(|r| !r.starts_with("PUT")),
+        "{:?}",
+        f.requests_since(before)
+    );
+    assert_eq!(
+        f.state.lock().unwrap().projects["team-a"].description,
+        "Team A, edited"
+    );
 
     // rename and delete keep the current project right.
     f.conf_ok(&["project", "rename", "team-a", "team-b"]).await;
@@ -2257,6 +2289,18 @@ async fn t71_profiles_and_launch() {
     assert_eq!(
         f.state.lock().unwrap().profiles[&("p1".to_string(), "web".to_string())].config["limits.cpu"],
         "3"
+    );
+    let at_edit = f.request_count();
+    let o = f.run_with(&["profile", "edit", "web"], b"", false).await;
+    assert_eq!(o.code, 1);
+    assert_eq!(
+        o.stderr,
+        "Error: the edited text is empty; nothing was changed\n"
+    );
+    assert!(
+        f.requests_since(at_edit)
+            .iter()
+            .all(|r| !r.starts_with("PUT"))
     );
 
     // launch -p, in order; then assign/add/remove with If-Match.

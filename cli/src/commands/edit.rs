@@ -14,6 +14,23 @@ pub fn parse_yaml<T: DeserializeOwned>(text: &str) -> anyhow::Result<T> {
     serde_yaml::from_str(text).map_err(|e| anyhow::anyhow!("cannot parse the YAML: {e}"))
 }
 
+/// The one sentence an edit with no content gets (nothing is sent to the server).
+pub const EMPTY_EDIT: &str = "the edited text is empty; nothing was changed";
+
+/// Whether the edited text holds nothing: only whitespace, comments or an empty document
+/// (which would otherwise parse as an object with every field at its default and wipe it).
+pub fn is_empty_edit(text: &str) -> bool {
+    let blank = text.lines().all(|l| {
+        let l = l.trim();
+        l.is_empty() || l.starts_with('#')
+    });
+    blank
+        || matches!(
+            serde_yaml::from_str::<serde_yaml::Value>(text),
+            Ok(serde_yaml::Value::Null)
+        )
+}
+
 /// Parses YAML into `T`, ignoring the top-level keys `read_only` (the fields `show` prints but
 /// an edit cannot change, such as `name` or `used_by`), so that `show | edit` works.
 pub fn parse_yaml_ignoring<T: DeserializeOwned>(
@@ -54,6 +71,9 @@ pub fn edit_ignoring<T: Serialize + DeserializeOwned>(
     } else {
         let mut text = String::new();
         std::io::stdin().read_to_string(&mut text)?;
+        if is_empty_edit(&text) {
+            anyhow::bail!(EMPTY_EDIT);
+        }
         parse_yaml_ignoring(&text, read_only)
     }
 }
@@ -97,6 +117,9 @@ fn edit_in_editor<T: DeserializeOwned>(text: &str, read_only: &[&str]) -> anyhow
                 anyhow::bail!("the editor {editor} failed ({status})");
             }
             let edited = std::fs::read_to_string(&path)?;
+            if is_empty_edit(&edited) {
+                anyhow::bail!(EMPTY_EDIT);
+            }
             match parse_yaml_ignoring(&edited, read_only) {
                 Ok(v) => return Ok(v),
                 Err(e) => {
@@ -142,6 +165,16 @@ mod tests {
         let e =
             parse_yaml_ignoring::<ProjectPut>("description: x\nbogus: 1\n", &["name"]).unwrap_err();
         assert!(e.to_string().contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn empty_edits_are_recognised() {
+        for text in ["", "  \n\t\n", "# all gone\n  # really\n", "---\n", "~\n"] {
+            assert!(is_empty_edit(text), "{text:?}");
+        }
+        for text in ["description: ''\n", "{}\n", "config: {}\n", "bogus: [\n"] {
+            assert!(!is_empty_edit(text), "{text:?}");
+        }
     }
 
     #[test]
