@@ -18,10 +18,11 @@
 //! sessions) do not take part at all: the header is ignored there (no tag, no record), so that
 //! no secret is ever written into the replicated state.
 //!
-//! Only requests whose body is JSON (or empty) take part: the body is buffered (up to
-//! [`super::MAX_JSON_BODY`]) to hash it before the handler runs. Uploads (file push, image
-//! upload: other content types with a body) carrying the header are refused with a 400 rather
-//! than silently not deduplicated.
+//! Requests with a JSON body (or any other non-binary body: `curl -d` sends
+//! `application/x-www-form-urlencoded`), or none, take part: the body is buffered (up to
+//! [`super::MAX_JSON_BODY`]) to hash it before the handler runs. Binary uploads
+//! (`application/octet-stream`, archives, `multipart/*`: file push, image upload) carrying the
+//! header are refused with a 400 rather than silently not deduplicated.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -156,7 +157,25 @@ pub fn request_hash(method: &Method, path: &str, query: &str, body: &[u8]) -> St
     hex::encode(h.finalize())
 }
 
-/// Whether the body can be buffered and hashed: JSON, or no content type, or empty.
+/// Content types of binary uploads (image upload, file push): a request carrying one of these
+/// with a body does not take part in idempotency.
+fn is_upload_type(essence: &str) -> bool {
+    matches!(
+        essence,
+        "application/octet-stream"
+            | "application/x-tar"
+            | "application/gzip"
+            | "application/x-gzip"
+            | "application/x-xz"
+            | "application/zstd"
+            | "application/x-zstd"
+            | "application/x-bzip2"
+    ) || essence.starts_with("multipart/")
+}
+
+/// Whether the body can be buffered and hashed: anything but a binary upload (JSON, no
+/// content type, `curl -d`'s form type, text...) or an empty body. Bodies larger than
+/// [`MAX_JSON_BODY`] are refused later (413).
 fn bufferable(headers: &http::HeaderMap) -> Result<(), ApiError> {
     let content_type = headers
         .get(http::header::CONTENT_TYPE)
@@ -166,7 +185,7 @@ fn bufferable(headers: &http::HeaderMap) -> Result<(), ApiError> {
         return Ok(());
     };
     let essence = ct.split(';').next().unwrap_or("").trim();
-    if essence == "application/json" || essence.ends_with("+json") {
+    if !is_upload_type(essence) {
         return Ok(());
     }
     let empty = headers
@@ -177,7 +196,7 @@ fn bufferable(headers: &http::HeaderMap) -> Result<(), ApiError> {
         return Ok(());
     }
     Err(ApiError::bad_request(format!(
-        "Idempotency-Key is supported on JSON requests only, not on uploads ({essence}); send the upload without it"
+        "Idempotency-Key is not supported on uploads ({essence}); send the upload without it"
     )))
 }
 
@@ -668,7 +687,22 @@ mod tests {
             .unwrap();
         let e = answer(&app, upload).await;
         assert_eq!(e.0, 400, "{e:?}");
-        assert!(e.2.contains("JSON requests only"), "{e:?}");
+        assert!(e.2.contains("not supported on uploads"), "{e:?}");
+        // `curl -d` sends JSON as a form: hashed like JSON, and replayed.
+        let form = |key: &str| {
+            http::Request::builder()
+                .method("POST")
+                .uri("/1.0/projects")
+                .header("authorization", "Bearer secret")
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header(HEADER, key)
+                .body(Body::from(r#"{"name":"p5"}"#))
+                .unwrap()
+        };
+        let f1 = answer(&app, form("form")).await;
+        let f2 = answer(&app, form("form")).await;
+        assert!(f1.0 < 300, "{f1:?}");
+        assert_eq!((f1.0, f1.1, &f1.2), (f2.0, !f2.1, &f2.2), "{f1:?} {f2:?}");
 
         // One project-created event naming the key, nothing for the replay or the stored
         // answers.
@@ -677,8 +711,9 @@ mod tests {
             assert_eq!(p.event.kind, "lifecycle");
             created.push(p.event.metadata.clone());
         }
-        assert_eq!(created.len(), 2, "{created:?}");
+        assert_eq!(created.len(), 3, "{created:?}");
         assert_eq!(created[1]["source"], "/1.0/projects/p4");
+        assert_eq!(created[2]["source"], "/1.0/projects/p5");
         assert_eq!(created[0]["action"], "project-created");
         assert_eq!(created[0]["source"], "/1.0/projects/p1");
         assert_eq!(created[0]["requestor"]["key"], "ci");
