@@ -563,6 +563,17 @@ fn requested_profiles(body: &serde_json::Value, listed: &[String]) -> Vec<String
     }
 }
 
+/// The fields of a create or PUT body for which `null` means absent.
+const NULLABLE: &[&str] = &["profiles", "config", "description"];
+
+/// `body` without the top-level `fields` that are `null`: a `null` there means absent.
+fn without_null(mut body: serde_json::Value, fields: &[&str]) -> serde_json::Value {
+    if let Some(obj) = body.as_object_mut() {
+        obj.retain(|k, v| !(v.is_null() && fields.contains(&k.as_str())));
+    }
+    body
+}
+
 /// `POST /1.0/instances`: create (and with `start`, start) an instance from an image, in the
 /// scope's project.
 pub async fn create(
@@ -572,7 +583,7 @@ pub async fn create(
     JsonBody(raw): JsonBody<serde_json::Value>,
 ) -> Result<Response, ApiError> {
     scope.require_write()?;
-    let req: InstancesPost = serde_json::from_value(raw.clone())
+    let req: InstancesPost = serde_json::from_value(without_null(raw.clone(), NULLABLE))
         .map_err(|e| ApiError::bad_request(format!("request body is not a valid instance: {e}")))?;
     let profiles = requested_profiles(&raw, &req.profiles);
     api::names::validate_instance_name(&req.name).map_err(ApiError::bad_request)?;
@@ -925,9 +936,13 @@ pub async fn put(
     scope: Scope,
     Path(name): Path<String>,
     headers: HeaderMap,
-    JsonBody(body): JsonBody<InstancePut>,
+    JsonBody(raw): JsonBody<serde_json::Value>,
 ) -> Result<Response, ApiError> {
     scope.require_write()?;
+    // `"profiles": null` is as if absent: no profile (PUT replaces everything); so for the
+    // config and the description.
+    let body: InstancePut = serde_json::from_value(without_null(raw, NULLABLE))
+        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))?;
     let wanted = if_match(&headers)?;
     if body.ephemeral {
         return Err(ApiError::bad_request(
@@ -1432,6 +1447,31 @@ mod tests {
         assert_eq!((a.name.as_str(), a.project.as_str()), ("web", "p"));
         assert_eq!(a.config, map(&[("limits.memory", "1GiB")]));
         assert_eq!(instance_url(&i), "/1.0/instances/web?project=p");
+    }
+
+    #[test]
+    fn null_profiles_are_absent() {
+        let body = without_null(
+            serde_json::json!({"name": "a", "source": {"type": "image", "alias": "d"},
+                "profiles": null, "description": null, "start": null}),
+            NULLABLE,
+        );
+        assert!(body.get("profiles").is_none());
+        assert!(body["start"].is_null(), "only the named fields go");
+        assert!(serde_json::from_value::<InstancesPost>(body.clone()).is_err());
+        let body = without_null(body, &["start"]);
+        let req: InstancesPost = serde_json::from_value(body).unwrap();
+        assert!(req.profiles.is_empty());
+        let put: InstancePut = serde_json::from_value(without_null(
+            serde_json::json!({"profiles": null}),
+            &["profiles"],
+        ))
+        .unwrap();
+        assert!(put.profiles.is_empty());
+        // PATCH: null leaves the list as it is.
+        let patch: InstancePatch =
+            serde_json::from_value(serde_json::json!({"profiles": null})).unwrap();
+        assert_eq!(patch.profiles, None);
     }
 
     #[test]
