@@ -438,4 +438,39 @@ mod tests {
         assert!(matches!(parse(&["version"]), Command::Version));
         assert!(Cli::try_parse_from(["berth", "file", "push", "only-one"]).is_err());
     }
+
+    #[test]
+    fn values_may_start_with_a_hyphen() {
+        // Negative numbers reach the validators (which say what is wrong with them), and
+        // options after KEY VALUE still count as options.
+        for args in [
+            &["project", "set", "auda", "limits.cpu", "-1"][..],
+            &["project", "set", "auda", "limits.cpu=-1", "--project", "p"],
+            &[
+                "profile",
+                "set",
+                "web",
+                "limits.cpu",
+                "-1",
+                "--project",
+                "p",
+            ],
+            &["config", "set", "web1", "limits.cpu", "-1.5"],
+            &["key", "create", "k", "--role", "member", "--expires", "-1d"],
+            &["key", "rotate", "k", "--expires", "-1d"],
+        ] {
+            let mut full = vec!["berth"];
+            full.extend_from_slice(args);
+            let cli = Cli::try_parse_from(&full).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            if args.contains(&"--project") {
+                assert_eq!(cli.project.as_deref(), Some("p"), "{args:?}");
+            }
+        }
+        match parse(&["key", "create", "k", "--role", "member", "--expires", "-1d"]) {
+            Command::Key {
+                command: key::KeyCommand::Create { expires, .. },
+            } => assert_eq!(expires.as_deref(), Some("-1d")),
+            other => panic!("{other:?}"),
+        }
+    }
 }

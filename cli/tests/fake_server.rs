@@ -2029,6 +2029,10 @@ async fn t70_projects_and_the_current_project() {
             "Error: limits.instances \"-1\" must be a whole number of 0 or more\n",
         ),
         (&["project", "set", "p", "limits.memory", "lots"], ""),
+        (
+            &["project", "set", "auda", "limits.cpu", "-1"],
+            "Error: limits.cpu \"-1\" must be a whole number of 0 or more\n",
+        ),
         (&["list", "--project", "Not_ok"], ""),
     ] {
         let o = f.run_with(args, b"", false).await;
@@ -2407,6 +2411,14 @@ async fn t72_keys_and_monitor() {
         (
             &["key", "rotate", "ci", "--expires", "0d"],
             "Error: --expires: duration \"0d\" must be more than zero\n",
+        ),
+        (
+            &["key", "create", "k", "--role", "member", "--expires", "-1d"],
+            "Error: --expires: \"-1d\" is not a duration (expected a number with s, m, h, d or w, such as 30d)\n",
+        ),
+        (
+            &["key", "rotate", "k", "--expires", "-1d"],
+            "Error: --expires: \"-1d\" is not a duration (expected a number with s, m, h, d or w, such as 30d)\n",
         ),
         (
             &["monitor", "--type", "logging"],

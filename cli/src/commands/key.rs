@@ -28,7 +28,7 @@ pub enum KeyCommand {
         #[arg(long)]
         role: String,
         /// How long the key works (30d, 12h, 2w; default: no expiry)
-        #[arg(long, value_name = "DURATION")]
+        #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
         expires: Option<String>,
     },
     /// List API keys (never their secrets)
@@ -56,7 +56,7 @@ pub enum KeyCommand {
         /// Key name, optionally REMOTE:NAME
         name: String,
         /// A new validity from now (30d); default: keep the current expiry
-        #[arg(long, value_name = "DURATION")]
+        #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
         expires: Option<String>,
     },
 }
@@ -183,6 +183,7 @@ pub async fn run(ctx: &Ctx, command: KeyCommand) -> anyhow::Result<i32> {
             role,
             expires,
         } => {
+            check_expires(expires.as_deref())?;
             let (client, key_name) = ctx.resolve(&name)?;
             let body = create_body(key_name, &role, client.project(), expires.as_deref())?;
             let created: KeyCreated = crate::client::decode_metadata(
@@ -214,10 +215,10 @@ pub async fn run(ctx: &Ctx, command: KeyCommand) -> anyhow::Result<i32> {
             say(&format!("Key {name} revoked"));
         }
         KeyCommand::Rotate { name, expires } => {
-            let (client, name) = key_arg(ctx, &name)?;
             let body = KeyRotatePost {
                 expires_in: check_expires(expires.as_deref())?,
             };
+            let (client, name) = key_arg(ctx, &name)?;
             let created: KeyCreated = crate::client::decode_metadata(
                 client
                     .sync(

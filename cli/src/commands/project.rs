@@ -53,8 +53,8 @@ pub enum ProjectCommand {
     Set {
         /// Project name, optionally REMOTE:NAME
         name: String,
-        /// KEY VALUE, or one or more KEY=VALUE
-        #[arg(required = true, num_args = 1..)]
+        /// KEY VALUE, or one or more KEY=VALUE (a negative number is a VALUE; any other VALUE starting with "-" goes after "--")
+        #[arg(required = true, num_args = 1.., allow_negative_numbers = true)]
         pairs: Vec<String>,
     },
     /// Unset a project config key
