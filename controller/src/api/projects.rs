@@ -68,6 +68,17 @@ impl ListQuery {
     }
 }
 
+/// `GET /1.0/projects?recursion=&filter=`.
+#[derive(Debug, Default, Deserialize)]
+pub struct ProjectsQuery {
+    #[serde(default)]
+    recursion: u8,
+    /// An LXD-style filter ([`super::filter`]) on the projects as the API shows them (`name`,
+    /// `description`, `config.*`).
+    #[serde(default)]
+    filter: String,
+}
+
 /// Whether `who` may see project `name`: fleet keys see all, others their own.
 fn visible(who: &Identity, name: &str) -> bool {
     who.is_fleet() || who.project == name
@@ -149,8 +160,9 @@ fn project_names(s: &Model) -> Vec<String> {
 pub async fn list(
     State(state): State<SharedState>,
     who: Identity,
-    Query(q): Query<ListQuery>,
+    Query(q): Query<ProjectsQuery>,
 ) -> Result<Response, ApiError> {
+    let filter = super::instances::parse_filter(&q.filter)?;
     let projects: Vec<t::Project> = state
         .cp
         .read(|s| {
@@ -158,10 +170,11 @@ pub async fn list(
                 .into_iter()
                 .filter(|n| visible(&who, n))
                 .filter_map(|n| project_view(s, &n))
+                .filter(|p| super::instances::passes(filter.as_ref(), p))
                 .collect()
         })
         .await?;
-    if q.recursion() == 0 {
+    if q.recursion == 0 {
         return Ok(sync(
             projects.iter().map(|p| url(&p.name)).collect::<Vec<_>>(),
         ));
@@ -666,6 +679,11 @@ mod tests {
             .await;
         assert_eq!(body["metadata"][0]["name"], "a");
         assert_eq!(body["metadata"].as_array().unwrap().len(), 1);
+        // A filter never shows what the key cannot see.
+        let (_, body) = api
+            .call(MEMBER_A, "GET", "/1.0/projects?filter=name%20eq%20b", None)
+            .await;
+        assert_eq!(body["metadata"], serde_json::json!([]));
 
         let own = api
             .send(MEMBER_A, "GET", "/1.0/projects/a", None, &[])
@@ -780,6 +798,39 @@ mod tests {
             )
             .await;
         assert_eq!(status, 200, "{body}");
+        for (filter, want) in [
+            ("name%20eq%20c", serde_json::json!(["/1.0/projects/c"])),
+            (
+                "description%20eq%20%22team%20c%22",
+                serde_json::json!(["/1.0/projects/c"]),
+            ),
+            (
+                "config.restricted%20eq%20true%20or%20name%20eq%20a",
+                serde_json::json!(["/1.0/projects/a", "/1.0/projects/c"]),
+            ),
+            (
+                "not%20config.limits.instances%20eq%20%22%22",
+                serde_json::json!(["/1.0/projects/c"]),
+            ),
+        ] {
+            let (status, list) = api
+                .call(
+                    OPERATOR,
+                    "GET",
+                    &format!("/1.0/projects?filter={filter}"),
+                    None,
+                )
+                .await;
+            assert_eq!(
+                (status, &list["metadata"]),
+                (200, &want),
+                "{filter}: {list}"
+            );
+        }
+        let (status, bad) = api
+            .call(ADMIN, "GET", "/1.0/projects?filter=name%20eq", None)
+            .await;
+        assert_eq!(status, 400, "{bad}");
         assert_eq!(
             body["metadata"]["used_by"],
             serde_json::json!(["/1.0/profiles/default?project=c"])
