@@ -57,6 +57,10 @@ pub struct RawRuntime {
     /// How many host ids from `idmap_start` this agent may hand out (default: up to the top
     /// of the id space). Agents sharing a host need ranges that do not overlap.
     pub idmap_size: Option<u32>,
+    /// Tags this agent's cgroup names (`berth-<tag>.payload.<instance>`) so several agents on
+    /// one host never share a cgroup; 1 to 32 of `a-z`, `0-9`, `-`. Default empty: the
+    /// untagged `berth.payload.<instance>` of the one agent of a normal host.
+    pub cgroup_tag: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -123,6 +127,8 @@ pub struct Config {
     pub labels: BTreeMap<String, String>,
     pub lxcfs_dir: PathBuf,
     pub idmap_range: crate::runtime::IdRange,
+    /// `[runtime] cgroup_tag`, validated ("" = no tag).
+    pub cgroup_tag: String,
     pub storage: StorageConfig,
     pub bridge: String,
     pub bridge_ipv4_cidr: Option<String>,
@@ -207,6 +213,13 @@ impl Config {
             })?;
         }
         let idmap_range = idmap_range(raw.runtime.idmap_start, raw.runtime.idmap_size)?;
+        let cgroup_tag = raw.runtime.cgroup_tag.unwrap_or_default();
+        if !cgroup_tag.is_empty() {
+            crate::cgroup::validate_tag(&cgroup_tag).map_err(|message| ConfigError::Invalid {
+                key: "runtime.cgroup_tag",
+                message,
+            })?;
+        }
         Ok(Config {
             name,
             state_dir: raw
@@ -222,6 +235,7 @@ impl Config {
                 .lxcfs_dir
                 .unwrap_or_else(|| PathBuf::from("/var/lib/berth/lxcfs")),
             idmap_range,
+            cgroup_tag,
             storage: StorageConfig {
                 driver,
                 source: raw.storage.source,
@@ -366,10 +380,12 @@ mod tests {
         assert_eq!(c.run_dir, PathBuf::from("/run/berth"));
         assert_eq!(c.idmap_range, crate::runtime::IdRange::default());
         assert!(c.labels.is_empty() && c.controllers.is_empty());
+        assert_eq!(c.cgroup_tag, "");
         let raw: RawConfig = toml::from_str(
             "name = \"n1\"\ncontrollers = [\"10.99.0.11:8444\", \"ctl.example:8444\"]\n\
              [labels]\nrack = \"r1\"\nssd = \"true\"\n\
-             [runtime]\nidmap_start = 200000000\nidmap_size = 6553600\nlxcfs_dir = \"/x/lxcfs\"",
+             [runtime]\nidmap_start = 200000000\nidmap_size = 6553600\nlxcfs_dir = \"/x/lxcfs\"\n\
+             cgroup_tag = \"dev-n1\"",
         )
         .unwrap();
         let c = Config::validate(raw).unwrap();
@@ -383,6 +399,7 @@ mod tests {
             }
         );
         assert_eq!(c.lxcfs_dir, PathBuf::from("/x/lxcfs"));
+        assert_eq!(c.cgroup_tag, "dev-n1");
         for bad in [
             "name = \"node1\"\nbogus = 1",
             "name = \"node1\"\n[storage]\ndriver = \"zfs\"",
@@ -397,6 +414,10 @@ mod tests {
             "name = \"node1\"\n[runtime]\nidmap_start = 1000",
             "name = \"node1\"\n[runtime]\nidmap_size = 100",
             "name = \"node1\"\n[runtime]\nidmap_start = 4294960000\nidmap_size = 65536",
+            "name = \"node1\"\n[runtime]\ncgroup_tag = \"Dev\"",
+            "name = \"node1\"\n[runtime]\ncgroup_tag = \"a.b\"",
+            "name = \"node1\"\n[runtime]\ncgroup_tag = \"a_b\"",
+            "name = \"node1\"\n[runtime]\ncgroup_tag = \"123456789012345678901234567890123\"",
         ] {
             let parsed: Result<RawConfig, _> = toml::from_str(bad);
             assert!(

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use berth_proto::v1::agent_server::AgentServer;
 use tracing::info;
 
+use crate::agent_lock::{AgentLock, LOCK_DIR};
 use crate::config::{Config, StorageDriverKind};
 use crate::engine::{Engine, EngineConfig};
 use crate::image::ImageStore;
@@ -27,6 +28,8 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Lock(#[from] crate::agent_lock::AgentLockError),
     #[error("storage: {0}")]
     Storage(#[from] crate::storage::StorageError),
     #[error("network: {0}")]
@@ -52,14 +55,19 @@ pub enum StartError {
 /// Everything the agent runs on, set up from the config.
 pub struct Node {
     pub cfg: Config,
+    /// This agent's lock (one agent per cgroup tag on a host), held while the node lives.
+    pub lock: AgentLock,
     pub storage: Arc<dyn StorageDriver>,
     pub network: Arc<Network>,
     pub images: Arc<ImageStore>,
     pub engine: Arc<Engine>,
 }
 
-/// Sets up storage, the host network, the image store and the engine (blocking).
+/// Takes the agent lock of the configured cgroup tag (refused when another agent with that tag
+/// runs), then sets up storage, the host network, the image store and the engine (blocking).
 pub fn prepare(cfg: Config) -> Result<Node, StartError> {
+    let lock = AgentLock::acquire(std::path::Path::new(LOCK_DIR), &cfg.cgroup_tag)?;
+    info!(lock = %lock.path().display(), cgroup_tag = %cfg.cgroup_tag, "agent lock taken");
     std::fs::create_dir_all(&cfg.state_dir).map_err(|source| StartError::Io {
         path: cfg.state_dir.clone(),
         source,
@@ -105,9 +113,11 @@ pub fn prepare(cfg: Config) -> Result<Node, StartError> {
     engine_cfg.idmap_range = cfg.idmap_range;
     engine_cfg.lxcfs_dir = cfg.lxcfs_dir.clone();
     engine_cfg.run_dir = cfg.run_dir.clone();
+    engine_cfg.cgroup_tag = cfg.cgroup_tag.clone();
     let engine = Arc::new(Engine::new(engine_cfg, storage.clone(), network.clone())?);
     Ok(Node {
         cfg,
+        lock,
         storage,
         network,
         images,

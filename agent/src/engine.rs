@@ -48,6 +48,9 @@ pub struct EngineConfig {
     pub helper_exe: PathBuf,
     /// Parent of instance cgroups under each hierarchy root ("" = the roots).
     pub cgroup_parent: String,
+    /// `[runtime] cgroup_tag`: "" names cgroups `berth.payload.<name>`, a tag
+    /// `berth-<tag>.payload.<name>` (several agents on one host need distinct tags).
+    pub cgroup_tag: String,
     /// How long a start may take until init runs.
     pub start_timeout: Duration,
     /// Host ids this engine hands to unprivileged instances.
@@ -66,6 +69,7 @@ impl EngineConfig {
             nat: true,
             helper_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
             cgroup_parent: String::new(),
+            cgroup_tag: String::new(),
             start_timeout: Duration::from_secs(60),
             idmap_range: crate::runtime::IdRange::default(),
             run_dir: PathBuf::from("/run/berth"),
@@ -192,7 +196,13 @@ impl Engine {
     ) -> Result<Engine, EngineError> {
         let dir = cfg.state_dir.join("instances");
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let cgroups = Cgroups::detect()?.with_parent(&cfg.cgroup_parent);
+        if !cfg.cgroup_tag.is_empty() {
+            crate::cgroup::validate_tag(&cfg.cgroup_tag)
+                .map_err(|e| EngineError::InvalidConfig(format!("cgroup_tag {e}")))?;
+        }
+        let cgroups = Cgroups::detect()?
+            .with_parent(&cfg.cgroup_parent)
+            .with_tag(&cfg.cgroup_tag);
         Ok(Engine {
             inner: Arc::new(Inner {
                 idmap_lock: Mutex::new(()),
@@ -1001,6 +1011,7 @@ impl Inner {
                 nat: self.cfg.nat,
             }),
             cgroup_parent: self.cfg.cgroup_parent.clone(),
+            cgroup_tag: self.cfg.cgroup_tag.clone(),
         };
         crate::runtime::write_json(&dir.monitor_config_path(), &mcfg)?;
         let _ = std::fs::remove_file(dir.stop_requested_path());

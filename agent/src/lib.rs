@@ -10,8 +10,10 @@
 //! - [`network`]: the host bridge, veth pairs and NAT,
 //! - [`sys`]: the only module with `unsafe`: raw syscalls, each with a `// SAFETY:` comment.
 //! - [`service`]: the gRPC service that maps requests onto the engine,
-//! - [`heartbeat`]: capacity and instance reports to the leading controller.
+//! - [`heartbeat`]: capacity and instance reports to the leading controller,
+//! - [`agent_lock`]: one running agent per cgroup tag on a host.
 
+pub mod agent_lock;
 pub mod cgroup;
 pub mod config;
 pub mod daemon;

@@ -1,7 +1,8 @@
 //! cgroups for instances, on cgroup v2 (unified only), v1 hybrid (v1 controllers plus an empty
 //! cgroup2 at `unified`, like this project's hosts) and pure v1.
 //!
-//! Every instance gets `berth.payload.<name>` in EVERY mounted hierarchy (each v1 controller,
+//! Every instance gets `berth.payload.<name>` (`berth-<tag>.payload.<name>` when the agent has a
+//! `[runtime] cgroup_tag`, so several agents on one host never share a cgroup) in EVERY mounted hierarchy (each v1 controller,
 //! `name=systemd` and the unified one), directly under the hierarchy root (or under a configured
 //! parent), never under the agent's own cgroup, so it outlives the agent. Ownership follows
 //! RUNTIME-NOTES §2: directory `0:<root gid>` mode 0775, `cgroup.procs`/`tasks` (v1) and
@@ -174,14 +175,63 @@ impl Limits {
     }
 }
 
-/// The cgroup directory name of an instance.
-pub fn payload_name(instance: &str) -> String {
-    format!("berth.payload.{instance}")
+/// The longest `[runtime] cgroup_tag`.
+pub const TAG_MAX: usize = 32;
+
+/// Checks a `[runtime] cgroup_tag`: 1 to 32 characters of `a-z`, `0-9` and `-`.
+pub fn validate_tag(tag: &str) -> Result<(), String> {
+    if tag.is_empty() || tag.len() > TAG_MAX {
+        return Err(format!("\"{tag}\" must be 1 to {TAG_MAX} characters long"));
+    }
+    if !tag
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        return Err(format!(
+            "\"{tag}\" may only contain lowercase letters, digits and -"
+        ));
+    }
+    Ok(())
 }
 
-/// The cgroup directory name of an instance's monitor process.
-pub fn monitor_name(instance: &str) -> String {
-    format!("berth.monitor.{instance}")
+/// The first component of every cgroup name of an agent: `berth` without a tag (the one agent
+/// of a normal host), `berth-<tag>` with one.
+pub fn name_prefix(tag: Option<&str>) -> String {
+    match tag {
+        None => "berth".to_string(),
+        Some(t) => format!("berth-{t}"),
+    }
+}
+
+/// The cgroup directory name of an instance: `berth.payload.<name>` or
+/// `berth-<tag>.payload.<name>`.
+pub fn payload_name(tag: Option<&str>, instance: &str) -> String {
+    format!("{}.payload.{instance}", name_prefix(tag))
+}
+
+/// The cgroup directory name of an instance's monitor process: `berth.monitor.<name>` or
+/// `berth-<tag>.monitor.<name>`.
+pub fn monitor_name(tag: Option<&str>, instance: &str) -> String {
+    format!("{}.monitor.{instance}", name_prefix(tag))
+}
+
+/// The instance whose payload cgroup `dirname` is, for the agent with `tag`; `None` for
+/// other agents' cgroups, monitors and anything else.
+pub fn parse_payload_name<'a>(tag: Option<&str>, dirname: &'a str) -> Option<&'a str> {
+    parse_kind(tag, "payload", dirname)
+}
+
+/// The instance whose monitor cgroup `dirname` is, for the agent with `tag`.
+pub fn parse_monitor_name<'a>(tag: Option<&str>, dirname: &'a str) -> Option<&'a str> {
+    parse_kind(tag, "monitor", dirname)
+}
+
+fn parse_kind<'a>(tag: Option<&str>, kind: &str, dirname: &'a str) -> Option<&'a str> {
+    // Tags hold no '.', so the prefix ends at the first '.': `berth-a` never matches a
+    // `berth-a-b.*` or `berth.*` directory.
+    let (prefix, rest) = dirname.split_once('.')?;
+    let name = rest.strip_prefix(kind)?.strip_prefix('.')?;
+    (prefix == name_prefix(tag) && !name.is_empty() && !name.contains('/')).then_some(name)
 }
 
 /// Device rules of privileged instances (see [`Cgroups::restrict_devices`]).
@@ -212,6 +262,8 @@ pub struct Cgroups {
     parent: PathBuf,
     /// Real cgroupfs (files cannot be unlinked, rmdir removes a cgroup with its files).
     real: bool,
+    /// The agent's `cgroup_tag` (`None`: the untagged `berth.*` names).
+    tag: Option<String>,
 }
 
 impl Cgroups {
@@ -227,6 +279,7 @@ impl Cgroups {
             hierarchies,
             parent: PathBuf::new(),
             real: true,
+            tag: None,
         })
     }
 
@@ -236,6 +289,7 @@ impl Cgroups {
             hierarchies,
             parent: PathBuf::new(),
             real,
+            tag: None,
         }
     }
 
@@ -243,6 +297,50 @@ impl Cgroups {
     pub fn with_parent(mut self, parent: impl Into<PathBuf>) -> Cgroups {
         self.parent = parent.into();
         self
+    }
+
+    /// Names cgroups with the agent's `cgroup_tag` (see [`payload_name`]); `""` means no tag.
+    /// The caller validated the tag ([`validate_tag`]).
+    pub fn with_tag(mut self, tag: &str) -> Cgroups {
+        self.tag = (!tag.is_empty()).then(|| tag.to_string());
+        self
+    }
+
+    /// The tag this agent's cgroup names carry.
+    pub fn tag(&self) -> Option<&str> {
+        self.tag.as_deref()
+    }
+
+    /// The instance's payload cgroup directory name (see [`payload_name`]).
+    pub fn payload_name(&self, instance: &str) -> String {
+        payload_name(self.tag(), instance)
+    }
+
+    /// The instance's monitor cgroup directory name (see [`monitor_name`]).
+    pub fn monitor_name(&self, instance: &str) -> String {
+        monitor_name(self.tag(), instance)
+    }
+
+    /// The instances that have a payload cgroup of this agent's tag in any hierarchy (others'
+    /// cgroups are never listed), sorted.
+    pub fn list_instances(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for h in &self.hierarchies {
+            let Ok(rd) = std::fs::read_dir(self.parent_dir(h)) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let f = e.file_name();
+                if let Some(n) = f.to_str().and_then(|f| parse_payload_name(self.tag(), f))
+                    && e.file_type().map(|t| t.is_dir()).unwrap_or(false)
+                {
+                    out.push(n.to_string());
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
     }
 
     pub fn hierarchies(&self) -> &[Hierarchy] {
@@ -267,7 +365,7 @@ impl Cgroups {
     pub fn paths(&self, instance: &str) -> Vec<PathBuf> {
         self.hierarchies
             .iter()
-            .map(|h| self.parent_dir(h).join(payload_name(instance)))
+            .map(|h| self.parent_dir(h).join(self.payload_name(instance)))
             .collect()
     }
 
@@ -282,7 +380,10 @@ impl Cgroups {
             .iter()
             .find(|h| !h.is_v2() && h.has(ctrl))
             .or_else(|| self.hierarchies.iter().find(|h| h.is_v2() && h.has(ctrl)))?;
-        Some((self.parent_dir(h).join(payload_name(instance)), h.is_v2()))
+        Some((
+            self.parent_dir(h).join(self.payload_name(instance)),
+            h.is_v2(),
+        ))
     }
 
     /// Creates the instance cgroups in every hierarchy (idempotent). `root_gid` is the host gid
@@ -296,7 +397,7 @@ impl Cgroups {
                     copy_cpuset(&h.mount, &parent)?;
                 }
             }
-            let dir = parent.join(payload_name(instance));
+            let dir = parent.join(self.payload_name(instance));
             match std::fs::create_dir(&dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -331,11 +432,11 @@ impl Cgroups {
         Ok(())
     }
 
-    /// Moves the monitor process `pid` into its own `berth.monitor.<name>` cgroup in every
+    /// Moves the monitor process `pid` into its own monitor cgroup ([`monitor_name`]) in every
     /// hierarchy, out of the agent's cgroup (so a service manager stopping the agent does not
     /// take running instances with it).
     pub fn enter_monitor(&self, instance: &str, pid: i32) -> Result<(), CgroupError> {
-        self.enter_own(&monitor_name(instance), pid)
+        self.enter_own(&self.monitor_name(instance), pid)
     }
 
     /// Moves `pid` into a cgroup `dirname` (under the configured parent) in every hierarchy,
@@ -370,7 +471,7 @@ impl Cgroups {
             if let Some(pid) = pid {
                 let _ = std::fs::write(h.mount.join("cgroup.procs"), pid.to_string());
             }
-            let dir = self.parent_dir(h).join(monitor_name(instance));
+            let dir = self.parent_dir(h).join(self.monitor_name(instance));
             if dir.is_dir() {
                 self.remove_one(&dir)?;
             }
@@ -406,7 +507,7 @@ impl Cgroups {
     pub fn exec_procs_files(&self, instance: &str) -> Result<Vec<PathBuf>, CgroupError> {
         let mut out = Vec::new();
         for h in &self.hierarchies {
-            let dir = self.parent_dir(h).join(payload_name(instance));
+            let dir = self.parent_dir(h).join(self.payload_name(instance));
             if h.is_v2() {
                 let leaf = dir.join(EXEC_LEAF);
                 match std::fs::create_dir(&leaf) {
@@ -813,12 +914,6 @@ pub fn host_resources(cg: &Cgroups) -> (Vec<u32>, u64) {
         .unwrap_or(0)
         * 1024;
     (cpus, mem)
-}
-
-/// The `cgroup.procs` files a process exec'd into `instance` must be written into, on this host
-/// (see [`Cgroups::exec_procs_files`]).
-pub fn instance_cgroup_procs_files(instance: &str) -> Result<Vec<PathBuf>, CgroupError> {
-    Cgroups::detect()?.exec_procs_files(instance)
 }
 
 #[cfg(test)]

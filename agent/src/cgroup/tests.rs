@@ -332,12 +332,126 @@ fn privileged_device_rules() {
 #[test]
 fn scoped_instance_cgroup_names() {
     // A project's instance keeps its scoped name: distinct from the default project's
-    // instance of the same own name, one path component, well under NAME_MAX.
+    // instance of the same own name, one path component, well under NAME_MAX, also with the
+    // longest tag.
     let longest = format!("{}_{}", "p".repeat(63), "w".repeat(63));
-    for n in ["acme_web1", longest.as_str()] {
-        for d in [payload_name(n), monitor_name(n)] {
-            assert!(d.len() <= 255 && !d.contains('/'), "{d}");
+    let long_tag = "t".repeat(TAG_MAX);
+    for tag in [None, Some(long_tag.as_str())] {
+        for n in ["acme_web1", longest.as_str()] {
+            for d in [payload_name(tag, n), monitor_name(tag, n)] {
+                assert!(d.len() <= 255 && !d.contains('/'), "{d}");
+            }
+        }
+        assert_ne!(payload_name(tag, "acme_web1"), payload_name(tag, "web1"));
+    }
+}
+
+#[test]
+fn tagged_names_and_parsing() {
+    assert_eq!(payload_name(None, "c1"), "berth.payload.c1");
+    assert_eq!(monitor_name(None, "c1"), "berth.monitor.c1");
+    assert_eq!(
+        payload_name(Some("dev-n1"), "a_web"),
+        "berth-dev-n1.payload.a_web"
+    );
+    assert_eq!(
+        monitor_name(Some("dev-n1"), "a_web"),
+        "berth-dev-n1.monitor.a_web"
+    );
+    for tag in [None, Some("dev-n1"), Some("e2e1a2b3c")] {
+        for n in ["c1", "acme_web1"] {
+            assert_eq!(parse_payload_name(tag, &payload_name(tag, n)), Some(n));
+            assert_eq!(parse_monitor_name(tag, &monitor_name(tag, n)), Some(n));
+            assert_eq!(parse_payload_name(tag, &monitor_name(tag, n)), None);
+            assert_eq!(parse_monitor_name(tag, &payload_name(tag, n)), None);
         }
     }
-    assert_ne!(payload_name("acme_web1"), payload_name("web1"));
+    // Never another agent's cgroups: no tag vs a tag, a tag vs a longer one.
+    assert_eq!(parse_payload_name(None, "berth-a.payload.x"), None);
+    assert_eq!(parse_payload_name(Some("a"), "berth.payload.x"), None);
+    assert_eq!(parse_payload_name(Some("a"), "berth-a-b.payload.x"), None);
+    assert_eq!(parse_payload_name(Some("a-b"), "berth-a.payload.x"), None);
+    for bad in [
+        "berth.payload.",
+        "berth.payload",
+        "berth.lxcfs",
+        "system.slice",
+        "berth",
+    ] {
+        assert_eq!(parse_payload_name(None, bad), None, "{bad}");
+    }
+    for ok in ["a", "dev-n1", "e2e0a1b2c", &"x".repeat(TAG_MAX)] {
+        assert!(validate_tag(ok).is_ok(), "{ok}");
+    }
+    for bad in [
+        "",
+        "Dev",
+        "a.b",
+        "a_b",
+        "a/b",
+        "a b",
+        &"x".repeat(TAG_MAX + 1),
+    ] {
+        assert!(validate_tag(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn tagged_cgroups_are_separate() {
+    // Two agents on one host with an instance of the same name: each has its own cgroups in
+    // every hierarchy (v1 controllers, name=systemd, unified), and neither sees the other's.
+    let f = fake_hybrid();
+    let a = f.cg.clone().with_tag("n1");
+    let b = f.cg.clone().with_tag("n2");
+    let plain = f.cg.clone().with_tag("");
+    assert_eq!(plain.tag(), None);
+    for cg in [&a, &b, &plain] {
+        cg.create("web", None).unwrap();
+        cg.apply_limits(
+            "web",
+            &Limits {
+                cpus: Some(vec![1]),
+                ..Limits::default()
+            },
+        )
+        .unwrap();
+    }
+    for h in ["memory", "cpuset", "systemd", "unified"] {
+        for d in [
+            "berth-n1.payload.web",
+            "berth-n2.payload.web",
+            "berth.payload.web",
+        ] {
+            assert!(f.root.join(h).join(d).is_dir(), "{h}/{d}");
+        }
+    }
+    assert_eq!(
+        std::fs::read_to_string(f.root.join("cpuset/berth-n1.payload.web/cpuset.cpus")).unwrap(),
+        "1"
+    );
+    let files = a.exec_procs_files("web").unwrap();
+    assert!(
+        files.contains(
+            &f.root
+                .join("unified/berth-n1.payload.web/.berth/cgroup.procs")
+        )
+    );
+    assert!(files.contains(&f.root.join("systemd/berth-n1.payload.web/cgroup.procs")));
+    a.enter_monitor("web", 4242).unwrap();
+    assert!(f.root.join("memory/berth-n1.monitor.web").is_dir());
+    assert_eq!(a.list_instances(), vec!["web".to_string()]);
+    a.create("only-a", None).unwrap();
+    assert_eq!(
+        a.list_instances(),
+        vec!["only-a".to_string(), "web".to_string()]
+    );
+    assert_eq!(b.list_instances(), vec!["web".to_string()]);
+    assert_eq!(plain.list_instances(), vec!["web".to_string()]);
+    // Destroying one agent's instance leaves the others' alone.
+    a.destroy("web").unwrap();
+    a.leave_monitor("web", None).unwrap();
+    assert!(!a.exists("web"));
+    assert!(b.exists("web") && plain.exists("web"));
+    assert!(!f.root.join("memory/berth-n1.monitor.web").exists());
+    assert!(f.root.join("systemd/berth-n2.payload.web").is_dir());
 }

@@ -61,7 +61,7 @@ pub struct ExecRequest {
     /// Host pid of the instance's init.
     pub init_pid: i32,
     /// The `cgroup.procs` files the process must be written into (see
-    /// `cgroup::instance_cgroup_procs_files`).
+    /// `cgroup::Cgroups::exec_procs_files`).
     pub cgroup_procs: Vec<PathBuf>,
     /// The command and its arguments; the command is looked up in the `PATH` of the
     /// environment below.

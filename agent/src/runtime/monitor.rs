@@ -43,6 +43,9 @@ pub struct MonitorConfig {
     pub bridge: Option<BridgeSettings>,
     /// Parent of instance cgroups under each hierarchy root ("" = the root).
     pub cgroup_parent: String,
+    /// The agent's `cgroup_tag` ("" = none; absent in files of agents that had no tags).
+    #[serde(default)]
+    pub cgroup_tag: String,
 }
 
 impl InstanceDir {
@@ -130,7 +133,8 @@ fn run(dir: &InstanceDir) -> Result<(), MonitorError> {
         }
     };
     let name = rec.name.clone();
-    let own_cgroups = Cgroups::detect().map(|c| c.with_parent(&cfg.cgroup_parent));
+    let own_cgroups =
+        Cgroups::detect().map(|c| c.with_parent(&cfg.cgroup_parent).with_tag(&cfg.cgroup_tag));
     if let Ok(cg) = &own_cgroups
         && let Err(e) = cg.enter_monitor(&name, me.pid)
     {
@@ -249,7 +253,9 @@ fn boot_once(
     cfg: &MonitorConfig,
 ) -> Result<BootEnd, MonitorError> {
     let name = rec.name.as_str();
-    let cgroups = Cgroups::detect()?.with_parent(&cfg.cgroup_parent);
+    let cgroups = Cgroups::detect()?
+        .with_parent(&cfg.cgroup_parent)
+        .with_tag(&cfg.cgroup_tag);
     let mut td = Teardown {
         name,
         cgroups: None,
