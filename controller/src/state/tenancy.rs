@@ -85,6 +85,20 @@ fn figure(key: &str, n: u64) -> String {
     }
 }
 
+/// "is" or "are" for `figure(key, n)` in use: an amount of bytes, or one of anything, is.
+fn in_use_verb(key: &str, n: u64) -> &'static str {
+    if n == 1 || matches!(key, "limits.memory" | "limits.disk") {
+        "is"
+    } else {
+        "are"
+    }
+}
+
+/// The description of the `default` profile made with a project.
+pub fn default_profile_description(project: &str) -> String {
+    format!("Default profile of project {project}")
+}
+
 /// The quotas of a project (`None`: unlimited), read from its config.
 pub fn project_limit(project: Option<&Project>, key: &str) -> Option<u64> {
     project
@@ -203,11 +217,7 @@ impl State {
                     "project {project:?} has a {key} quota of {}: {} {} in use and this needs {} more",
                     figure(key, limit),
                     figure(key, was),
-                    if was == 1 && key == "limits.instances" {
-                        "is"
-                    } else {
-                        "are"
-                    },
+                    in_use_verb(key, was),
                     figure(key, will.saturating_sub(was)),
                 )));
             }
@@ -333,7 +343,7 @@ impl State {
                 let profile = Profile {
                     name: scoped_name(&project.name, DEFAULT_PROFILE),
                     project: project.name.clone(),
-                    description: format!("Default profile of project {}", project.name),
+                    description: default_profile_description(&project.name),
                     config: BTreeMap::new(),
                 };
                 self.profiles.insert(profile.name.clone(), profile);
@@ -377,6 +387,10 @@ impl State {
                     self.profiles.remove(&scoped_name(&from, DEFAULT_PROFILE))
                 {
                     profile.name = scoped_name(&to, DEFAULT_PROFILE);
+                    // The generated description names the project: it follows the rename.
+                    if profile.description == default_profile_description(&from) {
+                        profile.description = default_profile_description(&to);
+                    }
                     profile.project = to;
                     self.profiles.insert(profile.name.clone(), profile);
                 }
@@ -644,4 +658,60 @@ fn check_instance_in_project(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod wording_tests {
+    use super::super::command::Command;
+    use super::*;
+
+    #[test]
+    fn one_of_anything_and_bytes_are_singular() {
+        let sentence =
+            |key: &str, n: u64| format!("{} {} in use", figure(key, n), in_use_verb(key, n));
+        assert_eq!(sentence("limits.cpu", 1), "1 CPU is in use");
+        assert_eq!(sentence("limits.cpu", 4), "4 CPUs are in use");
+        assert_eq!(sentence("limits.instances", 1), "1 instance is in use");
+        assert_eq!(sentence("limits.instances", 0), "0 instances are in use");
+        assert_eq!(in_use_verb("limits.memory", 2 << 30), "is");
+        assert_eq!(in_use_verb("limits.processes", 1), "is");
+    }
+
+    #[test]
+    fn a_renamed_projects_default_profile_names_the_new_name() {
+        let mut s = State::default();
+        for cmd in [
+            Command::CreateProject {
+                project: Project {
+                    name: "p".into(),
+                    ..Default::default()
+                },
+            },
+            Command::RenameProject {
+                from: "p".into(),
+                to: "q".into(),
+            },
+        ] {
+            s.apply(cmd).unwrap();
+        }
+        let profile = &s.profiles[&scoped_name("q", DEFAULT_PROFILE)];
+        assert_eq!(profile.description, "Default profile of project q");
+        // A description the user wrote stays.
+        s.apply(Command::UpdateProfile {
+            name: scoped_name("q", DEFAULT_PROFILE),
+            description: "ours".into(),
+            config: Default::default(),
+        })
+        .unwrap();
+        s.apply(Command::RenameProject {
+            from: "q".into(),
+            to: "r".into(),
+        })
+        .unwrap();
+        assert_eq!(
+            s.profiles[&scoped_name("r", DEFAULT_PROFILE)].description,
+            "ours"
+        );
+    }
 }
