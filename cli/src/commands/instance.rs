@@ -52,6 +52,10 @@ pub struct ListArgs {
     /// Instances of every project (with a PROJECT column first)
     #[arg(long)]
     pub all_projects: bool,
+    /// A server-side filter such as 'status eq running and not name eq web1' (see
+    /// docs/filtering.md); combines with the other filters
+    #[arg(long, value_name = "EXPR", allow_hyphen_values = true)]
+    pub filter: Option<String>,
 }
 
 /// `info`.
@@ -434,7 +438,7 @@ pub async fn list(ctx: &Ctx, args: ListArgs) -> anyhow::Result<i32> {
     }
     let client = ctx.client(remote)?;
     let mut columns = columns;
-    let path = if args.all_projects {
+    let base = if args.all_projects {
         if !columns.contains(&Column::Project) {
             columns.insert(0, Column::Project);
         }
@@ -442,7 +446,8 @@ pub async fn list(ctx: &Ctx, args: ListArgs) -> anyhow::Result<i32> {
     } else {
         "/1.0/instances?recursion=2"
     };
-    let mut instances: Vec<Instance> = client.get(path).await?;
+    let path = super::with_filter(base, args.filter.as_deref());
+    let mut instances: Vec<Instance> = client.get(&path).await?;
     instances.retain(|i| matches_filters(i, &filters));
     instances.sort_by(|a, b| a.project.cmp(&b.project).then(a.name.cmp(&b.name)));
     print(&render_list(&instances, &columns, args.format)?);

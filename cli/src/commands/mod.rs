@@ -44,6 +44,19 @@ pub async fn list_objects<T: DeserializeOwned>(
     }
 }
 
+/// `base` with `filter=EXPR` added to its query (URL-encoded; `base` itself without a
+/// filter). The server parses the expression and answers 400 with its sentence when it does
+/// not parse.
+pub fn with_filter(base: &str, filter: Option<&str>) -> String {
+    match filter {
+        Some(f) if !f.trim().is_empty() => {
+            let sep = if base.contains('?') { '&' } else { '?' };
+            format!("{base}{sep}filter={}", crate::client::encode_query(f))
+        }
+        _ => base.to_string(),
+    }
+}
+
 /// Checks a name with one of the `names::validate_*` rules, as a one-sentence error.
 pub fn check_name(rule: fn(&str) -> Result<(), String>, name: &str) -> anyhow::Result<()> {
     rule(name).map_err(|e| anyhow::anyhow!("{e}"))
@@ -136,6 +149,23 @@ mod tests {
         );
         assert!(parse_key_value("=b").is_err());
         assert!(parse_key_value("ab").is_err());
+    }
+
+    #[test]
+    fn filters_are_url_encoded() {
+        assert_eq!(
+            with_filter(
+                "/1.0/instances?recursion=2",
+                Some("status eq running and not (name eq \"web 1\")")
+            ),
+            "/1.0/instances?recursion=2&filter=status%20eq%20running%20and%20not%20%28name%20eq%20%22web%201%22%29"
+        );
+        assert_eq!(
+            with_filter("/1.0/profiles", Some("config.limits.cpu eq 2&x=y")),
+            "/1.0/profiles?filter=config.limits.cpu%20eq%202%26x%3Dy"
+        );
+        assert_eq!(with_filter("/1.0/profiles", None), "/1.0/profiles");
+        assert_eq!(with_filter("/1.0/profiles", Some(" ")), "/1.0/profiles");
     }
 
     #[test]

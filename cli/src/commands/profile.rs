@@ -39,6 +39,9 @@ pub enum ProfileCommand {
         /// Format (table, compact, csv, json, yaml)
         #[arg(short = 'f', long, default_value = "table")]
         format: Format,
+        /// A server-side filter such as 'config.limits.cpu eq 2' (see docs/filtering.md)
+        #[arg(long, value_name = "EXPR", allow_hyphen_values = true)]
+        filter: Option<String>,
     },
     /// Show a profile (YAML)
     Show {
@@ -268,9 +271,14 @@ pub async fn run(ctx: &Ctx, command: ProfileCommand) -> anyhow::Result<i32> {
                 .await?;
             say(&format!("Profile {name} created"));
         }
-        ProfileCommand::List { remote, format } => {
+        ProfileCommand::List {
+            remote,
+            format,
+            filter,
+        } => {
             let client = ctx.client(remote_arg(remote.as_deref()))?;
-            let mut profiles: Vec<Profile> = list_objects(&client, "/1.0/profiles").await?;
+            let path = super::with_filter("/1.0/profiles", filter.as_deref());
+            let mut profiles: Vec<Profile> = list_objects(&client, &path).await?;
             profiles.sort_by(|a, b| a.name.cmp(&b.name));
             print(&output::render(
                 format,

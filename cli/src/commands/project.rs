@@ -43,6 +43,9 @@ pub enum ProjectCommand {
         /// Format (table, compact, csv, json, yaml)
         #[arg(short = 'f', long, default_value = "table")]
         format: Format,
+        /// A server-side filter such as 'config.restricted eq true' (see docs/filtering.md)
+        #[arg(long, value_name = "EXPR", allow_hyphen_values = true)]
+        filter: Option<String>,
     },
     /// Show a project (YAML)
     Show {
@@ -262,10 +265,15 @@ pub async fn run(ctx: &Ctx, command: ProjectCommand) -> anyhow::Result<i32> {
                 .await?;
             say(&format!("Project {name} created"));
         }
-        ProjectCommand::List { remote, format } => {
+        ProjectCommand::List {
+            remote,
+            format,
+            filter,
+        } => {
             let remote = remote_arg(remote.as_deref());
             let client = ctx.client(remote)?;
-            let mut projects: Vec<Project> = list_objects(&client, "/1.0/projects").await?;
+            let path = super::with_filter("/1.0/projects", filter.as_deref());
+            let mut projects: Vec<Project> = list_objects(&client, &path).await?;
             projects.sort_by(|a, b| a.name.cmp(&b.name));
             let names: Vec<&str> = projects.iter().map(|p| p.name.as_str()).collect();
             let current = current_project(client.project(), &names);
