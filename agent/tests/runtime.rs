@@ -37,20 +37,38 @@ struct Guard {
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        let dir = InstanceDir::new(&self.state_dir, &self.name);
-        for p in [dir.live_init(), dir.live_monitor()].into_iter().flatten() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(p.pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        std::thread::sleep(Duration::from_millis(300));
-        if let Ok(cg) = Cgroups::detect() {
-            let _ = cg.destroy(&self.name);
-            let _ = cg.leave_monitor(&self.name, None);
-        }
-        let _ = nix::mount::umount2(&dir.rootfs_mount(), nix::mount::MntFlags::MNT_DETACH);
+        cleanup_instance(&self.state_dir, &self.name, "");
     }
+}
+
+/// [`Guard`] for an engine with a cgroup tag.
+struct TaggedGuard {
+    state_dir: PathBuf,
+    name: String,
+    tag: String,
+}
+
+impl Drop for TaggedGuard {
+    fn drop(&mut self) {
+        cleanup_instance(&self.state_dir, &self.name, &self.tag);
+    }
+}
+
+fn cleanup_instance(state_dir: &Path, name: &str, tag: &str) {
+    let dir = InstanceDir::new(state_dir, name);
+    for p in [dir.live_init(), dir.live_monitor()].into_iter().flatten() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    if let Ok(cg) = Cgroups::detect() {
+        let cg = cg.with_tag(tag);
+        let _ = cg.destroy(name);
+        let _ = cg.leave_monitor(name, None);
+    }
+    let _ = nix::mount::umount2(&dir.rootfs_mount(), nix::mount::MntFlags::MNT_DETACH);
 }
 
 struct Env {
@@ -138,10 +156,16 @@ fn busybox_image(storage: &dyn StorageDriver) {
 }
 
 fn engine(e: &Env) -> Engine {
+    tagged_engine(e, "")
+}
+
+/// An engine whose cgroups carry `tag` ("" = none), like an agent with `[runtime] cgroup_tag`.
+fn tagged_engine(e: &Env, tag: &str) -> Engine {
     let mut cfg = EngineConfig::new(e.state_dir.clone());
     cfg.helper_exe = PathBuf::from(env!("CARGO_BIN_EXE_berth-agent"));
     cfg.lxcfs_dir = e.lxcfs_dir();
     cfg.run_dir = e.run_dir();
+    cfg.cgroup_tag = tag.to_string();
     Engine::without_network(cfg, e.storage.clone()).unwrap()
 }
 
@@ -1022,4 +1046,88 @@ async fn dir_driver_refuses_disk_limits() {
     assert!(!rec.config.contains_key("limits.disk"));
     assert!(eng.disk_usage(name).await.unwrap().is_none());
     eng.delete(name, false).await.unwrap();
+}
+
+/// Two agents on one host (two engines with their own state, distinct cgroup tags) each run an
+/// instance of the same (scoped) name: each instance has its own cgroups in every hierarchy,
+/// and force-stopping one leaves the other running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tagged_engines_share_no_cgroups() {
+    let ea = env();
+    let eb = env();
+    busybox_image(ea.storage.as_ref());
+    busybox_image(eb.storage.as_ref());
+    let id = std::process::id();
+    let (ta, tb) = (format!("rt{id:x}a"), format!("rt{id:x}b"));
+    let name = "p_twin";
+    let _guards = [(&ea, &ta), (&eb, &tb)].map(|(e, t)| TaggedGuard {
+        state_dir: e.state_dir.clone(),
+        name: name.to_string(),
+        tag: t.clone(),
+    });
+    let a = tagged_engine(&ea, &ta);
+    let b = tagged_engine(&eb, &tb);
+    a.create(&spec(name, &[("limits.memory", "64MiB")]))
+        .await
+        .unwrap();
+    b.create(&spec(name, &[("limits.memory", "96MiB")]))
+        .await
+        .unwrap();
+    let sa = a.start(name).await.unwrap();
+    let sb = b.start(name).await.unwrap();
+    assert_eq!(sa.state, InstanceState::Running as i32, "{sa:?}");
+    assert_eq!(sb.state, InstanceState::Running as i32, "{sb:?}");
+    let (pa, pb) = (sa.pid as i32, sb.pid as i32);
+    assert_ne!(pa, pb);
+
+    let host = Cgroups::detect().unwrap();
+    let cga = host.clone().with_tag(&ta);
+    let cgb = host.clone().with_tag(&tb);
+    assert!(cga.exists(name) && cgb.exists(name));
+    assert!(!host.exists(name), "an untagged cgroup was made");
+    for h in host.hierarchies() {
+        for t in [&ta, &tb] {
+            for kind in ["payload", "monitor"] {
+                let d = h.mount.join(format!("berth-{t}.{kind}.{name}"));
+                assert!(d.is_dir(), "{d:?} missing");
+            }
+        }
+    }
+    assert!(cga.pids(name).contains(&pa) && !cga.pids(name).contains(&pb));
+    assert!(cgb.pids(name).contains(&pb) && !cgb.pids(name).contains(&pa));
+    assert_eq!(
+        cga.read_limits(name)
+            .get("limits.memory")
+            .map(String::as_str),
+        Some("67108864")
+    );
+    assert_eq!(
+        cgb.read_limits(name)
+            .get("limits.memory")
+            .map(String::as_str),
+        Some("100663296")
+    );
+    assert_eq!(run(&b, name, &["hostname"]).await, (0, "twin\n".into()));
+
+    // The defect this guards against: a forced stop of one killed the other.
+    let s = a.stop(name, true, Duration::ZERO).await.unwrap();
+    assert_eq!(s.state, InstanceState::Stopped as i32);
+    assert!(!cga.exists(name));
+    for h in host.hierarchies() {
+        let m = h.mount.join(format!("berth-{ta}.monitor.{name}"));
+        assert!(!m.exists(), "{m:?} left behind");
+        let m = h.mount.join(format!("berth-{tb}.monitor.{name}"));
+        assert!(m.is_dir(), "{m:?} was removed");
+    }
+    assert!(cgb.exists(name));
+    let s = b.status(name).await.unwrap();
+    assert_eq!(s.state, InstanceState::Running as i32, "{s:?}");
+    assert_eq!(s.pid as i32, pb);
+    assert!(Path::new(&format!("/proc/{pb}")).exists());
+    assert_eq!(run(&b, name, &["true"]).await.0, 0);
+
+    b.stop(name, true, Duration::ZERO).await.unwrap();
+    assert!(!cgb.exists(name));
+    a.delete(name, false).await.unwrap();
+    b.delete(name, false).await.unwrap();
 }
