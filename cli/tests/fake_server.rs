@@ -2532,6 +2532,17 @@ async fn t72_keys_and_monitor() {
         .run_with(&["key", "create", "ops", "--role", "operator"], b"", false)
         .await;
     assert_eq!(o.code, 0, "{}", o.stderr);
+    // Without --project a member or viewer key is made in the current project (here none:
+    // default), and stderr says which.
+    let o = f
+        .run_with(&["key", "create", "look", "--role", "viewer"], b"", false)
+        .await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(
+        o.stderr,
+        "Key \"look\" created (viewer of project \"default\", no expiry): store its secret now, it is not shown again\n"
+    );
+    f.conf_ok(&["key", "revoke", "look"]).await;
     {
         let st = f.state.lock().unwrap();
         assert_eq!(st.keys["ci"].project, "team-a");

@@ -4,7 +4,9 @@
 use std::io::Write;
 
 use berth_proto::api::names::validate_key_name;
-use berth_proto::api::tenancy::{ApiKey, KeyCreated, KeyRotatePost, KeysPost, parse_duration};
+use berth_proto::api::tenancy::{
+    ApiKey, DEFAULT_PROJECT, KeyCreated, KeyRotatePost, KeysPost, parse_duration,
+};
 use clap::Subcommand;
 use http::Method;
 
@@ -94,8 +96,9 @@ pub fn is_project_role(role: &str) -> bool {
     matches!(role, "member" | "viewer")
 }
 
-/// The body of `key create`: member and viewer keys get `project` (none: the server's
-/// default); admin and operator keys get none.
+/// The body of `key create`: member and viewer keys get `project`, the command's project
+/// (none: `default`, as the server would choose; an empty one is refused); admin and operator
+/// keys get none.
 pub fn create_body(
     name: &str,
     role: &str,
@@ -104,14 +107,21 @@ pub fn create_body(
 ) -> anyhow::Result<KeysPost> {
     check_name(validate_key_name, name)?;
     check_role(role)?;
+    let project = if is_project_role(role) {
+        match project.map(str::trim) {
+            None => DEFAULT_PROJECT.to_string(),
+            Some("") => anyhow::bail!(
+                "a {role} key belongs to a project and the current project is empty: give --project PROJECT"
+            ),
+            Some(p) => p.to_string(),
+        }
+    } else {
+        String::new()
+    };
     Ok(KeysPost {
         name: name.into(),
         role: role.into(),
-        project: if is_project_role(role) {
-            project.unwrap_or_default().to_string()
-        } else {
-            String::new()
-        },
+        project,
         expires_in: check_expires(expires)?,
     })
 }
@@ -244,6 +254,21 @@ mod tests {
         assert_eq!(
             (b.project.as_str(), b.expires_in.as_str()),
             ("team-a", "30d")
+        );
+        let b = create_body("ci", "viewer", None, None).unwrap();
+        assert_eq!(
+            b.project, "default",
+            "no project: the default one, as the server does"
+        );
+        assert_eq!(
+            create_body("ci", "member", Some(" "), None)
+                .unwrap_err()
+                .to_string(),
+            "a member key belongs to a project and the current project is empty: give --project PROJECT"
+        );
+        assert_eq!(
+            create_body("ops", "admin", Some(""), None).unwrap().project,
+            ""
         );
         let b = create_body("ops", "operator", Some("team-a"), None).unwrap();
         assert_eq!((b.project.as_str(), b.expires_in.as_str()), ("", ""));
