@@ -1549,6 +1549,18 @@ async fn t40_images_and_operations() {
         .run(&["image", "build", "debian/12", "--alias", "../bad"])
         .await;
     assert_eq!(o.code, 1);
+    // --target names the one node that builds it.
+    let from = f.request_count();
+    let out = f
+        .ok(&[
+            "image", "build", "busybox", "--target", "node2", "--alias", "bb2",
+        ])
+        .await;
+    assert!(out.contains("Image built with fingerprint: "), "{out}");
+    assert_eq!(
+        f.requests_since(from).first().map(String::as_str),
+        Some("POST /1.0/images?target=node2")
+    );
 
     let meta = f.dir.path().join("meta.tar");
     let rootfs = f.dir.path().join("rootfs.squashfs");

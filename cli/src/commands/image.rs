@@ -48,6 +48,10 @@ pub struct BuildArgs {
     /// Debian mirror to build from
     #[arg(long)]
     pub mirror: Option<String>,
+    /// Build on this cluster member only (default: on every online node); not allowed to the
+    /// keys of a restricted project
+    #[arg(long, value_name = "NODE")]
+    pub target: Option<String>,
 }
 
 /// `image import`.
@@ -178,6 +182,16 @@ fn fingerprint_of(op: &berth_proto::api::Operation) -> anyhow::Result<String> {
         .ok_or_else(|| anyhow::anyhow!("the server did not say which image it made"))
 }
 
+/// The request path of `image build`: `?target=NODE` when a node is named.
+pub fn build_path(target: Option<&str>) -> String {
+    match target.map(str::trim) {
+        Some(t) if !t.is_empty() => {
+            format!("/1.0/images?target={}", crate::client::encode_query(t))
+        }
+        _ => "/1.0/images".to_string(),
+    }
+}
+
 async fn build(ctx: &Ctx, args: BuildArgs) -> anyhow::Result<i32> {
     let (client, recipe) = ctx.resolve_lenient(&args.recipe)?;
     let aliases = if args.aliases.is_empty() {
@@ -200,8 +214,9 @@ async fn build(ctx: &Ctx, args: BuildArgs) -> anyhow::Result<i32> {
             })
             .collect(),
     };
+    let path = build_path(args.target.as_deref());
     say(&format!("Building image {recipe}"));
-    let op = client.run(Method::POST, "/1.0/images", Some(&req)).await?;
+    let op = client.run(Method::POST, &path, Some(&req)).await?;
     say(&format!(
         "Image built with fingerprint: {}",
         fingerprint_of(&op)?
@@ -530,6 +545,13 @@ async fn collect(body: Body) -> bytes::Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn build_names_the_target_node() {
+        assert_eq!(build_path(None), "/1.0/images");
+        assert_eq!(build_path(Some("")), "/1.0/images");
+        assert_eq!(build_path(Some("node 2")), "/1.0/images?target=node%202");
+    }
 
     #[tokio::test]
     async fn files_are_streamed_in_order() {
