@@ -7,10 +7,13 @@
 //! An exec session that nobody connects to within [`CONNECT_WINDOW`] fails. A session whose
 //! API key is revoked, rotated or expires is ended (the key is checked every
 //! [`KEY_CHECK_EVERY`]): the command is killed, the client gets an `exit` message (137) and the
-//! operation fails with "the API key was revoked, rotated or expired".
+//! operation fails with "the API key was revoked, rotated or expired". `DELETE
+//! /1.0/operations/{id}` on the controller that holds the session cancels it, waiting or
+//! running (the command is killed, the client gets an `exit` message (137), the operation
+//! ends `Cancelled`): exec operations say `may_cancel: true`.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -21,13 +24,13 @@ use berth_proto::v1::{self, exec_input, exec_output};
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::cluster::random_secret;
 use super::events::key_still_valid;
 use super::instances::{instance_operation, lookup, require_member};
-use super::operations::{accepted, finish};
+use super::operations::{accepted, finish, finish_cancelled};
 use super::{ApiError, JsonBody, Scope, SharedState};
 use crate::state::{Command, Node};
 
@@ -42,6 +45,9 @@ const KILLED: i32 = 137;
 
 /// Why a session ended on the server's side.
 const KEY_GONE: &str = "the API key was revoked, rotated or expired; the exec session was ended";
+
+/// Why a cancelled session ended.
+const CANCELLED: &str = "operation cancelled";
 
 /// How long the server waits for the client's close after the exit message.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
@@ -60,10 +66,35 @@ pub struct PendingExec {
     key_hash: String,
 }
 
-/// Exec sessions created on this controller, by operation id.
+/// Exec sessions created on this controller, by operation id: waiting for their client, or
+/// running (with the signal that cancels them).
 #[derive(Default)]
 pub struct PendingExecs {
     inner: Mutex<HashMap<String, PendingExec>>,
+    running: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+/// What [`PendingExecs::cancel`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancelled {
+    /// A session nobody had connected to: dropped; the caller records the operation's end.
+    Pending,
+    /// A running session: told to stop; it kills the command and records the end itself.
+    Running,
+    /// No session of that id on this controller.
+    None,
+}
+
+/// Removes a running session's entry when its websocket task ends.
+struct RunningGuard<'a> {
+    execs: &'a PendingExecs,
+    id: String,
+}
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        self.execs.lock_running().remove(&self.id);
+    }
 }
 
 impl PendingExecs {
@@ -89,8 +120,42 @@ impl PendingExecs {
     }
 
     /// Drops a session nobody connected to; true if there was one.
-    pub fn cancel(&self, id: &str) -> bool {
+    fn drop_pending(&self, id: &str) -> bool {
         self.lock().remove(id).is_some()
+    }
+
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Notify>>> {
+        self.running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Marks session `id` running until the guard drops; the signal ends it.
+    fn start_running(&self, id: &str) -> (RunningGuard<'_>, Arc<Notify>) {
+        let stop = Arc::new(Notify::new());
+        self.lock_running().insert(id.to_string(), stop.clone());
+        (
+            RunningGuard {
+                execs: self,
+                id: id.to_string(),
+            },
+            stop,
+        )
+    }
+
+    /// Cancels session `id` (`DELETE /1.0/operations/{id}`), waiting or running.
+    pub fn cancel(&self, id: &str) -> Cancelled {
+        if self.drop_pending(id) {
+            return Cancelled::Pending;
+        }
+        match self.lock_running().get(id) {
+            Some(stop) => {
+                // Stores a permit: the session stops even if it is not waiting right now.
+                stop.notify_one();
+                Cancelled::Running
+            }
+            None => Cancelled::None,
+        }
     }
 }
 
@@ -178,6 +243,8 @@ pub async fn post_exec(
     // The secret goes to the caller only; the stored (replicated, listable) operation does
     // not carry it.
     op.metadata = serde_json::json!({ "fds": { "0": "" } });
+    // DELETE /1.0/operations/{id} on this controller ends it, waiting or running.
+    op.may_cancel = true;
     let mut answer_op = op.clone();
     answer_op.metadata = serde_json::json!({ "fds": { "0": secret } });
     let id = op.id.clone();
@@ -208,7 +275,7 @@ pub async fn post_exec(
     tokio::spawn(async move {
         tokio::time::sleep(CONNECT_WINDOW).await;
         // Still pending: nobody came. Otherwise the websocket handler records the end.
-        if st.execs.cancel(&id) {
+        if st.execs.drop_pending(&id) {
             finish(
                 &st,
                 op,
@@ -247,9 +314,16 @@ pub async fn websocket(
         .on_upgrade(move |socket| {
             async move {
                 let op = pending.op.clone();
-                let result = run_session(&st, pending, socket).await;
-                let result = result.map(|code| serde_json::json!({ "return": code }));
-                finish(&st, op, result).await;
+                let (guard, stop) = st.execs.start_running(&op.id);
+                let result = run_session(&st, pending, socket, &stop).await;
+                drop(guard);
+                match result {
+                    Err(e) if e.message == CANCELLED => finish_cancelled(&st, op).await,
+                    result => {
+                        let result = result.map(|code| serde_json::json!({ "return": code }));
+                        finish(&st, op, result).await;
+                    }
+                }
             }
             .instrument(span)
         })
@@ -260,6 +334,7 @@ async fn run_session(
     state: &SharedState,
     p: PendingExec,
     socket: WebSocket,
+    stop: &Notify,
 ) -> Result<i32, ApiError> {
     if !key_still_valid(&state.cp, &p.key_id, &p.key_hash) {
         return Err(ApiError::forbidden(KEY_GONE));
@@ -329,6 +404,17 @@ async fn run_session(
             m = output.message() => Some(m),
             // The client closed the websocket (or it broke) before the command ended.
             _ = &mut input => None,
+            () = stop.notified() => {
+                // DELETE /1.0/operations/{id}: dropping the agent stream kills the command.
+                drop(output);
+                input.abort();
+                debug!("exec session cancelled");
+                let ctl = serde_json::to_string(&ExecControl::Exit { code: KILLED })
+                    .unwrap_or_default();
+                let _ = ws_tx.send(Message::Text(ctl.into())).await;
+                let _ = ws_tx.send(Message::Close(None)).await;
+                return Err(ApiError::bad_request(CANCELLED));
+            }
             _ = key_check.tick() => {
                 if key_still_valid(&state.cp, &p.key_id, &p.key_hash) {
                     continue;
@@ -408,6 +494,24 @@ fn with_stream(id: u8, data: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::api::projects::testkit::*;
+
+    #[tokio::test]
+    async fn sessions_are_cancelled_waiting_or_running() {
+        let execs = PendingExecs::default();
+        assert_eq!(execs.cancel("x"), Cancelled::None);
+        let (guard, stop) = execs.start_running("r");
+        assert_eq!(execs.cancel("r"), Cancelled::Running);
+        // The session sees the signal even though it was not waiting when it was sent.
+        tokio::time::timeout(Duration::from_secs(1), stop.notified())
+            .await
+            .unwrap();
+        drop(guard);
+        assert_eq!(
+            execs.cancel("r"),
+            Cancelled::None,
+            "an ended session is gone"
+        );
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_session_notices_its_key_revoked_or_rotated() {

@@ -1,5 +1,7 @@
 //! Operations: long work answered with 202 and polled, waited on, or cancelled through
 //! `/1.0/operations/{id}`. Operations are replicated state, so any controller can answer for them.
+//! Only exec sessions can be cancelled while they run (`may_cancel: true`), on the controller
+//! that holds them.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -13,6 +15,7 @@ use http::StatusCode;
 use serde::Deserialize;
 use tracing::{Instrument, error, info_span, warn};
 
+use super::exec::Cancelled;
 use super::{ApiError, Scope, SharedState};
 use crate::clock;
 use crate::raft::WriteError;
@@ -135,6 +138,19 @@ pub async fn finish(
             op.err = e.message;
         }
     }
+    record_end(state, op).await;
+}
+
+/// Records that an operation was cancelled.
+pub async fn finish_cancelled(state: &SharedState, mut op: Operation) {
+    op.status = OperationStatus::Cancelled;
+    op.err = "operation cancelled".into();
+    record_end(state, op).await;
+}
+
+/// Stores a finished operation (`op.status` set), retrying through an election.
+async fn record_end(state: &SharedState, mut op: Operation) {
+    op.may_cancel = false;
     op.status_code = op.status.code();
     op.updated_at = clock::now();
     let id = op.id.clone();
@@ -312,7 +328,7 @@ pub async fn wait(
     }
 }
 
-/// `DELETE /1.0/operations/{id}`: cancels an exec session that was never connected, or
+/// `DELETE /1.0/operations/{id}`: cancels an exec session (waiting or running), or
 /// removes a finished operation. Viewers may not.
 pub async fn cancel(
     State(state): State<SharedState>,
@@ -328,20 +344,31 @@ pub async fn cancel(
             .await?;
         return Ok(sync(serde_json::Value::Null));
     }
-    if state.execs.cancel(&id) {
-        op.status = OperationStatus::Cancelled;
-        op.status_code = op.status.code();
-        op.updated_at = clock::now();
-        op.err = "operation cancelled".into();
-        state
-            .cp
-            .write(scope.by(Command::PutOperation { operation: op }))
-            .await?;
-        return Ok(sync(serde_json::Value::Null));
+    match state.execs.cancel(&id) {
+        Cancelled::Pending => {
+            op.status = OperationStatus::Cancelled;
+            op.status_code = op.status.code();
+            op.updated_at = clock::now();
+            op.err = "operation cancelled".into();
+            op.may_cancel = false;
+            state
+                .cp
+                .write(scope.by(Command::PutOperation { operation: op }))
+                .await?;
+            Ok(sync(serde_json::Value::Null))
+        }
+        // The session kills its command and records the end.
+        Cancelled::Running => Ok(sync(serde_json::Value::Null)),
+        Cancelled::None if op.may_cancel && op.location != state.name => {
+            Err(ApiError::bad_request(format!(
+                "operation {id} runs on controller {:?}; cancel it there",
+                op.location
+            )))
+        }
+        Cancelled::None => Err(ApiError::bad_request(format!(
+            "operation {id} cannot be cancelled while it runs"
+        ))),
     }
-    Err(ApiError::bad_request(format!(
-        "operation {id} cannot be cancelled while it runs"
-    )))
 }
 
 #[cfg(test)]
