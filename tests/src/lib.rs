@@ -83,6 +83,9 @@ pub struct Cluster {
     pub dir: PathBuf,
     pub api_port: u16,
     pub bridge: String,
+    /// The agent's `[runtime] cgroup_tag` (`e2e<id>`), unique per test cluster, so tests never
+    /// touch the cgroups of another agent on this host (see [`Cluster::cgroup_name`]).
+    pub cgroup_tag: String,
     controller: Option<Child>,
     agent: Option<Child>,
     controller_config: PathBuf,
@@ -103,6 +106,7 @@ impl Cluster {
         let peer_port = free_port();
         let agent_port = free_port();
         let bridge = format!("bte{id}");
+        let cgroup_tag = format!("e2e{id}");
         let pool_mount = dir.join("pool");
         let loop_file = dir.join("pool.img");
         let controller_config = dir.join("berthd.toml");
@@ -121,7 +125,7 @@ impl Cluster {
                  [storage]\ndriver = \"btrfs\"\nloop_file = \"{}\"\nloop_size = \"8GiB\"\nmount = \"{}\"\n\
                  [network]\nbridge = \"{bridge}\"\n\
                  [images]\ncache_dir = \"/var/cache/berth-ci/images\"\n\
-                 [runtime]\nlxcfs_dir = \"{}\"\n",
+                 [runtime]\nlxcfs_dir = \"{}\"\ncgroup_tag = \"{cgroup_tag}\"\n",
                 dir.join("agent").display(),
                 dir.join("agent/run").display(),
                 loop_file.display(),
@@ -134,6 +138,7 @@ impl Cluster {
             dir: dir.clone(),
             api_port,
             bridge,
+            cgroup_tag,
             controller: None,
             agent: None,
             controller_config,
@@ -166,6 +171,12 @@ impl Cluster {
                 .unwrap_or(false)
         })?;
         Ok(c)
+    }
+
+    /// The cgroup directory name (in every hierarchy) of this cluster's instance with the given
+    /// scoped name (`web` in the default project, `project_web` elsewhere).
+    pub fn cgroup_name(&self, scoped_instance_name: &str) -> String {
+        format!("berth-{}.payload.{scoped_instance_name}", self.cgroup_tag)
     }
 
     fn log(&self, name: &str) -> Result<std::fs::File> {
@@ -458,7 +469,7 @@ impl Drop for Cluster {
         let agent_dir = self.dir.join("agent");
         // That includes this cluster's own lxcfs (its mount point is under the agent's dir).
         kill_processes_mentioning(&agent_dir);
-        kill_leftover_instances(&agent_dir);
+        kill_leftover_cgroups(&self.cgroup_tag);
         let _ = Command::new("umount")
             .arg("-l")
             .arg(agent_dir.join("lxcfs"))
@@ -561,44 +572,66 @@ pub fn node_name() -> String {
     berth_proto::api::names::node_name_from_host(host.trim())
 }
 
-/// Kills whatever still runs in the cgroups of this cluster's instances (left when a test
-/// failed before it could delete them) and removes those cgroups, deepest first.
-fn kill_leftover_instances(agent_dir: &Path) {
-    let Ok(instances) = std::fs::read_dir(agent_dir.join("instances")) else {
-        return;
-    };
-    let names: Vec<String> = instances
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
+/// Kills whatever still runs in this cluster's cgroups (instances and their monitors, left
+/// when a test failed before it could delete them) and removes those cgroups, deepest first.
+/// Only cgroups named with this cluster's own tag (`berth-<tag>.*`) are touched.
+fn kill_leftover_cgroups(tag: &str) {
+    let prefix = format!("berth-{tag}.");
     let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") else {
         return;
     };
     let mut roots: Vec<PathBuf> = hierarchies.flatten().map(|h| h.path()).collect();
     roots.push(PathBuf::from("/sys/fs/cgroup"));
-    for name in &names {
-        for root in &roots {
-            let cg = root.join(format!("berth.payload.{name}"));
-            if let Ok(procs) = std::fs::read_to_string(cg.join("cgroup.procs")) {
-                for pid in procs.split_whitespace() {
-                    let _ = Command::new("kill").args(["-9", pid]).status();
+    let mut ours = Vec::new();
+    for root in &roots {
+        let Ok(rd) = std::fs::read_dir(root) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) && e.path().is_dir() {
+                ours.push(e.path());
+            }
+        }
+    }
+    for _ in 0..3 {
+        let mut killed = false;
+        for cg in &ours {
+            for d in cgroup_subtree(cg) {
+                if let Ok(procs) = std::fs::read_to_string(d.join("cgroup.procs")) {
+                    for pid in procs.split_whitespace() {
+                        killed = true;
+                        let _ = Command::new("kill").args(["-9", pid]).status();
+                    }
                 }
             }
         }
+        if !killed {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
-    std::thread::sleep(Duration::from_millis(200));
-    for name in &names {
-        for root in &roots {
-            let cg = root.join(format!("berth.payload.{name}"));
-            if cg.is_dir() {
-                let _ = Command::new("find")
-                    .arg(&cg)
-                    .args(["-depth", "-type", "d", "-exec", "rmdir", "{}", ";"])
-                    .stderr(Stdio::null())
-                    .status();
-            }
+    for cg in &ours {
+        for d in cgroup_subtree(cg).iter().rev() {
+            let _ = std::fs::remove_dir(d);
         }
     }
+}
+
+/// A cgroup directory and all below it, parents first.
+fn cgroup_subtree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    let mut i = 0;
+    while i < out.len() {
+        if let Ok(rd) = std::fs::read_dir(&out[i]) {
+            for e in rd.flatten() {
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    out.push(e.path());
+                }
+            }
+        }
+        i += 1;
+    }
+    out
 }
 
 /// Kills processes whose command line mentions `path`.

@@ -6,16 +6,18 @@ use std::time::Duration;
 
 use berth_tests::{Cluster, wait_for};
 
-fn cgroup_dirs(name: &str) -> Vec<String> {
+/// The instance's cgroup directories in every hierarchy (named with the cluster's tag).
+fn cgroup_dirs(c: &Cluster, name: &str) -> Vec<String> {
+    let dir = c.cgroup_name(name);
     let mut found = vec![];
     // On a cgroup v2 host the payload cgroup sits at the root itself.
-    let v2 = format!("/sys/fs/cgroup/berth.payload.{name}");
+    let v2 = format!("/sys/fs/cgroup/{dir}");
     if std::path::Path::new(&v2).exists() {
         found.push(v2);
     }
     if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
         for h in entries.flatten() {
-            let p = h.path().join(format!("berth.payload.{name}"));
+            let p = h.path().join(&dir);
             if p.exists() {
                 found.push(p.display().to_string());
             }
@@ -107,12 +109,10 @@ fn run(c: &Cluster) -> anyhow::Result<()> {
 
     // Memory limit: in the cgroup and in `free`.
     c.berth_ok(&["config", "set", name, "limits.memory", "64MiB"])?;
-    let limit = std::fs::read_to_string(format!(
-        "/sys/fs/cgroup/memory/berth.payload.{name}/memory.limit_in_bytes"
-    ))
-    .or_else(|_| {
-        std::fs::read_to_string(format!("/sys/fs/cgroup/berth.payload.{name}/memory.max"))
-    })?;
+    let cg = c.cgroup_name(name);
+    let limit =
+        std::fs::read_to_string(format!("/sys/fs/cgroup/memory/{cg}/memory.limit_in_bytes"))
+            .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/{cg}/memory.max")))?;
     assert_eq!(limit.trim(), "67108864");
     let (_, out, _) = c.exec(name, &["free", "-m"])?;
     let total: u64 = out
@@ -130,11 +130,8 @@ fn run(c: &Cluster) -> anyhow::Result<()> {
     let (_, out, _) = c.exec(name, &["nproc"])?;
     assert_eq!(out.trim(), "1");
     c.berth_ok(&["config", "set", name, "limits.processes", "100"])?;
-    let pids_max =
-        std::fs::read_to_string(format!("/sys/fs/cgroup/pids/berth.payload.{name}/pids.max"))
-            .or_else(|_| {
-                std::fs::read_to_string(format!("/sys/fs/cgroup/berth.payload.{name}/pids.max"))
-            })?;
+    let pids_max = std::fs::read_to_string(format!("/sys/fs/cgroup/pids/{cg}/pids.max"))
+        .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/{cg}/pids.max")))?;
     assert_eq!(pids_max.trim(), "100");
     // Bad values change nothing.
     let err = c.berth_err(&["config", "set", name, "limits.memory", "lots"])?;
@@ -248,7 +245,7 @@ fn run(c: &Cluster) -> anyhow::Result<()> {
 
     // Stop leaves nothing behind; start brings it back with the same limits.
     assert!(
-        !cgroup_dirs(name).is_empty(),
+        !cgroup_dirs(c, name).is_empty(),
         "the running instance's cgroups are found (else their absence below proves nothing)"
     );
     c.berth_ok(&["stop", name])?;
@@ -260,7 +257,7 @@ fn run(c: &Cluster) -> anyhow::Result<()> {
     wait_for(
         "the cgroups to be gone after stop",
         Duration::from_secs(10),
-        || cgroup_dirs(name).is_empty(),
+        || cgroup_dirs(c, name).is_empty(),
     )?;
     let err = c.berth_err(&["exec", name, "--", "true"])?;
     assert!(err.contains("not running"), "{err}");
@@ -293,7 +290,7 @@ fn run(c: &Cluster) -> anyhow::Result<()> {
     // Delete removes everything.
     c.berth_ok(&["delete", "--force", name])?;
     wait_for("cgroups to go", Duration::from_secs(30), || {
-        cgroup_dirs(name).is_empty()
+        cgroup_dirs(c, name).is_empty()
     })?;
     let err = c.berth_err(&["info", name])?;
     assert!(err.contains("not found"), "{err}");

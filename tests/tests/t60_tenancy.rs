@@ -381,8 +381,12 @@ fn tenants_are_isolated_and_held_to_their_quotas() -> Result<()> {
                 )
                 .map(|_| Value::Null)
         })?;
+    let limit_file = format!(
+        "/sys/fs/cgroup/memory/{}/memory.limit_in_bytes",
+        c.cgroup_name("a_web")
+    );
     let limit = || {
-        std::fs::read_to_string("/sys/fs/cgroup/memory/berth.payload.a_web/memory.limit_in_bytes")
+        std::fs::read_to_string(&limit_file)
             .unwrap_or_default()
             .trim()
             .to_string()
