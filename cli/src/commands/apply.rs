@@ -69,10 +69,9 @@ fn in_project(path: &str, project: &str) -> String {
 
 /// Reads what exists in every project the key can see (and the stack's projects).
 async fn read_actual(client: &Client, s: &Stack) -> anyhow::Result<Actual> {
-    let mut actual = Actual::default();
     // Node names when this key may list them (restricted keys may not: targets are then
     // checked by the server only).
-    actual.nodes = client
+    let nodes = client
         .get::<Vec<serde_json::Value>>("/1.0/cluster/members?recursion=1")
         .await
         .ok()
@@ -83,6 +82,10 @@ async fn read_actual(client: &Client, s: &Stack) -> anyhow::Result<Actual> {
                 .map(str::to_string)
                 .collect()
         });
+    let mut actual = Actual {
+        nodes,
+        ..Actual::default()
+    };
     let projects: Vec<Project> = client.get("/1.0/projects?recursion=1").await?;
     for p in &projects {
         actual.projects.push(ActualObject {
