@@ -360,6 +360,8 @@ rack = "r$i"
 
 [runtime]
 lxcfs_dir = "$BASE/$m/lxcfs"
+# Agents on one host must not share cgroups (instance names repeat across nodes).
+cgroup_tag = "$(tag_of "$m")"
 # 1000 instances' worth of host ids each, above the host's /etc/subuid ranges.
 idmap_start = $((200000000 + (i - 1) * 65536000))
 idmap_size = 65536000
@@ -550,17 +552,44 @@ kill_instance_init() {
   [ "$now" = "$start" ] && kill -9 "$pid" 2>/dev/null || true
 }
 
-# Removes an instance's cgroups (payload and monitor) in every hierarchy, deepest first, unless
-# the host's own agent has an instance of that name.
-remove_instance_cgroups() {
-  local name=$1 h d
-  [ -e "/var/lib/berth/agent/instances/$name" ] && return 0
+# The cgroup tag of node $1's agent: dev-n1, dev-n2, ... (dev-<prefix>n1 with a prefix), so
+# the agents of this cluster, of another one and the host's own never share a cgroup.
+tag_of() { echo "dev-$PREFIX$1"; }
+
+# The first component of node $1's cgroup names: berth-<its agent.toml's cgroup_tag>, or
+# berth for the untagged agents an older cluster.sh configured.
+cgroup_prefix_of() {
+  local t
+  t=$(sed -n 's/^cgroup_tag = "\([a-z0-9-]*\)"$/\1/p' "$BASE/$1/agent.toml" 2>/dev/null | head -n1)
+  if [ -n "$t" ]; then echo "berth-$t"; else echo "berth"; fi
+}
+
+# Kills what runs in cgroup dirs $@ and removes them, deepest first.
+remove_cgroup_dirs() {
+  local d
+  for d in "$@"; do
+    [ -d "$d" ] || continue
+    # shellcheck disable=SC2038  # cgroup.procs holds pids only
+    find "$d" -name cgroup.procs -exec cat {} + 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+    find "$d" -depth -type d -exec rmdir {} + 2>/dev/null || true
+  done
+}
+
+# Removes the cgroups (payload and monitor, in every hierarchy) of node $1's agent: all those
+# with its tag; for an untagged agent of an older cluster.sh only those of its instances
+# (names $2...), and none the host's own agent has an instance of that name for.
+remove_node_cgroups() {
+  local m=$1 p h name
+  shift
+  p=$(cgroup_prefix_of "$m")
   for h in /sys/fs/cgroup /sys/fs/cgroup/*; do
-    for d in "$h/berth.payload.$name" "$h/berth.monitor.$name"; do
-      [ -d "$d" ] || continue
-      # shellcheck disable=SC2038  # cgroup.procs holds pids only
-      find "$d" -name cgroup.procs -exec cat {} + 2>/dev/null | xargs -r kill -9 2>/dev/null || true
-      find "$d" -depth -type d -exec rmdir {} + 2>/dev/null || true
+    if [ "$p" != berth ]; then
+      remove_cgroup_dirs "$h/$p".payload.* "$h/$p".monitor.*
+      continue
+    fi
+    for name in "$@"; do
+      [ -e "/var/lib/berth/agent/instances/$name" ] && continue
+      remove_cgroup_dirs "$h/berth.payload.$name" "$h/berth.monitor.$name"
     done
   done
 }
@@ -616,10 +645,14 @@ cmd_down() {
     kill_instance_init "$inst/init.pid"
   done
   sleep 0.3
-  for inst in "$BASE"/n*/state/instances/*/; do
-    [ -d "$inst" ] || continue
-    name=$(basename "$inst")
-    remove_instance_cgroups "$name"
+  local node names
+  for node in "$BASE"/n*/; do
+    [ -f "$node/agent.toml" ] || continue
+    names=()
+    for inst in "$node"state/instances/*/; do
+      [ -d "$inst" ] && names+=("$(basename "$inst")")
+    done
+    remove_node_cgroups "$(basename "$node")" ${names[@]+"${names[@]}"}
   done
   # The lxcfs cgroup the agents made, when nothing (a host agent's lxcfs) is left in it.
   rmdir /sys/fs/cgroup/*/berth.lxcfs /sys/fs/cgroup/berth.lxcfs 2>/dev/null || true

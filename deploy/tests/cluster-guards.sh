@@ -2,16 +2,26 @@
 # deploy/tests/cluster-guards.sh: checks deploy/cluster.sh's guards without building a cluster
 # (no namespaces, bridge or nft table are made; the names used are this test's own):
 # `down` refuses a base dir without the marker `up` writes, is a no-op without a base dir,
-# kills the daemons of its pid files even when their namespace is gone; `up` on a cluster with
-# a stopped member says to `start` it. Run as root: bash deploy/tests/cluster-guards.sh
+# kills the daemons of its pid files even when their namespace is gone and removes the cgroups
+# of its agents' tag (dev-<prefix>n1) but no other agent's; `up` on a cluster with a stopped
+# member says to `start` it. Run as root: bash deploy/tests/cluster-guards.sh
 set -euo pipefail
 
 SCRIPT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/cluster.sh
 T=$(mktemp -d /tmp/berth-cluster-guards.XXXXXX)
 FAKE_PIDS=()
+CG_PIDS=()
+# cgroups this test makes: one of the fake cluster's agent (tag dev-bgtn1), one of another
+# agent (tag dev-bgtzz) that `down` must leave alone.
+if [ -d /sys/fs/cgroup/pids ]; then CG=/sys/fs/cgroup/pids; else CG=/sys/fs/cgroup; fi
+OURS=$CG/berth-dev-bgtn1.payload.web
+OURS_MON=$CG/berth-dev-bgtn1.monitor.web
+OTHER=$CG/berth-dev-bgtzz.payload.web
 cleanup() {
-  local p
-  for p in "${FAKE_PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  local p d
+  for p in "${FAKE_PIDS[@]}" "${CG_PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  sleep 0.1
+  for d in "$OURS/inner" "$OURS" "$OURS_MON" "$OTHER"; do rmdir "$d" 2>/dev/null || true; done
   rm -rf "$T"
 }
 trap cleanup EXIT
@@ -53,7 +63,11 @@ NCTL=1
 NNODE=1
 NFT_TABLE=berthguardtest
 M
-mkdir -p "$BERTH_DEV_RUN"
+mkdir -p "$BERTH_DEV_RUN" "$BERTH_DEV_BASE/n1"
+printf '[runtime]\ncgroup_tag = "dev-bgtn1"\n' >"$BERTH_DEV_BASE/n1/agent.toml"
+mkdir -p "$OURS/inner" "$OURS_MON" "$OTHER"
+sleep 300 & IN_OURS=$!; CG_PIDS+=($!); echo $! >"$OURS/inner/cgroup.procs"; disown
+sleep 300 & IN_OTHER=$!; CG_PIDS+=($!); echo $! >"$OTHER/cgroup.procs"; disown
 "$T/bin/berthd" 300 & FAKE_PIDS+=($!); echo $! >"$BERTH_DEV_RUN/c1.pid"; disown
 "$T/bin/berth-agent" 300 & FAKE_PIDS+=($!); echo $! >"$BERTH_DEV_RUN/n1.pid"; disown
 sleep 0.2
@@ -66,6 +80,13 @@ for p in "${FAKE_PIDS[@]}"; do
 done
 [ ! -e "$BERTH_DEV_BASE" ] || fail "down left the base dir"
 [ ! -e "$BERTH_DEV_RUN" ] || fail "down left the pid files"
+if [ -e "$OURS" ] || [ -e "$OURS_MON" ]; then fail "down left the agent's cgroups"; fi
+if kill -0 "$IN_OURS" 2>/dev/null && [ "$(awk '{print $3}' "/proc/$IN_OURS/stat")" != Z ]; then
+  fail "down left a process in the agent's cgroup running"
+fi
+if ! [ -d "$OTHER" ] || ! kill -0 "$IN_OTHER" 2>/dev/null; then
+  fail "down touched another agent's cgroup"
+fi
 run down || fail "down after down failed"
 
 # 4. The marker's settings win over the environment's, and a damaged marker is refused.

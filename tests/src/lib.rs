@@ -470,6 +470,8 @@ impl Drop for Cluster {
         // That includes this cluster's own lxcfs (its mount point is under the agent's dir).
         kill_processes_mentioning(&agent_dir);
         kill_leftover_cgroups(&self.cgroup_tag);
+        // The agent's lock file (its agent is gone; the tag is never used again).
+        let _ = std::fs::remove_file(format!("/run/berth/agent-{}.lock", self.cgroup_tag));
         let _ = Command::new("umount")
             .arg("-l")
             .arg(agent_dir.join("lxcfs"))
