@@ -609,6 +609,17 @@ pub fn derive(before: &State, cmd: &Command) -> Vec<Draft> {
                 id: operation.id.clone(),
             });
         }
+        Command::Record {
+            project,
+            action,
+            source,
+            context,
+        } => {
+            let i = emit(&mut out, Audience::Project, project, action, source.clone());
+            if let Some(Draft::Lifecycle(l)) = out.get_mut(i) {
+                l.context.clone_from(context);
+            }
+        }
         Command::AddApiKey { key } => {
             emit(
                 &mut out,
@@ -953,6 +964,31 @@ mod tests {
                 ("r".to_string(), None)
             ]
         );
+    }
+
+    #[test]
+    fn records_are_lifecycle_events_of_their_project() {
+        let bus = EventBus::new();
+        let mut rx = bus.subscribe();
+        let mut s = state();
+        let before = s.clone();
+        let cmd = by(Command::Record {
+            project: "p".into(),
+            action: "instance-file-pushed".into(),
+            source: "/1.0/instances/web?project=p".into(),
+            context: BTreeMap::from([("path".into(), "/etc/motd".into())]),
+        });
+        run(&bus, &mut s, cmd).unwrap();
+        assert_eq!(s, before, "a record changes nothing");
+        let got = drain(&mut rx);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].audience, Audience::Project);
+        assert_eq!(got[0].event.project, "p");
+        let m = &got[0].event.metadata;
+        assert_eq!(m["action"], "instance-file-pushed");
+        assert_eq!(m["source"], "/1.0/instances/web?project=p");
+        assert_eq!(m["context"]["path"], "/etc/motd");
+        assert_eq!(m["requestor"]["key"], alice().key);
     }
 
     #[test]

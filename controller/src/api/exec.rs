@@ -7,12 +7,13 @@
 //! An exec session that nobody connects to within [`CONNECT_WINDOW`] fails. A session whose
 //! API key is revoked, rotated or expires is ended (the key is checked every
 //! [`KEY_CHECK_EVERY`]): the command is killed, the client gets an `exit` message (137) and the
-//! operation fails with "the API key was revoked, rotated or expired". `DELETE
+//! operation fails with "the API key was revoked, rotated or expired". An accepted exec is
+//! announced as the lifecycle event `instance-exec` (`context.command`, `context.operation`). `DELETE
 //! /1.0/operations/{id}` on the controller that holds the session cancels it, waiting or
 //! running (the command is killed, the client gets an `exit` message (137), the operation
 //! ends `Cancelled`): exec operations say `may_cancel: true`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -255,6 +256,17 @@ pub async fn post_exec(
             operation: op.clone(),
         }))
         .await?;
+    super::files::record_event(
+        &state,
+        &scope,
+        "instance-exec",
+        &name,
+        BTreeMap::from([
+            ("command".to_string(), req.command.join(" ")),
+            ("operation".to_string(), id.clone()),
+        ]),
+    )
+    .await;
     let key_id = scope.identity.key_id.clone();
     let key_hash = state
         .cp

@@ -1,5 +1,9 @@
 //! `/1.0/instances/{name}/files?path=...`: pull, push and delete files inside an instance.
 //! Metadata travels in LXD's `X-LXD-*` headers; contents stream through without being held in memory.
+//! A push or delete that succeeded is announced as the lifecycle event `instance-file-pushed`
+//! or `instance-file-deleted` (`context.path`), naming the key.
+
+use std::collections::BTreeMap;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -9,10 +13,12 @@ use berth_proto::v1::{self, file_pull_chunk, file_push_chunk};
 use futures::StreamExt;
 use http::{HeaderMap, HeaderValue};
 use serde::Deserialize;
+use tracing::warn;
 
 use super::instances::{find, require_member};
 use super::operations::sync;
 use super::{ApiError, Scope, SharedState};
+use crate::state::Command;
 
 #[derive(Deserialize)]
 pub struct PathQuery {
@@ -35,6 +41,28 @@ fn checked_path(q: &PathQuery) -> Result<String, ApiError> {
         ));
     }
     Ok(p.to_string())
+}
+
+/// Publishes (through the replicated log, so on every controller) the lifecycle event
+/// `action` on instance `name` (its own name) of the scope's project, naming the key: for
+/// what changes outside the replicated state. The action has already happened: a failure to
+/// record it is logged, and the request still succeeds.
+pub(crate) async fn record_event(
+    state: &SharedState,
+    scope: &Scope,
+    action: &str,
+    name: &str,
+    context: BTreeMap<String, String>,
+) {
+    let cmd = scope.by(Command::Record {
+        project: scope.project.clone(),
+        action: action.to_string(),
+        source: format!("/1.0/instances/{name}{}", scope.url_suffix()),
+        context,
+    });
+    if let Err(e) = state.cp.write(cmd).await {
+        warn!(instance = %name, action, error = %e, "cannot record a lifecycle event");
+    }
 }
 
 fn type_name(t: i32) -> &'static str {
@@ -172,7 +200,7 @@ pub async fn push(
     scope.require_write()?;
     let mut header = v1::FileHeader {
         instance: i.name.clone(),
-        path,
+        path: path.clone(),
         r#type: kind as i32,
         mode,
         uid,
@@ -224,6 +252,14 @@ pub async fn push(
             return Err(ApiError::bad_request(format!("the upload broke off: {why}")));
         }
     };
+    record_event(
+        &state,
+        &scope,
+        "instance-file-pushed",
+        &name,
+        BTreeMap::from([("path".to_string(), path)]),
+    )
+    .await;
     Ok(sync(
         serde_json::json!({ "path": info.path, "size": info.size }),
     ))
@@ -244,8 +280,16 @@ pub async fn delete(
         .client(&n)?
         .delete_file(crate::agents::short(v1::FileDeleteRequest {
             instance: i.name.clone(),
-            path,
+            path: path.clone(),
         }))
         .await?;
+    record_event(
+        &state,
+        &scope,
+        "instance-file-deleted",
+        &name,
+        BTreeMap::from([("path".to_string(), path)]),
+    )
+    .await;
     Ok(sync(serde_json::Value::Null))
 }

@@ -599,6 +599,8 @@ impl State {
                 }
                 Ok(ApplyOk::Done)
             }
+            // Only an event to publish: nothing to check, nothing changes.
+            Command::Record { .. } => Ok(ApplyOk::Done),
             Command::AddApiKey { key } => {
                 self.check_new_api_key(&key.id, &key.hash)?;
                 if self.api_key_by_name(&key.name).is_some() {

@@ -235,6 +235,16 @@ pub enum Command {
     DeleteOperations {
         ids: Vec<String>,
     },
+    /// Records that something happened outside the replicated state (a file pushed or
+    /// deleted, a command run in an instance), so that every controller publishes the
+    /// lifecycle event `action` on `source` (the object's URL, with `?project=`) of `project`.
+    /// Applying it checks nothing and changes nothing.
+    Record {
+        project: String,
+        action: String,
+        source: String,
+        context: BTreeMap<String, String>,
+    },
     /// Adds an API key; the id and the hash must be new.
     AddApiKey {
         key: ApiKey,

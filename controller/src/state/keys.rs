@@ -260,6 +260,7 @@ impl Command {
                 .iter()
                 .map(|id| ObjectKey::Operation(id.clone()))
                 .collect(),
+            Command::Record { .. } => Vec::new(),
             Command::AddApiKey { key } => vec![ObjectKey::ApiKey(key.id.clone())],
             Command::DeleteApiKey { id } => vec![ObjectKey::ApiKey(id.clone())],
         }
