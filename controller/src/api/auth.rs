@@ -72,8 +72,13 @@ fn forbidden(id: &Identity, what: &str) -> ApiError {
     ApiError::new(
         StatusCode::FORBIDDEN,
         format!(
-            "{what}; key {:?} is a {} key",
+            "{what}; key {:?} is {} {} key",
             id.key_name,
+            if matches!(id.role, Role::Admin | Role::Operator) {
+                "an"
+            } else {
+                "a"
+            },
             id.role.as_str()
         ),
     )
