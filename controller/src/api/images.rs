@@ -546,34 +546,10 @@ pub async fn delete(
     require_image_write(&scope)?;
     // A member deleting an image its project holds with others lets go of it (its aliases
     // too); the image stays for the others, and nothing says who they are.
-    if !scope.identity.is_fleet() && img.projects.len() > 1 && img.projects.contains(&scope.project)
-    {
-        let expect = if_match(&headers)?;
-        let op = new_operation_in(
-            &state,
-            &scope.project,
-            "task",
-            "Deleting image",
-            BTreeMap::new(),
-        );
-        let st = state.clone();
-        return run_task(&state, op, async move {
-            let mut command = Command::UnshareImage {
-                fingerprint: img.fingerprint.clone(),
-                project: scope.project.clone(),
-            };
-            if let Some(etag) = expect {
-                command = Command::IfMatch {
-                    expect: vec![(ObjectKey::Image(img.fingerprint.clone()), etag)],
-                    command: Box::new(command),
-                };
-            }
-            st.cp.write(scope.by(command)).await?;
-            Ok(serde_json::Value::Null)
-        })
-        .await;
-    }
-    if !may_delete(&scope, &img) {
+    let unshare = !scope.identity.is_fleet()
+        && img.projects.len() > 1
+        && img.projects.contains(&scope.project);
+    if !unshare && !may_delete(&scope, &img) {
         return Err(ApiError::forbidden(format!(
             "image {} is shared with other projects; only an admin or operator key can delete it",
             img.fingerprint
@@ -589,29 +565,32 @@ pub async fn delete(
     );
     let st = state.clone();
     run_task(&state, op, async move {
-        for n in nodes {
-            match st
-                .agents
-                .client(&n)?
-                .delete_image(crate::agents::short(v1::DeleteImageRequest {
-                    fingerprint: img.fingerprint.clone(),
-                }))
-                .await
-            {
-                Ok(_) => {}
-                Err(e) if e.code() == tonic::Code::NotFound => {}
-                Err(e) => return Err(e.into()),
+        let fingerprint = img.fingerprint.clone();
+        let command = if unshare {
+            Command::UnshareImage {
+                fingerprint: fingerprint.clone(),
+                project: scope.project.clone(),
             }
-        }
-        let mut command = Command::DeleteImage {
-            fingerprint: img.fingerprint.clone(),
+        } else {
+            for n in nodes {
+                match st
+                    .agents
+                    .client(&n)?
+                    .delete_image(crate::agents::short(v1::DeleteImageRequest {
+                        fingerprint: fingerprint.clone(),
+                    }))
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(e) if e.code() == tonic::Code::NotFound => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Command::DeleteImage {
+                fingerprint: fingerprint.clone(),
+            }
         };
-        if let Some(etag) = expect {
-            command = Command::IfMatch {
-                expect: vec![(ObjectKey::Image(img.fingerprint.clone()), etag)],
-                command: Box::new(command),
-            };
-        }
+        let command = super::instances::guarded(command, ObjectKey::Image(fingerprint), expect);
         st.cp.write(scope.by(command)).await?;
         Ok(serde_json::Value::Null)
     })
