@@ -1128,12 +1128,11 @@ impl Inner {
             s.started_at = st.started_at;
         }
         // The disk limit holds whether or not the instance runs.
-        if let Some(limit) = self
-            .storage
-            .instance_disk_usage(&rec.name)
-            .and_then(|d| d.limit)
-        {
-            s.limits.insert("limits.disk".into(), limit.to_string());
+        if let Some(disk) = self.storage.instance_disk_usage(&rec.name) {
+            s.disk_usage_bytes = disk.used;
+            if let Some(limit) = disk.limit {
+                s.limits.insert("limits.disk".into(), limit.to_string());
+            }
         }
         s
     }

@@ -324,6 +324,24 @@ fn tenants_are_isolated_and_held_to_their_quotas() -> Result<()> {
         json!({"limit": 3, "usage": 3})
     );
 
+    // A disk limit is enforced by btrfs quotas, and the instance's state reports its use.
+    let (code, _, v) = alice.call(
+        "PATCH",
+        "/1.0/instances/web",
+        Some(json!({"config": {"limits.disk": "256MiB"}})),
+    )?;
+    assert!(code < 300, "{v}");
+    let disk = || -> Result<Value> {
+        Ok(
+            alice.expect(200, "GET", "/1.0/instances/web/state", None)?["metadata"]["disk"]["root"]
+                .clone(),
+        )
+    };
+    berth_tests::wait_for("the disk use in the state", Duration::from_secs(10), || {
+        disk().is_ok_and(|d| d["usage"].as_u64().unwrap_or(0) > 0)
+    })?;
+    assert_eq!(disk()?["total"], json!(256u64 << 20));
+
     // ETag / If-Match: a stale write is refused and changes nothing.
     let (code, head, _) = alice.call("GET", "/1.0/instances/web", None)?;
     assert_eq!(code, 200);

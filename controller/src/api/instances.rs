@@ -170,7 +170,27 @@ fn state_from_agent(i: &Instance, prefix: u8, s: &v1::InstanceStatus) -> api::In
         network,
         started_at: s.started_at,
         limits: s.limits.clone().into_iter().collect(),
+        disk: disk_state(s),
     }
+}
+
+/// The `root` disk of an agent's report, when its use is known.
+fn disk_state(s: &v1::InstanceStatus) -> BTreeMap<String, api::InstanceStateDisk> {
+    if s.disk_usage_bytes == 0 {
+        return BTreeMap::new();
+    }
+    let total = s
+        .limits
+        .get("limits.disk")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    BTreeMap::from([(
+        "root".to_string(),
+        api::InstanceStateDisk {
+            usage: s.disk_usage_bytes,
+            total,
+        },
+    )])
 }
 
 /// What the state records from an agent's report.

@@ -216,6 +216,19 @@ pub struct InstanceState {
     /// Effective limits as read back from the kernel.
     #[serde(default)]
     pub limits: BTreeMap<String, String>,
+    /// Disk use by device, LXD's shape: `root` when it is known (btrfs quotas on, which the
+    /// first `limits.disk` on a node turns on).
+    #[serde(default)]
+    pub disk: BTreeMap<String, InstanceStateDisk>,
+}
+
+/// One disk of [`InstanceState::disk`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct InstanceStateDisk {
+    /// Bytes used.
+    pub usage: u64,
+    /// The limit in bytes, 0 when unlimited.
+    pub total: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
