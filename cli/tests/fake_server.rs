@@ -955,10 +955,17 @@ fn instance_route(
             st.files.insert(path, entry);
             sync(serde_json::Value::Null)
         }
-        (&Method::DELETE, ["files"]) => match st.files.remove(&q["path"]) {
-            Some(_) => sync(serde_json::Value::Null),
-            None => error(404, "not found"),
-        },
+        (&Method::DELETE, ["files"]) => {
+            // Like the agent: a directory must be empty.
+            let prefix = format!("{}/", q["path"]);
+            if st.files.keys().any(|k| k.starts_with(&prefix)) {
+                return error(400, &format!("{}: directory not empty", q["path"]));
+            }
+            match st.files.remove(&q["path"]) {
+                Some(_) => sync(serde_json::Value::Null),
+                None => error(404, "not found"),
+            }
+        }
         _ => error(404, "no such instance route"),
     }
 }
@@ -1431,6 +1438,161 @@ async fn t20_exec() {
         .unwrap()
         .unwrap();
     assert_eq!(status.code(), Some(130));
+}
+
+/// Recursive push and pull keep modes, owners (we run as root) and symlinks; `file edit`
+/// from stdin keeps mode and owner and writes only a change; `file delete -f` takes a tree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t31_files_keep_modes_owners_symlinks() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test checks owners and must run as root"
+    );
+    let f = start(&["127.0.0.1"]).await;
+    f.state
+        .lock()
+        .unwrap()
+        .instances
+        .insert("c1".into(), instance("c1", true, BTreeMap::new()));
+    let tree = f.dir.path().join("local/tree");
+    std::fs::create_dir_all(tree.join("priv")).unwrap();
+    std::fs::write(tree.join("priv/secret"), b"s3cret").unwrap();
+    std::fs::set_permissions(tree.join("priv/secret"), PermissionsExt::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(tree.join("priv/secret"), Some(1000), Some(1000)).unwrap();
+    std::fs::set_permissions(tree.join("priv"), PermissionsExt::from_mode(0o750)).unwrap();
+    std::os::unix::fs::symlink("priv/secret", tree.join("link")).unwrap();
+    std::os::unix::fs::lchown(tree.join("link"), Some(1000), Some(1001)).unwrap();
+    std::fs::create_dir(tree.join("ro")).unwrap();
+    std::fs::write(tree.join("ro/inside"), b"x").unwrap();
+    std::fs::set_permissions(tree.join("ro"), PermissionsExt::from_mode(0o555)).unwrap();
+
+    f.ok(&[
+        "file",
+        "push",
+        "-r",
+        "-p",
+        tree.to_str().unwrap(),
+        "c1/root/",
+    ])
+    .await;
+    {
+        let st = f.state.lock().unwrap();
+        let e = &st.files["/root/tree/priv"];
+        assert_eq!((e.kind.as_str(), e.mode, e.uid), ("directory", 0o750, 0));
+        let e = &st.files["/root/tree/priv/secret"];
+        assert_eq!((e.mode, e.uid, e.gid), (0o600, 1000, 1000));
+        let e = &st.files["/root/tree/link"];
+        assert_eq!(
+            (e.kind.as_str(), e.uid, e.gid, e.data.as_slice()),
+            ("symlink", 1000, 1001, &b"priv/secret"[..])
+        );
+        assert_eq!(st.files["/root/tree/ro"].mode, 0o555);
+    }
+    // --uid/--gid override the local owners.
+    f.ok(&[
+        "file",
+        "push",
+        "-r",
+        "--uid",
+        "7",
+        "--gid",
+        "8",
+        tree.join("priv").to_str().unwrap(),
+        "c1/root/",
+    ])
+    .await;
+    {
+        let st = f.state.lock().unwrap();
+        let e = &st.files["/root/priv/secret"];
+        assert_eq!((e.mode, e.uid, e.gid), (0o600, 7, 8));
+        assert_eq!(st.files["/root/priv"].uid, 7);
+    }
+
+    // Pull back: modes, owners and the symlink as it was; the read-only directory is filled.
+    let dest = f.dir.path().join("back");
+    f.ok(&["file", "pull", "-r", "c1/root/tree", dest.to_str().unwrap()])
+        .await;
+    let md = std::fs::symlink_metadata(dest.join("priv/secret")).unwrap();
+    assert_eq!(
+        (md.mode() & 0o7777, md.uid(), md.gid()),
+        (0o600, 1000, 1000)
+    );
+    assert_eq!(std::fs::read(dest.join("priv/secret")).unwrap(), b"s3cret");
+    let md = std::fs::symlink_metadata(dest.join("priv")).unwrap();
+    assert_eq!(md.mode() & 0o7777, 0o750);
+    let md = std::fs::symlink_metadata(dest.join("link")).unwrap();
+    assert!(md.file_type().is_symlink());
+    assert_eq!((md.uid(), md.gid()), (1000, 1001));
+    assert_eq!(
+        std::fs::read_link(dest.join("link")).unwrap(),
+        Path::new("priv/secret")
+    );
+    assert_eq!(std::fs::read(dest.join("ro/inside")).unwrap(), b"x");
+    let md = std::fs::symlink_metadata(dest.join("ro")).unwrap();
+    assert_eq!(md.mode() & 0o7777, 0o555);
+
+    // Edit from stdin: new content, same mode and owner; no change, no write.
+    let o = f
+        .run_with(
+            &["file", "edit", "c1/root/tree/priv/secret"],
+            b"changed\n",
+            true,
+        )
+        .await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    {
+        let st = f.state.lock().unwrap();
+        let e = &st.files["/root/tree/priv/secret"];
+        assert_eq!(
+            (e.data.as_slice(), e.mode, e.uid, e.gid),
+            (&b"changed\n"[..], 0o600, 1000, 1000)
+        );
+    }
+    let before = f.request_count();
+    let o = f
+        .run_with(
+            &["file", "edit", "c1/root/tree/priv/secret"],
+            b"changed\n",
+            true,
+        )
+        .await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let reqs = f.state.lock().unwrap().requests[before..].to_vec();
+    assert!(reqs.iter().all(|r| !r.starts_with("POST")), "{reqs:?}");
+    let o = f
+        .run_with(&["file", "edit", "c1/root/tree/priv"], b"x", true)
+        .await;
+    assert_eq!(
+        (o.code, o.stderr.as_str()),
+        (
+            1,
+            "Error: /root/tree/priv is a directory; only files can be edited\n"
+        )
+    );
+
+    // Delete: a file, an empty directory; a full one needs -f, which takes everything.
+    f.ok(&["file", "delete", "c1/root/tree/ro/inside"]).await;
+    f.ok(&["file", "delete", "c1/root/tree/ro"]).await;
+    let o = f.run(&["file", "delete", "c1/root/tree"]).await;
+    assert_eq!(o.code, 1, "a full directory needs -f");
+    assert!(
+        f.state
+            .lock()
+            .unwrap()
+            .files
+            .contains_key("/root/tree/link")
+    );
+    f.ok(&["file", "delete", "-f", "c1/root/tree"]).await;
+    {
+        let st = f.state.lock().unwrap();
+        assert!(
+            st.files.keys().all(|k| !k.starts_with("/root/tree")),
+            "{:?}",
+            st.files.keys().collect::<Vec<_>>()
+        );
+        assert!(st.files.contains_key("/root/priv/secret"));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,10 @@
-//! `berth file push|pull|delete`, with lxc's NAME/PATH arguments. Recursive transfers walk the
-//! tree on the client and issue one request per file or directory.
+//! `berth file push|pull|delete|edit`, with lxc's NAME/PATH arguments. Recursive transfers walk
+//! the tree on the client and issue one request per file, directory or symlink; each keeps its
+//! mode, its owner (sent when run as root or given with `--uid/--gid`, restored on pull when run
+//! as root) and symlinks stay symlinks, both ways.
 
-use std::os::unix::fs::PermissionsExt;
+use std::io::{IsTerminal, Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use berth_proto::api::file_headers;
@@ -27,6 +30,8 @@ pub enum FileCommand {
     /// Delete files in instances
     #[command(visible_alias = "rm")]
     Delete(DeleteArgs),
+    /// Edit a file in an instance with $EDITOR (or replace it with stdin when piped)
+    Edit(EditArgs),
 }
 
 /// `file push`.
@@ -41,10 +46,10 @@ pub struct PushArgs {
     /// File mode (octal, e.g. 0644) of pushed files
     #[arg(long, value_name = "MODE")]
     pub mode: Option<String>,
-    /// Owner UID of pushed files
+    /// Owner UID of pushed files (default: the local owner when run as root, else 0)
     #[arg(long, value_name = "UID")]
     pub uid: Option<u32>,
-    /// Owner GID of pushed files
+    /// Owner GID of pushed files (default: the local group when run as root, else 0)
     #[arg(long, value_name = "GID")]
     pub gid: Option<u32>,
     /// Local files (directories with -r)
@@ -75,9 +80,20 @@ pub struct PullArgs {
 /// `file delete`.
 #[derive(Debug, Args)]
 pub struct DeleteArgs {
+    /// Delete directories with everything in them
+    #[arg(short = 'f', long)]
+    pub force: bool,
     /// Files to delete, NAME/PATH
     #[arg(required = true)]
     pub paths: Vec<String>,
+}
+
+/// `file edit`.
+#[derive(Debug, Args)]
+pub struct EditArgs {
+    /// The file to edit, NAME/PATH
+    #[arg(value_name = "FILE")]
+    pub path: String,
 }
 
 /// An instance path argument: `[REMOTE:]NAME/PATH`.
@@ -178,13 +194,61 @@ pub async fn run(ctx: &Ctx, command: FileCommand) -> anyhow::Result<i32> {
                 .collect::<anyhow::Result<_>>()?;
             for t in targets {
                 let client = ctx.client(t.remote.as_deref())?;
-                client
-                    .sync::<()>(Method::DELETE, &files_url(&t.instance, &t.path), None)
-                    .await?;
+                if a.force {
+                    delete_tree(&client, &t.instance, &t.path).await?;
+                } else {
+                    delete_one(&client, &t.instance, &t.path).await?;
+                }
             }
             Ok(0)
         }
+        FileCommand::Edit(a) => edit(ctx, a).await,
     }
+}
+
+async fn delete_one(client: &Client, instance: &str, path: &str) -> anyhow::Result<()> {
+    client
+        .sync::<()>(Method::DELETE, &files_url(instance, path), None)
+        .await?;
+    Ok(())
+}
+
+/// Deletes `path` and, when it is a directory, everything below it (children first). Symlinks
+/// are deleted, never followed.
+async fn delete_tree(client: &Client, instance: &str, path: &str) -> anyhow::Result<()> {
+    let mut order = Vec::new();
+    let mut stack = vec![path.trim_end_matches('/').to_string()];
+    while let Some(p) = stack.pop() {
+        let p = if p.is_empty() { "/".to_string() } else { p };
+        let resp = get_file(client, instance, &p).await?;
+        if kind_of(&resp) == "directory" {
+            let status = resp.status();
+            let body = client.read_body(resp).await?;
+            for name in directory_entries(parse_envelope(status, &body)?.metadata)? {
+                if is_plain_name(&name) {
+                    stack.push(join_remote(&p, &name));
+                }
+            }
+        }
+        order.push(p);
+    }
+    for p in order.iter().rev() {
+        if p == "/" {
+            anyhow::bail!("refusing to delete the root directory of {instance}");
+        }
+        delete_one(client, instance, p).await?;
+    }
+    Ok(())
+}
+
+/// Whether a directory entry is a single path component.
+fn is_plain_name(name: &str) -> bool {
+    !(name.is_empty() || name == "." || name == ".." || name.contains('/'))
+}
+
+/// Whether this process runs as root (owners are then sent on push and restored on pull).
+fn running_as_root() -> bool {
+    rustix::process::geteuid().is_root()
 }
 
 fn files_url(instance: &str, path: &str) -> String {
@@ -195,12 +259,31 @@ fn files_url(instance: &str, path: &str) -> String {
     )
 }
 
-/// What a push sends with each object.
+/// What a push sends with each object: explicit values from the command line, and whether
+/// to send each local file's owner when none is given.
 #[derive(Debug, Clone, Copy)]
 struct Owner {
     mode: Option<u32>,
-    uid: u32,
-    gid: u32,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    keep_local_owner: bool,
+}
+
+impl Owner {
+    /// The uid and gid sent for a local object with metadata `md`.
+    fn ids(&self, md: &std::fs::Metadata) -> (u32, u32) {
+        let (local_uid, local_gid) = if self.keep_local_owner {
+            (md.uid(), md.gid())
+        } else {
+            (0, 0)
+        };
+        (self.uid.unwrap_or(local_uid), self.gid.unwrap_or(local_gid))
+    }
+
+    /// The uid and gid of directories the push creates itself (`--create-dirs`).
+    fn created_dir_ids(&self) -> (u32, u32) {
+        (self.uid.unwrap_or(0), self.gid.unwrap_or(0))
+    }
 }
 
 fn meta_headers(kind: &str, mode: u32, uid: u32, gid: u32) -> HeaderMap {
@@ -236,21 +319,22 @@ async fn push_one(
     let md = std::fs::symlink_metadata(local)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", local.display()))?;
     let url = files_url(instance, remote);
+    let (uid, gid) = owner.ids(&md);
     if md.file_type().is_symlink() {
         let target = std::fs::read_link(local)
             .map_err(|e| anyhow::anyhow!("cannot read link {}: {e}", local.display()))?;
-        let headers = meta_headers("symlink", 0o777, owner.uid, owner.gid);
+        let headers = meta_headers("symlink", 0o777, uid, gid);
         let body = full_body(target.as_os_str().as_encoded_bytes().to_vec());
         client.envelope(Method::POST, &url, headers, body).await?;
     } else if md.is_dir() {
         let mode = md.permissions().mode();
-        let headers = meta_headers("directory", mode, owner.uid, owner.gid);
+        let headers = meta_headers("directory", mode, uid, gid);
         client
             .envelope(Method::POST, &url, headers, empty_body())
             .await?;
     } else if md.is_file() {
         let mode = owner.mode.unwrap_or(md.permissions().mode());
-        let mut headers = meta_headers("file", mode, owner.uid, owner.gid);
+        let mut headers = meta_headers("file", mode, uid, gid);
         headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(md.len()));
         headers.insert(
             http::header::CONTENT_TYPE,
@@ -308,7 +392,8 @@ async fn mkdir_p(client: &Client, instance: &str, path: &str, owner: Owner) -> a
             anyhow::bail!("cannot check {current} in {instance}: server answered {status}");
         }
         drop(resp);
-        let headers = meta_headers("directory", 0o755, owner.uid, owner.gid);
+        let (uid, gid) = owner.created_dir_ids();
+        let headers = meta_headers("directory", 0o755, uid, gid);
         client
             .envelope(
                 Method::POST,
@@ -334,8 +419,9 @@ async fn push(ctx: &Ctx, args: PushArgs) -> anyhow::Result<i32> {
     let mode = args.mode.as_deref().map(parse_mode).transpose()?;
     let owner = Owner {
         mode,
-        uid: args.uid.unwrap_or(0),
-        gid: args.gid.unwrap_or(0),
+        uid: args.uid,
+        gid: args.gid,
+        keep_local_owner: running_as_root(),
     };
     for s in &sources {
         let md =
@@ -507,7 +593,35 @@ fn libc_o_nofollow() -> i32 {
     rustix::fs::OFlags::NOFOLLOW.bits() as i32
 }
 
-/// Saves one answer (file, symlink or directory) at `local`, walking directories.
+/// The metadata a pulled object carries in its headers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Meta {
+    mode: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+}
+
+impl Meta {
+    fn of(resp: &http::Response<Incoming>) -> Meta {
+        Meta {
+            mode: header_num(resp, file_headers::MODE, 8),
+            uid: header_num(resp, file_headers::UID, 10),
+            gid: header_num(resp, file_headers::GID, 10),
+        }
+    }
+
+    /// Gives `path` (not following a symlink) this owner, when run as root and known.
+    fn chown(&self, path: &Path, as_root: bool) -> std::io::Result<()> {
+        if as_root && (self.uid.is_some() || self.gid.is_some()) {
+            std::os::unix::fs::lchown(path, self.uid, self.gid)?;
+        }
+        Ok(())
+    }
+}
+
+/// Saves one answer (file, symlink or directory) at `local`, walking directories. Files and
+/// symlinks get their owner (when run as root) and mode at once; directories get theirs after
+/// everything inside was written, deepest first, so a read-only directory can still be filled.
 async fn pull_tree(
     client: &Client,
     instance: &str,
@@ -515,6 +629,8 @@ async fn pull_tree(
     local: &Path,
     first: http::Response<Incoming>,
 ) -> anyhow::Result<()> {
+    let as_root = running_as_root();
+    let mut directories: Vec<(PathBuf, Meta)> = Vec::new();
     let mut stack = vec![(path.to_string(), local.to_path_buf(), Some(first))];
     while let Some((path, local, resp)) = stack.pop() {
         let resp = match resp {
@@ -522,7 +638,7 @@ async fn pull_tree(
             None => get_file(client, instance, &path).await?,
         };
         let kind = kind_of(&resp);
-        let mode = header_num(&resp, file_headers::MODE, 8);
+        let meta = Meta::of(&resp);
         let fail = |e: std::io::Error| anyhow::anyhow!("cannot write {}: {e}", local.display());
         match kind.as_str() {
             "directory" => {
@@ -538,22 +654,14 @@ async fn pull_tree(
                             && std::fs::symlink_metadata(&local).is_ok_and(|m| m.is_dir()) => {}
                     Err(e) => return Err(fail(e)),
                 }
-                if let Some(m) = mode {
-                    std::fs::set_permissions(&local, std::fs::Permissions::from_mode(m))
-                        .map_err(fail)?;
-                }
                 let mut seen = std::collections::HashSet::new();
                 for name in entries.into_iter().rev() {
-                    if name.is_empty()
-                        || name == "."
-                        || name == ".."
-                        || name.contains('/')
-                        || !seen.insert(name.clone())
-                    {
+                    if !is_plain_name(&name) || !seen.insert(name.clone()) {
                         continue;
                     }
                     stack.push((join_remote(&path, &name), local.join(&name), None));
                 }
+                directories.push((local, meta));
             }
             "symlink" => {
                 let body = client.read_body(resp).await?;
@@ -562,6 +670,7 @@ async fn pull_tree(
                     std::fs::remove_file(&local).map_err(fail)?;
                 }
                 std::os::unix::fs::symlink(target.trim_end_matches('\n'), &local).map_err(fail)?;
+                meta.chown(&local, as_root).map_err(fail)?;
             }
             _ => {
                 // Never write through a symlink at the destination.
@@ -574,7 +683,9 @@ async fn pull_tree(
                     .await
                     .map_err(fail)?;
                 write_body(resp, &mut f).await?;
-                if let Some(m) = mode {
+                // The owner first: chown clears set-id bits the mode may hold.
+                meta.chown(&local, as_root).map_err(fail)?;
+                if let Some(m) = meta.mode {
                     f.set_permissions(std::fs::Permissions::from_mode(m))
                         .await
                         .map_err(fail)?;
@@ -582,7 +693,130 @@ async fn pull_tree(
             }
         }
     }
+    for (dir, meta) in directories.iter().rev() {
+        let fail = |e: std::io::Error| anyhow::anyhow!("cannot write {}: {e}", dir.display());
+        meta.chown(dir, as_root).map_err(fail)?;
+        if let Some(m) = meta.mode {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(m)).map_err(fail)?;
+        }
+    }
     Ok(())
+}
+
+/// The file `berth file edit` works on: its content and what to keep when writing it back.
+struct Edited {
+    content: Vec<u8>,
+    meta: Meta,
+}
+
+async fn pull_for_edit(client: &Client, target: &InstancePath) -> anyhow::Result<Edited> {
+    let resp = get_file(client, &target.instance, &target.path).await?;
+    let kind = kind_of(&resp);
+    if kind != "file" {
+        anyhow::bail!("{} is a {kind}; only files can be edited", target.path);
+    }
+    let meta = Meta::of(&resp);
+    let mut content = Vec::new();
+    let mut body = resp.into_body();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| anyhow::anyhow!("download failed: {e}"))?;
+        if let Ok(data) = frame.into_data() {
+            content.extend_from_slice(&data);
+        }
+    }
+    Ok(Edited { content, meta })
+}
+
+/// The headers that write an edited file back with its mode and owner.
+fn edit_headers(meta: Meta, len: usize) -> HeaderMap {
+    let mut headers = meta_headers(
+        "file",
+        meta.mode.unwrap_or(0o644),
+        meta.uid.unwrap_or(0),
+        meta.gid.unwrap_or(0),
+    );
+    headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers
+}
+
+/// Runs `$VISUAL`/`$EDITOR` (default vi) on a private copy of `content`; returns the result.
+fn run_editor(name: &str, content: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let safe: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let path = std::env::temp_dir().join(format!("berth_file_{}_{safe}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
+    let result = (|| {
+        f.write_all(content)?;
+        drop(f);
+        let editor = std::env::var("VISUAL")
+            .or_else(|_| std::env::var("EDITOR"))
+            .unwrap_or_else(|_| "vi".into());
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{editor} \"$1\""))
+            .arg("sh")
+            .arg(&path)
+            .status()
+            .map_err(|e| anyhow::anyhow!("cannot run the editor {editor}: {e}"))?;
+        if !status.success() {
+            anyhow::bail!("the editor {editor} failed ({status}); nothing was changed");
+        }
+        std::fs::read(&path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
+    })();
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+async fn edit(ctx: &Ctx, args: EditArgs) -> anyhow::Result<i32> {
+    let target = parse_instance_path(&args.path)?;
+    if target.is_dir() {
+        anyhow::bail!("{} is a directory; only files can be edited", target.path);
+    }
+    let client = ctx.client(target.remote.as_deref())?;
+    let current = pull_for_edit(&client, &target).await?;
+    let edited = if std::io::stdin().is_terminal() {
+        let name = base_name(&target.path).to_string();
+        let content = current.content.clone();
+        tokio::task::spawn_blocking(move || run_editor(&name, &content))
+            .await
+            .map_err(|e| anyhow::anyhow!("the editor task failed: {e}"))??
+    } else {
+        let mut new = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut new)
+            .map_err(|e| anyhow::anyhow!("cannot read stdin: {e}"))?;
+        new
+    };
+    if edited == current.content {
+        return Ok(0);
+    }
+    let headers = edit_headers(current.meta, edited.len());
+    client
+        .envelope(
+            Method::POST,
+            &files_url(&target.instance, &target.path),
+            headers,
+            full_body(edited),
+        )
+        .await?;
+    Ok(0)
 }
 
 #[cfg(test)]
@@ -665,6 +899,52 @@ mod tests {
             pull_destination("/etc/hosts", &f, true, false),
             f.join("hosts")
         );
+    }
+
+    #[test]
+    fn owners_sent_on_push() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"x").unwrap();
+        let md = std::fs::metadata(&f).unwrap();
+        let plain = Owner {
+            mode: None,
+            uid: None,
+            gid: None,
+            keep_local_owner: false,
+        };
+        assert_eq!(plain.ids(&md), (0, 0));
+        let local = Owner {
+            keep_local_owner: true,
+            ..plain
+        };
+        assert_eq!(local.ids(&md), (md.uid(), md.gid()));
+        let given = Owner {
+            uid: Some(7),
+            ..local
+        };
+        assert_eq!(given.ids(&md), (7, md.gid()));
+        assert_eq!(given.created_dir_ids(), (7, 0));
+    }
+
+    #[test]
+    fn edits_keep_mode_and_owner() {
+        let h = edit_headers(
+            Meta {
+                mode: Some(0o600),
+                uid: Some(1000),
+                gid: Some(5),
+            },
+            3,
+        );
+        assert_eq!(h[file_headers::MODE], "0600");
+        assert_eq!(h[file_headers::UID], "1000");
+        assert_eq!(h[file_headers::GID], "5");
+        assert_eq!(h[http::header::CONTENT_LENGTH], "3");
+        assert!(is_plain_name("a.b"));
+        for bad in ["", ".", "..", "a/b"] {
+            assert!(!is_plain_name(bad), "{bad}");
+        }
     }
 
     #[test]
