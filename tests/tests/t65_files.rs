@@ -164,7 +164,10 @@ fn run(c: &Cluster) -> Result<()> {
     let (code, _, _) = c.exec(name, &["test", "-e", "/root/empty"])?;
     assert_ne!(code, 0, "the empty directory is gone");
     let err = c.berth_err(&["file", "delete", &format!("{name}/root/tree")])?;
-    assert!(!err.is_empty(), "a full directory is refused without -f");
+    assert!(
+        err.contains("directory not empty") && err.contains("use -f"),
+        "a full directory is refused without -f: {err}"
+    );
     let (code, _, _) = c.exec(name, &["test", "-f", "/root/tree/priv/secret"])?;
     assert_eq!(code, 0, "nothing was deleted without -f");
     c.berth_ok(&["file", "delete", "-f", &format!("{name}/root/tree")])?;

@@ -196,8 +196,11 @@ pub async fn run(ctx: &Ctx, command: FileCommand) -> anyhow::Result<i32> {
                 let client = ctx.client(t.remote.as_deref())?;
                 if a.force {
                     delete_tree(&client, &t.instance, &t.path).await?;
-                } else {
-                    delete_one(&client, &t.instance, &t.path).await?;
+                } else if let Err(e) = delete_one(&client, &t.instance, &t.path).await {
+                    if e.to_string().contains("directory not empty") {
+                        anyhow::bail!("{e} (use -f to delete it with everything in it)");
+                    }
+                    return Err(e);
                 }
             }
             Ok(0)
