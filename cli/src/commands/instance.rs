@@ -518,6 +518,21 @@ pub fn render_info(i: &Instance, state: Option<&InstanceState>) -> String {
                     human_bytes(s.memory.total)
                 ));
             }
+            if !s.disk.is_empty() {
+                // LXD's wording: "Disk usage:" then one line per device.
+                line("  Disk usage:".into());
+                for (dev, d) in &s.disk {
+                    if d.total > 0 {
+                        line(format!(
+                            "    {dev}: {} (limit {})",
+                            human_bytes(d.usage),
+                            human_bytes(d.total)
+                        ));
+                    } else {
+                        line(format!("    {dev}: {}", human_bytes(d.usage)));
+                    }
+                }
+            }
             if !s.limits.is_empty() {
                 line("  Limits:".into());
                 for (k, v) in &s.limits {
@@ -895,5 +910,22 @@ mod tests {
         assert!(text.contains("  Limits:\n    limits.memory: 64MiB\n"));
         assert!(text.contains("        inet:  10.87.0.5/24 (global)\n"));
         assert!(!text.contains("lo:"));
+        assert!(
+            !text.contains("Disk usage"),
+            "no disk figure without quotas: {text}"
+        );
+        let mut s = i.state.clone().unwrap();
+        s.disk.insert(
+            "root".into(),
+            berth_proto::api::InstanceStateDisk {
+                usage: 3 << 20,
+                total: 64 << 20,
+            },
+        );
+        let text = render_info(i, Some(&s));
+        assert!(
+            text.contains("  Disk usage:\n    root: 3.00MiB (limit 64.00MiB)\n"),
+            "{text}"
+        );
     }
 }
