@@ -44,7 +44,6 @@ pub async fn get(State(state): State<SharedState>, scope: Scope) -> Result<Respo
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::time::Duration;
 
     use axum::body::Body;
@@ -73,17 +72,7 @@ mod tests {
         .await
         .unwrap();
         let ca = crate::tls::ClusterCa::generate("test").unwrap();
-        let cert = ca.issue("c1", &["c1".into()]).unwrap();
-        let state = Arc::new(AppState {
-            cp: cp.clone(),
-            agents: crate::agents::AgentPool::new(ca.cert_pem.clone(), cert.cert_pem, cert.key_pem),
-            ca,
-            name: "c1".into(),
-            execs: Default::default(),
-            metrics: Default::default(),
-            liveness: crate::liveness::Liveness::new(Duration::from_secs(10)),
-            instance_locks: Default::default(),
-        });
+        let state = AppState::for_test(cp.clone(), ca);
         let app = router(state);
         let get = |path: &str, key: Option<&str>| {
             let mut b = http::Request::builder().uri(path);

@@ -74,6 +74,26 @@ impl AppState {
     }
 }
 
+#[cfg(test)]
+impl AppState {
+    /// The API state of a controller named `c1` for tests: `cp`, the CA `ca`, and a
+    /// certificate from it.
+    #[allow(clippy::unwrap_used)]
+    pub fn for_test(cp: ControlPlane, ca: ClusterCa) -> SharedState {
+        let cert = ca.issue("c1", &["c1".into()]).unwrap();
+        Arc::new(AppState {
+            cp,
+            agents: AgentPool::new(ca.cert_pem.clone(), cert.cert_pem, cert.key_pem),
+            ca,
+            name: "c1".into(),
+            execs: Default::default(),
+            metrics: Default::default(),
+            liveness: crate::liveness::Liveness::new(std::time::Duration::from_secs(10)),
+            instance_locks: Default::default(),
+        })
+    }
+}
+
 /// The router with every route and the middleware stack.
 pub fn router(state: SharedState) -> Router {
     let authed = Router::new()

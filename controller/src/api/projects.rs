@@ -414,7 +414,6 @@ pub async fn get_state(
 #[allow(clippy::unwrap_used)]
 pub(crate) mod testkit {
     use std::collections::BTreeMap;
-    use std::sync::Arc;
     use std::time::Duration;
 
     use axum::body::Body;
@@ -509,21 +508,7 @@ pub(crate) mod testkit {
             ] {
                 cp.write(Command::AddApiKey { key: k }).await.unwrap();
             }
-            let cert = ca.issue("c1", &["c1".into()]).unwrap();
-            let state = Arc::new(AppState {
-                cp: cp.clone(),
-                agents: crate::agents::AgentPool::new(
-                    ca.cert_pem.clone(),
-                    cert.cert_pem,
-                    cert.key_pem,
-                ),
-                ca,
-                name: "c1".into(),
-                execs: Default::default(),
-                metrics: Default::default(),
-                liveness: crate::liveness::Liveness::new(Duration::from_secs(10)),
-                instance_locks: Default::default(),
-            });
+            let state = AppState::for_test(cp.clone(), ca);
             Api {
                 app: router(state),
                 cp,
