@@ -620,8 +620,10 @@ fn update_action(
     }
 }
 
+/// The first 12 characters of a fingerprint (it comes from the server: never slice a byte
+/// offset that might fall inside a character).
 fn short(fp: &str) -> &str {
-    &fp[..fp.len().min(12)]
+    fp.get(..12).unwrap_or(fp)
 }
 
 fn instance_action(
@@ -877,6 +879,14 @@ instances:
         lost.projects.clear();
         let e = check(&lost, &Actual::default(), &fp).unwrap_err();
         assert!(e.contains("project shop does not exist"), "{e}");
+    }
+
+    #[test]
+    fn short_fingerprints_never_split_a_character() {
+        assert_eq!(short(&"f".repeat(64)), "ffffffffffff");
+        // Byte 12 falls inside "é": whatever the server sends, no panic.
+        assert_eq!(short("abcdefghijkéz"), "abcdefghijkéz");
+        assert_eq!(short("abc"), "abc");
     }
 
     #[test]

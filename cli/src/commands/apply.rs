@@ -14,7 +14,7 @@ use berth_proto::api::{
 use clap::Args;
 use http::Method;
 
-use crate::client::{Client, ClientError, encode_query};
+use crate::client::{Client, ClientError, encode_query, scoped_path};
 use crate::stack::{
     self, Action, Actual, ActualAlias, ActualInstance, ActualObject, Change, DesiredState, Kind,
     Stack,
@@ -63,25 +63,35 @@ fn read_stack(path: &PathBuf) -> anyhow::Result<Stack> {
 }
 
 fn in_project(path: &str, project: &str) -> String {
-    let sep = if path.contains('?') { '&' } else { '?' };
-    format!("{path}{sep}project={}", encode_query(project))
+    scoped_path(path, Some(project))
 }
 
-/// Reads what exists in every project the key can see (and the stack's projects).
-async fn read_actual(client: &Client, s: &Stack) -> anyhow::Result<Actual> {
+/// What a lookup the key may not make (403) or that finds nothing (404) means: unknown. Any
+/// other failure (the network, the server) stops the plan rather than silently changing it.
+fn unknown_if_refused<T>(r: Result<T, ClientError>) -> Result<Option<T>, ClientError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if matches!(e.status(), Some(403 | 404)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads what exists in every project the key can see.
+async fn read_actual(client: &Client) -> anyhow::Result<Actual> {
     // Node names when this key may list them (restricted keys may not: targets are then
     // checked by the server only).
-    let nodes = client
-        .get::<Vec<serde_json::Value>>("/1.0/cluster/members?recursion=1")
-        .await
-        .ok()
-        .map(|members| {
-            members
-                .iter()
-                .filter_map(|m| m.get("server_name").and_then(|n| n.as_str()))
-                .map(str::to_string)
-                .collect()
-        });
+    let nodes = unknown_if_refused(
+        client
+            .get::<Vec<serde_json::Value>>("/1.0/cluster/members?recursion=1")
+            .await,
+    )?
+    .map(|members| {
+        members
+            .iter()
+            .filter_map(|m| m.get("server_name").and_then(|n| n.as_str()))
+            .map(str::to_string)
+            .collect()
+    });
     let mut actual = Actual {
         nodes,
         ..Actual::default()
@@ -95,10 +105,7 @@ async fn read_actual(client: &Client, s: &Stack) -> anyhow::Result<Actual> {
             config: p.config.clone(),
         });
     }
-    let mut names: Vec<String> = projects.iter().map(|p| p.name.clone()).collect();
-    names.sort();
-    names.dedup();
-    for project in &names {
+    for project in projects.iter().map(|p| &p.name) {
         let profiles: Vec<Profile> = client
             .get(&in_project("/1.0/profiles?recursion=1", project))
             .await?;
@@ -143,7 +150,6 @@ async fn read_actual(client: &Client, s: &Stack) -> anyhow::Result<Actual> {
             });
         }
     }
-    let _ = s;
     Ok(actual)
 }
 
@@ -154,7 +160,7 @@ async fn resolve_images(
     client: &Client,
     s: &Stack,
     actual: &Actual,
-) -> BTreeMap<(String, String), String> {
+) -> Result<BTreeMap<(String, String), String>, ClientError> {
     let mut out = BTreeMap::new();
     let wanted = s
         .instances
@@ -174,37 +180,38 @@ async fn resolve_images(
         } else {
             stack::DEFAULT_PROJECT.to_string()
         };
-        let alias: Result<serde_json::Value, ClientError> = client
-            .get(&in_project(
-                &format!("/1.0/images/aliases/{}", encode_query(&image)),
-                &asked,
-            ))
-            .await;
-        let fp = match alias {
-            Ok(v) => v.get("target").and_then(|t| t.as_str()).map(str::to_string),
-            Err(_) => client
+        let field =
+            |v: serde_json::Value, k: &str| v.get(k).and_then(|t| t.as_str()).map(str::to_string);
+        let alias = unknown_if_refused(
+            client
                 .get::<serde_json::Value>(&in_project(
-                    &format!("/1.0/images/{}", encode_query(&image)),
+                    &format!("/1.0/images/aliases/{}", encode_query(&image)),
                     &asked,
                 ))
-                .await
-                .ok()
-                .and_then(|v| {
-                    v.get("fingerprint")
-                        .and_then(|t| t.as_str())
-                        .map(str::to_string)
-                }),
+                .await,
+        )?;
+        let fp = match alias {
+            Some(v) => field(v, "target"),
+            None => unknown_if_refused(
+                client
+                    .get::<serde_json::Value>(&in_project(
+                        &format!("/1.0/images/{}", encode_query(&image)),
+                        &asked,
+                    ))
+                    .await,
+            )?
+            .and_then(|v| field(v, "fingerprint")),
         };
         if let Some(fp) = fp {
             out.insert((project, image), fp);
         }
     }
-    out
+    Ok(out)
 }
 
 async fn plan_for(client: &Client, s: &Stack) -> anyhow::Result<(Vec<Change>, Actual)> {
-    let actual = read_actual(client, s).await?;
-    let fps = resolve_images(client, s, &actual).await;
+    let actual = read_actual(client).await?;
+    let fps = resolve_images(client, s, &actual).await?;
     let resolve =
         |project: &str, image: &str| fps.get(&(project.to_string(), image.to_string())).cloned();
     stack::check(s, &actual, &resolve).map_err(|e| anyhow::anyhow!("{e}; nothing was changed"))?;
@@ -516,10 +523,11 @@ async fn delete(client: &Client, actual: &Actual, c: &Change) -> anyhow::Result<
                 &format!("/1.0/instances/{}", encode_query(&c.name)),
                 &c.project,
             );
-            let running = actual
-                .instances
-                .iter()
-                .any(|x| x.project == c.project && x.name == c.name && x.status != "Stopped");
+            let running = actual.instances.iter().any(|x| {
+                x.project == c.project
+                    && x.name == c.name
+                    && !x.status.eq_ignore_ascii_case("stopped")
+            });
             if running {
                 let body = InstanceStatePut {
                     action: "stop".into(),
