@@ -24,6 +24,17 @@ pub fn after(d: Duration) -> String {
     )
 }
 
+/// Now minus `d`, as RFC 3339 (cut-offs: "older than `d`").
+pub fn ago(d: Duration) -> String {
+    format_unix(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .saturating_sub(d)
+            .as_secs() as i64,
+    )
+}
+
 /// Formats unix seconds as RFC 3339 UTC.
 pub fn format_unix(secs: i64) -> String {
     let days = secs.div_euclid(86_400);

@@ -65,11 +65,7 @@ fn unsettled(error: &str) -> Observed {
 
 /// Whether an action requested at `since` (RFC 3339) has run out of time.
 fn expired(since: &str) -> bool {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    since < clock::format_unix(now - GIVE_UP_AFTER.as_secs() as i64).as_str()
+    since < clock::ago(GIVE_UP_AFTER).as_str()
 }
 
 /// Pending actions the reconciler still has to carry out (its queue depth).
@@ -592,13 +588,7 @@ async fn fail_task_operations(
 }
 
 async fn prune_operations(state: &Arc<AppState>) {
-    let cutoff = clock::format_unix(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0)
-            - OPERATION_TTL.as_secs() as i64,
-    );
+    let cutoff = clock::ago(OPERATION_TTL);
     let old: Vec<String> = state.cp.read_local(|s| {
         s.operations
             .values()

@@ -261,24 +261,38 @@ enum Found {
     Unanswered,
 }
 
-async fn look_up(state: &SharedState, key: &str, hash: &str) -> Result<Found, ApiError> {
-    let record = state
-        .cp
-        .read(|m| {
-            m.idempotency
-                .get(key)
-                .map(|r| (r.request_hash.clone(), r.response.clone()))
-        })
-        .await?;
-    match record {
+/// What the state holds for `key`, compared with this request's `hash`.
+fn classify(m: &crate::state::State, key: &str, hash: &str) -> Result<Found, ApiError> {
+    match m.idempotency.get(key) {
         None => Ok(Found::Absent),
-        Some((h, _)) if h != hash => Err(ApiError::new(
+        Some(r) if r.request_hash != hash => Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "the idempotency key was already used for a different request; use a new key for a new request",
         )),
-        Some((_, Some(resp))) => Ok(Found::Replay(resp)),
-        Some((_, None)) => Ok(Found::Unanswered),
+        Some(r) => Ok(match &r.response {
+            Some(resp) => Found::Replay(resp.clone()),
+            None => Found::Unanswered,
+        }),
     }
+}
+
+/// One linearizable read: the record for `key` and how many records the API key holds.
+async fn look_up(
+    state: &SharedState,
+    key: &str,
+    hash: &str,
+    key_id: &str,
+) -> Result<(Found, usize), ApiError> {
+    let (found, held) = state
+        .cp
+        .read(|m| {
+            (
+                classify(m, key, hash),
+                count_records(&m.idempotency, key_id),
+            )
+        })
+        .await?;
+    Ok((found?, held))
 }
 
 /// How many of `records` belong to the API key `key_id` (those keyed `<key_id>/...`).
@@ -300,14 +314,6 @@ fn within_cap(held: usize, cap: usize) -> Result<(), ApiError> {
             "this API key already holds {cap} idempotency records from the last 24 hours; send the request without Idempotency-Key or retry later"
         ),
     ))
-}
-
-/// How many records the API key `key_id` holds.
-async fn records_of(state: &SharedState, key_id: &str) -> Result<usize, ApiError> {
-    Ok(state
-        .cp
-        .read(|m| count_records(&m.idempotency, key_id))
-        .await?)
 }
 
 fn replay(stored: StoredResponse) -> Response {
@@ -385,16 +391,19 @@ async fn handle(state: SharedState, req: Request, next: Next) -> Result<Response
     let _running = Running::acquire(&key)
         .await
         .map_err(IntoResponse::into_response)?;
-    let mut found = look_up(&state, &key, &hash)
+    let (mut found, held) = look_up(&state, &key, &hash, &identity.key_id)
         .await
         .map_err(IntoResponse::into_response)?;
     if matches!(found, Found::Unanswered) {
         debug!(idempotency_key = %header, "waiting for the first request with this key to answer");
+        // The read above was linearizable; the local copy only moves forward from it, so
+        // following it costs no quorum round per poll.
         let deadline = tokio::time::Instant::now() + WAIT_FOR_FIRST;
         while matches!(found, Found::Unanswered) && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            found = look_up(&state, &key, &hash)
-                .await
+            found = state
+                .cp
+                .read_local(|m| classify(m, &key, &hash))
                 .map_err(IntoResponse::into_response)?;
         }
     }
@@ -411,9 +420,6 @@ async fn handle(state: SharedState, req: Request, next: Next) -> Result<Response
         }
         Found::Absent => {}
     }
-    let held = records_of(&state, &identity.key_id)
-        .await
-        .map_err(IntoResponse::into_response)?;
     within_cap(held, MAX_RECORDS_PER_KEY).map_err(IntoResponse::into_response)?;
     let ctx = Arc::new(RequestContext::new(
         key.clone(),
@@ -474,11 +480,7 @@ async fn store_answer(state: &SharedState, ctx: &RequestContext, resp: Response)
 /// Drops records older than [`RECORD_TTL`] (call it on the leader now and then; it writes
 /// only when there is something to drop).
 pub async fn prune(state: &SharedState) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let before = crate::clock::format_unix(now - RECORD_TTL.as_secs() as i64);
+    let before = crate::clock::ago(RECORD_TTL);
     let any = state.cp.read_local(|m| {
         m.idempotency
             .values()

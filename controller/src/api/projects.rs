@@ -250,17 +250,15 @@ async fn update(
     config: BTreeMap<String, String>,
 ) -> Result<Response, ApiError> {
     validate_config(&config)?;
-    let mut command = Command::UpdateProject {
-        name: name.to_string(),
-        description,
-        config,
-    };
-    if let Some(etag) = expect {
-        command = Command::IfMatch {
-            expect: vec![(ObjectKey::Project(name.to_string()), etag)],
-            command: Box::new(command),
-        };
-    }
+    let command = super::instances::guarded(
+        Command::UpdateProject {
+            name: name.to_string(),
+            description,
+            config,
+        },
+        ObjectKey::Project(name.to_string()),
+        expect,
+    );
     state.cp.write(scope.by(command)).await?;
     info!(project = %name, key = %scope.identity.key_name, "project updated");
     let (project, etag) = find(state, &scope.identity, name).await?;

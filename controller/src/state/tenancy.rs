@@ -205,6 +205,10 @@ impl State {
             let config = self.effective_config_with(i, change.profile);
             check_instance_in_project(project, p, short(&i.name), &config)?;
         }
+        // Use is summed over the project's instances only when a quota needs it.
+        if QUOTAS.iter().all(|key| project_limit(p, key).is_none()) {
+            return Ok(());
+        }
         let before = self.project_usage(project);
         let after = self.usage_with(project, change);
         for key in QUOTAS {
