@@ -211,11 +211,7 @@ fn operation_event(op: &Operation, now: &str) -> Published {
 
 /// `url` of an object of `project`: `?project=` is added outside the default project.
 pub fn object_url(path: &str, project: &str) -> String {
-    if project == DEFAULT_PROJECT || project.is_empty() {
-        path.to_string()
-    } else {
-        format!("{path}?project={project}")
-    }
+    format!("{path}{}", crate::api::instances::project_suffix(project))
 }
 
 /// The events `cmd` implies when applied to `before` (call it before applying). Commands

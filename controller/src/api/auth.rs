@@ -258,11 +258,7 @@ impl Scope {
 
     /// `?project=P` to append to URLs of this project's objects (empty for `default`).
     pub fn url_suffix(&self) -> String {
-        if self.project == DEFAULT_PROJECT {
-            String::new()
-        } else {
-            format!("?project={}", self.project)
-        }
+        super::instances::project_suffix(&self.project)
     }
 }
 

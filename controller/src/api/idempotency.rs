@@ -49,7 +49,9 @@ pub const REPLAYED_HEADER: &str = "idempotency-replayed";
 pub const MAX_KEY_LEN: usize = 255;
 
 /// Largest answer stored for replay; a larger one is answered but not stored.
-pub const MAX_STORED_BODY: usize = 64 * 1024;
+/// Mutation answers are an operation or an object, well under it; with
+/// [`MAX_RECORDS_PER_KEY`] it bounds what one API key can keep in the replicated state (80 MB).
+pub const MAX_STORED_BODY: usize = 8 * 1024;
 
 /// How long a retry waits for the first request with its key to answer.
 pub const WAIT_FOR_FIRST: Duration = Duration::from_secs(10);

@@ -62,7 +62,7 @@ fn short(key: &str) -> &str {
 
 /// `?project=P` for URLs of objects of `project` (empty for `default`).
 pub fn project_suffix(project: &str) -> String {
-    if project == crate::state::DEFAULT_PROJECT {
+    if project == crate::state::DEFAULT_PROJECT || project.is_empty() {
         String::new()
     } else {
         format!("?project={project}")

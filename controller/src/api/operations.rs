@@ -63,11 +63,7 @@ pub fn new_operation_in(
 
 /// Resources naming instance `name` (its own name, not the scoped one) of `project`.
 pub fn instance_resources_in(project: &str, name: &str) -> BTreeMap<String, Vec<String>> {
-    let suffix = if project == crate::state::DEFAULT_PROJECT || project.is_empty() {
-        String::new()
-    } else {
-        format!("?project={project}")
-    };
+    let suffix = super::instances::project_suffix(project);
     BTreeMap::from([(
         "instances".into(),
         vec![format!("/1.0/instances/{name}{suffix}")],

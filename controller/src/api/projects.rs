@@ -20,6 +20,7 @@ use serde::Deserialize;
 use tracing::info;
 
 use super::error::{guard_if_match, if_match, with_etag};
+use super::instances::project_suffix;
 use super::operations::sync;
 use super::{ApiError, Identity, JsonBody, Scope, SharedState};
 use crate::clock;
@@ -88,15 +89,6 @@ fn not_found(name: &str) -> ApiError {
     ApiError::not_found(format!("project {name:?} not found"))
 }
 
-/// `?project=P` for URLs of objects of project `name` (empty for `default`).
-fn suffix(name: &str) -> String {
-    if name == DEFAULT_PROJECT {
-        String::new()
-    } else {
-        format!("?project={name}")
-    }
-}
-
 /// The URL of a project.
 fn url(name: &str) -> String {
     format!("/1.0/projects/{name}")
@@ -118,7 +110,7 @@ pub fn project_view(s: &Model, name: &str) -> Option<t::Project> {
         ),
         None => return None,
     };
-    let sfx = suffix(name);
+    let sfx = project_suffix(name);
     let mut used_by: Vec<String> = s
         .instances
         .values()
