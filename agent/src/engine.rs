@@ -742,7 +742,24 @@ impl Engine {
         })
         .await?;
         rec.config = config;
-        dir.write_record(&rec)?;
+        if let Err(e) = dir.write_record(&rec) {
+            // The stored config still says the old limit: put the volume's back too.
+            if new_disk != old_disk {
+                let inner = self.inner.clone();
+                let n = name.to_string();
+                let undo = blocking(move || {
+                    inner
+                        .storage
+                        .set_instance_disk_limit(&n, old_disk)
+                        .map_err(EngineError::from)
+                })
+                .await;
+                if let Err(undo) = undo {
+                    tracing::warn!(instance = %name, "restoring the disk limit: {undo}");
+                }
+            }
+            return Err(e.into());
+        }
         drop(_g);
         self.status(name).await
     }
@@ -975,14 +992,7 @@ impl Inner {
         let Some(bytes) = limit else {
             return Ok(());
         };
-        if !self.storage.supports_disk_limits() {
-            return Err(EngineError::InvalidConfig(
-                StorageError::DiskLimitUnsupported {
-                    driver: self.storage.name(),
-                }
-                .to_string(),
-            ));
-        }
+        // A driver without disk limits refuses in `set_instance_disk_limit` below.
         let current = self.storage.instance_disk_usage(name).and_then(|d| d.limit);
         if current != Some(bytes) {
             tracing::info!(
