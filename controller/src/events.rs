@@ -625,7 +625,7 @@ pub fn derive(before: &State, cmd: &Command) -> Vec<Draft> {
                 format!("/1.0/keys/{}", key.name),
             );
         }
-        Command::DeleteApiKey { id } | Command::RotateApiKey { id, .. } => {
+        Command::DeleteApiKey { id, .. } | Command::RotateApiKey { id, .. } => {
             let action = if matches!(inner, Command::DeleteApiKey { .. }) {
                 "api-key-revoked"
             } else {
@@ -1004,7 +1004,10 @@ mod tests {
             Some(Draft::Lifecycle(l)) => l,
             other => panic!("{other:?}"),
         };
-        let l = one(Command::DeleteApiKey { id: "a1".into() });
+        let l = one(Command::DeleteApiKey {
+            id: "a1".into(),
+            now: String::new(),
+        });
         assert_eq!(
             (
                 l.audience,

@@ -440,9 +440,12 @@ mod tests {
         assert_eq!(seen, ["/1.0/profiles/d1", "/1.0/profiles/w1?project=p1"]);
 
         // A revoked key gets no further event: its stream closes at the next one.
-        cp.write(Command::DeleteApiKey { id: "k2".into() })
-            .await
-            .unwrap();
+        cp.write(Command::DeleteApiKey {
+            id: "k2".into(),
+            now: String::new(),
+        })
+        .await
+        .unwrap();
         cp.write(Command::By {
             requestor: alice.clone(),
             idempotency: None,

@@ -536,7 +536,10 @@ mod tests {
         let (k3, k5) = (hash("k3"), hash("k5"));
         assert!(key_still_valid(&api.cp, "k3", &k3));
         api.cp
-            .write(Command::DeleteApiKey { id: "k3".into() })
+            .write(Command::DeleteApiKey {
+                id: "k3".into(),
+                now: String::new(),
+            })
             .await
             .unwrap();
         assert!(!key_still_valid(&api.cp, "k3", &k3));

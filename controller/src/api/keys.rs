@@ -14,7 +14,7 @@ use super::operations::sync;
 use super::projects::{Caller, ListQuery};
 use super::{ApiError, JsonBody, SharedState};
 use crate::clock;
-use crate::state::{ApiKey, Command, DEFAULT_PROJECT, Role, State as Model};
+use crate::state::{ApiKey, Command, DEFAULT_PROJECT, Role};
 
 /// A key as the API shows it at `now` (RFC 3339): never its hash.
 pub fn key_view(k: &ApiKey, now: &str) -> t::ApiKey {
@@ -147,13 +147,6 @@ pub async fn get_one(
     Ok(sync(key_view(&key, &clock::now())))
 }
 
-/// Whether revoking `key` would leave the cluster without a working admin key at `now`.
-pub fn is_last_admin(s: &Model, key: &ApiKey, now: &str) -> bool {
-    let live_admin =
-        |k: &ApiKey| k.role == Role::Admin && k.expires_at.as_deref().is_none_or(|e| e > now);
-    live_admin(key) && !s.api_keys.values().any(|k| k.id != key.id && live_admin(k))
-}
-
 /// `DELETE /1.0/keys/{name}`: revokes a key at once; never the last working admin key.
 pub async fn delete(
     State(state): State<SharedState>,
@@ -161,23 +154,14 @@ pub async fn delete(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     scope.identity.require_admin()?;
-    let now = clock::now();
-    let (key, last) = state
-        .cp
-        .read(|s| {
-            s.api_key_by_name(&name)
-                .map(|k| (k.clone(), is_last_admin(s, k, &now)))
-        })
-        .await?
-        .ok_or_else(|| not_found(&name))?;
-    if last {
-        return Err(ApiError::conflict(format!(
-            "api key {name:?} is the last admin key; create another admin key before revoking it"
-        )));
-    }
+    let key = find(&state, &name).await?;
+    // Apply refuses the last working admin key.
     state
         .cp
-        .write(scope.by(Command::DeleteApiKey { id: key.id }))
+        .write(scope.by(Command::DeleteApiKey {
+            id: key.id,
+            now: clock::now(),
+        }))
         .await?;
     info!(key = %name, by = %scope.identity.key_name, "api key revoked");
     Ok(sync(serde_json::Value::Null))
@@ -236,23 +220,23 @@ mod tests {
     #[test]
     fn the_last_live_admin_key_is_kept() {
         let now = "2026-06-01T00:00:00Z";
-        let mut s = Model::default();
+        let mut s = crate::state::State::default();
         let a = key("a", Role::Admin, None);
         s.api_keys.insert("a".into(), a.clone());
         s.api_keys
             .insert("o".into(), key("o", Role::Operator, None));
-        assert!(is_last_admin(&s, &a, now));
+        assert!(s.is_last_admin(&a, now));
         // An expired admin key does not count.
         s.api_keys.insert(
             "b".into(),
             key("b", Role::Admin, Some("2026-01-01T00:00:00Z")),
         );
-        assert!(is_last_admin(&s, &a, now));
+        assert!(s.is_last_admin(&a, now));
         let c = key("c", Role::Admin, Some("2027-01-01T00:00:00Z"));
         s.api_keys.insert("c".into(), c.clone());
-        assert!(!is_last_admin(&s, &a, now));
-        assert!(!is_last_admin(&s, &c, now));
-        assert!(!is_last_admin(&s, &s.api_keys["o"].clone(), now));
+        assert!(!s.is_last_admin(&a, now));
+        assert!(!s.is_last_admin(&c, now));
+        assert!(!s.is_last_admin(&s.api_keys["o"].clone(), now));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use super::command::{ApplyError, ApplyOk, ApplyResult, Command, IdempotencyTag};
 use super::keys::ObjectKey;
 use super::model::{
     Action, ClusterInfo, ControllerRecord, DEFAULT_PROFILE, DEFAULT_PROJECT, DesiredState,
-    IdempotencyRecord, Instance, JoinKind, JoinTokenRecord, Profile, Project, Role, State,
+    IdempotencyRecord, Instance, JoinKind, JoinTokenRecord, Profile, Project, State,
     StoredResponse, alias_key, scoped_name, split_scoped_name,
 };
 use super::tenancy::Change;
@@ -618,21 +618,16 @@ impl State {
                 self.api_keys.insert(key.id.clone(), key);
                 Ok(ApplyOk::Done)
             }
-            Command::DeleteApiKey { id } => {
+            Command::DeleteApiKey { id, now } => {
                 let key = self
                     .api_keys
                     .get(&id)
                     .ok_or_else(|| ApplyError::not_found(format!("api key {id:?} not found")))?;
-                // Checked here too (the API also refuses the last *working* admin key), so
-                // that two admins deleting each other's keys at once cannot both succeed.
-                if key.role == Role::Admin
-                    && !self
-                        .api_keys
-                        .values()
-                        .any(|k| k.id != id && k.role == Role::Admin)
-                {
+                // Here, not in the API, so that two admins deleting each other's keys at once
+                // cannot both succeed.
+                if self.is_last_admin(key, &now) {
                     return Err(ApplyError::conflict(format!(
-                        "api key {:?} is the last admin key and cannot be deleted",
+                        "api key {:?} is the last admin key; create another admin key before revoking it",
                         key.name
                     )));
                 }
@@ -917,7 +912,10 @@ mod idempotency_tests {
     fn a_rejected_write_is_recorded_and_answered_the_same() {
         let mut s = State::default();
         let t = tag("k1/del", "h1", 0, T0);
-        let del = Command::DeleteApiKey { id: "a".into() };
+        let del = Command::DeleteApiKey {
+            id: "a".into(),
+            now: String::new(),
+        };
         let first = s.apply(by(t.clone(), del.clone())).unwrap_err();
         assert_eq!(first.kind, ApplyErrorKind::NotFound);
         assert_eq!(s.idempotency["k1/del"].results[&0], Err(first.clone()));

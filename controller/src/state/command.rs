@@ -249,8 +249,12 @@ pub enum Command {
     AddApiKey {
         key: ApiKey,
     },
+    /// Removes an API key; refused when it is the last admin key working at `now` (RFC 3339,
+    /// stamped by the leader; empty counts every admin key as working).
     DeleteApiKey {
         id: String,
+        #[serde(default)]
+        now: String,
     },
     /// Gives a key a new secret (its hash) and expiry; the old secret stops working.
     RotateApiKey {

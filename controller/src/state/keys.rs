@@ -262,7 +262,7 @@ impl Command {
                 .collect(),
             Command::Record { .. } => Vec::new(),
             Command::AddApiKey { key } => vec![ObjectKey::ApiKey(key.id.clone())],
-            Command::DeleteApiKey { id } => vec![ObjectKey::ApiKey(id.clone())],
+            Command::DeleteApiKey { id, .. } => vec![ObjectKey::ApiKey(id.clone())],
         }
     }
 }

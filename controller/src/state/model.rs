@@ -494,6 +494,18 @@ impl State {
         self.api_keys.values().find(|k| k.hash == hash)
     }
 
+    /// Whether removing `key` would leave no admin key working at `now` (RFC 3339; an empty
+    /// `now` counts every admin key as working).
+    pub fn is_last_admin(&self, key: &ApiKey, now: &str) -> bool {
+        let live_admin =
+            |k: &ApiKey| k.role == Role::Admin && k.expires_at.as_deref().is_none_or(|e| e > now);
+        live_admin(key)
+            && !self
+                .api_keys
+                .values()
+                .any(|k| k.id != key.id && live_admin(k))
+    }
+
     /// Finds the API key named `name`.
     pub fn api_key_by_name(&self, name: &str) -> Option<&ApiKey> {
         self.api_keys.values().find(|k| k.name == name)

@@ -782,3 +782,40 @@ fn aliases_are_created_once_and_images_unshared_per_project() {
         ApplyErrorKind::NotFound,
     );
 }
+
+#[test]
+fn the_last_working_admin_key_stays_even_beside_expired_ones() {
+    let mut s = base(&[]);
+    ok(
+        &mut s,
+        Command::AddApiKey {
+            key: ApiKey {
+                id: "old".into(),
+                name: "old-admin".into(),
+                hash: "h-old".into(),
+                role: Role::Admin,
+                project: "default".into(),
+                created_at: NOW.into(),
+                expires_at: Some("2026-01-01T00:00:00Z".into()),
+            },
+        },
+    );
+    // "admin" is the only admin key still working at NOW.
+    let e = rejected(
+        &mut s,
+        Command::DeleteApiKey {
+            id: "admin".into(),
+            now: NOW.into(),
+        },
+        ApplyErrorKind::Conflict,
+    );
+    assert!(e.message.contains("last admin key"), "{e}");
+    // The expired one may go.
+    ok(
+        &mut s,
+        Command::DeleteApiKey {
+            id: "old".into(),
+            now: NOW.into(),
+        },
+    );
+}

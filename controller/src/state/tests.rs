@@ -660,11 +660,20 @@ fn api_keys() {
         },
         ApplyErrorKind::Conflict,
     );
-    ok(&mut s, Command::DeleteApiKey { id: "k1".into() });
+    ok(
+        &mut s,
+        Command::DeleteApiKey {
+            id: "k1".into(),
+            now: String::new(),
+        },
+    );
     assert!(s.api_key_by_hash("h1").is_none());
     rejected(
         &mut s,
-        Command::DeleteApiKey { id: "k1".into() },
+        Command::DeleteApiKey {
+            id: "k1".into(),
+            now: String::new(),
+        },
         ApplyErrorKind::NotFound,
     );
 }

@@ -64,12 +64,28 @@ async fn idempotency_records_persist_and_events_publish() {
         };
         let results = sm
             .apply([
-                entry(1, tagged(0, Command::DeleteApiKey { id: "x".into() })),
+                entry(
+                    1,
+                    tagged(
+                        0,
+                        Command::DeleteApiKey {
+                            id: "x".into(),
+                            now: String::new(),
+                        },
+                    ),
+                ),
                 entry(2, tagged(1, add.clone())),
                 entry(3, tagged(1, add)),
                 entry(
                     4,
-                    tagged_as("k/2", 0, Command::DeleteApiKey { id: "y".into() }),
+                    tagged_as(
+                        "k/2",
+                        0,
+                        Command::DeleteApiKey {
+                            id: "y".into(),
+                            now: String::new(),
+                        },
+                    ),
                 ),
             ])
             .await
