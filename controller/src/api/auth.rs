@@ -87,13 +87,17 @@ fn forbidden(id: &Identity, what: &str) -> ApiError {
 /// A new key: its public id and the whole secret to hand out once.
 pub fn new_key_secret() -> Result<(String, String), ApiError> {
     let mut id = [0u8; 8];
-    let mut secret = [0u8; 32];
-    getrandom::fill(&mut id)
-        .and_then(|()| getrandom::fill(&mut secret))
-        .map_err(|e| ApiError::internal(format!("no randomness: {e}")))?;
+    getrandom::fill(&mut id).map_err(|e| ApiError::internal(format!("no randomness: {e}")))?;
     let id = hex::encode(id);
-    let whole = format!("{KEY_PREFIX}{id}_{}", hex::encode(secret));
+    let whole = key_secret_for(&id)?;
     Ok((id, whole))
+}
+
+/// A new whole key (`berth_<id>_<64 hex>`) for the key id `id` (rotation keeps the id).
+pub fn key_secret_for(id: &str) -> Result<String, ApiError> {
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| ApiError::internal(format!("no randomness: {e}")))?;
+    Ok(format!("{KEY_PREFIX}{id}_{}", hex::encode(secret)))
 }
 
 /// hex sha256 of a whole key as sent in `Authorization: Bearer`: what the state stores.
@@ -127,7 +131,7 @@ pub fn authenticate_secret(state: &Model, secret: &str, now: &str) -> Option<Api
     let stored = candidate.map_or(DUMMY, |k| k.hash.as_str());
     let matches = constant_time_eq(stored.as_bytes(), hash.as_bytes());
     let key = candidate.filter(|_| matches)?;
-    let live = key.expires_at.as_deref().is_none_or(|e| e > now);
+    let live = key.works_at(now);
     live.then(|| key.clone())
 }
 

@@ -140,9 +140,9 @@ pub async fn websocket(
 pub(crate) fn key_still_valid(cp: &crate::raft::ControlPlane, key_id: &str, hash: &str) -> bool {
     let now = crate::clock::now();
     cp.read_local(|m| {
-        m.api_keys.get(key_id).is_some_and(|k| {
-            k.hash == hash && k.expires_at.as_deref().is_none_or(|e| e > now.as_str())
-        })
+        m.api_keys
+            .get(key_id)
+            .is_some_and(|k| k.hash == hash && k.works_at(&now))
     })
 }
 

@@ -9,7 +9,7 @@ use berth_proto::api::names;
 use berth_proto::api::tenancy::{self as t, KeyCreated, KeyRotatePost, KeysPost, parse_duration};
 use tracing::info;
 
-use super::auth::{KEY_PREFIX, key_hash, new_key_secret};
+use super::auth::{key_hash, key_secret_for, new_key_secret};
 use super::operations::sync;
 use super::projects::{Caller, ListQuery};
 use super::{ApiError, JsonBody, SharedState};
@@ -183,9 +183,7 @@ pub async fn rotate(
         None => key.expires_at.clone(),
     };
     // The id stays (it is how the key is found); only the secret part is new.
-    let (_, fresh) = new_key_secret()?;
-    let secret_part = fresh.rsplit('_').next().unwrap_or_default();
-    let secret = format!("{KEY_PREFIX}{}_{secret_part}", key.id);
+    let secret = key_secret_for(&key.id)?;
     key.hash = key_hash(&secret);
     key.expires_at = expires_at.clone();
     state

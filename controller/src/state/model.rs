@@ -436,6 +436,13 @@ pub struct ApiKey {
     pub expires_at: Option<String>,
 }
 
+impl ApiKey {
+    /// Whether the key has not expired at `now` (RFC 3339).
+    pub fn works_at(&self, now: &str) -> bool {
+        self.expires_at.as_deref().is_none_or(|e| e > now)
+    }
+}
+
 /// What a join token lets join.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JoinKind {
@@ -497,8 +504,7 @@ impl State {
     /// Whether removing `key` would leave no admin key working at `now` (RFC 3339; an empty
     /// `now` counts every admin key as working).
     pub fn is_last_admin(&self, key: &ApiKey, now: &str) -> bool {
-        let live_admin =
-            |k: &ApiKey| k.role == Role::Admin && k.expires_at.as_deref().is_none_or(|e| e > now);
+        let live_admin = |k: &ApiKey| k.role == Role::Admin && k.works_at(now);
         live_admin(key)
             && !self
                 .api_keys
