@@ -3,7 +3,7 @@
 //! The state machine publishes, after each applied log entry, the events the command implies
 //! (see [`derive`]): every controller applies the same log, so every controller publishes the
 //! same events, and a subscriber may connect to any of them. The bus is in memory and bounded
-//! ([`BUS_CAPACITY`]): a slow subscriber loses the oldest events (it is told how many), and
+//! ([`BUS_CAPACITY`]): a slow subscriber loses the oldest events (the controller logs how many), and
 //! publishing never waits for anyone. Events are not stored: nothing is replayed after a
 //! restart, a snapshot install publishes nothing, and entries applied while nobody listens
 //! (the log replayed at startup, before the API serves) are dropped.
