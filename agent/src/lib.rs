@@ -27,3 +27,5 @@ pub mod storage;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod tls;
+pub mod transfer;
+pub mod volumes;

@@ -27,15 +27,17 @@ use crate::storage::StorageDriver;
 /// Chunk size for streamed files.
 const CHUNK: usize = 256 * 1024;
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 pub struct AgentService {
-    name: String,
-    engine: Arc<Engine>,
-    images: Arc<ImageStore>,
-    network: Arc<Network>,
-    storage: Arc<dyn StorageDriver>,
-    debian_mirror: Option<String>,
+    pub(crate) name: String,
+    pub(crate) engine: Arc<Engine>,
+    pub(crate) images: Arc<ImageStore>,
+    pub(crate) network: Arc<Network>,
+    pub(crate) storage: Arc<dyn StorageDriver>,
+    pub(crate) debian_mirror: Option<String>,
+    /// Transfers announced by a controller and in flight (both sides).
+    pub(crate) transfers: Arc<crate::transfer::Transfers>,
 }
 
 impl AgentService {
@@ -54,6 +56,7 @@ impl AgentService {
             network,
             storage,
             debian_mirror,
+            transfers: Arc::default(),
         }
     }
 }
@@ -166,6 +169,131 @@ fn file_info(path: &str, m: &FileMeta) -> v1::FileInfo {
 
 #[tonic::async_trait]
 impl Agent for AgentService {
+    // Snapshots, local copies, publish and export: crate::volumes.
+    async fn create_snapshot(
+        &self,
+        req: Request<v1::SnapshotRequest>,
+    ) -> Result<Response<v1::SnapshotInfo>, Status> {
+        crate::volumes::create_snapshot(self, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<v1::SnapshotRequest>,
+    ) -> Result<Response<v1::DeleteSnapshotResponse>, Status> {
+        crate::volumes::delete_snapshot(self, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn rename_snapshot(
+        &self,
+        req: Request<v1::RenameSnapshotRequest>,
+    ) -> Result<Response<v1::SnapshotInfo>, Status> {
+        crate::volumes::rename_snapshot(self, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<v1::InstanceRef>,
+    ) -> Result<Response<v1::ListSnapshotsResponse>, Status> {
+        crate::volumes::list_snapshots(self, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn restore_snapshot(
+        &self,
+        req: Request<v1::SnapshotRequest>,
+    ) -> Result<Response<v1::InstanceStatus>, Status> {
+        crate::volumes::restore_snapshot(self, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn copy_volume(
+        &self,
+        req: Request<v1::CopyVolumeRequest>,
+    ) -> Result<Response<v1::CopyVolumeResponse>, Status> {
+        crate::volumes::copy_volume(self, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn publish_image(
+        &self,
+        req: Request<v1::PublishImageRequest>,
+    ) -> Result<Response<v1::Image>, Status> {
+        crate::volumes::publish_image(self, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    type ExportImageStream = BoxStream<v1::ExportImageChunk>;
+
+    async fn export_image(
+        &self,
+        req: Request<v1::ExportImageRequest>,
+    ) -> Result<Response<Self::ExportImageStream>, Status> {
+        crate::volumes::export_image(self, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    // Transfers between agents: crate::transfer.
+    async fn expect_transfer(
+        &self,
+        req: Request<v1::ExpectTransferRequest>,
+    ) -> Result<Response<v1::ExpectTransferResponse>, Status> {
+        crate::transfer::expect_transfer(self, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    type SendInstanceStream = BoxStream<v1::TransferProgress>;
+
+    async fn send_instance(
+        &self,
+        req: Request<v1::SendInstanceRequest>,
+    ) -> Result<Response<Self::SendInstanceStream>, Status> {
+        crate::transfer::send_instance(self, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    type SendImageStream = BoxStream<v1::TransferProgress>;
+
+    async fn send_image(
+        &self,
+        req: Request<v1::SendImageRequest>,
+    ) -> Result<Response<Self::SendImageStream>, Status> {
+        crate::transfer::send_image(self, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn commit_transfer(
+        &self,
+        req: Request<v1::TransferRef>,
+    ) -> Result<Response<v1::CommitTransferResponse>, Status> {
+        crate::transfer::commit_transfer(self, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn abort_transfer(
+        &self,
+        req: Request<v1::TransferRef>,
+    ) -> Result<Response<v1::AbortTransferResponse>, Status> {
+        crate::transfer::abort_transfer(self, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     async fn info(&self, _: Request<v1::InfoRequest>) -> Result<Response<v1::NodeInfo>, Status> {
         let storage = self.storage.clone();
         let usage = tokio::task::spawn_blocking(move || storage.usage())

@@ -329,6 +329,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         metrics: Default::default(),
         liveness: crate::liveness::Liveness::new(cfg.offline_threshold),
         instance_locks: Default::default(),
+        image_pulls: Default::default(),
     });
     let _ = heartbeats.set(state.clone());
     // Count leader changes from the start (for /1.0/metrics).

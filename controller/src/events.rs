@@ -365,7 +365,9 @@ pub fn derive(before: &State, cmd: &Command) -> Vec<Draft> {
                 format!("/1.0/cluster/members/{}", node.name),
             );
         }
-        Command::RemoveNode { name } | Command::SetNodeConfig { name, .. } => {
+        Command::RemoveNode { name }
+        | Command::SetNodeConfig { name, .. }
+        | Command::SetNodeEvacuated { name, .. } => {
             let action = if matches!(inner, Command::RemoveNode { .. }) {
                 "cluster-member-removed"
             } else {
@@ -451,6 +453,15 @@ pub fn derive(before: &State, cmd: &Command) -> Vec<Draft> {
                     Action::Stop { .. } => &["instance-stopped"],
                     Action::Restart { .. } => &["instance-restarted"],
                     Action::Delete { .. } => &["instance-deleted"],
+                    Action::Snapshot { .. } => &["instance-snapshot-created"],
+                    Action::DeleteSnapshot { .. } => &["instance-snapshot-deleted"],
+                    Action::RenameSnapshot { .. } => &["instance-snapshot-renamed"],
+                    Action::Restore { .. } => &["instance-restored"],
+                    Action::CopyFrom { start: true, .. } => {
+                        &["instance-created", "instance-started"]
+                    }
+                    Action::CopyFrom { start: false, .. } => &["instance-created"],
+                    Action::Migrate { .. } => &["instance-migrated"],
                 }
             };
             for action in actions {
@@ -653,6 +664,8 @@ pub fn derive(before: &State, cmd: &Command) -> Vec<Draft> {
         | Command::RemoveController { .. }
         | Command::UpdateNodeCapacity { .. }
         | Command::SetDesiredState { .. }
+        | Command::SwitchNode { .. }
+        | Command::SetEvacuation { .. }
         | Command::DeleteOperations { .. }
         | Command::CompleteIdempotency { .. }
         | Command::PruneIdempotency { .. } => {}

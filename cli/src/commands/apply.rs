@@ -376,6 +376,7 @@ async fn create(client: &Client, s: &Stack, c: &Change) -> anyhow::Result<()> {
                     kind: "image".into(),
                     alias: i.image.clone(),
                     fingerprint: String::new(),
+                    ..Default::default()
                 },
                 config,
                 profiles: i.profiles.clone(),
@@ -481,6 +482,7 @@ async fn update(client: &Client, s: &Stack, actual: &Actual, c: &Change) -> anyh
                     description: i.description.clone(),
                     profiles: i.profiles.clone(),
                     ephemeral: false,
+                    ..Default::default()
                 };
                 client.run(Method::PUT, &path, Some(&body)).await?;
             }

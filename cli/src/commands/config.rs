@@ -63,6 +63,7 @@ pub fn writable(i: &Instance) -> InstancePut {
         description: i.description.clone(),
         profiles: i.profiles.clone(),
         ephemeral: i.ephemeral,
+        ..Default::default()
     }
 }
 

@@ -205,6 +205,7 @@ async fn build(ctx: &Ctx, args: BuildArgs) -> anyhow::Result<i32> {
             kind: "build".into(),
             recipe: recipe.into(),
             mirror: args.mirror.unwrap_or_default(),
+            ..Default::default()
         },
         aliases: aliases
             .into_iter()
@@ -213,6 +214,7 @@ async fn build(ctx: &Ctx, args: BuildArgs) -> anyhow::Result<i32> {
                 description: String::new(),
             })
             .collect(),
+        ..Default::default()
     };
     let path = build_path(args.target.as_deref());
     say(&format!("Building image {recipe}"));

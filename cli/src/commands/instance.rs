@@ -139,12 +139,14 @@ async fn image_source(client: &Client, image: &str) -> anyhow::Result<InstanceSo
             kind: "image".into(),
             alias: image.into(),
             fingerprint: String::new(),
+            ..Default::default()
         });
     }
     Ok(InstanceSource {
         kind: "image".into(),
         alias: String::new(),
         fingerprint: image.into(),
+        ..Default::default()
     })
 }
 
@@ -720,7 +722,10 @@ pub async fn rename(ctx: &Ctx, args: RenameArgs) -> anyhow::Result<i32> {
         .run(
             Method::POST,
             &instance_path(old),
-            Some(&InstancePost { name: new.into() }),
+            Some(&InstancePost {
+                name: new.into(),
+                ..Default::default()
+            }),
         )
         .await?;
     Ok(0)

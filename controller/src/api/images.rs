@@ -49,6 +49,7 @@ fn to_api(img: &Image, aliases: &BTreeMap<String, Alias>, project: &str) -> api:
         created_at: img.created_at.clone(),
         uploaded_at: img.uploaded_at.clone(),
         locations: img.locations.iter().cloned().collect(),
+        ..Default::default()
     }
 }
 
@@ -61,7 +62,8 @@ fn from_agent(img: &v1::Image, node: &str) -> Image {
         created_at: clock::format_unix(img.created_at),
         uploaded_at: clock::now(),
         locations: [node.to_string()].into(),
-        projects: Default::default(),
+        origins: [node.to_string()].into(),
+        ..Image::default()
     }
 }
 

@@ -109,6 +109,7 @@ pub fn to_api(i: &Instance, node: Option<&Node>) -> api::Instance {
         last_used_at: i.last_used_at.clone(),
         image: i.image.clone(),
         state: None,
+        ..Default::default()
     }
 }
 
@@ -529,7 +530,7 @@ pub async fn list(
 #[derive(Deserialize)]
 pub struct TargetQuery {
     #[serde(default)]
-    target: String,
+    pub target: String,
 }
 
 fn random_hwaddr() -> Result<String, ApiError> {
@@ -613,9 +614,17 @@ pub async fn create(
             req.kind
         )));
     }
+    if req.source.kind == "copy" {
+        // A copy keeps its source's profiles unless the request lists some.
+        let listed = raw
+            .get("profiles")
+            .filter(|v| !v.is_null())
+            .map(|_| profiles);
+        return super::transfers::copy(state, scope, q, req, listed).await;
+    }
     if req.source.kind != "image" {
         return Err(ApiError::bad_request(format!(
-            "instance source type \"{}\" is not supported; use \"image\"",
+            "instance source type \"{}\" is not supported; use \"image\" or \"copy\"",
             req.source.kind
         )));
     }
@@ -709,6 +718,7 @@ pub async fn create(
             action: Action::Create { start: req.start },
             since: op.created_at.clone(),
         }),
+        ..Instance::default()
     };
     // One entry: the instance, its placement (chosen inside apply), its pending creation and
     // the operation. Quotas and restrictions are checked there too, atomically. The leader's
@@ -825,8 +835,8 @@ pub async fn push_effective_config(state: &SharedState, key: &str) -> Result<boo
         return Ok(false);
     };
     if matches!(
-        i.pending.as_ref().map(|p| p.action),
-        Some(Action::Create { .. })
+        i.pending.as_ref().map(|p| &p.action),
+        Some(Action::Create { .. } | Action::CopyFrom { .. })
     ) {
         debug!(instance = %key, "instance still being created; its create sends the config");
         return Ok(false);
@@ -964,6 +974,9 @@ pub async fn put(
     let body: InstancePut = serde_json::from_value(without_null(raw, NULLABLE))
         .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))?;
     let wanted = if_match(&headers)?;
+    if !body.restore.is_empty() {
+        return super::snapshots::restore(state, scope, name, body.restore, wanted).await;
+    }
     if body.ephemeral {
         return Err(ApiError::bad_request(
             "ephemeral instances are not supported yet",
@@ -1014,14 +1027,19 @@ pub async fn patch(
     .await
 }
 
-/// `POST /1.0/instances/{name}`: rename a stopped instance (within its project).
+/// `POST /1.0/instances/{name}`: rename an instance (within its project), or move it to
+/// another node (`migration` with `?target=`).
 pub async fn rename(
     State(state): State<SharedState>,
     scope: Scope,
     Path(name): Path<String>,
+    Query(q): Query<TargetQuery>,
     JsonBody(body): JsonBody<InstancePost>,
 ) -> Result<Response, ApiError> {
     scope.require_write()?;
+    if body.migration || !q.target.is_empty() {
+        return super::transfers::migrate(state, scope, name, q.target, body).await;
+    }
     let (i, n) = find(&state, &scope, &name).await?;
     api::names::validate_instance_name(&body.name).map_err(ApiError::bad_request)?;
     ensure_at_rest(&i, &n)?;
@@ -1241,7 +1259,7 @@ async fn request_action(
         .cp
         .write(scope.by(guarded(command, ObjectKey::Instance(key.to_string()), etag)))
         .await?;
-    info!(instance = %key, op = %op.id, ?action, "instance action accepted");
+    info!(instance = %key, op = %op.id, "instance action accepted");
     Ok(super::operations::accepted(&op))
 }
 

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod cluster;
 pub mod error;
+pub mod evacuate;
 pub mod events;
 pub mod exec;
 pub mod files;
@@ -17,6 +18,8 @@ pub mod operations;
 pub mod profiles;
 pub mod projects;
 pub mod server;
+pub mod snapshots;
+pub mod transfers;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -59,6 +62,8 @@ pub struct AppState {
     pub liveness: crate::liveness::Liveness,
     /// One lock per instance: changes to one instance never interleave.
     pub instance_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Image pulls between nodes in flight (the leader's reconciler shares them).
+    pub image_pulls: crate::reconcile::ImagePulls,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -90,6 +95,7 @@ impl AppState {
             metrics: Default::default(),
             liveness: crate::liveness::Liveness::new(std::time::Duration::from_secs(10)),
             instance_locks: Default::default(),
+            image_pulls: Default::default(),
         })
     }
 }
@@ -113,6 +119,16 @@ pub fn router(state: SharedState) -> Router {
         .route(
             "/1.0/instances/{name}/state",
             get(instances::get_state).put(instances::put_state),
+        )
+        .route(
+            "/1.0/instances/{name}/snapshots",
+            get(snapshots::list).post(snapshots::create),
+        )
+        .route(
+            "/1.0/instances/{name}/snapshots/{snapshot}",
+            get(snapshots::get_one)
+                .post(snapshots::rename)
+                .delete(snapshots::delete),
         )
         .route("/1.0/instances/{name}/console", get(instances::console))
         .route("/1.0/instances/{name}/exec", post(exec::post_exec))
@@ -150,6 +166,10 @@ pub fn router(state: SharedState) -> Router {
             get(cluster::member)
                 .patch(cluster::patch_member)
                 .delete(cluster::remove_member),
+        )
+        .route(
+            "/1.0/cluster/members/{name}/state",
+            post(evacuate::post_state),
         )
         .route("/1.0/cluster/join-tokens", post(cluster::create_join_token))
         .route(

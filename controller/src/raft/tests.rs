@@ -1111,6 +1111,7 @@ async fn agents_heartbeat_as_the_node_their_certificate_names() {
         metrics: Default::default(),
         liveness: crate::liveness::Liveness::new(Duration::from_secs(10)),
         instance_locks: Default::default(),
+        image_pulls: Default::default(),
     });
     assert!(c.nodes[0].heartbeats.set(state).is_ok());
     let (n2_tls, n2_fingerprint) = c.client_cert(&["n2.agent.berth", "127.0.0.1"]);

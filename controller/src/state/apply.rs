@@ -9,8 +9,8 @@ use super::command::{ApplyError, ApplyOk, ApplyResult, Command, IdempotencyTag};
 use super::keys::ObjectKey;
 use super::model::{
     Action, ClusterInfo, ControllerRecord, DEFAULT_PROFILE, DEFAULT_PROJECT, DesiredState,
-    IdempotencyRecord, Instance, JoinKind, JoinTokenRecord, Profile, Project, State,
-    StoredResponse, alias_key, scoped_name, split_scoped_name,
+    IdempotencyRecord, Instance, JoinKind, JoinTokenRecord, NodeStatus, PendingAction, Profile,
+    Project, Snapshot, State, StoredResponse, alias_key, scoped_name, split_scoped_name,
 };
 use super::tenancy::Change;
 use super::time::Rfc3339;
@@ -320,13 +320,8 @@ impl State {
                 mut operation,
                 now,
             } => {
+                self.check_action(&name, &pending.action)?;
                 let inst = self.instance_mut(&name)?;
-                if let Some(busy) = &inst.pending {
-                    return Err(ApplyError::conflict(format!(
-                        "instance {name:?} is busy with operation {}",
-                        busy.op
-                    )));
-                }
                 operation.id.clone_from(&pending.op);
                 inst.pending = Some(pending);
                 if let Some(desired) = desired {
@@ -351,7 +346,7 @@ impl State {
                 let Some(pending) = inst.pending.as_ref().filter(|p| p.op == op) else {
                     return Ok(ApplyOk::Done);
                 };
-                let action = pending.action;
+                let action = pending.action.clone();
                 inst.pending = None;
                 if let Some(mut observed) = observed {
                     if !error.is_empty() && observed.error.is_empty() {
@@ -359,10 +354,45 @@ impl State {
                     }
                     inst.observed = observed;
                 }
+                let ok = error.is_empty();
+                match &action {
+                    Action::Snapshot {
+                        name: snap,
+                        expires_at,
+                        scheduled,
+                        due,
+                    } => {
+                        if *scheduled {
+                            // Also after a failure: the next due time is the schedule's next turn.
+                            inst.last_scheduled_snapshot.clone_from(due);
+                        }
+                        if ok {
+                            inst.snapshots.insert(
+                                snap.clone(),
+                                Snapshot {
+                                    name: snap.clone(),
+                                    created_at: now.clone(),
+                                    expires_at: expires_at.clone(),
+                                    scheduled: *scheduled,
+                                },
+                            );
+                        }
+                    }
+                    Action::DeleteSnapshot { name: snap } if ok => {
+                        inst.snapshots.remove(snap);
+                    }
+                    Action::RenameSnapshot { from, to } if ok => {
+                        if let Some(mut snap) = inst.snapshots.remove(from) {
+                            snap.name.clone_from(to);
+                            inst.snapshots.insert(to.clone(), snap);
+                        }
+                    }
+                    _ => {}
+                }
                 let remove = match action {
-                    Action::Delete { .. } => error.is_empty(),
-                    Action::Create { .. } => {
-                        !error.is_empty() && inst.observed.status == InstanceStatusCode::Pending
+                    Action::Delete { .. } => ok,
+                    Action::Create { .. } | Action::CopyFrom { refresh: false, .. } => {
+                        !ok && inst.observed.status == InstanceStatusCode::Pending
                     }
                     _ => false,
                 };
@@ -405,7 +435,37 @@ impl State {
                         split_scoped_name(&instance.name).1
                     )));
                 }
-                if !self.images.contains_key(&instance.image) {
+                let copy_of = match &instance.pending {
+                    Some(PendingAction {
+                        action:
+                            Action::CopyFrom {
+                                source, snapshot, ..
+                            },
+                        ..
+                    }) => Some((source.clone(), snapshot.clone())),
+                    _ => None,
+                };
+                if let Some((source, snapshot)) = &copy_of {
+                    let src = self.instances.get(source).ok_or_else(|| {
+                        ApplyError::not_found(format!(
+                            "instance {:?} not found",
+                            split_scoped_name(source).1
+                        ))
+                    })?;
+                    if src.project != instance.project {
+                        return Err(ApplyError::invalid(
+                            "an instance cannot be copied into another project",
+                        ));
+                    }
+                    if !snapshot.is_empty() && !src.snapshots.contains_key(snapshot) {
+                        return Err(ApplyError::not_found(format!(
+                            "instance {:?} has no snapshot {snapshot:?}",
+                            split_scoped_name(source).1
+                        )));
+                    }
+                }
+                // A copy keeps its source's image record even when that image was deleted since.
+                if copy_of.is_none() && !self.images.contains_key(&instance.image) {
                     return Err(ApplyError::not_found(format!(
                         "image {:?} not found",
                         instance.image
@@ -454,6 +514,32 @@ impl State {
                     },
                 )?;
                 self.instances.insert(name, candidate);
+                Ok(ApplyOk::Done)
+            }
+            Command::SwitchNode { name, op, node } => {
+                let Some(inst) = self.instances.get_mut(&name) else {
+                    return Ok(ApplyOk::Done);
+                };
+                let moving = matches!(
+                    &inst.pending,
+                    Some(PendingAction { op: o, action: Action::Migrate { to, .. }, .. })
+                        if *o == op && *to == node
+                );
+                if moving {
+                    inst.node = node;
+                }
+                Ok(ApplyOk::Done)
+            }
+            Command::SetNodeEvacuated { name, evacuated } => {
+                let node = self
+                    .nodes
+                    .get_mut(&name)
+                    .ok_or_else(|| ApplyError::not_found(format!("node {name:?} not found")))?;
+                node.evacuated = evacuated;
+                Ok(ApplyOk::Done)
+            }
+            Command::SetEvacuation { name, evacuation } => {
+                self.instance_mut(&name)?.evacuated_from = evacuation;
                 Ok(ApplyOk::Done)
             }
             Command::RenameInstance { from, to } => {
@@ -738,6 +824,82 @@ impl State {
         Ok(token)
     }
 
+    /// Whether `action` may start on instance `name` now: nothing else pending, and what the
+    /// action names (snapshots, nodes) exists or is free as it needs.
+    fn check_action(&self, name: &str, action: &Action) -> Result<(), ApplyError> {
+        let inst = self
+            .instances
+            .get(name)
+            .ok_or_else(|| ApplyError::not_found(format!("instance {name:?} not found")))?;
+        let shown = split_scoped_name(name).1;
+        if let Some(busy) = &inst.pending {
+            return Err(ApplyError::conflict(format!(
+                "instance {shown:?} is busy with operation {}",
+                busy.op
+            )));
+        }
+        let missing = |snap: &str| {
+            ApplyError::not_found(format!("instance {shown:?} has no snapshot {snap:?}"))
+        };
+        let taken = |snap: &str| {
+            ApplyError::conflict(format!(
+                "instance {shown:?} already has a snapshot {snap:?}"
+            ))
+        };
+        match action {
+            Action::Snapshot { name: snap, .. } if inst.snapshots.contains_key(snap) => {
+                Err(taken(snap))
+            }
+            Action::DeleteSnapshot { name: snap } | Action::Restore { snapshot: snap }
+                if !inst.snapshots.contains_key(snap) =>
+            {
+                Err(missing(snap))
+            }
+            Action::RenameSnapshot { from, .. } if !inst.snapshots.contains_key(from) => {
+                Err(missing(from))
+            }
+            Action::RenameSnapshot { to, .. } if inst.snapshots.contains_key(to) => Err(taken(to)),
+            Action::CopyFrom {
+                source, snapshot, ..
+            } => {
+                let src = self.instances.get(source).ok_or_else(|| {
+                    ApplyError::not_found(format!(
+                        "instance {:?} not found",
+                        split_scoped_name(source).1
+                    ))
+                })?;
+                if !snapshot.is_empty() && !src.snapshots.contains_key(snapshot) {
+                    return Err(ApplyError::not_found(format!(
+                        "instance {:?} has no snapshot {snapshot:?}",
+                        split_scoped_name(source).1
+                    )));
+                }
+                Ok(())
+            }
+            Action::Migrate { from, to, .. } => {
+                if *from != inst.node {
+                    return Err(ApplyError::conflict(format!(
+                        "instance {shown:?} is on node {:?}, not {from:?}",
+                        inst.node
+                    )));
+                }
+                if from == to {
+                    return Err(ApplyError::invalid(format!(
+                        "instance {shown:?} is already on node {to:?}"
+                    )));
+                }
+                match self.nodes.get(to) {
+                    None => Err(ApplyError::not_found(format!("node {to:?} not found"))),
+                    Some(n) if n.status == NodeStatus::Offline => {
+                        Err(ApplyError::invalid(format!("node {to:?} is offline")))
+                    }
+                    Some(_) => Ok(()),
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn instance_mut(&mut self, name: &str) -> Result<&mut Instance, ApplyError> {
         self.instances
             .get_mut(name)
@@ -770,10 +932,11 @@ impl State {
             return Ok(None);
         }
         let (gateway, prefix) = parse_cidr(&node.ipv4_cidr)?;
+        // Every instance's address counts, wherever it runs now: a moved instance keeps the
+        // address it got from its first node.
         let used: BTreeSet<Ipv4Addr> = self
             .instances
             .values()
-            .filter(|i| i.node == node_name)
             .filter_map(|i| i.ipv4.parse().ok())
             .collect();
         let mask: u32 = if prefix == 0 {

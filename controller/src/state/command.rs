@@ -198,6 +198,23 @@ pub enum Command {
         observed: Observed,
         based_on: String,
     },
+    /// The switch of a move (`Action::Migrate` of operation `op`): the instance runs on `node`
+    /// now and belongs to it. Ignored unless that move is still pending and goes to `node`.
+    SwitchNode {
+        name: String,
+        op: String,
+        node: String,
+    },
+    /// Marks a node evacuated (no new placements; `berth cluster evacuate`) or not.
+    SetNodeEvacuated {
+        name: String,
+        evacuated: bool,
+    },
+    /// Records (or, with `None`, clears) why an instance is away from its evacuated node.
+    SetEvacuation {
+        name: String,
+        evacuation: Option<super::model::Evacuation>,
+    },
     /// Removes an instance and frees its address.
     DeleteInstance {
         name: String,

@@ -178,6 +178,7 @@ impl Command {
             Command::SetNodeStatus { name, .. }
             | Command::RemoveNode { name }
             | Command::SetNodeConfig { name, .. }
+            | Command::SetNodeEvacuated { name, .. }
             | Command::UpdateNodeCapacity { name, .. } => vec![ObjectKey::Node(name.clone())],
             Command::RegisterController { record } => {
                 vec![
@@ -218,6 +219,8 @@ impl Command {
             Command::UpdateInstance { name, .. }
             | Command::SetDesiredState { name, .. }
             | Command::ObserveInstance { name, .. }
+            | Command::SwitchNode { name, .. }
+            | Command::SetEvacuation { name, .. }
             | Command::DeleteInstance { name } => vec![ObjectKey::Instance(name.clone())],
             Command::RenameInstance { from, to } => vec![
                 ObjectKey::Instance(from.clone()),

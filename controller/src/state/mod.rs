@@ -13,9 +13,9 @@ pub use command::{IdempotencyTag, Requestor};
 pub use keys::{ObjectDecodeError, ObjectKey};
 pub use model::{
     Action, Alias, ApiKey, ClusterInfo, ControllerRecord, DEFAULT_PROFILE, DEFAULT_PROJECT,
-    DesiredState, IdempotencyRecord, Image, Instance, JoinKind, JoinTokenRecord,
+    DesiredState, Evacuation, IdempotencyRecord, Image, Instance, JoinKind, JoinTokenRecord,
     MIN_FINGERPRINT_PREFIX, Node, NodeStatus, Observed, PendingAction, Profile, Project, Role,
-    State, StoredResponse, alias_key, scoped_name, split_scoped_name,
+    Snapshot, State, StoredResponse, alias_key, scoped_name, split_scoped_name,
 };
 pub use tenancy::{Change, QUOTAS, Usage, project_limit, project_restricted};
 pub use time::Rfc3339;

@@ -264,6 +264,42 @@ pub struct Instance {
     /// for it; `None` when the instance is at rest.
     #[serde(default)]
     pub pending: Option<PendingAction>,
+    /// Its snapshots by name (the name as given, without the instance's).
+    #[serde(default)]
+    pub snapshots: BTreeMap<String, Snapshot>,
+    /// When the last scheduled snapshot was due (RFC 3339), `""` if none was taken yet: the
+    /// schedule fires for the first due time after it.
+    #[serde(default)]
+    pub last_scheduled_snapshot: String,
+    /// Set while the instance is away from its node because that node was evacuated: where
+    /// `berth cluster restore` brings it back to.
+    #[serde(default)]
+    pub evacuated_from: Option<Evacuation>,
+}
+
+/// A read-only snapshot of an instance's root filesystem, held on the instance's node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub name: String,
+    /// When it was taken (RFC 3339).
+    pub created_at: String,
+    /// When it is deleted by itself (RFC 3339), `""` never.
+    #[serde(default)]
+    pub expires_at: String,
+    /// Taken by `snapshots.schedule`, not by a person.
+    #[serde(default)]
+    pub scheduled: bool,
+}
+
+/// Why an instance is not on its home node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Evacuation {
+    /// The evacuated node it came from.
+    pub node: String,
+    /// `move` (it was moved away) or `stop` (it was stopped where it is).
+    pub mode: String,
+    /// Whether it was running when the evacuation reached it (restore starts it again).
+    pub was_running: bool,
 }
 
 impl Default for Instance {
@@ -284,6 +320,9 @@ impl Default for Instance {
             desired: DesiredState::default(),
             observed: Observed::default(),
             pending: None,
+            snapshots: BTreeMap::new(),
+            last_scheduled_snapshot: String::new(),
+            evacuated_from: None,
         }
     }
 }
@@ -301,7 +340,7 @@ pub struct PendingAction {
 }
 
 /// What a [`PendingAction`] does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Action {
     /// Create the instance on its node, then start it when `start`.
     Create { start: bool },
@@ -313,6 +352,64 @@ pub enum Action {
     Restart { force: bool, timeout_secs: u32 },
     /// Remove it from its node and from the state; `force` stops it first when running.
     Delete { force: bool },
+    /// Take a snapshot `name` (running or stopped); recorded when done. `scheduled` ones move
+    /// `last_scheduled_snapshot` to `due`.
+    Snapshot {
+        name: String,
+        /// RFC 3339, `""` never.
+        expires_at: String,
+        scheduled: bool,
+        /// For scheduled snapshots: the due time the schedule fired for.
+        due: String,
+    },
+    /// Delete the snapshot `name`; forgotten when done.
+    DeleteSnapshot { name: String },
+    /// Rename a snapshot; recorded when done.
+    RenameSnapshot { from: String, to: String },
+    /// Put the instance's root filesystem back to the snapshot: a running instance is stopped,
+    /// restored and started again.
+    Restore { snapshot: String },
+    /// Make this (new) instance a copy of `source` (a scoped instance name of the same
+    /// project), or of its snapshot `snapshot`: a btrfs snapshot on the same node, a btrfs
+    /// send stream to another. With `refresh` the instance exists already and is brought up
+    /// to date. A failed copy of a new instance removes its record (and whatever the target
+    /// node received); the source is never changed.
+    CopyFrom {
+        source: String,
+        snapshot: String,
+        instance_only: bool,
+        refresh: bool,
+        start: bool,
+    },
+    /// Move the instance from node `from` to node `to`, keeping its name, address, MAC and
+    /// snapshots. A running instance moves live: pre-copy passes while it runs, then a short
+    /// stop for the final pass and a start on `to`. `Command::SwitchNode` marks the switch:
+    /// before it the instance belongs to `from` (a failure leaves it there, running as it
+    /// was); after it, to `to`, and a re-run only removes what is left on `from`.
+    Migrate {
+        from: String,
+        to: String,
+        live: bool,
+    },
+}
+
+impl Action {
+    /// The action's name in operations and logs.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Action::Create { .. } => "create",
+            Action::Start => "start",
+            Action::Stop { .. } => "stop",
+            Action::Restart { .. } => "restart",
+            Action::Delete { .. } => "delete",
+            Action::Snapshot { .. } => "snapshot",
+            Action::DeleteSnapshot { .. } => "delete snapshot",
+            Action::RenameSnapshot { .. } => "rename snapshot",
+            Action::Restore { .. } => "restore",
+            Action::CopyFrom { .. } => "copy",
+            Action::Migrate { .. } => "move",
+        }
+    }
 }
 
 /// An image known to the cluster.
@@ -330,6 +427,16 @@ pub struct Image {
     pub created_at: String,
     /// When the cluster got it (RFC 3339).
     pub uploaded_at: String,
+    /// When an instance was last made from it (RFC 3339), `""` never; nodes that hold a
+    /// copy they did not build drop it after `images.remote_cache_expiry` days unused.
+    #[serde(default)]
+    pub last_used_at: String,
+    /// Seen by every project and by callers without a key (`--public`).
+    #[serde(default)]
+    pub public: bool,
+    /// The nodes that built, imported or published it (the others hold cached copies).
+    #[serde(default)]
+    pub origins: BTreeSet<String>,
     /// Names of the nodes that hold the image's bytes.
     pub locations: BTreeSet<String>,
     /// Projects that built or imported it. Images of the default project (or of none) are

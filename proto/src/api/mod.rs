@@ -198,6 +198,79 @@ pub struct Instance {
     /// Filled when `?recursion=2` is asked for (and by `GET /1.0/instances/{name}/state`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<InstanceState>,
+    /// Its snapshots, oldest first (sizes are filled only by the snapshot endpoints).
+    #[serde(default)]
+    pub snapshots: Vec<InstanceSnapshot>,
+}
+
+/// A snapshot (`GET /1.0/instances/{name}/snapshots/{snapshot}`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct InstanceSnapshot {
+    pub name: String,
+    pub created_at: String,
+    /// When it is deleted by itself; `""` never.
+    #[serde(default)]
+    pub expires_at: String,
+    /// Bytes only this snapshot holds (what deleting it frees); 0 when unknown.
+    #[serde(default)]
+    pub size: u64,
+    /// Always false: snapshots hold the filesystem, not the memory.
+    #[serde(default)]
+    pub stateful: bool,
+    /// Taken by `snapshots.schedule`.
+    #[serde(default)]
+    pub scheduled: bool,
+}
+
+/// `POST /1.0/instances/{name}/snapshots`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceSnapshotsPost {
+    /// The snapshot's name; `""` takes the next from `snapshots.pattern` (default `snap%d`).
+    #[serde(default)]
+    pub name: String,
+    /// When it expires (RFC 3339); `""` takes `snapshots.expiry`, if set.
+    #[serde(default)]
+    pub expires_at: String,
+    /// Refused when true: snapshots never hold the memory.
+    #[serde(default)]
+    pub stateful: bool,
+}
+
+/// `POST /1.0/instances/{name}/snapshots/{snapshot}`: rename.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceSnapshotPost {
+    pub name: String,
+}
+
+/// What a copy or move puts in its operation's metadata, updated as it runs (about once a
+/// second) and complete when it ends.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct TransferMetadata {
+    /// What runs now: "sending", "pre-copy 2", "final pass", "starting", ...
+    #[serde(default)]
+    pub stage: String,
+    /// Bytes of btrfs send data sent so far, over all passes.
+    #[serde(default)]
+    pub bytes: u64,
+    /// Bytes per second over the last second.
+    #[serde(default)]
+    pub rate: u64,
+    /// One entry per send pass (a copy or a stopped move has one).
+    #[serde(default)]
+    pub passes: Vec<TransferPass>,
+    /// A live move: milliseconds from the stop on the source to running on the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct TransferPass {
+    /// "full", "pre-copy", "final".
+    pub kind: String,
+    pub bytes: u64,
+    pub millis: u64,
 }
 
 /// `GET /1.0/instances/{name}/state`.
@@ -297,6 +370,15 @@ pub struct InstanceSource {
     /// An image fingerprint, or a unique prefix of one.
     #[serde(default)]
     pub fingerprint: String,
+    /// For "copy": the instance to copy, or `instance/snapshot`.
+    #[serde(default)]
+    pub source: String,
+    /// For "copy": leave the snapshots behind.
+    #[serde(default)]
+    pub instance_only: bool,
+    /// For "copy": the target exists; bring it up to date with what changed since.
+    #[serde(default)]
+    pub refresh: bool,
 }
 
 /// `PUT /1.0/instances/{name}`: the whole writable part. `PATCH` takes the same shape and merges.
@@ -312,6 +394,10 @@ pub struct InstancePut {
     pub profiles: Vec<String>,
     #[serde(default)]
     pub ephemeral: bool,
+    /// When set, the PUT restores this snapshot (as LXD does) and the other fields are ignored:
+    /// a running instance is stopped, restored and started again.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub restore: String,
 }
 
 /// `PATCH /1.0/instances/{name}`: only what is present changes; a config key set to `null` is removed.
@@ -327,11 +413,20 @@ pub struct InstancePatch {
     pub profiles: Option<Vec<String>>,
 }
 
-/// `POST /1.0/instances/{name}`: rename.
+/// `POST /1.0/instances/{name}`: rename (`name`), or move to another node (`migration`, with
+/// `?target=NODE`; a running instance moves live).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct InstancePost {
+    /// The new name; the current one (or `""`) for a move that keeps it.
+    #[serde(default)]
     pub name: String,
+    /// Move the instance to the node `?target=` names.
+    #[serde(default)]
+    pub migration: bool,
+    /// Accepted for LXD clients; a running instance always moves live.
+    #[serde(default)]
+    pub live: bool,
 }
 
 /// `PUT /1.0/instances/{name}/state`.
@@ -468,6 +563,22 @@ pub struct Image {
     /// Nodes that hold the image's bytes.
     #[serde(default)]
     pub locations: Vec<String>,
+    /// Seen by every project (`--public`).
+    #[serde(default)]
+    pub public: bool,
+    /// When an instance was last made from it; `""` never.
+    #[serde(default)]
+    pub last_used_at: String,
+}
+
+/// `PUT /1.0/images/{fingerprint}`: the writable part (`PATCH` merges properties).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ImagePut {
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    #[serde(default)]
+    pub public: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -484,6 +595,12 @@ pub struct ImagesPost {
     pub source: ImageSource,
     #[serde(default)]
     pub aliases: Vec<ImageAlias>,
+    /// Seen by every project.
+    #[serde(default)]
+    pub public: bool,
+    /// Properties of a published image (os, release, description, ...).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -498,6 +615,9 @@ pub struct ImageSource {
     /// For "build": the Debian mirror to use.
     #[serde(default)]
     pub mirror: String,
+    /// For "instance": the instance to publish (stopped); for "snapshot": `instance/snapshot`.
+    #[serde(default)]
+    pub name: String,
 }
 
 /// `POST /1.0/images/aliases`.
@@ -674,6 +794,18 @@ pub struct Cluster {
 pub struct ClusterMemberPatch {
     #[serde(default)]
     pub config: BTreeMap<String, Option<String>>,
+}
+
+/// `POST /1.0/cluster/members/{name}/state`: evacuate a node or bring its instances back.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterMemberStatePost {
+    /// "evacuate" or "restore".
+    pub action: String,
+    /// For "evacuate": "move" (default: running instances move live, stopped ones by
+    /// send/receive) or "stop" (they stay, stopped).
+    #[serde(default)]
+    pub mode: String,
 }
 
 /// A join token as handed to an operator: base64 of this JSON.

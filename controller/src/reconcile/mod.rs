@@ -20,6 +20,12 @@
 //!
 //! Finished operations are dropped after an hour.
 
+mod image_pull;
+mod snapshot;
+mod transfer;
+
+pub use image_pull::ImagePulls;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -226,7 +232,7 @@ fn dispatch(state: &Arc<AppState>, work: &SharedWork) {
 }
 
 /// How one attempt at an action ended.
-enum Outcome {
+pub(crate) enum Outcome {
     /// Done; the instance's status as the agent reported it.
     Done(Option<Observed>),
     /// Failed for good, with one sentence.
@@ -237,7 +243,7 @@ enum Outcome {
     Gone,
 }
 
-fn passing(status: &tonic::Status) -> bool {
+pub(crate) fn passing(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Aborted
@@ -245,7 +251,7 @@ fn passing(status: &tonic::Status) -> bool {
 }
 
 /// A request with a deadline.
-fn call<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+pub(crate) fn call<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(timeout);
     r
@@ -253,7 +259,7 @@ fn call<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
 
 /// Gives the instance `config` on its node (before a start, so that it starts with its
 /// profiles' current config).
-async fn update_config(
+pub(crate) async fn update_config(
     client: &mut crate::agents::AgentConn,
     name: &str,
     config: &std::collections::BTreeMap<String, String>,
@@ -292,7 +298,7 @@ async fn catch_up_config(
 }
 
 /// The outcome when the agent would not take the instance's config.
-fn failed_config(e: tonic::Status) -> Outcome {
+pub(crate) fn failed_config(e: tonic::Status) -> Outcome {
     if passing(&e) {
         Outcome::Retry(e.message().to_string())
     } else {
@@ -344,18 +350,37 @@ async fn execute(state: &Arc<AppState>, name: &str, action: &PendingAction) -> O
         Ok(c) => c,
         Err(e) => return Outcome::Failed(None, e.to_string()),
     };
+    match &action.action {
+        Action::Snapshot { .. }
+        | Action::DeleteSnapshot { .. }
+        | Action::RenameSnapshot { .. }
+        | Action::Restore { .. } => {
+            return snapshot::execute(state, &inst, &config, &node, &mut client, action).await;
+        }
+        Action::CopyFrom { .. } | Action::Migrate { .. } => {
+            return transfer::execute(state, &inst, &config, &node, &mut client, action).await;
+        }
+        Action::Create { .. } => {
+            // A node that lacks the image fetches it from a node that has it first.
+            if let Err(outcome) = image_pull::ensure_image(state, &inst.image, &node).await {
+                return outcome;
+            }
+        }
+        _ => {}
+    }
     if matches!(action.action, Action::Start | Action::Restart { .. })
         && let Err(e) = update_config(&mut client, name, &config).await
     {
         return failed_config(e);
     }
-    let result: Result<v1::InstanceStatus, tonic::Status> = match action.action {
+    let result: Result<v1::InstanceStatus, tonic::Status> = match action.action.clone() {
         Action::Create { start } => {
             let spec = agent_spec(&inst, &config, &node);
             let mut created = client
                 .create_instance(call(
                     v1::CreateInstanceRequest {
                         spec: Some(spec.clone()),
+                        existing_volume: false,
                     },
                     ACTION_CALL,
                 ))
@@ -368,7 +393,10 @@ async fn execute(state: &Arc<AppState>, name: &str, action: &PendingAction) -> O
                 }
                 created = client
                     .create_instance(call(
-                        v1::CreateInstanceRequest { spec: Some(spec) },
+                        v1::CreateInstanceRequest {
+                            spec: Some(spec),
+                            existing_volume: false,
+                        },
                         ACTION_CALL,
                     ))
                     .await;
@@ -466,6 +494,13 @@ async fn execute(state: &Arc<AppState>, name: &str, action: &PendingAction) -> O
                 Err(e) => Outcome::Failed(None, e.message().to_string()),
             };
         }
+        // Handed to their modules above.
+        Action::Snapshot { .. }
+        | Action::DeleteSnapshot { .. }
+        | Action::RenameSnapshot { .. }
+        | Action::Restore { .. }
+        | Action::CopyFrom { .. }
+        | Action::Migrate { .. } => return Outcome::Gone,
     };
     if result.is_ok() {
         catch_up_config(state, &mut client, name, &config).await;
