@@ -541,6 +541,9 @@ fn random_hwaddr() -> Result<String, ApiError> {
 
 /// The spec an agent needs to create `i` on `n`, with `config` the instance's effective
 /// config ([`crate::state::State::effective_config`]).
+/// The spec an agent gets for instance `i` running with `config`; `n` is the node whose subnet
+/// its address came from ([`crate::state::State::address_home`]), which gives the prefix and
+/// the gateway: a moved instance keeps them.
 pub fn agent_spec(i: &Instance, config: &BTreeMap<String, String>, n: &Node) -> v1::InstanceSpec {
     let network = if i.ipv4.is_empty() {
         None

@@ -322,10 +322,11 @@ async fn execute(state: &Arc<AppState>, name: &str, action: &PendingAction) -> O
                     i.clone(),
                     s.effective_config(i).into_owned(),
                     s.nodes.get(&i.node).cloned(),
+                    s.address_home(i).cloned(),
                 )
             })
     });
-    let Some((inst, config, node)) = found else {
+    let Some((inst, config, node, home)) = found else {
         return Outcome::Gone;
     };
     let Some(node) = node else {
@@ -375,7 +376,7 @@ async fn execute(state: &Arc<AppState>, name: &str, action: &PendingAction) -> O
     }
     let result: Result<v1::InstanceStatus, tonic::Status> = match action.action.clone() {
         Action::Create { start } => {
-            let spec = agent_spec(&inst, &config, &node);
+            let spec = agent_spec(&inst, &config, home.as_ref().unwrap_or(&node));
             let mut created = client
                 .create_instance(call(
                     v1::CreateInstanceRequest {

@@ -485,6 +485,7 @@ impl State {
                     .allocate_ipv4(&instance.node)?
                     .map(|a| a.to_string())
                     .unwrap_or_default();
+                instance.address_node.clone_from(&instance.node);
                 if let Some(op) = operation {
                     self.operations.insert(op.id.clone(), op);
                 }

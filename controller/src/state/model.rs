@@ -254,6 +254,10 @@ pub struct Instance {
     pub last_used_at: String,
     /// Allocated IPv4 address (no prefix), `""` if none.
     pub ipv4: String,
+    /// The node whose subnet `ipv4` came from: the instance keeps its address (and this) when
+    /// it moves to another node. `""` means `node` (records made before moves existed).
+    #[serde(default)]
+    pub address_node: String,
     /// MAC address of its interface.
     pub hwaddr: String,
     /// What the user wants.
@@ -316,6 +320,7 @@ impl Default for Instance {
             created_at: String::new(),
             last_used_at: String::new(),
             ipv4: String::new(),
+            address_node: String::new(),
             hwaddr: String::new(),
             desired: DesiredState::default(),
             observed: Observed::default(),
@@ -578,6 +583,16 @@ pub struct JoinTokenRecord {
 pub const MIN_FINGERPRINT_PREFIX: usize = 12;
 
 impl State {
+    /// The node whose subnet the instance's address belongs to (its gateway and prefix).
+    pub fn address_home(&self, i: &Instance) -> Option<&Node> {
+        let name = if i.address_node.is_empty() {
+            &i.node
+        } else {
+            &i.address_node
+        };
+        self.nodes.get(name)
+    }
+
     /// Finds an image by exact alias, exact fingerprint, or a unique fingerprint prefix of at
     /// least [`MIN_FINGERPRINT_PREFIX`] hex characters.
     pub fn resolve_image(&self, alias_or_fingerprint_prefix: &str) -> Option<&Image> {
