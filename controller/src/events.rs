@@ -536,6 +536,27 @@ pub fn derive(before: &State, cmd: &Command) -> Vec<Draft> {
                 }));
             }
         }
+        Command::UpdateImage { fingerprint, .. } => {
+            let mut projects = before
+                .images
+                .get(fingerprint)
+                .map(|i| i.projects.clone())
+                .unwrap_or_default();
+            if projects.is_empty() {
+                projects.insert(DEFAULT_PROJECT.to_string());
+            }
+            for p in projects {
+                out.push(Draft::Lifecycle(LifecycleDraft {
+                    audience: Audience::Project,
+                    project: p.clone(),
+                    action: "image-updated".to_string(),
+                    source: object_url(&format!("/1.0/images/{fingerprint}"), &p),
+                    context: BTreeMap::new(),
+                    requestor: requestor.clone(),
+                    requestor_of: None,
+                }));
+            }
+        }
         Command::DeleteImage { fingerprint } => {
             let mut projects = before
                 .images
@@ -666,6 +687,7 @@ pub fn derive(before: &State, cmd: &Command) -> Vec<Draft> {
         | Command::SetDesiredState { .. }
         | Command::SwitchNode { .. }
         | Command::SetEvacuation { .. }
+        | Command::SetImageLocation { .. }
         | Command::DeleteOperations { .. }
         | Command::CompleteIdempotency { .. }
         | Command::PruneIdempotency { .. } => {}

@@ -1090,3 +1090,39 @@ mod api_tests {
         assert_eq!(api.call(MEMBER_B, "GET", &path, None).await.0, 200);
     }
 }
+
+/// `PUT /1.0/images/{fingerprint}`: properties and the public flag.
+pub async fn put(
+    State(state): State<SharedState>,
+    scope: Scope,
+    Path(fingerprint): Path<String>,
+    JsonBody(body): JsonBody<berth_proto::api::ImagePut>,
+) -> Result<Response, ApiError> {
+    let _ = (state, scope, fingerprint, body);
+    Err(ApiError::bad_request(
+        "changing image properties is not available yet",
+    ))
+}
+
+/// `PATCH /1.0/images/{fingerprint}`: merges properties, sets `public` when given.
+pub async fn patch(
+    State(state): State<SharedState>,
+    scope: Scope,
+    Path(fingerprint): Path<String>,
+    JsonBody(body): JsonBody<serde_json::Value>,
+) -> Result<Response, ApiError> {
+    let _ = (state, scope, fingerprint, body);
+    Err(ApiError::bad_request(
+        "changing image properties is not available yet",
+    ))
+}
+
+/// `GET /1.0/images/{fingerprint}/export`: the image as an LXD/Incus unified tarball.
+pub async fn export(
+    State(state): State<SharedState>,
+    scope: Scope,
+    Path(fingerprint): Path<String>,
+) -> Result<Response, ApiError> {
+    let _ = (state, scope, fingerprint);
+    Err(ApiError::bad_request("image export is not available yet"))
+}

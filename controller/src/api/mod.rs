@@ -147,8 +147,12 @@ pub fn router(state: SharedState) -> Router {
         )
         .route(
             "/1.0/images/{fingerprint}",
-            get(images::get_one).delete(images::delete),
+            get(images::get_one)
+                .put(images::put)
+                .patch(images::patch)
+                .delete(images::delete),
         )
+        .route("/1.0/images/{fingerprint}/export", get(images::export))
         .route("/1.0/operations", get(operations::list))
         .route(
             "/1.0/operations/{id}",

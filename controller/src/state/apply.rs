@@ -489,6 +489,11 @@ impl State {
                 if let Some(op) = operation {
                     self.operations.insert(op.id.clone(), op);
                 }
+                if let Some(image) = self.images.get_mut(&instance.image)
+                    && image.last_used_at < instance.created_at
+                {
+                    image.last_used_at.clone_from(&instance.created_at);
+                }
                 self.instances
                     .insert(instance.name.clone(), instance.clone());
                 Ok(ApplyOk::Instance(instance))
@@ -605,8 +610,47 @@ impl State {
                 if let Some(old) = self.images.get(&image.fingerprint) {
                     image.locations.extend(old.locations.iter().cloned());
                     image.projects.extend(old.projects.iter().cloned());
+                    image.origins.extend(old.origins.iter().cloned());
+                    if old.last_used_at > image.last_used_at {
+                        image.last_used_at.clone_from(&old.last_used_at);
+                    }
+                    image.public |= old.public;
                 }
                 self.images.insert(image.fingerprint.clone(), image);
+                Ok(ApplyOk::Done)
+            }
+            Command::UpdateImage {
+                fingerprint,
+                properties,
+                public,
+            } => {
+                let image = self.images.get_mut(&fingerprint).ok_or_else(|| {
+                    ApplyError::not_found(format!("image {fingerprint:?} not found"))
+                })?;
+                image.properties = properties;
+                image.public = public;
+                Ok(ApplyOk::Done)
+            }
+            Command::SetImageLocation {
+                fingerprint,
+                node,
+                present,
+            } => {
+                let image = self.images.get_mut(&fingerprint).ok_or_else(|| {
+                    ApplyError::not_found(format!("image {fingerprint:?} not found"))
+                })?;
+                if present {
+                    if !self.nodes.contains_key(&node) {
+                        return Err(ApplyError::not_found(format!("node {node:?} not found")));
+                    }
+                    image.locations.insert(node);
+                } else if image.locations.len() == 1 && image.locations.contains(&node) {
+                    return Err(ApplyError::conflict(format!(
+                        "node {node:?} holds the last copy of image {fingerprint:?}"
+                    )));
+                } else {
+                    image.locations.remove(&node);
+                }
                 Ok(ApplyOk::Done)
             }
             Command::DeleteImage { fingerprint } => {

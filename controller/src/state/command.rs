@@ -223,6 +223,19 @@ pub enum Command {
     PutImage {
         image: Image,
     },
+    /// Replaces an image's properties and public flag (`PUT /1.0/images/{fingerprint}`).
+    UpdateImage {
+        fingerprint: String,
+        properties: BTreeMap<String, String>,
+        public: bool,
+    },
+    /// Records that `node` now holds the image's bytes (`present`, after a pull from a peer) or
+    /// no longer does (a cached copy expired). The last location cannot be removed this way.
+    SetImageLocation {
+        fingerprint: String,
+        node: String,
+        present: bool,
+    },
     /// Removes an image and the aliases pointing at it.
     DeleteImage {
         fingerprint: String,

@@ -227,6 +227,10 @@ impl Command {
                 ObjectKey::Instance(to.clone()),
             ],
             Command::PutImage { image } => vec![ObjectKey::Image(image.fingerprint.clone())],
+            Command::UpdateImage { fingerprint, .. }
+            | Command::SetImageLocation { fingerprint, .. } => {
+                vec![ObjectKey::Image(fingerprint.clone())]
+            }
             Command::DeleteImage { fingerprint } => {
                 let mut keys = vec![ObjectKey::Image(fingerprint.clone())];
                 keys.extend(
