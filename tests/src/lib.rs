@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod dev;
+
 /// Where the workspace's binaries are: next to the test binary's `deps/` directory, or
 /// `$BERTH_BIN_DIR`.
 pub fn bin_dir() -> PathBuf {
