@@ -9,10 +9,11 @@ use berth_proto::api::config::{
 use super::{NodeUsage, PlacementError, Policy, effective_labels, is_manual};
 use crate::state::{Image, Instance, Node, NodeStatus, State};
 
-/// Whether a node must hold the instance's image. Nodes cannot copy images between themselves
-/// yet, so this is a filter; once they can, it becomes `false` and locality remains the
-/// tie-breaker it already is in the score.
-const IMAGE_LOCALITY_REQUIRED: bool = true;
+/// Whether a node must hold the instance's image. It need not: a node that lacks it pulls it
+/// from a node that holds it before the create ([`crate::reconcile`]), so locality is only the
+/// score's tie-breaker. An image that no node holds still keeps every node out (nobody could
+/// send it).
+const IMAGE_LOCALITY_REQUIRED: bool = false;
 
 /// Fractions are compared as integers in billionths, so no float rounding reaches a decision.
 const ONE: u64 = 1_000_000_000;
@@ -199,6 +200,8 @@ pub struct Request<'a> {
     image: &'a Image,
     /// Per node of the view: whether it holds the image.
     holds_image: Vec<bool>,
+    /// Some node of the view holds the image (so the others can pull it).
+    image_held: bool,
     constraints: Vec<Constraint>,
     group: Option<Group>,
 }
@@ -446,7 +449,8 @@ impl ClusterView {
                 {}
                 locations.next_if(|l| **l == n.name).is_some()
             })
-            .collect();
+            .collect::<Vec<bool>>();
+        let image_held = holds_image.iter().any(|h| *h);
         let target = Some(instance.node.as_str()).filter(|t| !t.is_empty());
         Ok(Request {
             target,
@@ -454,6 +458,7 @@ impl ClusterView {
             memory,
             image,
             holds_image,
+            image_held,
             constraints,
             group,
         })
@@ -548,7 +553,7 @@ impl ClusterView {
         if !arch.is_empty() && !n.architecture.is_empty() && n.architecture != arch {
             return Some(Reject::Architecture);
         }
-        if IMAGE_LOCALITY_REQUIRED && !req.holds_image[i] {
+        if !req.holds_image[i] && (IMAGE_LOCALITY_REQUIRED || !req.image_held) {
             return Some(Reject::Image);
         }
         for (k, c) in req.constraints.iter().enumerate() {
@@ -639,8 +644,7 @@ struct Score {
 mod tests {
     use super::*;
 
-    /// Image locality breaks the ties the group and the policy leave (it cannot decide a
-    /// placement yet, as the image filter keeps nodes without the image out).
+    /// Image locality breaks the ties the group and the policy leave.
     #[test]
     fn image_locality_breaks_ties() {
         let mut s = State::default();
@@ -664,5 +668,19 @@ mod tests {
         let req = view.request(&instance, &image).unwrap();
         assert!(view.score(1, &req, None) < view.score(0, &req, None));
         assert_eq!(view.place(&req), Ok(1));
+        // A node without the image is acceptable (it pulls the image first).
+        let on_a = Instance {
+            node: "a".into(),
+            ..Instance::default()
+        };
+        let req = view.request(&on_a, &image).unwrap();
+        assert_eq!(view.place(&req), Ok(0));
+        // An image no node holds keeps every node out.
+        let nowhere = Image::default();
+        let req = view.request(&instance, &nowhere).unwrap();
+        assert_eq!(
+            view.place(&req).unwrap_err().0,
+            "no node can take the instance: 2 do not hold the image"
+        );
     }
 }
