@@ -453,6 +453,291 @@ pub fn parse_group_enforce(value: &str) -> Result<GroupEnforce, ConfigError> {
     }
 }
 
+/// One 5-field cron schedule (`minute hour day-of-month month day-of-week`, in UTC), as a set
+/// of allowed values per field. Bit `n` of a field is set when value `n` is allowed; days of
+/// the week count from Sunday = 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CronSchedule {
+    /// Bits 0..=59.
+    pub minutes: u64,
+    /// Bits 0..=23.
+    pub hours: u32,
+    /// Bits 1..=31.
+    pub days: u32,
+    /// Bits 1..=12.
+    pub months: u16,
+    /// Bits 0..=6 (Sunday = 0).
+    pub weekdays: u8,
+    /// The day-of-month field is not `*`.
+    pub days_restricted: bool,
+    /// The day-of-week field is not `*`.
+    pub weekdays_restricted: bool,
+}
+
+impl CronSchedule {
+    /// Whether a day matches the two day fields. As in cron (and LXD): when both are
+    /// restricted, a day matching either one is due; otherwise both must match.
+    pub fn day_matches(&self, month: u32, day: u32, weekday: u32) -> bool {
+        if self.months & (1 << month) == 0 {
+            return false;
+        }
+        let dom = self.days & (1 << day) != 0;
+        let dow = self.weekdays & (1 << weekday) != 0;
+        if self.days_restricted && self.weekdays_restricted {
+            dom || dow
+        } else {
+            dom && dow
+        }
+    }
+
+    /// Whether any date can ever match (`0 0 31 2 *` never does).
+    fn possible(&self) -> bool {
+        if self.days_restricted && self.weekdays_restricted {
+            return true;
+        }
+        // With the day of the week unrestricted or ANDed, some date in the allowed months must
+        // have an allowed day number (every weekday falls on every day number some year).
+        const LONGEST: [u32; 13] = [0, 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+        (1..=12).any(|m| {
+            self.months & (1 << m) != 0 && (1..=LONGEST[m]).any(|d| self.days & (1 << d) != 0)
+        })
+    }
+}
+
+const MONTH_NAMES: [&str; 12] = [
+    "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
+];
+const WEEKDAY_NAMES: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
+
+/// Parses one value of a cron field: a number or (for months and days of the week) a
+/// three-letter English name.
+fn cron_value(text: &str, names: &[&str], first_named: u32) -> Option<u32> {
+    if let Ok(n) = text.parse::<u32>() {
+        return Some(n);
+    }
+    let lower = text.to_ascii_lowercase();
+    names
+        .iter()
+        .position(|n| *n == lower)
+        .map(|i| i as u32 + first_named)
+}
+
+/// Parses one cron field (`*`, `a`, `a-b`, `*/n`, `a-b/n`, `a/n`, comma lists of them) into a
+/// bit set of `min..=max`; the error names the field.
+fn cron_field(
+    text: &str,
+    what: &str,
+    min: u32,
+    max: u32,
+    names: &[&str],
+    first_named: u32,
+) -> Result<u64, String> {
+    let bad = |why: &str| format!("{what} field \"{}\" {why}", shorten(text));
+    let mut bits = 0u64;
+    for part in text.split(',') {
+        let (range, step) = match part.split_once('/') {
+            Some((r, s)) => {
+                let step: u32 = s
+                    .parse()
+                    .map_err(|_| bad("has a step that is not a number"))?;
+                if step == 0 || step > max {
+                    return Err(bad(&format!("has a step outside 1-{max}")));
+                }
+                (r, step)
+            }
+            None => (part, 1),
+        };
+        let (lo, hi) = if range == "*" {
+            (min, max)
+        } else if let Some((a, b)) = range.split_once('-') {
+            let a = cron_value(a, names, first_named).ok_or_else(|| bad("is not a number"))?;
+            let b = cron_value(b, names, first_named).ok_or_else(|| bad("is not a number"))?;
+            (a, b)
+        } else {
+            let a = cron_value(range, names, first_named).ok_or_else(|| bad("is not a number"))?;
+            // `a/n` means from a to the end, every n.
+            (a, if part.contains('/') { max } else { a })
+        };
+        if lo < min || hi > max {
+            return Err(bad(&format!("has a value outside {min}-{max}")));
+        }
+        if lo > hi {
+            return Err(bad("has a range that ends before it starts"));
+        }
+        let mut v = lo;
+        while v <= hi {
+            bits |= 1 << v;
+            v += step;
+        }
+    }
+    Ok(bits)
+}
+
+/// Parses one schedule: a 5-field cron expression or one of `@hourly`, `@daily`,
+/// `@midnight`, `@weekly`, `@monthly`, `@annually`, `@yearly`.
+pub fn parse_cron(value: &str) -> Result<CronSchedule, ConfigError> {
+    let v = value.trim();
+    let key = "snapshots.schedule";
+    let expr = match v {
+        "@hourly" => "0 * * * *",
+        "@daily" | "@midnight" => "0 0 * * *",
+        "@weekly" => "0 0 * * 0",
+        "@monthly" => "0 0 1 * *",
+        "@annually" | "@yearly" => "0 0 1 1 *",
+        other if other.starts_with('@') => {
+            return Err(err(format!(
+                "{key} \"{}\" is not one of @hourly, @daily, @midnight, @weekly, @monthly, @annually, @yearly",
+                shorten(value)
+            )));
+        }
+        other => other,
+    };
+    let fields: Vec<&str> = expr.split_whitespace().collect();
+    if fields.len() != 5 {
+        return Err(err(format!(
+            "{key} \"{}\" must have 5 fields (minute hour day-of-month month day-of-week) or be @hourly, @daily, @weekly, @monthly or @yearly",
+            shorten(value)
+        )));
+    }
+    let field = |i: usize, what: &str, min: u32, max: u32, names: &[&str], first: u32| {
+        cron_field(fields[i], what, min, max, names, first)
+            .map_err(|e| err(format!("{key} \"{}\": {e}", shorten(value))))
+    };
+    let minutes = field(0, "minute", 0, 59, &[], 0)?;
+    let hours = field(1, "hour", 0, 23, &[], 0)? as u32;
+    let days = field(2, "day-of-month", 1, 31, &[], 0)? as u32;
+    let months = field(3, "month", 1, 12, &MONTH_NAMES, 1)? as u16;
+    let mut weekdays = field(4, "day-of-week", 0, 7, &WEEKDAY_NAMES, 0)?;
+    // 7 is Sunday too.
+    if weekdays & (1 << 7) != 0 {
+        weekdays = (weekdays | 1) & 0x7f;
+    }
+    let unrestricted = |f: &str| f == "*" || f == "*/1";
+    let schedule = CronSchedule {
+        minutes,
+        hours,
+        days,
+        months,
+        weekdays: weekdays as u8,
+        days_restricted: !unrestricted(fields[2]),
+        weekdays_restricted: !unrestricted(fields[4]),
+    };
+    if !schedule.possible() {
+        return Err(err(format!(
+            "{key} \"{}\" names a day that never comes (such as February 30)",
+            shorten(value)
+        )));
+    }
+    Ok(schedule)
+}
+
+/// Parses `snapshots.schedule`: one or more schedules ([`parse_cron`]) separated by `, `
+/// (a comma and a space, as LXD has it; a comma without a space is a list inside a field).
+/// An empty value means no schedule.
+pub fn parse_schedule(value: &str) -> Result<Vec<CronSchedule>, ConfigError> {
+    if value.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    value.split(", ").map(parse_cron).collect()
+}
+
+/// A period of `snapshots.expiry`: added to a snapshot's creation time as a calendar would
+/// (months and years keep the day of the month where it exists).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Expiry {
+    pub minutes: u64,
+    pub hours: u64,
+    pub days: u64,
+    pub weeks: u64,
+    pub months: u64,
+    pub years: u64,
+}
+
+impl Expiry {
+    /// Whether the period is zero (no expiry).
+    pub fn is_zero(&self) -> bool {
+        *self == Expiry::default()
+    }
+}
+
+/// Parses `snapshots.expiry` (LXD's syntax): space-separated terms of a whole number and a unit,
+/// `M` minutes, `H` hours, `d` days, `w` weeks, `m` months, `y` years (`1M 2H 3d 4w 5m 6y`;
+/// a unit given twice adds up). An empty value means no expiry.
+pub fn parse_expiry(value: &str) -> Result<Expiry, ConfigError> {
+    let mut e = Expiry::default();
+    for term in value.split_whitespace() {
+        let split = term
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(term.len());
+        let (num, unit) = term.split_at(split);
+        let bad = || {
+            err(format!(
+                "snapshots.expiry \"{}\" has a term \"{}\" that is not a number with M (minutes), H (hours), d, w, m (months) or y, such as 2w",
+                shorten(value),
+                shorten(term)
+            ))
+        };
+        let n: u64 = num.parse().map_err(|_| bad())?;
+        // At most about 1000 years in any unit, so that adding never overflows.
+        if n > 1_000 * 366 * 24 * 60 {
+            return Err(err(format!(
+                "snapshots.expiry \"{}\" is too long",
+                shorten(value)
+            )));
+        }
+        let slot = match unit {
+            "M" => &mut e.minutes,
+            "H" => &mut e.hours,
+            "d" => &mut e.days,
+            "w" => &mut e.weeks,
+            "m" => &mut e.months,
+            "y" => &mut e.years,
+            _ => return Err(bad()),
+        };
+        *slot = slot.saturating_add(n);
+    }
+    let days = e
+        .days
+        .saturating_add(e.weeks.saturating_mul(7))
+        .saturating_add(e.months.saturating_mul(31))
+        .saturating_add(e.years.saturating_mul(366));
+    let minutes = e
+        .minutes
+        .saturating_add(e.hours.saturating_mul(60))
+        .saturating_add(days.saturating_mul(24 * 60));
+    if minutes > 1_000 * 366 * 24 * 60 {
+        return Err(err(format!(
+            "snapshots.expiry \"{}\" is longer than 1000 years",
+            shorten(value)
+        )));
+    }
+    Ok(e)
+}
+
+/// The default `snapshots.pattern`.
+pub const DEFAULT_SNAPSHOT_PATTERN: &str = "snap%d";
+
+/// Checks `snapshots.pattern`: a snapshot name that may hold `%d` once (replaced by the lowest
+/// number not taken). Templates such as LXD's `{{ creation_date|date:... }}` are not supported.
+pub fn parse_snapshot_pattern(value: &str) -> Result<&str, ConfigError> {
+    let v = value.trim();
+    if v.contains("{{") || v.contains("{%") {
+        return Err(err(format!(
+            "snapshots.pattern \"{}\" is a template; only a name with %d (such as snap%d) is supported",
+            shorten(value)
+        )));
+    }
+    if v.matches("%d").count() > 1 {
+        return Err(err(format!(
+            "snapshots.pattern \"{}\" may contain %d only once",
+            shorten(value)
+        )));
+    }
+    crate::api::names::validate_snapshot_name(&v.replace("%d", "0"))
+        .map_err(|e| err(format!("snapshots.pattern \"{}\": {e}", shorten(value))))?;
+    Ok(v)
+}
+
 /// Keys that take effect on a running instance without a restart.
 pub const LIVE_KEYS: &[&str] = &[
     "limits.cpu",
@@ -488,6 +773,10 @@ pub fn validate_key_value(key: &str, value: &str) -> Result<(), ConfigError> {
         "security.privileged" | "boot.autostart" | "security.nesting" => {
             parse_bool(key, value).map(drop)
         }
+        "snapshots.schedule" => parse_schedule(value).map(drop),
+        "snapshots.schedule.stopped" => parse_bool(key, value).map(drop),
+        "snapshots.expiry" => parse_expiry(value).map(drop),
+        "snapshots.pattern" => parse_snapshot_pattern(value).map(drop),
         "placement.constraints" => parse_constraints(value).map(drop),
         "placement.group" => parse_placement_group(value).map(drop),
         "placement.group.policy" => parse_group_policy(value).map(drop),
@@ -589,6 +878,135 @@ pub fn validate(config: &BTreeMap<String, String>) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cron_fields_and_macros() {
+        let every = parse_cron("* * * * *").unwrap();
+        assert_eq!(every.minutes, (1u64 << 60) - 1);
+        assert_eq!(every.hours, (1u32 << 24) - 1);
+        assert_eq!(every.days, !1u32);
+        assert_eq!(every.weekdays, 0x7f);
+        assert!(!every.days_restricted && !every.weekdays_restricted);
+        let s = parse_cron("*/15 9-17/4 1,15 jan-mar mon-fri").unwrap();
+        assert_eq!(s.minutes, 1 | 1 << 15 | 1 << 30 | 1 << 45);
+        assert_eq!(s.hours, 1 << 9 | 1 << 13 | 1 << 17);
+        assert_eq!(s.days, 1 << 1 | 1 << 15);
+        assert_eq!(s.months, 0b1110);
+        assert_eq!(s.weekdays, 0b0111110);
+        assert!(s.days_restricted && s.weekdays_restricted);
+        assert_eq!(
+            parse_cron("5/20 * * * *").unwrap().minutes,
+            1 << 5 | 1 << 25 | 1 << 45
+        );
+        assert_eq!(
+            parse_cron("@hourly").unwrap(),
+            parse_cron("0 * * * *").unwrap()
+        );
+        assert_eq!(
+            parse_cron("@midnight").unwrap(),
+            parse_cron("@daily").unwrap()
+        );
+        assert_eq!(
+            parse_cron("@yearly").unwrap(),
+            parse_cron("0 0 1 1 *").unwrap()
+        );
+        assert_eq!(parse_cron("@weekly").unwrap().weekdays, 1);
+        // 0 and 7 are both Sunday.
+        assert_eq!(parse_cron("0 0 * * 7").unwrap().weekdays, 1);
+        assert_eq!(
+            parse_cron("0 0 * * 5-7").unwrap().weekdays,
+            1 | 1 << 5 | 1 << 6
+        );
+        assert_eq!(parse_cron("0 0 * * SUN").unwrap().weekdays, 1);
+        // A step of 1 over everything is still unrestricted.
+        assert!(!parse_cron("0 0 */1 * *").unwrap().days_restricted);
+        assert!(parse_cron("0 0 */2 * *").unwrap().days_restricted);
+    }
+
+    #[test]
+    fn bad_cron_is_refused_with_the_field_named() {
+        for (bad, says) in [
+            ("", "5 fields"),
+            ("* * * *", "5 fields"),
+            ("* * * * * *", "5 fields"),
+            ("60 * * * *", "minute"),
+            ("* 24 * * *", "hour"),
+            ("* * 0 * *", "day-of-month"),
+            ("* * 32 * *", "day-of-month"),
+            ("* * * 13 *", "month"),
+            ("* * * * 8", "day-of-week"),
+            ("*/0 * * * *", "step"),
+            ("5-1 * * * *", "ends before"),
+            ("a * * * *", "minute"),
+            ("1,,2 * * * *", "minute"),
+            ("@reboot", "@hourly"),
+            ("0 0 30 2 *", "never"),
+            ("0 0 31 4,6 *", "never"),
+        ] {
+            let e = parse_cron(bad).unwrap_err().0;
+            assert!(e.contains("snapshots.schedule"), "{bad}: {e}");
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        // February 29 comes every few years; day 31 or a Monday comes always.
+        assert!(parse_cron("0 0 29 2 *").is_ok());
+        assert!(parse_cron("0 0 30 2 1").is_ok());
+    }
+
+    #[test]
+    fn several_schedules() {
+        assert_eq!(parse_schedule("").unwrap(), vec![]);
+        assert_eq!(parse_schedule("@daily, 0 12 * * *").unwrap().len(), 2);
+        // A comma without a space is a list in a field.
+        assert_eq!(parse_schedule("0 1,2 * * *").unwrap().len(), 1);
+        assert!(parse_schedule("@daily, nope").is_err());
+        assert!(validate_key_value("snapshots.schedule", "@hourly").is_ok());
+        assert!(validate_key_value("snapshots.schedule", "* * *").is_err());
+        assert!(validate_key_value("snapshots.schedule.stopped", "true").is_ok());
+        assert!(validate_key_value("snapshots.schedule.stopped", "maybe").is_err());
+    }
+
+    #[test]
+    fn expiry_terms() {
+        assert_eq!(parse_expiry("").unwrap(), Expiry::default());
+        assert!(parse_expiry("  ").unwrap().is_zero());
+        assert_eq!(
+            parse_expiry("1M 2H 3d 4w 5m 6y").unwrap(),
+            Expiry {
+                minutes: 1,
+                hours: 2,
+                days: 3,
+                weeks: 4,
+                months: 5,
+                years: 6
+            }
+        );
+        assert_eq!(parse_expiry("2w").unwrap().weeks, 2);
+        assert_eq!(parse_expiry("1d 1d").unwrap().days, 2);
+        for bad in ["2", "w", "2x", "2 w", "-1d", "1.5d", "2W", "99999999999y"] {
+            let e = parse_expiry(bad).unwrap_err().0;
+            assert!(e.contains("snapshots.expiry"), "{bad}: {e}");
+        }
+        assert!(validate_key_value("snapshots.expiry", "2w").is_ok());
+        assert!(validate_key_value("snapshots.expiry", "2 weeks").is_err());
+    }
+
+    #[test]
+    fn snapshot_patterns() {
+        assert_eq!(parse_snapshot_pattern("snap%d"), Ok("snap%d"));
+        assert_eq!(parse_snapshot_pattern("backup"), Ok("backup"));
+        assert_eq!(parse_snapshot_pattern("%d"), Ok("%d"));
+        for bad in [
+            "a%db%d",
+            "a/b%d",
+            "{{ creation_date|date:'2006-01-02' }}",
+            "",
+            "-%d",
+        ] {
+            let e = parse_snapshot_pattern(bad).unwrap_err().0;
+            assert!(e.contains("snapshots.pattern"), "{bad}: {e}");
+        }
+        assert!(validate_key_value("snapshots.pattern", "auto-%d").is_ok());
+    }
 
     #[test]
     fn sizes() {

@@ -38,6 +38,38 @@ pub fn validate_instance_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a snapshot name: 1 to 63 characters, ASCII letters, digits, `-`, `_` and `.`,
+/// starting with a letter or digit (so never `.`, `..` or a hidden name); never a `/`, since
+/// `instance/snapshot` names a snapshot. Returns one sentence saying what is wrong.
+pub fn validate_snapshot_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("snapshot name is empty".into());
+    }
+    if name.len() > 63 {
+        let start: String = name.chars().take(20).collect();
+        return Err(format!(
+            "snapshot name \"{}...\" is longer than 63 characters",
+            start.escape_default()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(format!(
+            "snapshot name \"{}\" contains {:?}; only letters, digits, '-', '_' and '.' are allowed",
+            name.escape_default(),
+            c
+        ));
+    }
+    if !name.as_bytes()[0].is_ascii_alphanumeric() {
+        return Err(format!(
+            "snapshot name \"{name}\" must start with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
 /// Project names follow the instance name rule (so that `project_instance`, the name an
 /// instance of a project has on its node, is unambiguous).
 pub fn validate_project_name(name: &str) -> Result<(), String> {
@@ -148,6 +180,27 @@ mod tests {
             &"€".repeat(30),
         ] {
             assert!(validate_instance_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn snapshot_names() {
+        for ok in ["snap0", "0", "daily-2026-11-30", "a_b.c", &"x".repeat(63)] {
+            assert!(validate_snapshot_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "a/b",
+            ".",
+            "..",
+            ".hidden",
+            "-a",
+            "_a",
+            "a b",
+            "é",
+            &"x".repeat(64),
+        ] {
+            assert!(validate_snapshot_name(bad).is_err(), "{bad}");
         }
     }
 
