@@ -288,10 +288,11 @@ impl State {
         Some(hex::encode(Sha256::digest(&bytes)))
     }
 
-    /// Whether objects of `project` may use `image`: images of the default project (or of no
-    /// project) are shared; others only by the projects that hold them.
+    /// Whether objects of `project` may use `image`: public images and those of the default
+    /// project (or of no project) are shared; others only by the projects that hold them.
     pub fn image_visible(&self, image: &super::model::Image, project: &str) -> bool {
-        image.projects.is_empty()
+        image.public
+            || image.projects.is_empty()
             || image.projects.contains(DEFAULT_PROJECT)
             || image.projects.contains(project)
     }
