@@ -18,6 +18,7 @@
 
 pub mod btrfs;
 pub mod dir;
+pub mod send;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
