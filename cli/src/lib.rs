@@ -17,7 +17,7 @@ use clap::{Parser, Subcommand};
 use crate::client::Client;
 use crate::commands::{
     cluster, config as config_cmd, exec, file, image, instance, key, monitor, operation, profile,
-    project, remote,
+    project, remote, snapshot, transfer,
 };
 use crate::config::{Config, EnvOverrides, split_remote};
 
@@ -55,14 +55,23 @@ pub enum Command {
     Stop(instance::StopArgs),
     /// Restart instances
     Restart(instance::StopArgs),
-    /// Delete instances
+    /// Delete instances and snapshots (NAME/SNAP)
     #[command(visible_alias = "rm")]
     Delete(instance::DeleteArgs),
-    /// Rename instances
-    Rename(instance::RenameArgs),
-    /// Move instances (only renames within a remote for now)
+    /// Rename instances and snapshots
+    Rename(transfer::MoveArgs),
+    /// Move instances to another node, or rename instances and snapshots
     #[command(visible_alias = "mv")]
-    Move(instance::RenameArgs),
+    Move(transfer::MoveArgs),
+    /// Copy instances and snapshots to new instances
+    #[command(visible_alias = "cp")]
+    Copy(transfer::CopyArgs),
+    /// Take a snapshot of an instance
+    Snapshot(snapshot::SnapshotArgs),
+    /// Restore an instance from one of its snapshots
+    Restore(snapshot::RestoreArgs),
+    /// Make an image from an instance or a snapshot
+    Publish(image::PublishArgs),
     /// Execute commands in instances
     Exec(exec::ExecArgs),
     /// Manage files in instances
@@ -225,7 +234,11 @@ async fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<i32> {
         Command::Stop(a) => instance::stop(ctx, a, "stop").await,
         Command::Restart(a) => instance::stop(ctx, a, "restart").await,
         Command::Delete(a) => instance::delete(ctx, a).await,
-        Command::Rename(a) | Command::Move(a) => instance::rename(ctx, a).await,
+        Command::Rename(a) | Command::Move(a) => transfer::move_instance(ctx, a).await,
+        Command::Copy(a) => transfer::copy(ctx, a).await,
+        Command::Snapshot(a) => snapshot::snapshot(ctx, a).await,
+        Command::Restore(a) => snapshot::restore(ctx, a).await,
+        Command::Publish(a) => image::publish(ctx, a).await,
         Command::Console(a) => instance::console(ctx, a).await,
         Command::Exec(a) => exec::exec(ctx, a).await,
         Command::File { command } => file::run(ctx, command).await,
@@ -437,6 +450,89 @@ mod tests {
         ));
         assert!(matches!(parse(&["version"]), Command::Version));
         assert!(Cli::try_parse_from(["berth", "file", "push", "only-one"]).is_err());
+    }
+
+    #[test]
+    fn snapshot_copy_move_commands() {
+        match parse(&["move", "web1", "--target", "node2"]) {
+            Command::Move(a) => {
+                assert_eq!(a.source, "web1");
+                assert_eq!(a.destination, None);
+                assert_eq!(a.target.as_deref(), Some("node2"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["berth", "move", "web1"]).is_err());
+        match parse(&[
+            "copy",
+            "web1/snap0",
+            "web2",
+            "--target",
+            "n2",
+            "--instance-only",
+            "--refresh",
+            "-c",
+            "user.a=b",
+            "-p",
+            "web",
+            "--start",
+            "-q",
+        ]) {
+            Command::Copy(a) => {
+                assert_eq!(
+                    (a.source.as_str(), a.destination.as_str()),
+                    ("web1/snap0", "web2")
+                );
+                assert!(a.instance_only && a.refresh && a.start && a.quiet);
+                assert_eq!(a.config, ["user.a=b"]);
+                assert_eq!(a.profiles, ["web"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&[
+            "publish",
+            "web1/snap0",
+            "prod:",
+            "os=Debian",
+            "--alias",
+            "img",
+            "--public",
+        ]) {
+            Command::Publish(a) => {
+                assert_eq!(a.rest, ["prod:", "os=Debian"]);
+                assert_eq!(a.aliases, ["img"]);
+                assert!(a.public);
+            }
+            other => panic!("{other:?}"),
+        }
+        for args in [
+            &["snapshot", "web1"][..],
+            &["snapshot", "web1", "before"],
+            &["restore", "web1", "snap0"],
+            &["rename", "web1/snap0", "web1/snap1"],
+            &["delete", "web1/snap0", "web2"],
+            &[
+                "cluster", "evacuate", "node1", "--action", "stop", "--force",
+            ],
+            &["cluster", "restore", "node1"],
+            &["image", "export", "busybox", "/tmp"],
+            &[
+                "image", "copy", "busybox", "prod:", "--alias", "bb", "--public",
+            ],
+            &["image", "set-property", "busybox", "os", "Busybox"],
+            &["image", "get-property", "busybox", "os"],
+            &["image", "unset-property", "busybox", "os"],
+            &["image", "edit", "busybox"],
+            &["image", "show", "busybox"],
+        ] {
+            let mut full = vec!["berth"];
+            full.extend_from_slice(args);
+            assert!(Cli::try_parse_from(full).is_ok(), "{args:?}");
+        }
+        assert!(
+            Cli::try_parse_from(["berth", "cluster", "evacuate", "n1", "--action", "drop"])
+                .is_err()
+        );
     }
 
     #[test]

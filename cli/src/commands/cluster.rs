@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal, Write};
 
 use berth_proto::api::{
-    Cluster, ClusterController, ClusterMemberPatch, ClusterNode, JoinTokenResponse,
+    Cluster, ClusterController, ClusterMemberPatch, ClusterMemberStatePost, ClusterNode,
+    JoinTokenResponse,
 };
 use clap::Subcommand;
 use http::Method;
@@ -64,6 +65,25 @@ pub enum ClusterCommand {
         /// Node name, optionally REMOTE:NAME
         name: String,
         key: String,
+    },
+    /// Move every instance off a node (or stop them) and place nothing new on it
+    Evacuate {
+        /// Node name, optionally REMOTE:NAME
+        name: String,
+        /// What happens to its instances: move (running ones move live) or stop
+        #[arg(long, value_name = "ACTION", default_value = "move", value_parser = ["move", "stop"])]
+        action: String,
+        /// Do not ask for confirmation
+        #[arg(short = 'f', long)]
+        force: bool,
+    },
+    /// Bring an evacuated node's instances back and let it take new ones
+    Restore {
+        /// Node name, optionally REMOTE:NAME
+        name: String,
+        /// Do not ask for confirmation
+        #[arg(short = 'f', long)]
+        force: bool,
     },
     /// Show a cluster-wide setting (KEY, or REMOTE:KEY)
     GetConfig { key: String },
@@ -346,6 +366,85 @@ async fn patch_member(
     Ok(())
 }
 
+/// `POST /1.0/cluster/members/NAME/state`, waits, and prints what happened to each instance.
+async fn change_member_state(
+    client: &Client,
+    name: &str,
+    body: &ClusterMemberStatePost,
+) -> anyhow::Result<()> {
+    let resp = client
+        .call(
+            Method::POST,
+            &format!("/1.0/cluster/members/{}/state", encode_query(name)),
+            Some(body),
+        )
+        .await?;
+    let op = client.finish(resp).await?;
+    for line in member_state_results(&op.metadata) {
+        say(&line);
+    }
+    Ok(())
+}
+
+/// One instance's result as a short phrase: its outcome, the node, and an error if any.
+fn describe_result(v: &serde_json::Value) -> String {
+    let text = |keys: &[&str]| {
+        keys.iter()
+            .find_map(|k| v.get(*k).and_then(|x| x.as_str()).filter(|x| !x.is_empty()))
+            .map(str::to_string)
+    };
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Object(_) => {
+            let mut parts = Vec::new();
+            if let Some(r) = text(&["result", "status", "action", "outcome"]) {
+                parts.push(r);
+            }
+            if let Some(n) = text(&["node", "target", "location"]) {
+                parts.push(format!("to {n}"));
+            }
+            if let Some(e) = text(&["error", "err", "message"]) {
+                parts.push(format!("({e})"));
+            }
+            if parts.is_empty() {
+                v.to_string()
+            } else {
+                parts.join(" ")
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The per-instance lines of an evacuation or restore (`NAME: RESULT`), from the operation's
+/// metadata: a map of instance to result, or a list of results naming their instance, either
+/// at the top or under `instances`/`results`.
+pub fn member_state_results(meta: &serde_json::Value) -> Vec<String> {
+    let inner = meta
+        .get("instances")
+        .or_else(|| meta.get("results"))
+        .unwrap_or(meta);
+    match inner {
+        serde_json::Value::Object(map) => map
+            .iter()
+            .map(|(name, v)| format!("{name}: {}", describe_result(v)))
+            .collect(),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .map(|item| {
+                let name = ["name", "instance"]
+                    .iter()
+                    .find_map(|k| item.get(*k).and_then(|x| x.as_str()));
+                match name {
+                    Some(n) => format!("{n}: {}", describe_result(item)),
+                    None => describe_result(item),
+                }
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// Runs a cluster subcommand.
 pub async fn run(ctx: &Ctx, command: ClusterCommand) -> anyhow::Result<i32> {
     match command {
@@ -433,6 +532,38 @@ pub async fn run(ctx: &Ctx, command: ClusterCommand) -> anyhow::Result<i32> {
         ClusterCommand::Unset { name, key } => {
             let (client, name) = member_arg(ctx, &name)?;
             patch_member(&client, name, &key, None).await?;
+        }
+        ClusterCommand::Evacuate {
+            name,
+            action,
+            force,
+        } => {
+            let (client, name) = member_arg(ctx, &name)?;
+            let question = format!(
+                "Are you sure you want to evacuate cluster member \"{name}\"? (yes/no) [default=no]: "
+            );
+            if !force && std::io::stdin().is_terminal() && !confirm(&question)? {
+                anyhow::bail!("not evacuated");
+            }
+            let body = ClusterMemberStatePost {
+                action: "evacuate".into(),
+                mode: action,
+            };
+            change_member_state(&client, name, &body).await?;
+        }
+        ClusterCommand::Restore { name, force } => {
+            let (client, name) = member_arg(ctx, &name)?;
+            let question = format!(
+                "Are you sure you want to restore cluster member \"{name}\"? (yes/no) [default=no]: "
+            );
+            if !force && std::io::stdin().is_terminal() && !confirm(&question)? {
+                anyhow::bail!("not restored");
+            }
+            let body = ClusterMemberStatePost {
+                action: "restore".into(),
+                mode: String::new(),
+            };
+            change_member_state(&client, name, &body).await?;
         }
         ClusterCommand::GetConfig { key } => {
             let (client, key) = config_key_arg(ctx, &key)?;
@@ -591,6 +722,32 @@ Nodes:
                 "https://ctl4.example:8443"
             ]
         );
+    }
+
+    #[test]
+    fn evacuation_results() {
+        let map = serde_json::json!({"instances": {
+            "web1": {"result": "moved", "node": "node2"},
+            "db": {"result": "failed", "error": "node3 is offline"},
+            "batch": "stopped"
+        }});
+        assert_eq!(
+            member_state_results(&map),
+            [
+                "batch: stopped",
+                "db: failed (node3 is offline)",
+                "web1: moved to node2"
+            ]
+        );
+        let list = serde_json::json!([
+            {"instance": "web1", "status": "moved", "target": "node2"},
+            {"name": "db", "action": "stopped"}
+        ]);
+        assert_eq!(
+            member_state_results(&list),
+            ["web1: moved to node2", "db: stopped"]
+        );
+        assert!(member_state_results(&serde_json::Value::Null).is_empty());
     }
 
     #[test]

@@ -1,13 +1,16 @@
-//! `berth image ...`: build, import, list, info, delete and aliases.
+//! `berth image ...`: build, import, list, info, show, edit, properties, export, copy between
+//! remotes, delete and aliases; and `berth publish`.
 
 use std::path::{Path, PathBuf};
 
-use berth_proto::api::{Image, ImageAlias, ImageAliasesPost, ImageSource, ImagesPost};
+use std::collections::BTreeMap;
+
+use berth_proto::api::{Image, ImageAlias, ImageAliasesPost, ImagePut, ImageSource, ImagesPost};
 use bytes::BytesMut;
 use clap::{Args, Subcommand};
 use http::{HeaderMap, HeaderValue, Method, header};
 use http_body_util::{BodyExt, StreamBody};
-use hyper::body::Frame;
+use hyper::body::{Frame, Incoming};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 
@@ -30,11 +33,86 @@ pub enum ImageCommand {
     /// Delete images
     #[command(visible_alias = "rm")]
     Delete(ManyArgs),
+    /// Show an image's properties as YAML (public, last use, ...)
+    Show(OneArg),
+    /// Edit an image's properties and public flag as YAML
+    Edit(OneArg),
+    /// Show one property of an image
+    GetProperty {
+        /// Image alias or fingerprint, optionally REMOTE:IMAGE
+        image: String,
+        key: String,
+    },
+    /// Set a property of an image (os, release, description, ...)
+    SetProperty {
+        /// Image alias or fingerprint, optionally REMOTE:IMAGE
+        image: String,
+        key: String,
+        value: String,
+    },
+    /// Remove a property of an image
+    UnsetProperty {
+        /// Image alias or fingerprint, optionally REMOTE:IMAGE
+        image: String,
+        key: String,
+    },
+    /// Write an image as a unified tarball (LXD's format) to a file or a directory
+    Export(ExportArgs),
+    /// Copy an image to another remote
+    #[command(visible_alias = "cp")]
+    Copy(CopyArgs),
     /// Manage image aliases
     Alias {
         #[command(subcommand)]
         command: AliasCommand,
     },
+}
+
+/// `image export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Image alias or fingerprint, optionally REMOTE:IMAGE
+    pub image: String,
+    /// A directory (the file is named FINGERPRINT.tar.gz) or a file name; default: the
+    /// current directory
+    pub target: Option<PathBuf>,
+    /// Do not show progress
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+}
+
+/// `image copy`.
+#[derive(Debug, Args)]
+pub struct CopyArgs {
+    /// Image alias or fingerprint, optionally REMOTE:IMAGE
+    pub image: String,
+    /// The remote to copy to (REMOTE:)
+    pub remote: String,
+    /// Alias for the copy on the target remote (repeatable)
+    #[arg(long = "alias", value_name = "ALIAS")]
+    pub aliases: Vec<String>,
+    /// Make the copy visible to every project of the target remote
+    #[arg(long)]
+    pub public: bool,
+    /// Do not show progress
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+}
+
+/// `publish`.
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// The instance (stopped) or snapshot to publish: [REMOTE:]NAME[/SNAP]
+    pub source: String,
+    /// The remote to publish to (REMOTE:, the source's), then properties as KEY=VALUE
+    #[arg(value_name = "[REMOTE:] [KEY=VALUE]")]
+    pub rest: Vec<String>,
+    /// Alias for the new image (repeatable)
+    #[arg(long = "alias", value_name = "ALIAS")]
+    pub aliases: Vec<String>,
+    /// Make the image visible to every project
+    #[arg(long)]
+    pub public: bool,
 }
 
 /// `image build`.
@@ -170,6 +248,17 @@ pub async fn run(ctx: &Ctx, command: ImageCommand) -> anyhow::Result<i32> {
         ImageCommand::List(a) => list(ctx, a).await,
         ImageCommand::Info(a) => info(ctx, a).await,
         ImageCommand::Delete(a) => delete(ctx, a).await,
+        ImageCommand::Show(a) => show(ctx, a).await,
+        ImageCommand::Edit(a) => edit(ctx, a).await,
+        ImageCommand::GetProperty { image, key } => get_property(ctx, &image, &key).await,
+        ImageCommand::SetProperty { image, key, value } => {
+            change_property(ctx, &image, &key, Some(value)).await
+        }
+        ImageCommand::UnsetProperty { image, key } => {
+            change_property(ctx, &image, &key, None).await
+        }
+        ImageCommand::Export(a) => export(ctx, a).await,
+        ImageCommand::Copy(a) => copy(ctx, a).await,
         ImageCommand::Alias { command } => alias(ctx, command).await,
     }
 }
@@ -427,12 +516,18 @@ async fn list(ctx: &Ctx, args: ListArgs) -> anyhow::Result<i32> {
 /// The text of `image info`.
 pub fn render_image_info(i: &Image) -> String {
     let mut o = format!(
-        "Fingerprint: {}\nSize: {}\nArchitecture: {}\nType: container\nTimestamps:\n    Created: {}\n    Uploaded: {}\n",
+        "Fingerprint: {}\nSize: {}\nArchitecture: {}\nType: container\nPublic: {}\nTimestamps:\n    Created: {}\n    Uploaded: {}\n    Last used: {}\n",
         i.fingerprint,
         human_bytes(i.size),
         i.architecture,
+        if i.public { "yes" } else { "no" },
         i.created_at,
-        i.uploaded_at
+        i.uploaded_at,
+        if i.last_used_at.is_empty() {
+            "never"
+        } else {
+            &i.last_used_at
+        }
     );
     o.push_str("Properties:\n");
     for (k, v) in &i.properties {
@@ -533,6 +628,377 @@ async fn alias(ctx: &Ctx, command: AliasCommand) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// The path of an image.
+fn image_path(fp: &str) -> String {
+    format!("/1.0/images/{fp}")
+}
+
+/// The writable part of an image (what `image edit` shows and `PUT` takes).
+pub fn image_put(img: &Image) -> ImagePut {
+    ImagePut {
+        properties: img.properties.clone(),
+        public: img.public,
+    }
+}
+
+/// Splits publish's trailing arguments: an optional `REMOTE:` first, then `KEY=VALUE`
+/// properties.
+pub fn publish_rest(rest: &[String]) -> anyhow::Result<(Option<&str>, BTreeMap<String, String>)> {
+    let mut remote = None;
+    let mut props = BTreeMap::new();
+    for (n, arg) in rest.iter().enumerate() {
+        if n == 0 && !arg.contains('=') && arg.ends_with(':') {
+            remote = super::remote_arg(Some(arg));
+            continue;
+        }
+        if !arg.contains('=') {
+            anyhow::bail!(
+                "\"{arg}\" is neither a remote (REMOTE:, first) nor a property (KEY=VALUE)"
+            );
+        }
+        let (k, v) = super::parse_key_value(arg)?;
+        props.insert(k, v);
+    }
+    Ok((remote, props))
+}
+
+/// The body of `publish`.
+pub fn publish_request(
+    source: &str,
+    aliases: &[String],
+    public: bool,
+    properties: BTreeMap<String, String>,
+) -> ImagesPost {
+    let kind = if source.contains('/') {
+        "snapshot"
+    } else {
+        "instance"
+    };
+    ImagesPost {
+        source: ImageSource {
+            kind: kind.into(),
+            name: source.into(),
+            ..Default::default()
+        },
+        aliases: aliases
+            .iter()
+            .map(|name| ImageAlias {
+                name: name.clone(),
+                description: String::new(),
+            })
+            .collect(),
+        public,
+        properties,
+    }
+}
+
+/// `publish`: an image from a stopped instance or a snapshot.
+pub async fn publish(ctx: &Ctx, args: PublishArgs) -> anyhow::Result<i32> {
+    let (client, source) = ctx.resolve(&args.source)?;
+    super::snapshot::split_snapshot(source)?;
+    let (remote, properties) = publish_rest(&args.rest)?;
+    if let Some(r) = remote {
+        let target = ctx.client(Some(r))?;
+        if target.name() != client.name() {
+            anyhow::bail!(
+                "publishing to another remote (\"{}\" to \"{}\") is not supported: publish on \"{}\", then use `berth image copy`",
+                client.name(),
+                target.name(),
+                client.name()
+            );
+        }
+    }
+    check_aliases(&args.aliases)?;
+    let req = publish_request(source, &args.aliases, args.public, properties);
+    let op = client.run(Method::POST, "/1.0/images", Some(&req)).await?;
+    say(&format!(
+        "Instance published with fingerprint: {}",
+        fingerprint_of(&op)?
+    ));
+    Ok(0)
+}
+
+async fn show(ctx: &Ctx, args: OneArg) -> anyhow::Result<i32> {
+    let (client, image) = ctx.resolve_lenient(&args.image)?;
+    let fp = resolve_image(&client, image).await?;
+    let img: Image = client.get(&image_path(&fp)).await?;
+    print(&output::yaml(&img)?);
+    Ok(0)
+}
+
+/// Replaces an image's writable part, guarded by the ETag it was read with.
+async fn put_image(
+    client: &Client,
+    fp: &str,
+    put: &ImagePut,
+    etag: Option<&str>,
+) -> anyhow::Result<()> {
+    let what = format!("image {}", fp.chars().take(12).collect::<String>());
+    let (resp, _) = client
+        .call_with(
+            Method::PUT,
+            &image_path(fp),
+            Some(put),
+            crate::client::if_match(etag),
+        )
+        .await
+        .map_err(|e| super::edit::stale(&what, e))?;
+    client.finish(resp).await?;
+    Ok(())
+}
+
+async fn edit(ctx: &Ctx, args: OneArg) -> anyhow::Result<i32> {
+    let (client, image) = ctx.resolve_lenient(&args.image)?;
+    let fp = resolve_image(&client, image).await?;
+    let (img, etag) = client.get_tagged::<Image>(&image_path(&fp)).await?;
+    let read_only = [
+        "fingerprint",
+        "aliases",
+        "architecture",
+        "size",
+        "created_at",
+        "uploaded_at",
+        "locations",
+        "last_used_at",
+        "project",
+        "type",
+        "filename",
+    ];
+    let put: ImagePut = super::edit::edit_ignoring(&image_put(&img), &read_only)?;
+    if put != image_put(&img) {
+        put_image(&client, &fp, &put, etag.as_deref()).await?;
+    }
+    Ok(0)
+}
+
+async fn get_property(ctx: &Ctx, image: &str, key: &str) -> anyhow::Result<i32> {
+    let (client, image) = ctx.resolve_lenient(image)?;
+    let fp = resolve_image(&client, image).await?;
+    let img: Image = client.get(&image_path(&fp)).await?;
+    // As lxc: an unset property prints an empty line.
+    say(img.properties.get(key).map(String::as_str).unwrap_or(""));
+    Ok(0)
+}
+
+async fn change_property(
+    ctx: &Ctx,
+    image: &str,
+    key: &str,
+    value: Option<String>,
+) -> anyhow::Result<i32> {
+    if key.trim().is_empty() {
+        anyhow::bail!("no property name given");
+    }
+    let (client, image) = ctx.resolve_lenient(image)?;
+    let fp = resolve_image(&client, image).await?;
+    let (img, etag) = client.get_tagged::<Image>(&image_path(&fp)).await?;
+    let mut put = image_put(&img);
+    match value {
+        Some(v) => {
+            put.properties.insert(key.to_string(), v);
+        }
+        None => {
+            if put.properties.remove(key).is_none() {
+                anyhow::bail!("image {} has no property \"{key}\"", short_fp(&fp));
+            }
+        }
+    }
+    put_image(&client, &fp, &put, etag.as_deref()).await?;
+    Ok(0)
+}
+
+fn short_fp(fp: &str) -> String {
+    fp.chars().take(12).collect()
+}
+
+/// Starts `GET /1.0/images/FP/export`; an error answer becomes its sentence.
+async fn export_stream(client: &Client, fp: &str) -> anyhow::Result<http::Response<Incoming>> {
+    let resp = client
+        .raw(
+            Method::GET,
+            &format!("{}/export", image_path(fp)),
+            HeaderMap::new(),
+            crate::client::empty_body(),
+        )
+        .await?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body = client.read_body(resp).await?;
+        crate::client::parse_envelope(status, &body)?;
+        anyhow::bail!(
+            "server answered {status} to the export of image {}",
+            short_fp(fp)
+        );
+    }
+    Ok(resp)
+}
+
+/// The file name a `Content-Disposition` header gives, if it is a plain name.
+pub fn disposition_name(value: &str) -> Option<String> {
+    let (_, rest) = value.split_once("filename=")?;
+    let name = rest.split(';').next()?.trim().trim_matches('"');
+    let plain = !name.is_empty()
+        && !name.starts_with('.')
+        && !name.contains('/')
+        && !name.contains('\\')
+        && !name.chars().any(char::is_control);
+    plain.then(|| name.to_string())
+}
+
+/// Where `image export` writes: into TARGET when it is a directory (or ends with `/`), else
+/// TARGET itself; the current directory when none is given.
+pub fn export_destination(target: Option<&Path>, file_name: &str) -> PathBuf {
+    match target {
+        None => PathBuf::from(".").join(file_name),
+        Some(t) if t.is_dir() || t.as_os_str().to_string_lossy().ends_with('/') => {
+            t.join(file_name)
+        }
+        Some(t) => t.to_path_buf(),
+    }
+}
+
+fn content_length(resp: &http::Response<Incoming>) -> Option<u64> {
+    resp.headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+async fn export(ctx: &Ctx, args: ExportArgs) -> anyhow::Result<i32> {
+    use tokio::io::AsyncWriteExt;
+    let (client, image) = ctx.resolve_lenient(&args.image)?;
+    let fp = resolve_image(&client, image).await?;
+    let resp = export_stream(&client, &fp).await?;
+    let name = resp
+        .headers()
+        .get(header::CONTENT_DISPOSITION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(disposition_name)
+        .unwrap_or_else(|| format!("{fp}.tar.gz"));
+    let dest = export_destination(args.target.as_deref(), &name);
+    let total = content_length(&resp).unwrap_or(0);
+    let mut progress = if args.quiet {
+        None
+    } else {
+        terminal_progress(total)
+    };
+    // Written beside the destination, then renamed: a failed export leaves no half file.
+    let mut partial = dest.clone().into_os_string();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    let result = async {
+        let mut file = tokio::fs::File::create(&partial)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", partial.display()))?;
+        let mut body = resp.into_body();
+        let mut written = 0u64;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| anyhow::anyhow!("the export broke off: {e}"))?;
+            if let Ok(data) = frame.into_data() {
+                file.write_all(&data)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", partial.display()))?;
+                written += data.len() as u64;
+                if let Some(p) = progress.as_mut() {
+                    p(written);
+                }
+            }
+        }
+        if total > 0 && written != total {
+            anyhow::bail!("the export broke off after {written} of {total} bytes");
+        }
+        file.sync_all()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", partial.display()))?;
+        tokio::fs::rename(&partial, &dest).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot rename {} to {}: {e}",
+                partial.display(),
+                dest.display()
+            )
+        })?;
+        Ok(())
+    }
+    .await;
+    if result.is_err() {
+        let _ = tokio::fs::remove_file(&partial).await;
+    }
+    result?;
+    say(&format!(
+        "Image exported successfully to {}",
+        dest.display()
+    ));
+    Ok(0)
+}
+
+async fn copy(ctx: &Ctx, args: CopyArgs) -> anyhow::Result<i32> {
+    check_aliases(&args.aliases)?;
+    let (source, image) = ctx.resolve_lenient(&args.image)?;
+    let Some(remote) = super::remote_arg(Some(&args.remote)) else {
+        anyhow::bail!("no target remote given (REMOTE:)");
+    };
+    let target = ctx.client(Some(remote))?;
+    if target.name() == source.name() {
+        anyhow::bail!(
+            "the image is already on remote \"{}\": copy it to another remote",
+            source.name()
+        );
+    }
+    let fp = resolve_image(&source, image).await?;
+    let resp = export_stream(&source, &fp).await?;
+    let total = content_length(&resp);
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert("X-Berth-Image-Format", HeaderValue::from_static("unified"));
+    if let Some(n) = total {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
+    if !args.aliases.is_empty() {
+        headers.insert(
+            "X-Berth-Aliases",
+            HeaderValue::from_str(&args.aliases.join(","))?,
+        );
+    }
+    // Streamed from one remote to the other, a chunk at a time.
+    let mut progress = if args.quiet {
+        None
+    } else {
+        terminal_progress(total.unwrap_or(0))
+    };
+    let mut sent = 0u64;
+    let body = resp
+        .into_body()
+        .map_frame(move |f| {
+            if let Some(d) = f.data_ref() {
+                sent += d.len() as u64;
+                if let Some(p) = progress.as_mut() {
+                    p(sent);
+                }
+            }
+            f
+        })
+        .map_err(std::io::Error::other)
+        .boxed_unsync();
+    let resp = target
+        .envelope(Method::POST, "/1.0/images", headers, body)
+        .await?;
+    let op = target.finish(resp).await?;
+    let new_fp = fingerprint_of(&op)?;
+    if args.public {
+        let (img, etag) = target.get_tagged::<Image>(&image_path(&new_fp)).await?;
+        let mut put = image_put(&img);
+        put.public = true;
+        put_image(&target, &new_fp, &put, etag.as_deref()).await?;
+    }
+    say(&format!(
+        "Image copied successfully with fingerprint: {new_fp}"
+    ));
+    Ok(0)
+}
+
 /// An alias in a path: kept as-is (with its `/`), only characters unsafe in a URI escaped.
 fn encode_alias(name: &str) -> String {
     encode_query(name).replace("%3A", ":")
@@ -573,6 +1039,64 @@ mod tests {
         assert_eq!(&bytes[bytes.len() - 4..], b"tail");
         let missing = dir.path().join("missing");
         assert!(files_body(vec![missing]).collect().await.is_err());
+    }
+
+    #[test]
+    fn publish_arguments() {
+        let rest = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let args = rest(&["prod:", "os=Debian", "release=12"]);
+        let (remote, props) = publish_rest(&args).unwrap();
+        assert_eq!(remote, Some("prod"));
+        assert_eq!(props["os"], "Debian");
+        assert_eq!(props["release"], "12");
+        let args = rest(&["description=a b"]);
+        let (remote, props) = publish_rest(&args).unwrap();
+        assert_eq!((remote, props["description"].as_str()), (None, "a b"));
+        assert!(publish_rest(&rest(&["os=x", "prod:"])).is_err());
+        assert!(publish_rest(&rest(&["=x"])).is_err());
+        let req = publish_request("web1/snap0", &["web-img".into()], true, BTreeMap::new());
+        assert_eq!(req.source.kind, "snapshot");
+        assert_eq!(req.source.name, "web1/snap0");
+        assert!(req.public);
+        assert_eq!(req.aliases[0].name, "web-img");
+        assert_eq!(
+            publish_request("web1", &[], false, BTreeMap::new())
+                .source
+                .kind,
+            "instance"
+        );
+    }
+
+    #[test]
+    fn export_names() {
+        assert_eq!(
+            disposition_name("attachment; filename=abc.tar.gz").as_deref(),
+            Some("abc.tar.gz")
+        );
+        assert_eq!(
+            disposition_name("attachment; filename=\"abc.tar.gz\"").as_deref(),
+            Some("abc.tar.gz")
+        );
+        assert_eq!(disposition_name("attachment; filename=../../etc/x"), None);
+        assert_eq!(disposition_name("attachment; filename=.hidden"), None);
+        assert_eq!(disposition_name("attachment"), None);
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            export_destination(Some(dir.path()), "f.tar.gz"),
+            dir.path().join("f.tar.gz")
+        );
+        assert_eq!(
+            export_destination(Some(&dir.path().join("out.tar.gz")), "f.tar.gz"),
+            dir.path().join("out.tar.gz")
+        );
+        assert_eq!(
+            export_destination(Some(Path::new("newdir/")), "f.tar.gz"),
+            Path::new("newdir/f.tar.gz")
+        );
+        assert_eq!(
+            export_destination(None, "f.tar.gz"),
+            Path::new("./f.tar.gz")
+        );
     }
 
     #[test]

@@ -1,8 +1,6 @@
-//! Instance commands: launch, init, list, info, start, stop, restart, delete, rename, console.
+//! Instance commands: launch, init, list, info, start, stop, restart, delete, console.
 
-use berth_proto::api::{
-    Instance, InstancePost, InstanceSource, InstanceState, InstanceStatePut, InstancesPost,
-};
+use berth_proto::api::{Instance, InstanceSource, InstanceState, InstanceStatePut, InstancesPost};
 use clap::Args;
 use http::Method;
 
@@ -93,21 +91,12 @@ pub struct StopArgs {
 /// `delete`.
 #[derive(Debug, Args)]
 pub struct DeleteArgs {
-    /// Instance names, optionally REMOTE:NAME
+    /// Instances or snapshots: [REMOTE:]NAME or NAME/SNAP
     #[arg(required = true)]
     pub names: Vec<String>,
     /// Stop running instances first
     #[arg(short = 'f', long)]
     pub force: bool,
-}
-
-/// `rename` / `move`.
-#[derive(Debug, Args)]
-pub struct RenameArgs {
-    /// Current name, optionally REMOTE:NAME
-    pub old: String,
-    /// New name (same remote)
-    pub new: String,
 }
 
 /// `console`.
@@ -332,7 +321,7 @@ impl Column {
                     t
                 }
             }
-            Column::Snapshots => "0".into(),
+            Column::Snapshots => i.snapshots.len().to_string(),
             Column::Location => i.location.clone(),
             Column::LastUsed => i.last_used_at.clone(),
             Column::Created => i.created_at.clone(),
@@ -604,6 +593,14 @@ pub async fn info(ctx: &Ctx, args: InfoArgs) -> anyhow::Result<i32> {
             Err(e) => return Err(e.into()),
         };
     let mut text = render_info(&inst, state.as_ref());
+    if !inst.snapshots.is_empty() {
+        // The list endpoint has the sizes; the instance's own list is the fallback.
+        let snaps = match super::snapshot::list_snapshots(&client, name).await {
+            Ok(s) => s,
+            Err(_) => inst.snapshots.clone(),
+        };
+        text.push_str(&super::snapshot::render_snapshots(&snaps)?);
+    }
     if args.show_log {
         text.push_str("\nLog:\n\n");
         text.push_str(&console_log(&client, name).await?);
@@ -688,14 +685,19 @@ pub async fn stop(ctx: &Ctx, args: StopArgs, action: &str) -> anyhow::Result<i32
     .await
 }
 
-/// `delete`.
+/// `delete`: instances and snapshots (`NAME/SNAP`), mixed.
 pub async fn delete(ctx: &Ctx, args: DeleteArgs) -> anyhow::Result<i32> {
     for n in &args.names {
-        instance_arg(ctx, n)?;
+        let (_, rest) = ctx.resolve(n)?;
+        super::snapshot::split_snapshot(rest)?;
     }
     let force = args.force;
     for_each(&args.names, |arg| async move {
-        let (client, name) = instance_arg(ctx, &arg)?;
+        let (client, rest) = ctx.resolve(&arg)?;
+        let (name, snap) = super::snapshot::split_snapshot(rest)?;
+        if let Some(snap) = snap {
+            return super::snapshot::delete_snapshot(&client, name, snap).await;
+        }
         if force {
             let inst: Instance = client.get(&instance_path(name)).await?;
             if !inst.status.eq_ignore_ascii_case("stopped") {
@@ -708,27 +710,6 @@ pub async fn delete(ctx: &Ctx, args: DeleteArgs) -> anyhow::Result<i32> {
         Ok(())
     })
     .await
-}
-
-/// `rename` and `move`.
-pub async fn rename(ctx: &Ctx, args: RenameArgs) -> anyhow::Result<i32> {
-    let (client, old) = instance_arg(ctx, &args.old)?;
-    let (new_remote, new) = split_remote(&args.new);
-    if new_remote.is_some() && new_remote != split_remote(&args.old).0 {
-        anyhow::bail!("moving instances between remotes is not supported yet");
-    }
-    check_instance_name(new)?;
-    client
-        .run(
-            Method::POST,
-            &instance_path(old),
-            Some(&InstancePost {
-                name: new.into(),
-                ..Default::default()
-            }),
-        )
-        .await?;
-    Ok(0)
 }
 
 /// `console`.

@@ -14,6 +14,8 @@ pub mod operation;
 pub mod profile;
 pub mod project;
 pub mod remote;
+pub mod snapshot;
+pub mod transfer;
 
 use std::collections::BTreeMap;
 
