@@ -513,9 +513,9 @@ pub async fn wait_for_operation(state: &SharedState, id: &str) -> Result<Operati
             }
         }
         // Wake on every applied entry, and once a second in any case.
-        match tokio::time::timeout(Duration::from_secs(1), changes.changed()).await {
-            Ok(Err(_)) => tokio::time::sleep(Duration::from_secs(1)).await,
-            Ok(Ok(())) | Err(_) => {}
+        if let Ok(Err(_)) = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await {
+            // The state machine is gone (shutting down): poll instead of spinning.
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 }
