@@ -49,7 +49,8 @@ fn to_api(img: &Image, aliases: &BTreeMap<String, Alias>, project: &str) -> api:
         created_at: img.created_at.clone(),
         uploaded_at: img.uploaded_at.clone(),
         locations: img.locations.iter().cloned().collect(),
-        ..Default::default()
+        public: img.public,
+        last_used_at: img.last_used_at.clone(),
     }
 }
 
@@ -250,9 +251,12 @@ pub async fn create(
         .map_err(|_| ApiError::bad_request("request body is not readable or larger than 1 MiB"))?;
     let req: ImagesPost = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("request body is not valid JSON: {e}")))?;
+    if matches!(req.source.kind.as_str(), "instance" | "snapshot") {
+        return publish(state, scope, req).await;
+    }
     if req.source.kind != "build" {
         return Err(ApiError::bad_request(format!(
-            "image source type \"{}\" is not supported; use \"build\" or upload a tarball",
+            "image source type \"{}\" is not supported; use \"build\", \"instance\", \"snapshot\" or upload a tarball",
             req.source.kind
         )));
     }
@@ -735,6 +739,402 @@ pub async fn delete_alias(
     Ok(sync(serde_json::Value::Null))
 }
 
+/// Where a publish takes its image from: an instance (stopped) or one of its snapshots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PublishSource {
+    instance: String,
+    /// `""`: the instance itself.
+    snapshot: String,
+}
+
+/// Reads `source` of a publish: `{type: "instance", name}` or `{type: "snapshot", name:
+/// "instance/snapshot"}`.
+fn publish_source(source: &api::ImageSource) -> Result<PublishSource, ApiError> {
+    let name = source.name.trim();
+    let (instance, snapshot) = match source.kind.as_str() {
+        "instance" => (name, ""),
+        _ => name.split_once('/').ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "snapshot source \"{}\" must be INSTANCE/SNAPSHOT",
+                name.escape_debug()
+            ))
+        })?,
+    };
+    if instance.is_empty() {
+        return Err(ApiError::bad_request(
+            "the source needs the name of the instance to publish",
+        ));
+    }
+    if source.kind == "snapshot" {
+        api::names::validate_snapshot_name(snapshot).map_err(ApiError::bad_request)?;
+    }
+    Ok(PublishSource {
+        instance: instance.to_string(),
+        snapshot: snapshot.to_string(),
+    })
+}
+
+/// Most properties an image may carry, and the longest key and value.
+const MAX_PROPERTIES: usize = 256;
+const MAX_PROPERTY_KEY: usize = 128;
+const MAX_PROPERTY_VALUE: usize = 4096;
+
+/// Checks image properties: at most [`MAX_PROPERTIES`], keys of 1 to 128 printable
+/// characters without spaces, values up to 4096 bytes without control characters other
+/// than newlines and tabs.
+fn validate_properties(properties: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if properties.len() > MAX_PROPERTIES {
+        return Err(ApiError::bad_request(format!(
+            "an image has at most {MAX_PROPERTIES} properties, not {}",
+            properties.len()
+        )));
+    }
+    for (k, v) in properties {
+        if k.is_empty()
+            || k.len() > MAX_PROPERTY_KEY
+            || k.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(ApiError::bad_request(format!(
+                "image property name \"{}\" must be 1 to {MAX_PROPERTY_KEY} characters without spaces or control characters",
+                k.escape_debug()
+            )));
+        }
+        if v.len() > MAX_PROPERTY_VALUE
+            || v.chars().any(|c| c.is_control() && c != '\n' && c != '\t')
+        {
+            return Err(ApiError::bad_request(format!(
+                "image property {k} must be at most {MAX_PROPERTY_VALUE} bytes without control characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `POST /1.0/images` with `source: {type: "instance" | "snapshot", name}`: makes an image of
+/// a stopped instance, or of a snapshot, of the scope's project, on the instance's node.
+/// Aliases that exist are a 409 before anything is done. The operation's metadata carries
+/// the new image's `fingerprint`.
+async fn publish(state: SharedState, scope: Scope, req: ImagesPost) -> Result<Response, ApiError> {
+    let source = publish_source(&req.source)?;
+    for a in &req.aliases {
+        api::names::validate_image_alias(&a.name).map_err(ApiError::bad_request)?;
+    }
+    validate_properties(&req.properties)?;
+    let keys: Vec<(String, String)> = req
+        .aliases
+        .iter()
+        .map(|a| (a.name.clone(), scope.alias_key(&a.name)))
+        .collect();
+    let taken = state
+        .cp
+        .read(|s| {
+            keys.iter()
+                .find(|(_, k)| s.aliases.contains_key(k))
+                .map(|(n, _)| n.clone())
+        })
+        .await?;
+    if let Some(name) = taken {
+        return Err(ApiError::conflict(format!(
+            "image alias \"{}\" already exists; choose another name or delete it first",
+            name.escape_debug()
+        )));
+    }
+    let found = super::instances::lookup(&state, &scope, &source.instance).await?;
+    let (inst, node) = (found.instance, found.node);
+    let shown = &source.instance;
+    if !source.snapshot.is_empty() && !inst.snapshots.contains_key(&source.snapshot) {
+        return Err(ApiError::not_found(format!(
+            "snapshot \"{shown}/{}\" not found",
+            source.snapshot.escape_debug()
+        )));
+    }
+    if let Some(p) = &inst.pending {
+        return Err(ApiError::conflict(format!(
+            "instance \"{shown}\" is busy with operation {}; wait for it to end",
+            p.op
+        )));
+    }
+    if source.snapshot.is_empty()
+        && inst.observed.status != berth_proto::api::InstanceStatusCode::Stopped
+    {
+        return Err(ApiError::conflict(format!(
+            "instance \"{shown}\" is {}; stop it or publish a snapshot",
+            inst.observed.status.as_str().to_lowercase()
+        )));
+    }
+    if node.status != crate::state::NodeStatus::Online {
+        return Err(ApiError::new(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "node {} is offline; instance \"{shown}\" cannot be published until it returns",
+                node.name
+            ),
+        ));
+    }
+    let what = if source.snapshot.is_empty() {
+        shown.clone()
+    } else {
+        format!("{shown}/{}", source.snapshot)
+    };
+    let op = new_operation_in(
+        &state,
+        &scope.project,
+        "task",
+        &format!("Publishing image from {what}"),
+        super::operations::instance_resources_in(&scope.project, shown),
+    );
+    let st = state.clone();
+    run_task(&state, op, async move {
+        let mut call = tonic::Request::new(v1::PublishImageRequest {
+            instance: inst.name.clone(),
+            snapshot: source.snapshot.clone(),
+            properties: req.properties.clone().into_iter().collect(),
+        });
+        call.set_timeout(LONG_CALL);
+        let img = st.agents.client(&node)?.publish_image(call).await?.into_inner();
+        info!(instance = %inst.name, node = %node.name, fingerprint = %img.fingerprint, "image published");
+        let mut image = from_agent(&img, &node.name);
+        image.properties.extend(req.properties.clone());
+        image.public = req.public;
+        image.projects.insert(scope.project.clone());
+        let fp = image.fingerprint.clone();
+        st.cp.write(scope.by(Command::PutImage { image })).await?;
+        for a in &req.aliases {
+            st.cp
+                .write(scope.by(Command::CreateAlias {
+                    alias: Alias {
+                        name: scope.alias_key(&a.name),
+                        project: scope.project.clone(),
+                        target: fp.clone(),
+                        description: a.description.clone(),
+                    },
+                }))
+                .await?;
+        }
+        Ok(serde_json::json!({ "fingerprint": fp }))
+    })
+    .await
+}
+
+/// A PATCH without `If-Match` that keeps meeting concurrent changes is tried this often.
+const PATCH_ATTEMPTS: usize = 5;
+
+/// Whether `scope` may change `img` (which it sees): fleet keys always; a member only an
+/// image its project holds alone.
+fn may_change(scope: &Scope, img: &Image) -> bool {
+    may_delete(scope, img)
+}
+
+/// Replaces the properties and public flag of image `key` with what `build` makes of the
+/// current image, guarded by `wanted` (the `If-Match` ETag) or, without one, by the ETag
+/// read (tried again when another change came first).
+async fn update_image<F>(
+    state: SharedState,
+    scope: Scope,
+    key: String,
+    wanted: Option<String>,
+    build: F,
+) -> Result<Response, ApiError>
+where
+    F: Fn(&Image) -> (BTreeMap<String, String>, bool),
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (img, etag) = state
+            .cp
+            .read(|s| {
+                resolve_in(s, &scope.project, &key).map(|i| {
+                    (
+                        i.clone(),
+                        s.etag(&ObjectKey::Image(i.fingerprint.clone()))
+                            .unwrap_or_default(),
+                    )
+                })
+            })
+            .await?
+            .ok_or_else(|| image_not_found(&key))?;
+        require_image_write(&scope)?;
+        if !may_change(&scope, &img) {
+            return Err(ApiError::forbidden(format!(
+                "image {} is not only project {}'s; only an admin or operator key can change it",
+                img.fingerprint, scope.project
+            )));
+        }
+        let what = format!("image {}", img.fingerprint);
+        super::instances::check_if_match(&what, wanted.as_deref(), &etag)?;
+        let (properties, public) = build(&img);
+        validate_properties(&properties)?;
+        let command = super::instances::guarded(
+            Command::UpdateImage {
+                fingerprint: img.fingerprint.clone(),
+                properties,
+                public,
+            },
+            ObjectKey::Image(img.fingerprint.clone()),
+            Some(wanted.clone().unwrap_or(etag)),
+        );
+        match state.cp.write(scope.by(command)).await {
+            Ok(_) => {
+                info!(fingerprint = %img.fingerprint, "image properties changed");
+                return Ok(sync(serde_json::Value::Null));
+            }
+            Err(crate::raft::WriteError::Rejected(e))
+                if e.kind == crate::state::ApplyErrorKind::PreconditionFailed
+                    && wanted.is_none()
+                    && attempt < PATCH_ATTEMPTS =>
+            {
+                continue;
+            }
+            Err(crate::raft::WriteError::Rejected(e))
+                if e.kind == crate::state::ApplyErrorKind::PreconditionFailed
+                    && wanted.is_none() =>
+            {
+                return Err(ApiError::conflict(format!(
+                    "{what} keeps being changed by other requests; repeat the request"
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// `PUT /1.0/images/{fingerprint}`: replaces the properties and the public flag; `If-Match`
+/// is honoured. Fleet keys, or a member of the one project that holds the image.
+pub async fn put(
+    State(state): State<SharedState>,
+    scope: Scope,
+    Path(fingerprint): Path<String>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<api::ImagePut>,
+) -> Result<Response, ApiError> {
+    let wanted = if_match(&headers)?;
+    validate_properties(&body.properties)?;
+    update_image(state, scope, fingerprint, wanted, move |_| {
+        (body.properties.clone(), body.public)
+    })
+    .await
+}
+
+/// `PATCH /1.0/images/{fingerprint}`: `properties` are merged (a null value removes the key),
+/// `public` is set when given.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImagePatch {
+    #[serde(default)]
+    properties: BTreeMap<String, Option<String>>,
+    #[serde(default)]
+    public: Option<bool>,
+}
+
+/// `img`'s properties and public flag with `patch` applied.
+fn merge_patch(img: &Image, patch: &ImagePatch) -> (BTreeMap<String, String>, bool) {
+    let mut properties = img.properties.clone();
+    for (k, v) in &patch.properties {
+        match v {
+            Some(v) => properties.insert(k.clone(), v.clone()),
+            None => properties.remove(k),
+        };
+    }
+    (properties, patch.public.unwrap_or(img.public))
+}
+
+/// `PATCH /1.0/images/{fingerprint}`: merges properties (null removes one), sets `public`
+/// when given; `If-Match` is honoured.
+pub async fn patch(
+    State(state): State<SharedState>,
+    scope: Scope,
+    Path(fingerprint): Path<String>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<ImagePatch>,
+) -> Result<Response, ApiError> {
+    let wanted = if_match(&headers)?;
+    update_image(state, scope, fingerprint, wanted, move |img| {
+        merge_patch(img, &body)
+    })
+    .await
+}
+
+/// `GET /1.0/images/{fingerprint}/export`: the image as an LXD/Incus unified tarball
+/// (`application/octet-stream`, `Content-Disposition: attachment; filename=FP.tar.gz`),
+/// streamed from an online node that holds it. Any image the scope's project may use.
+pub async fn export(
+    State(state): State<SharedState>,
+    scope: Scope,
+    Path(fingerprint): Path<String>,
+) -> Result<Response, ApiError> {
+    use futures::StreamExt as _;
+    let (img, holders) = state
+        .cp
+        .read(|s| {
+            resolve_in(s, &scope.project, &fingerprint).map(|i| {
+                let mut holders: Vec<crate::state::Node> = i
+                    .locations
+                    .iter()
+                    .filter_map(|n| s.nodes.get(n))
+                    .filter(|n| n.status == crate::state::NodeStatus::Online)
+                    .cloned()
+                    .collect();
+                holders.sort_by_key(|n| (!i.origins.contains(&n.name), n.name.clone()));
+                (i.clone(), holders)
+            })
+        })
+        .await?
+        .ok_or_else(|| image_not_found(&fingerprint))?;
+    let mut last = ApiError::new(
+        http::StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "no node that holds image {} is online to export it",
+            img.fingerprint
+        ),
+    );
+    for node in holders {
+        let mut call = tonic::Request::new(v1::ExportImageRequest {
+            fingerprint: img.fingerprint.clone(),
+        });
+        call.set_timeout(LONG_CALL);
+        let started = match state.agents.client(&node) {
+            Ok(mut c) => c.export_image(call).await.map_err(ApiError::from),
+            Err(e) => Err(e.into()),
+        };
+        let mut stream = match started {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                warn!(fingerprint = %img.fingerprint, node = %node.name, error = %e.message, "image export failed");
+                last = e;
+                continue;
+            }
+        };
+        // The first chunk decides between an error answer and a stream.
+        let first = match stream.message().await {
+            Ok(first) => first,
+            Err(e) => {
+                warn!(fingerprint = %img.fingerprint, node = %node.name, error = %e.message(), "image export failed");
+                last = e.into();
+                continue;
+            }
+        };
+        info!(fingerprint = %img.fingerprint, node = %node.name, "exporting image");
+        let rest = stream.map(|chunk| {
+            chunk
+                .map(|c| c.data)
+                .map_err(|e| std::io::Error::other(e.message().to_string()))
+        });
+        let head = futures::stream::iter(first.map(|c| Ok::<_, std::io::Error>(c.data)));
+        let body = Body::from_stream(head.chain(rest));
+        return Response::builder()
+            .status(http::StatusCode::OK)
+            .header(http::header::CONTENT_TYPE, "application/octet-stream")
+            .header(
+                http::header::CONTENT_DISPOSITION,
+                format!("attachment; filename={}.tar.gz", img.fingerprint),
+            )
+            .body(body)
+            .map_err(|e| ApiError::internal(format!("could not build the export answer: {e}")));
+    }
+    Err(last)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod api_tests {
@@ -1089,40 +1489,338 @@ mod api_tests {
         assert_eq!(api.call(MEMBER_A, "GET", &path, None).await.0, 404);
         assert_eq!(api.call(MEMBER_B, "GET", &path, None).await.0, 200);
     }
-}
 
-/// `PUT /1.0/images/{fingerprint}`: properties and the public flag.
-pub async fn put(
-    State(state): State<SharedState>,
-    scope: Scope,
-    Path(fingerprint): Path<String>,
-    JsonBody(body): JsonBody<berth_proto::api::ImagePut>,
-) -> Result<Response, ApiError> {
-    let _ = (state, scope, fingerprint, body);
-    Err(ApiError::bad_request(
-        "changing image properties is not available yet",
-    ))
-}
+    /// An instance `name` of project a on n1 with `status` and one snapshot `snap0`.
+    async fn instance_in_a(api: &Api, name: &str, status: berth_proto::api::InstanceStatusCode) {
+        api.cp
+            .write(Command::CreateInstance {
+                instance: crate::state::Instance {
+                    name: crate::state::scoped_name("a", name),
+                    project: "a".into(),
+                    node: "n1".into(),
+                    image: "img".into(),
+                    created_at: clock::now(),
+                    observed: crate::state::Observed {
+                        status,
+                        ..Default::default()
+                    },
+                    snapshots: [(
+                        "snap0".to_string(),
+                        crate::state::Snapshot {
+                            name: "snap0".into(),
+                            ..Default::default()
+                        },
+                    )]
+                    .into(),
+                    ..Default::default()
+                },
+                operation: None,
+            })
+            .await
+            .unwrap();
+    }
 
-/// `PATCH /1.0/images/{fingerprint}`: merges properties, sets `public` when given.
-pub async fn patch(
-    State(state): State<SharedState>,
-    scope: Scope,
-    Path(fingerprint): Path<String>,
-    JsonBody(body): JsonBody<serde_json::Value>,
-) -> Result<Response, ApiError> {
-    let _ = (state, scope, fingerprint, body);
-    Err(ApiError::bad_request(
-        "changing image properties is not available yet",
-    ))
-}
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn publish_checks_everything_before_doing_anything() {
+        use berth_proto::api::InstanceStatusCode::{Running, Stopped};
+        let api = Api::start().await;
+        api.add_node_and_image().await;
+        instance_in_a(&api, "web", Running).await;
+        instance_in_a(&api, "db", Stopped).await;
+        let (status, body) = api
+            .call(
+                MEMBER_A,
+                "POST",
+                "/1.0/images/aliases",
+                Some(serde_json::json!({"name": "taken", "target": "img"})),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let before = api.model().await;
+        let post = |source: serde_json::Value, aliases: &[&str]| {
+            serde_json::json!({
+                "source": source,
+                "aliases": aliases.iter().map(|a| serde_json::json!({"name": a})).collect::<Vec<_>>(),
+                "properties": {"os": "busybox"},
+            })
+        };
+        for (key, body, code, says) in [
+            (
+                MEMBER_A,
+                post(
+                    serde_json::json!({"type": "instance", "name": "db"}),
+                    &["new", "taken"],
+                ),
+                409,
+                "alias \"taken\" already exists",
+            ),
+            (
+                MEMBER_A,
+                post(serde_json::json!({"type": "instance", "name": "web"}), &[]),
+                409,
+                "stop it or publish a snapshot",
+            ),
+            (
+                MEMBER_A,
+                post(serde_json::json!({"type": "instance", "name": "nope"}), &[]),
+                404,
+                "not found",
+            ),
+            (
+                MEMBER_A,
+                post(
+                    serde_json::json!({"type": "snapshot", "name": "web/nope"}),
+                    &[],
+                ),
+                404,
+                "snapshot \"web/nope\" not found",
+            ),
+            (
+                MEMBER_A,
+                post(serde_json::json!({"type": "snapshot", "name": "web"}), &[]),
+                400,
+                "INSTANCE/SNAPSHOT",
+            ),
+            // Another project's instance does not exist for b.
+            (
+                MEMBER_B,
+                post(serde_json::json!({"type": "instance", "name": "db"}), &[]),
+                404,
+                "not found",
+            ),
+            (
+                VIEWER_A,
+                post(serde_json::json!({"type": "instance", "name": "db"}), &[]),
+                403,
+                "viewer",
+            ),
+        ] {
+            let (status, answer) = api
+                .call(key, "POST", "/1.0/images", Some(body.clone()))
+                .await;
+            assert_eq!(status, code, "{body}: {answer}");
+            assert!(answer["error"].as_str().unwrap().contains(says), "{answer}");
+        }
+        let after = api.model().await;
+        assert_eq!(after.images, before.images);
+        assert_eq!(after.aliases, before.aliases);
+        // A snapshot of a running instance may be published: the operation starts.
+        let (status, answer) = api
+            .call(
+                MEMBER_A,
+                "POST",
+                "/1.0/images",
+                Some(post(
+                    serde_json::json!({"type": "snapshot", "name": "web/snap0"}),
+                    &["mine"],
+                )),
+            )
+            .await;
+        assert_eq!(status, 202, "{answer}");
+        api.cp.shutdown().await;
+    }
 
-/// `GET /1.0/images/{fingerprint}/export`: the image as an LXD/Incus unified tarball.
-pub async fn export(
-    State(state): State<SharedState>,
-    scope: Scope,
-    Path(fingerprint): Path<String>,
-) -> Result<Response, ApiError> {
-    let _ = (state, scope, fingerprint);
-    Err(ApiError::bad_request("image export is not available yet"))
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn properties_put_and_patch_with_etags() {
+        let api = Api::start().await;
+        api.add_node_and_image().await;
+        let fp = "abcd".repeat(16);
+        api.put_image(&fp, &["a"]).await;
+        let path = format!("/1.0/images/{fp}");
+        let put =
+            serde_json::json!({"properties": {"os": "debian", "release": "12"}, "public": false});
+        let (status, answer) = api.call(MEMBER_A, "PUT", &path, Some(put)).await;
+        assert_eq!(status, 200, "{answer}");
+        let got = api.send(MEMBER_A, "GET", &path, None, &[]).await;
+        assert_eq!(
+            got.body["metadata"]["properties"],
+            serde_json::json!({"os": "debian", "release": "12"})
+        );
+        assert_eq!(got.body["metadata"]["public"], false);
+        assert_eq!(got.body["metadata"]["last_used_at"], "");
+        let etag = got.headers["etag"].to_str().unwrap().to_string();
+        // A stale ETag is a 412 and changes nothing.
+        let stale = api
+            .send(
+                MEMBER_A,
+                "PATCH",
+                &path,
+                Some(serde_json::json!({"properties": {"os": "alpine"}})),
+                &[("if-match", "\"nope\"")],
+            )
+            .await;
+        assert_eq!(stale.status, 412, "{}", stale.body);
+        let ok = api
+            .send(
+                MEMBER_A,
+                "PATCH",
+                &path,
+                Some(serde_json::json!({"properties": {"release": null, "variant": "slim"}, "public": true})),
+                &[("if-match", &etag)],
+            )
+            .await;
+        assert_eq!(ok.status, 200, "{}", ok.body);
+        let img = api.model().await.images[&fp].clone();
+        assert_eq!(
+            img.properties,
+            [
+                ("os".to_string(), "debian".to_string()),
+                ("variant".to_string(), "slim".to_string())
+            ]
+            .into()
+        );
+        assert!(img.public);
+        // The old ETag is stale now.
+        let again = api
+            .send(
+                MEMBER_A,
+                "PUT",
+                &path,
+                Some(serde_json::json!({})),
+                &[("if-match", &etag)],
+            )
+            .await;
+        assert_eq!(again.status, 412, "{}", again.body);
+        // Bad bodies and bad properties are 400s.
+        for body in [
+            serde_json::json!({"properties": {"os": "x"}, "size": 3}),
+            serde_json::json!({"properties": {"has space": "x"}}),
+        ] {
+            let (status, answer) = api.call(MEMBER_A, "PATCH", &path, Some(body)).await;
+            assert_eq!(status, 400, "{answer}");
+        }
+        // Viewers may not; b sees the public image but may not change it.
+        let (status, _) = api
+            .call(
+                VIEWER_A,
+                "PATCH",
+                &path,
+                Some(serde_json::json!({"public": false})),
+            )
+            .await;
+        assert_eq!(status, 403);
+        let (status, _) = api
+            .call(
+                MEMBER_B,
+                "PATCH",
+                &path,
+                Some(serde_json::json!({"public": false})),
+            )
+            .await;
+        assert_eq!(status, 403);
+        assert!(api.model().await.images[&fp].public);
+        // Members may not change the shared image; fleet keys may.
+        let shared = serde_json::json!({"properties": {"os": "busybox"}});
+        assert_eq!(
+            api.call(MEMBER_A, "PUT", "/1.0/images/img", Some(shared.clone()))
+                .await
+                .0,
+            403
+        );
+        assert_eq!(
+            api.call(OPERATOR, "PUT", "/1.0/images/img", Some(shared))
+                .await
+                .0,
+            200
+        );
+        api.cp.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn public_images_are_seen_by_every_project() {
+        let api = Api::start().await;
+        api.add_node_and_image().await;
+        let fp = "beef".repeat(16);
+        api.put_image(&fp, &["a"]).await;
+        let path = format!("/1.0/images/{fp}");
+        let listed = |body: serde_json::Value| -> Vec<String> {
+            serde_json::from_value(body["metadata"].clone()).unwrap()
+        };
+        assert_eq!(api.call(MEMBER_B, "GET", &path, None).await.0, 404);
+        assert_eq!(
+            api.call(MEMBER_B, "GET", &format!("{path}/export"), None)
+                .await
+                .0,
+            404
+        );
+        assert!(!listed(api.call(MEMBER_B, "GET", "/1.0/images", None).await.1).contains(&path));
+        let (status, answer) = api
+            .call(
+                MEMBER_A,
+                "PATCH",
+                &path,
+                Some(serde_json::json!({"public": true})),
+            )
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        let (status, body) = api.call(MEMBER_B, "GET", &path, None).await;
+        assert_eq!(
+            (status, body["metadata"]["public"].as_bool()),
+            (200, Some(true))
+        );
+        assert!(listed(api.call(MEMBER_B, "GET", "/1.0/images", None).await.1).contains(&path));
+        // b may launch from it (the apply check sees it), not delete it.
+        assert!(api.model().await.resolve_image_in("b", &fp).is_some());
+        assert_eq!(api.call(MEMBER_B, "DELETE", &path, None).await.0, 403);
+        // Export: the holder n1 never answers here, so the answer is an error, not a 404.
+        let (status, answer) = api
+            .call(MEMBER_B, "GET", &format!("{path}/export"), None)
+            .await;
+        assert_ne!(status, 404, "{answer}");
+        assert_ne!(status, 200, "{answer}");
+        api.cp.shutdown().await;
+    }
+
+    #[test]
+    fn patch_merges_and_removes() {
+        let img = Image {
+            properties: [
+                ("a".to_string(), "1".to_string()),
+                ("b".to_string(), "2".to_string()),
+            ]
+            .into(),
+            public: true,
+            ..Default::default()
+        };
+        let patch: ImagePatch =
+            serde_json::from_value(serde_json::json!({"properties": {"a": null, "c": "3"}}))
+                .unwrap();
+        let (props, public) = merge_patch(&img, &patch);
+        assert_eq!(
+            props,
+            [
+                ("b".to_string(), "2".to_string()),
+                ("c".to_string(), "3".to_string())
+            ]
+            .into()
+        );
+        assert!(public, "public stays unless given");
+        assert!(serde_json::from_value::<ImagePatch>(serde_json::json!({"aliases": []})).is_err());
+    }
+
+    #[test]
+    fn publish_sources() {
+        let src = |kind: &str, name: &str| api::ImageSource {
+            kind: kind.into(),
+            name: name.into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            publish_source(&src("instance", "web")).unwrap(),
+            PublishSource {
+                instance: "web".into(),
+                snapshot: String::new()
+            }
+        );
+        assert_eq!(
+            publish_source(&src("snapshot", "web/s1")).unwrap(),
+            PublishSource {
+                instance: "web".into(),
+                snapshot: "s1".into()
+            }
+        );
+        assert!(publish_source(&src("instance", "")).is_err());
+        assert!(publish_source(&src("snapshot", "web/")).is_err());
+        assert!(publish_source(&src("snapshot", "/s1")).is_err());
+    }
 }
