@@ -8,6 +8,7 @@
 //! - [`api`]: the REST API (one file per resource), auth, operations,
 //! - [`agents`]: gRPC clients to node agents,
 //! - [`reconcile`]: leader-only loops that drive agents towards the intended state,
+//! - [`schedule`]: scheduled snapshots and snapshot expiry (cron, run by the leader),
 //! - [`tls`]: the cluster CA and certificates.
 
 pub mod agents;
@@ -22,6 +23,7 @@ pub mod metrics;
 pub mod peer;
 pub mod raft;
 pub mod reconcile;
+pub mod schedule;
 pub mod scheduler;
 pub mod state;
 pub mod store;

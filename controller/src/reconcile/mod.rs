@@ -140,6 +140,7 @@ pub async fn run(state: Arc<AppState>) {
         dispatch(&state, &work);
         if ticked {
             check_liveness(&state).await;
+            crate::schedule::tick(&state).await;
             if last_slow_pass.elapsed() >= Duration::from_secs(30) {
                 last_slow_pass = Instant::now();
                 prune_operations(&state).await;
