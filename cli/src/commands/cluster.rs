@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal, Write};
+use std::time::Duration;
 
 use berth_proto::api::{
     Cluster, ClusterController, ClusterMemberPatch, ClusterMemberStatePost, ClusterNode,
@@ -379,10 +380,18 @@ async fn change_member_state(
             Some(body),
         )
         .await?;
-    let op = client.finish(resp).await?;
+    let op = match resp.kind {
+        berth_proto::api::ResponseType::Async => {
+            let id = crate::client::operation_of(&resp)?.id;
+            super::transfer::poll_until_done(client, &id, Duration::from_secs(30), |_| {}).await?
+        }
+        _ => client.finish(resp).await?,
+    };
+    // The results first, also when some failed: they say which ones and why.
     for line in member_state_results(&op.metadata) {
         say(&line);
     }
+    super::transfer::operation_result(op)?;
     Ok(())
 }
 
@@ -397,11 +406,17 @@ fn describe_result(v: &serde_json::Value) -> String {
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Object(_) => {
             let mut parts = Vec::new();
-            if let Some(r) = text(&["result", "status", "action", "outcome"]) {
+            let result = text(&["result", "status", "action", "outcome"]);
+            let went = matches!(result.as_deref(), Some("moved" | "returned"));
+            if let Some(r) = result {
                 parts.push(r);
             }
             if let Some(n) = text(&["node", "target", "location"]) {
-                parts.push(format!("to {n}"));
+                parts.push(if went {
+                    format!("to {n}")
+                } else {
+                    format!("on {n}")
+                });
             }
             if let Some(e) = text(&["error", "err", "message"]) {
                 parts.push(format!("({e})"));
@@ -434,7 +449,11 @@ pub fn member_state_results(meta: &serde_json::Value) -> Vec<String> {
             .map(|item| {
                 let name = ["name", "instance"]
                     .iter()
-                    .find_map(|k| item.get(*k).and_then(|x| x.as_str()));
+                    .find_map(|k| item.get(*k).and_then(|x| x.as_str()))
+                    .map(|n| match item.get("project").and_then(|p| p.as_str()) {
+                        Some(p) if !p.is_empty() && p != "default" => format!("{n} (project {p})"),
+                        _ => n.to_string(),
+                    });
                 match name {
                     Some(n) => format!("{n}: {}", describe_result(item)),
                     None => describe_result(item),
@@ -726,26 +745,27 @@ Nodes:
 
     #[test]
     fn evacuation_results() {
-        let map = serde_json::json!({"instances": {
-            "web1": {"result": "moved", "node": "node2"},
-            "db": {"result": "failed", "error": "node3 is offline"},
-            "batch": "stopped"
-        }});
+        // The server's shape (controller/src/api/evacuate.rs, EvacuationMetadata).
+        let meta = serde_json::json!({"node": "node1", "action": "evacuate", "mode": "move",
+            "instances": [
+                {"instance": "web1", "project": "default", "result": "moved", "node": "node2", "error": ""},
+                {"instance": "db", "project": "a", "result": "failed", "node": "node1",
+                 "error": "node3 is offline"},
+                {"instance": "batch", "project": "default", "result": "stopped", "node": "node1", "error": ""}
+        ]});
         assert_eq!(
-            member_state_results(&map),
+            member_state_results(&meta),
             [
-                "batch: stopped",
-                "db: failed (node3 is offline)",
-                "web1: moved to node2"
+                "web1: moved to node2",
+                "db (project a): failed on node1 (node3 is offline)",
+                "batch: stopped on node1"
             ]
         );
-        let list = serde_json::json!([
-            {"instance": "web1", "status": "moved", "target": "node2"},
-            {"name": "db", "action": "stopped"}
-        ]);
+        let map =
+            serde_json::json!({"web1": "moved", "db": {"status": "returned", "target": "n1"}});
         assert_eq!(
-            member_state_results(&list),
-            ["web1: moved to node2", "db: stopped"]
+            member_state_results(&map),
+            ["db: returned to n1", "web1: moved"]
         );
         assert!(member_state_results(&serde_json::Value::Null).is_empty());
     }

@@ -168,22 +168,32 @@ pub async fn move_instance(ctx: &Ctx, args: MoveArgs) -> anyhow::Result<i32> {
         .as_deref()
         .map(str::trim)
         .filter(|t| !t.is_empty());
-    let body = InstancePost {
-        name: new.to_string(),
-        migration: target.is_some(),
-        live: target.is_some(),
-    };
     if target.is_none() && new == inst {
         anyhow::bail!("\"{inst}\" already has that name: give a new name or --target NODE");
     }
-    let path = target_path(&instance_path(inst), target);
-    let resp = client.call(Method::POST, &path, Some(&body)).await?;
-    let op = wait_transfer(&client, resp, Progress::new(args.quiet || target.is_none())).await?;
-    if target.is_some() {
+    if let Some(node) = target {
+        // A move keeps the name; a new name is a rename once it has moved.
+        let body = InstancePost {
+            name: inst.to_string(),
+            migration: true,
+            live: true,
+        };
+        let path = target_path(&instance_path(inst), Some(node));
+        let resp = client.call(Method::POST, &path, Some(&body)).await?;
+        let op = wait_transfer(&client, resp, Progress::new(args.quiet)).await?;
         let meta: TransferMetadata = serde_json::from_value(op.metadata).unwrap_or_default();
         for line in move_summary(&meta) {
             say(&line);
         }
+    }
+    if new != inst {
+        let body = InstancePost {
+            name: new.to_string(),
+            ..Default::default()
+        };
+        client
+            .run(Method::POST, &instance_path(inst), Some(&body))
+            .await?;
     }
     Ok(0)
 }
@@ -321,33 +331,50 @@ async fn poll(
     id: &str,
     progress: &mut Progress,
 ) -> Result<Operation, ClientError> {
+    let op = poll_until_done(client, id, POLL, |meta| {
+        if let Ok(meta) = serde_json::from_value::<TransferMetadata>(meta.clone()) {
+            progress.update(&meta);
+        }
+    })
+    .await?;
+    operation_result(op)
+}
+
+/// The final operation as a result: `Failure` and `Cancelled` become their sentence.
+pub fn operation_result(op: Operation) -> Result<Operation, ClientError> {
+    match op.status {
+        OperationStatus::Failure => Err(ClientError::OperationFailed(if op.err.is_empty() {
+            format!("operation {} failed", op.id)
+        } else {
+            op.err
+        })),
+        OperationStatus::Cancelled => Err(ClientError::OperationFailed(format!(
+            "operation {} was cancelled",
+            op.id
+        ))),
+        _ => Ok(op),
+    }
+}
+
+/// Polls operation `id` (each poll waits up to `every` for it to end) until it reaches a
+/// final status, and returns it whatever that status is (its metadata may say what failed);
+/// `running` sees the metadata of each poll that found it still running.
+pub async fn poll_until_done(
+    client: &Client,
+    id: &str,
+    every: Duration,
+    mut running: impl FnMut(&serde_json::Value),
+) -> Result<Operation, ClientError> {
     let path = format!(
         "/1.0/operations/{}/wait?timeout={}",
         encode_query(id),
-        POLL.as_secs()
+        every.as_secs().max(1)
     );
     loop {
         let op: Operation = client.get(&path).await?;
         match op.status {
-            OperationStatus::Success => return Ok(op),
-            OperationStatus::Failure => {
-                return Err(ClientError::OperationFailed(if op.err.is_empty() {
-                    format!("operation {} failed", op.id)
-                } else {
-                    op.err
-                }));
-            }
-            OperationStatus::Cancelled => {
-                return Err(ClientError::OperationFailed(format!(
-                    "operation {} was cancelled",
-                    op.id
-                )));
-            }
-            OperationStatus::Pending | OperationStatus::Running => {
-                if let Ok(meta) = serde_json::from_value::<TransferMetadata>(op.metadata) {
-                    progress.update(&meta);
-                }
-            }
+            OperationStatus::Pending | OperationStatus::Running => running(&op.metadata),
+            _ => return Ok(op),
         }
     }
 }
