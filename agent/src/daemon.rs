@@ -48,6 +48,8 @@ pub enum StartError {
         "{0} must be searchable by everyone (chmod o+x): unprivileged instances reach their root filesystem through it"
     )]
     NotTraversable(PathBuf),
+    #[error("transfers: {0}")]
+    Transfers(crate::transfer::TransferError),
     #[error("grpc server: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -55,6 +57,8 @@ pub enum StartError {
 /// Everything the agent runs on, set up from the config.
 pub struct Node {
     pub cfg: Config,
+    /// The btrfs pool root (None on the dir driver, which cannot send or receive transfers).
+    pub pool_root: Option<PathBuf>,
     /// This agent's lock (one agent per cgroup tag on a host), held while the node lives.
     pub lock: AgentLock,
     pub storage: Arc<dyn StorageDriver>,
@@ -73,6 +77,7 @@ pub fn prepare(cfg: Config) -> Result<Node, StartError> {
         source,
     })?;
     check_traversable(&cfg.state_dir)?;
+    let mut pool_root = None;
     let storage: Arc<dyn StorageDriver> = match cfg.storage.driver {
         StorageDriverKind::Btrfs => {
             let source = match &cfg.storage.source {
@@ -83,10 +88,12 @@ pub fn prepare(cfg: Config) -> Result<Node, StartError> {
                 Some(p) if p.starts_with("/dev/") => BtrfsSource::Device(p.clone()),
                 Some(p) => BtrfsSource::Directory(p.clone()),
             };
-            Arc::new(BtrfsDriver::open(BtrfsConfig {
+            let driver = BtrfsDriver::open(BtrfsConfig {
                 source,
                 mount_point: cfg.storage.mount.clone(),
-            })?)
+            })?;
+            pool_root = Some(driver.root().to_path_buf());
+            Arc::new(driver)
         }
         StorageDriverKind::Dir => Arc::new(DirDriver::open(
             cfg.storage
@@ -117,6 +124,7 @@ pub fn prepare(cfg: Config) -> Result<Node, StartError> {
     let engine = Arc::new(Engine::new(engine_cfg, storage.clone(), network.clone())?);
     Ok(Node {
         cfg,
+        pool_root,
         lock,
         storage,
         network,
@@ -191,15 +199,39 @@ pub async fn run(cfg: Config, token: Option<String>) -> Result<(), StartError> {
         node.storage.clone(),
         node.cfg.debian_mirror.clone(),
     );
+    if let Some(root) = &node.pool_root {
+        let setup = crate::transfer::TransferSetup {
+            node: node.cfg.name.clone(),
+            pool_root: root.clone(),
+            image_records: node.cfg.state_dir.join("images"),
+            storage: node.storage.clone(),
+            identity: Some(identity.clone()),
+        };
+        let transfers = service.transfers.clone();
+        tokio::task::spawn_blocking(move || transfers.configure(setup))
+            .await
+            .map_err(|e| StartError::Io {
+                path: root.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+            .map_err(StartError::Transfers)?;
+    }
+    let transfer_service = crate::transfer::TransferService::new(service.transfers.clone());
     info!(node = %node.cfg.name, listen = %node.cfg.listen, "berth-agent is serving");
     tonic::transport::Server::builder()
         .trace_fn(berth_proto::telemetry::grpc_server_span)
+        .initial_stream_window_size(Some(crate::transfer::WINDOW))
+        .initial_connection_window_size(Some(2 * crate::transfer::WINDOW))
         .tls_config(identity.server_tls())?
         .add_service(tonic::service::interceptor::InterceptedService::new(
             AgentServer::new(service)
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
             crate::tls::require_controller,
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            transfer_service.server(),
+            crate::tls::require_peer_agent,
         ))
         .serve_with_shutdown(node.cfg.listen, shutdown_signal())
         .await?;

@@ -301,6 +301,40 @@ pub fn is_controller_cert(der: &CertificateDer<'_>) -> bool {
     cert.verify_is_valid_for_subject_name(&name).is_ok()
 }
 
+/// The DNS name an agent's certificate carries (the controller issues it at join).
+pub fn agent_tls_name(node: &str) -> String {
+    format!("{node}.agent.berth")
+}
+
+/// Whether a certificate (already verified against the cluster CA) is the agent certificate
+/// of `node`.
+pub fn is_agent_cert_for(der: &CertificateDer<'_>, node: &str) -> bool {
+    let Ok(cert) = webpki::EndEntityCert::try_from(der) else {
+        return false;
+    };
+    let Ok(name) = ServerName::try_from(agent_tls_name(node)) else {
+        return false;
+    };
+    cert.verify_is_valid_for_subject_name(&name).is_ok()
+}
+
+/// Refuses calls to the agent-to-agent `Transfer` service without a client certificate or
+/// with a controller's: only peer agents call it (which one is checked against the transfer's
+/// ticket).
+#[allow(clippy::result_large_err)]
+pub fn require_peer_agent(req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    let leaf = req
+        .peer_certs()
+        .and_then(|c| c.first().cloned())
+        .ok_or_else(|| tonic::Status::unauthenticated("a client certificate is required"))?;
+    if is_controller_cert(&leaf) {
+        return Err(tonic::Status::permission_denied(
+            "only peer agents may send transfers",
+        ));
+    }
+    Ok(req)
+}
+
 #[cfg(test)]
 mod tests {
     use base64::Engine as _;
@@ -326,6 +360,9 @@ mod tests {
         assert!(is_controller_cert(&ctl));
         assert!(!is_controller_cert(&agent));
         assert!(!is_controller_cert(&CertificateDer::from(vec![1, 2, 3])));
+        assert!(is_agent_cert_for(&agent, "node1"));
+        assert!(!is_agent_cert_for(&agent, "node2"));
+        assert!(!is_agent_cert_for(&ctl, "node1"));
     }
 
     #[test]

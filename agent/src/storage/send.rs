@@ -264,9 +264,9 @@ impl SubvolRenamer {
             }
             let ty = u16::from_le_bytes([body[i], body[i + 1]]);
             let alen = u16::from_le_bytes([body[i + 2], body[i + 3]]) as usize;
-            let value = body
-                .get(i + 4..i + 4 + alen)
-                .ok_or(StreamError::Malformed("attribute past the command"))?;
+            if body.len() < i + 4 + alen {
+                return Err(StreamError::Malformed("attribute past the command"));
+            }
             if ty == ATTR_PATH && !renamed {
                 let n = u16::try_from(self.name.len())
                     .map_err(|_| StreamError::Malformed("name too long"))?;
