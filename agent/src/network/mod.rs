@@ -4,6 +4,13 @@
 //!
 //! Addresses come from the controller's allocation; this module only configures what it is given
 //! (apart from the bridge's own subnet, picked once per host when not configured).
+//!
+//! An instance whose address lies outside the bridge's subnet (it moved here from another node
+//! and kept its address, MAC and gateway) is *routed* instead of bridged: its host veth is not a
+//! bridge port; a /32 route points at it, proxy ARP on it answers the guest's ARP for its old
+//! gateway (and any other address), and a per-instance nftables table `inet berthrt_<host veth>`
+//! masquerades its outbound traffic. See [`Wiring`].
+//!
 //! Everything shells out to `ip` (iproute2) and `nft`, as LXD does; every call blocks.
 
 mod guest;
@@ -61,7 +68,21 @@ impl Default for NetworkConfig {
     }
 }
 
-/// A veth pair: `host` is a port of the bridge, `peer` goes into the instance.
+/// Interface group of the host veths of routed instances (`bert` in ASCII). The node's NAT
+/// leaves traffic towards them alone, so bridged instances keep their source address.
+pub const ROUTED_IFGROUP: u32 = 0x6265_7274;
+
+/// How an instance's host veth is wired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wiring {
+    /// A port of the bridge: the instance's address is in the bridge's subnet, or it has none.
+    Bridged,
+    /// Not a bridge port: the address (outside the bridge's subnet) is routed as a /32 to the host
+    /// veth, which has proxy ARP on and belongs to [`ROUTED_IFGROUP`].
+    Routed(Ipv4Addr),
+}
+
+/// A veth pair: `host` is a port of the bridge (or routed), `peer` goes into the instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VethPair {
     pub host: String,
@@ -76,6 +97,8 @@ pub struct Network {
     gateway: Ipv4Addr,
     prefix: u8,
     nft_table: String,
+    /// Outbound NAT on (routed instances get it too).
+    nat: bool,
 }
 
 impl Network {
@@ -117,6 +140,7 @@ impl Network {
             bridge: cfg.bridge,
             gateway,
             prefix,
+            nat: cfg.nat,
         };
         net.install_nft(cfg.nat)?;
         tracing::info!(bridge = %net.bridge, cidr = %cidr, nat = cfg.nat, "host network ready");
@@ -202,6 +226,81 @@ impl Network {
         Ok(pair)
     }
 
+    /// How an instance with address `ipv4_cidr` (`a.b.c.d/len`, or empty for none) is wired
+    /// here: [`Wiring::Routed`] when the address lies outside the bridge's subnet.
+    pub fn wiring_for(&self, ipv4_cidr: &str) -> Result<Wiring, NetworkError> {
+        if ipv4_cidr.trim().is_empty() {
+            return Ok(Wiring::Bridged);
+        }
+        let (addr, _) = parse_cidr(ipv4_cidr)?;
+        Ok(routed_or_bridged(self.subnet(), addr))
+    }
+
+    /// Creates the veth pair of an instance wired as [`Network::wiring_for`] decides:
+    /// [`Network::create_veth`] for a bridged one, [`Network::create_routed_veth`] for a routed
+    /// one.
+    pub fn wire_veth(
+        &self,
+        instance: &str,
+        hwaddr: &str,
+        ipv4_cidr: &str,
+    ) -> Result<(VethPair, Wiring), NetworkError> {
+        let wiring = self.wiring_for(ipv4_cidr)?;
+        let pair = match wiring {
+            Wiring::Bridged => self.create_veth(instance, hwaddr)?,
+            Wiring::Routed(addr) => self.create_routed_veth(instance, hwaddr, addr)?,
+        };
+        Ok((pair, wiring))
+    }
+
+    /// Creates the veth pair of an instance whose address `addr` lies outside the bridge's
+    /// subnet (replacing a stale pair): the host end is not a bridge port but joins
+    /// [`ROUTED_IFGROUP`], gets proxy ARP (without delay) and forwarding, is up, and carries the
+    /// route `addr/32`; the table `inet berthrt_<host>` accepts its forwarded traffic and, with
+    /// NAT on, masquerades what it sends out of the node. [`Network::delete_veth`] undoes it all.
+    pub fn create_routed_veth(
+        &self,
+        instance: &str,
+        hwaddr: &str,
+        addr: Ipv4Addr,
+    ) -> Result<VethPair, NetworkError> {
+        let pair = VethPair {
+            host: Self::host_veth_name(instance),
+            peer: Self::peer_veth_name(instance),
+        };
+        self.delete_veth(&pair.host)?;
+        if link_exists(&pair.peer)? {
+            ip(&["link", "del", &pair.peer])?;
+        }
+        ip(&[
+            "link", "add", "name", &pair.host, "type", "veth", "peer", "name", &pair.peer,
+        ])?;
+        let host = pair.host.as_str();
+        let rest = (|| {
+            if !hwaddr.is_empty() {
+                check_hwaddr(hwaddr)?;
+                ip(&["link", "set", &pair.peer, "address", hwaddr])?;
+            }
+            ip(&["link", "set", host, "group", &ROUTED_IFGROUP.to_string()])?;
+            write_sysctl(&format!("/proc/sys/net/ipv4/conf/{host}/forwarding"), "1")?;
+            write_sysctl(&format!("/proc/sys/net/ipv4/conf/{host}/proxy_arp"), "1")?;
+            // Answer at once rather than after a random delay of up to 0.8 s.
+            write_sysctl(&format!("/proc/sys/net/ipv4/neigh/{host}/proxy_delay"), "0")?;
+            ip(&["link", "set", host, "up"])?;
+            ip(&["route", "replace", &format!("{addr}/32"), "dev", host])?;
+            let script =
+                routed_nft_script(&routed_nft_table(host), host, &self.bridge, addr, self.nat);
+            run_with_stdin(Command::new("nft").args(["-f", "-"]), &script).map(drop)
+        })();
+        if let Err(e) = rest {
+            let _ = self.delete_veth(host);
+            return Err(e);
+        }
+        tracing::info!(instance, host, address = %addr, bridge = %self.bridge,
+            "created routed veth pair (address outside the bridge subnet)");
+        Ok(pair)
+    }
+
     /// Moves `peer` into the network namespace of `pid`, renames it `eth0`, sets its MAC (when
     /// given), address and state, brings `lo` up and adds the default route via the gateway.
     /// An empty `net.ipv4_cidr` only moves and renames the interface and brings it up.
@@ -246,7 +345,9 @@ impl Network {
         Ok(())
     }
 
-    /// Deletes an instance's veth pair by its host-side name; succeeds when it is already gone.
+    /// Deletes an instance's veth pair by its host-side name, with what routed it (its /32
+    /// route goes with the link; the table `inet berthrt_<host>` is deleted); succeeds when
+    /// it is already gone.
     pub fn delete_veth(&self, host_name: &str) -> Result<(), NetworkError> {
         check_ifname(host_name)?;
         if link_exists(host_name)? {
@@ -257,7 +358,23 @@ impl Network {
                 Err(e) => return Err(e),
             }
         }
+        let table = routed_nft_table(host_name);
+        if nft_table_exists(&table)? {
+            match run_with_stdin(
+                Command::new("nft").args(["-f", "-"]),
+                &format!("delete table inet {table}\n"),
+            ) {
+                Ok(_) => {}
+                Err(_) if !nft_table_exists(&table)? => {}
+                Err(e) => return Err(e),
+            }
+        }
         Ok(())
+    }
+
+    /// The nftables table (family `inet`) of a routed instance's host veth.
+    pub fn routed_nft_table(host_name: &str) -> String {
+        routed_nft_table(host_name)
     }
 
     /// Removes the bridge and the nftables table (for tests and decommissioning).
@@ -314,6 +431,58 @@ fn nft_table_name(bridge: &str) -> String {
     }
 }
 
+/// [`Wiring::Routed`] for an address outside `subnet`, else [`Wiring::Bridged`].
+fn routed_or_bridged(subnet: Ipv4Net, addr: Ipv4Addr) -> Wiring {
+    if subnet.overlaps(&Ipv4Net::new(addr, 32)) {
+        Wiring::Bridged
+    } else {
+        Wiring::Routed(addr)
+    }
+}
+
+/// The nftables table name of a routed instance's host veth (never a bridge table's name,
+/// which is `berth` or starts with `berth_`).
+fn routed_nft_table(host: &str) -> String {
+    format!(
+        "berthrt_{}",
+        host.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+    )
+}
+
+/// The nftables script that (re)defines a routed instance's table atomically: accept what it
+/// forwards (and the replies), and with `nat` masquerade what it sends out of the node (not
+/// towards the bridge or another routed instance).
+fn routed_nft_script(table: &str, host: &str, bridge: &str, addr: Ipv4Addr, nat: bool) -> String {
+    let mut s = format!(
+        "table inet {table}\n\
+         flush table inet {table}\n\
+         table inet {table} {{\n\
+         \tchain forward {{\n\
+         \t\ttype filter hook forward priority filter; policy accept;\n\
+         \t\tiifname \"{host}\" accept\n\
+         \t\toifname \"{host}\" ct state established,related accept\n\
+         \t}}\n"
+    );
+    if nat {
+        s.push_str(&format!(
+            "\tchain postrouting {{\n\
+             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+             \t\tip saddr {addr} oifname != \"{bridge}\" oifgroup != {ROUTED_IFGROUP} masquerade\n\
+             \t}}\n"
+        ));
+    }
+    s.push_str("}\n");
+    s
+}
+
+/// Writes a sysctl under /proc/sys (of this process's network namespace).
+fn write_sysctl(path: &str, value: &str) -> Result<(), NetworkError> {
+    std::fs::write(path, value).map_err(|source| NetworkError::Io {
+        path: PathBuf::from(path),
+        source,
+    })
+}
+
 /// The nftables script that (re)defines the table atomically.
 fn nft_script(table: &str, bridge: &str, subnet: Ipv4Net, nat: bool) -> String {
     let mut s = format!(
@@ -330,6 +499,7 @@ fn nft_script(table: &str, bridge: &str, subnet: Ipv4Net, nat: bool) -> String {
         s.push_str(&format!(
             "\tchain postrouting {{\n\
              \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+             \t\toifgroup {ROUTED_IFGROUP} accept\n\
              \t\tip saddr {subnet} ip daddr != {subnet} oifname != \"{bridge}\" masquerade\n\
              \t}}\n"
         ));
@@ -353,6 +523,7 @@ fn netns_batch(
     }
     b.push_str("link set eth0 up\n");
     if !net.ipv4_cidr.is_empty() {
+        let (addr, prefix) = parse_cidr(&net.ipv4_cidr)?;
         let gw = if net.gateway.is_empty() {
             default_gw
         } else {
@@ -363,7 +534,14 @@ fn netns_batch(
                     value: net.gateway.clone(),
                 })?
         };
-        b.push_str(&format!("route replace default via {gw} dev eth0\n"));
+        // A routed instance without a gateway of its own gets the node's bridge address, which
+        // is off its subnet: the route says it is on the link (the host answers its ARP).
+        let onlink =
+            net.gateway.is_empty() && !Ipv4Net::new(addr, prefix).overlaps(&Ipv4Net::new(gw, 32));
+        let onlink = if onlink { " onlink" } else { "" };
+        b.push_str(&format!(
+            "route replace default via {gw} dev eth0{onlink}\n"
+        ));
     }
     Ok(b)
 }
@@ -649,6 +827,13 @@ mod tests {
             ..net
         };
         assert!(netns_batch("vp1", &bad, "10.9.8.1".parse().unwrap()).is_err());
+        // No gateway given, and the node's is off the instance's subnet (a moved instance).
+        let moved = berth_proto::v1::NetworkSpec {
+            ipv4_cidr: "10.100.1.20/24".into(),
+            ..bad.clone()
+        };
+        let b = netns_batch("vp1", &moved, "10.100.2.1".parse().unwrap()).unwrap();
+        assert!(b.ends_with("route replace default via 10.100.2.1 dev eth0 onlink\n"));
         assert!(parse_cidr("10.0.0.1/33").is_err());
         assert!(check_ifname("eth0 up").is_err());
         assert!(check_ifname("berthtest0").is_ok());
@@ -683,5 +868,61 @@ mod tests {
         );
         assert_eq!(nft_table_name("berthbr0"), "berth");
         assert_eq!(nft_table_name("berthtest0"), "berth_berthtest0");
+    }
+
+    #[test]
+    fn routed_or_bridged_by_subnet() {
+        let subnet = Ipv4Net::new("10.100.2.0".parse().unwrap(), 24);
+        assert_eq!(
+            routed_or_bridged(subnet, "10.100.2.20".parse().unwrap()),
+            Wiring::Bridged
+        );
+        assert_eq!(
+            routed_or_bridged(subnet, "10.100.1.20".parse().unwrap()),
+            Wiring::Routed("10.100.1.20".parse().unwrap())
+        );
+        assert_eq!(
+            routed_or_bridged(subnet, "10.100.3.0".parse().unwrap()),
+            Wiring::Routed("10.100.3.0".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn routed_nft() {
+        let host = Network::host_veth_name("web1");
+        let table = routed_nft_table(&host);
+        assert_eq!(table, format!("berthrt_{host}"));
+        assert!(!table.starts_with("berth_") && table != "berth");
+        let s = routed_nft_script(
+            &table,
+            &host,
+            "berthbr0",
+            "10.100.1.20".parse().unwrap(),
+            true,
+        );
+        assert!(s.starts_with(&format!("table inet {table}\nflush table inet {table}\n")));
+        assert!(s.contains(&format!("iifname \"{host}\" accept")));
+        assert!(s.contains(&format!(
+            "ip saddr 10.100.1.20 oifname != \"berthbr0\" oifgroup != {ROUTED_IFGROUP} masquerade"
+        )));
+        let no_nat = routed_nft_script(
+            &table,
+            &host,
+            "berthbr0",
+            "10.100.1.20".parse().unwrap(),
+            false,
+        );
+        assert!(!no_nat.contains("masquerade"));
+        // The node's NAT leaves traffic towards routed instances alone, before masquerading.
+        let main = nft_script(
+            "berth",
+            "berthbr0",
+            Ipv4Net::new("10.1.2.0".parse().unwrap(), 24),
+            true,
+        );
+        let keep = main
+            .find(&format!("oifgroup {ROUTED_IFGROUP} accept"))
+            .unwrap();
+        assert!(keep < main.find("masquerade").unwrap());
     }
 }

@@ -311,7 +311,8 @@ fn boot_inner<'a>(
     }
     td.staging = Some(staging.clone());
 
-    // Network: a veth pair when the instance has an address and the host bridge is set up.
+    // Network: a veth pair when the instance has an address and the host bridge is set up;
+    // bridged, or routed when the address is outside the bridge's subnet.
     let net_spec = berth_proto::v1::NetworkSpec {
         ipv4_cidr: rec.network.ipv4_cidr.clone(),
         gateway: rec.network.gateway.clone(),
@@ -330,7 +331,12 @@ fn boot_inner<'a>(
             },
             &cfg.state_dir,
         )?;
-        let pair = net.create_veth(name, &rec.network.hwaddr)?;
+        // An address outside the bridge's subnet (the instance moved here and kept it) is
+        // routed to the host veth instead of bridged; `delete_veth` undoes either.
+        let (pair, wiring) = net.wire_veth(name, &rec.network.hwaddr, &rec.network.ipv4_cidr)?;
+        if let crate::network::Wiring::Routed(addr) = wiring {
+            tracing::info!(instance = name, address = %addr, bridge = %b.name, "instance address is outside the bridge subnet: routed");
+        }
         peer = Some(pair.peer.clone());
         td.veth = Some((net, pair.host));
     }
