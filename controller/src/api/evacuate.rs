@@ -5,7 +5,8 @@
 //! nothing there), then walks its instances, at most [`PARALLEL`] at a time: each gets an
 //! evacuation mark (`Instance.evacuated_from`: node, mode, whether it was running), then moves
 //! to a node the scheduler picks (a running one live) or, in mode `stop`, stops. The answer is
-//! one operation (a task of this controller) that ends when all are done, with one
+//! one operation (a task of this controller; a restart of it fails the operation, and
+//! evacuating again resumes) that ends when all are done, with one
 //! [`EvacuationResult`] per instance in its metadata. Evacuating again continues where a
 //! partial evacuation stopped: marks already made are kept.
 //!
@@ -20,9 +21,9 @@ use axum::response::Response;
 use berth_proto::api::{ClusterMemberStatePost, InstanceStatusCode, OperationStatus};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
-use super::operations::{new_operation_in, run_task};
+use super::operations::{accepted, finish, new_operation_in};
 use super::transfers::{request_move, wait_for_operation};
 use super::{ApiError, JsonBody, Scope, SharedState};
 use crate::clock;
@@ -160,28 +161,41 @@ pub async fn post_state(
         mode: mode.to_string(),
         instances: Vec::new(),
     };
+    // A task of this controller (as `run_task`, but the metadata is kept when it fails).
+    state
+        .cp
+        .write(Command::PutOperation {
+            operation: op.clone(),
+        })
+        .await?;
+    let answer = accepted(&op);
     let st = state.clone();
-    let op_id = op.id.clone();
-    run_task(&state, op, async move {
-        let results = run(&st, &scope, &name, req, &op_id, meta.clone()).await;
-        let failed = results.iter().filter(|r| r.result == "failed").count();
-        let meta = EvacuationMetadata {
-            instances: results,
-            ..meta
-        };
-        if failed > 0 {
-            // The operation fails; its sentence counts the failures, the metadata is kept by
-            // writing it first.
-            publish(&st, &op_id, &meta).await;
-            return Err(ApiError::conflict(format!(
-                "{failed} of {} instances could not be {}; run it again to retry them",
-                meta.instances.len(),
-                if evacuated { "evacuated" } else { "restored" }
-            )));
+    let span = info_span!("operation", op = %op.id, node = %name, what = %op.description);
+    tokio::spawn(
+        async move {
+            let results = run(&st, &scope, &name, req, &op.id, meta.clone()).await;
+            let failed = results.iter().filter(|r| r.result == "failed").count();
+            let total = results.len();
+            let meta = EvacuationMetadata {
+                instances: results,
+                ..meta
+            };
+            let mut op = op;
+            op.metadata = serde_json::to_value(&meta).unwrap_or_default();
+            let result = if failed > 0 {
+                Err(ApiError::conflict(format!(
+                    "{failed} of {total} instances could not be {}; run it again to retry them",
+                    if evacuated { "evacuated" } else { "restored" }
+                )))
+            } else {
+                Ok(op.metadata.clone())
+            };
+            info!(total, failed, "cluster member state change done");
+            finish(&st, op, result).await;
         }
-        serde_json::to_value(&meta).map_err(|e| ApiError::internal(e.to_string()))
-    })
-    .await
+        .instrument(span),
+    );
+    Ok(answer)
 }
 
 /// Writes the running operation's metadata (best effort).

@@ -519,3 +519,462 @@ pub async fn wait_for_operation(state: &SharedState, id: &str) -> Result<Operati
         }
     }
 }
+
+/// Test helpers shared with the evacuation tests.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) mod testsupport {
+    use std::time::Duration;
+
+    use berth_proto::api::{InstanceStatusCode, Operation};
+
+    use crate::api::key_hash;
+    use crate::api::projects::testkit::Api;
+    use crate::clock;
+    use crate::state::{
+        Action, Command, Image, JoinKind, JoinTokenRecord, Node, NodeStatus, Observed,
+        PendingAction,
+    };
+
+    /// Joins node `name` (4 CPUs, 8 GiB) with subnet `10.87.<n>.1/24` and gives it image `img`.
+    pub async fn add_node(api: &Api, name: &str, n: u8) {
+        let secret = format!("token-{name}");
+        api.cp
+            .write(Command::AddJoinToken {
+                hash: key_hash(&secret),
+                record: JoinTokenRecord {
+                    node_name: name.into(),
+                    kind: JoinKind::Node,
+                    created_at: clock::now(),
+                    expires_at: clock::after(Duration::from_secs(60)),
+                },
+            })
+            .await
+            .unwrap();
+        api.cp
+            .write(Command::JoinNode {
+                token_hash: key_hash(&secret),
+                node: Node {
+                    name: name.into(),
+                    address: format!("10.0.0.{n}:8445"),
+                    ipv4_cidr: format!("10.87.{n}.1/24"),
+                    cpus: 4,
+                    memory_bytes: 8 << 30,
+                    ..Default::default()
+                },
+                now: clock::now(),
+            })
+            .await
+            .unwrap();
+        api.cp
+            .write(Command::PutImage {
+                image: Image {
+                    fingerprint: "img".into(),
+                    locations: [name.to_string()].into(),
+                    ..Default::default()
+                },
+            })
+            .await
+            .unwrap();
+    }
+
+    pub async fn set_offline(api: &Api, node: &str) {
+        api.cp
+            .write(Command::SetNodeStatus {
+                name: node.into(),
+                status: NodeStatus::Offline,
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Records that instance `key` (a state key) was seen with `status`.
+    pub async fn observe(api: &Api, key: &str, status: InstanceStatusCode) {
+        let based_on = api.model().await.instances[key].observed.updated_at.clone();
+        api.cp
+            .write(Command::ObserveInstance {
+                name: key.into(),
+                observed: Observed {
+                    status,
+                    pid: 1,
+                    updated_at: clock::now(),
+                    error: String::new(),
+                },
+                based_on,
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Gives instance `key` a recorded snapshot `snap` (as a finished snapshot action does).
+    pub async fn add_snapshot(api: &Api, key: &str, snap: &str) {
+        let op = format!("snap-{key}-{snap}");
+        api.cp
+            .write(Command::SetInstanceAction {
+                name: key.into(),
+                pending: PendingAction {
+                    op: op.clone(),
+                    action: Action::Snapshot {
+                        name: snap.into(),
+                        expires_at: String::new(),
+                        scheduled: false,
+                        due: String::new(),
+                    },
+                    since: clock::now(),
+                },
+                desired: None,
+                operation: Operation {
+                    id: op.clone(),
+                    ..Default::default()
+                },
+                now: clock::now(),
+            })
+            .await
+            .unwrap();
+        api.cp
+            .write(Command::FinishAction {
+                name: key.into(),
+                op,
+                observed: None,
+                error: String::new(),
+                now: clock::now(),
+            })
+            .await
+            .unwrap();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use berth_proto::api::InstanceStatusCode;
+    use serde_json::json;
+
+    use super::testsupport::*;
+    use super::*;
+    use crate::api::projects::testkit::*;
+
+    #[test]
+    fn copy_sources_parse() {
+        assert_eq!(
+            parse_copy_source("web").unwrap(),
+            ("web".to_string(), String::new())
+        );
+        assert_eq!(
+            parse_copy_source("web/snap0").unwrap(),
+            ("web".to_string(), "snap0".to_string())
+        );
+        for bad in ["", "/snap0", "web/", "a_b", "web/a/b"] {
+            assert!(parse_copy_source(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn copies_leave_volatile_keys_behind() {
+        let source = BTreeMap::from([
+            ("limits.cpu".to_string(), "2".to_string()),
+            (
+                "volatile.eth0.hwaddr".to_string(),
+                "00:16:3e:00:00:01".to_string(),
+            ),
+            ("user.a".to_string(), "1".to_string()),
+        ]);
+        let overrides = BTreeMap::from([
+            ("user.a".to_string(), "2".to_string()),
+            ("volatile.x".to_string(), "y".to_string()),
+        ]);
+        let c = copy_config(&source, &overrides);
+        assert_eq!(
+            c,
+            BTreeMap::from([
+                ("limits.cpu".to_string(), "2".to_string()),
+                ("user.a".to_string(), "2".to_string()),
+            ])
+        );
+    }
+
+    async fn two_nodes() -> Api {
+        let api = Api::start().await;
+        api.add_node_and_image().await;
+        add_node(&api, "n2", 2).await;
+        api.add_instance("a", "web", &[("user.x", "1"), ("volatile.last", "z")])
+            .await;
+        api
+    }
+
+    fn copy_body(name: &str, source: &str) -> serde_json::Value {
+        json!({"name": name, "source": {"type": "copy", "source": source}})
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn copy_is_checked_before_it_is_accepted() {
+        let api = two_nodes().await;
+        api.add_instance("a", "db", &[]).await;
+        let cases = [
+            (copy_body("db", "web"), "", 409, "already exists"),
+            (copy_body("c1", "nope"), "", 404, "not found"),
+            (copy_body("c1", "web/snapx"), "", 404, "no snapshot"),
+            (copy_body("c1", "web"), "?target=n9", 400, "n9"),
+            (copy_body("web", "web"), "", 400, "onto itself"),
+            (
+                json!({"name": "c1", "source": {"type": "copy", "source": "web", "refresh": true}}),
+                "",
+                404,
+                "refresh",
+            ),
+        ];
+        for (body, query, status, text) in cases {
+            let (s, answer) = api
+                .call(
+                    MEMBER_A,
+                    "POST",
+                    &format!("/1.0/instances{query}"),
+                    Some(body.clone()),
+                )
+                .await;
+            assert_eq!(s, status, "{body}: {answer}");
+            assert!(answer.to_string().contains(text), "{body}: {answer}");
+        }
+        // Project b does not see project a's instance; a viewer writes nothing.
+        let (s, _) = api
+            .call(
+                MEMBER_B,
+                "POST",
+                "/1.0/instances",
+                Some(copy_body("c1", "web")),
+            )
+            .await;
+        assert_eq!(s, 404);
+        let (s, _) = api
+            .call(
+                VIEWER_A,
+                "POST",
+                "/1.0/instances",
+                Some(copy_body("c1", "web")),
+            )
+            .await;
+        assert_eq!(s, 403);
+        // A running target cannot be refreshed.
+        observe(&api, "a_db", InstanceStatusCode::Running).await;
+        let (s, answer) = api
+            .call(
+                MEMBER_A,
+                "POST",
+                "/1.0/instances",
+                Some(json!({"name": "db", "source": {"type": "copy", "source": "web", "refresh": true}})),
+            )
+            .await;
+        assert_eq!(s, 400, "{answer}");
+        assert!(answer.to_string().contains("stopped"), "{answer}");
+        // An offline source node cannot copy.
+        set_offline(&api, "n1").await;
+        let (s, answer) = api
+            .call(
+                MEMBER_A,
+                "POST",
+                "/1.0/instances",
+                Some(copy_body("c1", "web")),
+            )
+            .await;
+        assert_eq!(s, 503, "{answer}");
+        assert!(!api.model().await.instances.contains_key("a_c1"));
+        api.cp.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_copy_gets_a_new_identity_on_its_sources_node() {
+        let api = two_nodes().await;
+        add_snapshot(&api, "a_web", "s1").await;
+        let (s, answer) = api
+            .call(
+                MEMBER_A,
+                "POST",
+                "/1.0/instances",
+                Some(json!({
+                    "name": "c1",
+                    "source": {"type": "copy", "source": "web"},
+                    "config": {"user.y": "2"},
+                    "start": true
+                })),
+            )
+            .await;
+        assert_eq!(s, 202, "{answer}");
+        let op = answer["operation"].as_str().unwrap().to_string();
+        let m = api.model().await;
+        let (src, c) = (&m.instances["a_web"], &m.instances["a_c1"]);
+        assert_eq!(c.node, "n1");
+        assert_ne!(c.hwaddr, src.hwaddr);
+        assert_ne!(c.ipv4, src.ipv4);
+        assert!(!c.ipv4.is_empty());
+        assert_eq!(c.observed.status, InstanceStatusCode::Pending);
+        assert_eq!(c.config.get("user.x").map(String::as_str), Some("1"));
+        assert_eq!(c.config.get("user.y").map(String::as_str), Some("2"));
+        assert!(!c.config.contains_key("volatile.last"));
+        assert!(c.snapshots.contains_key("s1"));
+        assert_eq!(c.profiles, src.profiles);
+        let p = c.pending.as_ref().unwrap();
+        assert!(op.ends_with(&p.op), "{op} {}", p.op);
+        assert_eq!(
+            p.action,
+            Action::CopyFrom {
+                source: "a_web".into(),
+                snapshot: String::new(),
+                instance_only: false,
+                refresh: false,
+                start: true,
+            }
+        );
+        // A copy of a snapshot takes no snapshots; ?target= places it.
+        let (s, answer) = api
+            .call(
+                MEMBER_A,
+                "POST",
+                "/1.0/instances?project=a&target=n2",
+                Some(copy_body("c2", "web/s1")),
+            )
+            .await;
+        assert_eq!(s, 202, "{answer}");
+        let c2 = &api.model().await.instances["a_c2"];
+        assert_eq!(c2.node, "n2");
+        assert!(c2.snapshots.is_empty());
+        assert!(matches!(
+            c2.pending.as_ref().unwrap().action,
+            Action::CopyFrom {
+                instance_only: true,
+                ..
+            }
+        ));
+        api.cp.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn restricted_projects_choose_no_node() {
+        let api = two_nodes().await;
+        let (s, answer) = api
+            .call(
+                ADMIN,
+                "PATCH",
+                "/1.0/projects/a",
+                Some(json!({"config": {"restricted": "true"}})),
+            )
+            .await;
+        assert_eq!(s, 200, "{answer}");
+        let (s, answer) = api
+            .call(
+                MEMBER_A,
+                "POST",
+                "/1.0/instances?target=n2",
+                Some(copy_body("c1", "web")),
+            )
+            .await;
+        assert_eq!(s, 403, "{answer}");
+        let (s, answer) = api
+            .call(
+                MEMBER_A,
+                "POST",
+                "/1.0/instances/web?target=n2",
+                Some(json!({"migration": true})),
+            )
+            .await;
+        assert_eq!(s, 403, "{answer}");
+        // Without a target the copy is fine.
+        let (s, answer) = api
+            .call(
+                MEMBER_A,
+                "POST",
+                "/1.0/instances",
+                Some(copy_body("c1", "web")),
+            )
+            .await;
+        assert_eq!(s, 202, "{answer}");
+        api.cp.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn moves_are_checked_and_become_migrate_actions() {
+        let api = two_nodes().await;
+        add_node(&api, "n3", 3).await;
+        set_offline(&api, "n3").await;
+        let post = |q: &str, body: serde_json::Value| {
+            let path = format!("/1.0/instances/web{q}");
+            let api = &api;
+            async move { api.call(MEMBER_A, "POST", &path, Some(body)).await }
+        };
+        let cases = [
+            ("", json!({"migration": true}), 400, "target"),
+            (
+                "?target=n9",
+                json!({"migration": true}),
+                404,
+                "node \\\"n9\\\" not found",
+            ),
+            ("?target=n3", json!({"migration": true}), 400, "offline"),
+            (
+                "?target=n1",
+                json!({"migration": true}),
+                400,
+                "already on node",
+            ),
+            (
+                "?target=n2",
+                json!({"name": "other", "migration": true}),
+                400,
+                "rename",
+            ),
+        ];
+        for (q, body, status, text) in cases {
+            let (s, answer) = post(q, body.clone()).await;
+            assert_eq!(s, status, "{q} {body}: {answer}");
+            assert!(answer.to_string().contains(text), "{q} {body}: {answer}");
+        }
+        let (s, _) = api
+            .call(
+                MEMBER_B,
+                "POST",
+                "/1.0/instances/web?target=n2",
+                Some(json!({"migration": true})),
+            )
+            .await;
+        assert_eq!(s, 404);
+        api.cp
+            .write(Command::SetNodeEvacuated {
+                name: "n2".into(),
+                evacuated: true,
+            })
+            .await
+            .unwrap();
+        let (s, answer) = post("?target=n2", json!({"migration": true})).await;
+        assert_eq!(s, 400, "{answer}");
+        assert!(answer.to_string().contains("evacuated"), "{answer}");
+        api.cp
+            .write(Command::SetNodeEvacuated {
+                name: "n2".into(),
+                evacuated: false,
+            })
+            .await
+            .unwrap();
+        observe(&api, "a_web", InstanceStatusCode::Running).await;
+        // The name may be repeated; `live` is accepted; a running instance moves live.
+        let (s, answer) = post(
+            "?target=n2",
+            json!({"name": "web", "migration": true, "live": true}),
+        )
+        .await;
+        assert_eq!(s, 202, "{answer}");
+        let m = api.model().await;
+        let p = m.instances["a_web"].pending.clone().unwrap();
+        assert_eq!(
+            p.action,
+            Action::Migrate {
+                from: "n1".into(),
+                to: "n2".into(),
+                live: true,
+            }
+        );
+        assert_eq!(m.operations[&p.op].project, "a");
+        // A second move while the first runs is refused.
+        let (s, answer) = post("?target=n2", json!({"migration": true})).await;
+        assert_eq!(s, 409, "{answer}");
+        api.cp.shutdown().await;
+    }
+}
