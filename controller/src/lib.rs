@@ -17,6 +17,7 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod events;
+pub mod image_cache;
 pub mod join;
 pub mod liveness;
 pub mod metrics;

@@ -146,6 +146,7 @@ pub async fn run(state: Arc<AppState>) {
                 prune_operations(&state).await;
                 crate::api::idempotency::prune(&state).await;
                 fail_orphaned_operations(&state).await;
+                crate::image_cache::expire(&state).await;
             }
         }
     }

@@ -9,11 +9,11 @@
 //! [`ClusterView::commit`]), which is how the simulation benchmark places 10,000 instances.
 //!
 //! Filters, in the order a rejected node is counted against them: offline, evacuated,
-//! `scheduler.instance=manual` (only without a target), architecture, image not on the node,
-//! `placement.constraints`, a strict placement group, CPU, memory, storage. Scoring (lowest
-//! wins): the placement group's preference, then the policy's (`spread`: least allocated
-//! fraction after placing, then fewest instances; `binpack`: the reverse), then image locality,
-//! then the node's name.
+//! `scheduler.instance=manual` (only without a target), architecture, an image no node holds
+//! (a node without it pulls it first), `placement.constraints`, a strict placement group, CPU,
+//! memory, storage. Scoring (lowest wins): the placement group's preference, then the policy's
+//! (`spread`: least allocated fraction after placing, then fewest instances; `binpack`: the
+//! reverse), then image locality, then the node's name.
 
 pub(crate) mod view;
 
@@ -149,10 +149,11 @@ pub fn node_usage(state: &State) -> BTreeMap<String, NodeUsage> {
 }
 
 /// Checks a cluster-wide config key and value (`PATCH /1.0/cluster`). Supported:
-/// `scheduler.policy` = `spread` | `binpack`.
+/// `scheduler.policy` = `spread` | `binpack`; `images.remote_cache_expiry` = days (0 never).
 pub fn validate_cluster_config_key(key: &str, value: &str) -> Result<(), String> {
     match key {
         POLICY_KEY => Policy::parse(value).map(drop),
+        crate::image_cache::EXPIRY_KEY => crate::image_cache::parse_expiry(value).map(drop),
         _ => Err(format!("unknown cluster config key {}", key.escape_debug())),
     }
 }

@@ -679,6 +679,8 @@ fn config_keys() {
         validate_cluster_config_key("scheduler.policy", "random").unwrap_err(),
         "scheduler.policy \"random\" must be spread or binpack"
     );
+    assert!(validate_cluster_config_key("images.remote_cache_expiry", "0").is_ok());
+    assert!(validate_cluster_config_key("images.remote_cache_expiry", "soon").is_err());
     assert_eq!(
         validate_cluster_config_key("scheduler.other", "x").unwrap_err(),
         "unknown cluster config key scheduler.other"
