@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use berth_proto::v1::{InstanceSpec, InstanceState, InstanceStatus, NetworkSpec};
+use berth_proto::v1::{InstanceSpec, InstanceState, InstanceStatus, NetworkSpec, SnapshotInfo};
 use tokio::io::AsyncRead;
 
 use crate::cgroup::{CgroupError, Cgroups, Limits};
@@ -89,6 +89,8 @@ pub enum EngineError {
     NotRunning(String),
     #[error("instance busy: {0}")]
     Busy(String),
+    #[error("instance {0} is running (stop it first)")]
+    Running(String),
     #[error("invalid path: {0}")]
     InvalidPath(String),
     #[error("invalid config: {0}")]
@@ -155,6 +157,13 @@ pub struct ExecRequest {
     pub gid: u32,
     /// (cols, rows) for a pty; None for pipes.
     pub tty: Option<(u16, u16)>,
+}
+
+/// A volume being published: the instance stays locked while this lives.
+pub struct PublishSource {
+    /// The instance volume or snapshot directory (`rootfs/` inside).
+    pub path: PathBuf,
+    _guard: tokio::sync::OwnedMutexGuard<()>,
 }
 
 struct Inner {
@@ -312,6 +321,19 @@ impl Engine {
     /// Creates an instance: its volume from the image, its id range, the guest's identity and
     /// network config written into the rootfs, and its record. Idempotent for the same spec.
     pub async fn create(&self, spec: &InstanceSpec) -> Result<InstanceStatus, EngineError> {
+        self.create_with(spec, false).await
+    }
+
+    /// [`Engine::create`], or with `existing_volume` an instance around the volume
+    /// `containers/<name>` that exists already (made by [`Engine::copy_volume`] or received by
+    /// a transfer): its contents are kept (the image need not be on this node), the rest is as
+    /// for a create (id range, hostname and network config written into it, disk limit,
+    /// record). Idempotent for the same spec; a failure leaves the volume in place.
+    pub async fn create_with(
+        &self,
+        spec: &InstanceSpec,
+        existing_volume: bool,
+    ) -> Result<InstanceStatus, EngineError> {
         let name = spec.name.clone();
         Self::check_name(&name)?;
         berth_proto::api::config::validate(&spec.config.clone().into_iter().collect())
@@ -343,7 +365,8 @@ impl Engine {
         let inner = self.inner.clone();
         let image = spec.image.clone();
         let n = name.clone();
-        blocking(move || inner.create_blocking(&n, &image, config, network, &net)).await?;
+        blocking(move || inner.create_blocking(&n, &image, config, network, &net, existing_volume))
+            .await?;
         drop(_g);
         self.status(&name).await
     }
@@ -869,9 +892,285 @@ impl Engine {
         let root = self.file_root(instance)?;
         Ok(crate::runtime::files::delete(&root, path).await?)
     }
+
+    fn check_snapshot_name(snapshot: &str) -> Result<(), EngineError> {
+        crate::storage::check_snapshot_name(snapshot)
+            .map_err(|e| EngineError::InvalidConfig(e.to_string()))
+    }
+
+    /// Takes a snapshot of an instance, running or not (a running one's is crash-consistent,
+    /// as a power cut would leave it). Taking one that exists returns it.
+    pub async fn snapshot(&self, name: &str, snapshot: &str) -> Result<SnapshotInfo, EngineError> {
+        Self::check_snapshot_name(snapshot)?;
+        let lock = self.lock(name);
+        let _g = lock.lock().await;
+        self.record(name)?;
+        let inner = self.inner.clone();
+        let (n, s) = (name.to_string(), snapshot.to_string());
+        blocking(move || {
+            let meta = inner.storage.create_snapshot(&n, &s)?;
+            Ok(inner.snapshot_info(&n, meta))
+        })
+        .await
+    }
+
+    /// Deletes a snapshot; deleting a missing one (or one of a missing instance) succeeds.
+    pub async fn delete_snapshot(&self, name: &str, snapshot: &str) -> Result<(), EngineError> {
+        Self::check_name(name)?;
+        Self::check_snapshot_name(snapshot)?;
+        let lock = self.lock(name);
+        let _g = lock.lock().await;
+        let inner = self.inner.clone();
+        let (n, s) = (name.to_string(), snapshot.to_string());
+        blocking(move || Ok(inner.storage.delete_snapshot(&n, &s)?)).await?;
+        tracing::info!(instance = name, snapshot, "deleted snapshot");
+        Ok(())
+    }
+
+    /// Renames a snapshot. Repeating a rename that was done returns the renamed snapshot.
+    pub async fn rename_snapshot(
+        &self,
+        name: &str,
+        snapshot: &str,
+        new_name: &str,
+    ) -> Result<SnapshotInfo, EngineError> {
+        Self::check_snapshot_name(snapshot)?;
+        Self::check_snapshot_name(new_name)?;
+        let lock = self.lock(name);
+        let _g = lock.lock().await;
+        self.record(name)?;
+        let inner = self.inner.clone();
+        let (n, from, to) = (name.to_string(), snapshot.to_string(), new_name.to_string());
+        blocking(move || {
+            let storage = &inner.storage;
+            let from_path = storage.snapshot_path(&n, &from)?;
+            let to_path = storage.snapshot_path(&n, &to)?;
+            // Done already when only the new name is there.
+            let done = to_path.is_dir() && !from_path.exists();
+            if from != to && !done {
+                storage.rename_snapshot(&n, &from, &to)?;
+            } else if !to_path.is_dir() {
+                return Err(StorageError::SnapshotNotFound {
+                    instance: n,
+                    snapshot: from,
+                }
+                .into());
+            }
+            let meta = crate::storage::SnapshotMeta {
+                created_at: crate::storage::snapshot_created_at(&to_path),
+                name: to.clone(),
+            };
+            tracing::info!(instance = %n, snapshot = %from, new_name = %to, "renamed snapshot");
+            Ok(inner.snapshot_info(&n, meta))
+        })
+        .await
+    }
+
+    /// The instance's snapshots, oldest first, with their sizes.
+    pub async fn list_snapshots(&self, name: &str) -> Result<Vec<SnapshotInfo>, EngineError> {
+        self.record(name)?;
+        let inner = self.inner.clone();
+        let n = name.to_string();
+        blocking(move || {
+            let list = inner.storage.list_snapshots(&n)?;
+            Ok(list
+                .into_iter()
+                .map(|m| inner.snapshot_info(&n, m))
+                .collect())
+        })
+        .await
+    }
+
+    /// Restores a stopped instance's root filesystem from one of its snapshots (refused with
+    /// [`EngineError::Running`] while it runs); its hostname and network config are written
+    /// again, and its disk limit holds on the restored volume.
+    pub async fn restore(&self, name: &str, snapshot: &str) -> Result<InstanceStatus, EngineError> {
+        Self::check_snapshot_name(snapshot)?;
+        let lock = self.lock(name);
+        let _g = lock.lock().await;
+        let rec = self.record(name)?;
+        if self.dir(name).live_monitor().is_some() {
+            return Err(EngineError::Running(name.to_string()));
+        }
+        let inner = self.inner.clone();
+        let s = snapshot.to_string();
+        blocking(move || {
+            inner.cleanup_leftovers(&rec.name)?;
+            inner.storage.restore_snapshot(&rec.name, &s)?;
+            inner.rewrite_identity(&rec)
+        })
+        .await?;
+        tracing::info!(instance = name, snapshot, "restored instance from snapshot");
+        drop(_g);
+        self.status(name).await
+    }
+
+    /// The volume to publish as an image: a stopped instance's (refused with
+    /// [`EngineError::Running`] while it runs) or one of its snapshots. The instance stays
+    /// locked (it cannot start, be restored or deleted) until the returned value is dropped.
+    pub async fn publish_source(
+        &self,
+        name: &str,
+        snapshot: Option<&str>,
+    ) -> Result<PublishSource, EngineError> {
+        if let Some(s) = snapshot {
+            Self::check_snapshot_name(s)?;
+        }
+        let guard = self.lock(name).lock_owned().await;
+        let rec = self.record(name)?;
+        if rec.shifted_on_disk {
+            return Err(EngineError::InvalidConfig(format!(
+                "instance {name} has host ids on disk (its pool has no idmapped mounts), so it cannot be published"
+            )));
+        }
+        let storage = &self.inner.storage;
+        let path = match snapshot {
+            Some(s) => {
+                let path = storage.snapshot_path(name, s)?;
+                if !path.is_dir() {
+                    return Err(StorageError::SnapshotNotFound {
+                        instance: name.to_string(),
+                        snapshot: s.to_string(),
+                    }
+                    .into());
+                }
+                path
+            }
+            None => {
+                if self.dir(name).live_monitor().is_some() {
+                    return Err(EngineError::Running(name.to_string()));
+                }
+                storage
+                    .instance_volume(name)
+                    .ok_or_else(|| StorageError::VolumeNotFound(name.to_string()))?
+            }
+        };
+        Ok(PublishSource {
+            path,
+            _guard: guard,
+        })
+    }
+
+    /// Makes the volume of a new instance `target` from instance `source` on this node (or its
+    /// snapshot `source_snapshot`), with its snapshots unless `instance_only`; then
+    /// [`Engine::create_with`] (existing volume) makes it an instance. A volume of that name
+    /// without an instance (an earlier attempt) is replaced. With `refresh`, `target` is an
+    /// existing stopped instance: its root filesystem is replaced (its hostname and network
+    /// config written again) and the snapshots it lacks are added.
+    pub async fn copy_volume(
+        &self,
+        source: &str,
+        source_snapshot: Option<&str>,
+        target: &str,
+        instance_only: bool,
+        refresh: bool,
+    ) -> Result<(), EngineError> {
+        Self::check_name(target)?;
+        if let Some(s) = source_snapshot {
+            Self::check_snapshot_name(s)?;
+        }
+        if source == target {
+            return Err(EngineError::InvalidConfig(format!(
+                "cannot copy instance {source} onto itself"
+            )));
+        }
+        if !self.inner.storage.supports_idmapped_mounts() {
+            return Err(EngineError::InvalidConfig(format!(
+                "copies need idmapped mounts, which the {} pool's filesystem lacks",
+                self.inner.storage.name()
+            )));
+        }
+        // Two instance locks, always in name order.
+        let (first, second) = if source < target {
+            (source, target)
+        } else {
+            (target, source)
+        };
+        let l1 = self.lock(first);
+        let _g1 = l1.lock().await;
+        let l2 = self.lock(second);
+        let _g2 = l2.lock().await;
+        self.record(source)?;
+        let target_dir = self.dir(target);
+        let target_rec = if refresh {
+            let rec = self.record(target)?;
+            if target_dir.live_monitor().is_some() {
+                return Err(EngineError::Running(target.to_string()));
+            }
+            Some(rec)
+        } else {
+            if target_dir.record_path().is_file() {
+                return Err(EngineError::AlreadyExists(target.to_string()));
+            }
+            None
+        };
+        let inner = self.inner.clone();
+        let (src, snap, dst) = (
+            source.to_string(),
+            source_snapshot.map(str::to_string),
+            target.to_string(),
+        );
+        blocking(move || {
+            let storage = &inner.storage;
+            if target_rec.is_none() && storage.instance_volume(&dst).is_some() {
+                tracing::warn!(instance = %dst, "replacing a volume without an instance");
+                storage.delete_instance_volume(&dst)?;
+            }
+            storage.copy_instance_volume(&src, snap.as_deref(), &dst, instance_only, refresh)?;
+            if let Some(rec) = target_rec {
+                inner.cleanup_leftovers(&rec.name)?;
+                inner.rewrite_identity(&rec)?;
+            }
+            Ok(())
+        })
+        .await?;
+        tracing::info!(
+            source,
+            target,
+            snapshot = source_snapshot.unwrap_or(""),
+            instance_only,
+            refresh,
+            "copied instance volume"
+        );
+        Ok(())
+    }
 }
 
 impl Inner {
+    /// A snapshot's wire form, with its size (0 when it cannot be read).
+    fn snapshot_info(&self, instance: &str, meta: crate::storage::SnapshotMeta) -> SnapshotInfo {
+        let size_bytes = match self.storage.snapshot_size(instance, &meta.name) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(instance, snapshot = %meta.name, "cannot read the snapshot size: {e}");
+                0
+            }
+        };
+        SnapshotInfo {
+            instance: instance.to_string(),
+            name: meta.name,
+            created_at: meta.created_at,
+            size_bytes,
+        }
+    }
+
+    /// Writes the instance's hostname and network config into its root filesystem again
+    /// (after its contents came from a snapshot or another instance).
+    fn rewrite_identity(&self, rec: &InstanceRecord) -> Result<(), EngineError> {
+        if rec.shifted_on_disk {
+            // Owners on disk are host ids: the files are written as they were.
+            return Ok(());
+        }
+        let net = NetworkSpec {
+            ipv4_cidr: rec.network.ipv4_cidr.clone(),
+            gateway: rec.network.gateway.clone(),
+            nameservers: rec.network.nameservers.clone(),
+            hwaddr: rec.network.hwaddr.clone(),
+        };
+        crate::network::write_guest_config(&rec.rootfs, &rec.name, &net)?;
+        Ok(())
+    }
+
     /// Picks a free id range for `rec` and records it at once, under a lock, so concurrent
     /// creates never pick the same range.
     fn assign_idmap(&self, dir: &InstanceDir, rec: &mut InstanceRecord) -> Result<(), EngineError> {
@@ -909,8 +1208,14 @@ impl Inner {
         config: BTreeMap<String, String>,
         network: NetworkRecord,
         net: &NetworkSpec,
+        existing_volume: bool,
     ) -> Result<(), EngineError> {
         let dir = InstanceDir::new(&self.cfg.state_dir, name);
+        if existing_volume && self.storage.instance_volume(name).is_none() {
+            return Err(EngineError::InvalidConfig(format!(
+                "instance {name} should be made from an existing volume, but this node has none"
+            )));
+        }
         let mut undo: Vec<Box<dyn FnOnce()>> = Vec::new();
         let result = (|| {
             std::fs::create_dir_all(dir.path()).map_err(io_err(dir.path()))?;
@@ -923,18 +1228,28 @@ impl Inner {
             undo.push(Box::new(move || {
                 let _ = std::fs::remove_dir_all(&d);
             }));
-            // A volume without a record is what a crash in the middle of an earlier create
-            // leaves: it belongs to no instance, so it goes before the new one is made.
-            if self.storage.instance_volume(name).is_some() {
-                tracing::warn!(instance = %name, "removing a volume an interrupted create left");
-                self.storage.delete_instance_volume(name)?;
-            }
-            let vol = self.storage.create_instance_volume(name, image)?;
-            let storage = self.storage.clone();
-            let n = name.to_string();
-            undo.push(Box::new(move || {
-                let _ = storage.delete_instance_volume(&n);
-            }));
+            let vol = if existing_volume {
+                // Kept on failure: it is the copy or transfer the caller made, and a retry
+                // uses it again.
+                self.storage
+                    .instance_volume(name)
+                    .ok_or_else(|| StorageError::VolumeNotFound(name.to_string()))?
+            } else {
+                // A volume without a record is what a crash in the middle of an earlier
+                // create leaves: it belongs to no instance, so it goes before the new one is
+                // made.
+                if self.storage.instance_volume(name).is_some() {
+                    tracing::warn!(instance = %name, "removing a volume an interrupted create left");
+                    self.storage.delete_instance_volume(name)?;
+                }
+                let vol = self.storage.create_instance_volume(name, image)?;
+                let storage = self.storage.clone();
+                let n = name.to_string();
+                undo.push(Box::new(move || {
+                    let _ = storage.delete_instance_volume(&n);
+                }));
+                vol
+            };
             // Before anything can write into the volume (and before any start).
             if let Some(bytes) = disk_limit(&config)? {
                 self.storage.set_instance_disk_limit(name, Some(bytes))?;
@@ -958,6 +1273,12 @@ impl Inner {
             if !rec.privileged() {
                 self.assign_idmap(&dir, &mut rec)?;
                 if !self.storage.supports_idmapped_mounts() {
+                    if existing_volume {
+                        return Err(EngineError::InvalidConfig(format!(
+                            "instance {name} cannot be made from an existing volume: the {} pool has no idmapped mounts, so its owners would need shifting twice",
+                            self.storage.name()
+                        )));
+                    }
                     tracing::info!(
                         instance = name,
                         base = rec.idmap_base,
@@ -973,6 +1294,7 @@ impl Inner {
                 instance = name,
                 image,
                 idmap_base = rec.idmap_base,
+                existing_volume,
                 "created instance"
             );
             Ok(())

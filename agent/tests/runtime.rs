@@ -779,6 +779,40 @@ impl StorageDriver for NoIdmap {
     ) -> Result<(), berth_agent::storage::StorageError> {
         self.0.rename_instance_volume(a, b)
     }
+    fn pool_root(&self) -> &Path {
+        self.0.pool_root()
+    }
+    fn create_image_volume_from(
+        &self,
+        f: &str,
+        src: &Path,
+    ) -> Result<PathBuf, berth_agent::storage::StorageError> {
+        self.0.create_image_volume_from(f, src)
+    }
+    fn create_snapshot(
+        &self,
+        n: &str,
+        s: &str,
+    ) -> Result<berth_agent::storage::SnapshotMeta, berth_agent::storage::StorageError> {
+        self.0.create_snapshot(n, s)
+    }
+    fn delete_snapshot(&self, n: &str, s: &str) -> Result<(), berth_agent::storage::StorageError> {
+        self.0.delete_snapshot(n, s)
+    }
+    fn restore_snapshot(&self, n: &str, s: &str) -> Result<(), berth_agent::storage::StorageError> {
+        self.0.restore_snapshot(n, s)
+    }
+    fn copy_instance_volume(
+        &self,
+        src: &str,
+        snap: Option<&str>,
+        dst: &str,
+        instance_only: bool,
+        refresh: bool,
+    ) -> Result<(), berth_agent::storage::StorageError> {
+        self.0
+            .copy_instance_volume(src, snap, dst, instance_only, refresh)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,6 +10,7 @@
 mod busybox;
 mod debian;
 mod import;
+mod publish;
 mod util;
 
 use std::collections::BTreeMap;
@@ -178,6 +179,36 @@ impl ImageStore {
         let rec = self.add_aliases(rec, &aliases)?;
         tracing::info!(fingerprint = %rec.fingerprint, "image imported");
         Ok(rec.into())
+    }
+
+    /// Publishes an image made from `source`: a stopped instance's volume or a snapshot (a
+    /// directory holding `rootfs/`, and the metadata.yaml of the image it came from, whose
+    /// properties `properties` override). The fingerprint is the sha256 of the unified tarball
+    /// [`ImageStore::export`] produces for it. Publishing identical content again returns the
+    /// existing image.
+    pub fn publish(
+        &self,
+        source: &Path,
+        properties: &BTreeMap<String, String>,
+    ) -> Result<Image, ImageError> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let rec = publish::publish(self, source, properties)?;
+        tracing::info!(fingerprint = %rec.fingerprint, source = %source.display(), "image published");
+        Ok(rec.into())
+    }
+
+    /// Streams the image as an LXD/Incus unified tarball (gzip; `metadata.yaml`, `rootfs/`,
+    /// `templates/` when present; owners are the container's ids) to `sink`, chunk by chunk;
+    /// returns its length. The tarball is the same on every export of the same volume.
+    pub fn export(
+        &self,
+        fingerprint: &str,
+        sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<u64, ImageError> {
+        let vol = self
+            .volume_path(fingerprint)?
+            .ok_or_else(|| ImageError::NotFound(fingerprint.to_string()))?;
+        publish::write_tarball(&vol, sink)
     }
 
     /// All images on this node, sorted by fingerprint.

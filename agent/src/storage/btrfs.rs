@@ -15,8 +15,9 @@ use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
 use super::{
-    CONTAINERS_DIR, DiskUsage, IMAGES_DIR, PoolLayout, PoolUsage, StorageDriver, StorageError,
-    create_dir_if_missing, ensure_dir, io_err, run, statvfs_usage,
+    CONTAINERS_DIR, DiskUsage, IMAGES_DIR, PoolLayout, PoolUsage, SNAPSHOTS_DIR, SnapshotMeta,
+    StorageDriver, StorageError, create_dir_if_missing, ensure_dir, io_err, now_unix, run,
+    snapshot_created_at, statvfs_usage, write_created_at,
 };
 
 /// statfs magic of btrfs.
@@ -99,6 +100,7 @@ impl BtrfsDriver {
         check_btrfs(&root)?;
         ensure_dir(&root.join(IMAGES_DIR), 0o700)?;
         ensure_dir(&root.join(CONTAINERS_DIR), 0o700)?;
+        ensure_dir(&root.join(SNAPSHOTS_DIR), 0o700)?;
         tracing::info!(pool = %root.display(), "btrfs storage pool ready");
         Ok(BtrfsDriver {
             cfg,
@@ -162,6 +164,72 @@ impl BtrfsDriver {
             run(Command::new("btrfs").args(["subvolume", "delete"]).arg(sub))?;
         }
         self.destroy_qgroups(&ids)
+    }
+
+    /// Snapshots subvolume `src` at `dst` (read-only with `readonly`).
+    fn snapshot_subvolume(src: &Path, dst: &Path, readonly: bool) -> Result<(), StorageError> {
+        let mut cmd = Command::new("btrfs");
+        cmd.args(["subvolume", "snapshot"]);
+        if readonly {
+            cmd.arg("-r");
+        }
+        run(cmd.arg(src).arg(dst))?;
+        Ok(())
+    }
+
+    /// Deletes every snapshot of `instance` and `snapshots/<instance>` itself.
+    fn delete_all_snapshots(&self, instance: &str) -> Result<(), StorageError> {
+        let dir = self.pool.snapshots_of(instance)?;
+        if !dir.is_dir() {
+            return Ok(());
+        }
+        for snap in super::list_names(&dir)? {
+            let path = dir.join(&snap);
+            if path.is_dir() {
+                self.delete_subvolume_tree(&path)?;
+            }
+        }
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(&dir)(e)),
+        }
+    }
+
+    /// Copies `src`'s snapshot `snap` (read-only) to `dst`'s snapshots, with its creation time.
+    fn copy_snapshot(&self, src: &str, snap: &SnapshotMeta, dst: &str) -> Result<(), StorageError> {
+        let from = self.pool.existing_snapshot(src, &snap.name)?;
+        let to = self.pool.new_snapshot_path(dst, &snap.name)?;
+        write_created_at(&to, snap.created_at)?;
+        Self::snapshot_subvolume(&from, &to, true)
+    }
+
+    /// Replaces instance volume `name` by a writable snapshot of `source`, keeping its disk
+    /// limit.
+    fn replace_instance_volume(&self, name: &str, source: &Path) -> Result<(), StorageError> {
+        self.pool.existing_instance(name)?;
+        let limit = self.instance_disk_usage(name).and_then(|d| d.limit);
+        let new = self.pool.scratch_path("new", name)?;
+        let old = self.pool.scratch_path("old", name)?;
+        // Leftovers of an interrupted replacement.
+        self.delete_subvolume_tree(&new)?;
+        self.delete_subvolume_tree(&old)?;
+        Self::snapshot_subvolume(source, &new, false)?;
+        if let Err(e) = self.pool.swap_instance_volume(name, &new, &old) {
+            let _ = self.delete_subvolume_tree(&new);
+            return Err(e);
+        }
+        if let Err(e) = self.delete_subvolume_tree(&old) {
+            tracing::warn!(
+                instance = name,
+                "cannot delete the replaced volume {}: {e}",
+                old.display()
+            );
+        }
+        if let Some(bytes) = limit {
+            self.set_instance_disk_limit(name, Some(bytes))?;
+        }
+        Ok(())
     }
 
     /// `/sys/fs/btrfs/<fsid>` of the pool's filesystem (None when it cannot be found: quotas
@@ -305,6 +373,17 @@ impl StorageDriver for BtrfsDriver {
         Ok(path)
     }
 
+    fn create_image_volume_from(
+        &self,
+        fingerprint: &str,
+        source: &Path,
+    ) -> Result<PathBuf, StorageError> {
+        let path = self.pool.image_path(fingerprint)?;
+        self.delete_subvolume_tree(&path)?;
+        Self::snapshot_subvolume(source, &path, false)?;
+        Ok(path)
+    }
+
     fn finish_image_volume(&self, fingerprint: &str) -> Result<(), StorageError> {
         let path = self.pool.image_path(fingerprint)?;
         if !path.exists() {
@@ -350,11 +429,138 @@ impl StorageDriver for BtrfsDriver {
 
     fn delete_instance_volume(&self, name: &str) -> Result<(), StorageError> {
         let path = self.pool.instance_path(name)?;
+        self.delete_all_snapshots(name)?;
         self.delete_subvolume_tree(&path)
     }
 
     fn rename_instance_volume(&self, from: &str, to: &str) -> Result<(), StorageError> {
         self.pool.rename_instance_volume(from, to)
+    }
+
+    fn pool_root(&self) -> &Path {
+        &self.pool.root
+    }
+
+    fn create_snapshot(
+        &self,
+        instance: &str,
+        snapshot: &str,
+    ) -> Result<SnapshotMeta, StorageError> {
+        let src = self.pool.existing_instance(instance)?;
+        let dst = self.pool.new_snapshot_path(instance, snapshot)?;
+        if dst.is_dir() {
+            return Ok(SnapshotMeta {
+                name: snapshot.to_string(),
+                created_at: snapshot_created_at(&dst),
+            });
+        }
+        let created_at = now_unix();
+        // The time first: a snapshot never exists without it.
+        write_created_at(&dst, created_at)?;
+        if let Err(e) = Self::snapshot_subvolume(&src, &dst, true) {
+            let _ = fs::remove_file(super::created_path(&dst));
+            return Err(e);
+        }
+        tracing::info!(instance, snapshot, "took snapshot");
+        Ok(SnapshotMeta {
+            name: snapshot.to_string(),
+            created_at,
+        })
+    }
+
+    fn delete_snapshot(&self, instance: &str, snapshot: &str) -> Result<(), StorageError> {
+        let path = self.snapshot_path(instance, snapshot)?;
+        self.delete_subvolume_tree(&path)?;
+        match fs::remove_file(super::created_path(&path)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&path)(e)),
+        }
+        self.pool.remove_snapshot_dir_if_empty(instance)
+    }
+
+    fn snapshot_size(&self, instance: &str, snapshot: &str) -> Result<u64, StorageError> {
+        let path = self.pool.existing_snapshot(instance, snapshot)?;
+        if let Some(dir) = self.sysfs_dir()
+            && dir.join("qgroups").is_dir()
+            && let Ok(id) = crate::sys::btrfs::subvolume_id(&path)
+            && let Ok(t) = fs::read_to_string(
+                dir.join("qgroups")
+                    .join(format!("0_{id}"))
+                    .join("exclusive"),
+            )
+            && let Ok(v) = t.trim().parse::<u64>()
+        {
+            return Ok(v);
+        }
+        let out = run(Command::new("btrfs")
+            .args(["filesystem", "du", "-s", "--raw"])
+            .arg(&path))?;
+        parse_du_exclusive(&out).ok_or_else(|| StorageError::Command {
+            op: format!("btrfs filesystem du -s --raw {}", path.display()),
+            detail: format!("unexpected output {:?}", out.trim()),
+        })
+    }
+
+    fn restore_snapshot(&self, instance: &str, snapshot: &str) -> Result<(), StorageError> {
+        let snap = self.pool.existing_snapshot(instance, snapshot)?;
+        self.replace_instance_volume(instance, &snap)?;
+        tracing::info!(instance, snapshot, "restored snapshot");
+        Ok(())
+    }
+
+    fn copy_instance_volume(
+        &self,
+        src: &str,
+        src_snapshot: Option<&str>,
+        dst: &str,
+        instance_only: bool,
+        refresh: bool,
+    ) -> Result<(), StorageError> {
+        let source = match src_snapshot {
+            Some(s) => self.pool.existing_snapshot(src, s)?,
+            None => self.pool.existing_instance(src)?,
+        };
+        let dst_path = self.pool.instance_path(dst)?;
+        let snaps = if instance_only || src_snapshot.is_some() {
+            Vec::new()
+        } else {
+            self.list_snapshots(src)?
+        };
+        if refresh {
+            self.pool.existing_instance(dst)?;
+            let have: Vec<String> = self
+                .list_snapshots(dst)?
+                .into_iter()
+                .map(|s| s.name)
+                .collect();
+            for snap in snaps.iter().filter(|s| !have.contains(&s.name)) {
+                self.copy_snapshot(src, snap, dst)?;
+            }
+            self.replace_instance_volume(dst, &source)?;
+            tracing::info!(source = src, target = dst, "refreshed instance volume");
+            return Ok(());
+        }
+        if fs::symlink_metadata(&dst_path).is_ok() {
+            return Err(StorageError::VolumeExists(dst.to_string()));
+        }
+        // Snapshots left by an instance of that name that is gone belong to nobody.
+        self.delete_all_snapshots(dst)?;
+        Self::snapshot_subvolume(&source, &dst_path, false)?;
+        let copied = snaps
+            .iter()
+            .try_for_each(|snap| self.copy_snapshot(src, snap, dst));
+        if let Err(e) = copied {
+            let _ = self.delete_instance_volume(dst);
+            return Err(e);
+        }
+        tracing::info!(
+            source = src,
+            target = dst,
+            snapshots = snaps.len(),
+            "copied instance volume"
+        );
+        Ok(())
     }
 
     fn supports_disk_limits(&self) -> bool {
@@ -391,6 +597,14 @@ impl StorageDriver for BtrfsDriver {
         let id = crate::sys::btrfs::subvolume_id(&path).ok()?;
         read_qgroup(&qgroups.join(format!("0_{id}")))
     }
+}
+
+/// The Exclusive column of `btrfs filesystem du -s --raw` output (header line, then
+/// `Total Exclusive Set-shared Filename`).
+fn parse_du_exclusive(out: &str) -> Option<u64> {
+    out.lines()
+        .skip(1)
+        .find_map(|l| l.split_whitespace().nth(1)?.parse().ok())
 }
 
 /// `BTRFS_QGROUP_LIMIT_MAX_RFER` in a qgroup's `limit_flags`.
@@ -651,6 +865,17 @@ mod tests {
         assert_eq!(read_qgroup(q).unwrap().limit, None);
         fs::remove_file(q.join("referenced")).unwrap();
         assert_eq!(read_qgroup(q), None);
+    }
+
+    #[test]
+    fn du_exclusive() {
+        let out = "     Total   Exclusive  Set shared  Filename\n   1064960       16384     1048576  /p/snapshots/a/s0\n";
+        assert_eq!(parse_du_exclusive(out), Some(16384));
+        assert_eq!(
+            parse_du_exclusive("     Total   Exclusive  Set shared  Filename\n"),
+            None
+        );
+        assert_eq!(parse_du_exclusive(""), None);
     }
 
     #[test]

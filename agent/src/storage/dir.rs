@@ -1,13 +1,15 @@
 //! The `dir` storage driver: plain directories. An instance volume is a copy of its image volume
-//! (`cp -a --reflink=auto`, so it is cheap where the filesystem can share extents).
+//! (`cp -a --reflink=auto`, so it is cheap where the filesystem can share extents); so is a
+//! snapshot (owners, modes, xattrs, symlinks and device nodes kept).
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::{
-    CONTAINERS_DIR, IMAGES_DIR, PoolLayout, PoolUsage, StorageDriver, StorageError,
-    create_dir_if_missing, ensure_dir, io_err, run, statvfs_usage,
+    CONTAINERS_DIR, IMAGES_DIR, PoolLayout, PoolUsage, SNAPSHOTS_DIR, SnapshotMeta, StorageDriver,
+    StorageError, create_dir_if_missing, ensure_dir, io_err, now_unix, run, snapshot_created_at,
+    statvfs_usage, write_created_at,
 };
 
 /// statfs magics of filesystems that support idmapped mounts on the kernels Berth targets.
@@ -32,6 +34,7 @@ impl DirDriver {
         create_dir_if_missing(&root, 0o711)?;
         ensure_dir(&root.join(IMAGES_DIR), 0o700)?;
         ensure_dir(&root.join(CONTAINERS_DIR), 0o700)?;
+        ensure_dir(&root.join(SNAPSHOTS_DIR), 0o700)?;
         let idmap = probe_idmapped_mount(&root).unwrap_or_else(|e| {
             tracing::warn!(pool = %root.display(), error = %e, "idmapped mount probe failed; judging by filesystem type");
             idmap_capable_fs(&root).unwrap_or(false)
@@ -88,6 +91,61 @@ fn idmap_capable_fs(path: &Path) -> Result<bool, StorageError> {
     Ok(IDMAP_CAPABLE_MAGICS.iter().any(|(m, _)| *m == magic))
 }
 
+/// Copies the tree `src` to `dst` (which must not exist) under a temporary name next to it,
+/// then renames it into place: a crash never leaves a half copy under the real name.
+fn copy_tree(src: &Path, dst: &Path) -> Result<(), StorageError> {
+    let name = dst
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dst.with_file_name(format!(".copying-{name}"));
+    remove_tree(&tmp)?;
+    let copied = run(Command::new("cp")
+        .args(["-a", "--reflink=auto", "--no-target-directory"])
+        .arg(src)
+        .arg(&tmp));
+    if let Err(e) = copied {
+        let _ = remove_tree(&tmp);
+        return Err(e);
+    }
+    if let Err(e) = fs::rename(&tmp, dst) {
+        let _ = remove_tree(&tmp);
+        return Err(io_err(&tmp)(e));
+    }
+    Ok(())
+}
+
+impl DirDriver {
+    /// Replaces instance volume `name` by a copy of `source`.
+    fn replace_instance_volume(&self, name: &str, source: &Path) -> Result<(), StorageError> {
+        self.pool.existing_instance(name)?;
+        let new = self.pool.scratch_path("new", name)?;
+        let old = self.pool.scratch_path("old", name)?;
+        remove_tree(&new)?;
+        remove_tree(&old)?;
+        copy_tree(source, &new)?;
+        if let Err(e) = self.pool.swap_instance_volume(name, &new, &old) {
+            let _ = remove_tree(&new);
+            return Err(e);
+        }
+        if let Err(e) = remove_tree(&old) {
+            tracing::warn!(
+                instance = name,
+                "cannot delete the replaced volume {}: {e}",
+                old.display()
+            );
+        }
+        Ok(())
+    }
+
+    fn copy_snapshot(&self, src: &str, snap: &SnapshotMeta, dst: &str) -> Result<(), StorageError> {
+        let from = self.pool.existing_snapshot(src, &snap.name)?;
+        let to = self.pool.new_snapshot_path(dst, &snap.name)?;
+        write_created_at(&to, snap.created_at)?;
+        copy_tree(&from, &to)
+    }
+}
+
 /// Removes a directory tree; succeeds when it is already gone.
 fn remove_tree(path: &Path) -> Result<(), StorageError> {
     match fs::remove_dir_all(path) {
@@ -118,6 +176,17 @@ impl StorageDriver for DirDriver {
         remove_tree(&path)?;
         ensure_dir(&path, 0o755)?;
         ensure_dir(&path.join("rootfs"), 0o755)?;
+        Ok(path)
+    }
+
+    fn create_image_volume_from(
+        &self,
+        fingerprint: &str,
+        source: &Path,
+    ) -> Result<PathBuf, StorageError> {
+        let path = self.pool.image_path(fingerprint)?;
+        remove_tree(&path)?;
+        copy_tree(source, &path)?;
         Ok(path)
     }
 
@@ -176,11 +245,106 @@ impl StorageDriver for DirDriver {
     }
 
     fn delete_instance_volume(&self, name: &str) -> Result<(), StorageError> {
-        remove_tree(&self.pool.instance_path(name)?)
+        let path = self.pool.instance_path(name)?;
+        remove_tree(&self.pool.snapshots_of(name)?)?;
+        remove_tree(&path)
     }
 
     fn rename_instance_volume(&self, from: &str, to: &str) -> Result<(), StorageError> {
         self.pool.rename_instance_volume(from, to)
+    }
+
+    fn pool_root(&self) -> &Path {
+        &self.pool.root
+    }
+
+    fn create_snapshot(
+        &self,
+        instance: &str,
+        snapshot: &str,
+    ) -> Result<SnapshotMeta, StorageError> {
+        let src = self.pool.existing_instance(instance)?;
+        let dst = self.pool.new_snapshot_path(instance, snapshot)?;
+        if dst.is_dir() {
+            return Ok(SnapshotMeta {
+                name: snapshot.to_string(),
+                created_at: snapshot_created_at(&dst),
+            });
+        }
+        let created_at = now_unix();
+        write_created_at(&dst, created_at)?;
+        if let Err(e) = copy_tree(&src, &dst) {
+            let _ = fs::remove_file(super::created_path(&dst));
+            return Err(e);
+        }
+        tracing::info!(instance, snapshot, "took snapshot (copy)");
+        Ok(SnapshotMeta {
+            name: snapshot.to_string(),
+            created_at,
+        })
+    }
+
+    fn delete_snapshot(&self, instance: &str, snapshot: &str) -> Result<(), StorageError> {
+        let path = self.snapshot_path(instance, snapshot)?;
+        remove_tree(&path)?;
+        match fs::remove_file(super::created_path(&path)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&path)(e)),
+        }
+        self.pool.remove_snapshot_dir_if_empty(instance)
+    }
+
+    fn restore_snapshot(&self, instance: &str, snapshot: &str) -> Result<(), StorageError> {
+        let snap = self.pool.existing_snapshot(instance, snapshot)?;
+        self.replace_instance_volume(instance, &snap)?;
+        tracing::info!(instance, snapshot, "restored snapshot");
+        Ok(())
+    }
+
+    fn copy_instance_volume(
+        &self,
+        src: &str,
+        src_snapshot: Option<&str>,
+        dst: &str,
+        instance_only: bool,
+        refresh: bool,
+    ) -> Result<(), StorageError> {
+        let source = match src_snapshot {
+            Some(s) => self.pool.existing_snapshot(src, s)?,
+            None => self.pool.existing_instance(src)?,
+        };
+        let dst_path = self.pool.instance_path(dst)?;
+        let snaps = if instance_only || src_snapshot.is_some() {
+            Vec::new()
+        } else {
+            self.list_snapshots(src)?
+        };
+        if refresh {
+            self.pool.existing_instance(dst)?;
+            let have: Vec<String> = self
+                .list_snapshots(dst)?
+                .into_iter()
+                .map(|s| s.name)
+                .collect();
+            for snap in snaps.iter().filter(|s| !have.contains(&s.name)) {
+                self.copy_snapshot(src, snap, dst)?;
+            }
+            return self.replace_instance_volume(dst, &source);
+        }
+        if fs::symlink_metadata(&dst_path).is_ok() {
+            return Err(StorageError::VolumeExists(dst.to_string()));
+        }
+        remove_tree(&self.pool.snapshots_of(dst)?)?;
+        copy_tree(&source, &dst_path)?;
+        let copied = snaps
+            .iter()
+            .try_for_each(|snap| self.copy_snapshot(src, snap, dst));
+        if let Err(e) = copied {
+            let _ = self.delete_instance_volume(dst);
+            return Err(e);
+        }
+        Ok(())
     }
 }
 

@@ -5,6 +5,10 @@
 //! - `images/<fingerprint>/`: an image volume: `rootfs/` and `metadata.yaml` (read-only once finished)
 //! - `containers/<name>/`: an instance volume, a writable snapshot of its image volume;
 //!   its root filesystem is `containers/<name>/rootfs`.
+//! - `snapshots/<name>/<snapshot>/`: a snapshot of an instance volume (a read-only btrfs
+//!   snapshot; a plain copy on the dir driver), with its creation time in the sidecar file
+//!   `snapshots/<name>/.<snapshot>.created` (unix seconds; snapshot names never start with a
+//!   dot, so sidecars never collide with snapshots).
 //!
 //! On-disk owners are the instance's own ids (uid 0 on disk is the instance's root); the runtime
 //! maps them with an idmapped mount, so nothing is ever chowned at launch.
@@ -13,7 +17,7 @@
 //! enabled on the pool the first time a limit is set, since they cost some speed); the dir
 //! driver cannot limit disk use and refuses a limit.
 //!
-//! `images/` and `containers/` are mode 0700 (host root only): an instance root can plant
+//! `images/`, `containers/` and `snapshots/` are mode 0700 (host root only): an instance root can plant
 //! set-uid-0 files in its own rootfs, which host users must never reach.
 
 pub mod btrfs;
@@ -39,6 +43,12 @@ pub enum StorageError {
     Command { op: String, detail: String },
     #[error("invalid volume name {0:?}: must be non-empty and contain no '/', '..' or NUL")]
     InvalidName(String),
+    #[error("invalid snapshot name {0:?}: {1}")]
+    InvalidSnapshotName(String, &'static str),
+    #[error("snapshot {snapshot} of instance {instance} does not exist")]
+    SnapshotNotFound { instance: String, snapshot: String },
+    #[error("snapshot {snapshot} of instance {instance} already exists")]
+    SnapshotExists { instance: String, snapshot: String },
     #[error("the {driver} storage driver cannot limit disk use")]
     DiskLimitUnsupported { driver: &'static str },
     #[error("storage pool {path} is unusable: {reason}")]
@@ -67,6 +77,14 @@ pub struct DiskUsage {
     pub limit: Option<u64>,
 }
 
+/// A snapshot of an instance volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotMeta {
+    pub name: String,
+    /// Unix seconds when it was taken.
+    pub created_at: i64,
+}
+
 /// A storage driver. Every method is blocking (call it from `spawn_blocking`) and idempotent
 /// where the name says so.
 pub trait StorageDriver: Send + Sync {
@@ -79,6 +97,15 @@ pub trait StorageDriver: Send + Sync {
     /// Creates an empty image volume to be filled, and returns its directory
     /// (`images/<fingerprint>`, with an empty `rootfs/` inside).
     fn create_image_volume(&self, fingerprint: &str) -> Result<PathBuf, StorageError>;
+    /// Makes a writable image volume `images/<fingerprint>` from a copy of `source` (an
+    /// instance volume or a snapshot: a btrfs snapshot, a plain copy on the dir driver) and
+    /// returns its directory; seal it with [`StorageDriver::finish_image_volume`]. A leftover
+    /// volume of that name is replaced.
+    fn create_image_volume_from(
+        &self,
+        fingerprint: &str,
+        source: &Path,
+    ) -> Result<PathBuf, StorageError>;
     /// Seals a filled image volume (read-only subvolume on btrfs).
     fn finish_image_volume(&self, fingerprint: &str) -> Result<(), StorageError>;
     fn image_volume(&self, fingerprint: &str) -> Option<PathBuf>;
@@ -102,6 +129,91 @@ pub trait StorageDriver: Send + Sync {
     /// Removes an instance volume; succeeds when it is already gone.
     fn delete_instance_volume(&self, name: &str) -> Result<(), StorageError>;
     fn rename_instance_volume(&self, from: &str, to: &str) -> Result<(), StorageError>;
+
+    /// The pool root (`images/`, `containers/` and `snapshots/` are below it).
+    fn pool_root(&self) -> &Path;
+
+    /// Where a snapshot's volume is (`snapshots/<instance>/<snapshot>`), whether or not it
+    /// exists; the names are checked.
+    fn snapshot_path(&self, instance: &str, snapshot: &str) -> Result<PathBuf, StorageError> {
+        check_volume_name(instance)?;
+        check_snapshot_name(snapshot)?;
+        Ok(self
+            .pool_root()
+            .join(SNAPSHOTS_DIR)
+            .join(instance)
+            .join(snapshot))
+    }
+    /// Takes a snapshot of an instance volume (read-only; crash-consistent when the instance
+    /// runs). Taking one that exists returns it unchanged.
+    fn create_snapshot(&self, instance: &str, snapshot: &str)
+    -> Result<SnapshotMeta, StorageError>;
+    /// Deletes a snapshot; succeeds when it is already gone.
+    fn delete_snapshot(&self, instance: &str, snapshot: &str) -> Result<(), StorageError>;
+    /// Renames a snapshot (its creation time stays).
+    fn rename_snapshot(&self, instance: &str, from: &str, to: &str) -> Result<(), StorageError> {
+        let src = self.snapshot_path(instance, from)?;
+        let dst = self.snapshot_path(instance, to)?;
+        if !src.is_dir() {
+            return Err(StorageError::SnapshotNotFound {
+                instance: instance.to_string(),
+                snapshot: from.to_string(),
+            });
+        }
+        if std::fs::symlink_metadata(&dst).is_ok() {
+            return Err(StorageError::SnapshotExists {
+                instance: instance.to_string(),
+                snapshot: to.to_string(),
+            });
+        }
+        let created = snapshot_created_at(&src);
+        std::fs::rename(&src, &dst).map_err(io_err(&src))?;
+        write_created_at(&dst, created)?;
+        let _ = std::fs::remove_file(created_path(&src));
+        Ok(())
+    }
+    /// An instance's snapshots, oldest first (then by name). None is an empty list.
+    fn list_snapshots(&self, instance: &str) -> Result<Vec<SnapshotMeta>, StorageError> {
+        check_volume_name(instance)?;
+        list_snapshot_dir(&self.pool_root().join(SNAPSHOTS_DIR).join(instance))
+    }
+    /// Bytes only this snapshot holds (what deleting it would free); 0 when the driver cannot
+    /// tell.
+    fn snapshot_size(&self, instance: &str, snapshot: &str) -> Result<u64, StorageError> {
+        let _ = (instance, snapshot);
+        Ok(0)
+    }
+    /// Records when a snapshot was taken (for a snapshot received from another node).
+    fn set_snapshot_created_at(
+        &self,
+        instance: &str,
+        snapshot: &str,
+        created_at: i64,
+    ) -> Result<(), StorageError> {
+        let path = self.snapshot_path(instance, snapshot)?;
+        if !path.is_dir() {
+            return Err(StorageError::SnapshotNotFound {
+                instance: instance.to_string(),
+                snapshot: snapshot.to_string(),
+            });
+        }
+        write_created_at(&path, created_at)
+    }
+    /// Replaces the instance volume by a writable copy of the snapshot (the instance must be
+    /// stopped); a disk limit on the volume is set again on the new one.
+    fn restore_snapshot(&self, instance: &str, snapshot: &str) -> Result<(), StorageError>;
+    /// Makes instance volume `dst` from instance `src` (or its snapshot `src_snapshot`), with
+    /// copies of `src`'s snapshots unless `instance_only` (a copy from a snapshot takes no
+    /// snapshots, as in LXD). With `refresh`, `dst` exists (stopped): its root filesystem is
+    /// replaced and the snapshots it lacks are added. Without it, `dst` must not exist.
+    fn copy_instance_volume(
+        &self,
+        src: &str,
+        src_snapshot: Option<&str>,
+        dst: &str,
+        instance_only: bool,
+        refresh: bool,
+    ) -> Result<(), StorageError>;
 
     /// Whether the driver can limit an instance volume's size (`limits.disk`).
     fn supports_disk_limits(&self) -> bool {
@@ -131,6 +243,84 @@ pub trait StorageDriver: Send + Sync {
 pub const IMAGES_DIR: &str = "images";
 /// Subdirectory of the pool holding instance volumes.
 pub const CONTAINERS_DIR: &str = "containers";
+/// Subdirectory of the pool holding snapshots (`snapshots/<instance>/<snapshot>`).
+pub const SNAPSHOTS_DIR: &str = "snapshots";
+/// Longest snapshot name.
+pub const MAX_SNAPSHOT_NAME: usize = 63;
+
+/// Refuses a snapshot name that is not a valid volume name or is longer than 63 bytes.
+pub fn check_snapshot_name(name: &str) -> Result<(), StorageError> {
+    if name.len() > MAX_SNAPSHOT_NAME {
+        return Err(StorageError::InvalidSnapshotName(
+            name.to_string(),
+            "longer than 63 characters",
+        ));
+    }
+    check_volume_name(name).map_err(|_| {
+        StorageError::InvalidSnapshotName(
+            name.to_string(),
+            "must be non-empty, not start with '.' and contain no '/', '..' or NUL",
+        )
+    })
+}
+
+/// The sidecar file holding a snapshot's creation time.
+pub(crate) fn created_path(snapshot: &Path) -> PathBuf {
+    let name = snapshot
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    snapshot.with_file_name(format!(".{name}.created"))
+}
+
+/// Writes a snapshot's creation time to its sidecar file (atomically).
+pub(crate) fn write_created_at(snapshot: &Path, created_at: i64) -> Result<(), StorageError> {
+    let path = created_path(snapshot);
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{created_at}\n")).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io_err(&tmp))
+}
+
+/// A snapshot's creation time: its sidecar file, else the volume's modification time.
+pub(crate) fn snapshot_created_at(snapshot: &Path) -> i64 {
+    if let Ok(t) = std::fs::read_to_string(created_path(snapshot))
+        && let Ok(v) = t.trim().parse::<i64>()
+    {
+        return v;
+    }
+    std::fs::metadata(snapshot)
+        .ok()
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The snapshots in `snapshots/<instance>` (oldest first, then by name); none when the
+/// directory is missing.
+pub(crate) fn list_snapshot_dir(dir: &Path) -> Result<Vec<SnapshotMeta>, StorageError> {
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut out: Vec<SnapshotMeta> = list_names(dir)?
+        .into_iter()
+        .filter(|n| dir.join(n).is_dir())
+        .map(|name| SnapshotMeta {
+            created_at: snapshot_created_at(&dir.join(&name)),
+            name,
+        })
+        .collect();
+    out.sort_by(|a, b| (a.created_at, &a.name).cmp(&(b.created_at, &b.name)));
+    Ok(out)
+}
+
+/// Unix seconds now.
+pub(crate) fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
 
 /// Refuses a volume name that could leave its parent directory (defense in depth: callers
 /// validate names already).
@@ -260,13 +450,112 @@ impl PoolLayout {
         )
     }
 
+    /// Renames an instance volume and moves its snapshots along (`snapshots/<from>` becomes
+    /// `snapshots/<to>`).
     pub(crate) fn rename_instance_volume(&self, from: &str, to: &str) -> Result<(), StorageError> {
+        let snaps_from = self.snapshots_of(from)?;
+        let snaps_to = self.snapshots_of(to)?;
+        if snaps_from.exists() && std::fs::symlink_metadata(&snaps_to).is_ok() {
+            return Err(StorageError::VolumeExists(format!(
+                "{to} (its snapshot directory)"
+            )));
+        }
         rename_volume(
             &self.instance_path(from)?,
             &self.instance_path(to)?,
             || StorageError::VolumeNotFound(from.to_string()),
             to,
-        )
+        )?;
+        if snaps_from.exists()
+            && let Err(e) = std::fs::rename(&snaps_from, &snaps_to)
+        {
+            // Put the volume back: volume and snapshots move together or not at all.
+            let _ = std::fs::rename(self.instance_path(to)?, self.instance_path(from)?);
+            return Err(io_err(&snaps_from)(e));
+        }
+        Ok(())
+    }
+
+    /// `snapshots/<instance>` (whether or not it exists).
+    pub(crate) fn snapshots_of(&self, instance: &str) -> Result<PathBuf, StorageError> {
+        check_volume_name(instance)?;
+        Ok(self.root.join(SNAPSHOTS_DIR).join(instance))
+    }
+
+    /// A hidden scratch path next to the instance volumes (`containers/.<what>-<name>`), where
+    /// a new volume is made before it takes its place.
+    pub(crate) fn scratch_path(&self, what: &str, name: &str) -> Result<PathBuf, StorageError> {
+        check_volume_name(name)?;
+        Ok(self
+            .root
+            .join(CONTAINERS_DIR)
+            .join(format!(".{what}-{name}")))
+    }
+
+    /// The existing snapshot's path, or `SnapshotNotFound`.
+    pub(crate) fn existing_snapshot(
+        &self,
+        instance: &str,
+        snapshot: &str,
+    ) -> Result<PathBuf, StorageError> {
+        check_snapshot_name(snapshot)?;
+        let path = self.snapshots_of(instance)?.join(snapshot);
+        if !path.is_dir() {
+            return Err(StorageError::SnapshotNotFound {
+                instance: instance.to_string(),
+                snapshot: snapshot.to_string(),
+            });
+        }
+        Ok(path)
+    }
+
+    /// The existing instance volume's path, or `VolumeNotFound`.
+    pub(crate) fn existing_instance(&self, name: &str) -> Result<PathBuf, StorageError> {
+        self.instance_volume(name)
+            .ok_or_else(|| StorageError::VolumeNotFound(name.to_string()))
+    }
+
+    /// Where a new snapshot of `instance` goes, creating `snapshots/<instance>` (0700) when
+    /// missing.
+    pub(crate) fn new_snapshot_path(
+        &self,
+        instance: &str,
+        snapshot: &str,
+    ) -> Result<PathBuf, StorageError> {
+        check_snapshot_name(snapshot)?;
+        let dir = self.snapshots_of(instance)?;
+        create_dir_if_missing(&dir, 0o700)?;
+        Ok(dir.join(snapshot))
+    }
+
+    /// Removes `snapshots/<instance>` once it holds no snapshot (sidecars go with it).
+    pub(crate) fn remove_snapshot_dir_if_empty(&self, instance: &str) -> Result<(), StorageError> {
+        let dir = self.snapshots_of(instance)?;
+        if !dir.is_dir() || !list_snapshot_dir(&dir)?.is_empty() {
+            return Ok(());
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(&dir)(e)),
+        }
+    }
+
+    /// Puts the volume at `new` in place of instance volume `name`: the old one is moved aside
+    /// to `old` (which the caller then deletes). On failure the old volume is back in place.
+    pub(crate) fn swap_instance_volume(
+        &self,
+        name: &str,
+        new: &Path,
+        old: &Path,
+    ) -> Result<(), StorageError> {
+        let vol = self.existing_instance(name)?;
+        std::fs::rename(&vol, old).map_err(io_err(&vol))?;
+        if let Err(e) = std::fs::rename(new, &vol) {
+            let _ = std::fs::rename(old, &vol);
+            return Err(io_err(new)(e));
+        }
+        Ok(())
     }
 }
 
