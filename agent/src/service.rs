@@ -321,8 +321,9 @@ impl Agent for AgentService {
         &self,
         req: Request<v1::CreateInstanceRequest>,
     ) -> Result<Response<v1::InstanceStatus>, Status> {
+        let req = req.into_inner();
+        let existing_volume = req.existing_volume;
         let mut spec = req
-            .into_inner()
             .spec
             .ok_or_else(|| Status::invalid_argument("the request has no instance spec"))?;
         berth_proto::api::names::validate_scoped_name(&spec.name)
@@ -335,7 +336,7 @@ impl Agent for AgentService {
         let span = info_span!("create", instance = %spec.name);
         let status = self
             .engine
-            .create(&spec)
+            .create_with(&spec, existing_volume)
             .instrument(span)
             .await
             .map_err(engine_status)?;
