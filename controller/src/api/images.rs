@@ -1,9 +1,11 @@
-//! `/1.0/images`: list, build, import, delete, and aliases.
+//! `/1.0/images`: list, build, import, publish (from a stopped instance or a snapshot),
+//! export (a streamed unified tarball), properties and the public flag (PUT, PATCH), delete,
+//! and aliases.
 //!
 //! Aliases belong to a project. Images built or imported by a project are that project's
 //! (`Image.projects`); those of the default project are shared with every project. A key
-//! sees the images its project may use and only its project's aliases; anything else is
-//! 404, as if it did not exist.
+//! sees the images its project may use (public images included) and only its project's
+//! aliases; anything else is 404, as if it did not exist.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -284,10 +286,11 @@ pub async fn create(
     } else {
         req.aliases.clone()
     };
-    // Every online node builds the image unless one is named: instances can then be placed
-    // anywhere (nodes do not copy images between themselves yet). Recipes are reproducible
-    // where they can be (busybox gives the same fingerprint everywhere); where they are not
-    // (debootstrap), each node's build is its own image and the alias names the first.
+    // Every online node builds the image unless one is named, so that the first launches
+    // anywhere need no pull (a node that lacks an image pulls it from a holder before a
+    // create). Recipes are reproducible where they can be (busybox gives the same fingerprint
+    // everywhere); where they are not (debootstrap), each node's build is its own image and
+    // the alias names the first.
     let nodes = build_nodes(&state, &target.target).await?;
     let op = new_operation_in(
         &state,

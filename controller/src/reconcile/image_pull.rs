@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use super::{Outcome, call, passing};
 use crate::agents::{LONG_CALL, SHORT_CALL};
 use crate::api::AppState;
-use crate::state::{Command, Node, NodeStatus};
+use crate::state::{Command, Node, NodeStatus, State};
 
 /// How a pull failed: `passing` failures (a node unreachable, busy) are retried by the
 /// reconciler; the others end the create with `message`.
@@ -128,37 +128,43 @@ pub(super) async fn ensure_image(
 /// The online nodes other than `node` that hold the image, origins first (they built or
 /// published it), then by name; `Err` when there are none.
 fn holders(state: &Arc<AppState>, fingerprint: &str, node: &str) -> Result<Vec<Node>, PullError> {
-    state.cp.read_local(|s| {
-        let Some(image) = s.images.get(fingerprint) else {
-            return Err(PullError::failed(format!(
-                "image {fingerprint} does not exist"
-            )));
-        };
-        let mut online: Vec<Node> = image
+    state.cp.read_local(|s| holders_in(s, fingerprint, node))
+}
+
+/// [`holders`] in the state `s`.
+fn holders_in(s: &State, fingerprint: &str, node: &str) -> Result<Vec<Node>, PullError> {
+    let Some(image) = s.images.get(fingerprint) else {
+        return Err(PullError::failed(format!(
+            "image {fingerprint} does not exist"
+        )));
+    };
+    let mut online: Vec<Node> = image
+        .locations
+        .iter()
+        .filter(|n| n.as_str() != node)
+        .filter_map(|n| s.nodes.get(n))
+        .filter(|n| n.status == NodeStatus::Online)
+        .cloned()
+        .collect();
+    online.sort_by_key(|n| (!image.origins.contains(&n.name), n.name.clone()));
+    if online.is_empty() {
+        let any = image
             .locations
             .iter()
-            .filter(|n| n.as_str() != node)
-            .filter_map(|n| s.nodes.get(n))
-            .filter(|n| n.status == NodeStatus::Online)
-            .cloned()
-            .collect();
-        online.sort_by_key(|n| (!image.origins.contains(&n.name), n.name.clone()));
-        if online.is_empty() {
-            let any = image.locations.iter().any(|n| n != node);
-            return Err(PullError {
-                // An offline holder may return.
-                passing: any,
-                message: if any {
-                    format!(
-                        "no node that holds image {fingerprint} is online to send it to node {node}"
-                    )
-                } else {
-                    format!("no node holds image {fingerprint}")
-                },
-            });
-        }
-        Ok(online)
-    })
+            .any(|n| n != node && s.nodes.contains_key(n));
+        return Err(PullError {
+            // An offline holder may return.
+            passing: any,
+            message: if any {
+                format!(
+                    "no node that holds image {fingerprint} is online to send it to node {node}"
+                )
+            } else {
+                format!("no node holds image {fingerprint}")
+            },
+        });
+    }
+    Ok(online)
 }
 
 /// One pull of `fingerprint` to `node`: from each online holder in turn until one succeeds.
@@ -416,6 +422,47 @@ mod tests {
         let other = pulls.join("fp", "n3", || async { Ok(()) }).await;
         assert_eq!(other, Ok(()));
         assert_eq!(pulls.in_flight(), 0);
+    }
+
+    #[test]
+    fn holders_are_online_origins_first() {
+        let mut s = State::default();
+        for (name, status) in [
+            ("n1", NodeStatus::Online),
+            ("n2", NodeStatus::Online),
+            ("n3", NodeStatus::Offline),
+            ("n4", NodeStatus::Online),
+        ] {
+            s.nodes.insert(
+                name.into(),
+                Node {
+                    name: name.into(),
+                    status,
+                    ..Default::default()
+                },
+            );
+        }
+        s.images.insert(
+            "fp".into(),
+            crate::state::Image {
+                fingerprint: "fp".into(),
+                locations: ["n1", "n2", "n3"].iter().map(|n| n.to_string()).collect(),
+                origins: ["n2".to_string()].into(),
+                ..Default::default()
+            },
+        );
+        let names = |r: Result<Vec<Node>, PullError>| -> Vec<String> {
+            r.unwrap().into_iter().map(|n| n.name).collect()
+        };
+        assert_eq!(names(holders_in(&s, "fp", "n4")), ["n2", "n1"]);
+        assert_eq!(names(holders_in(&s, "fp", "n2")), ["n1"]);
+        // Only an offline holder: passing; no holder at all, or no image: for good.
+        s.images.get_mut("fp").unwrap().locations = ["n3".to_string()].into();
+        assert!(holders_in(&s, "fp", "n4").unwrap_err().passing);
+        s.images.get_mut("fp").unwrap().locations.clear();
+        let none = holders_in(&s, "fp", "n4").unwrap_err();
+        assert_eq!(none, PullError::failed("no node holds image fp".into()));
+        assert!(!holders_in(&s, "gone", "n4").unwrap_err().passing);
     }
 
     #[test]
