@@ -460,3 +460,175 @@ fn stop_timeout(state: &SharedState, i: &Instance) -> u32 {
         .unwrap_or(30)
         .min(STOP_TIMEOUT_CAP_SECS)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::api::projects::testkit::*;
+    use crate::api::transfers::testsupport::*;
+
+    fn state_body(action: &str, mode: &str) -> serde_json::Value {
+        json!({"action": action, "mode": mode})
+    }
+
+    #[test]
+    fn requests_parse() {
+        let parse = |a: &str, m: &str| {
+            Request::parse(&ClusterMemberStatePost {
+                action: a.into(),
+                mode: m.into(),
+            })
+        };
+        assert_eq!(
+            parse("evacuate", "").unwrap(),
+            Request::Evacuate { stop: false }
+        );
+        assert_eq!(
+            parse("evacuate", "move").unwrap(),
+            Request::Evacuate { stop: false }
+        );
+        assert_eq!(
+            parse("evacuate", "stop").unwrap(),
+            Request::Evacuate { stop: true }
+        );
+        assert_eq!(parse("restore", "").unwrap(), Request::Restore);
+        for (a, m) in [
+            ("evacuate", "migrate"),
+            ("restore", "stop"),
+            ("drain", ""),
+            ("", ""),
+        ] {
+            assert_eq!(parse(a, m).unwrap_err().status.as_u16(), 400, "{a} {m}");
+        }
+    }
+
+    /// Polls the model until `f` holds (at most 10 s).
+    async fn until(api: &Api, f: impl Fn(&crate::state::State) -> bool) -> crate::state::State {
+        for _ in 0..100 {
+            let m = api.model().await;
+            if f(&m) {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the state never reached the expected shape");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn evacuation_is_checked() {
+        let api = Api::start().await;
+        api.add_node_and_image().await;
+        api.add_instance("a", "web", &[]).await;
+        let path = "/1.0/cluster/members/n1/state";
+        let (s, _) = api
+            .call(MEMBER_A, "POST", path, Some(state_body("evacuate", "")))
+            .await;
+        assert_eq!(s, 403);
+        let (s, answer) = api
+            .call(
+                OPERATOR,
+                "POST",
+                "/1.0/cluster/members/n9/state",
+                Some(state_body("evacuate", "")),
+            )
+            .await;
+        assert_eq!(s, 404, "{answer}");
+        let (s, answer) = api
+            .call(
+                OPERATOR,
+                "POST",
+                path,
+                Some(state_body("evacuate", "drain")),
+            )
+            .await;
+        assert_eq!(s, 400, "{answer}");
+        // The only node cannot send its instances anywhere.
+        let (s, answer) = api
+            .call(OPERATOR, "POST", path, Some(state_body("evacuate", "move")))
+            .await;
+        assert_eq!(s, 400, "{answer}");
+        assert!(answer.to_string().contains("nowhere"), "{answer}");
+        assert!(!api.model().await.nodes["n1"].evacuated);
+        api.cp.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stopped_instances_are_marked_and_moved_away_and_restore_clears_the_node() {
+        let api = Api::start().await;
+        api.add_node_and_image().await;
+        add_node(&api, "n2", 2).await;
+        api.add_instance("a", "web", &[]).await;
+        let path = "/1.0/cluster/members/n1/state";
+        let (s, answer) = api
+            .call(OPERATOR, "POST", path, Some(state_body("evacuate", "")))
+            .await;
+        assert_eq!(s, 202, "{answer}");
+        // No reconciler runs here: the move waits as a pending action, after the mark.
+        let m = until(&api, |m| m.instances["a_web"].pending.is_some()).await;
+        assert!(m.nodes["n1"].evacuated);
+        let i = &m.instances["a_web"];
+        assert_eq!(
+            i.evacuated_from,
+            Some(Evacuation {
+                node: "n1".into(),
+                mode: "move".into(),
+                was_running: false,
+            })
+        );
+        assert_eq!(
+            i.pending.as_ref().unwrap().action,
+            Action::Migrate {
+                from: "n1".into(),
+                to: "n2".into(),
+                live: false,
+            }
+        );
+        // Restore refuses a mode; without one it clears the node's mark at once.
+        let (s, _) = api
+            .call(OPERATOR, "POST", path, Some(state_body("restore", "move")))
+            .await;
+        assert_eq!(s, 400);
+        let (s, answer) = api
+            .call(OPERATOR, "POST", path, Some(state_body("restore", "")))
+            .await;
+        assert_eq!(s, 202, "{answer}");
+        assert!(!api.model().await.nodes["n1"].evacuated);
+        api.cp.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_empty_node_evacuates_at_once_with_its_results_in_the_operation() {
+        let api = Api::start().await;
+        api.add_node_and_image().await;
+        let (s, answer) = api
+            .call(
+                OPERATOR,
+                "POST",
+                "/1.0/cluster/members/n1/state",
+                Some(state_body("evacuate", "stop")),
+            )
+            .await;
+        assert_eq!(s, 202, "{answer}");
+        let id = answer["metadata"]["id"].as_str().unwrap().to_string();
+        let m = until(&api, |m| m.operations[&id].status.is_final()).await;
+        let op = &m.operations[&id];
+        assert_eq!(op.status, OperationStatus::Success, "{}", op.err);
+        let meta: EvacuationMetadata = serde_json::from_value(op.metadata.clone()).unwrap();
+        assert_eq!(
+            meta,
+            EvacuationMetadata {
+                node: "n1".into(),
+                action: "evacuate".into(),
+                mode: "stop".into(),
+                instances: vec![],
+            }
+        );
+        assert!(m.nodes["n1"].evacuated);
+        api.cp.shutdown().await;
+    }
+}
