@@ -109,7 +109,7 @@ pub fn to_api(i: &Instance, node: Option<&Node>) -> api::Instance {
         last_used_at: i.last_used_at.clone(),
         image: i.image.clone(),
         state: None,
-        ..Default::default()
+        snapshots: super::snapshots::views(i),
     }
 }
 
