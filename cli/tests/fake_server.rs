@@ -72,6 +72,10 @@ struct State {
     stale_puts: u32,
     /// The If-Match headers PUTs came with.
     if_matches: Vec<String>,
+    /// JSON bodies of requests, with their method and URI.
+    bodies: Vec<(String, serde_json::Value)>,
+    /// Running states an operation's wait answers with before its final one (progress).
+    progress: HashMap<String, std::collections::VecDeque<Operation>>,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -448,6 +452,31 @@ fn start_op(
     json_response(StatusCode::ACCEPTED, &Envelope::asynchronous(&running))
 }
 
+/// Like [`start_op`], with running states carrying `steps` as metadata first (what a copy or
+/// move reports while it runs).
+fn start_transfer_op(
+    st: &mut State,
+    steps: &[serde_json::Value],
+    metadata: serde_json::Value,
+    err: Option<&str>,
+) -> Response<Full<Bytes>> {
+    let resp = start_op(st, metadata, err);
+    let id = format!("op{}", st.next);
+    let running = steps
+        .iter()
+        .map(|m| Operation {
+            id: id.clone(),
+            class: "task".into(),
+            status: OperationStatus::Running,
+            status_code: 103,
+            metadata: m.clone(),
+            ..Default::default()
+        })
+        .collect();
+    st.progress.insert(id, running);
+    resp
+}
+
 fn query(req: &Request<Incoming>) -> HashMap<String, String> {
     let mut out = HashMap::new();
     for pair in req.uri().query().unwrap_or("").split('&') {
@@ -616,8 +645,12 @@ async fn handle(
         .iter()
         .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
         .collect();
+    let uri = req.uri().to_string();
     let body = req.into_body().collect().await.unwrap().to_bytes();
     let mut st = shared.lock().unwrap();
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
+        st.bodies.push((format!("{method} {uri}"), v));
+    }
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     if let Some(resp) = tenancy_route(&mut st, &method, segs.as_slice(), &q, &headers, &body) {
         return Ok(resp);
@@ -643,6 +676,50 @@ async fn handle(
         (&Method::POST, ["1.0", "instances"]) => {
             let raw: serde_json::Value = serde_json::from_slice(&body).unwrap();
             let post: InstancesPost = serde_json::from_value(raw.clone()).unwrap();
+            if post.source.kind == "copy" {
+                let (src, snap) = match post.source.source.split_once('/') {
+                    Some((i, s)) => (i.to_string(), Some(s.to_string())),
+                    None => (post.source.source.clone(), None),
+                };
+                let Some(source) = st.instances.get(&src).cloned() else {
+                    return Ok(error(404, &format!("instance \"{src}\" not found")));
+                };
+                if let Some(snap) = &snap
+                    && !source.snapshots.iter().any(|s| &s.name == snap)
+                {
+                    return Ok(error(404, &format!("snapshot \"{src}/{snap}\" not found")));
+                }
+                if st.instances.contains_key(&post.name) && !post.source.refresh {
+                    return Ok(error(
+                        409,
+                        &format!("instance \"{}\" already exists", post.name),
+                    ));
+                }
+                let mut copy = source.clone();
+                copy.name = post.name.clone();
+                copy.config.extend(post.config.clone());
+                if raw.get("profiles").is_some() {
+                    copy.profiles = post.profiles.clone();
+                }
+                if post.source.instance_only || snap.is_some() {
+                    copy.snapshots.clear();
+                }
+                if let Some(node) = q.get("target") {
+                    copy.location = node.clone();
+                }
+                let running = post.start;
+                copy.status = if running { "Running" } else { "Stopped" }.into();
+                copy.status_code = if running { 103 } else { 102 };
+                st.instances.insert(post.name.clone(), copy);
+                let step = |stage: &str, bytes: u64| serde_json::json!({"stage": stage, "bytes": bytes, "rate": 50u64 << 20});
+                return Ok(start_transfer_op(
+                    &mut st,
+                    &[step("sending", 10 << 20), step("sending", 60 << 20)],
+                    serde_json::json!({"stage": "done", "bytes": 64u64 << 20, "rate": 0,
+                        "passes": [{"kind": "full", "bytes": 64u64 << 20, "millis": 1300}]}),
+                    None,
+                ));
+            }
             if st.instances.contains_key(&post.name) {
                 error(409, &format!("instance \"{}\" already exists", post.name))
             } else if post.source.alias.is_empty() && post.source.fingerprint != "abcdef" {
@@ -668,6 +745,12 @@ async fn handle(
             } else {
                 instance_route(&mut st, m, &name, rest, &q, &headers, &body)
             }
+        }
+        (&Method::GET, ["1.0", "operations", id, "wait"])
+            if st.progress.get(*id).is_some_and(|p| !p.is_empty()) =>
+        {
+            let op = st.progress.get_mut(*id).unwrap().pop_front().unwrap();
+            sync(serde_json::to_value(op).unwrap())
         }
         (&Method::GET, ["1.0", "operations", id, "wait"]) => match st.ops.get(*id) {
             Some(op) => sync(serde_json::to_value(op).unwrap()),
@@ -698,9 +781,36 @@ async fn handle(
         (&Method::GET, ["1.0", "images"]) => sync(serde_json::to_value(&st.images).unwrap()),
         (&Method::GET, ["1.0", "images", fp]) => {
             match st.images.iter().find(|i| i.fingerprint.starts_with(*fp)) {
-                Some(i) => sync(serde_json::to_value(i).unwrap()),
+                Some(i) => tagged(serde_json::to_value(i).unwrap()),
                 None => error(404, "image not found"),
             }
+        }
+        (&Method::PUT, ["1.0", "images", fp]) => {
+            let Some(n) = st.images.iter().position(|i| i.fingerprint == *fp) else {
+                return Ok(error(404, "image not found"));
+            };
+            let current = serde_json::to_value(&st.images[n]).unwrap();
+            if let Some(r) = precondition(&mut st, &headers, &current) {
+                return Ok(r);
+            }
+            let put: berth_proto::api::ImagePut = serde_json::from_slice(&body).unwrap();
+            st.images[n].properties = put.properties;
+            st.images[n].public = put.public;
+            sync(serde_json::Value::Null)
+        }
+        (&Method::GET, ["1.0", "images", fp, "export"]) => {
+            if !st.images.iter().any(|i| i.fingerprint == *fp) {
+                return Ok(error(404, "image not found"));
+            }
+            let data: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251) as u8).collect();
+            return Ok(Response::builder()
+                .header("content-type", "application/octet-stream")
+                .header(
+                    "content-disposition",
+                    format!("attachment; filename={fp}.tar.gz"),
+                )
+                .body(Full::new(Bytes::from(data)))
+                .unwrap());
         }
         (&Method::DELETE, ["1.0", "images", fp]) => {
             let fp = fp.to_string();
@@ -719,6 +829,21 @@ async fn handle(
                     .unwrap_or_default()
             } else {
                 let post: berth_proto::api::ImagesPost = serde_json::from_slice(&body).unwrap();
+                if post.source.kind == "instance" || post.source.kind == "snapshot" {
+                    let inst = post.source.name.split('/').next().unwrap_or("");
+                    match st.instances.get(inst) {
+                        None => return Ok(error(404, &format!("instance \"{inst}\" not found"))),
+                        Some(i) if post.source.kind == "instance" && i.status == "Running" => {
+                            return Ok(error(
+                                409,
+                                &format!(
+                                    "instance \"{inst}\" is running: stop it or publish a snapshot"
+                                ),
+                            ));
+                        }
+                        _ => {}
+                    }
+                }
                 if post.source.recipe == "broken" {
                     return Ok(start_op(
                         &mut st,
@@ -743,6 +868,11 @@ async fn handle(
                     .collect(),
                 architecture: "x86_64".into(),
                 size: body.len() as u64,
+                properties: serde_json::from_slice::<berth_proto::api::ImagesPost>(&body)
+                    .map(|p| p.properties)
+                    .unwrap_or_default(),
+                public: serde_json::from_slice::<berth_proto::api::ImagesPost>(&body)
+                    .is_ok_and(|p| p.public),
                 ..Default::default()
             });
             start_op(&mut st, serde_json::json!({ "fingerprint": fp }), None)
@@ -793,6 +923,36 @@ async fn handle(
                 };
             }
             sync(serde_json::Value::Null)
+        }
+        (&Method::POST, ["1.0", "cluster", "members", node, "state"]) => {
+            let post: berth_proto::api::ClusterMemberStatePost =
+                serde_json::from_slice(&body).unwrap();
+            if *node != "node1" && *node != "node2" {
+                return Ok(error(404, &format!("node \"{node}\" not found")));
+            }
+            let (result, err) = match (post.action.as_str(), *node) {
+                ("evacuate", "node2") => ("failed", "no other node can take it"),
+                ("evacuate", _) if post.mode == "stop" => ("stopped", ""),
+                ("evacuate", _) => ("moved", ""),
+                _ => ("returned", ""),
+            };
+            let meta = serde_json::json!({"node": node, "action": post.action,
+            "mode": post.mode, "instances": [
+                {"instance": "web1", "project": "default", "result": result,
+                 "node": if result == "moved" { "node3" } else { *node }, "error": err},
+                {"instance": "db", "project": "team-a", "result": "left",
+                 "node": node, "error": ""}
+            ]});
+            if result == "failed" {
+                // As the server: the metadata is kept, the operation fails with a count.
+                start_op(
+                    &mut st,
+                    meta,
+                    Some("1 of 2 instances could not be evacuated; run it again to retry them"),
+                )
+            } else {
+                start_op(&mut st, meta, None)
+            }
         }
         (&Method::GET, ["1.0", "cluster", "members", "node1"]) => sync(serde_json::json!({
             "name": "node1", "status": "Online", "config": st.node_config
@@ -856,6 +1016,89 @@ fn instance_route(
             st.instances.remove(name);
             start_op(st, serde_json::Value::Null, None)
         }
+        (&Method::POST, []) if q.contains_key("target") => {
+            let post: berth_proto::api::InstancePost = serde_json::from_slice(body).unwrap();
+            if post.name != name {
+                return error(
+                    400,
+                    "a move cannot rename the instance at the same time; move it, then rename it",
+                );
+            }
+            let node = q["target"].clone();
+            if node == "node9" {
+                return error(404, "node \"node9\" not found");
+            }
+            st.instances.get_mut(name).unwrap().location = node;
+            let step = |stage: &str, bytes: u64| serde_json::json!({"stage": stage, "bytes": bytes, "rate": 80u64 << 20});
+            start_transfer_op(
+                st,
+                &[
+                    step("pre-copy 1", 100 << 20),
+                    step("pre-copy 2", 400 << 20),
+                    step("final pass", 402 << 20),
+                ],
+                serde_json::json!({"stage": "done", "bytes": 402u64 << 20, "rate": 0,
+                    "passes": [
+                        {"kind": "pre-copy", "bytes": 400u64 << 20, "millis": 5200},
+                        {"kind": "final", "bytes": 2u64 << 20, "millis": 120}],
+                    "downtime_ms": 312}),
+                None,
+            )
+        }
+        (&Method::POST, ["snapshots"]) => {
+            let post: berth_proto::api::InstanceSnapshotsPost =
+                serde_json::from_slice(body).unwrap();
+            let i = st.instances.get_mut(name).unwrap();
+            let snap = if post.name.is_empty() {
+                (0..)
+                    .map(|n| format!("snap{n}"))
+                    .find(|n| !i.snapshots.iter().any(|s| &s.name == n))
+                    .unwrap()
+            } else {
+                post.name.clone()
+            };
+            if i.snapshots.iter().any(|s| s.name == snap) {
+                return error(409, &format!("snapshot \"{name}/{snap}\" already exists"));
+            }
+            i.snapshots.push(berth_proto::api::InstanceSnapshot {
+                name: snap,
+                created_at: "2026-11-30T02:05:09Z".into(),
+                expires_at: post.expires_at,
+                ..Default::default()
+            });
+            start_op(st, serde_json::Value::Null, None)
+        }
+        (&Method::GET, ["snapshots"]) => {
+            let snaps: Vec<_> = st.instances[name]
+                .snapshots
+                .iter()
+                .cloned()
+                .map(|mut s| {
+                    s.size = 3 << 20;
+                    s
+                })
+                .collect();
+            sync(serde_json::to_value(snaps).unwrap())
+        }
+        (m, ["snapshots", snap]) => {
+            let snap = decode(snap);
+            let i = st.instances.get_mut(name).unwrap();
+            let Some(n) = i.snapshots.iter().position(|s| s.name == snap) else {
+                return error(404, &format!("snapshot \"{name}/{snap}\" not found"));
+            };
+            match *m {
+                Method::DELETE => {
+                    i.snapshots.remove(n);
+                }
+                Method::POST => {
+                    let post: berth_proto::api::InstanceSnapshotPost =
+                        serde_json::from_slice(body).unwrap();
+                    i.snapshots[n].name = post.name;
+                }
+                _ => return error(405, "method not allowed"),
+            }
+            start_op(st, serde_json::Value::Null, None)
+        }
         (&Method::POST, []) => {
             let post: berth_proto::api::InstancePost = serde_json::from_slice(body).unwrap();
             let mut i = st.instances.remove(name).unwrap();
@@ -880,6 +1123,19 @@ fn instance_route(
                 return r;
             }
             let put: berth_proto::api::InstancePut = serde_json::from_slice(body).unwrap();
+            if !put.restore.is_empty() {
+                if !st.instances[name]
+                    .snapshots
+                    .iter()
+                    .any(|s| s.name == put.restore)
+                {
+                    return error(
+                        404,
+                        &format!("snapshot \"{name}/{}\" not found", put.restore),
+                    );
+                }
+                return start_op(st, serde_json::Value::Null, None);
+            }
             let i = st.instances.get_mut(name).unwrap();
             i.config = put.config;
             i.description = put.description;
@@ -2926,4 +3182,550 @@ async fn t73_remote_key_from_stdin_and_pinning() {
     f.conf_ok(&["remote", "switch", "r7"]).await;
     f.conf_ok(&["remote", "remove", "r6"]).await;
     assert!(!f.conf_dir().join("keys").join("r6.key").exists());
+}
+
+impl Fake {
+    /// The JSON bodies sent since the `from`th one, with their method and URI.
+    fn bodies_since(&self, from: usize) -> Vec<(String, serde_json::Value)> {
+        self.state.lock().unwrap().bodies[from..].to_vec()
+    }
+
+    fn body_count(&self) -> usize {
+        self.state.lock().unwrap().bodies.len()
+    }
+
+    fn add_instance(&self, name: &str, running: bool) {
+        self.state
+            .lock()
+            .unwrap()
+            .instances
+            .insert(name.into(), instance(name, running, BTreeMap::new()));
+    }
+
+    /// Adds remotes "one" (this fake, the default) and "two" (`other`, same CA and key).
+    async fn two_remotes(&self, other: SocketAddr) {
+        self.add_ca_remote("one").await;
+        let key = self.key.to_str().unwrap().to_string();
+        let ca = self.ca.to_str().unwrap().to_string();
+        let url2 = format!("https://127.0.0.1:{}", other.port());
+        self.conf_ok(&[
+            "remote",
+            "add",
+            "two",
+            &url2,
+            "--key-file",
+            &key,
+            "--ca-file",
+            &ca,
+        ])
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t80_snapshots() {
+    let f = start(&["127.0.0.1"]).await;
+    f.add_instance("web1", true);
+    // No name: the server picks one.
+    let from = f.body_count();
+    assert_eq!(f.ok(&["snapshot", "web1"]).await, "");
+    let bodies = f.bodies_since(from);
+    assert_eq!(bodies[0].0, "POST /1.0/instances/web1/snapshots");
+    assert_eq!(bodies[0].1["name"], "");
+    assert_eq!(bodies[0].1["stateful"], false);
+    f.ok(&["snapshot", "web1", "before-upgrade"]).await;
+    let o = f.run(&["snapshot", "web1", "snap0"]).await;
+    assert_eq!(
+        (o.code, o.stderr.as_str()),
+        (1, "Error: snapshot \"web1/snap0\" already exists\n")
+    );
+    let o = f.run(&["snapshot", "web1", "a/b"]).await;
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("may not contain"), "{}", o.stderr);
+
+    // berth list counts them; berth info lists them as lxc does.
+    let csv = f.ok(&["list", "-f", "csv", "-c", "nS"]).await;
+    assert_eq!(csv, "web1,2\n");
+    let info = f.ok(&["info", "web1"]).await;
+    assert!(info.contains("\nSnapshots:\n+"), "{info}");
+    assert!(
+        info.contains(
+            "|      NAME      |       TAKEN AT       | EXPIRES AT |  SIZE   | STATEFUL |"
+        ),
+        "{info}"
+    );
+    assert!(
+        info.contains(
+            "| before-upgrade | 2026/11/30 02:05 UTC |            | 3.00MiB | NO       |"
+        ),
+        "{info}"
+    );
+
+    // Restore: a PUT with "restore"; lxc's `NAME NAME/SNAP` spelling works too.
+    let from = f.body_count();
+    f.ok(&["restore", "web1", "snap0"]).await;
+    f.ok(&["restore", "web1", "web1/snap0"]).await;
+    let bodies = f.bodies_since(from);
+    assert_eq!(bodies.len(), 2);
+    for (req, body) in &bodies {
+        assert_eq!(req, "PUT /1.0/instances/web1");
+        assert_eq!(body["restore"], "snap0");
+    }
+    let o = f.run(&["restore", "web1", "nope"]).await;
+    assert_eq!(
+        (o.code, o.stderr.as_str()),
+        (1, "Error: snapshot \"web1/nope\" not found\n")
+    );
+
+    // Rename with move and rename; delete mixes instances and snapshots.
+    let from = f.body_count();
+    f.ok(&["move", "web1/snap0", "web1/first"]).await;
+    f.ok(&["rename", "web1/first", "one"]).await;
+    let bodies = f.bodies_since(from);
+    assert_eq!(
+        bodies[0],
+        (
+            "POST /1.0/instances/web1/snapshots/snap0".to_string(),
+            serde_json::json!({"name": "first"})
+        )
+    );
+    assert_eq!(
+        bodies[1],
+        (
+            "POST /1.0/instances/web1/snapshots/first".to_string(),
+            serde_json::json!({"name": "one"})
+        )
+    );
+    let o = f.run(&["move", "web1/one", "web2/one"]).await;
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("stays with its instance"), "{}", o.stderr);
+    f.add_instance("old", false);
+    let from = f.request_count();
+    f.ok(&["delete", "web1/one", "old", "web1/before-upgrade"])
+        .await;
+    let reqs = f.requests_since(from);
+    for r in [
+        "DELETE /1.0/instances/web1/snapshots/one",
+        "DELETE /1.0/instances/old",
+        "DELETE /1.0/instances/web1/snapshots/before-upgrade",
+    ] {
+        assert!(reqs.contains(&r.to_string()), "{reqs:?}");
+    }
+    let csv = f.ok(&["list", "-f", "csv", "-c", "nS"]).await;
+    assert_eq!(csv, "web1,0\n");
+    let info = f.ok(&["info", "web1"]).await;
+    assert!(!info.contains("Snapshots:"), "{info}");
+    let o = f.run(&["delete", "web1/gone"]).await;
+    assert_eq!(
+        (o.code, o.stderr.as_str()),
+        (1, "Error: snapshot \"web1/gone\" not found\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t81_copy_and_move() {
+    let f = start(&["127.0.0.1"]).await;
+    f.add_instance("web1", true);
+    f.ok(&["snapshot", "web1", "s1"]).await;
+    let from = f.body_count();
+    let o = f
+        .run(&[
+            "copy",
+            "web1/s1",
+            "web2",
+            "--target",
+            "node2",
+            "-c",
+            "user.role=clone",
+            "--start",
+        ])
+        .await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(o.stdout, "");
+    // Not a terminal: one plain line per stage, no bar.
+    assert_eq!(o.stderr, "Transferring instance: sending\n");
+    let (req, body) = &f.bodies_since(from)[0];
+    assert_eq!(req, "POST /1.0/instances?target=node2");
+    assert_eq!(body["name"], "web2");
+    assert_eq!(body["source"]["type"], "copy");
+    assert_eq!(body["source"]["source"], "web1/s1");
+    assert_eq!(body["source"]["instance_only"], false);
+    assert_eq!(body["source"]["refresh"], false);
+    assert_eq!(body["config"], serde_json::json!({"user.role": "clone"}));
+    assert_eq!(body["start"], true);
+    assert!(body.get("profiles").is_none(), "{body}");
+    // Polled with a short wait while it runs.
+    let polls = f
+        .state
+        .lock()
+        .unwrap()
+        .requests
+        .iter()
+        .filter(|r| r.contains("/wait?timeout=1"))
+        .count();
+    assert_eq!(polls, 3);
+
+    let from = f.body_count();
+    let o = f
+        .run(&[
+            "copy",
+            "web1",
+            "web3",
+            "--instance-only",
+            "--no-profiles",
+            "-q",
+        ])
+        .await;
+    assert_eq!((o.code, o.stderr.as_str()), (0, ""));
+    let (_, body) = &f.bodies_since(from)[0];
+    assert_eq!(body["source"]["instance_only"], true);
+    assert_eq!(body["profiles"], serde_json::json!([]));
+    let o = f.run(&["copy", "web1", "web3"]).await;
+    assert_eq!(
+        (o.code, o.stderr.as_str()),
+        (1, "Error: instance \"web3\" already exists\n")
+    );
+    let from = f.body_count();
+    f.ok(&["copy", "web1", "web3", "--refresh", "-q"]).await;
+    assert_eq!(f.bodies_since(from)[0].1["source"]["refresh"], true);
+    let o = f.run(&["copy", "nope", "web4"]).await;
+    assert_eq!(
+        (o.code, o.stderr.as_str()),
+        (1, "Error: instance \"nope\" not found\n")
+    );
+
+    // A live move: progress, then the downtime and the passes.
+    let from = f.body_count();
+    let o = f.run(&["move", "web1", "--target", "node2"]).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(
+        o.stdout,
+        "Downtime: 312 ms\nPasses: 2 (pre-copy 400.00MiB in 5.2 s, final 2.00MiB in 0.1 s)\n"
+    );
+    assert_eq!(
+        o.stderr,
+        "Transferring instance: pre-copy 1\nTransferring instance: pre-copy 2\nTransferring instance: final pass\n"
+    );
+    assert_eq!(
+        f.bodies_since(from)[0],
+        (
+            "POST /1.0/instances/web1?target=node2".to_string(),
+            serde_json::json!({"name": "web1", "migration": true, "live": true})
+        )
+    );
+    assert_eq!(f.state.lock().unwrap().instances["web1"].location, "node2");
+    // Move and rename: the move first, then the rename.
+    let from = f.body_count();
+    let o = f
+        .run(&["move", "web1", "web9", "--target", "node3", "--quiet"])
+        .await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(o.stderr, "");
+    let bodies = f.bodies_since(from);
+    assert_eq!(bodies[0].0, "POST /1.0/instances/web1?target=node3");
+    assert_eq!(
+        bodies[1],
+        (
+            "POST /1.0/instances/web1".to_string(),
+            serde_json::json!({"name": "web9", "migration": false, "live": false})
+        )
+    );
+    let o = f.run(&["move", "web9", "--target", "node9"]).await;
+    assert_eq!(
+        (o.code, o.stderr.as_str()),
+        (1, "Error: node \"node9\" not found\n")
+    );
+    // A plain rename prints nothing.
+    assert_eq!(f.ok(&["move", "web9", "web1"]).await, "");
+    let o = f.run(&["move", "web1", "web1"]).await;
+    assert_eq!(o.code, 1);
+
+    // Two remotes: refused with a sentence before any request.
+    let (addr2, _state2) = serve(f.acceptor.clone()).await;
+    f.two_remotes(addr2).await;
+    let from = f.request_count();
+    let o = f
+        .run_with(&["copy", "one:web1", "two:web1"], b"", false)
+        .await;
+    assert_eq!(o.code, 1);
+    assert_eq!(
+        o.stderr,
+        "Error: copying between remotes (\"one\" to \"two\") is not supported: copying within one remote, or publish an image and use `berth image copy`\n"
+    );
+    let o = f.run_with(&["move", "web1", "two:web1"], b"", false).await;
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("moving between remotes"), "{}", o.stderr);
+    assert_eq!(f.request_count(), from);
+    // The same remote spelt out on both sides is fine.
+    f.conf_ok(&["copy", "one:web1", "one:web5", "-q"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t82_evacuate_and_restore() {
+    let f = start(&["127.0.0.1"]).await;
+    // stdin is not a terminal: no question (as lxc).
+    let from = f.body_count();
+    let out = f.ok(&["cluster", "evacuate", "node1"]).await;
+    assert_eq!(
+        out,
+        "web1: moved to node3\ndb (project team-a): left on node1\n"
+    );
+    assert_eq!(
+        f.bodies_since(from)[0],
+        (
+            "POST /1.0/cluster/members/node1/state".to_string(),
+            serde_json::json!({"action": "evacuate", "mode": "move"})
+        )
+    );
+    let out = f
+        .ok(&[
+            "cluster", "evacuate", "node1", "--action", "stop", "--force",
+        ])
+        .await;
+    assert!(out.starts_with("web1: stopped on node1\n"), "{out}");
+    let from = f.body_count();
+    let out = f.ok(&["cluster", "restore", "node1"]).await;
+    assert!(out.starts_with("web1: returned to node1\n"), "{out}");
+    assert_eq!(
+        f.bodies_since(from)[0].1,
+        serde_json::json!({"action": "restore", "mode": ""})
+    );
+    // A partial failure: the results, then the server's sentence.
+    let o = f.run(&["cluster", "evacuate", "node2"]).await;
+    assert_eq!(o.code, 1);
+    assert_eq!(
+        o.stdout,
+        "web1: failed on node2 (no other node can take it)\ndb (project team-a): left on node2\n"
+    );
+    assert_eq!(
+        o.stderr,
+        "Error: 1 of 2 instances could not be evacuated; run it again to retry them\n"
+    );
+    let o = f.run(&["cluster", "evacuate", "node7"]).await;
+    assert_eq!(
+        (o.code, o.stderr.as_str()),
+        (1, "Error: node \"node7\" not found\n")
+    );
+    let o = f
+        .run(&["cluster", "evacuate", "node1", "--action", "drop"])
+        .await;
+    assert_eq!(o.code, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t83_publish_and_image_properties() {
+    let f = start(&["127.0.0.1"]).await;
+    f.add_instance("web1", false);
+    f.add_instance("live", true);
+    let from = f.body_count();
+    let out = f
+        .ok(&[
+            "publish",
+            "web1",
+            "os=Debian",
+            "release=12",
+            "--alias",
+            "web-img",
+            "--public",
+        ])
+        .await;
+    assert!(
+        out.starts_with("Instance published with fingerprint: "),
+        "{out}"
+    );
+    let fp = out.trim().rsplit(' ').next().unwrap().to_string();
+    let (req, body) = &f.bodies_since(from)[0];
+    assert_eq!(req, "POST /1.0/images");
+    assert_eq!(body["source"]["type"], "instance");
+    assert_eq!(body["source"]["name"], "web1");
+    assert_eq!(
+        body["aliases"],
+        serde_json::json!([{"name": "web-img", "description": ""}])
+    );
+    assert_eq!(body["public"], true);
+    assert_eq!(
+        body["properties"],
+        serde_json::json!({"os": "Debian", "release": "12"})
+    );
+    let from = f.body_count();
+    f.ok(&["snapshot", "live", "s0"]).await;
+    f.ok(&["publish", "live/s0", "--alias", "live-img"]).await;
+    let (_, body) = &f.bodies_since(from)[1];
+    assert_eq!(body["source"]["type"], "snapshot");
+    assert_eq!(body["source"]["name"], "live/s0");
+    let o = f.run(&["publish", "live"]).await;
+    assert_eq!(
+        (o.code, o.stderr.as_str()),
+        (
+            1,
+            "Error: instance \"live\" is running: stop it or publish a snapshot\n"
+        )
+    );
+    let o = f.run(&["publish", "web1", "bogus"]).await;
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("neither a remote"), "{}", o.stderr);
+
+    // Properties: read, set and unset through PUT with the ETag read.
+    assert_eq!(
+        f.ok(&["image", "get-property", "web-img", "os"]).await,
+        "Debian\n"
+    );
+    assert_eq!(
+        f.ok(&["image", "get-property", "web-img", "nope"]).await,
+        "\n"
+    );
+    let from = f.body_count();
+    f.ok(&[
+        "image",
+        "set-property",
+        "web-img",
+        "description",
+        "Web server",
+    ])
+    .await;
+    let (req, body) = &f.bodies_since(from)[0];
+    assert_eq!(req, &format!("PUT /1.0/images/{fp}"));
+    assert_eq!(
+        body,
+        &serde_json::json!({"properties": {"description": "Web server", "os": "Debian",
+            "release": "12"}, "public": true})
+    );
+    assert!(
+        f.state
+            .lock()
+            .unwrap()
+            .if_matches
+            .last()
+            .unwrap()
+            .starts_with('"')
+    );
+    f.ok(&["image", "unset-property", "web-img", "release"])
+        .await;
+    let o = f
+        .run(&["image", "unset-property", "web-img", "release"])
+        .await;
+    assert_eq!(o.code, 1);
+    assert!(
+        o.stderr.contains("has no property \"release\""),
+        "{}",
+        o.stderr
+    );
+    let show = f.ok(&["image", "show", "web-img"]).await;
+    assert!(show.contains("public: true\n"), "{show}");
+    assert!(show.contains("last_used_at: ''\n"), "{show}");
+    assert!(show.contains("  description: Web server\n"), "{show}");
+    assert!(!show.contains("release"), "{show}");
+    let info = f.ok(&["image", "info", "web-img"]).await;
+    assert!(info.contains("Public: yes\n"), "{info}");
+    assert!(info.contains("    Last used: never\n"), "{info}");
+
+    // Edit from stdin (what `image show | edit` gives): only the writable part is sent.
+    let edited = show.replace("public: true", "public: false");
+    let o = f
+        .run_with(&["image", "edit", "web-img"], edited.as_bytes(), true)
+        .await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let (_, body) = f.bodies_since(f.body_count() - 1).pop().unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"properties": {"description": "Web server", "os": "Debian"},
+            "public": false})
+    );
+    // A stale change is refused with a sentence.
+    f.state.lock().unwrap().stale_puts = 1;
+    let o = f
+        .run(&["image", "set-property", "web-img", "os", "Ubuntu"])
+        .await;
+    assert_eq!(o.code, 1);
+    assert!(
+        o.stderr.contains("was changed by someone else"),
+        "{}",
+        o.stderr
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t84_image_export_and_copy() {
+    let f = start(&["127.0.0.1"]).await;
+    let out = f.ok(&["image", "build", "busybox"]).await;
+    let fp = out.trim().rsplit(' ').next().unwrap().to_string();
+    let expected: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251) as u8).collect();
+
+    // Into a directory: named by the server's Content-Disposition.
+    let dir = f.dir.path().join("exports");
+    std::fs::create_dir(&dir).unwrap();
+    let out = f
+        .ok(&["image", "export", "busybox", dir.to_str().unwrap()])
+        .await;
+    let file = dir.join(format!("{fp}.tar.gz"));
+    assert_eq!(
+        out,
+        format!("Image exported successfully to {}\n", file.display())
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), expected);
+    // To a file name.
+    let named = f.dir.path().join("bb.tar.gz");
+    f.ok(&["image", "export", &fp[..12], named.to_str().unwrap()])
+        .await;
+    assert_eq!(std::fs::read(&named).unwrap(), expected);
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        1,
+        "no .partial left"
+    );
+    let o = f.run(&["image", "export", "nope"]).await;
+    assert_eq!(
+        (o.code, o.stderr.as_str()),
+        (1, "Error: image \"nope\" not found\n")
+    );
+
+    // Copy to another remote: streamed through the import path, aliases and --public.
+    let (addr2, state2) = serve(f.acceptor.clone()).await;
+    f.two_remotes(addr2).await;
+    let out = f
+        .conf_ok(&[
+            "image",
+            "copy",
+            "one:busybox",
+            "two:",
+            "--alias",
+            "bb",
+            "--alias",
+            "busybox",
+            "--public",
+        ])
+        .await;
+    assert!(
+        out.starts_with("Image copied successfully with fingerprint: "),
+        "{out}"
+    );
+    {
+        let st = state2.lock().unwrap();
+        let (h, len) = &st.imports[0];
+        assert_eq!(*len, 3 << 20);
+        assert_eq!(h["x-berth-image-format"], "unified");
+        assert_eq!(h["x-berth-aliases"], "bb,busybox");
+        assert_eq!(h["content-length"], (3u32 << 20).to_string());
+        assert!(st.images[0].public, "--public is set after the import");
+        assert_eq!(
+            st.requests
+                .iter()
+                .filter(|r| r.starts_with("PUT /1.0/images/"))
+                .count(),
+            1
+        );
+    }
+    let o = f
+        .run_with(&["image", "copy", "one:busybox", "one:"], b"", false)
+        .await;
+    assert_eq!(o.code, 1);
+    assert!(
+        o.stderr.contains("already on remote \"one\""),
+        "{}",
+        o.stderr
+    );
+    let o = f
+        .run_with(&["image", "copy", "one:busybox", "nowhere:"], b"", false)
+        .await;
+    assert_eq!(o.code, 1);
 }
