@@ -13,7 +13,6 @@ use berth_proto::v1::NetworkSpec;
 
 /// Set in the re-executed test process that runs inside the node namespace.
 const NODE_ENV: &str = "BERTH_TEST_MOVED_NODE_NETNS";
-const TEST_NAME: &str = "routed_instances_in_a_node_namespace";
 
 /// A process sleeping in its own network namespace (like an instance's init).
 struct NetnsProc(Child);
@@ -142,9 +141,10 @@ fn spec(cidr: &str, gateway: &str, mac: &str) -> NetworkSpec {
     }
 }
 
-/// Outside the node namespace: re-runs this test under `unshare --net` and checks it passed.
-#[test]
-fn routed_instances_in_a_node_namespace() {
+/// Whether this process is the re-executed test inside its own "node" network namespace (then
+/// the caller runs the test body). Otherwise re-runs `test` under `unshare --net`, asserts it
+/// passed there, and returns false.
+fn in_node_netns(test: &str) -> bool {
     let me = std::fs::read_link("/proc/self/ns/net").unwrap();
     if let Some(parent) = std::env::var_os(NODE_ENV) {
         assert_ne!(
@@ -152,14 +152,13 @@ fn routed_instances_in_a_node_namespace() {
             parent,
             "the node test must run in its own network namespace"
         );
-        node_body();
-        return;
+        return true;
     }
     let exe = std::env::current_exe().unwrap();
     let out = Command::new("unshare")
         .args(["--net", "--"])
         .arg(exe)
-        .args([TEST_NAME, "--exact", "--nocapture", "--test-threads=1"])
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
         .env(NODE_ENV, &me)
         .output()
         .unwrap();
@@ -170,12 +169,17 @@ fn routed_instances_in_a_node_namespace() {
     );
     assert!(
         out.status.success(),
-        "test in the node namespace failed:\n{text}"
+        "{test} in the node namespace failed:\n{text}"
     );
-    assert!(
-        text.contains("1 passed"),
-        "the node test did not run:\n{text}"
-    );
+    assert!(text.contains("1 passed"), "{test} did not run:\n{text}");
+    false
+}
+
+#[test]
+fn routed_instances_in_a_node_namespace() {
+    if in_node_netns("routed_instances_in_a_node_namespace") {
+        node_body();
+    }
 }
 
 /// The test proper, inside the node namespace.
@@ -354,4 +358,250 @@ fn node_body() {
     assert!(!nft_tables().contains("berth"), "{}", nft_tables());
     let links = node(&["ip", "-o", "link", "show"]);
     assert!(!links.contains(" vb") && !links.contains(" vp"), "{links}");
+}
+
+// --- the monitor wires a moved instance (a busybox container through the real engine) -------
+
+const FP: &str = "b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1";
+
+/// The engine's state and pool in a temporary directory; kills the instance's processes and
+/// lxcfs, and unmounts what they left, on drop.
+struct EngineEnv {
+    tmp: tempfile::TempDir,
+    instance: String,
+}
+
+impl EngineEnv {
+    fn state_dir(&self) -> std::path::PathBuf {
+        self.tmp.path().join("state")
+    }
+    fn lxcfs_dir(&self) -> std::path::PathBuf {
+        self.tmp.path().join("lxcfs")
+    }
+    fn run_dir(&self) -> std::path::PathBuf {
+        self.tmp.path().join("run")
+    }
+}
+
+impl Drop for EngineEnv {
+    fn drop(&mut self) {
+        use berth_agent::runtime::InstanceDir;
+        let dir = InstanceDir::new(&self.state_dir(), &self.instance);
+        for p in [dir.live_init(), dir.live_monitor()].into_iter().flatten() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        if let Ok(cg) = berth_agent::cgroup::Cgroups::detect() {
+            let _ = cg.destroy(&self.instance);
+            let _ = cg.leave_monitor(&self.instance, None);
+        }
+        let _ = nix::mount::umount2(&dir.rootfs_mount(), nix::mount::MntFlags::MNT_DETACH);
+        if let Ok(pid) = std::fs::read_to_string(self.run_dir().join("lxcfs.pid"))
+            && let Ok(pid) = pid.trim().parse::<i32>()
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let _ = nix::mount::umount2(&self.lxcfs_dir(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// An image volume holding a busybox rootfs made from the host's busybox.
+fn busybox_image(storage: &dyn berth_agent::storage::StorageDriver) {
+    let vol = storage.create_image_volume(FP).unwrap();
+    let root = vol.join("rootfs");
+    for d in [
+        "bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "root", "run",
+        "var",
+    ] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    let list = Command::new("/bin/busybox")
+        .arg("--list-full")
+        .output()
+        .unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        let p = root.join(applet);
+        if applet == "bin/busybox" || p.exists() {
+            continue;
+        }
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink("/bin/busybox", &p).unwrap();
+    }
+    std::fs::write(
+        root.join("etc/inittab"),
+        "console::sysinit:/bin/echo booted\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
+    storage.finish_image_volume(FP).unwrap();
+}
+
+async fn exec(engine: &berth_agent::engine::Engine, name: &str, cmd: &[&str]) -> (i32, String) {
+    use tokio::io::AsyncReadExt;
+    let mut s = engine
+        .exec(berth_agent::engine::ExecRequest {
+            instance: name.to_string(),
+            command: cmd.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    drop(s.take_stdin());
+    let mut out = s.take_stdout().unwrap();
+    let mut err = s.take_stderr().unwrap();
+    let (mut so, mut se) = (Vec::new(), Vec::new());
+    let (a, b) = tokio::join!(out.read_to_end(&mut so), err.read_to_end(&mut se));
+    a.unwrap();
+    b.unwrap();
+    let code = s.wait().await.unwrap();
+    (
+        code,
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&so),
+            String::from_utf8_lossy(&se)
+        ),
+    )
+}
+
+/// The routed wiring of `host` on the node: (link exists, /32 route to `addr`, nft table).
+fn wiring_of(host: &str, addr: &str) -> (bool, bool, bool) {
+    let route = node(&["ip", "-4", "route", "show", &format!("{addr}/32")]);
+    (
+        link_exists(host),
+        route.contains(&format!("dev {host}")),
+        nft_tables().contains(&format!("table inet {}", Network::routed_nft_table(host))),
+    )
+}
+
+#[test]
+fn monitor_wires_a_moved_instance_routed() {
+    if in_node_netns("monitor_wires_a_moved_instance_routed") {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(monitor_body());
+    }
+}
+
+async fn monitor_body() {
+    use berth_agent::engine::{Engine, EngineConfig};
+    use berth_agent::storage::StorageDriver;
+    use berth_proto::v1::InstanceState;
+    use std::sync::Arc;
+
+    node(&["ip", "link", "set", "lo", "up"]);
+    // A node has a default route; proxy ARP answers only for addresses it can route.
+    node(&[
+        "ip", "link", "add", "mvdflt0", "type", "veth", "peer", "name", "mvdflt1",
+    ]);
+    node(&["ip", "link", "set", "mvdflt1", "up"]);
+    node(&["ip", "link", "set", "mvdflt0", "up"]);
+    node(&["ip", "route", "add", "default", "dev", "mvdflt0"]);
+
+    let name = "mv-moved";
+    let tmp = tempfile::Builder::new()
+        .prefix("berth-mv-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let env = EngineEnv {
+        tmp,
+        instance: name.into(),
+    };
+    let pool = env.tmp.path().join("pool");
+    std::fs::create_dir_all(&pool).unwrap();
+    let storage: Arc<dyn StorageDriver> =
+        Arc::new(berth_agent::storage::dir::DirDriver::open(&pool).unwrap());
+    busybox_image(storage.as_ref());
+
+    let host = Network::host_veth_name(name);
+    let _guard = NodeGuard {
+        links: vec!["mvdflt0".into(), "berthmv1".into(), host.clone()],
+        tables: vec![Network::routed_nft_table(&host), "berth_berthmv1".into()],
+    };
+    let net_cfg = NetworkConfig {
+        bridge: "berthmv1".into(),
+        ipv4_cidr: Some("10.100.2.1/24".into()),
+        nat: true,
+    };
+    let net = Arc::new(Network::setup(net_cfg.clone(), &env.state_dir()).unwrap());
+    let engine_cfg = || {
+        let mut cfg = EngineConfig::new(env.state_dir());
+        cfg.helper_exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_berth-agent"));
+        cfg.lxcfs_dir = env.lxcfs_dir();
+        cfg.run_dir = env.run_dir();
+        cfg.nat = true;
+        cfg
+    };
+    let eng = Engine::new(engine_cfg(), storage.clone(), net.clone()).unwrap();
+
+    // The spec the controller sends for an instance that moved here from n1 (10.100.1.0/24).
+    let mac = "00:16:3e:4d:0e:2a";
+    let spec = berth_proto::v1::InstanceSpec {
+        name: name.into(),
+        image: FP.into(),
+        config: Default::default(),
+        network: Some(berth_proto::v1::NetworkSpec {
+            ipv4_cidr: "10.100.1.20/24".into(),
+            gateway: "10.100.1.1".into(),
+            nameservers: vec![],
+            hwaddr: mac.into(),
+        }),
+    };
+    eng.create(&spec).await.unwrap();
+    let s = eng.start(name).await.unwrap();
+    assert_eq!(s.state, InstanceState::Running as i32);
+    assert_eq!(wiring_of(&host, "10.100.1.20"), (true, true, true));
+    let link = node(&["ip", "-o", "link", "show", "dev", &host]);
+    assert!(!link.contains("master"), "{link}");
+
+    let check_guest = async |eng: &Engine| {
+        let (_, addr) = exec(eng, name, &["ip", "addr", "show", "eth0"]).await;
+        assert!(addr.contains("10.100.1.20/24"), "{addr}");
+        assert!(addr.contains(mac), "{addr}");
+        let (_, route) = exec(eng, name, &["ip", "route"]).await;
+        assert!(route.contains("default via 10.100.1.1"), "{route}");
+        let (code, out) = exec(eng, name, &["ping", "-c", "1", "-W", "3", "10.100.2.1"]).await;
+        assert_eq!(code, 0, "ping of the node's bridge address: {out}");
+    };
+    check_guest(&eng).await;
+
+    // The agent restarts while the instance runs: the host network is set up again and a new
+    // engine recovers; the wiring is still there and works.
+    drop(eng);
+    let net = Arc::new(Network::setup(net_cfg, &env.state_dir()).unwrap());
+    let eng = Engine::new(engine_cfg(), storage.clone(), net.clone()).unwrap();
+    eng.recover().await.unwrap();
+    assert_eq!(
+        eng.status(name).await.unwrap().state,
+        InstanceState::Running as i32
+    );
+    assert_eq!(wiring_of(&host, "10.100.1.20"), (true, true, true));
+    check_guest(&eng).await;
+
+    // Stop undoes it all; a new start wires it again; delete leaves nothing.
+    eng.stop(name, true, std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(wiring_of(&host, "10.100.1.20"), (false, false, false));
+    eng.start(name).await.unwrap();
+    assert_eq!(wiring_of(&host, "10.100.1.20"), (true, true, true));
+    eng.stop(name, true, std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    eng.delete(name, false).await.unwrap();
+    assert_eq!(wiring_of(&host, "10.100.1.20"), (false, false, false));
+    net.teardown().unwrap();
 }
