@@ -39,8 +39,8 @@ pub fn validate_instance_name(name: &str) -> Result<(), String> {
 }
 
 /// Checks a snapshot name: 1 to 63 characters, ASCII letters, digits, `-`, `_` and `.`,
-/// starting with a letter or digit (so never `.`, `..` or a hidden name); never a `/`, since
-/// `instance/snapshot` names a snapshot. Returns one sentence saying what is wrong.
+/// starting with a letter or digit (so never `.` or a hidden name), without `..`; never a `/`,
+/// since `instance/snapshot` names a snapshot. Returns one sentence saying what is wrong.
 pub fn validate_snapshot_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("snapshot name is empty".into());
@@ -66,6 +66,9 @@ pub fn validate_snapshot_name(name: &str) -> Result<(), String> {
         return Err(format!(
             "snapshot name \"{name}\" must start with a letter or digit"
         ));
+    }
+    if name.contains("..") {
+        return Err(format!("snapshot name \"{name}\" must not contain \"..\""));
     }
     Ok(())
 }
@@ -193,6 +196,7 @@ mod tests {
             "a/b",
             ".",
             "..",
+            "a..b",
             ".hidden",
             "-a",
             "_a",
