@@ -632,8 +632,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Renames a stopped instance (its volume, runtime files and hostname). Renaming to the
-    /// same name returns the status.
+    /// Renames a stopped instance (its volume and snapshots, runtime files and hostname); a
+    /// running one is refused ([`EngineError::Busy`]). Renaming to the same name returns the
+    /// status.
     pub async fn rename(&self, name: &str, new_name: &str) -> Result<InstanceStatus, EngineError> {
         Self::check_name(new_name)?;
         if name == new_name {
@@ -646,8 +647,11 @@ impl Engine {
         let rec = self.record(name)?;
         let dir = self.dir(name);
         if dir.live_monitor().is_some() {
+            // Its monitor keeps the old name for the whole run: it tears down the cgroups
+            // and host veth named after it and writes its state files under the old
+            // directory, so a rename in place would leave those behind.
             return Err(EngineError::Busy(format!(
-                "{name} is running (stop it first)"
+                "{name} is running and a running instance cannot be renamed (its monitor holds the name's cgroups, network device and state files); stop it first"
             )));
         }
         let new_dir = self.dir(new_name);

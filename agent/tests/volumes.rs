@@ -320,6 +320,35 @@ fn dir_copies() {
     copies(&d);
 }
 
+/// A crash in the middle of a restore or refresh loses no volume: opening the pool puts the
+/// old one back, or removes what the interrupted step left.
+#[test]
+fn interrupted_replacement_is_repaired_at_open() {
+    let pool = Pool::new();
+    let d = pool.open();
+    let fp = "e".repeat(64);
+    make_image(d.as_ref(), &fp);
+    let containers = d.pool_root().join("containers");
+    d.create_instance_volume("w1", &fp).unwrap();
+    d.create_instance_volume("w2", &fp).unwrap();
+    // w1: moved aside, the new one never arrived. w2: swapped, the old one not yet deleted.
+    std::fs::rename(containers.join("w1"), containers.join(".old-w1")).unwrap();
+    d.create_instance_volume("w3", &fp).unwrap();
+    std::fs::rename(containers.join("w3"), containers.join(".old-w2")).unwrap();
+    std::fs::create_dir(containers.join(".new-w4")).unwrap();
+    let d = pool.open();
+    let mut left: Vec<String> = std::fs::read_dir(&containers)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["w1", "w2"]);
+    for n in ["w1", "w2"] {
+        d.delete_instance_volume(n).unwrap();
+    }
+    d.unmount().unwrap();
+}
+
 /// Snapshots are read-only on btrfs, their size is what only they hold, and a restore keeps
 /// the volume's disk limit.
 #[test]

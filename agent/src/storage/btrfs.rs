@@ -101,13 +101,22 @@ impl BtrfsDriver {
         ensure_dir(&root.join(IMAGES_DIR), 0o700)?;
         ensure_dir(&root.join(CONTAINERS_DIR), 0o700)?;
         ensure_dir(&root.join(SNAPSHOTS_DIR), 0o700)?;
-        tracing::info!(pool = %root.display(), "btrfs storage pool ready");
-        Ok(BtrfsDriver {
+        let driver = BtrfsDriver {
             cfg,
             pool: PoolLayout { root },
             quota_lock: Mutex::new(()),
             sysfs: OnceLock::new(),
-        })
+        };
+        for leftover in driver.pool.interrupted_swaps()? {
+            tracing::info!(volume = %leftover.display(), "removing what an interrupted volume replacement left");
+            if is_subvolume(&leftover) {
+                driver.delete_subvolume_tree(&leftover)?;
+            } else if let Err(e) = fs::remove_dir_all(&leftover) {
+                return Err(io_err(&leftover)(e));
+            }
+        }
+        tracing::info!(pool = %driver.pool.root.display(), "btrfs storage pool ready");
+        Ok(driver)
     }
 
     /// The pool root (the mount point, or the configured directory).
@@ -597,6 +606,12 @@ impl StorageDriver for BtrfsDriver {
         let id = crate::sys::btrfs::subvolume_id(&path).ok()?;
         read_qgroup(&qgroups.join(format!("0_{id}")))
     }
+}
+
+/// Whether `path` is the root of a btrfs subvolume (its inode is always 256 there).
+fn is_subvolume(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    fs::symlink_metadata(path).is_ok_and(|m| m.is_dir() && m.ino() == 256)
 }
 
 /// The Exclusive column of `btrfs filesystem du -s --raw` output (header line, then

@@ -39,11 +39,13 @@ impl DirDriver {
             tracing::warn!(pool = %root.display(), error = %e, "idmapped mount probe failed; judging by filesystem type");
             idmap_capable_fs(&root).unwrap_or(false)
         });
-        tracing::info!(pool = %root.display(), idmapped_mounts = idmap, "dir storage pool ready");
-        Ok(DirDriver {
-            pool: PoolLayout { root },
-            idmap,
-        })
+        let pool = PoolLayout { root };
+        for leftover in pool.interrupted_swaps()? {
+            tracing::info!(volume = %leftover.display(), "removing what an interrupted volume replacement left");
+            remove_tree(&leftover)?;
+        }
+        tracing::info!(pool = %pool.root.display(), idmapped_mounts = idmap, "dir storage pool ready");
+        Ok(DirDriver { pool, idmap })
     }
 
     /// The pool root.

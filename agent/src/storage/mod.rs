@@ -541,6 +541,37 @@ impl PoolLayout {
         }
     }
 
+    /// What interrupted volume replacements left in `containers/` (a crash between the steps
+    /// of [`PoolLayout::swap_instance_volume`] or a copy): an `.old-<name>` whose instance
+    /// volume is missing is put back; the paths to delete are returned (`.new-*`,
+    /// `.copying-*`, `.creating-*`, and `.old-*` whose swap completed).
+    pub(crate) fn interrupted_swaps(&self) -> Result<Vec<PathBuf>, StorageError> {
+        let dir = self.root.join(CONTAINERS_DIR);
+        let mut delete = Vec::new();
+        for e in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let e = e.map_err(io_err(&dir))?;
+            let n = e.file_name().to_string_lossy().into_owned();
+            if let Some(name) = n.strip_prefix(".old-") {
+                let vol = self.instance_path(name)?;
+                if std::fs::symlink_metadata(&vol).is_err() {
+                    tracing::warn!(
+                        instance = name,
+                        "putting back a volume an interrupted restore or refresh left aside"
+                    );
+                    std::fs::rename(e.path(), &vol).map_err(io_err(&vol))?;
+                    continue;
+                }
+                delete.push(e.path());
+            } else if [".new-", ".copying-", ".creating-"]
+                .iter()
+                .any(|p| n.starts_with(p))
+            {
+                delete.push(e.path());
+            }
+        }
+        Ok(delete)
+    }
+
     /// Puts the volume at `new` in place of instance volume `name`: the old one is moved aside
     /// to `old` (which the caller then deletes). On failure the old volume is back in place.
     pub(crate) fn swap_instance_volume(
