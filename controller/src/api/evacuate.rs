@@ -170,6 +170,10 @@ pub async fn post_state(
         .await?;
     let answer = accepted(&op);
     let st = state.clone();
+    // The background writes are not the request's: a replay of its Idempotency-Key must not
+    // stand in for them.
+    let mut scope = scope;
+    scope.idempotency = None;
     let span = info_span!("operation", op = %op.id, node = %name, what = %op.description);
     tokio::spawn(
         async move {

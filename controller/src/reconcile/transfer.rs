@@ -558,6 +558,10 @@ async fn copy(
         }
         .await;
         if let Err(e) = sent {
+            if !state.cp.leads_with_quorum() {
+                // The new leader's attempt uses the same ticket: leave it alone.
+                return Outcome::Retry(format!("no longer the leader ({})", e.message));
+            }
             abort(client, &ticket, &node.name).await;
             abort(&mut source, &ticket, &src_node.name).await;
             return e.outcome(None);
@@ -671,6 +675,11 @@ async fn migrate(
     let observed = match moved {
         Ok(observed) => observed,
         Err(e) if e.keep => return Outcome::Retry(e.message),
+        // A deposed leader undoes nothing: the new leader's attempt uses the same ticket and
+        // the same names on both nodes.
+        Err(e) if !state.cp.leads_with_quorum() => {
+            return Outcome::Retry(format!("no longer the leader ({})", e.message));
+        }
         Err(e) => {
             warn!(error = %e.message, "move failed; the instance stays on {from}");
             abort(&mut target, &ticket, to).await;
