@@ -3618,6 +3618,12 @@ async fn t83_publish_and_image_properties() {
     let info = f.ok(&["image", "info", "web-img"]).await;
     assert!(info.contains("Public: yes\n"), "{info}");
     assert!(info.contains("    Last used: never\n"), "{info}");
+    let csv = f.ok(&["image", "list", "-f", "csv"]).await;
+    assert!(
+        csv.contains(&format!("web-img,{},yes,Web server,", &fp[..12])),
+        "{csv}"
+    );
+    assert!(csv.contains(",no,"), "live-img is not public: {csv}");
 
     // Edit from stdin (what `image show | edit` gives): only the writable part is sent.
     let edited = show.replace("public: true", "public: false");

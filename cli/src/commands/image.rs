@@ -459,6 +459,7 @@ pub fn image_rows(images: &[Image]) -> Vec<Vec<String>> {
                     .collect::<Vec<_>>()
                     .join("\n"),
                 i.fingerprint.chars().take(12).collect(),
+                if i.public { "yes" } else { "no" }.into(),
                 image_description(i),
                 i.architecture.clone(),
                 "CONTAINER".into(),
@@ -498,6 +499,7 @@ async fn list(ctx: &Ctx, args: ListArgs) -> anyhow::Result<i32> {
     let header = [
         "ALIAS",
         "FINGERPRINT",
+        "PUBLIC",
         "DESCRIPTION",
         "ARCHITECTURE",
         "TYPE",
@@ -1123,6 +1125,7 @@ mod tests {
             vec![vec![
                 "busybox".to_string(),
                 "0123456789ab".into(),
+                "no".into(),
                 String::new(),
                 "x86_64".into(),
                 "CONTAINER".into(),
