@@ -185,6 +185,10 @@ fn routed_instances_in_a_node_namespace() {
 /// The test proper, inside the node namespace.
 fn node_body() {
     node(&["ip", "link", "set", "lo", "up"]);
+    // Strict reverse-path filtering (a common host setting): routed traffic must pass it.
+    for f in ["all", "default"] {
+        std::fs::write(format!("/proc/sys/net/ipv4/conf/{f}/rp_filter"), "1").unwrap();
+    }
 
     let bridge = "berthmv0";
     let (b_name, r_name, r2_name) = ("mv-bridged", "mv-routed", "mv-routed2");
