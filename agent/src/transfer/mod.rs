@@ -421,10 +421,21 @@ fn commit_instance(
         write_created_at(&dst, created)?;
         let _ = std::fs::remove_file(&staged_created);
     }
+    // A refresh: the old volume goes aside first (its snapshots stay: the storage driver
+    // deletes an instance volume with its snapshots), the new one is made, the old one goes.
+    let aside = format!("{name}-refresh-{ticket}");
     if std::fs::symlink_metadata(&container).is_ok() {
-        setup.storage.delete_instance_volume(name)?;
+        // A plain rename: the driver's would take the snapshots along.
+        let to = container.with_file_name(&aside);
+        std::fs::rename(&container, &to).map_err(|source| TransferError::Io {
+            path: container.clone(),
+            source,
+        })?;
     }
     crate::storage::send::snapshot_writable(&staged_base.1, &container)?;
+    if setup.storage.instance_volume(&aside).is_some() {
+        setup.storage.delete_instance_volume(&aside)?;
+    }
     let final_base = base_dir.join(&staged_base.0);
     for (n, path) in list_dirs(&base_dir)? {
         if !n.starts_with(STAGED) {
