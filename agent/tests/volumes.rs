@@ -642,3 +642,102 @@ async fn engine_snapshots_copies_and_publish() {
     drop(store);
     driver.unmount().unwrap();
 }
+
+/// Stops a private LXD daemon and removes its directory.
+struct Lxd {
+    dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+impl Lxd {
+    fn lxc(&self, args: &[&str]) -> std::process::Output {
+        Command::new("lxc")
+            .env("LXD_DIR", self.dir.path())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Lxd {
+    fn drop(&mut self) {
+        let _ = Command::new("lxd")
+            .env("LXD_DIR", self.dir.path())
+            .args(["shutdown", "--timeout", "20"])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let shmounts = self.dir.path().join("shmounts");
+        let devlxd = self.dir.path().join("devlxd");
+        for m in [shmounts, devlxd] {
+            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// LXD itself imports a published image's export under the same fingerprint (a private LXD
+/// daemon in a temp dir: no networks, no storage pools).
+#[test]
+#[ignore = "starts a private LXD daemon (lxd must be installed); run with --ignored"]
+fn lxd_imports_a_published_export() {
+    let pool = Pool::new();
+    let driver = pool.open();
+    let state = pool.tmp.path().join("state");
+    let store = ImageStore::new(driver.clone(), state, pool.tmp.path().join("cache")).unwrap();
+    let img = store.build("busybox", None).unwrap();
+    let vol = driver
+        .create_instance_volume("lxdpub", &img.fingerprint)
+        .unwrap();
+    let mut props = std::collections::BTreeMap::new();
+    props.insert("description".to_string(), "for lxd".to_string());
+    let published = store.publish(&vol, &props).unwrap();
+    let out = pool.tmp.path().join("export.tar.gz");
+    let mut f = std::fs::File::create(&out).unwrap();
+    store
+        .export(&published.fingerprint, |c| {
+            std::io::Write::write_all(&mut f, c)
+        })
+        .unwrap();
+    drop(f);
+
+    let dir = tempfile::Builder::new()
+        .prefix("berth-lxd-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let child = Command::new("lxd")
+        .env("LXD_DIR", dir.path())
+        .args(["--group", "root"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lxd = Lxd { dir, child };
+    let ready = Command::new("lxd")
+        .env("LXD_DIR", lxd.dir.path())
+        .args(["waitready", "--timeout", "60"])
+        .status()
+        .unwrap();
+    assert!(ready.success(), "the private LXD did not come up");
+    let imported = lxd.lxc(&[
+        "image",
+        "import",
+        out.to_str().unwrap(),
+        "--alias",
+        "berth-pub",
+    ]);
+    assert!(
+        imported.status.success(),
+        "lxc image import: {}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+    let shown = lxd.lxc(&["image", "info", "berth-pub"]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.contains(&format!("Fingerprint: {}", published.fingerprint)),
+        "{text}"
+    );
+    assert!(text.contains("for lxd"), "{text}");
+    drop(lxd);
+    driver.delete_instance_volume("lxdpub").unwrap();
+    driver.unmount().unwrap();
+}
