@@ -210,7 +210,11 @@ impl Command {
                 instance,
                 operation,
             } => {
-                let mut keys = vec![ObjectKey::Instance(instance.name.clone())];
+                // The image too: apply stamps its `last_used_at`.
+                let mut keys = vec![
+                    ObjectKey::Instance(instance.name.clone()),
+                    ObjectKey::Image(instance.image.clone()),
+                ];
                 if let Some(op) = operation {
                     keys.push(ObjectKey::Operation(op.id.clone()));
                 }
