@@ -47,19 +47,15 @@ pub fn snapshot_path(instance: &str, snapshot: &str) -> String {
     )
 }
 
-/// Checks a snapshot name before sending it (the server applies its full rules).
+/// Checks a snapshot name with the server's rules before sending it.
 pub fn check_snapshot_name(name: &str) -> anyhow::Result<()> {
-    if name.is_empty() {
-        anyhow::bail!("no snapshot name given");
-    }
     if name.contains('/') {
-        anyhow::bail!("snapshot name \"{name}\" may not contain \"/\"");
+        anyhow::bail!(
+            "snapshot name \"{}\" may not contain \"/\"",
+            name.escape_default()
+        );
     }
-    if name.chars().count() > 63 {
-        let head: String = name.chars().take(20).collect();
-        anyhow::bail!("snapshot name \"{head}...\" is longer than 63 characters");
-    }
-    Ok(())
+    berth_proto::api::names::validate_snapshot_name(name).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// Splits `NAME/SNAP` into the instance and the snapshot (none for a plain `NAME`), checking
@@ -221,7 +217,9 @@ mod tests {
         assert!(split_snapshot("web1/a/b").is_err());
         assert!(split_snapshot("/snap0").is_err());
         assert!(check_snapshot_name(&"s".repeat(64)).is_err());
-        assert!(check_snapshot_name(&"é".repeat(40)).is_ok());
+        assert!(check_snapshot_name(&"é".repeat(40)).is_err());
+        assert!(check_snapshot_name("before-upgrade.1").is_ok());
+        assert!(check_snapshot_name("a..b").is_err());
         assert_eq!(
             snapshot_path("web1", "before upgrade"),
             "/1.0/instances/web1/snapshots/before%20upgrade"
