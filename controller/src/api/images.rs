@@ -269,6 +269,7 @@ pub async fn create(
             RECIPES.join(", ")
         )));
     }
+    validate_properties(&req.properties)?;
     let mirror = &req.source.mirror;
     if !(mirror.is_empty() || mirror.starts_with("http://") || mirror.starts_with("https://")) {
         return Err(ApiError::bad_request(
@@ -330,7 +331,10 @@ pub async fn create(
                     if first.as_ref().is_some_and(|fp| *fp != img.fingerprint) {
                         warn!(%node, fingerprint = %img.fingerprint, "the build is not reproducible; the node keeps its own image");
                     }
-                    record_image(&st, &sc, from_agent(&img, &node), names).await?;
+                    let mut image = from_agent(&img, &node);
+                    image.properties.extend(req.properties.clone());
+                    image.public = req.public;
+                    record_image(&st, &sc, image, names).await?;
                     first.get_or_insert(img.fingerprint);
                 }
                 Err(e) => {
