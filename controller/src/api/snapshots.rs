@@ -216,7 +216,9 @@ fn name_and_expiry(
         }
         body.name.clone()
     };
-    let expires_at = if body.expires_at.is_empty() {
+    // LXD's clients send Go's zero time for "not given".
+    let given = !body.expires_at.is_empty() && !body.expires_at.starts_with("0001-01-01T00:00:00");
+    let expires_at = if !given {
         schedule::expiry_for(&f.expanded, now).map_err(unusable)?
     } else {
         let at = schedule::unix_secs(&body.expires_at).ok_or_else(|| {
@@ -458,6 +460,11 @@ mod api_tests {
             (json!({"stateful": true}), 400, "stateful"),
             (json!({"expires_at": "tomorrow"}), 400, "RFC 3339"),
             (json!({"expires_at": "2020-01-01T00:00:00Z"}), 400, "future"),
+            (
+                json!({"name": "snap0", "expires_at": "0001-01-01T00:00:00Z"}),
+                409,
+                "already",
+            ),
         ] {
             let (status, answer) = api
                 .call(
