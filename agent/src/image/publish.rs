@@ -244,3 +244,55 @@ impl Drop for Reaped {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn tarball(vol: &Path) -> Vec<u8> {
+        let mut out = Vec::new();
+        let n = write_tarball(vol, |c| {
+            out.extend_from_slice(c);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(n as usize, out.len());
+        out
+    }
+
+    #[test]
+    fn tarball_is_reproducible_and_complete() {
+        let t = tempfile::tempdir().unwrap();
+        let vol = t.path();
+        std::fs::create_dir_all(vol.join("rootfs/etc")).unwrap();
+        std::fs::write(vol.join("rootfs/etc/b"), "b").unwrap();
+        std::fs::write(vol.join("rootfs/etc/a"), "a").unwrap();
+        std::os::unix::fs::symlink("a", vol.join("rootfs/etc/l")).unwrap();
+        std::fs::write(vol.join("metadata.yaml"), "architecture: x86_64\n").unwrap();
+        std::fs::write(vol.join("other"), "not exported").unwrap();
+        let first = tarball(vol);
+        // Reading the files (atime) and changing an inode (ctime) change nothing.
+        let _ = std::fs::read(vol.join("rootfs/etc/a")).unwrap();
+        std::os::unix::fs::lchown(vol.join("rootfs/etc/b"), Some(0), Some(0)).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(tarball(vol), first);
+        let out = tempfile::tempdir().unwrap();
+        let f = out.path().join("image.tar.gz");
+        std::fs::write(&f, &first).unwrap();
+        let list = Command::new("tar").arg("-tzf").arg(&f).output().unwrap();
+        let list = String::from_utf8_lossy(&list.stdout).to_string();
+        let names: Vec<&str> = list.lines().collect();
+        assert_eq!(
+            names,
+            [
+                "metadata.yaml",
+                "rootfs/",
+                "rootfs/etc/",
+                "rootfs/etc/a",
+                "rootfs/etc/b",
+                "rootfs/etc/l"
+            ]
+        );
+    }
+}

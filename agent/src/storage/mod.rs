@@ -649,4 +649,45 @@ mod tests {
             assert!(check_volume_name(bad).is_err(), "{bad:?}");
         }
     }
+
+    #[test]
+    fn snapshot_names() {
+        for ok in ["snap0", "before-upgrade", "a.b_c", &"x".repeat(63)] {
+            assert!(check_snapshot_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".x", "a/b", "..", "a..b", &"x".repeat(64)] {
+            assert!(
+                matches!(
+                    check_snapshot_name(bad),
+                    Err(StorageError::InvalidSnapshotName(..))
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn snapshot_times_and_order() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path();
+        assert!(list_snapshot_dir(&dir.join("missing")).unwrap().is_empty());
+        for n in ["b", "a", "c"] {
+            std::fs::create_dir(dir.join(n)).unwrap();
+        }
+        assert_eq!(created_path(&dir.join("a")), dir.join(".a.created"));
+        write_created_at(&dir.join("a"), 300).unwrap();
+        write_created_at(&dir.join("b"), 100).unwrap();
+        write_created_at(&dir.join("c"), 100).unwrap();
+        // A sidecar without its snapshot is not listed.
+        write_created_at(&dir.join("gone"), 50).unwrap();
+        let list = list_snapshot_dir(dir).unwrap();
+        let got: Vec<(&str, i64)> = list
+            .iter()
+            .map(|s| (s.name.as_str(), s.created_at))
+            .collect();
+        assert_eq!(got, [("b", 100), ("c", 100), ("a", 300)]);
+        // Without a sidecar (or with a bad one): the directory's mtime.
+        std::fs::write(created_path(&dir.join("c")), "garbage").unwrap();
+        assert!(snapshot_created_at(&dir.join("c")) > 1_700_000_000);
+    }
 }
