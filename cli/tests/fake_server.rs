@@ -3456,8 +3456,12 @@ async fn t81_copy_and_move() {
     assert_eq!(o.code, 1);
     assert!(o.stderr.contains("moving between remotes"), "{}", o.stderr);
     assert_eq!(f.request_count(), from);
-    // The same remote spelt out on both sides is fine.
+    // As lxc: no prefix is the default remote ("one" here), so these stay on one remote.
     f.conf_ok(&["copy", "one:web1", "one:web5", "-q"]).await;
+    f.conf_ok(&["copy", "one:web1", "web6", "-q"]).await;
+    f.conf_ok(&["move", "web6", "one:web7"]).await;
+    let o = f.run_with(&["copy", "two:web1", "web8"], b"", false).await;
+    assert!(o.stderr.contains("(\"two\" to \"one\")"), "{}", o.stderr);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -68,11 +68,12 @@ pub struct MoveArgs {
     pub quiet: bool,
 }
 
-/// Refuses a second remote: `what` names the command for the sentence.
-fn same_remote<'a>(ctx: &Ctx, src: &'a str, dst: &'a str, what: &str) -> anyhow::Result<()> {
+/// Refuses a second remote: `what` names the command for the sentence. As with lxc, a name
+/// without a prefix is on the default remote.
+fn same_remote(ctx: &Ctx, src: &str, dst: &str, what: &str) -> anyhow::Result<()> {
     let (a, _) = split_remote(src);
     let (b, _) = split_remote(dst);
-    if b.is_some() {
+    if a != b {
         let ca = ctx.client(a)?;
         let cb = ctx.client(b)?;
         if ca.name() != cb.name() {
