@@ -364,7 +364,8 @@ async fn commit(
     Ok(())
 }
 
-/// Drops what a failed transfer left on `node` (best effort: the agent also expires tickets).
+/// Drops what a failed transfer left on `node` (best effort: an agent restart also forgets
+/// its tickets and staged volumes).
 async fn abort(client: &mut crate::agents::AgentConn, ticket: &str, node: &Node) {
     if let Err(e) = client
         .abort_transfer(call(
