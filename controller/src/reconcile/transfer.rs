@@ -855,6 +855,11 @@ async fn clean_source(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
+#[path = "transfer_tests.rs"]
+mod fake_agent_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
