@@ -367,8 +367,23 @@ pub fn files_body_with_progress(paths: Vec<PathBuf>, progress: Option<Progress>)
 /// A progress line on stderr (only when stderr is a terminal), like lxc's transfer progress.
 fn terminal_progress(total: u64) -> Option<Progress> {
     use std::io::{IsTerminal, Write};
-    if !std::io::stderr().is_terminal() || total == 0 {
+    if !std::io::stderr().is_terminal() {
         return None;
+    }
+    if total == 0 {
+        // A stream of unknown length (an export): the bytes so far, redrawn each MiB; the
+        // caller clears the line at the end (`clear_progress`).
+        let mut last_mib = u64::MAX;
+        return Some(Box::new(move |sent: u64| {
+            if sent >> 20 != last_mib {
+                last_mib = sent >> 20;
+                let _ = write!(
+                    std::io::stderr(),
+                    "\rTransferring image: {}\x1b[K",
+                    human_bytes(sent)
+                );
+            }
+        }));
     }
     let mut last_pct = u64::MAX;
     Some(Box::new(move |sent: u64| {
@@ -386,6 +401,14 @@ fn terminal_progress(total: u64) -> Option<Progress> {
             }
         }
     }))
+}
+
+/// Clears the progress line of a transfer of unknown length (when one was drawn).
+fn clear_progress(shown: bool, total: u64) {
+    use std::io::Write;
+    if shown && total == 0 {
+        let _ = write!(std::io::stderr(), "\r\x1b[K");
+    }
 }
 
 fn file_len(path: &Path) -> anyhow::Result<u64> {
@@ -922,6 +945,10 @@ async fn export(ctx: &Ctx, args: ExportArgs) -> anyhow::Result<i32> {
         Ok(())
     }
     .await;
+    clear_progress(
+        !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        total,
+    );
     if result.is_err() {
         let _ = tokio::fs::remove_file(&partial).await;
     }
@@ -984,9 +1011,14 @@ async fn copy(ctx: &Ctx, args: CopyArgs) -> anyhow::Result<i32> {
         })
         .map_err(std::io::Error::other)
         .boxed_unsync();
-    let resp = target
+    let sent = target
         .envelope(Method::POST, "/1.0/images", headers, body)
-        .await?;
+        .await;
+    clear_progress(
+        !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        total.unwrap_or(0),
+    );
+    let resp = sent?;
     let op = target.finish(resp).await?;
     let new_fp = fingerprint_of(&op)?;
     if args.public {
