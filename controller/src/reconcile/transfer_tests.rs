@@ -780,3 +780,150 @@ async fn copies_on_the_same_node_snapshot_and_on_another_node_send() {
     );
     rig.api.cp.shutdown().await;
 }
+
+/// Polls the model until `f` holds (at most 8 s, under the liveness threshold).
+async fn until(rig: &Rig, what: &str, f: impl Fn(&crate::state::State) -> bool) {
+    for _ in 0..80 {
+        if f(&rig.api.model().await) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// Posts a member state change and waits for its operation; answers the operation.
+async fn member_state(rig: &Rig, body: serde_json::Value) -> Operation {
+    use crate::api::projects::testkit::OPERATOR;
+    let (s, answer) = rig
+        .api
+        .call(
+            OPERATOR,
+            "POST",
+            "/1.0/cluster/members/n1/state",
+            Some(body),
+        )
+        .await;
+    assert_eq!(s, 202, "{answer}");
+    let id = answer["metadata"]["id"].as_str().unwrap().to_string();
+    until(rig, "the evacuation operation", |m| {
+        m.operations[&id].status.is_final()
+    })
+    .await;
+    rig.api.model().await.operations[&id].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evacuation_moves_everything_away_and_restore_brings_it_back() {
+    let rig = Rig::start().await;
+    rig.web(true).await;
+    rig.api.add_instance("default", "db", &[]).await;
+    rig.instances["n1"]
+        .lock()
+        .unwrap()
+        .insert("db".into(), false);
+    let reconciler = tokio::spawn(crate::reconcile::run(rig.state.clone()));
+    let op = member_state(&rig, serde_json::json!({"action": "evacuate"})).await;
+    assert_eq!(op.status, OperationStatus::Success, "{}", op.err);
+    let results: Vec<(String, String, String)> = op.metadata["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["instance"].as_str().unwrap().to_string(),
+                r["result"].as_str().unwrap().to_string(),
+                r["node"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        results,
+        [
+            ("db".to_string(), "moved".to_string(), "n2".to_string()),
+            ("web".to_string(), "moved".to_string(), "n2".to_string())
+        ]
+    );
+    let m = rig.api.model().await;
+    assert!(m.nodes["n1"].evacuated);
+    for (name, was_running) in [("web", true), ("db", false)] {
+        let i = &m.instances[name];
+        assert_eq!(i.node, "n2", "{name}");
+        assert!(i.pending.is_none(), "{name}");
+        let mark = i.evacuated_from.clone().unwrap();
+        assert_eq!((mark.node.as_str(), mark.mode.as_str()), ("n1", "move"));
+        assert_eq!(mark.was_running, was_running, "{name}");
+    }
+    assert_eq!(
+        m.instances["web"].observed.status,
+        InstanceStatusCode::Running
+    );
+    assert!(rig.instances["n2"].lock().unwrap()["web"]);
+    assert!(rig.instances["n1"].lock().unwrap().is_empty());
+
+    let op = member_state(&rig, serde_json::json!({"action": "restore"})).await;
+    assert_eq!(op.status, OperationStatus::Success, "{}", op.err);
+    let m = rig.api.model().await;
+    assert!(!m.nodes["n1"].evacuated);
+    for name in ["web", "db"] {
+        let i = &m.instances[name];
+        assert_eq!(i.node, "n1", "{name}");
+        assert_eq!(i.evacuated_from, None, "{name}");
+    }
+    assert_eq!(
+        m.instances["web"].observed.status,
+        InstanceStatusCode::Running
+    );
+    assert_eq!(
+        m.instances["db"].observed.status,
+        InstanceStatusCode::Stopped
+    );
+    assert!(rig.instances["n1"].lock().unwrap()["web"]);
+    assert!(rig.instances["n2"].lock().unwrap().is_empty());
+    reconciler.abort();
+    rig.api.cp.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evacuation_by_stopping_remembers_what_ran() {
+    let rig = Rig::start().await;
+    rig.web(true).await;
+    let reconciler = tokio::spawn(crate::reconcile::run(rig.state.clone()));
+    let op = member_state(
+        &rig,
+        serde_json::json!({"action": "evacuate", "mode": "stop"}),
+    )
+    .await;
+    assert_eq!(op.status, OperationStatus::Success, "{}", op.err);
+    assert_eq!(op.metadata["instances"][0]["result"], "stopped");
+    let m = rig.api.model().await;
+    let web = &m.instances["web"];
+    assert_eq!(web.node, "n1");
+    assert_eq!(web.observed.status, InstanceStatusCode::Stopped);
+    assert!(web.evacuated_from.as_ref().unwrap().was_running);
+    // Evacuating again keeps the mark (it still knows the instance ran).
+    let op = member_state(
+        &rig,
+        serde_json::json!({"action": "evacuate", "mode": "stop"}),
+    )
+    .await;
+    assert_eq!(op.status, OperationStatus::Success, "{}", op.err);
+    assert!(
+        rig.api.model().await.instances["web"]
+            .evacuated_from
+            .as_ref()
+            .unwrap()
+            .was_running
+    );
+    let op = member_state(&rig, serde_json::json!({"action": "restore"})).await;
+    assert_eq!(op.status, OperationStatus::Success, "{}", op.err);
+    assert_eq!(op.metadata["instances"][0]["result"], "started");
+    let m = rig.api.model().await;
+    assert_eq!(
+        m.instances["web"].observed.status,
+        InstanceStatusCode::Running
+    );
+    assert_eq!(m.instances["web"].evacuated_from, None);
+    reconciler.abort();
+    rig.api.cp.shutdown().await;
+}
