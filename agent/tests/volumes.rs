@@ -390,7 +390,20 @@ fn btrfs_snapshot_size_readonly_and_limit() {
         std::fs::read(d.instance_volume("sz").unwrap().join("rootfs/big")).unwrap(),
         data
     );
+    // A transfer's hidden staged volume survives the last snapshot's deletion, and goes with
+    // the instance.
+    let staged = d.pool_root().join("snapshots/sz/.in-t1-s-x");
+    let st = Command::new("btrfs")
+        .args(["subvolume", "snapshot", "-r"])
+        .arg(&snap)
+        .arg(&staged)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    d.delete_snapshot("sz", "s0").unwrap();
+    assert!(staged.is_dir());
     d.delete_instance_volume("sz").unwrap();
+    assert!(!d.pool_root().join("snapshots/sz").exists());
     d.unmount().unwrap();
 }
 

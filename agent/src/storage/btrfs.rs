@@ -192,9 +192,10 @@ impl BtrfsDriver {
         if !dir.is_dir() {
             return Ok(());
         }
-        for snap in super::list_names(&dir)? {
-            let path = dir.join(&snap);
-            if path.is_dir() {
+        // Hidden ones too: volumes a transfer to this instance was staging.
+        for e in fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let path = e.map_err(io_err(&dir))?.path();
+            if is_subvolume(&path) {
                 self.delete_subvolume_tree(&path)?;
             }
         }

@@ -528,15 +528,39 @@ impl PoolLayout {
         Ok(dir.join(snapshot))
     }
 
-    /// Removes `snapshots/<instance>` once it holds no snapshot (sidecars go with it).
+    /// Removes `snapshots/<instance>` once it holds nothing but creation-time sidecars (a
+    /// transfer may be staging hidden volumes in it).
     pub(crate) fn remove_snapshot_dir_if_empty(&self, instance: &str) -> Result<(), StorageError> {
         let dir = self.snapshots_of(instance)?;
-        if !dir.is_dir() || !list_snapshot_dir(&dir)?.is_empty() {
-            return Ok(());
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
+        let mut sidecars = Vec::new();
+        for e in entries {
+            let e = e.map_err(io_err(&dir))?;
+            let n = e.file_name().to_string_lossy().into_owned();
+            let is_file = e.file_type().map(|t| t.is_file()).unwrap_or(false);
+            if !(is_file && n.starts_with('.') && n.ends_with(".created")) {
+                return Ok(());
+            }
+            sidecars.push(e.path());
         }
-        match std::fs::remove_dir_all(&dir) {
+        for p in sidecars {
+            let _ = std::fs::remove_file(p);
+        }
+        match std::fs::remove_dir(&dir) {
             Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            // Something arrived meanwhile: it stays.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::DirectoryNotEmpty
+                ) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(io_err(&dir)(e)),
         }
     }
