@@ -131,6 +131,20 @@ fn plan_copy(
             c.source
         )));
     }
+    if let Some(p) = src.pending.as_ref().filter(|p| {
+        matches!(
+            p.action,
+            Action::Migrate { .. } | Action::Delete { .. } | Action::Restore { .. }
+        )
+    }) {
+        // Its volume moves, goes or is replaced: the copy would read a moving target.
+        return Err(ApiError::conflict(format!(
+            "instance {:?} is busy with operation {} ({}); copy it once that ends",
+            c.source,
+            p.op,
+            p.action.describe()
+        )));
+    }
     match s.nodes.get(&src.node) {
         Some(n) if n.status == NodeStatus::Online => {}
         Some(n) => {
@@ -972,9 +986,19 @@ mod tests {
             }
         );
         assert_eq!(m.operations[&p.op].project, "a");
-        // A second move while the first runs is refused.
+        // A second move while the first runs is refused, and so is a copy of it.
         let (s, answer) = post("?target=n2", json!({"migration": true})).await;
         assert_eq!(s, 409, "{answer}");
+        let (s, answer) = api
+            .call(
+                MEMBER_A,
+                "POST",
+                "/1.0/instances",
+                Some(copy_body("c1", "web")),
+            )
+            .await;
+        assert_eq!(s, 409, "{answer}");
+        assert!(answer.to_string().contains("(move)"), "{answer}");
         api.cp.shutdown().await;
     }
 }
