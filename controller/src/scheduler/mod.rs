@@ -107,12 +107,34 @@ impl Policy {
 /// Picks the node for `instance` (not yet in `state`). A non-empty `instance.node` is a target:
 /// it must exist and pass every filter but `scheduler.instance=manual`.
 pub fn place_instance(state: &State, instance: &Instance) -> Result<String, PlacementError> {
-    let image = state.images.get(&instance.image).ok_or_else(|| {
-        PlacementError(format!(
-            "image {} of the instance does not exist",
-            instance.image
-        ))
-    })?;
+    // A copy, or an instance that exists already (placed again to move it), brings its own
+    // root filesystem: the image it was once made from may be gone.
+    let brings_data = state.instances.contains_key(&instance.name)
+        || matches!(
+            &instance.pending,
+            Some(crate::state::PendingAction {
+                action: crate::state::Action::CopyFrom { .. },
+                ..
+            })
+        );
+    let stand_in;
+    let image = match state.images.get(&instance.image) {
+        Some(image) => image,
+        None if brings_data => {
+            stand_in = crate::state::Image {
+                fingerprint: instance.image.clone(),
+                locations: state.nodes.keys().cloned().collect(),
+                ..Default::default()
+            };
+            &stand_in
+        }
+        None => {
+            return Err(PlacementError(format!(
+                "image {} of the instance does not exist",
+                instance.image
+            )));
+        }
+    };
     let view = ClusterView::new(state);
     // Placement reads the config the instance will run with: its profiles', then its own.
     let expanded;

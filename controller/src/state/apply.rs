@@ -340,6 +340,24 @@ impl State {
                 error,
                 now,
             } => {
+                // A finished copy of a whole instance holds the source's snapshots now.
+                let copied_snapshots =
+                    match self.instances.get(&name).and_then(|i| i.pending.as_ref()) {
+                        Some(PendingAction {
+                            op: o,
+                            action:
+                                Action::CopyFrom {
+                                    source,
+                                    snapshot,
+                                    instance_only: false,
+                                    ..
+                                },
+                            ..
+                        }) if *o == op && snapshot.is_empty() && error.is_empty() => {
+                            self.instances.get(source).map(|src| src.snapshots.clone())
+                        }
+                        _ => None,
+                    };
                 let Some(inst) = self.instances.get_mut(&name) else {
                     return Ok(ApplyOk::Done);
                 };
@@ -347,6 +365,11 @@ impl State {
                     return Ok(ApplyOk::Done);
                 };
                 let action = pending.action.clone();
+                if let Some(snapshots) = copied_snapshots {
+                    for (k, v) in snapshots {
+                        inst.snapshots.entry(k).or_insert(v);
+                    }
+                }
                 inst.pending = None;
                 if let Some(mut observed) = observed {
                     if !error.is_empty() && observed.error.is_empty() {
