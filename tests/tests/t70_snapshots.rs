@@ -155,10 +155,20 @@ fn run(c: &Cluster) -> Result<()> {
         "--alias",
         "t70back",
     ])?;
-    let shown = c.berth_ok(&["image", "show", "t70back", "--format", "json"])?;
-    let shown: serde_json::Value = serde_json::from_str(&shown)?;
+    let images: serde_json::Value =
+        serde_json::from_str(&c.berth_ok(&["image", "list", "--format", "json"])?)?;
+    let back = images
+        .as_array()
+        .and_then(|a| {
+            a.iter().find(|i| {
+                i["aliases"]
+                    .as_array()
+                    .is_some_and(|al| al.iter().any(|x| x["name"] == "t70back"))
+            })
+        })
+        .context("the imported image is listed")?;
     assert_eq!(
-        shown["fingerprint"], fingerprint,
+        back["fingerprint"], fingerprint,
         "export then import gives the same fingerprint"
     );
 

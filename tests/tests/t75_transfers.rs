@@ -102,8 +102,19 @@ fn image_pulled_on_demand(c: &DevCluster) -> Result<()> {
         );
     }
     assert_eq!(c.location("pull-a")?, "n3");
-    let image: serde_json::Value =
-        serde_json::from_str(&c.berth_ok(&["image", "show", "busybox", "--format", "json"])?)?;
+    let images: serde_json::Value =
+        serde_json::from_str(&c.berth_ok(&["image", "list", "--format", "json"])?)?;
+    let image = images
+        .as_array()
+        .and_then(|a| {
+            a.iter().find(|i| {
+                i["aliases"]
+                    .as_array()
+                    .is_some_and(|al| al.iter().any(|x| x["name"] == "busybox"))
+            })
+        })
+        .cloned()
+        .context("the busybox image is listed")?;
     let locations: Vec<&str> = image["locations"]
         .as_array()
         .map(|a| a.iter().filter_map(|l| l.as_str()).collect())
@@ -165,7 +176,7 @@ fn printed_downtime(out: &str) -> Option<u64> {
     let words: Vec<&str> = out.split_whitespace().collect();
     words
         .windows(2)
-        .find(|w| w[0].trim_end_matches(':') == "downtime")
+        .find(|w| w[0].trim_end_matches(':').eq_ignore_ascii_case("downtime"))
         .and_then(|w| w[1].trim_end_matches("ms").parse().ok())
 }
 

@@ -139,7 +139,7 @@ fn printed_downtime(out: &str) -> Result<u64> {
     let words: Vec<&str> = out.split_whitespace().collect();
     words
         .windows(2)
-        .find(|w| w[0].trim_end_matches(':') == "downtime")
+        .find(|w| w[0].trim_end_matches(':').eq_ignore_ascii_case("downtime"))
         .and_then(|w| w[1].trim_end_matches("ms").parse().ok())
         .with_context(|| format!("the move printed no downtime: {out:?}"))
 }
