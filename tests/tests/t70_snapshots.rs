@@ -113,6 +113,17 @@ fn run(c: &Cluster) -> Result<()> {
     c.berth_ok(&["copy", name, "t70-c1", "--refresh"])?;
     c.berth_ok(&["start", "t70-c1"])?;
     assert_eq!(read_inside(c, "t70-c1", "/root/data")?, "four");
+    assert_eq!(
+        read_inside(c, "t70-c1", "/etc/hostname")?,
+        "t70-c1",
+        "a refreshed copy keeps its own identity"
+    );
+
+    // A running instance is renamed (stopped, renamed, started again) and keeps its data.
+    c.berth_ok(&["move", "t70-c3", "t70-c3r"])?;
+    assert_eq!(c.instance_json("t70-c3r")?["status"], "Running");
+    assert_eq!(read_inside(c, "t70-c3r", "/root/data")?, "one");
+    assert!(c.instance_json("t70-c3").is_err(), "the old name is gone");
 
     // Publish a stopped instance; an alias that exists is refused; export and import back.
     c.berth_ok(&["stop", "--force", "t70-c2"])?;

@@ -1060,8 +1060,25 @@ pub async fn rename(
     let op = instance_operation(&state, &scope, "task", "Renaming instance", &name);
     let st = state.clone();
     run_task(&state, op, async move {
+        // A running instance is stopped (cleanly), renamed and started again under its new
+        // name: its monitor process holds the name for as long as it runs.
+        let running = i.desired == DesiredState::Running;
+        if running {
+            action_and_wait(
+                &st,
+                &scope,
+                &from,
+                "Stopping instance to rename it",
+                Action::Stop {
+                    force: false,
+                    timeout_secs: 0,
+                },
+                DesiredState::Stopped,
+            )
+            .await?;
+        }
         let lock = st.instance_lock(&from);
-        let _guard = lock.lock().await;
+        let guard = lock.lock().await;
         // An action may have started between the check above and the lock.
         let (i, n) = find(&st, &scope, &name).await?;
         ensure_at_rest(&i, &n)?;
@@ -1073,8 +1090,8 @@ pub async fn rename(
             .await?
             .into_inner();
         if s.state == v1::InstanceState::Running as i32 {
-            return Err(ApiError::bad_request(format!(
-                "instance \"{name}\" is running; stop it before renaming it"
+            return Err(ApiError::conflict(format!(
+                "instance \"{name}\" was started again while it was being renamed"
             )));
         }
         client
@@ -1099,9 +1116,55 @@ pub async fn rename(
                 .map_err(ApiError::from)
         };
         record_rename(&name, &body.name, write, undo).await?;
+        drop(guard);
+        if running {
+            action_and_wait(
+                &st,
+                &scope,
+                &to,
+                "Starting renamed instance",
+                Action::Start,
+                DesiredState::Running,
+            )
+            .await?;
+        }
         Ok(serde_json::Value::Null)
     })
     .await
+}
+
+/// Requests `action` on instance `key` (wanting it `desired` from then on) and waits for the
+/// reconciler to finish it; its failure is this call's error.
+async fn action_and_wait(
+    state: &SharedState,
+    scope: &Scope,
+    key: &str,
+    description: &str,
+    action: Action,
+    desired: DesiredState,
+) -> Result<(), ApiError> {
+    let op = instance_operation(state, scope, "task", description, short(key));
+    let command = Command::SetInstanceAction {
+        name: key.to_string(),
+        pending: PendingAction {
+            op: op.id.clone(),
+            action,
+            since: op.created_at.clone(),
+        },
+        desired: Some(desired),
+        operation: op.clone(),
+        now: clock::now(),
+    };
+    state.cp.write(scope.by(command)).await?;
+    let done = super::transfers::wait_for_operation(state, &op.id).await?;
+    if done.status != api::OperationStatus::Success {
+        return Err(ApiError::conflict(format!(
+            "{} failed: {}",
+            description.to_lowercase(),
+            done.err
+        )));
+    }
+    Ok(())
 }
 
 /// Records a rename the agent has made; when the write certainly did not happen, renames
