@@ -222,6 +222,7 @@ pub async fn run(cfg: Config, token: Option<String>) -> Result<(), StartError> {
         .trace_fn(berth_proto::telemetry::grpc_server_span)
         .initial_stream_window_size(Some(crate::transfer::WINDOW))
         .initial_connection_window_size(Some(2 * crate::transfer::WINDOW))
+        .max_frame_size(Some(crate::transfer::FRAME))
         .tls_config(identity.server_tls())?
         .add_service(tonic::service::interceptor::InterceptedService::new(
             AgentServer::new(service)

@@ -109,6 +109,7 @@ impl Node {
         let server = tonic::transport::Server::builder()
             .initial_stream_window_size(Some(berth_agent::transfer::WINDOW))
             .initial_connection_window_size(Some(2 * berth_agent::transfer::WINDOW))
+            .max_frame_size(Some(berth_agent::transfer::FRAME))
             .tls_config(identity.server_tls())
             .unwrap()
             .add_service(tonic::service::interceptor::InterceptedService::new(

@@ -37,7 +37,7 @@ use crate::storage::send::{delete_subvol, list_dirs};
 use crate::storage::{StorageDriver, StorageError};
 
 pub use receive::TransferService;
-pub use send::WINDOW;
+pub use send::{FRAME, WINDOW};
 
 /// Directory of the pool holding read-only bases kept for incremental sends.
 pub const BASES_DIR: &str = "bases";

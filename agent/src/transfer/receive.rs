@@ -409,6 +409,7 @@ async fn feed(
         .stdin
         .take()
         .ok_or_else(|| TransferError::Broken("btrfs receive has no stdin".into()))?;
+    crate::storage::send::grow_pipe(&stdin);
     let (wtx, mut wrx) = mpsc::channel::<Bytes>(8);
     let writer = tokio::spawn(async move {
         let mut stdin = stdin;

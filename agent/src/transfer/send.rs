@@ -218,6 +218,7 @@ impl Transfers {
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(WINDOW))
             .initial_connection_window_size(Some(2 * WINDOW))
+            .max_frame_size(Some(FRAME))
             .tls_config(tls)
             .map_err(|e| connect_err(e.to_string()))?
             .connect()
@@ -262,6 +263,8 @@ impl Transfers {
 
 /// HTTP/2 flow-control window for transfer streams (large enough for full-speed chunks).
 pub const WINDOW: u32 = 8 << 20;
+/// HTTP/2 frame size for transfer connections (the protocol's default is 16 KiB).
+pub const FRAME: u32 = 1 << 20;
 
 fn source_chain(e: &dyn std::error::Error) -> String {
     let mut s = String::new();
@@ -331,6 +334,7 @@ impl Session {
             .stdout
             .take()
             .ok_or_else(|| send_err("no stdout".into()))?;
+        crate::storage::send::grow_pipe(&stdout);
         let mut stderr = child.stderr.take();
         let stderr_task = tokio::spawn(async move {
             let mut s = String::new();
