@@ -300,6 +300,23 @@ struct Session {
 }
 
 impl Session {
+    /// Sends one message; when the receiver has closed the stream, its reason.
+    async fn push(&mut self, msg: transfer_chunk::Msg) -> Result<(), TransferError> {
+        if self
+            .out
+            .send(v1::TransferChunk { msg: Some(msg) })
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        let why = tokio::time::timeout(Duration::from_secs(5), self.replies.message()).await;
+        Err(match why {
+            Ok(Err(s)) => peer_err(s),
+            _ => TransferError::Broken("the receiver closed the stream".into()),
+        })
+    }
+
     async fn reply(&mut self) -> Result<transfer_reply::Msg, TransferError> {
         match self.replies.message().await {
             Ok(Some(v1::TransferReply { msg: Some(m) })) => Ok(m),
@@ -343,7 +360,7 @@ impl Session {
             }
             s
         });
-        send_msg(&self.out, transfer_chunk::Msg::Volume(header)).await?;
+        self.push(transfer_chunk::Msg::Volume(header)).await?;
         let mut hasher = Sha256::new();
         let mut total = 0u64;
         loop {
@@ -366,20 +383,17 @@ impl Session {
             self.progress
                 .bytes
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            send_msg(&self.out, transfer_chunk::Msg::Data(chunk)).await?;
+            self.push(transfer_chunk::Msg::Data(chunk)).await?;
         }
         let status = child.wait().await.map_err(|e| send_err(e.to_string()))?;
         let stderr = stderr_task.await.unwrap_or_default();
         if !status.success() {
             return Err(send_err(format!("{} ({status})", stderr.trim())));
         }
-        send_msg(
-            &self.out,
-            transfer_chunk::Msg::End(v1::VolumeEnd {
-                sha256: hex::encode(hasher.finalize()),
-                bytes: total,
-            }),
-        )
+        self.push(transfer_chunk::Msg::End(v1::VolumeEnd {
+            sha256: hex::encode(hasher.finalize()),
+            bytes: total,
+        }))
         .await?;
         match self.reply().await? {
             transfer_reply::Msg::VolumeDone(n) if n == name => {
@@ -394,7 +408,7 @@ impl Session {
     }
 
     async fn finish(&mut self) -> Result<(), TransferError> {
-        send_msg(&self.out, transfer_chunk::Msg::Finish(true)).await?;
+        self.push(transfer_chunk::Msg::Finish(true)).await?;
         match self.reply().await? {
             transfer_reply::Msg::Finished(_) => Ok(()),
             _ => Err(TransferError::Protocol(
