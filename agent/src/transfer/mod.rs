@@ -85,7 +85,7 @@ pub enum TransferError {
     NotFound(String),
     #[error("{0} exists on this node already")]
     Exists(String),
-    #[error("nothing to commit for ticket {0}: no verified volume has been received")]
+    #[error("nothing to commit for ticket {0}: no transfer stream has finished")]
     NothingReceived(String),
     #[error("instance {0} is running: stop it before a refresh")]
     Running(String),
@@ -176,6 +176,8 @@ struct Ticket {
     refresh: bool,
     /// A Receive stream holds it.
     busy: bool,
+    /// The last stream ended with Finish (what is staged is complete).
+    finished: bool,
     /// The image record a sender gave (images).
     image: Option<v1::Image>,
     /// The answer of a successful commit (repeated to a retry).
@@ -244,6 +246,7 @@ impl Transfers {
                 source_node: req.source_node.clone(),
                 refresh: req.refresh,
                 busy: false,
+                finished: false,
                 image: None,
                 committed: None,
             },
@@ -301,6 +304,9 @@ impl Transfers {
         };
         if let Some(snapshots) = t.committed {
             return Ok(v1::CommitTransferResponse { snapshots });
+        }
+        if !t.finished {
+            return Err(TransferError::NothingReceived(ticket.to_string()));
         }
         let snapshots = match t.kind {
             v1::TransferKind::Image => {

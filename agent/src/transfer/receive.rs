@@ -133,6 +133,7 @@ impl Transfers {
             )));
         }
         t.busy = true;
+        t.finished = false;
         Ok(Claim {
             transfers: self.clone(),
             ticket: ticket.to_string(),
@@ -181,6 +182,9 @@ async fn run(
                 reply(tx, transfer_reply::Msg::VolumeDone(name)).await?;
             }
             transfer_chunk::Msg::Finish(_) => {
+                if let Some(t) = claim.transfers.tickets().get_mut(&claim.ticket) {
+                    t.finished = true;
+                }
                 info!("transfer stream finished");
                 return reply(tx, transfer_reply::Msg::Finished(true)).await;
             }
