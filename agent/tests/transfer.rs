@@ -663,3 +663,66 @@ async fn image_transfer() {
     assert!(rec.contains("busybox"), "{rec}");
     assert!(n2.staged().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_of_a_snapshot() {
+    let ca = Ca::new();
+    let n1 = Node::start("n1", &ca).await;
+    let n2 = Node::start("n2", &ca).await;
+    n1.make_instance("web");
+    n1.write_random("web", "old.bin", 2);
+    n1.snapshot("web", "s0", 5);
+    n1.snapshot("web", "s1", 6);
+    n1.write_random("web", "new.bin", 1);
+    n2.expect(
+        "snapcopy",
+        v1::TransferKind::Instance,
+        "fromsnap",
+        "n1",
+        false,
+    );
+    let mut s = n1
+        .transfers
+        .clone()
+        .send_instance(v1::SendInstanceRequest {
+            ticket: "snapcopy".into(),
+            instance: "web".into(),
+            source_snapshot: "s0".into(),
+            mode: v1::SendMode::Full as i32,
+            target_address: n2.addr.to_string(),
+            target_node: "n2".into(),
+            target_instance: "fromsnap".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut done = false;
+    while let Some(p) = s.next().await {
+        done = p.unwrap().done;
+    }
+    assert!(done);
+    // Not before the stream finished, and only once it has: the snapshot's contents, no
+    // snapshots.
+    let c = n2.transfers.commit("snapcopy").unwrap();
+    assert!(c.snapshots.is_empty(), "{c:?}");
+    let r2 = n2.root();
+    assert!(r2.join("containers/fromsnap/rootfs/old.bin").is_file());
+    assert!(!r2.join("containers/fromsnap/rootfs/new.bin").exists());
+    // An unknown snapshot is refused before anything is sent.
+    let err = n1
+        .transfers
+        .clone()
+        .send_instance(v1::SendInstanceRequest {
+            ticket: "x1".into(),
+            instance: "web".into(),
+            source_snapshot: "nope".into(),
+            target_address: n2.addr.to_string(),
+            target_node: "n2".into(),
+            target_instance: "y".into(),
+            ..Default::default()
+        })
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.status().code(), tonic::Code::NotFound);
+}

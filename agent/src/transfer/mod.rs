@@ -195,6 +195,7 @@ impl Transfers {
             warn!(volume = %path.display(), "deleting a transfer's staged volume left by a restart");
             delete_subvol(&path)?;
         }
+        info!(node = %setup.node, pool = %setup.pool_root.display(), sender = setup.identity.is_some(), "transfers ready");
         let _ = self.setup.set(setup);
         Ok(())
     }
