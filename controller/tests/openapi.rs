@@ -412,6 +412,13 @@ fn rust_type(name: &str) -> Option<Check> {
         "berth_controller::api::cluster::ClusterPatch" => {
             parses::<berth_controller::api::cluster::ClusterPatch>
         }
+        "berth_proto::api::InstanceSnapshotsPost" => parses::<api::InstanceSnapshotsPost>,
+        "berth_proto::api::InstanceSnapshotPost" => parses::<api::InstanceSnapshotPost>,
+        "berth_proto::api::ImagePut" => parses::<api::ImagePut>,
+        "berth_controller::api::images::ImagePatch" => {
+            parses::<berth_controller::api::images::ImagePatch>
+        }
+        "berth_proto::api::ClusterMemberStatePost" => parses::<api::ClusterMemberStatePost>,
         "berth_proto::api::tenancy::ProjectsPost" => parses::<tenancy::ProjectsPost>,
         "berth_proto::api::tenancy::ProjectPut" => parses::<tenancy::ProjectPut>,
         "berth_proto::api::tenancy::ProjectPatch" => parses::<tenancy::ProjectPatch>,
@@ -442,6 +449,15 @@ fn rust_type(name: &str) -> Option<Check> {
         "berth_proto::api::tenancy::KeyCreated" => parses::<tenancy::KeyCreated>,
         "berth_proto::api::tenancy::Event" => parses::<tenancy::Event>,
         "berth_proto::api::tenancy::LifecycleEvent" => parses::<tenancy::LifecycleEvent>,
+        "berth_proto::api::InstanceSnapshot" => parses::<api::InstanceSnapshot>,
+        "berth_proto::api::TransferMetadata" => parses::<api::TransferMetadata>,
+        "berth_proto::api::TransferPass" => parses::<api::TransferPass>,
+        "berth_controller::api::evacuate::EvacuationMetadata" => {
+            parses::<berth_controller::api::evacuate::EvacuationMetadata>
+        }
+        "berth_controller::api::evacuate::EvacuationResult" => {
+            parses::<berth_controller::api::evacuate::EvacuationResult>
+        }
         _ => return None,
     })
 }
@@ -522,16 +538,33 @@ fn shape<T: Default + serde::Serialize>() -> Value {
     shape_of(T::default())
 }
 
-/// The fields of `ClusterPatch` (a controller type without `Serialize`), read from its source.
-fn cluster_patch_shape() -> Value {
-    let src = strip_comments(&repo_file("controller/src/api/cluster.rs"));
-    let fields = struct_body(&src, "ClusterPatch")
-        .ok_or_else(|| "struct ClusterPatch not found in api/cluster.rs".to_string())
+/// The fields of struct `name` of `api/<module>.rs` (a controller type without `Serialize`,
+/// such as `ClusterPatch`), read from its source.
+fn source_shape(module: &str, name: &str) -> Value {
+    let src = strip_comments(&repo_file(&format!("controller/src/api/{module}.rs")));
+    let fields = struct_body(&src, name)
+        .ok_or_else(|| format!("struct {name} not found in api/{module}.rs"))
         .and_then(|(body, attrs)| query_fields(body, attrs));
     match fields {
         Ok(fields) => fields.into_iter().map(|f| (f, Value::Null)).collect(),
         Err(e) => Value::String(e),
     }
+}
+
+/// A PUT body with its optional `restore` (left out of the JSON when empty).
+fn instance_put_shape() -> Value {
+    shape_of(berth_proto::api::InstancePut {
+        restore: "snap0".into(),
+        ..Default::default()
+    })
+}
+
+/// Transfer metadata with its optional `downtime_ms`.
+fn transfer_metadata_shape() -> Value {
+    shape_of(berth_proto::api::TransferMetadata {
+        downtime_ms: Some(0),
+        ..Default::default()
+    })
 }
 
 /// An instance with its optional `state` (left out of the JSON when absent).
@@ -559,7 +592,7 @@ fn rust_shape(name: &str) -> Option<Value> {
     use berth_proto::api::{self, tenancy};
     Some(match name {
         "berth_proto::api::InstancesPost" => shape::<api::InstancesPost>(),
-        "berth_proto::api::InstancePut" => shape::<api::InstancePut>(),
+        "berth_proto::api::InstancePut" => instance_put_shape(),
         "berth_proto::api::InstancePatch" => shape::<api::InstancePatch>(),
         "berth_proto::api::InstancePost" => shape::<api::InstancePost>(),
         "berth_proto::api::InstanceStatePut" => shape::<api::InstanceStatePut>(),
@@ -570,7 +603,21 @@ fn rust_shape(name: &str) -> Option<Value> {
         "berth_proto::api::ControllerJoinPost" => shape::<api::ControllerJoinPost>(),
         "berth_proto::api::JoinTokenPost" => shape::<api::JoinTokenPost>(),
         "berth_proto::api::ClusterMemberPatch" => shape::<api::ClusterMemberPatch>(),
-        "berth_controller::api::cluster::ClusterPatch" => cluster_patch_shape(),
+        "berth_controller::api::cluster::ClusterPatch" => source_shape("cluster", "ClusterPatch"),
+        "berth_proto::api::InstanceSnapshotsPost" => shape::<api::InstanceSnapshotsPost>(),
+        "berth_proto::api::InstanceSnapshotPost" => shape::<api::InstanceSnapshotPost>(),
+        "berth_proto::api::ImagePut" => shape::<api::ImagePut>(),
+        "berth_controller::api::images::ImagePatch" => source_shape("images", "ImagePatch"),
+        "berth_proto::api::ClusterMemberStatePost" => shape::<api::ClusterMemberStatePost>(),
+        "berth_proto::api::InstanceSnapshot" => shape::<api::InstanceSnapshot>(),
+        "berth_proto::api::TransferMetadata" => transfer_metadata_shape(),
+        "berth_proto::api::TransferPass" => shape::<api::TransferPass>(),
+        "berth_controller::api::evacuate::EvacuationMetadata" => {
+            shape::<berth_controller::api::evacuate::EvacuationMetadata>()
+        }
+        "berth_controller::api::evacuate::EvacuationResult" => {
+            shape::<berth_controller::api::evacuate::EvacuationResult>()
+        }
         "berth_proto::api::tenancy::ProjectsPost" => shape::<tenancy::ProjectsPost>(),
         "berth_proto::api::tenancy::ProjectPut" => shape::<tenancy::ProjectPut>(),
         "berth_proto::api::tenancy::ProjectPatch" => shape::<tenancy::ProjectPatch>(),
