@@ -112,27 +112,9 @@ pub async fn expire(state: &Arc<AppState>) {
             .collect::<Vec<_>>()
     });
     for (fingerprint, node) in work {
-        let mut client = match state.agents.client(&node) {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(image = %fingerprint, node = %node.name, error = %e, "cannot reach the node to drop a cached image");
-                continue;
-            }
-        };
-        match client
-            .delete_image(crate::agents::short(v1::DeleteImageRequest {
-                fingerprint: fingerprint.clone(),
-            }))
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if e.code() == tonic::Code::NotFound => {}
-            Err(e) => {
-                warn!(image = %fingerprint, node = %node.name, error = %e.message(), "could not drop a cached image");
-                continue;
-            }
-        }
-        match state
+        // The location goes first: a create on that node from now on pulls the image again
+        // instead of counting on a copy that is about to be deleted.
+        if let Err(e) = state
             .cp
             .write(Command::SetImageLocation {
                 fingerprint: fingerprint.clone(),
@@ -141,11 +123,29 @@ pub async fn expire(state: &Arc<AppState>) {
             })
             .await
         {
-            Ok(_) => {
+            warn!(image = %fingerprint, node = %node.name, error = %e, "could not forget a cached image copy; it stays");
+            continue;
+        }
+        let deleted = match state.agents.client(&node) {
+            Ok(mut client) => client
+                .delete_image(crate::agents::short(v1::DeleteImageRequest {
+                    fingerprint: fingerprint.clone(),
+                }))
+                .await
+                .map(|_| ())
+                .or_else(|e| match e.code() {
+                    tonic::Code::NotFound => Ok(()),
+                    _ => Err(e.message().to_string()),
+                }),
+            Err(e) => Err(e.to_string()),
+        };
+        match deleted {
+            Ok(()) => {
                 info!(image = %fingerprint, node = %node.name, "cached image copy expired and removed")
             }
-            Err(e) => {
-                warn!(image = %fingerprint, node = %node.name, error = %e, "cached image copy deleted but its location could not be removed")
+            // The bytes stay on the node until a later pull finds them and records them again.
+            Err(error) => {
+                warn!(image = %fingerprint, node = %node.name, %error, "cached image copy forgotten but not deleted from its node")
             }
         }
     }

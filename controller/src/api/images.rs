@@ -253,6 +253,7 @@ pub async fn create(
         .map_err(|_| ApiError::bad_request("request body is not readable or larger than 1 MiB"))?;
     let req: ImagesPost = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("request body is not valid JSON: {e}")))?;
+    check_may_publish(&scope, req.public, false)?;
     if matches!(req.source.kind.as_str(), "instance" | "snapshot") {
         return publish(state, scope, req).await;
     }
@@ -923,6 +924,17 @@ async fn publish(state: SharedState, scope: Scope, req: ImagesPost) -> Result<Re
     .await
 }
 
+/// Only fleet keys make an image public: a public image is seen by every project (and its
+/// fingerprint takes part in every project's prefix lookups).
+fn check_may_publish(scope: &Scope, public: bool, was_public: bool) -> Result<(), ApiError> {
+    if public && !was_public && !scope.identity.is_fleet() {
+        return Err(ApiError::forbidden(
+            "only an admin or operator key can make an image public",
+        ));
+    }
+    Ok(())
+}
+
 /// A PATCH without `If-Match` that keeps meeting concurrent changes is tried this often.
 const PATCH_ATTEMPTS: usize = 5;
 
@@ -972,6 +984,7 @@ where
         super::instances::check_if_match(&what, wanted.as_deref(), &etag)?;
         let (properties, public) = build(&img);
         validate_properties(&properties)?;
+        check_may_publish(&scope, public, img.public)?;
         let command = super::instances::guarded(
             Command::UpdateImage {
                 fingerprint: img.fingerprint.clone(),

@@ -436,7 +436,7 @@ pub struct Image {
     /// copy they did not build drop it after `images.remote_cache_expiry` days unused.
     #[serde(default)]
     pub last_used_at: String,
-    /// Seen by every project and by callers without a key (`--public`).
+    /// Seen by every project (`--public`; only fleet keys set it).
     #[serde(default)]
     pub public: bool,
     /// The nodes that built, imported or published it (the others hold cached copies).

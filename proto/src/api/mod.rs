@@ -29,6 +29,14 @@ pub const API_EXTENSIONS: &[&str] = &[
     "berth_project_quotas",
     "berth_api_key_roles",
     "profiles",
+    "snapshots",
+    "snapshot_schedule",
+    "berth_instance_copy",
+    "berth_instance_live_move",
+    "berth_cluster_evacuation",
+    "berth_image_publish",
+    "berth_image_export",
+    "berth_image_pull",
 ];
 
 /// The response envelope of every answer.
