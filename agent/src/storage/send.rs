@@ -154,9 +154,12 @@ pub fn send_command(path: &Path, parent: Option<&Path>) -> Command {
 }
 
 /// `btrfs receive` into the directory `dir`, reading the stream from its stdin (piped).
+/// `--chroot` confines what the stream does to `dir` (a stream's paths cannot climb out through
+/// `..` or symlinks); parents of incremental streams are still found anywhere in the
+/// filesystem.
 pub fn receive_command(dir: &Path) -> Command {
     let mut cmd = Command::new("btrfs");
-    cmd.args(["receive", "-q"])
+    cmd.args(["receive", "-q", "--chroot"])
         .arg(dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
