@@ -169,7 +169,12 @@ impl BtrfsDriver {
                     ),
                 }
             }
-            set_readonly(sub, false)?;
+            // A read-only subvolume with nothing nested deletes as it is; one holding nested
+            // subvolumes must be writable to lose them. (Received snapshots refuse to become
+            // writable, and never hold nested subvolumes.)
+            if !nested.is_empty() {
+                set_readonly(sub, false)?;
+            }
             run(Command::new("btrfs").args(["subvolume", "delete"]).arg(sub))?;
         }
         self.destroy_qgroups(&ids)
@@ -184,6 +189,27 @@ impl BtrfsDriver {
         }
         run(cmd.arg(src).arg(dst))?;
         Ok(())
+    }
+
+    /// Deletes the read-only bases transfers keep for `instance` (`bases/<instance>/`, see
+    /// [`crate::transfer`]) and the directory itself.
+    fn delete_bases(&self, instance: &str) -> Result<(), StorageError> {
+        super::check_volume_name(instance)?;
+        let dir = self.pool.root.join("bases").join(instance);
+        if !dir.is_dir() {
+            return Ok(());
+        }
+        for e in fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let path = e.map_err(io_err(&dir))?.path();
+            if is_subvolume(&path) {
+                self.delete_subvolume_tree(&path)?;
+            }
+        }
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(&dir)(e)),
+        }
     }
 
     /// Deletes every snapshot of `instance` and `snapshots/<instance>` itself.
@@ -440,10 +466,14 @@ impl StorageDriver for BtrfsDriver {
     fn delete_instance_volume(&self, name: &str) -> Result<(), StorageError> {
         let path = self.pool.instance_path(name)?;
         self.delete_all_snapshots(name)?;
+        self.delete_bases(name)?;
         self.delete_subvolume_tree(&path)
     }
 
     fn rename_instance_volume(&self, from: &str, to: &str) -> Result<(), StorageError> {
+        // Bases kept for incremental sends belong to the old name's transfers: a later copy
+        // sends in full once.
+        self.delete_bases(from)?;
         self.pool.rename_instance_volume(from, to)
     }
 
