@@ -224,7 +224,7 @@ fn bad_input(c: &DevCluster) -> Result<()> {
     Ok(())
 }
 
-/// No volume, staging or base of `name` on a node's pool.
+/// No volume, snapshot, base or staged (`.in-*`) volume of `name` on a node's pool.
 fn nothing_left(pool: &Path, name: &str) -> Result<()> {
     for dir in ["containers", "snapshots", "bases"] {
         ensure!(
@@ -233,12 +233,18 @@ fn nothing_left(pool: &Path, name: &str) -> Result<()> {
             pool.display()
         );
     }
-    let incoming = pool.join("incoming");
-    if incoming.is_dir() {
-        let left: Vec<_> = std::fs::read_dir(&incoming)?.collect();
-        ensure!(left.is_empty(), "{} is not empty", incoming.display());
-    }
     Ok(())
+}
+
+/// Whether a transfer to `name` is staging volumes on a node's pool (received volumes land
+/// under hidden `.in-<ticket>-...` names until the commit).
+fn staging(pool: &Path, name: &str) -> bool {
+    ["snapshots", "bases"].iter().any(|dir| {
+        std::fs::read_dir(pool.join(dir).join(name)).is_ok_and(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(".in-"))
+        })
+    })
 }
 
 fn target_agent_killed_half_way(c: &DevCluster) -> Result<()> {
@@ -247,7 +253,7 @@ fn target_agent_killed_half_way(c: &DevCluster) -> Result<()> {
     sh_inside(
         c,
         "big",
-        "dd if=/dev/urandom of=/root/blob bs=1M count=400 2>/dev/null; sync",
+        "dd if=/dev/urandom of=/root/blob bs=1M count=1024 2>/dev/null; sync",
     )?;
     let mut cmd = Command::new(bin_dir().join("berth"));
     cmd.args(["move", "big", "--target", "n3"]);
@@ -255,13 +261,17 @@ fn target_agent_killed_half_way(c: &DevCluster) -> Result<()> {
         cmd.env(k, v);
     }
     let child = cmd.stdout(std::process::Stdio::piped()).spawn()?;
-    // Kill n3's agent once bytes flow: when its pool has a staging directory.
-    let staging = c.base.join("n3/pool/incoming");
-    let seen = wait_for("the transfer to start", Duration::from_secs(60), || {
-        std::fs::read_dir(&staging).is_ok_and(|mut d| d.next().is_some())
-    });
+    // Kill n3's agent once bytes flow: when its pool stages a volume of the instance.
+    let pool = c.base.join("n3/pool");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !staging(&pool, "big") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     c.script_ok(&["kill", "n3"])?;
-    seen?;
+    ensure!(
+        Instant::now() < deadline,
+        "the transfer never started staging on n3"
+    );
     let out = child.wait_with_output()?;
     ensure!(!out.status.success(), "the move should have failed");
     assert_eq!(c.location("big")?, "n1", "the instance stays on its node");

@@ -74,6 +74,12 @@ pub(crate) fn live_stop_timeout(config: &BTreeMap<String, String>) -> u32 {
         .min(LIVE_STOP_CAP_SECS)
 }
 
+/// Whether a live move shuts the instance down cleanly before its final pass
+/// (`migration.stop=clean`) instead of stopping it at once.
+pub(crate) fn clean_stop(config: &BTreeMap<String, String>) -> bool {
+    config.get("migration.stop").map(|v| v.trim()) == Some("clean")
+}
+
 /// Milliseconds from the stop on the source to running on the target.
 pub(crate) fn downtime_ms(stop_began: Instant, running_at: Instant) -> u64 {
     u64::try_from(running_at.saturating_duration_since(stop_began).as_millis()).unwrap_or(u64::MAX)
@@ -124,6 +130,9 @@ struct Progress {
     /// Bytes of the passes that ended.
     earlier: u64,
     last: Option<Instant>,
+    /// While set (the downtime of a live move), nothing is written: every write through Raft
+    /// would lengthen the stop.
+    hold: bool,
 }
 
 impl Progress {
@@ -134,6 +143,7 @@ impl Progress {
             meta: TransferMetadata::default(),
             earlier: 0,
             last: None,
+            hold: false,
         }
     }
 
@@ -147,7 +157,7 @@ impl Progress {
     /// Writes the metadata into the operation (unless written less than a second ago and
     /// not `force`d). Best effort: a lost update only delays the progress shown.
     async fn publish(&mut self, force: bool) {
-        if !force && self.last.is_some_and(|t| t.elapsed() < PROGRESS_EVERY) {
+        if self.hold || (!force && self.last.is_some_and(|t| t.elapsed() < PROGRESS_EVERY)) {
             return;
         }
         self.last = Some(Instant::now());
@@ -360,28 +370,31 @@ async fn start(
     Ok(s)
 }
 
-/// Stops instance `name` for the final pass: cleanly within `timeout_secs`, then by force.
+/// Stops instance `name` for the final pass: cleanly within `timeout_secs` (none when 0),
+/// then by force.
 async fn stop_for_move(
     client: &mut AgentConn,
     name: &str,
     timeout_secs: u32,
 ) -> Result<(), StepError> {
     let stopped = |r: &Result<tonic::Response<v1::InstanceStatus>, tonic::Status>| matches!(r, Ok(s) if s.get_ref().state != v1::InstanceState::Running as i32);
-    let clean = client
-        .stop_instance(call(
-            v1::StopInstanceRequest {
-                name: name.to_string(),
-                force: false,
-                timeout_secs,
-            },
-            Duration::from_secs(u64::from(timeout_secs) + 30),
-        ))
-        .await;
-    if stopped(&clean) {
-        return Ok(());
-    }
-    if let Err(e) = &clean {
-        debug!(error = %e.message(), "clean stop failed; forcing");
+    if timeout_secs > 0 {
+        let clean = client
+            .stop_instance(call(
+                v1::StopInstanceRequest {
+                    name: name.to_string(),
+                    force: false,
+                    timeout_secs,
+                },
+                Duration::from_secs(u64::from(timeout_secs) + 30),
+            ))
+            .await;
+        if stopped(&clean) {
+            return Ok(());
+        }
+        if let Err(e) = &clean {
+            debug!(error = %e.message(), "clean stop failed; forcing");
+        }
     }
     let forced = client
         .stop_instance(call(
@@ -762,8 +775,17 @@ async fn move_to(
             }
         }
         progress.stage("stopping").await;
+        progress.hold = true;
         undo.stopped_at = Some(Instant::now());
-        stop_for_move(source, name, live_stop_timeout(config)).await?;
+        // By default at once: the final snapshot is crash-consistent (everything written
+        // before the stop is in it) and the instance boots on the target; `migration.stop=clean`
+        // shuts it down cleanly first, at the cost of its shutdown time.
+        let timeout = if clean_stop(config) {
+            live_stop_timeout(config)
+        } else {
+            0
+        };
+        stop_for_move(source, name, timeout).await?;
         progress.stage("final pass").await;
         send_pass(source, request(v1::SendMode::Final), "final", progress).await?;
     } else {
@@ -784,6 +806,7 @@ async fn move_to(
             info!(downtime_ms = ms, "instance runs on the target");
             progress.meta.downtime_ms = Some(ms);
         }
+        progress.hold = false;
     }
     if !state.cp.leads_with_quorum() {
         return Err(StepError {

@@ -781,6 +781,13 @@ pub fn validate_key_value(key: &str, value: &str) -> Result<(), ConfigError> {
         "placement.group" => parse_placement_group(value).map(drop),
         "placement.group.policy" => parse_group_policy(value).map(drop),
         "placement.group.enforce" => parse_group_enforce(value).map(drop),
+        "migration.stop" => match value.trim() {
+            "force" | "clean" => Ok(()),
+            _ => Err(err(format!(
+                "migration.stop \"{value}\" must be \"force\" (the default: a live move stops the instance at once, \
+                 like a power cut, for the shortest downtime) or \"clean\" (a clean shutdown first)"
+            ))),
+        },
         "boot.stop.timeout" => match value.trim().parse::<u32>() {
             Ok(n) if n <= 3600 => Ok(()),
             _ => Err(err(format!(
@@ -963,6 +970,9 @@ mod tests {
         assert!(validate_key_value("snapshots.schedule", "* * *").is_err());
         assert!(validate_key_value("snapshots.schedule.stopped", "true").is_ok());
         assert!(validate_key_value("snapshots.schedule.stopped", "maybe").is_err());
+        assert!(validate_key_value("migration.stop", "clean").is_ok());
+        assert!(validate_key_value("migration.stop", "force").is_ok());
+        assert!(validate_key_value("migration.stop", "gentle").is_err());
     }
 
     #[test]
