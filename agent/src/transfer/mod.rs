@@ -195,6 +195,7 @@ impl Transfers {
             warn!(volume = %path.display(), "deleting a transfer's staged volume left by a restart");
             delete_subvol(&path)?;
         }
+        remove_orphan_dirs(&setup.pool_root);
         info!(node = %setup.node, pool = %setup.pool_root.display(), sender = setup.identity.is_some(), "transfers ready");
         let _ = self.setup.set(setup);
         Ok(())
@@ -284,6 +285,7 @@ impl Transfers {
                 let _ = std::fs::remove_dir(root.join(dir).join(&t.name));
             }
         }
+        remove_orphan_dirs(root);
         info!(ticket, "transfer aborted");
         Ok(())
     }
@@ -356,6 +358,22 @@ fn staged_volumes(root: &Path, ticket: &str) -> Result<Vec<PathBuf>, TransferErr
         }
     }
     Ok(out)
+}
+
+/// Removes the empty `snapshots/<name>` and `bases/<name>` directories of instances that are
+/// not on this node (what an aborted or interrupted transfer leaves once its staged volumes
+/// are gone). Best effort: `remove_dir` only ever removes an empty directory.
+fn remove_orphan_dirs(root: &Path) {
+    for top in [SNAPSHOTS_DIR, BASES_DIR] {
+        let Ok(dirs) = list_dirs(&root.join(top)) else {
+            continue;
+        };
+        for (name, dir) in dirs {
+            if !root.join(crate::storage::CONTAINERS_DIR).join(&name).exists() {
+                let _ = std::fs::remove_dir(&dir);
+            }
+        }
+    }
 }
 
 /// Where a volume of a ticket is staged: its directory and its hidden name there.
