@@ -369,7 +369,11 @@ fn remove_orphan_dirs(root: &Path) {
             continue;
         };
         for (name, dir) in dirs {
-            if !root.join(crate::storage::CONTAINERS_DIR).join(&name).exists() {
+            if !root
+                .join(crate::storage::CONTAINERS_DIR)
+                .join(&name)
+                .exists()
+            {
                 let _ = std::fs::remove_dir(&dir);
             }
         }
