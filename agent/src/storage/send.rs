@@ -159,7 +159,8 @@ pub fn send_command(path: &Path, parent: Option<&Path>) -> Command {
 /// filesystem.
 pub fn receive_command(dir: &Path) -> Command {
     let mut cmd = Command::new("btrfs");
-    cmd.args(["receive", "-q", "--chroot"])
+    // -e: stop at the end command (no second stream after it).
+    cmd.args(["receive", "-q", "-e", "--chroot"])
         .arg(dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -208,6 +209,10 @@ pub enum StreamError {
     FirstCommand(u16),
     #[error("the stream's first command is malformed: {0}")]
     Malformed(&'static str),
+    #[error("the stream creates a second subvolume (command {0}): one volume per stream")]
+    SecondSubvolume(u16),
+    #[error("data after the stream's end command (a second stream)")]
+    AfterEnd,
 }
 
 const MAGIC: &[u8; 13] = b"btrfs-stream\0";
@@ -215,6 +220,7 @@ const STREAM_HEADER: usize = 17;
 const CMD_HEADER: usize = 10;
 const CMD_SUBVOL: u16 = 1;
 const CMD_SNAPSHOT: u16 = 2;
+const CMD_END: u16 = 21;
 const ATTR_PATH: u16 = 15;
 /// A first command longer than this is refused (it holds a name, two uuids and transids).
 const MAX_FIRST_COMMAND: usize = 64 * 1024;
@@ -222,10 +228,21 @@ const MAX_FIRST_COMMAND: usize = 64 * 1024;
 /// Rewrites the name in the first command of a btrfs send stream (the subvolume `btrfs
 /// receive` creates) and passes the rest through untouched. Feed it the stream's chunks in
 /// order; it holds back bytes only until the first command is complete.
+///
+/// After the first command it walks the command headers of the rest: a stream that creates
+/// another subvolume (a later subvolume or snapshot command, which `btrfs receive` would
+/// create under the sender's name beside the staged one) or carries bytes after its end
+/// command (a second stream) is refused before those bytes are passed on.
 pub struct SubvolRenamer {
     name: Vec<u8>,
     pending: BytesMut,
     done: bool,
+    /// Bytes of the current command's body still to pass.
+    rest: usize,
+    /// A command header seen in part.
+    header: Vec<u8>,
+    /// The end command was seen.
+    ended: bool,
 }
 
 impl SubvolRenamer {
@@ -235,12 +252,16 @@ impl SubvolRenamer {
             name: name.as_bytes().to_vec(),
             pending: BytesMut::new(),
             done: false,
+            rest: 0,
+            header: Vec::with_capacity(CMD_HEADER),
+            ended: false,
         }
     }
 
     /// Takes the next chunk; returns the bytes to pass on (possibly none yet).
     pub fn feed(&mut self, chunk: Bytes) -> Result<Option<Bytes>, StreamError> {
         if self.done {
+            self.walk(&chunk)?;
             return Ok(Some(chunk));
         }
         self.pending.extend_from_slice(&chunk);
@@ -304,15 +325,54 @@ impl SubvolRenamer {
         header[6..].copy_from_slice(&crc.to_le_bytes());
         out.extend_from_slice(&header);
         out.extend_from_slice(&new_body);
-        out.extend_from_slice(&buf[c + CMD_HEADER + len..]);
+        let tail = Bytes::copy_from_slice(&buf[c + CMD_HEADER + len..]);
         self.pending = BytesMut::new();
         self.done = true;
+        self.walk(&tail)?;
+        out.extend_from_slice(&tail);
         Ok(Some(out.freeze()))
+    }
+
+    /// Follows the command headers in `data` (the bytes after the first command).
+    fn walk(&mut self, mut data: &[u8]) -> Result<(), StreamError> {
+        while !data.is_empty() {
+            if self.ended && self.rest == 0 {
+                return Err(StreamError::AfterEnd);
+            }
+            if self.rest > 0 {
+                let n = self.rest.min(data.len());
+                self.rest -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (CMD_HEADER - self.header.len()).min(data.len());
+            self.header.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.header.len() == CMD_HEADER {
+                let h = &self.header;
+                let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+                let cmd = u16::from_le_bytes([h[4], h[5]]);
+                self.header.clear();
+                match cmd {
+                    CMD_SUBVOL | CMD_SNAPSHOT => return Err(StreamError::SecondSubvolume(cmd)),
+                    CMD_END => self.ended = true,
+                    _ => {}
+                }
+                self.rest = len;
+            }
+        }
+        Ok(())
     }
 
     /// Whether the first command was seen and rewritten.
     pub fn is_done(&self) -> bool {
         self.done
+    }
+
+    /// Whether the whole stream was seen: the first command rewritten and the end command
+    /// passed completely.
+    pub fn is_complete(&self) -> bool {
+        self.done && self.ended && self.rest == 0 && self.header.is_empty()
     }
 }
 
@@ -406,6 +466,64 @@ mod tests {
             }
             assert!(r.is_done());
             assert_eq!(out, want, "split {split}");
+        }
+    }
+
+    /// A command header and body.
+    fn command(cmd: u16, body: &[u8]) -> Vec<u8> {
+        let mut c = (body.len() as u32).to_le_bytes().to_vec();
+        c.extend_from_slice(&cmd.to_le_bytes());
+        c.extend_from_slice(&[0u8; 4]);
+        c.extend_from_slice(body);
+        c
+    }
+
+    /// Feeds `input` in pieces of `split`; the first error, else the output and completeness.
+    fn run_pieces(input: &[u8], split: usize) -> Result<(Vec<u8>, bool), StreamError> {
+        let mut r = SubvolRenamer::new(".in-t-x");
+        let mut out = Vec::new();
+        for piece in input.chunks(split) {
+            if let Some(b) = r.feed(Bytes::copy_from_slice(piece))? {
+                out.extend_from_slice(&b);
+            }
+        }
+        Ok((out, r.is_complete()))
+    }
+
+    #[test]
+    fn walks_the_commands_to_the_end() {
+        let mut rest = command(15, &[1u8; 300]);
+        rest.extend(command(CMD_END, b""));
+        let input = stream("s1", &rest);
+        let want = stream(".in-t-x", &rest);
+        for split in [1, 3, 10, 64, input.len()] {
+            assert_eq!(run_pieces(&input, split).unwrap(), (want.clone(), true));
+        }
+        // Truncated before the end command: passed on, but not complete.
+        let cut = stream("s1", &command(15, &[1u8; 300]));
+        assert!(!run_pieces(&cut, 7).unwrap().1);
+    }
+
+    #[test]
+    fn refuses_a_second_subvolume_or_stream() {
+        for (cmd, err) in [
+            (CMD_SUBVOL, StreamError::SecondSubvolume(CMD_SUBVOL)),
+            (CMD_SNAPSHOT, StreamError::SecondSubvolume(CMD_SNAPSHOT)),
+        ] {
+            let mut rest = command(15, &[1u8; 100]);
+            rest.extend(command(cmd, b"\x0f\x00\x03\x00evil"));
+            for split in [1, 9, 4096] {
+                assert_eq!(run_pieces(&stream("s1", &rest), split).unwrap_err(), err);
+            }
+        }
+        // A second stream after the end command.
+        let mut rest = command(CMD_END, b"");
+        rest.extend(stream("evil", &command(CMD_END, b"")));
+        for split in [1, 9, 4096] {
+            assert_eq!(
+                run_pieces(&stream("s1", &rest), split).unwrap_err(),
+                StreamError::AfterEnd
+            );
         }
     }
 

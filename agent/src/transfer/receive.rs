@@ -467,7 +467,7 @@ async fn feed(
         hex::encode(hasher.finalize()),
         bytes,
         end,
-        alive && wrote && renamer.is_done(),
+        alive && wrote && renamer.is_complete(),
     ))
 }
 
