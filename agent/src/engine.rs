@@ -1009,6 +1009,30 @@ impl Engine {
         self.status(name).await
     }
 
+    /// After a transfer replaced a stopped instance's volume (a cross-node `--refresh`): writes
+    /// its hostname and network config again and puts its disk limit on the new volume, as a
+    /// local refresh does (the received root filesystem carries the source's identity).
+    pub async fn refreshed(&self, name: &str) -> Result<(), EngineError> {
+        let lock = self.lock(name);
+        let _g = lock.lock().await;
+        let rec = self.record(name)?;
+        if self.dir(name).live_monitor().is_some() {
+            return Err(EngineError::Running(name.to_string()));
+        }
+        let inner = self.inner.clone();
+        blocking(move || {
+            if let Some(bytes) = disk_limit(&rec.config)? {
+                inner
+                    .storage
+                    .set_instance_disk_limit(&rec.name, Some(bytes))?;
+            }
+            inner.rewrite_identity(&rec)
+        })
+        .await?;
+        tracing::info!(instance = name, "wrote identity of a refreshed instance");
+        Ok(())
+    }
+
     /// The volume to publish as an image: a stopped instance's (refused with
     /// [`EngineError::Running`] while it runs) or one of its snapshots. The instance stays
     /// locked (it cannot start, be restored or deleted) until the returned value is dropped.

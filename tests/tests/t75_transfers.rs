@@ -151,6 +151,8 @@ fn copy_across_nodes(c: &DevCluster) -> Result<()> {
     c.berth_ok(&["copy", "m1", "m1c", "--refresh"])?;
     c.berth_ok(&["start", "m1c"])?;
     assert_eq!(read_inside(c, "m1c", "/root/data")?, "refreshed");
+    // The refreshed copy keeps its own identity (the stream carried m1's).
+    assert_eq!(read_inside(c, "m1c", "/etc/hostname")?, "m1c");
     Ok(())
 }
 

@@ -679,16 +679,27 @@ pub async fn commit_transfer(
     svc: &AgentService,
     req: v1::TransferRef,
 ) -> Result<v1::CommitTransferResponse, Status> {
-    if let Some(name) = svc.transfers.refresh_of(&req.ticket) {
-        match svc.engine.status(&name).await {
+    let refresh = svc.transfers.refresh_of(&req.ticket);
+    if let Some(name) = &refresh {
+        match svc.engine.status(name).await {
             Ok(st) if st.state == v1::InstanceState::Running as i32 => {
-                return Err(TransferError::Running(name).into());
+                return Err(TransferError::Running(name.clone()).into());
             }
             _ => {}
         }
     }
     let transfers = svc.transfers.clone();
-    Ok(blocking(move || transfers.commit(&req.ticket)).await?)
+    let ticket = req.ticket.clone();
+    let committed = blocking(move || transfers.commit(&ticket)).await?;
+    // The received root filesystem has the source's hostname and network config: the
+    // refreshed instance gets its own back (a new copy gets them when it is created).
+    if let Some(name) = refresh {
+        svc.engine
+            .refreshed(&name)
+            .await
+            .map_err(crate::service::engine_status)?;
+    }
+    Ok(committed)
 }
 
 pub async fn abort_transfer(
