@@ -726,3 +726,81 @@ async fn copy_of_a_snapshot() {
         .unwrap();
     assert_eq!(err.status().code(), tonic::Code::NotFound);
 }
+
+/// `stream` (a full btrfs send stream) with `cmd` inserted before its end command.
+fn with_command_before_end(stream: &[u8], cmd: u16, attrs: &[(u16, &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (ty, value) in attrs {
+        body.extend_from_slice(&ty.to_le_bytes());
+        body.extend_from_slice(&(value.len() as u16).to_le_bytes());
+        body.extend_from_slice(value);
+    }
+    let mut header = [0u8; 10];
+    header[..4].copy_from_slice(&(body.len() as u32).to_le_bytes());
+    header[4..6].copy_from_slice(&cmd.to_le_bytes());
+    let crc =
+        berth_agent::storage::send::crc32c(berth_agent::storage::send::crc32c(0, &header), &body);
+    header[6..].copy_from_slice(&crc.to_le_bytes());
+    // The end command is the stream's last 10 bytes (it has no attributes).
+    let (head, end) = stream.split_at(stream.len() - 10);
+    assert_eq!(&end[4..6], &21u16.to_le_bytes());
+    let mut out = head.to_vec();
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&body);
+    out.extend_from_slice(end);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_stream_cannot_touch_the_nodes_other_images() {
+    let ca = Ca::new();
+    let n1 = Node::start("n1", &ca).await;
+    let n2 = Node::start("n2", &ca).await;
+    let make = |node: &Node, fp: &str| {
+        let vol = node.driver.create_image_volume(fp).unwrap();
+        std::fs::write(vol.join("rootfs/hello"), fp.as_bytes()).unwrap();
+        node.driver.finish_image_volume(fp).unwrap();
+    };
+    let (fp, victim) = ("ab".repeat(32), "cd".repeat(32));
+    make(&n1, &fp);
+    make(&n2, &victim);
+    let (data, uuid) = send_stream(&n1, &format!("images/{fp}"));
+    // A peer's stream that renames a sibling of its subvolume (btrfs receive allows "../"
+    // within its --chroot directory).
+    let from = format!("../{victim}");
+    let evil = with_command_before_end(&data, 9, &[(15, from.as_bytes()), (16, b"../stolen")]);
+    n2.expect("img2", v1::TransferKind::Image, &fp, "n1", false);
+    let (tx, mut replies) = raw_open(&n2, &n1.identity, "img2").await.unwrap();
+    tx.send(chunk(transfer_chunk::Msg::Volume(v1::VolumeHeader {
+        role: v1::VolumeRole::Image as i32,
+        name: fp.clone(),
+        parent_uuid: String::new(),
+        uuid,
+        created_at: 1,
+        image: None,
+    })))
+    .await
+    .unwrap();
+    tx.send(chunk(transfer_chunk::Msg::Data(bytes::Bytes::from(
+        evil.clone(),
+    ))))
+    .await
+    .unwrap();
+    tx.send(chunk(transfer_chunk::Msg::End(v1::VolumeEnd {
+        sha256: sha(&evil),
+        bytes: evil.len() as u64,
+    })))
+    .await
+    .unwrap();
+    let answer = replies.message().await;
+    assert!(
+        answer.is_err(),
+        "the rename had nothing to rename: {answer:?}"
+    );
+    drop(tx);
+    let images = n2.root().join("images");
+    assert!(images.join(&victim).join("rootfs/hello").is_file());
+    assert!(!images.join("stolen").exists());
+    assert!(n2.staged().is_empty(), "{:?}", n2.staged());
+    n2.transfers.abort("img2").unwrap();
+}

@@ -12,9 +12,13 @@
 //!   the instance volume was made from, kept for a later refresh.
 //! - Staging on the receiver: a received volume is created directly in its final directory
 //!   under a hidden name, `snapshots/<instance>/.in-<ticket>-s-<snapshot>`,
-//!   `bases/<instance>/.in-<ticket>-b-<base>` or `images/.in-<ticket>-i`, and renamed in place
-//!   at commit (btrfs cannot move a read-only received subvolume to another directory, and
-//!   making it writable would drop its received uuid, which later incremental sends need).
+//!   `bases/<instance>/.in-<ticket>-b-<base>`, and renamed in place at commit (btrfs cannot
+//!   move a read-only received subvolume to another directory, and making it writable would
+//!   drop its received uuid, which later incremental sends need). A stream's paths may reach
+//!   the siblings of its subvolume (`../x`: `--chroot` confines it to the directory, not the
+//!   subvolume), so an image, which needs no received uuid, is received alone in a directory
+//!   of its own, `images/.in-<ticket>-i/volume`, and a read-only snapshot of it becomes
+//!   `images/<fingerprint>` at commit: nothing a peer sends can touch the node's other images.
 //!   The receiver chooses that name itself by rewriting the stream
 //!   ([`crate::storage::send::SubvolRenamer`]): no path ever comes from the peer.
 //!
@@ -193,7 +197,7 @@ impl Transfers {
         }
         for path in staged_volumes(&setup.pool_root, "")? {
             warn!(volume = %path.display(), "deleting a transfer's staged volume left by a restart");
-            delete_subvol(&path)?;
+            delete_staged(&path)?;
         }
         remove_orphan_dirs(&setup.pool_root);
         info!(node = %setup.node, pool = %setup.pool_root.display(), sender = setup.identity.is_some(), "transfers ready");
@@ -265,7 +269,7 @@ impl Transfers {
         let gone = self.tickets().remove(ticket);
         let root = &setup.pool_root;
         for path in staged_volumes(root, ticket)? {
-            delete_subvol(&path)?;
+            delete_staged(&path)?;
         }
         let marker = format!("@{ticket}@");
         for (_, inst_dir) in list_dirs(&root.join(BASES_DIR))? {
@@ -398,10 +402,47 @@ pub(crate) fn staging(
             format!("{STAGED}{ticket}-b-{volume}"),
         ),
         _ => (
-            root.join(crate::storage::IMAGES_DIR),
-            format!("{STAGED}{ticket}-i"),
+            root.join(crate::storage::IMAGES_DIR)
+                .join(format!("{STAGED}{ticket}-i")),
+            STAGED_IMAGE.to_string(),
         ),
     }
+}
+
+/// Name of a received image in its staging directory.
+const STAGED_IMAGE: &str = "volume";
+
+/// Deletes a staged volume, or an image's staging directory with whatever is in it (the
+/// received subvolume, and anything else the stream made beside it).
+pub(crate) fn delete_staged(path: &Path) -> Result<(), TransferError> {
+    use std::os::unix::fs::MetadataExt as _;
+    /// The inode number of a btrfs subvolume's root directory.
+    const SUBVOL_INO: u64 = 256;
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| TransferError::Io { path: p, source }
+    };
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(path)(e)),
+    };
+    if !meta.is_dir() || meta.ino() == SUBVOL_INO {
+        return Ok(delete_subvol(path)?);
+    }
+    for e in std::fs::read_dir(path).map_err(io(path))? {
+        let e = e.map_err(io(path))?;
+        let p = e.path();
+        let m = std::fs::symlink_metadata(&p).map_err(io(&p))?;
+        if m.is_dir() && m.ino() == SUBVOL_INO {
+            delete_subvol(&p)?;
+        } else if m.is_dir() {
+            std::fs::remove_dir_all(&p).map_err(io(&p))?;
+        } else {
+            std::fs::remove_file(&p).map_err(io(&p))?;
+        }
+    }
+    std::fs::remove_dir(path).map_err(io(path))
 }
 
 fn commit_instance(
@@ -533,19 +574,16 @@ fn commit_image(
     image: Option<&v1::Image>,
 ) -> Result<(), TransferError> {
     let images = setup.pool_root.join(crate::storage::IMAGES_DIR);
-    let staged = images.join(format!("{STAGED}{ticket}-i"));
+    let staging_dir = images.join(format!("{STAGED}{ticket}-i"));
+    let staged = staging_dir.join(STAGED_IMAGE);
     let dst = images.join(fingerprint);
     if std::fs::symlink_metadata(&staged).is_err() {
         return Err(TransferError::NothingReceived(ticket.to_string()));
     }
-    if std::fs::symlink_metadata(&dst).is_ok() {
-        delete_subvol(&staged)?;
-    } else {
-        std::fs::rename(&staged, &dst).map_err(|source| TransferError::Io {
-            path: staged.clone(),
-            source,
-        })?;
+    if std::fs::symlink_metadata(&dst).is_err() {
+        crate::storage::send::snapshot_readonly(&staged, &dst)?;
     }
+    delete_staged(&staging_dir)?;
     let img = image.cloned().unwrap_or_default();
     let rec = crate::image::ImageRecord {
         fingerprint: fingerprint.to_string(),

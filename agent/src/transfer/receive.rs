@@ -343,8 +343,13 @@ async fn receive_volume(
             Ok(())
         }
         Err(e) => {
-            let t = target.clone();
-            if let Err(d) = blocking(move || Ok(delete_subvol(&t)?)).await {
+            // An image's staging directory goes with it (the stream may have made more there).
+            let t = if role == v1::VolumeRole::Image {
+                dir.clone()
+            } else {
+                target.clone()
+            };
+            if let Err(d) = blocking(move || super::delete_staged(&t)).await {
                 warn!(volume = %target.display(), "cannot delete a partial volume: {d}");
             }
             Err(e)
