@@ -804,3 +804,51 @@ async fn an_image_stream_cannot_touch_the_nodes_other_images() {
     assert!(n2.staged().is_empty(), "{:?}", n2.staged());
     n2.transfers.abort("img2").unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_stream_cannot_change_what_is_beside_its_volume() {
+    let ca = Ca::new();
+    let n1 = Node::start("n1", &ca).await;
+    let n2 = Node::start("n2", &ca).await;
+    n1.make_instance("web");
+    n1.snapshot("web", "s0", 10);
+    n2.make_instance("web");
+    n2.snapshot("web", "old", 5);
+    let (data, uuid) = send_stream(&n1, "snapshots/web/s0");
+    // Renames the target's own snapshot away and plants a symlink to the host's root.
+    let evil = with_command_before_end(&data, 9, &[(15, b"../old"), (16, b"../gone")]);
+    let ino = 999u64.to_le_bytes();
+    let evil = with_command_before_end(&evil, 8, &[(15, b"../evil"), (3, &ino), (17, b"/")]);
+    n2.expect("snap2", v1::TransferKind::Instance, "web", "n1", true);
+    let (tx, mut replies) = raw_open(&n2, &n1.identity, "snap2").await.unwrap();
+    tx.send(chunk(transfer_chunk::Msg::Volume(v1::VolumeHeader {
+        role: v1::VolumeRole::Snapshot as i32,
+        name: "s0".into(),
+        parent_uuid: String::new(),
+        uuid,
+        created_at: 10,
+        image: None,
+    })))
+    .await
+    .unwrap();
+    tx.send(chunk(transfer_chunk::Msg::Data(bytes::Bytes::from(
+        evil.clone(),
+    ))))
+    .await
+    .unwrap();
+    tx.send(chunk(transfer_chunk::Msg::End(v1::VolumeEnd {
+        sha256: sha(&evil),
+        bytes: evil.len() as u64,
+    })))
+    .await
+    .unwrap();
+    let err = replies.message().await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    drop(tx);
+    let dir = n2.root().join("snapshots/web");
+    assert!(dir.join("old/rootfs/etc/hostname").is_file());
+    assert!(std::fs::symlink_metadata(dir.join("gone")).is_err());
+    assert!(std::fs::symlink_metadata(dir.join("evil")).is_err());
+    assert!(n2.staged().is_empty(), "{:?}", n2.staged());
+    n2.transfers.abort("snap2").unwrap();
+}

@@ -6,6 +6,7 @@
 //! checked at its end; a volume that fails in any way is deleted before the error is answered,
 //! and the volumes verified before it stay for a retry with the same ticket.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -274,6 +275,12 @@ async fn receive_volume(
         let (root, dir, target) = (claim.root.clone(), dir.clone(), target.clone());
         blocking(move || prepare_dir(&root, &dir, &target)).await?;
     }
+    // What is beside the staged volume: a stream can reach it (`../x` stays inside the
+    // --chroot directory), so it is compared afterwards.
+    let before = {
+        let d = dir.clone();
+        blocking(move || Ok(entries(&d))).await?
+    };
     let started = std::time::Instant::now();
     let mut child = tokio::process::Command::from(receive_command(&dir))
         .kill_on_drop(true)
@@ -328,6 +335,17 @@ async fn receive_volume(
         }
         Err(e) => Err(e),
     };
+    let outcome = {
+        let (d, st) = (dir.clone(), staged.clone());
+        match blocking(move || Ok(undo_changes_beside(&d, &st, &before))).await {
+            Ok(None) => outcome,
+            Ok(Some(what)) => Err(TransferError::Protocol(format!(
+                "the stream of volume {} changed {what} beside it: refused",
+                header.name
+            ))),
+            Err(e) => Err(e),
+        }
+    };
     match outcome {
         Ok(bytes) => {
             let (dir, target, ticket) = (dir.clone(), target.clone(), claim.ticket.clone());
@@ -379,6 +397,84 @@ fn prepare_dir(root: &Path, dir: &Path, target: &Path) -> Result<(), TransferErr
     }
     delete_subvol(target)?;
     Ok(())
+}
+
+/// The entries of `dir` by name, with their device and inode (a subvolume has a device of its
+/// own) and whether each is a symlink.
+fn entries(dir: &Path) -> BTreeMap<String, (u64, u64, bool)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut out = BTreeMap::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if let Ok(m) = std::fs::symlink_metadata(e.path()) {
+                out.insert(
+                    e.file_name().to_string_lossy().into_owned(),
+                    (m.dev(), m.ino(), m.file_type().is_symlink()),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Compares `dir` (but `staged`) with `before`; when the stream changed something there,
+/// puts renamed entries back and removes entries it made (best effort), and names the first
+/// change.
+fn undo_changes_beside(
+    dir: &Path,
+    staged: &str,
+    before: &BTreeMap<String, (u64, u64, bool)>,
+) -> Option<String> {
+    let mut after = entries(dir);
+    after.remove(staged);
+    let mut before = before.clone();
+    before.remove(staged);
+    if after == before {
+        return None;
+    }
+    let first = before
+        .keys()
+        .chain(after.keys())
+        .find(|k| before.get(*k) != after.get(*k))
+        .cloned()
+        .unwrap_or_default();
+    for (name, id) in &before {
+        if after.get(name) == Some(id) {
+            continue;
+        }
+        // Moved away and still here under another name: back it goes.
+        let moved = after
+            .iter()
+            .find(|(n, i)| *i == id && !before.contains_key(*n))
+            .map(|(n, _)| n.clone());
+        if let Some(from) = moved {
+            let to = dir.join(name);
+            if std::fs::symlink_metadata(&to).is_ok() {
+                let _ = std::fs::remove_file(&to);
+            }
+            if std::fs::rename(dir.join(&from), &to).is_ok() {
+                after.remove(&from);
+                after.insert(name.clone(), *id);
+            }
+        }
+    }
+    for (name, id) in &after {
+        if before.get(name) == Some(id) {
+            continue;
+        }
+        let p = dir.join(name);
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => {
+                let _ = std::fs::remove_dir_all(&p);
+            }
+            Ok(_) => {
+                let _ = std::fs::remove_file(&p);
+            }
+            Err(_) => {}
+        }
+    }
+    warn!(dir = %dir.display(), entry = %first, "a transfer stream changed entries beside its volume");
+    Some(format!("{:?}", dir.join(first)))
 }
 
 /// After a verified volume: a snapshot's creation time goes beside it; a new base replaces
