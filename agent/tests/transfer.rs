@@ -852,3 +852,26 @@ async fn an_instance_stream_cannot_change_what_is_beside_its_volume() {
     assert!(n2.staged().is_empty(), "{:?}", n2.staged());
     n2.transfers.abort("snap2").unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_that_fails_at_commit_keeps_the_instance_volume() {
+    let ca = Ca::new();
+    let n1 = Node::start("n1", &ca).await;
+    let n2 = Node::start("n2", &ca).await;
+    n2.make_instance("web");
+    n2.expect("ref1", v1::TransferKind::Instance, "web", "n1", true);
+    let (tx, mut replies) = raw_open(&n2, &n1.identity, "ref1").await.unwrap();
+    // A staged base that is not a subvolume: making the new volume from it fails.
+    let bases = n2.root().join("bases/web");
+    std::fs::create_dir_all(bases.join(".in-ref1-b-n1@web@ref1@1")).unwrap();
+    tx.send(chunk(transfer_chunk::Msg::Finish(true)))
+        .await
+        .unwrap();
+    assert!(replies.message().await.unwrap().is_some());
+    drop(tx);
+    assert!(n2.transfers.commit("ref1").is_err());
+    let root = n2.root();
+    assert!(root.join("containers/web/rootfs/etc/hostname").is_file());
+    assert!(std::fs::symlink_metadata(root.join("containers/.old-web")).is_err());
+    std::fs::remove_dir(bases.join(".in-ref1-b-n1@web@ref1@1")).unwrap();
+}

@@ -493,16 +493,31 @@ fn commit_instance(
     }
     // A refresh: the old volume goes aside first (its snapshots stay: the storage driver
     // deletes an instance volume with its snapshots), the new one is made, the old one goes.
+    // Aside under the storage driver's swap name, `.old-<name>`: when the agent stops in
+    // between, opening the pool puts it back if the new volume is missing (else deletes it),
+    // so the instance never loses its volume.
+    let old = container.with_file_name(format!(".old-{name}"));
     let aside = format!("{name}-refresh-{ticket}");
+    let rename = |from: &Path, to: &Path| {
+        std::fs::rename(from, to).map_err(|source| TransferError::Io {
+            path: from.to_path_buf(),
+            source,
+        })
+    };
     if std::fs::symlink_metadata(&container).is_ok() {
         // A plain rename: the driver's would take the snapshots along.
-        let to = container.with_file_name(&aside);
-        std::fs::rename(&container, &to).map_err(|source| TransferError::Io {
-            path: container.clone(),
-            source,
-        })?;
+        rename(&container, &old)?;
     }
-    crate::storage::send::snapshot_writable(&staged_base.1, &container)?;
+    if let Err(e) = crate::storage::send::snapshot_writable(&staged_base.1, &container) {
+        if std::fs::symlink_metadata(&old).is_ok() {
+            rename(&old, &container)?;
+        }
+        return Err(e.into());
+    }
+    if std::fs::symlink_metadata(&old).is_ok() {
+        // A name the driver deletes with everything nested in it.
+        rename(&old, &container.with_file_name(&aside))?;
+    }
     if setup.storage.instance_volume(&aside).is_some() {
         setup.storage.delete_instance_volume(&aside)?;
     }
