@@ -875,3 +875,42 @@ async fn a_refresh_that_fails_at_commit_keeps_the_instance_volume() {
     assert!(std::fs::symlink_metadata(root.join("containers/.old-web")).is_err());
     std::fs::remove_dir(bases.join(".in-ref1-b-n1@web@ref1@1")).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_sender_is_dropped_and_leaves_nothing() {
+    let ca = Ca::new();
+    let n1 = Node::start("n1", &ca).await;
+    let n2 = Node::start("n2", &ca).await;
+    n1.make_instance("web");
+    n1.snapshot("web", "s0", 10);
+    let (data, uuid) = send_stream(&n1, "snapshots/web/s0");
+    n2.transfers
+        .set_receive_idle(std::time::Duration::from_millis(500));
+    n2.expect("quiet", v1::TransferKind::Instance, "web", "n1", false);
+    let (tx, mut replies) = raw_open(&n2, &n1.identity, "quiet").await.unwrap();
+    tx.send(chunk(transfer_chunk::Msg::Volume(v1::VolumeHeader {
+        role: v1::VolumeRole::Snapshot as i32,
+        name: "s0".into(),
+        parent_uuid: String::new(),
+        uuid,
+        created_at: 10,
+        image: None,
+    })))
+    .await
+    .unwrap();
+    tx.send(chunk(transfer_chunk::Msg::Data(
+        bytes::Bytes::copy_from_slice(&data[..data.len() / 2]),
+    )))
+    .await
+    .unwrap();
+    // The sender stays connected and says nothing more.
+    let err = tokio::time::timeout(std::time::Duration::from_secs(20), replies.message())
+        .await
+        .expect("the receiver waits for ever")
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Aborted, "{err:?}");
+    assert!(err.message().contains("nothing from the sender"), "{err:?}");
+    assert!(n2.staged().is_empty(), "{:?}", n2.staged());
+    drop(tx);
+    n2.transfers.abort("quiet").unwrap();
+}

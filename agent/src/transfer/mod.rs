@@ -168,7 +168,14 @@ pub struct TransferSetup {
 pub struct Transfers {
     setup: OnceLock<TransferSetup>,
     tickets: Mutex<HashMap<String, Ticket>>,
+    /// Milliseconds a Receive stream may stay silent (0: [`RECEIVE_IDLE`]).
+    idle_ms: std::sync::atomic::AtomicU64,
 }
+
+/// How long a Receive stream may go without a message before it is dropped as broken (a
+/// sender that died without closing its connection would otherwise hold the ticket, a
+/// `btrfs receive` and a half-received volume for ever).
+pub const RECEIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// A transfer this node expects to receive.
 #[derive(Debug, Clone)]
@@ -209,6 +216,21 @@ impl Transfers {
         self.setup.get().ok_or_else(|| {
             TransferError::Unavailable("transfers need the btrfs storage driver".into())
         })
+    }
+
+    /// Sets how long a Receive stream may stay silent (tests; [`RECEIVE_IDLE`] otherwise).
+    pub fn set_receive_idle(&self, idle: std::time::Duration) {
+        self.idle_ms.store(
+            u64::try_from(idle.as_millis()).unwrap_or(u64::MAX).max(1),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn receive_idle(&self) -> std::time::Duration {
+        match self.idle_ms.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => RECEIVE_IDLE,
+            ms => std::time::Duration::from_millis(ms),
+        }
     }
 
     fn tickets(&self) -> std::sync::MutexGuard<'_, HashMap<String, Ticket>> {

@@ -58,7 +58,11 @@ impl v1::transfer_server::Transfer for TransferService {
             .and_then(|c| c.first().cloned())
             .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
         let mut inbound = req.into_inner();
-        let begin = match inbound.message().await? {
+        let idle = self.transfers.receive_idle();
+        let first = tokio::time::timeout(idle, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Begin from the sender in time"))?;
+        let begin = match first? {
             Some(v1::TransferChunk {
                 msg: Some(transfer_chunk::Msg::Begin(b)),
             }) => b,
@@ -175,7 +179,7 @@ async fn run(
     )
     .await?;
     loop {
-        let msg = next(&mut inbound).await?;
+        let msg = next(&mut inbound, claim.transfers.receive_idle()).await?;
         match msg {
             transfer_chunk::Msg::Volume(header) => {
                 let name = header.name.clone();
@@ -200,8 +204,15 @@ async fn run(
 
 async fn next(
     inbound: &mut Streaming<v1::TransferChunk>,
+    idle: std::time::Duration,
 ) -> Result<transfer_chunk::Msg, TransferError> {
-    match inbound.message().await {
+    let Ok(message) = tokio::time::timeout(idle, inbound.message()).await else {
+        return Err(TransferError::Broken(format!(
+            "nothing from the sender for {} s",
+            idle.as_secs()
+        )));
+    };
+    match message {
         Ok(Some(v1::TransferChunk { msg: Some(m) })) => Ok(m),
         Ok(Some(_)) => Err(TransferError::Protocol("an empty message".into())),
         Ok(None) => Err(TransferError::Broken(
@@ -289,7 +300,8 @@ async fn receive_volume(
             volume: header.name.clone(),
             detail: format!("cannot spawn btrfs receive: {e}"),
         })?;
-    let result = feed(&mut child, &staged, inbound).await;
+    let idle = claim.transfers.receive_idle();
+    let result = feed(&mut child, &staged, inbound, idle).await;
     let outcome = match result {
         Ok((sha, bytes, end, writer_ok)) => {
             let stderr = read_stderr(&mut child).await;
@@ -509,6 +521,7 @@ async fn feed(
     child: &mut tokio::process::Child,
     staged: &str,
     inbound: &mut Streaming<v1::TransferChunk>,
+    idle: std::time::Duration,
 ) -> Result<(String, u64, v1::VolumeEnd, bool), TransferError> {
     let stdin = child
         .stdin
@@ -530,7 +543,7 @@ async fn feed(
     let mut bytes = 0u64;
     let mut alive = true;
     let end = loop {
-        match next(inbound).await? {
+        match next(inbound, idle).await? {
             transfer_chunk::Msg::Data(b) => {
                 if b.len() > MAX_CHUNK {
                     return Err(TransferError::Protocol(format!(
