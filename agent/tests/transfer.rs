@@ -914,3 +914,30 @@ async fn a_silent_sender_is_dropped_and_leaves_nothing() {
     drop(tx);
     n2.transfers.abort("quiet").unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_stream_ending_does_not_free_the_reannounced_ticket() {
+    let ca = Ca::new();
+    let n1 = Node::start("n1", &ca).await;
+    let n2 = Node::start("n2", &ca).await;
+    n2.expect("again", v1::TransferKind::Instance, "web", "n1", false);
+    let (old_tx, old_replies) = raw_open(&n2, &n1.identity, "again").await.unwrap();
+    // The controller's next attempt: abort, announce again, a new stream.
+    n2.transfers.abort("again").unwrap();
+    n2.expect("again", v1::TransferKind::Instance, "web", "n1", false);
+    let (new_tx, _new_replies) = raw_open(&n2, &n1.identity, "again").await.unwrap();
+    // The old stream ends now: the new one still holds the ticket.
+    drop(old_tx);
+    drop(old_replies);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let third = raw_open(&n2, &n1.identity, "again").await;
+    let Err(err) = third else {
+        panic!("a third stream took a held ticket");
+    };
+    assert_eq!(err.code(), tonic::Code::Aborted, "{err:?}");
+    assert!(matches!(
+        n2.transfers.commit("again"),
+        Err(berth_agent::transfer::TransferError::Busy(_))
+    ));
+    drop(new_tx);
+}

@@ -170,6 +170,8 @@ pub struct Transfers {
     tickets: Mutex<HashMap<String, Ticket>>,
     /// Milliseconds a Receive stream may stay silent (0: [`RECEIVE_IDLE`]).
     idle_ms: std::sync::atomic::AtomicU64,
+    /// The last Receive stream id given out.
+    streams: std::sync::atomic::AtomicU64,
 }
 
 /// How long a Receive stream may go without a message before it is dropped as broken (a
@@ -185,8 +187,9 @@ struct Ticket {
     name: String,
     source_node: String,
     refresh: bool,
-    /// A Receive stream holds it.
-    busy: bool,
+    /// The id of the Receive stream that holds it (0: none). A stream that ends after the
+    /// ticket was aborted and announced again must not free or finish the new one.
+    busy: u64,
     /// The last stream ended with Finish (what is staged is complete).
     finished: bool,
     /// The image record a sender gave (images).
@@ -273,7 +276,7 @@ impl Transfers {
                 name: req.name.clone(),
                 source_node: req.source_node.clone(),
                 refresh: req.refresh,
-                busy: false,
+                busy: 0,
                 finished: false,
                 image: None,
                 committed: None,
@@ -326,7 +329,7 @@ impl Transfers {
             let t = tickets
                 .get(ticket)
                 .ok_or_else(|| TransferError::UnknownTicket(ticket.to_string()))?;
-            if t.busy {
+            if t.busy != 0 {
                 return Err(TransferError::Busy(ticket.to_string()));
             }
             t.clone()

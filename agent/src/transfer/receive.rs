@@ -97,12 +97,16 @@ pub(super) struct Claim {
     name: String,
     refresh: bool,
     root: PathBuf,
+    /// This stream's id (the ticket's `busy` while it holds it).
+    id: u64,
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        if let Some(t) = self.transfers.tickets().get_mut(&self.ticket) {
-            t.busy = false;
+        if let Some(t) = self.transfers.tickets().get_mut(&self.ticket)
+            && t.busy == self.id
+        {
+            t.busy = 0;
         }
     }
 }
@@ -129,7 +133,7 @@ impl Transfers {
                 got: "the caller's certificate".into(),
             });
         }
-        if t.busy {
+        if t.busy != 0 {
             return Err(TransferError::Busy(ticket.to_string()));
         }
         if t.committed.is_some() {
@@ -137,7 +141,11 @@ impl Transfers {
                 "ticket {ticket} is committed already"
             )));
         }
-        t.busy = true;
+        let id = self
+            .streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        t.busy = id;
         t.finished = false;
         Ok(Claim {
             transfers: self.clone(),
@@ -146,6 +154,7 @@ impl Transfers {
             name: t.name.clone(),
             refresh: t.refresh,
             root,
+            id,
         })
     }
 }
@@ -187,7 +196,9 @@ async fn run(
                 reply(tx, transfer_reply::Msg::VolumeDone(name)).await?;
             }
             transfer_chunk::Msg::Finish(_) => {
-                if let Some(t) = claim.transfers.tickets().get_mut(&claim.ticket) {
+                if let Some(t) = claim.transfers.tickets().get_mut(&claim.ticket)
+                    && t.busy == claim.id
+                {
                     t.finished = true;
                 }
                 info!("transfer stream finished");
@@ -365,6 +376,7 @@ async fn receive_volume(
             blocking(move || after_volume(role, &dir, &target, &ticket, created_at)).await?;
             if role == v1::VolumeRole::Image
                 && let Some(t) = claim.transfers.tickets().get_mut(&claim.ticket)
+                && t.busy == claim.id
             {
                 t.image = header.image.clone();
             }
