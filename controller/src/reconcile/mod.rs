@@ -564,13 +564,21 @@ async fn check_liveness(state: &Arc<AppState>) {
 /// Run once when a controller starts: operations this controller ran in its memory (image
 /// builds, renames, exec sessions) were interrupted and fail with a clear error. Operations
 /// that wait for an instance's pending action are the reconciler's and stay.
+/// The writes are retried until they succeed: a restarted controller often has no quorum for
+/// a moment (it may even believe itself the leader of an old term), and nobody else ends
+/// these operations while it stays a member.
 pub async fn recover_interrupted(state: &Arc<AppState>, interrupted: Vec<String>) {
-    fail_task_operations(
+    let mut delay = Duration::from_millis(500);
+    while !fail_task_operations(
         state,
         |o, _| o.location == state.name && interrupted.contains(&o.id),
         |_| "the operation was interrupted by a controller restart".to_string(),
     )
-    .await;
+    .await
+    {
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
 }
 
 /// Fails operations that ran in the memory of a controller that is no longer a member (image
@@ -590,12 +598,13 @@ async fn fail_orphaned_operations(state: &Arc<AppState>) {
 }
 
 /// Fails, with `reason`, the unfinished operations that `pick` selects among those that ran in
-/// a controller's memory (not those waiting for an instance's pending action).
+/// a controller's memory (not those waiting for an instance's pending action). False when a
+/// write failed (the rest are left for another try).
 async fn fail_task_operations(
     state: &Arc<AppState>,
     pick: impl Fn(&berth_proto::api::Operation, &crate::state::State) -> bool,
     reason: impl Fn(&berth_proto::api::Operation) -> String,
-) {
+) -> bool {
     let ops: Vec<_> = state.cp.read_local(|s| {
         let owned: HashSet<&str> = s
             .instances
@@ -620,9 +629,10 @@ async fn fail_task_operations(
             .await
         {
             warn!(error = %e, "could not fail an operation");
-            return;
+            return false;
         }
     }
+    true
 }
 
 async fn prune_operations(state: &Arc<AppState>) {
