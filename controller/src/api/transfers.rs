@@ -517,7 +517,14 @@ pub async fn request_move(
 pub async fn wait_for_operation(state: &SharedState, id: &str) -> Result<Operation, ApiError> {
     let mut changes = state.cp.subscribe();
     loop {
-        match state.cp.read_local(|s| s.operations.get(id).cloned()) {
+        let local = state.cp.read_local(|s| s.operations.get(id).cloned());
+        // Not here yet: on a follower, the write that made it (forwarded to the leader) may
+        // not be applied locally yet; a linearizable read waits until it is.
+        let op = match local {
+            Some(op) => Some(op),
+            None => state.cp.read(|s| s.operations.get(id).cloned()).await?,
+        };
+        match op {
             Some(op) if op.status.is_final() => return Ok(op),
             Some(_) => {}
             None => {
