@@ -573,7 +573,7 @@ async fn a_live_move_precopies_until_a_pass_is_small_then_stops_briefly() {
             "n1 send_instance Precopy web->web@n2",
             "n1 send_instance Precopy web->web@n2",
             "n1 send_instance Precopy web->web@n2",
-            "n1 stop web timeout=10",
+            "n1 stop web timeout=0",
             "n1 send_instance Final web->web@n2",
             "n2 commit_transfer",
             "n2 create web existing=true",
