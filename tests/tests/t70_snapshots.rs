@@ -135,6 +135,15 @@ fn run(c: &Cluster) -> Result<()> {
         .to_string();
     let err = c.berth_err(&["publish", "t70-c2", "--alias", "t70img"])?;
     assert!(err.contains("already exists"), "{err}");
+    // A running instance is published from a snapshot taken for it, deleted afterwards.
+    c.berth_ok(&["publish", "t70-c1", "--alias", "t70live"])?;
+    assert!(
+        !snapshot_names(c, "t70-c1")?
+            .iter()
+            .any(|n| n.starts_with("publish-")),
+        "the snapshot taken to publish is gone"
+    );
+    assert_eq!(c.instance_json("t70-c1")?["status"], "Running");
     c.berth_ok(&["launch", "t70img", "t70-p1"])?;
     assert_eq!(read_inside(c, "t70-p1", "/root/data")?, "three");
     let dir = tempfile::tempdir()?;

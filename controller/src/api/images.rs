@@ -862,14 +862,10 @@ async fn publish(state: SharedState, scope: Scope, req: ImagesPost) -> Result<Re
             p.op
         )));
     }
-    if source.snapshot.is_empty()
-        && inst.observed.status != berth_proto::api::InstanceStatusCode::Stopped
-    {
-        return Err(ApiError::conflict(format!(
-            "instance \"{shown}\" is {}; stop it or publish a snapshot",
-            inst.observed.status.as_str().to_lowercase()
-        )));
-    }
+    // A running instance is published from a snapshot taken for it (and deleted after):
+    // never from a root filesystem that changes while it is read.
+    let snapshot_first = source.snapshot.is_empty()
+        && inst.observed.status != berth_proto::api::InstanceStatusCode::Stopped;
     if node.status != crate::state::NodeStatus::Online {
         return Err(ApiError::new(
             http::StatusCode::SERVICE_UNAVAILABLE,
@@ -892,14 +888,57 @@ async fn publish(state: SharedState, scope: Scope, req: ImagesPost) -> Result<Re
         super::operations::instance_resources_in(&scope.project, shown),
     );
     let st = state.clone();
+    let temporary = format!("publish-{}", &op.id[..8.min(op.id.len())]);
     run_task(&state, op, async move {
+        let snapshot = if snapshot_first {
+            super::instances::action_and_wait(
+                &st,
+                &scope,
+                &inst.name,
+                "Taking a snapshot to publish",
+                crate::state::Action::Snapshot {
+                    name: temporary.clone(),
+                    expires_at: String::new(),
+                    scheduled: false,
+                    due: String::new(),
+                },
+                None,
+            )
+            .await?;
+            temporary.clone()
+        } else {
+            source.snapshot.clone()
+        };
         let mut call = tonic::Request::new(v1::PublishImageRequest {
             instance: inst.name.clone(),
-            snapshot: source.snapshot.clone(),
+            snapshot,
             properties: req.properties.clone().into_iter().collect(),
         });
         call.set_timeout(LONG_CALL);
-        let img = st.agents.client(&node)?.publish_image(call).await?.into_inner();
+        let published = match st.agents.client(&node) {
+            Ok(mut client) => client
+                .publish_image(call)
+                .await
+                .map(|r| r.into_inner())
+                .map_err(ApiError::from),
+            Err(e) => Err(e.into()),
+        };
+        if snapshot_first
+            && let Err(e) = super::instances::action_and_wait(
+                &st,
+                &scope,
+                &inst.name,
+                "Deleting the snapshot taken to publish",
+                crate::state::Action::DeleteSnapshot {
+                    name: temporary.clone(),
+                },
+                None,
+            )
+            .await
+        {
+            warn!(instance = %inst.name, snapshot = %temporary, error = %e, "could not delete the snapshot taken to publish");
+        }
+        let img = published?;
         info!(instance = %inst.name, node = %node.name, fingerprint = %img.fingerprint, "image published");
         let mut image = from_agent(&img, &node.name);
         image.properties.extend(req.properties.clone());
@@ -1576,12 +1615,6 @@ mod api_tests {
             ),
             (
                 MEMBER_A,
-                post(serde_json::json!({"type": "instance", "name": "web"}), &[]),
-                409,
-                "stop it or publish a snapshot",
-            ),
-            (
-                MEMBER_A,
                 post(serde_json::json!({"type": "instance", "name": "nope"}), &[]),
                 404,
                 "not found",
@@ -1670,11 +1703,22 @@ mod api_tests {
             )
             .await;
         assert_eq!(stale.status, 412, "{}", stale.body);
-        let ok = api
+        // A member may not make its image public (every project would see it).
+        let member = api
             .send(
                 MEMBER_A,
                 "PATCH",
                 &path,
+                Some(serde_json::json!({"public": true})),
+                &[("if-match", &etag)],
+            )
+            .await;
+        assert_eq!(member.status, 403, "{}", member.body);
+        let ok = api
+            .send(
+                OPERATOR,
+                "PATCH",
+                &format!("{path}?project=a"),
                 Some(serde_json::json!({"properties": {"release": null, "variant": "slim"}, "public": true})),
                 &[("if-match", &etag)],
             )
@@ -1766,9 +1810,9 @@ mod api_tests {
         assert!(!listed(api.call(MEMBER_B, "GET", "/1.0/images", None).await.1).contains(&path));
         let (status, answer) = api
             .call(
-                MEMBER_A,
+                OPERATOR,
                 "PATCH",
-                &path,
+                &format!("{path}?project=a"),
                 Some(serde_json::json!({"public": true})),
             )
             .await;

@@ -1073,7 +1073,7 @@ pub async fn rename(
                     force: false,
                     timeout_secs: 0,
                 },
-                DesiredState::Stopped,
+                Some(DesiredState::Stopped),
             )
             .await?;
         }
@@ -1124,7 +1124,7 @@ pub async fn rename(
                 &to,
                 "Starting renamed instance",
                 Action::Start,
-                DesiredState::Running,
+                Some(DesiredState::Running),
             )
             .await?;
         }
@@ -1133,15 +1133,15 @@ pub async fn rename(
     .await
 }
 
-/// Requests `action` on instance `key` (wanting it `desired` from then on) and waits for the
-/// reconciler to finish it; its failure is this call's error.
-async fn action_and_wait(
+/// Requests `action` on instance `key` (wanting it `desired` from then on, when given) and
+/// waits for the reconciler to finish it; its failure is this call's error.
+pub(crate) async fn action_and_wait(
     state: &SharedState,
     scope: &Scope,
     key: &str,
     description: &str,
     action: Action,
-    desired: DesiredState,
+    desired: Option<DesiredState>,
 ) -> Result<(), ApiError> {
     let op = instance_operation(state, scope, "task", description, short(key));
     let command = Command::SetInstanceAction {
@@ -1151,7 +1151,7 @@ async fn action_and_wait(
             action,
             since: op.created_at.clone(),
         },
-        desired: Some(desired),
+        desired,
         operation: op.clone(),
         now: clock::now(),
     };

@@ -169,17 +169,12 @@ fn plan_copy(
             "an instance cannot be copied onto itself",
         ));
     }
-    if c.req.source.refresh {
-        let target = s
-            .instances
-            .get(&key)
-            .filter(|i| i.project == scope.project)
-            .ok_or_else(|| {
-                ApiError::not_found(format!(
-                    "instance {:?} not found; a refresh brings an existing copy up to date",
-                    c.name
-                ))
-            })?;
+    // A refresh of a copy that does not exist yet makes it, as LXD does.
+    if let Some(target) = s
+        .instances
+        .get(&key)
+        .filter(|i| c.req.source.refresh && i.project == scope.project)
+    {
         if let Some(p) = &target.pending {
             return Err(ApiError::conflict(format!(
                 "instance {:?} is busy with operation {}; wait for it to end",
@@ -737,12 +732,6 @@ mod tests {
             (copy_body("c1", "web/snapx"), "", 404, "no snapshot"),
             (copy_body("c1", "web"), "?target=n9", 400, "n9"),
             (copy_body("web", "web"), "", 400, "onto itself"),
-            (
-                json!({"name": "c1", "source": {"type": "copy", "source": "web", "refresh": true}}),
-                "",
-                404,
-                "refresh",
-            ),
         ];
         for (body, query, status, text) in cases {
             let (s, answer) = api
@@ -756,6 +745,17 @@ mod tests {
             assert_eq!(s, status, "{body}: {answer}");
             assert!(answer.to_string().contains(text), "{body}: {answer}");
         }
+        // A refresh of a copy that does not exist yet makes the copy (as LXD does).
+        let (s, answer) = api
+            .call(
+                MEMBER_A,
+                "POST",
+                "/1.0/instances",
+                Some(json!({"name": "fresh", "source": {"type": "copy", "source": "web", "refresh": true}})),
+            )
+            .await;
+        assert_eq!(s, 202, "{answer}");
+        assert!(api.model().await.instances.contains_key("a_fresh"));
         // Project b does not see project a's instance; a viewer writes nothing.
         let (s, _) = api
             .call(
