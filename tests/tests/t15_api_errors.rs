@@ -84,6 +84,10 @@ fn api_refuses_bad_requests() -> anyhow::Result<()> {
         ),
         (
             "{\"name\": \"t15-a\", \"source\": {\"type\": \"copy\"}}",
+            "names no instance",
+        ),
+        (
+            "{\"name\": \"t15-a\", \"source\": {\"type\": \"migration\"}}",
             "not supported",
         ),
     ];
