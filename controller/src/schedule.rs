@@ -24,7 +24,7 @@ use tracing::{debug, info};
 
 use crate::api::AppState;
 use crate::api::operations::{instance_resources_in, new_operation_in};
-use crate::clock;
+use crate::clock::{self, civil_from_days, days_from_civil};
 use crate::state::{Action, Command, NodeStatus, PendingAction, Snapshot, split_scoped_name};
 
 /// How often the leader looks at the schedules and expiry times.
@@ -35,31 +35,6 @@ pub const PASS_EVERY: Duration = Duration::from_secs(5);
 /// (see [`CronSchedule::day_matches`]), so 8 years (2096 to 2104) is the longest gap.
 const SEARCH_DAYS: i64 = 366 * 9;
 
-/// Days since 1970-01-01 of a proleptic Gregorian date.
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// (year, month, day) of a day since 1970-01-01.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
 /// Day of the week of a day since 1970-01-01, Sunday = 0 (1970-01-01 was a Thursday).
 fn weekday(days: i64) -> u32 {
     (days + 4).rem_euclid(7) as u32
@@ -68,24 +43,7 @@ fn weekday(days: i64) -> u32 {
 /// Parses an RFC 3339 time (`2026-11-30T02:00:00Z`, fractions and `±HH:MM` offsets allowed)
 /// into unix seconds (a fraction is dropped); `None` when malformed.
 pub fn unix_secs(s: &str) -> Option<i64> {
-    // Checks the whole shape; the fields are read below.
-    crate::state::Rfc3339::parse(s)?;
-    let b = s.as_bytes();
-    let num = |r: std::ops::Range<usize>| -> Option<i64> { s.get(r)?.parse().ok() };
-    let days = days_from_civil(num(0..4)?, num(5..7)?, num(8..10)?);
-    let mut secs = days * 86_400 + num(11..13)? * 3600 + num(14..16)? * 60 + num(17..19)?;
-    let mut i = 19;
-    if b.get(i) == Some(&b'.') {
-        i += 1;
-        while b.get(i).is_some_and(u8::is_ascii_digit) {
-            i += 1;
-        }
-    }
-    if let Some(sign @ (b'+' | b'-')) = b.get(i) {
-        let off = num(i + 1..i + 3)? * 3600 + num(i + 4..i + 6)? * 60;
-        secs -= if *sign == b'+' { off } else { -off };
-    }
-    Some(secs)
+    crate::state::Rfc3339::parse(s).map(crate::state::Rfc3339::unix_secs)
 }
 
 /// The first minute of the day at or after minute-of-day `from` that matches the schedule's

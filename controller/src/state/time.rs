@@ -1,6 +1,8 @@
 //! Minimal RFC 3339 parsing so that `apply` can compare leader-stamped times exactly
 //! (string comparison breaks on differing fractional digits or offsets).
 
+use crate::clock::days_from_civil;
+
 /// An instant parsed from RFC 3339: seconds since the Unix epoch and nanoseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Rfc3339 {
@@ -9,6 +11,11 @@ pub struct Rfc3339 {
 }
 
 impl Rfc3339 {
+    /// Whole seconds since the Unix epoch (a fraction is dropped, towards the past).
+    pub fn unix_secs(self) -> i64 {
+        self.secs
+    }
+
     /// Parses `YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)`; `None` if malformed.
     pub fn parse(s: &str) -> Option<Rfc3339> {
         let b = s.as_bytes();
@@ -67,17 +74,6 @@ impl Rfc3339 {
         let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset_secs;
         Some(Rfc3339 { secs, nanos })
     }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 #[cfg(test)]
