@@ -16,8 +16,8 @@ use std::sync::{Mutex, OnceLock};
 
 use super::{
     CONTAINERS_DIR, DiskUsage, IMAGES_DIR, PoolLayout, PoolUsage, SNAPSHOTS_DIR, SnapshotMeta,
-    StorageDriver, StorageError, create_dir_if_missing, ensure_dir, io_err, now_unix, run,
-    snapshot_created_at, statvfs_usage, write_created_at,
+    StorageDriver, StorageError, VolumeSteps, create_dir_if_missing, ensure_dir, io_err, now_unix,
+    run, snapshot_created_at, statvfs_usage, write_created_at,
 };
 
 /// statfs magic of btrfs.
@@ -212,62 +212,6 @@ impl BtrfsDriver {
         }
     }
 
-    /// Deletes every snapshot of `instance` and `snapshots/<instance>` itself.
-    fn delete_all_snapshots(&self, instance: &str) -> Result<(), StorageError> {
-        let dir = self.pool.snapshots_of(instance)?;
-        if !dir.is_dir() {
-            return Ok(());
-        }
-        // Hidden ones too: volumes a transfer to this instance was staging.
-        for e in fs::read_dir(&dir).map_err(io_err(&dir))? {
-            let path = e.map_err(io_err(&dir))?.path();
-            if is_subvolume(&path) {
-                self.delete_subvolume_tree(&path)?;
-            }
-        }
-        match fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err(&dir)(e)),
-        }
-    }
-
-    /// Copies `src`'s snapshot `snap` (read-only) to `dst`'s snapshots, with its creation time.
-    fn copy_snapshot(&self, src: &str, snap: &SnapshotMeta, dst: &str) -> Result<(), StorageError> {
-        let from = self.pool.existing_snapshot(src, &snap.name)?;
-        let to = self.pool.new_snapshot_path(dst, &snap.name)?;
-        write_created_at(&to, snap.created_at)?;
-        Self::snapshot_subvolume(&from, &to, true)
-    }
-
-    /// Replaces instance volume `name` by a writable snapshot of `source`, keeping its disk
-    /// limit.
-    fn replace_instance_volume(&self, name: &str, source: &Path) -> Result<(), StorageError> {
-        self.pool.existing_instance(name)?;
-        let limit = self.instance_disk_usage(name).and_then(|d| d.limit);
-        let new = self.pool.scratch_path("new", name)?;
-        let old = self.pool.scratch_path("old", name)?;
-        // Leftovers of an interrupted replacement.
-        self.delete_subvolume_tree(&new)?;
-        self.delete_subvolume_tree(&old)?;
-        Self::snapshot_subvolume(source, &new, false)?;
-        if let Err(e) = self.pool.swap_instance_volume(name, &new, &old) {
-            let _ = self.delete_subvolume_tree(&new);
-            return Err(e);
-        }
-        if let Err(e) = self.delete_subvolume_tree(&old) {
-            tracing::warn!(
-                instance = name,
-                "cannot delete the replaced volume {}: {e}",
-                old.display()
-            );
-        }
-        if let Some(bytes) = limit {
-            self.set_instance_disk_limit(name, Some(bytes))?;
-        }
-        Ok(())
-    }
-
     /// `/sys/fs/btrfs/<fsid>` of the pool's filesystem (None when it cannot be found: quotas
     /// are then judged by asking `btrfs`, and usage is not reported).
     fn sysfs_dir(&self) -> Option<&Path> {
@@ -380,6 +324,69 @@ impl BtrfsDriver {
             Some(dir) => dir.join("qgroups").join(format!("0_{id}")).exists(),
             None => true,
         }
+    }
+}
+
+impl VolumeSteps for BtrfsDriver {
+    fn layout(&self) -> &PoolLayout {
+        &self.pool
+    }
+
+    fn clone_volume(&self, src: &Path, dst: &Path) -> Result<(), StorageError> {
+        Self::snapshot_subvolume(src, dst, false)
+    }
+
+    fn delete_all_snapshots(&self, instance: &str) -> Result<(), StorageError> {
+        let dir = self.pool.snapshots_of(instance)?;
+        if !dir.is_dir() {
+            return Ok(());
+        }
+        // Hidden ones too: volumes a transfer to this instance was staging.
+        for e in fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let path = e.map_err(io_err(&dir))?.path();
+            if is_subvolume(&path) {
+                self.delete_subvolume_tree(&path)?;
+            }
+        }
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(&dir)(e)),
+        }
+    }
+
+    // The copy is a read-only snapshot of the subvolume.
+    fn copy_snapshot(&self, src: &str, snap: &SnapshotMeta, dst: &str) -> Result<(), StorageError> {
+        let from = self.pool.existing_snapshot(src, &snap.name)?;
+        let to = self.pool.new_snapshot_path(dst, &snap.name)?;
+        write_created_at(&to, snap.created_at)?;
+        Self::snapshot_subvolume(&from, &to, true)
+    }
+
+    fn replace_instance_volume(&self, name: &str, source: &Path) -> Result<(), StorageError> {
+        self.pool.existing_instance(name)?;
+        let limit = self.instance_disk_usage(name).and_then(|d| d.limit);
+        let new = self.pool.scratch_path("new", name)?;
+        let old = self.pool.scratch_path("old", name)?;
+        // Leftovers of an interrupted replacement.
+        self.delete_subvolume_tree(&new)?;
+        self.delete_subvolume_tree(&old)?;
+        Self::snapshot_subvolume(source, &new, false)?;
+        if let Err(e) = self.pool.swap_instance_volume(name, &new, &old) {
+            let _ = self.delete_subvolume_tree(&new);
+            return Err(e);
+        }
+        if let Err(e) = self.delete_subvolume_tree(&old) {
+            tracing::warn!(
+                instance = name,
+                "cannot delete the replaced volume {}: {e}",
+                old.display()
+            );
+        }
+        if let Some(bytes) = limit {
+            self.set_instance_disk_limit(name, Some(bytes))?;
+        }
+        Ok(())
     }
 }
 
@@ -543,10 +550,7 @@ impl StorageDriver for BtrfsDriver {
     }
 
     fn restore_snapshot(&self, instance: &str, snapshot: &str) -> Result<(), StorageError> {
-        let snap = self.pool.existing_snapshot(instance, snapshot)?;
-        self.replace_instance_volume(instance, &snap)?;
-        tracing::info!(instance, snapshot, "restored snapshot");
-        Ok(())
+        super::restore_snapshot_with(self, instance, snapshot)
     }
 
     fn copy_instance_volume(
@@ -557,50 +561,7 @@ impl StorageDriver for BtrfsDriver {
         instance_only: bool,
         refresh: bool,
     ) -> Result<(), StorageError> {
-        let source = match src_snapshot {
-            Some(s) => self.pool.existing_snapshot(src, s)?,
-            None => self.pool.existing_instance(src)?,
-        };
-        let dst_path = self.pool.instance_path(dst)?;
-        let snaps = if instance_only || src_snapshot.is_some() {
-            Vec::new()
-        } else {
-            self.list_snapshots(src)?
-        };
-        if refresh {
-            self.pool.existing_instance(dst)?;
-            let have: Vec<String> = self
-                .list_snapshots(dst)?
-                .into_iter()
-                .map(|s| s.name)
-                .collect();
-            for snap in snaps.iter().filter(|s| !have.contains(&s.name)) {
-                self.copy_snapshot(src, snap, dst)?;
-            }
-            self.replace_instance_volume(dst, &source)?;
-            tracing::info!(source = src, target = dst, "refreshed instance volume");
-            return Ok(());
-        }
-        if fs::symlink_metadata(&dst_path).is_ok() {
-            return Err(StorageError::VolumeExists(dst.to_string()));
-        }
-        // Snapshots left by an instance of that name that is gone belong to nobody.
-        self.delete_all_snapshots(dst)?;
-        Self::snapshot_subvolume(&source, &dst_path, false)?;
-        let copied = snaps
-            .iter()
-            .try_for_each(|snap| self.copy_snapshot(src, snap, dst));
-        if let Err(e) = copied {
-            let _ = self.delete_instance_volume(dst);
-            return Err(e);
-        }
-        tracing::info!(
-            source = src,
-            target = dst,
-            snapshots = snaps.len(),
-            "copied instance volume"
-        );
-        Ok(())
+        super::copy_instance_volume_with(self, src, src_snapshot, dst, instance_only, refresh)
     }
 
     fn supports_disk_limits(&self) -> bool {

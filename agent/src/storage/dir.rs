@@ -8,8 +8,8 @@ use std::process::Command;
 
 use super::{
     CONTAINERS_DIR, IMAGES_DIR, PoolLayout, PoolUsage, SNAPSHOTS_DIR, SnapshotMeta, StorageDriver,
-    StorageError, create_dir_if_missing, ensure_dir, io_err, now_unix, run, snapshot_created_at,
-    statvfs_usage, write_created_at,
+    StorageError, VolumeSteps, create_dir_if_missing, ensure_dir, io_err, now_unix, run,
+    snapshot_created_at, statvfs_usage, write_created_at,
 };
 
 /// statfs magics of filesystems that support idmapped mounts on the kernels Berth targets.
@@ -117,8 +117,19 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<(), StorageError> {
     Ok(())
 }
 
-impl DirDriver {
-    /// Replaces instance volume `name` by a copy of `source`.
+impl VolumeSteps for DirDriver {
+    fn layout(&self) -> &PoolLayout {
+        &self.pool
+    }
+
+    fn clone_volume(&self, src: &Path, dst: &Path) -> Result<(), StorageError> {
+        copy_tree(src, dst)
+    }
+
+    fn delete_all_snapshots(&self, instance: &str) -> Result<(), StorageError> {
+        remove_tree(&self.pool.snapshots_of(instance)?)
+    }
+
     fn replace_instance_volume(&self, name: &str, source: &Path) -> Result<(), StorageError> {
         self.pool.existing_instance(name)?;
         let new = self.pool.scratch_path("new", name)?;
@@ -298,10 +309,7 @@ impl StorageDriver for DirDriver {
     }
 
     fn restore_snapshot(&self, instance: &str, snapshot: &str) -> Result<(), StorageError> {
-        let snap = self.pool.existing_snapshot(instance, snapshot)?;
-        self.replace_instance_volume(instance, &snap)?;
-        tracing::info!(instance, snapshot, "restored snapshot");
-        Ok(())
+        super::restore_snapshot_with(self, instance, snapshot)
     }
 
     fn copy_instance_volume(
@@ -312,41 +320,7 @@ impl StorageDriver for DirDriver {
         instance_only: bool,
         refresh: bool,
     ) -> Result<(), StorageError> {
-        let source = match src_snapshot {
-            Some(s) => self.pool.existing_snapshot(src, s)?,
-            None => self.pool.existing_instance(src)?,
-        };
-        let dst_path = self.pool.instance_path(dst)?;
-        let snaps = if instance_only || src_snapshot.is_some() {
-            Vec::new()
-        } else {
-            self.list_snapshots(src)?
-        };
-        if refresh {
-            self.pool.existing_instance(dst)?;
-            let have: Vec<String> = self
-                .list_snapshots(dst)?
-                .into_iter()
-                .map(|s| s.name)
-                .collect();
-            for snap in snaps.iter().filter(|s| !have.contains(&s.name)) {
-                self.copy_snapshot(src, snap, dst)?;
-            }
-            return self.replace_instance_volume(dst, &source);
-        }
-        if fs::symlink_metadata(&dst_path).is_ok() {
-            return Err(StorageError::VolumeExists(dst.to_string()));
-        }
-        remove_tree(&self.pool.snapshots_of(dst)?)?;
-        copy_tree(&source, &dst_path)?;
-        let copied = snaps
-            .iter()
-            .try_for_each(|snap| self.copy_snapshot(src, snap, dst));
-        if let Err(e) = copied {
-            let _ = self.delete_instance_volume(dst);
-            return Err(e);
-        }
-        Ok(())
+        super::copy_instance_volume_with(self, src, src_snapshot, dst, instance_only, refresh)
     }
 }
 

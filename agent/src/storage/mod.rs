@@ -239,6 +239,86 @@ pub trait StorageDriver: Send + Sync {
     }
 }
 
+/// The per-driver steps that restoring a snapshot ([`restore_snapshot_with`]) and copying an
+/// instance volume ([`copy_instance_volume_with`]) are made of.
+pub(crate) trait VolumeSteps: StorageDriver {
+    /// The pool's directory layout.
+    fn layout(&self) -> &PoolLayout;
+    /// Makes `dst` (which does not exist) a writable copy of the volume at `src`.
+    fn clone_volume(&self, src: &Path, dst: &Path) -> Result<(), StorageError>;
+    /// Copies `src`'s snapshot `snap` to `dst`'s snapshots, with its creation time.
+    fn copy_snapshot(&self, src: &str, snap: &SnapshotMeta, dst: &str) -> Result<(), StorageError>;
+    /// Replaces instance volume `name` (which exists) by a writable copy of `source`, keeping
+    /// its disk limit.
+    fn replace_instance_volume(&self, name: &str, source: &Path) -> Result<(), StorageError>;
+    /// Deletes every snapshot of `instance` and `snapshots/<instance>` itself.
+    fn delete_all_snapshots(&self, instance: &str) -> Result<(), StorageError>;
+}
+
+/// [`StorageDriver::restore_snapshot`] from a driver's [`VolumeSteps`].
+pub(crate) fn restore_snapshot_with(
+    d: &impl VolumeSteps,
+    instance: &str,
+    snapshot: &str,
+) -> Result<(), StorageError> {
+    let snap = d.layout().existing_snapshot(instance, snapshot)?;
+    d.replace_instance_volume(instance, &snap)?;
+    tracing::info!(instance, snapshot, "restored snapshot");
+    Ok(())
+}
+
+/// [`StorageDriver::copy_instance_volume`] from a driver's [`VolumeSteps`].
+pub(crate) fn copy_instance_volume_with(
+    d: &impl VolumeSteps,
+    src: &str,
+    src_snapshot: Option<&str>,
+    dst: &str,
+    instance_only: bool,
+    refresh: bool,
+) -> Result<(), StorageError> {
+    let pool = d.layout();
+    let source = match src_snapshot {
+        Some(s) => pool.existing_snapshot(src, s)?,
+        None => pool.existing_instance(src)?,
+    };
+    let dst_path = pool.instance_path(dst)?;
+    let snaps = if instance_only || src_snapshot.is_some() {
+        Vec::new()
+    } else {
+        d.list_snapshots(src)?
+    };
+    if refresh {
+        pool.existing_instance(dst)?;
+        let have: Vec<String> = d.list_snapshots(dst)?.into_iter().map(|s| s.name).collect();
+        for snap in snaps.iter().filter(|s| !have.contains(&s.name)) {
+            d.copy_snapshot(src, snap, dst)?;
+        }
+        d.replace_instance_volume(dst, &source)?;
+        tracing::info!(source = src, target = dst, "refreshed instance volume");
+        return Ok(());
+    }
+    if std::fs::symlink_metadata(&dst_path).is_ok() {
+        return Err(StorageError::VolumeExists(dst.to_string()));
+    }
+    // Snapshots left by an instance of that name that is gone belong to nobody.
+    d.delete_all_snapshots(dst)?;
+    d.clone_volume(&source, &dst_path)?;
+    let copied = snaps
+        .iter()
+        .try_for_each(|snap| d.copy_snapshot(src, snap, dst));
+    if let Err(e) = copied {
+        let _ = d.delete_instance_volume(dst);
+        return Err(e);
+    }
+    tracing::info!(
+        source = src,
+        target = dst,
+        snapshots = snaps.len(),
+        "copied instance volume"
+    );
+    Ok(())
+}
+
 /// Subdirectory of the pool holding image volumes.
 pub const IMAGES_DIR: &str = "images";
 /// Subdirectory of the pool holding instance volumes.
