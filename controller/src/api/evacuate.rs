@@ -21,9 +21,9 @@ use axum::response::Response;
 use berth_proto::api::{ClusterMemberStatePost, InstanceStatusCode, OperationStatus};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{info, info_span, warn};
 
-use super::operations::{accepted, finish, new_operation_in};
+use super::operations::{new_operation_in, spawn_operation};
 use super::transfers::{request_move, wait_for_operation};
 use super::{ApiError, JsonBody, Scope, SharedState};
 use crate::clock;
@@ -161,45 +161,34 @@ pub async fn post_state(
         mode: mode.to_string(),
         instances: Vec::new(),
     };
-    // A task of this controller (as `run_task`, but the metadata is kept when it fails).
-    state
-        .cp
-        .write(Command::PutOperation {
-            operation: op.clone(),
-        })
-        .await?;
-    let answer = accepted(&op);
     let st = state.clone();
     // The background writes are not the request's: a replay of its Idempotency-Key must not
     // stand in for them.
     let mut scope = scope;
     scope.idempotency = None;
     let span = info_span!("operation", op = %op.id, node = %name, what = %op.description);
-    tokio::spawn(
-        async move {
-            let results = run(&st, &scope, &name, req, &op.id, meta.clone()).await;
-            let failed = results.iter().filter(|r| r.result == "failed").count();
-            let total = results.len();
-            let meta = EvacuationMetadata {
-                instances: results,
-                ..meta
-            };
-            let mut op = op;
-            op.metadata = serde_json::to_value(&meta).unwrap_or_default();
-            let result = if failed > 0 {
-                Err(ApiError::conflict(format!(
-                    "{failed} of {total} instances could not be {}; run it again to retry them",
-                    if evacuated { "evacuated" } else { "restored" }
-                )))
-            } else {
-                Ok(op.metadata.clone())
-            };
-            info!(total, failed, "cluster member state change done");
-            finish(&st, op, result).await;
-        }
-        .instrument(span),
-    );
-    Ok(answer)
+    // A task of this controller whose metadata is kept when it fails.
+    spawn_operation(&state, op, span, move |mut op| async move {
+        let results = run(&st, &scope, &name, req, &op.id, meta.clone()).await;
+        let failed = results.iter().filter(|r| r.result == "failed").count();
+        let total = results.len();
+        let meta = EvacuationMetadata {
+            instances: results,
+            ..meta
+        };
+        op.metadata = serde_json::to_value(&meta).unwrap_or_default();
+        let result = if failed > 0 {
+            Err(ApiError::conflict(format!(
+                "{failed} of {total} instances could not be {}; run it again to retry them",
+                if evacuated { "evacuated" } else { "restored" }
+            )))
+        } else {
+            Ok(op.metadata.clone())
+        };
+        info!(total, failed, "cluster member state change done");
+        (op, result)
+    })
+    .await
 }
 
 /// Writes the running operation's metadata (best effort).

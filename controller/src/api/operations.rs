@@ -91,14 +91,6 @@ pub async fn run_task<F>(state: &SharedState, op: Operation, work: F) -> Result<
 where
     F: Future<Output = Result<serde_json::Value, ApiError>> + Send + 'static,
 {
-    state
-        .cp
-        .write(Command::PutOperation {
-            operation: op.clone(),
-        })
-        .await?;
-    let answer = accepted(&op);
-    let st = state.clone();
     let instance = op
         .resources
         .get("instances")
@@ -107,9 +99,33 @@ where
         .unwrap_or_default()
         .to_string();
     let span = info_span!("operation", op = %op.id, instance = %instance, what = %op.description);
+    spawn_operation(state, op, span, |op| async move { (op, work.await) }).await
+}
+
+/// Stores `op` and runs `work` on it in the background, in `span`: `work` hands the operation
+/// back (its metadata possibly changed, and kept when it fails) with the result it ends with.
+/// Returns the 202 answer.
+pub async fn spawn_operation<W, F>(
+    state: &SharedState,
+    op: Operation,
+    span: tracing::Span,
+    work: W,
+) -> Result<Response, ApiError>
+where
+    W: FnOnce(Operation) -> F + Send + 'static,
+    F: Future<Output = (Operation, Result<serde_json::Value, ApiError>)> + Send + 'static,
+{
+    state
+        .cp
+        .write(Command::PutOperation {
+            operation: op.clone(),
+        })
+        .await?;
+    let answer = accepted(&op);
+    let st = state.clone();
     tokio::spawn(
         async move {
-            let result = work.await;
+            let (op, result) = work(op).await;
             finish(&st, op, result).await;
         }
         .instrument(span),
