@@ -866,6 +866,7 @@ mod tests {
     use tower::ServiceExt as _;
 
     use super::*;
+    use crate::api::projects::testkit::join_node;
     use crate::api::{AppState, router};
     use crate::raft::ControlPlane;
     use crate::state::{ApiKey, ControllerRecord, Role};
@@ -1174,33 +1175,18 @@ mod tests {
         assert!(api.cp.read(|s| s.cluster.config.is_empty()).await.unwrap());
 
         // A node, with labels from its agent.
-        api.cp
-            .write(Command::AddJoinToken {
-                hash: key_hash("n"),
-                record: JoinTokenRecord {
-                    node_name: "n1".into(),
-                    kind: JoinKind::Node,
-                    created_at: clock::now(),
-                    expires_at: clock::after(Duration::from_secs(60)),
-                },
-            })
-            .await
-            .unwrap();
-        api.cp
-            .write(Command::JoinNode {
-                token_hash: key_hash("n"),
-                node: Node {
-                    name: "n1".into(),
-                    address: "10.0.0.5:8445".into(),
-                    cpus: 4,
-                    memory_bytes: 8 << 30,
-                    labels: BTreeMap::from([("rack".into(), "r1".into())]),
-                    ..Default::default()
-                },
-                now: clock::now(),
-            })
-            .await
-            .unwrap();
+        join_node(
+            &api.cp,
+            Node {
+                name: "n1".into(),
+                address: "10.0.0.5:8445".into(),
+                cpus: 4,
+                memory_bytes: 8 << 30,
+                labels: BTreeMap::from([("rack".into(), "r1".into())]),
+                ..Default::default()
+            },
+        )
+        .await;
         let (status, body) = api
             .call(
                 "PATCH",

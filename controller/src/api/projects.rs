@@ -417,6 +417,29 @@ pub(crate) mod testkit {
         Project, Role,
     };
 
+    /// Joins `node` to the cluster (with a join token `token-<name>` made for it).
+    pub async fn join_node(cp: &ControlPlane, node: Node) {
+        let hash = key_hash(&format!("token-{}", node.name));
+        cp.write(Command::AddJoinToken {
+            hash: hash.clone(),
+            record: JoinTokenRecord {
+                node_name: node.name.clone(),
+                kind: JoinKind::Node,
+                created_at: clock::now(),
+                expires_at: clock::after(Duration::from_secs(60)),
+            },
+        })
+        .await
+        .unwrap();
+        cp.write(Command::JoinNode {
+            token_hash: hash,
+            node,
+            now: clock::now(),
+        })
+        .await
+        .unwrap();
+    }
+
     /// Secrets of the test keys: admin, operator, member and viewer of `a`, member of `b`.
     pub const ADMIN: &str = "admin-secret";
     pub const OPERATOR: &str = "operator-secret";
@@ -564,34 +587,38 @@ pub(crate) mod testkit {
 
         /// A node `n1` (4 CPUs, 8 GiB) and an image `img` shared by every project.
         pub async fn add_node_and_image(&self) {
+            join_node(
+                &self.cp,
+                Node {
+                    name: "n1".into(),
+                    address: "10.0.0.5:8445".into(),
+                    ipv4_cidr: "10.87.1.1/24".into(),
+                    cpus: 4,
+                    memory_bytes: 8 << 30,
+                    ..Default::default()
+                },
+            )
+            .await;
+            self.put_image("img", &[]).await;
+        }
+
+        /// Ends instance `key`'s pending action in success, as the reconciler would.
+        pub async fn finish_pending(&self, key: &str) {
+            let op = self.model().await.instances[key]
+                .pending
+                .clone()
+                .unwrap()
+                .op;
             self.cp
-                .write(Command::AddJoinToken {
-                    hash: key_hash("n"),
-                    record: JoinTokenRecord {
-                        node_name: "n1".into(),
-                        kind: JoinKind::Node,
-                        created_at: clock::now(),
-                        expires_at: clock::after(Duration::from_secs(60)),
-                    },
-                })
-                .await
-                .unwrap();
-            self.cp
-                .write(Command::JoinNode {
-                    token_hash: key_hash("n"),
-                    node: Node {
-                        name: "n1".into(),
-                        address: "10.0.0.5:8445".into(),
-                        ipv4_cidr: "10.87.1.1/24".into(),
-                        cpus: 4,
-                        memory_bytes: 8 << 30,
-                        ..Default::default()
-                    },
+                .write(Command::FinishAction {
+                    name: key.into(),
+                    op,
+                    observed: None,
+                    error: String::new(),
                     now: clock::now(),
                 })
                 .await
                 .unwrap();
-            self.put_image("img", &[]).await;
         }
 
         /// An image with fingerprint `fp`, held by `projects` (none: shared).

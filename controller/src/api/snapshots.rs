@@ -371,21 +371,6 @@ mod api_tests {
     use crate::clock;
     use crate::state::{Action, Command, Instance, NodeStatus};
 
-    /// Ends the instance's pending action in success, as the reconciler would.
-    async fn finish(api: &Api, key: &str) {
-        let op = api.model().await.instances[key].pending.clone().unwrap().op;
-        api.cp
-            .write(Command::FinishAction {
-                name: key.into(),
-                op,
-                observed: None,
-                error: String::new(),
-                now: clock::now(),
-            })
-            .await
-            .unwrap();
-    }
-
     fn pending(model: &crate::state::State, key: &str) -> Action {
         model.instances[key].pending.clone().unwrap().action
     }
@@ -430,7 +415,7 @@ mod api_tests {
             .await;
         assert_eq!(status, 409, "{body}");
         assert!(body["error"].as_str().unwrap().contains("busy"), "{body}");
-        finish(&api, "web").await;
+        api.finish_pending("web").await;
         assert!(
             api.model().await.instances["web"]
                 .snapshots
@@ -450,7 +435,7 @@ mod api_tests {
         assert!(
             matches!(pending(&api.model().await, "web"), Action::Snapshot { name, .. } if name == "snap1")
         );
-        finish(&api, "web").await;
+        api.finish_pending("web").await;
 
         // Taken name, bad name, stateful, bad expiry.
         for (body, code, says) in [
@@ -492,7 +477,7 @@ mod api_tests {
         assert_eq!(status, 202);
         assert!(matches!(pending(&api.model().await, "web"),
             Action::Snapshot { expires_at, .. } if expires_at == "2099-01-01T00:00:00Z"));
-        finish(&api, "web").await;
+        api.finish_pending("web").await;
 
         // Rename.
         let (status, body) = api
@@ -511,7 +496,7 @@ mod api_tests {
                 to: "before-upgrade".into()
             }
         );
-        finish(&api, "web").await;
+        api.finish_pending("web").await;
         for (path, body, code) in [
             (
                 "/1.0/instances/web/snapshots/nope",
@@ -554,7 +539,7 @@ mod api_tests {
                 snapshot: "before-upgrade".into()
             }
         );
-        finish(&api, "web").await;
+        api.finish_pending("web").await;
         let (status, body) = api
             .call(
                 ADMIN,
@@ -598,7 +583,7 @@ mod api_tests {
                 name: "snap0".into()
             }
         );
-        finish(&api, "web").await;
+        api.finish_pending("web").await;
 
         // Reading: the node is made offline so that no agent is asked for sizes (0 then).
         api.cp
@@ -730,7 +715,7 @@ mod api_tests {
             (before + 2 * 86_400..=before + 2 * 86_400 + 5).contains(&at),
             "{expires_at}"
         );
-        finish(&api, "a_db").await;
+        api.finish_pending("a_db").await;
         let (status, _) = api
             .call(
                 VIEWER_A,
@@ -816,7 +801,7 @@ mod api_tests {
         assert!(due.ends_with(":00Z") && due <= clock::now(), "{due}");
         let op = &m.operations[&p.op];
         assert_eq!(op.project, "a");
-        finish(&api, "a_old").await;
+        api.finish_pending("a_old").await;
         let m = api.model().await;
         assert_eq!(m.instances["a_old"].last_scheduled_snapshot, due);
         assert!(m.instances["a_old"].snapshots["snap0"].scheduled);
@@ -849,7 +834,7 @@ mod api_tests {
             })
             .await
             .unwrap();
-        finish(&api, "a_old").await;
+        api.finish_pending("a_old").await;
         crate::schedule::pass(&state).await;
         assert_eq!(
             pending(&api.model().await, "a_old"),

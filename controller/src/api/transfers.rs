@@ -540,48 +540,26 @@ pub async fn wait_for_operation(state: &SharedState, id: &str) -> Result<Operati
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 pub(crate) mod testsupport {
-    use std::time::Duration;
-
     use berth_proto::api::{InstanceStatusCode, Operation};
 
-    use crate::api::key_hash;
-    use crate::api::projects::testkit::Api;
+    use crate::api::projects::testkit::{Api, join_node};
     use crate::clock;
-    use crate::state::{
-        Action, Command, Image, JoinKind, JoinTokenRecord, Node, NodeStatus, Observed,
-        PendingAction,
-    };
+    use crate::state::{Action, Command, Image, Node, NodeStatus, Observed, PendingAction};
 
     /// Joins node `name` (4 CPUs, 8 GiB) with subnet `10.87.<n>.1/24` and gives it image `img`.
     pub async fn add_node(api: &Api, name: &str, n: u8) {
-        let secret = format!("token-{name}");
-        api.cp
-            .write(Command::AddJoinToken {
-                hash: key_hash(&secret),
-                record: JoinTokenRecord {
-                    node_name: name.into(),
-                    kind: JoinKind::Node,
-                    created_at: clock::now(),
-                    expires_at: clock::after(Duration::from_secs(60)),
-                },
-            })
-            .await
-            .unwrap();
-        api.cp
-            .write(Command::JoinNode {
-                token_hash: key_hash(&secret),
-                node: Node {
-                    name: name.into(),
-                    address: format!("10.0.0.{n}:8445"),
-                    ipv4_cidr: format!("10.87.{n}.1/24"),
-                    cpus: 4,
-                    memory_bytes: 8 << 30,
-                    ..Default::default()
-                },
-                now: clock::now(),
-            })
-            .await
-            .unwrap();
+        join_node(
+            &api.cp,
+            Node {
+                name: name.into(),
+                address: format!("10.0.0.{n}:8445"),
+                ipv4_cidr: format!("10.87.{n}.1/24"),
+                cpus: 4,
+                memory_bytes: 8 << 30,
+                ..Default::default()
+            },
+        )
+        .await;
         api.cp
             .write(Command::PutImage {
                 image: Image {
@@ -647,16 +625,7 @@ pub(crate) mod testsupport {
             })
             .await
             .unwrap();
-        api.cp
-            .write(Command::FinishAction {
-                name: key.into(),
-                op,
-                observed: None,
-                error: String::new(),
-                now: clock::now(),
-            })
-            .await
-            .unwrap();
+        api.finish_pending(key).await;
     }
 }
 
