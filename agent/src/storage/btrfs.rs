@@ -195,20 +195,24 @@ impl BtrfsDriver {
     /// [`crate::transfer`]) and the directory itself.
     fn delete_bases(&self, instance: &str) -> Result<(), StorageError> {
         super::check_volume_name(instance)?;
-        let dir = self.pool.root.join("bases").join(instance);
+        self.delete_volume_dir(&self.pool.root.join("bases").join(instance))
+    }
+
+    /// Deletes the subvolumes in `dir` (with theirs) and then `dir`; succeeds when it is gone.
+    fn delete_volume_dir(&self, dir: &Path) -> Result<(), StorageError> {
         if !dir.is_dir() {
             return Ok(());
         }
-        for e in fs::read_dir(&dir).map_err(io_err(&dir))? {
-            let path = e.map_err(io_err(&dir))?.path();
+        for e in fs::read_dir(dir).map_err(io_err(dir))? {
+            let path = e.map_err(io_err(dir))?.path();
             if is_subvolume(&path) {
                 self.delete_subvolume_tree(&path)?;
             }
         }
-        match fs::remove_dir_all(&dir) {
+        match fs::remove_dir_all(dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err(&dir)(e)),
+            Err(e) => Err(io_err(dir)(e)),
         }
     }
 
@@ -337,22 +341,8 @@ impl VolumeSteps for BtrfsDriver {
     }
 
     fn delete_all_snapshots(&self, instance: &str) -> Result<(), StorageError> {
-        let dir = self.pool.snapshots_of(instance)?;
-        if !dir.is_dir() {
-            return Ok(());
-        }
         // Hidden ones too: volumes a transfer to this instance was staging.
-        for e in fs::read_dir(&dir).map_err(io_err(&dir))? {
-            let path = e.map_err(io_err(&dir))?.path();
-            if is_subvolume(&path) {
-                self.delete_subvolume_tree(&path)?;
-            }
-        }
-        match fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err(&dir)(e)),
-        }
+        self.delete_volume_dir(&self.pool.snapshots_of(instance)?)
     }
 
     // The copy is a read-only snapshot of the subvolume.
