@@ -241,6 +241,26 @@ fn new_ticket() -> Result<String, PullError> {
     Ok(hex::encode(bytes))
 }
 
+/// The error of a failed agent call (`what`) while fetching image `fingerprint` to `node`
+/// from `holder`.
+fn fetch_failed(
+    fingerprint: &str,
+    node: &Node,
+    holder: &Node,
+    what: &str,
+    e: &tonic::Status,
+) -> PullError {
+    PullError {
+        passing: passing(e),
+        message: format!(
+            "could not fetch image {fingerprint} to node {} from node {}: {what}: {}",
+            node.name,
+            holder.name,
+            e.message()
+        ),
+    }
+}
+
 /// Streams the image from `holder` to `node`, commits it there and checks its fingerprint.
 async fn pull_from(
     state: &Arc<AppState>,
@@ -249,15 +269,7 @@ async fn pull_from(
     node: &Node,
     holder: &Node,
 ) -> PullResult {
-    let fail = |what: &str, e: &tonic::Status| PullError {
-        passing: passing(e),
-        message: format!(
-            "could not fetch image {fingerprint} to node {} from node {}: {what}: {}",
-            node.name,
-            holder.name,
-            e.message()
-        ),
-    };
+    let fail = |what: &str, e: &tonic::Status| fetch_failed(fingerprint, node, holder, what, e);
     let ticket = new_ticket()?;
     let mut sender = state.agents.client(holder).map_err(|e| {
         PullError::failed(format!(
@@ -334,15 +346,7 @@ async fn commit(
     node: &Node,
     holder: &Node,
 ) -> PullResult {
-    let fail = |what: &str, e: &tonic::Status| PullError {
-        passing: passing(e),
-        message: format!(
-            "could not fetch image {fingerprint} to node {} from node {}: {what}: {}",
-            node.name,
-            holder.name,
-            e.message()
-        ),
-    };
+    let fail = |what: &str, e: &tonic::Status| fetch_failed(fingerprint, node, holder, what, e);
     receiver
         .commit_transfer(call(
             v1::TransferRef {
