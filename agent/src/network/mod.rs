@@ -449,20 +449,26 @@ fn routed_nft_table(host: &str) -> String {
     )
 }
 
-/// The nftables script that (re)defines a routed instance's table atomically: accept what it
-/// forwards (and the replies), and with `nat` masquerade what it sends out of the node (not
-/// towards the bridge or another routed instance).
-fn routed_nft_script(table: &str, host: &str, bridge: &str, addr: Ipv4Addr, nat: bool) -> String {
-    let mut s = format!(
+/// The start of an nftables script that (re)defines `table` atomically, up to its open last
+/// brace: a forward chain that accepts what comes in through `iface` and the replies to it.
+fn nft_table_head(table: &str, iface: &str) -> String {
+    format!(
         "table inet {table}\n\
          flush table inet {table}\n\
          table inet {table} {{\n\
          \tchain forward {{\n\
          \t\ttype filter hook forward priority filter; policy accept;\n\
-         \t\tiifname \"{host}\" accept\n\
-         \t\toifname \"{host}\" ct state established,related accept\n\
+         \t\tiifname \"{iface}\" accept\n\
+         \t\toifname \"{iface}\" ct state established,related accept\n\
          \t}}\n"
-    );
+    )
+}
+
+/// The nftables script that (re)defines a routed instance's table atomically: accept what it
+/// forwards (and the replies), and with `nat` masquerade what it sends out of the node (not
+/// towards the bridge or another routed instance).
+fn routed_nft_script(table: &str, host: &str, bridge: &str, addr: Ipv4Addr, nat: bool) -> String {
+    let mut s = nft_table_head(table, host);
     if nat {
         s.push_str(&format!(
             "\tchain postrouting {{\n\
@@ -485,16 +491,7 @@ fn write_sysctl(path: &str, value: &str) -> Result<(), NetworkError> {
 
 /// The nftables script that (re)defines the table atomically.
 fn nft_script(table: &str, bridge: &str, subnet: Ipv4Net, nat: bool) -> String {
-    let mut s = format!(
-        "table inet {table}\n\
-         flush table inet {table}\n\
-         table inet {table} {{\n\
-         \tchain forward {{\n\
-         \t\ttype filter hook forward priority filter; policy accept;\n\
-         \t\tiifname \"{bridge}\" accept\n\
-         \t\toifname \"{bridge}\" ct state established,related accept\n\
-         \t}}\n"
-    );
+    let mut s = nft_table_head(table, bridge);
     if nat {
         s.push_str(&format!(
             "\tchain postrouting {{\n\
