@@ -262,6 +262,14 @@ impl Engine {
         Ok(())
     }
 
+    /// Refuses with [`EngineError::Running`] while instance `name` runs.
+    fn refuse_running(&self, name: &str) -> Result<(), EngineError> {
+        if self.dir(name).live_monitor().is_some() {
+            return Err(EngineError::Running(name.to_string()));
+        }
+        Ok(())
+    }
+
     fn record(&self, name: &str) -> Result<InstanceRecord, EngineError> {
         Self::check_name(name)?;
         let dir = self.dir(name);
@@ -993,9 +1001,7 @@ impl Engine {
         let lock = self.lock(name);
         let _g = lock.lock().await;
         let rec = self.record(name)?;
-        if self.dir(name).live_monitor().is_some() {
-            return Err(EngineError::Running(name.to_string()));
-        }
+        self.refuse_running(name)?;
         let inner = self.inner.clone();
         let s = snapshot.to_string();
         blocking(move || {
@@ -1016,9 +1022,7 @@ impl Engine {
         let lock = self.lock(name);
         let _g = lock.lock().await;
         let rec = self.record(name)?;
-        if self.dir(name).live_monitor().is_some() {
-            return Err(EngineError::Running(name.to_string()));
-        }
+        self.refuse_running(name)?;
         let inner = self.inner.clone();
         blocking(move || {
             if let Some(bytes) = disk_limit(&rec.config)? {
@@ -1065,9 +1069,7 @@ impl Engine {
                 path
             }
             None => {
-                if self.dir(name).live_monitor().is_some() {
-                    return Err(EngineError::Running(name.to_string()));
-                }
+                self.refuse_running(name)?;
                 storage
                     .instance_volume(name)
                     .ok_or_else(|| StorageError::VolumeNotFound(name.to_string()))?
@@ -1122,9 +1124,7 @@ impl Engine {
         let target_dir = self.dir(target);
         let target_rec = if refresh {
             let rec = self.record(target)?;
-            if target_dir.live_monitor().is_some() {
-                return Err(EngineError::Running(target.to_string()));
-            }
+            self.refuse_running(target)?;
             Some(rec)
         } else {
             if target_dir.record_path().is_file() {
