@@ -533,7 +533,8 @@ pub struct TargetQuery {
     pub target: String,
 }
 
-fn random_hwaddr() -> Result<String, ApiError> {
+/// A random MAC address in LXD's `00:16:3e` range.
+pub(crate) fn random_hwaddr() -> Result<String, ApiError> {
     let mut b = [0u8; 3];
     getrandom::fill(&mut b).map_err(|e| ApiError::internal(format!("no randomness: {e}")))?;
     Ok(format!("00:16:3e:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2]))

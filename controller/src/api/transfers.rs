@@ -70,12 +70,6 @@ pub fn copy_config(
     config
 }
 
-fn random_hwaddr() -> Result<String, ApiError> {
-    let mut b = [0u8; 3];
-    getrandom::fill(&mut b).map_err(|e| ApiError::internal(format!("no randomness: {e}")))?;
-    Ok(format!("00:16:3e:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2]))
-}
-
 /// What a copy request becomes once checked against the state.
 enum CopyPlan {
     /// A new instance (its node `""` when the scheduler chooses).
@@ -293,7 +287,7 @@ pub async fn copy(
         profiles,
         req: &req,
     };
-    let hwaddr = random_hwaddr()?;
+    let hwaddr = super::instances::random_hwaddr()?;
     let plan = state
         .cp
         .read(|s| plan_copy(s, &scope, &c, hwaddr))
