@@ -540,8 +540,6 @@ pub(crate) fn random_hwaddr() -> Result<String, ApiError> {
     Ok(format!("00:16:3e:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2]))
 }
 
-/// The spec an agent needs to create `i` on `n`, with `config` the instance's effective
-/// config ([`crate::state::State::effective_config`]).
 /// The spec an agent gets for instance `i` running with `config`; `n` is the node whose subnet
 /// its address came from ([`crate::state::State::address_home`]), which gives the prefix and
 /// the gateway: a moved instance keeps them.
@@ -1078,46 +1076,68 @@ pub async fn rename(
             )
             .await?;
         }
-        let lock = st.instance_lock(&from);
-        let guard = lock.lock().await;
-        // An action may have started between the check above and the lock.
-        let (i, n) = find(&st, &scope, &name).await?;
-        ensure_at_rest(&i, &n)?;
-        let mut client = st.agents.client(&n)?;
-        let s = client
-            .instance_state(crate::agents::short(v1::InstanceRef {
-                name: i.name.clone(),
-            }))
-            .await?
-            .into_inner();
-        if s.state == v1::InstanceState::Running as i32 {
-            return Err(ApiError::conflict(format!(
-                "instance \"{name}\" was started again while it was being renamed"
-            )));
-        }
-        client
-            .rename_instance(crate::agents::short(v1::RenameInstanceRequest {
-                name: from.clone(),
-                new_name: to.clone(),
-            }))
-            .await?;
-        let write = st.cp.write(scope.by(Command::RenameInstance {
-            from: from.clone(),
-            to: to.clone(),
-        }));
-        let back = v1::RenameInstanceRequest {
-            name: to.clone(),
-            new_name: from.clone(),
-        };
-        let undo = move || async move {
+        let renamed = async {
+            let lock = st.instance_lock(&from);
+            let guard = lock.lock().await;
+            // An action may have started between the check above and the lock.
+            let (i, n) = find(&st, &scope, &name).await?;
+            ensure_at_rest(&i, &n)?;
+            let mut client = st.agents.client(&n)?;
+            let s = client
+                .instance_state(crate::agents::short(v1::InstanceRef {
+                    name: i.name.clone(),
+                }))
+                .await?
+                .into_inner();
+            if s.state == v1::InstanceState::Running as i32 {
+                return Err(ApiError::conflict(format!(
+                    "instance \"{name}\" was started again while it was being renamed"
+                )));
+            }
             client
-                .rename_instance(crate::agents::short(back))
+                .rename_instance(crate::agents::short(v1::RenameInstanceRequest {
+                    name: from.clone(),
+                    new_name: to.clone(),
+                }))
+                .await?;
+            let write = st.cp.write(scope.by(Command::RenameInstance {
+                from: from.clone(),
+                to: to.clone(),
+            }));
+            let back = v1::RenameInstanceRequest {
+                name: to.clone(),
+                new_name: from.clone(),
+            };
+            let undo = move || async move {
+                client
+                    .rename_instance(crate::agents::short(back))
+                    .await
+                    .map(|_| ())
+                    .map_err(ApiError::from)
+            };
+            record_rename(&name, &body.name, write, undo).await?;
+            drop(guard);
+            Ok::<(), ApiError>(())
+        }
+        .await;
+        if let Err(e) = renamed {
+            // The instance was stopped for a rename that did not happen: it runs again under
+            // its old name.
+            if running
+                && let Err(again) = action_and_wait(
+                    &st,
+                    &scope,
+                    &from,
+                    "Starting instance again after a failed rename",
+                    Action::Start,
+                    Some(DesiredState::Running),
+                )
                 .await
-                .map(|_| ())
-                .map_err(ApiError::from)
-        };
-        record_rename(&name, &body.name, write, undo).await?;
-        drop(guard);
+            {
+                warn!(instance = %from, error = %again, "could not start the instance again after a failed rename");
+            }
+            return Err(e);
+        }
         if running {
             action_and_wait(
                 &st,
@@ -1145,18 +1165,7 @@ pub(crate) async fn action_and_wait(
     desired: Option<DesiredState>,
 ) -> Result<(), ApiError> {
     let op = instance_operation(state, scope, "task", description, short(key));
-    let command = Command::SetInstanceAction {
-        name: key.to_string(),
-        pending: PendingAction {
-            op: op.id.clone(),
-            action,
-            since: op.created_at.clone(),
-        },
-        desired,
-        operation: op.clone(),
-        now: clock::now(),
-    };
-    state.cp.write(scope.by(command)).await?;
+    request_action(state, scope, key, op.clone(), action, desired, None).await?;
     let done = super::transfers::wait_for_operation(state, &op.id).await?;
     if done.status != api::OperationStatus::Success {
         return Err(ApiError::conflict(format!(

@@ -455,19 +455,40 @@ pub async fn request_move(
         .cp
         .read(|s| {
             s.instances.get(key).map(|i| {
+                // The target passes the scheduler's filters (architecture, room, constraints,
+                // placement groups) as a placement there would.
+                let fits = if s.nodes.contains_key(to) && to != i.node {
+                    crate::scheduler::place_instance(
+                        s,
+                        &Instance {
+                            node: to.to_string(),
+                            ..i.clone()
+                        },
+                    )
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+                } else {
+                    Ok(())
+                };
                 (
                     i.clone(),
                     s.nodes.get(&i.node).cloned(),
                     s.nodes.get(to).cloned(),
+                    fits,
                 )
             })
         })
         .await?;
     let shown = split_scoped_name(key).1;
-    let Some((inst, from, to_node)) = found else {
+    let Some((inst, from, to_node, fits)) = found else {
         return Err(ApiError::not_found(format!("instance {shown:?} not found")));
     };
     check_move(&inst, from.as_ref(), to_node.as_ref(), to)?;
+    fits.map_err(|e| {
+        ApiError::bad_request(format!(
+            "instance {shown:?} cannot move to node {to:?}: {e}"
+        ))
+    })?;
     let live = inst.observed.status == InstanceStatusCode::Running;
     let op = new_operation_in(
         state,

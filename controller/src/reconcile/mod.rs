@@ -86,8 +86,9 @@ pub fn queue_depth(state: &AppState) -> usize {
 struct Work {
     /// Instances whose action runs right now.
     running: HashSet<String>,
-    /// Instances whose action waits for a retry: when, and how many attempts were made.
-    retry: HashMap<String, (Instant, u32)>,
+    /// Instances whose action waits for a retry: when, how many attempts were made, and
+    /// when the first of the failures in a row happened.
+    retry: HashMap<String, (Instant, u32, Instant)>,
 }
 
 type SharedWork = Arc<Mutex<Work>>;
@@ -168,10 +169,10 @@ fn dispatch(state: &Arc<AppState>, work: &SharedWork) {
         if w.running.contains(&name) {
             continue;
         }
-        let attempts = match w.retry.get(&name) {
-            Some((at, _)) if *at > now => continue,
-            Some((_, n)) => *n,
-            None => 0,
+        let (attempts, failing_since) = match w.retry.get(&name) {
+            Some((at, _, _)) if *at > now => continue,
+            Some((_, n, first)) => (*n, Some(*first)),
+            None => (0, None),
         };
         let is_create = matches!(action.action, Action::Create { .. });
         w.running.insert(name.clone());
@@ -182,12 +183,20 @@ fn dispatch(state: &Arc<AppState>, work: &SharedWork) {
             async move {
                 let outcome = execute(&st, &name, &action).await;
                 let finish = match outcome {
-                    Outcome::Retry(reason) if !expired(&action.since) => {
+                    // An action gives up only when it is old and has been failing for as long:
+                    // a copy that streamed for an hour still gets its retries.
+                    Outcome::Retry(reason)
+                        if !expired(&action.since)
+                            || failing_since.is_none_or(|t| t.elapsed() < GIVE_UP_AFTER) =>
+                    {
                         debug!(%reason, attempt = attempts + 1, "will retry");
                         let mut w = lock(&wk);
                         w.running.remove(&name);
-                        w.retry
-                            .insert(name.clone(), (Instant::now() + RETRY_BACKOFF, attempts + 1));
+                        let first = failing_since.unwrap_or_else(Instant::now);
+                        w.retry.insert(
+                            name.clone(),
+                            (Instant::now() + RETRY_BACKOFF, attempts + 1, first),
+                        );
                         return;
                     }
                     Outcome::Retry(reason) => {

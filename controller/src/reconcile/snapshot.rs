@@ -57,6 +57,9 @@ pub(super) async fn execute(
                 .await
             {
                 Ok(_) => Outcome::Done(None),
+                // An earlier attempt took it and its answer was lost: apply refused the name
+                // if the state knew it, so it is this action's.
+                Err(e) if e.code() == tonic::Code::AlreadyExists => Outcome::Done(None),
                 Err(e) => failed(&e, &format!("could not take snapshot {snap:?}")),
             }
         }

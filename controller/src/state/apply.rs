@@ -555,6 +555,11 @@ impl State {
                         if *o == op && *to == node
                 );
                 if moving {
+                    // Records made before addresses remembered their subnet: it is the node
+                    // the instance leaves.
+                    if inst.address_node.is_empty() {
+                        inst.address_node.clone_from(&inst.node);
+                    }
                     inst.node = node;
                 }
                 Ok(ApplyOk::Done)
