@@ -921,7 +921,7 @@ impl Engine {
         let (n, s) = (name.to_string(), snapshot.to_string());
         blocking(move || {
             let meta = inner.storage.create_snapshot(&n, &s)?;
-            Ok(inner.snapshot_info(&n, meta))
+            Ok(inner.snapshot_info(&n, meta, false))
         })
         .await
     }
@@ -973,7 +973,7 @@ impl Engine {
                 name: to.clone(),
             };
             tracing::info!(instance = %n, snapshot = %from, new_name = %to, "renamed snapshot");
-            Ok(inner.snapshot_info(&n, meta))
+            Ok(inner.snapshot_info(&n, meta, false))
         })
         .await
     }
@@ -987,7 +987,7 @@ impl Engine {
             let list = inner.storage.list_snapshots(&n)?;
             Ok(list
                 .into_iter()
-                .map(|m| inner.snapshot_info(&n, m))
+                .map(|m| inner.snapshot_info(&n, m, true))
                 .collect())
         })
         .await
@@ -1165,13 +1165,24 @@ impl Engine {
 }
 
 impl Inner {
-    /// A snapshot's wire form, with its size (0 when it cannot be read).
-    fn snapshot_info(&self, instance: &str, meta: crate::storage::SnapshotMeta) -> SnapshotInfo {
-        let size_bytes = match self.storage.snapshot_size(instance, &meta.name) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(instance, snapshot = %meta.name, "cannot read the snapshot size: {e}");
-                0
+    /// A snapshot's wire form, with its size when `with_size` (0 when it cannot be read).
+    /// Sizes can cost a walk of the snapshot's tree (without btrfs quotas), so only listings
+    /// read them; taking and renaming a snapshot answer 0.
+    fn snapshot_info(
+        &self,
+        instance: &str,
+        meta: crate::storage::SnapshotMeta,
+        with_size: bool,
+    ) -> SnapshotInfo {
+        let size_bytes = if !with_size {
+            0
+        } else {
+            match self.storage.snapshot_size(instance, &meta.name) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(instance, snapshot = %meta.name, "cannot read the snapshot size: {e}");
+                    0
+                }
             }
         };
         SnapshotInfo {

@@ -656,7 +656,13 @@ impl PoolLayout {
             let e = e.map_err(io_err(&dir))?;
             let n = e.file_name().to_string_lossy().into_owned();
             if let Some(name) = n.strip_prefix(".old-") {
-                let vol = self.instance_path(name)?;
+                // A name no instance can have is a leftover to delete, never a reason for the
+                // pool not to open.
+                let Ok(vol) = self.instance_path(name) else {
+                    tracing::warn!(entry = %n, "deleting a set-aside volume with an invalid name");
+                    delete.push(e.path());
+                    continue;
+                };
                 if std::fs::symlink_metadata(&vol).is_err() {
                     tracing::warn!(
                         instance = name,

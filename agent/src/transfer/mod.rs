@@ -447,6 +447,12 @@ pub(crate) fn delete_staged(path: &Path) -> Result<(), TransferError> {
         let p = p.to_path_buf();
         move |source| TransferError::Io { path: p, source }
     };
+    // A staged snapshot's creation-time sidecar goes with it.
+    match std::fs::remove_file(crate::storage::created_path(path)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(path)(e)),
+    }
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
