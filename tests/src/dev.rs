@@ -215,3 +215,12 @@ impl Drop for DevCluster {
         }
     }
 }
+
+/// The downtime `berth move` printed (`Downtime: 123 ms`), in milliseconds.
+pub fn printed_downtime(out: &str) -> Option<u64> {
+    let words: Vec<&str> = out.split_whitespace().collect();
+    words
+        .windows(2)
+        .find(|w| w[0].trim_end_matches(':').eq_ignore_ascii_case("downtime"))
+        .and_then(|w| w[1].trim_end_matches("ms").parse().ok())
+}

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use berth_tests::dev::DevCluster;
+use berth_tests::dev::{DevCluster, printed_downtime};
 use berth_tests::{bin_dir, wait_for};
 
 #[test]
@@ -144,7 +144,6 @@ fn copy_across_nodes(c: &DevCluster) -> Result<()> {
     assert_eq!(read_inside(c, "m1c", "/root/data")?, "after-snapshot");
     assert_eq!(read_inside(c, "m1c", "/etc/hostname")?, "m1c");
     assert_ne!(address(c, "m1c")?, address(c, "m1")?);
-    // The copy's operation recorded what it sent.
     // --refresh sends only what changed: a stopped target is brought up to date.
     sh_inside(c, "m1", "echo refreshed > /root/data; sync")?;
     c.berth_ok(&["stop", "--force", "m1c"])?;
@@ -171,15 +170,6 @@ fn stopped_move(c: &DevCluster) -> Result<()> {
         "n2 still has m1c's volume"
     );
     Ok(())
-}
-
-/// The downtime a move printed ("... downtime 123 ms ...").
-fn printed_downtime(out: &str) -> Option<u64> {
-    let words: Vec<&str> = out.split_whitespace().collect();
-    words
-        .windows(2)
-        .find(|w| w[0].trim_end_matches(':').eq_ignore_ascii_case("downtime"))
-        .and_then(|w| w[1].trim_end_matches("ms").parse().ok())
 }
 
 fn live_move_busybox(c: &DevCluster) -> Result<()> {
@@ -321,7 +311,16 @@ fn evacuate_and_restore(c: &DevCluster) -> Result<()> {
     assert_ne!(c.location("ev-new")?, "n2");
     c.berth_ok(&["delete", "--force", "ev-new"])?;
     // Evacuating again changes nothing (resumable, idempotent).
+    let before: Vec<(String, String)> = names
+        .iter()
+        .map(|n| Ok((c.location(n)?, c.instance(n)?["status"].to_string())))
+        .collect::<Result<_>>()?;
     c.berth_ok(&["cluster", "evacuate", "n2", "--force"])?;
+    let after: Vec<(String, String)> = names
+        .iter()
+        .map(|n| Ok((c.location(n)?, c.instance(n)?["status"].to_string())))
+        .collect::<Result<_>>()?;
+    assert_eq!(before, after, "a second evacuation moved nothing");
     c.berth_ok(&["cluster", "restore", "n2", "--force"])?;
     for (i, n) in names.iter().enumerate() {
         assert_eq!(c.location(n)?, "n2", "{n} came back");

@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use berth_tests::dev::DevCluster;
+use berth_tests::dev::{DevCluster, printed_downtime};
 use berth_tests::wait_for;
 use clap::Parser;
 
@@ -134,16 +134,6 @@ fn copy_throughput(c: &DevCluster, extra_mib: u64) -> Result<Vec<String>> {
     )])
 }
 
-/// The downtime `berth move` printed ("... downtime 123 ms ...").
-fn printed_downtime(out: &str) -> Result<u64> {
-    let words: Vec<&str> = out.split_whitespace().collect();
-    words
-        .windows(2)
-        .find(|w| w[0].trim_end_matches(':').eq_ignore_ascii_case("downtime"))
-        .and_then(|w| w[1].trim_end_matches("ms").parse().ok())
-        .with_context(|| format!("the move printed no downtime: {out:?}"))
-}
-
 fn downtime(c: &DevCluster, image: &str, name: &str, moves: usize) -> Result<String> {
     c.berth_ok(&["launch", image, name, "--target", "n1"])?;
     if image.starts_with("debian") {
@@ -156,7 +146,8 @@ fn downtime(c: &DevCluster, image: &str, name: &str, moves: usize) -> Result<Str
     for i in 0..moves {
         let to = if i % 2 == 0 { "n2" } else { "n1" };
         let out = c.berth_ok(&["move", name, "--target", to])?;
-        let ms = printed_downtime(&out)?;
+        let ms = printed_downtime(&out)
+            .with_context(|| format!("the move printed no downtime: {out:?}"))?;
         eprintln!("{image} move {} -> {to}: downtime {ms} ms", i + 1);
         samples.push(ms);
         if image.starts_with("debian") {
