@@ -208,7 +208,10 @@ fn run(c: &Cluster) -> anyhow::Result<()> {
         .env("BERTH_CONF", c.dir.join("cli"))
         .stdin(std::process::Stdio::null())
         .output()?;
-    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    // `script` may echo a NUL it read from /dev/null as `^@` before the command's output.
+    let text = String::from_utf8_lossy(&out.stdout)
+        .replace('\r', "")
+        .replace("^@", "");
     let lines: Vec<&str> = text.lines().collect();
     assert!(
         lines.first().is_some_and(|l| l.starts_with("/dev/pts/")),
