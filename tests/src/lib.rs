@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod bench;
 pub mod dev;
 
 /// Where the workspace's binaries are: next to the test binary's `deps/` directory, or

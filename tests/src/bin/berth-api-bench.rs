@@ -47,6 +47,9 @@ struct Args {
     /// An existing image (alias or fingerprint) that the aliases point at.
     #[arg(long, default_value = "busybox")]
     image: String,
+    /// Also write the figures as JSON to this file (what `berth-bench --cluster` reads).
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 /// One keep-alive connection to a controller.
@@ -237,6 +240,25 @@ async fn main() -> Result<()> {
         ms(percentile(&all.latencies, 0.99)),
         ms(percentile(&all.latencies, 1.0)),
     );
+    if let Some(path) = &args.json {
+        let v = serde_json::json!({
+            "controllers": args.urls.len(),
+            "clients": args.clients,
+            "seconds": elapsed,
+            "writes": all.latencies.len(),
+            "writes_per_s": all.latencies.len() as f64 / elapsed,
+            "latency_ms": {
+                "p50": ms(percentile(&all.latencies, 0.50)),
+                "p90": ms(percentile(&all.latencies, 0.90)),
+                "p99": ms(percentile(&all.latencies, 0.99)),
+                "max": ms(percentile(&all.latencies, 1.0)),
+            },
+            "errors": all.errors,
+            "errors_total": all.errors.values().sum::<u64>(),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&v)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     if all.errors.is_empty() {
         println!("errors: none");
     } else {

@@ -31,24 +31,44 @@ struct Args {
     /// Skip the debian/12 parts (busybox downtime only).
     #[arg(long)]
     no_debian: bool,
+    /// Also write the figures as JSON to this file (what `berth-bench --cluster` reads).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+/// The figures of one run.
+#[derive(Default)]
+struct Report {
+    lines: Vec<String>,
+    copy: Option<serde_json::Value>,
+    downtime: Vec<serde_json::Value>,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
     let c = DevCluster::up()?;
     c.berth_ok(&["image", "build", "busybox", "--target", "n1"])?;
-    let mut report = Vec::new();
+    let mut report = Report::default();
     if !args.no_debian {
         c.berth_ok(&["image", "build", "debian/12", "--target", "n1"])?;
-        report.extend(copy_throughput(&c, args.extra_mib)?);
+        copy_throughput(&c, args.extra_mib, &mut report)?;
     }
-    report.push(downtime(&c, "busybox", "bb", args.moves)?);
+    downtime(&c, "busybox", "bb", args.moves, &mut report)?;
     if !args.no_debian {
-        report.push(downtime(&c, "debian/12", "deb", args.moves)?);
+        downtime(&c, "debian/12", "deb", args.moves, &mut report)?;
     }
     println!();
-    for line in report {
+    for line in &report.lines {
         println!("{line}");
+    }
+    if let Some(path) = &args.json {
+        let v = serde_json::json!({
+            "extra_mib": args.extra_mib,
+            "copy": report.copy,
+            "downtime": report.downtime,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&v)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
 }
@@ -73,7 +93,7 @@ fn stream_bytes(subvol: &Path) -> Result<u64> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
 }
 
-fn copy_throughput(c: &DevCluster, extra_mib: u64) -> Result<Vec<String>> {
+fn copy_throughput(c: &DevCluster, extra_mib: u64, report: &mut Report) -> Result<()> {
     c.berth_ok(&["launch", "debian/12", "tp1", "--target", "n1"])?;
     let (code, _, err) = c.exec(
         "tp1",
@@ -125,16 +145,31 @@ fn copy_throughput(c: &DevCluster, extra_mib: u64) -> Result<Vec<String>> {
     }
     c.berth_ok(&["delete", "--force", "tp1", "tp1c"])?;
     let (b, r) = (mib_per_s(bytes, berth), mib_per_s(bytes, raw_time));
-    Ok(vec![format!(
+    report.copy = Some(serde_json::json!({
+        "stream_mib": bytes as f64 / (1 << 20) as f64,
+        "berth_seconds": berth.as_secs_f64(),
+        "raw_seconds": raw_time.as_secs_f64(),
+        "berth_mib_per_s": b,
+        "raw_mib_per_s": r,
+        "ratio": b / r,
+    }));
+    report.lines.push(format!(
         "cross-node copy of a stopped debian/12 with {extra_mib} MiB extra ({:.0} MiB stream): berth {:.2} s = {b:.0} MiB/s; raw btrfs send|receive {:.2} s = {r:.0} MiB/s; ratio {:.2}",
         bytes as f64 / (1 << 20) as f64,
         berth.as_secs_f64(),
         raw_time.as_secs_f64(),
         b / r
-    )])
+    ));
+    Ok(())
 }
 
-fn downtime(c: &DevCluster, image: &str, name: &str, moves: usize) -> Result<String> {
+fn downtime(
+    c: &DevCluster,
+    image: &str,
+    name: &str,
+    moves: usize,
+    report: &mut Report,
+) -> Result<()> {
     c.berth_ok(&["launch", image, name, "--target", "n1"])?;
     if image.starts_with("debian") {
         wait_for("systemd running", Duration::from_secs(120), || {
@@ -158,12 +193,17 @@ fn downtime(c: &DevCluster, image: &str, name: &str, moves: usize) -> Result<Str
         }
     }
     c.berth_ok(&["delete", "--force", name])?;
+    report.downtime.push(serde_json::json!({
+        "image": image,
+        "samples_ms": samples.clone(),
+    }));
     samples.sort_unstable();
     let median = samples.get(samples.len() / 2).copied().unwrap_or_default();
-    Ok(format!(
+    report.lines.push(format!(
         "live move downtime of an idle {image} instance ({} moves): median {median} ms, min {} ms, max {} ms",
         samples.len(),
         samples.first().copied().unwrap_or_default(),
         samples.last().copied().unwrap_or_default()
-    ))
+    ));
+    Ok(())
 }
