@@ -193,12 +193,38 @@ pub fn run(opts: Options) -> Result<u8> {
             ("busybox", "berth-busybox"),
             ("debian/12", "berth-debian12"),
         ] {
-            if let Err(e) = system::ensure_lxd_image(&berth, l, image, alias) {
-                let why = format!("importing Berth's {image} into LXD failed: {e:#}");
-                eprintln!("LXD: {why}; measuring Berth only");
-                lxd_missing = Some(format!("failed: {}", report::shorten(&why, 80)));
-                sides.truncate(1);
+            match system::ensure_lxd_image(&berth, l, image, alias) {
+                Ok(fp) => {
+                    machine["images"][alias] = serde_json::json!({
+                        "berth_image": image,
+                        "berth_fingerprint": berth.image_fingerprint(image),
+                        "lxd_fingerprint": fp,
+                    });
+                }
+                Err(e) => {
+                    let why = format!("importing Berth's {image} into LXD failed: {e:#}");
+                    eprintln!("LXD: {why}; measuring Berth only");
+                    lxd_missing = Some(format!("failed: {}", report::shorten(&why, 80)));
+                    sides.truncate(1);
+                    break;
+                }
+            }
+        }
+    }
+
+    // Warm-up: LXD unpacks an image into a volume of its pool on its first use; neither side
+    // should pay such one-time costs inside a measurement.
+    for side in &sides {
+        for image in [&side.busybox, &side.debian] {
+            if interrupted() {
                 break;
+            }
+            let name = "bench-warmup-0";
+            if let Err(e) = side.timed(&["launch", image, name]) {
+                eprintln!("{}: warm-up launch of {image}: {e:#}", side.kind.name());
+            }
+            for e in side.force_delete(&[name.to_string()], 1, true) {
+                eprintln!("{}: {e}", side.kind.name());
             }
         }
     }
@@ -322,6 +348,7 @@ fn machine_facts(berth: &Side, lxd: Option<&Side>) -> serde_json::Value {
         "lxd_version": lxd.map(Side::server_version),
         "date": host::utc_now("%Y-%m-%dT%H:%M:%SZ"),
         "loadavg_start": host::loadavg(),
+        "images": {},
     })
 }
 

@@ -70,6 +70,14 @@ impl Unit {
         }
     }
 
+    /// The label as a suffix of a figure (" ms"; nothing for counts and ratios).
+    fn suffix(self) -> String {
+        match self {
+            Unit::Count | Unit::Ratio => String::new(),
+            u => format!(" {}", u.label()),
+        }
+    }
+
     /// Formats one figure in this unit (no unit label).
     pub fn format(self, v: f64) -> String {
         match self {
@@ -101,12 +109,8 @@ impl Target {
         match self {
             Target::None => "—".into(),
             Target::RatioAtMost(r) => format!("ratio ≤ {r}"),
-            Target::BerthAtMost(v) => format!("≤ {} {}", unit.format(v), unit.label())
-                .trim_end()
-                .to_string(),
-            Target::BerthAtLeast(v) => format!("≥ {} {}", unit.format(v), unit.label())
-                .trim_end()
-                .to_string(),
+            Target::BerthAtMost(v) => format!("≤ {}{}", unit.format(v), unit.suffix()),
+            Target::BerthAtLeast(v) => format!("≥ {}{}", unit.format(v), unit.suffix()),
         }
     }
 
@@ -341,6 +345,7 @@ mod tests {
         assert_eq!(Target::RatioAtMost(0.25).describe(Unit::Ms), "ratio ≤ 0.25");
         assert_eq!(Target::BerthAtMost(50.0).describe(Unit::Ms), "≤ 50 ms");
         assert_eq!(Target::BerthAtLeast(1000.0).describe(Unit::Count), "≥ 1000");
+        assert_eq!(Target::BerthAtLeast(0.98).describe(Unit::Ratio), "≥ 0.98");
     }
 
     #[test]

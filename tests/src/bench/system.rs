@@ -401,24 +401,36 @@ pub fn ensure_berth_image(berth: &Side, image: &str) -> Result<String> {
         .with_context(|| format!("berth image info {image} shows no fingerprint after the build"))
 }
 
-/// Makes LXD's `alias` point at the very image Berth holds as `image` (same fingerprint):
-/// exported from Berth and imported into LXD, unless LXD has it already.
-pub fn ensure_lxd_image(berth: &Side, lxd: &Side, image: &str, alias: &str) -> Result<()> {
+/// The LXD image property that records which Berth image an LXD image was exported from.
+const ORIGIN_PROPERTY: &str = "berth.fingerprint";
+
+/// Makes LXD's `alias` hold the very image Berth holds as `image`: exported from Berth (a
+/// unified tarball) and imported into LXD, unless LXD has it already. LXD fingerprints the
+/// tarball, which for an image Berth built differs from Berth's own fingerprint, so the
+/// import records Berth's in the image property `berth.fingerprint`, which later runs check.
+/// Returns LXD's fingerprint.
+pub fn ensure_lxd_image(berth: &Side, lxd: &Side, image: &str, alias: &str) -> Result<String> {
     let fp = ensure_berth_image(berth, image)?;
-    if lxd.image_fingerprint(alias).as_deref() == Some(fp.as_str()) {
-        return Ok(());
-    }
     let t = Duration::from_secs(600);
-    if lxd.image_fingerprint(alias).is_some() {
+    let origin = |lxd_image: &str| {
+        lxd.run_with(
+            &["image", "get-property", lxd_image, ORIGIN_PROPERTY],
+            Duration::from_secs(60),
+            true,
+            false,
+        )
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| o.stdout.trim().to_string())
+    };
+    if let Some(have) = lxd.image_fingerprint(alias) {
+        if have == fp || origin(alias).as_deref() == Some(fp.as_str()) {
+            return Ok(have);
+        }
         // The alias points at another image: move it to ours.
         lxd.ok(&["image", "alias", "delete", alias], t)?;
     }
-    if lxd.image_fingerprint(&fp).is_some() {
-        // LXD holds these bytes already under another alias.
-        lxd.ok(&["image", "alias", "create", alias, &fp], t)?;
-        return Ok(());
-    }
-    eprintln!("LXD: importing Berth's {image} as {alias}");
+    eprintln!("LXD: importing Berth's {image} ({fp}) as {alias}");
     let dir = tempfile::Builder::new()
         .prefix("berth-bench-image")
         .tempdir_in("/var/tmp")
@@ -430,21 +442,36 @@ pub fn ensure_lxd_image(berth: &Side, lxd: &Side, image: &str, alias: &str) -> R
         .map(|e| e.path())
         .find(|p| p.is_file())
         .with_context(|| format!("berth image export {image} wrote no file"))?;
-    lxd.ok(
-        &[
-            "image",
-            "import",
-            &file.display().to_string(),
-            "--alias",
-            alias,
-        ],
+    let file_s = file.display().to_string();
+    let sum = run_bounded(
+        {
+            let mut c = Command::new("sha256sum");
+            c.arg(&file);
+            c
+        },
+        "sha256sum",
         t,
+        true,
+        false,
     )?;
+    let lxd_fp = sum
+        .stdout
+        .split_whitespace()
+        .next()
+        .map(str::to_string)
+        .with_context(|| format!("sha256sum printed nothing for {file_s}"))?;
+    if lxd.image_fingerprint(&lxd_fp).is_some() {
+        // LXD holds these very bytes already, under another alias or none.
+        lxd.ok(&["image", "alias", "create", alias, &lxd_fp], t)?;
+    } else {
+        lxd.ok(&["image", "import", &file_s, "--alias", alias], t)?;
+    }
+    lxd.ok(&["image", "set-property", alias, ORIGIN_PROPERTY, &fp], t)?;
     match lxd.image_fingerprint(alias) {
-        Some(got) if got == fp => Ok(()),
-        Some(got) => bail!(
-            "LXD gave the imported {image} the fingerprint {got}, Berth has {fp}: the images differ"
-        ),
+        Some(got) if got == lxd_fp => Ok(got),
+        Some(got) => {
+            bail!("LXD gave the imported {image} the fingerprint {got}, not the tarball's {lxd_fp}")
+        }
         None => bail!("LXD has no image {alias} after importing it"),
     }
 }
