@@ -36,7 +36,8 @@
 #   BERTH_DEV_NET         first three octets of the test /24 (default 10.99.0): host .1,
 #                         controllers .11 .12 ..., agents .21 .22 ...
 #   BERTH_DEV_INSTANCE_NET first two octets of the agents' instance subnets (default 10.100):
-#                         n1 gets 10.100.1.0/24, n2 10.100.2.0/24, ...
+#                         a /22 each (1021 addresses, room for 1000 instances): n1 gets
+#                         10.100.4.0/22, n2 10.100.8.0/22, ... n9 10.100.36.0/22
 #   BERTH_DEV_CONTROLLERS number of controllers (default 3, at most 9)
 #   BERTH_DEV_NODES       number of agents (default 3, at most 9)
 #   BERTH_DEV_NFT_TABLE   host nft table for the test network's NAT (default berthdev)
@@ -126,6 +127,8 @@ addr_of() { if is_controller "$1"; then echo "$NET.1$(index_of "$1")"; else echo
 ns_of() { echo "$PREFIX$1"; }
 veth_of() { echo "bd-$PREFIX$1"; }
 api_of() { echo "$(addr_of "$1"):$API_PORT"; }
+# The first three octets of agent $1's instance /22 (n1: $INET.4, n2: $INET.8, ...).
+instance_net_of() { echo "$INET.$(($(index_of "$1") * 4))"; }
 
 find_bin() {
   local d
@@ -320,7 +323,7 @@ EOF
   done
   # Instances on different agents reach each other through the host.
   for m in "${NODES[@]}"; do
-    ip route replace "$INET.$(index_of "$m").0/24" via "$(addr_of "$m")" dev "$BRIDGE"
+    ip route replace "$(instance_net_of "$m").0/22" via "$(addr_of "$m")" dev "$BRIDGE"
   done
 }
 
@@ -374,7 +377,7 @@ mount = "$BASE/$m/pool"
 
 [network]
 bridge = "berthbr0"
-ipv4_cidr = "$INET.$i.1/24"
+ipv4_cidr = "$(instance_net_of "$m").1/22"
 nat = true
 
 [images]

@@ -33,7 +33,7 @@ pub enum NetworkError {
     #[error("invalid network setting {what}: {value:?}")]
     Invalid { what: &'static str, value: String },
     #[error(
-        "no free /24 in 10.0.0.0/8 for the bridge: every candidate collides with a host route or address"
+        "no free /22 in 10.0.0.0/8 for the bridge: every candidate collides with a host route or address"
     )]
     NoFreeSubnet,
     #[error("network i/o on {path}: {source}")]
@@ -51,8 +51,9 @@ pub enum NetworkError {
 pub struct NetworkConfig {
     /// Bridge name (default `berthbr0`).
     pub bridge: String,
-    /// The bridge's address with prefix, e.g. `10.87.3.1/24`; `None` picks a free /24 once and
-    /// remembers it in the state directory.
+    /// The bridge's address with prefix, e.g. `10.87.4.1/22`; `None` picks a free /22 once and
+    /// remembers it in the state directory (a node that picked a /24 before keeps it: set this
+    /// to a wider subnet holding the old one to widen it).
     pub ipv4_cidr: Option<String>,
     /// Masquerade traffic from the bridge's subnet leaving through other interfaces.
     pub nat: bool,
@@ -741,8 +742,9 @@ fn remembered_or_pick(bridge: &str, state_dir: &Path) -> Result<(Ipv4Addr, u8), 
             ])?));
             let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
             let seed = format!("{}/{}", host.trim(), bridge);
-            let net = subnet::pick_free_24(&seed, &used).ok_or(NetworkError::NoFreeSubnet)?;
-            (net.nth_host(1), 24)
+            let net = subnet::pick_free_subnet(&seed, &used, subnet::DEFAULT_PREFIX)
+                .ok_or(NetworkError::NoFreeSubnet)?;
+            (net.nth_host(1), net.prefix)
         }
     };
     std::fs::create_dir_all(state_dir).map_err(|source| NetworkError::Io {

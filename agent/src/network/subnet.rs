@@ -1,4 +1,4 @@
-//! IPv4 subnet arithmetic and the choice of a free /24 for the bridge.
+//! IPv4 subnet arithmetic and the choice of a free subnet (a /22 by default) for the bridge.
 
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -56,22 +56,34 @@ impl fmt::Display for Ipv4Net {
     }
 }
 
-/// Picks a /24 in 10.0.0.0/8 overlapping none of `used`. The first candidate derives from a hash
-/// of `seed` (so one host tends to get the same subnet), then the search walks on from there.
-pub fn pick_free_24(seed: &str, used: &[(Ipv4Addr, u8)]) -> Option<Ipv4Net> {
+/// The prefix length of a bridge subnet picked for a new node: a /22 gives 1021 instance
+/// addresses (a /24's 253 would stop a node short of 1000 idle instances).
+pub const DEFAULT_PREFIX: u8 = 22;
+
+/// Picks a subnet of `prefix` bits (8 to 30) in 10.0.0.0/8 overlapping none of `used`. The
+/// first candidate derives from a hash of `seed` (so one host tends to get the same subnet),
+/// then the search walks on from there over the aligned candidates.
+pub fn pick_free_subnet(seed: &str, used: &[(Ipv4Addr, u8)], prefix: u8) -> Option<Ipv4Net> {
+    if !(8..=30).contains(&prefix) {
+        return None;
+    }
     let used: Vec<Ipv4Net> = used
         .iter()
         .map(|(a, p)| Ipv4Net::new(*a, *p))
         // A default route (0.0.0.0/0) overlaps everything; it does not make a subnet busy.
         .filter(|n| n.prefix > 0)
         .collect();
+    // Candidates are numbered by the bits between the /8 and the prefix.
+    let bits = u32::from(prefix) - 8;
+    let count = 1u32 << bits;
     let d = Sha256::digest(seed.as_bytes());
-    let start = u32::from(u16::from_be_bytes([d[0], d[1]]));
-    (0..=u32::from(u16::MAX))
-        .map(|i| (start + i) & 0xffff)
-        // Skip 10.0.x.0 and 10.255.x.0: often used by other tooling.
-        .filter(|i| (i >> 8) != 0 && (i >> 8) != 255)
-        .map(|i| Ipv4Net::new(Ipv4Addr::new(10, (i >> 8) as u8, (i & 0xff) as u8, 0), 24))
+    let start = u32::from_be_bytes([0, d[0], d[1], d[2]]) & (count - 1);
+    (0..count)
+        .map(|i| (start + i) & (count - 1))
+        .map(|i| Ipv4Addr::from((10u32 << 24) | (i << (32 - u32::from(prefix)))))
+        // Skip 10.0.x.x and 10.255.x.x: often used by other tooling.
+        .filter(|a| a.octets()[1] != 0 && a.octets()[1] != 255)
+        .map(|a| Ipv4Net::new(a, prefix))
         .find(|cand| !used.iter().any(|u| u.overlaps(cand)))
 }
 
@@ -142,18 +154,41 @@ mod tests {
 
     #[test]
     fn picks_deterministic_free_subnet() {
-        let first = pick_free_24("host/berthbr0", &[]).unwrap();
-        assert_eq!(first, pick_free_24("host/berthbr0", &[]).unwrap());
+        let first = pick_free_subnet("host/berthbr0", &[], 24).unwrap();
+        assert_eq!(first, pick_free_subnet("host/berthbr0", &[], 24).unwrap());
+        assert_eq!(first.addr.octets()[3], 0);
         // Occupy it: the next pick differs and avoids it.
         let used = [
             (first.addr, 24),
             ("192.0.2.2".parse().unwrap(), 24),
             ("0.0.0.0".parse().unwrap(), 0),
         ];
-        let second = pick_free_24("host/berthbr0", &used).unwrap();
+        let second = pick_free_subnet("host/berthbr0", &used, 24).unwrap();
         assert_ne!(first, second);
         // A /8 covering everything leaves nothing.
-        assert!(pick_free_24("x", &[("10.0.0.0".parse().unwrap(), 8)]).is_none());
+        assert!(pick_free_subnet("x", &[("10.0.0.0".parse().unwrap(), 8)], 24).is_none());
+    }
+
+    #[test]
+    fn default_subnet_is_an_aligned_22_clear_of_used_ones() {
+        let first = pick_free_subnet("host/berthbr0", &[], DEFAULT_PREFIX).unwrap();
+        assert_eq!(first.prefix, 22);
+        assert_eq!(first, first.network(), "aligned on a /22 boundary");
+        let second1 = first.addr.octets()[1];
+        assert!(second1 != 0 && second1 != 255);
+        // A /24 inside the first candidate makes it busy.
+        let inside = first.nth_host(2 * 256 + 5);
+        let next = pick_free_subnet("host/berthbr0", &[(inside, 24)], DEFAULT_PREFIX).unwrap();
+        assert_ne!(next, first);
+        assert!(!next.overlaps(&Ipv4Net::new(inside, 24)));
+        // 1021 host addresses: the first is .1 of the block, the broadcast is 3 /24s further.
+        assert_eq!(
+            u32::from(first.nth_host(1023)) - u32::from(first.nth_host(1)),
+            1022
+        );
+        // Prefixes outside 8..=30 pick nothing.
+        assert!(pick_free_subnet("x", &[], 31).is_none());
+        assert!(pick_free_subnet("x", &[], 7).is_none());
     }
 
     #[test]
