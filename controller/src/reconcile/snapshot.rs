@@ -23,8 +23,9 @@ use crate::state::{Action, DesiredState, Instance, Node, PendingAction};
 /// operations; on the dir driver they copy the filesystem, which takes longer).
 const SNAPSHOT_CALL: Duration = Duration::from_secs(300);
 
-/// The clean stop timeout before a restore when `boot.stop.timeout` is not set.
-const DEFAULT_STOP_TIMEOUT: u32 = 30;
+/// Deadline of the forced stop before a restore (the agent kills init, then waits up to 15 s
+/// for the instance's monitor to clean up).
+const FORCED_STOP_CALL: Duration = Duration::from_secs(60);
 
 /// The outcome of a failed agent call: passing failures are retried.
 fn failed(e: &tonic::Status, what: &str) -> Outcome {
@@ -120,8 +121,8 @@ async fn rename(client: &mut AgentConn, name: &str, from: &str, to: &str) -> Out
     failed(&e, &format!("could not rename snapshot {from:?} to {to:?}"))
 }
 
-/// Stops the instance if it runs, puts its root filesystem back to `snapshot`, and starts it
-/// again when the user wants it running.
+/// Stops the instance if it runs (forced: its disk state is replaced anyway), puts its root
+/// filesystem back to `snapshot`, and starts it again when the user wants it running.
 async fn restore(
     state: &Arc<AppState>,
     inst: &Instance,
@@ -140,19 +141,17 @@ async fn restore(
         Err(e) => return failed(&e, "could not read the instance's state"),
     };
     if now.state == v1::InstanceState::Running as i32 {
-        let timeout_secs = config
-            .get("boot.stop.timeout")
-            .and_then(|v| v.trim().parse::<u32>().ok())
-            .unwrap_or(DEFAULT_STOP_TIMEOUT);
+        // Killed, not shut down cleanly (as LXD does): the restore throws the disk's state
+        // away, so a clean shutdown would only make the restore wait for it.
         info!(node = %node.name, snapshot, "stopping the instance to restore it");
         if let Err(e) = client
             .stop_instance(call(
                 v1::StopInstanceRequest {
                     name: name.clone(),
-                    force: false,
-                    timeout_secs,
+                    force: true,
+                    timeout_secs: 0,
                 },
-                Duration::from_secs(u64::from(timeout_secs) + 60),
+                FORCED_STOP_CALL,
             ))
             .await
         {
