@@ -401,11 +401,12 @@ impl Engine {
             }
             // The previous boot's monitor is still tearing down: let it finish.
             let deadline = Instant::now() + Duration::from_secs(30);
+            let exited = crate::runtime::ExitWatch::new(m);
             while m.alive() {
                 if Instant::now() > deadline {
                     return Err(EngineError::Busy(format!("{name} is still shutting down")));
                 }
-                tokio::time::sleep(Duration::from_millis(25)).await;
+                exited.wait(Duration::from_millis(25)).await;
             }
         }
         if !rec.privileged() && rec.idmap_base == 0 {
@@ -481,7 +482,9 @@ impl Engine {
                     self.inner.cfg.start_timeout
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+            // The monitor writes the state file within milliseconds of init's start: look
+            // often (a small file read), so that the start is not held up by the interval.
+            tokio::time::sleep(START_POLL).await;
         }
     }
 
@@ -543,10 +546,13 @@ impl Engine {
                 libc::SIGPWR
             }
         };
-        let timeout = if force { Duration::ZERO } else { timeout };
-        let mut deadline = Instant::now() + timeout;
+        // Once init is killed, the monitor gets this long to notice and clean up.
+        const KILL_WAIT: Duration = Duration::from_secs(15);
+        let mut deadline = Instant::now() + if force { KILL_WAIT } else { timeout };
         let mut killing = force;
         let mut signalled: Option<crate::runtime::ProcId> = None;
+        // Wakes the loop the moment the monitor exits instead of at its next poll.
+        let exited = crate::runtime::ExitWatch::new(monitor);
         loop {
             if !monitor.alive() {
                 break;
@@ -568,7 +574,7 @@ impl Engine {
                     tracing::info!(instance = name, "clean stop timed out; killing init");
                     killing = true;
                     signalled = None;
-                    deadline = Instant::now() + Duration::from_secs(15);
+                    deadline = Instant::now() + KILL_WAIT;
                     continue;
                 }
                 // The monitor is stuck: kill it and clean up here.
@@ -579,7 +585,7 @@ impl Engine {
                 blocking(move || inner.cleanup_leftovers(&n)).await?;
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+            exited.wait(Duration::from_millis(25)).await;
         }
         let _ = std::fs::remove_file(dir.stop_requested_path());
         // The monitor cleans up; make sure nothing is left if it died mid-way.
@@ -1538,6 +1544,9 @@ fn tail(path: &Path, max: usize) -> String {
     String::from_utf8_lossy(&data[start..]).trim().to_string()
 }
 
+/// How often a start looks at the instance's state file, and for systemd's control socket.
+const START_POLL: Duration = Duration::from_millis(5);
+
 /// How long a start waits for systemd to accept commands.
 const SYSTEMD_READY_WAIT: Duration = Duration::from_secs(10);
 
@@ -1562,7 +1571,7 @@ async fn wait_init_ready(name: &str, pid: i32) {
         if !Path::new(&format!("/proc/{pid}")).exists() {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(START_POLL).await;
     }
     tracing::warn!(instance = %name, "systemd did not open its control socket within {SYSTEMD_READY_WAIT:?}");
 }

@@ -197,6 +197,34 @@ impl ProcId {
     }
 }
 
+/// Waits for a process to exit without polling for it: a pidfd, readable once the process is
+/// gone (any process, not only a child: monitors are daemonized).
+pub struct ExitWatch(Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>);
+
+impl ExitWatch {
+    /// Watches `process`. Without a pidfd (the process is gone or its pid was reused already)
+    /// [`ExitWatch::wait`] just sleeps, so callers keep checking [`ProcId::alive`].
+    /// Must be called within a tokio runtime.
+    pub fn new(process: ProcId) -> ExitWatch {
+        let fd = crate::sys::process::pidfd(process.pid)
+            .ok()
+            // The pid may have been reused between reading it and opening the pidfd.
+            .filter(|_| process.alive())
+            .and_then(|fd| crate::sys::process::async_pidfd(fd).ok());
+        ExitWatch(fd)
+    }
+
+    /// Returns once the process has exited, or after `max`, whichever comes first.
+    pub async fn wait(&self, max: std::time::Duration) {
+        match &self.0 {
+            Some(fd) => {
+                let _ = tokio::time::timeout(max, fd.readable()).await;
+            }
+            None => tokio::time::sleep(max).await,
+        }
+    }
+}
+
 /// (state char, start time) from /proc/<pid>/stat.
 fn proc_stat(pid: i32) -> Option<(char, u64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

@@ -435,24 +435,39 @@ fn boot_inner<'a>(
     Ok(end)
 }
 
-/// Copies console output to the log until init exits; returns init's exit status.
+/// Copies console output to the log until init exits; returns init's exit status. Init's exit
+/// wakes the loop at once (a pidfd in the poll set), so a stop is not delayed by a poll interval.
 fn watch(dir: &InstanceDir, pid: i32, master: OwnedFd) -> std::io::Result<ExitStatus> {
     let mut log = ConsoleLog::open(dir.console_log_path());
     let mut master = std::fs::File::from(master);
     let mut buf = vec![0u8; 64 * 1024];
     let mut hup = false;
+    // Without a pidfd, exits are seen at the next poll timeout.
+    let exit_fd = crate::sys::process::pidfd(pid).ok();
     loop {
         if let Some(st) = wait_pid(pid, false)? {
             drain(&mut master, &mut buf, &mut log);
             return Ok(st);
         }
         if hup {
-            // Nobody has the console open: poll again later.
-            std::thread::sleep(Duration::from_millis(100));
+            // Nobody has the console open: wait for init's exit, and look again later.
             hup = false;
+            match &exit_fd {
+                Some(fd) => {
+                    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+                    match poll(&mut fds, PollTimeout::from(100u16)) {
+                        Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                None => std::thread::sleep(Duration::from_millis(100)),
+            }
             continue;
         }
-        let mut fds = [PollFd::new(master.as_fd(), PollFlags::POLLIN)];
+        let mut fds = vec![PollFd::new(master.as_fd(), PollFlags::POLLIN)];
+        if let Some(fd) = &exit_fd {
+            fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+        }
         match poll(&mut fds, PollTimeout::from(200u16)) {
             Ok(0) => continue,
             Ok(_) => {
@@ -465,9 +480,10 @@ fn watch(dir: &InstanceDir, pid: i32, master: OwnedFd) -> std::io::Result<ExitSt
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                         Err(_) => hup = true,
                     }
-                } else {
+                } else if !re.is_empty() {
                     hup = true;
                 }
+                // Otherwise init exited: the next turn reaps it.
             }
             Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(e.into()),

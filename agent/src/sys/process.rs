@@ -43,6 +43,28 @@ pub fn clone_fork(flags: libc::c_int) -> io::Result<libc::pid_t> {
     Ok(rc as libc::pid_t)
 }
 
+/// A pidfd for `pid` (any process): it becomes readable when the process exits.
+pub fn pidfd(pid: libc::pid_t) -> io::Result<std::os::fd::OwnedFd> {
+    let pid = rustix::process::Pid::from_raw(pid)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
+    Ok(rustix::process::pidfd_open(
+        pid,
+        rustix::process::PidfdFlags::empty(),
+    )?)
+}
+
+/// Registers a pidfd with the current tokio runtime, to await the process's exit
+/// (`readable()`). Must be called within a tokio runtime.
+pub fn async_pidfd(
+    fd: std::os::fd::OwnedFd,
+) -> io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    // SAFETY: the `OwnedFd` is open and owned by the `AsyncFd` from here on, so it stays open
+    // and refers to the same pidfd until the `AsyncFd` is dropped; `as_raw_fd` of an
+    // `OwnedFd` always returns that one descriptor.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| io::Error::other(e.to_string()))
+}
+
 /// How a child ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitStatus {
