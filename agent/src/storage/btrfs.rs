@@ -154,10 +154,24 @@ impl BtrfsDriver {
         if fs::symlink_metadata(path).is_err() {
             return Ok(());
         }
+        let quotas = self.quotas_enabled();
+        // Most subvolumes hold no others: one ioctl deletes them (the kernel refuses with
+        // ENOTEMPTY when some are nested; then they are found and deleted deepest first).
+        let id = if quotas {
+            crate::sys::btrfs::subvolume_id(path).ok()
+        } else {
+            None
+        };
+        match crate::sys::btrfs::delete_subvolume(path) {
+            Ok(()) => return self.destroy_qgroups(&id.into_iter().collect::<Vec<_>>()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {}
+            Err(e) => {
+                tracing::debug!(subvolume = %path.display(), "deleting by ioctl failed, trying btrfs: {e}")
+            }
+        }
         let mut nested = nested_subvolumes(path)?;
         // Deepest first.
         nested.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-        let quotas = self.quotas_enabled();
         let mut ids = Vec::new();
         for sub in nested.iter().chain(std::iter::once(&path.to_path_buf())) {
             if quotas {
@@ -182,13 +196,15 @@ impl BtrfsDriver {
 
     /// Snapshots subvolume `src` at `dst` (read-only with `readonly`).
     fn snapshot_subvolume(src: &Path, dst: &Path, readonly: bool) -> Result<(), StorageError> {
-        let mut cmd = Command::new("btrfs");
-        cmd.args(["subvolume", "snapshot"]);
-        if readonly {
-            cmd.arg("-r");
-        }
-        run(cmd.arg(src).arg(dst))?;
-        Ok(())
+        crate::sys::btrfs::snapshot(src, dst, readonly).map_err(|e| StorageError::Command {
+            op: format!(
+                "btrfs subvolume snapshot{} {} {}",
+                if readonly { " -r" } else { "" },
+                src.display(),
+                dst.display()
+            ),
+            detail: e.to_string(),
+        })
     }
 
     /// Deletes the read-only bases transfers keep for `instance` (`bases/<instance>/`, see
@@ -448,11 +464,8 @@ impl StorageDriver for BtrfsDriver {
         fingerprint: &str,
     ) -> Result<PathBuf, StorageError> {
         let (src, dst) = self.pool.new_instance_paths(name, fingerprint)?;
-        // A snapshot of a read-only subvolume is writable unless `-r` is given.
-        run(Command::new("btrfs")
-            .args(["subvolume", "snapshot"])
-            .arg(&src)
-            .arg(&dst))?;
+        // A snapshot of a read-only subvolume is writable unless asked read-only.
+        Self::snapshot_subvolume(&src, &dst, false)?;
         Ok(dst)
     }
 

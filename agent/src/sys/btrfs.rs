@@ -1,5 +1,6 @@
 //! btrfs ioctls the storage driver needs on hot paths (where running `btrfs` would cost a
-//! process per call): the filesystem id and the id of the subvolume holding a path.
+//! process per call): the filesystem id, the id of the subvolume holding a path, taking a
+//! snapshot and deleting a subvolume (the same ioctls `btrfs subvolume snapshot|delete` make).
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -34,6 +35,26 @@ struct InoLookupArgs {
     name: [u8; 4080],
 }
 
+/// `struct btrfs_ioctl_vol_args` (linux/btrfs.h), 4096 bytes.
+#[repr(C)]
+struct VolArgs {
+    fd: i64,
+    name: [u8; 4088],
+}
+
+/// `struct btrfs_ioctl_vol_args_v2` (linux/btrfs.h), 4096 bytes; the qgroup-inherit union is
+/// left zeroed (no inheritance), and the name union is used as `name`.
+#[repr(C)]
+struct VolArgsV2 {
+    fd: i64,
+    transid: u64,
+    flags: u64,
+    unused: [u64; 4],
+    name: [u8; 4040],
+}
+
+const _: () = assert!(std::mem::size_of::<VolArgs>() == 4096);
+const _: () = assert!(std::mem::size_of::<VolArgsV2>() == 4096);
 const _: () = assert!(std::mem::size_of::<FsInfoArgs>() == 1024);
 const _: () = assert!(std::mem::size_of::<InoLookupArgs>() == 4096);
 
@@ -41,8 +62,12 @@ const _: () = assert!(std::mem::size_of::<InoLookupArgs>() == 4096);
 const BTRFS_IOCTL_MAGIC: u8 = 0x94;
 /// The first inode number of every btrfs tree (a subvolume's root directory).
 const BTRFS_FIRST_FREE_OBJECTID: u64 = 256;
+/// `BTRFS_SUBVOL_RDONLY`: the new snapshot is read-only.
+const BTRFS_SUBVOL_RDONLY: u64 = 1 << 1;
 
 nix::ioctl_read!(ioc_fs_info, BTRFS_IOCTL_MAGIC, 31, FsInfoArgs);
+nix::ioctl_write_ptr!(ioc_snap_destroy, BTRFS_IOCTL_MAGIC, 15, VolArgs);
+nix::ioctl_write_ptr!(ioc_snap_create_v2, BTRFS_IOCTL_MAGIC, 23, VolArgsV2);
 nix::ioctl_readwrite!(ioc_ino_lookup, BTRFS_IOCTL_MAGIC, 18, InoLookupArgs);
 
 fn open_dir(path: &Path) -> io::Result<OwnedFd> {
@@ -102,4 +127,63 @@ pub fn subvolume_id(path: &Path) -> io::Result<u64> {
     // an empty `name`, within the struct.
     unsafe { ioc_ino_lookup(fd.as_raw_fd(), &mut args) }.map_err(io::Error::from)?;
     Ok(args.treeid)
+}
+
+/// The parent directory (opened) and the file name of `path`, checked to fit `max` bytes
+/// (the kernel wants a NUL after it).
+fn parent_and_name(path: &Path, max: usize) -> io::Result<(OwnedFd, Vec<u8>)> {
+    use std::os::unix::ffi::OsStrExt;
+    let invalid = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what}: {}", path.display()),
+        )
+    };
+    let name = path.file_name().ok_or_else(|| invalid("no file name"))?;
+    let name = name.as_bytes();
+    if name.is_empty() || name.len() >= max || name.contains(&0) {
+        return Err(invalid("unusable subvolume name"));
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    Ok((open_dir(parent)?, name.to_vec()))
+}
+
+/// Snapshots subvolume `src` as the new subvolume `dst` (whose parent directory exists),
+/// read-only with `readonly`: `btrfs subvolume snapshot [-r] src dst`.
+pub fn snapshot(src: &Path, dst: &Path, readonly: bool) -> io::Result<()> {
+    let source = open_dir(src)?;
+    let (parent, name) = parent_and_name(dst, 4040)?;
+    let mut args = VolArgsV2 {
+        fd: i64::from(source.as_raw_fd()),
+        transid: 0,
+        flags: if readonly { BTRFS_SUBVOL_RDONLY } else { 0 },
+        unused: [0; 4],
+        name: [0; 4040],
+    };
+    args.name[..name.len()].copy_from_slice(&name);
+    // SAFETY: `parent` and `source` are open directories for the duration of the call, and
+    // `args` is a live `struct btrfs_ioctl_vol_args_v2` of the size the request code encodes,
+    // with a NUL-terminated name (checked shorter than the field) and no qgroup inheritance
+    // (flags carry only BTRFS_SUBVOL_RDONLY), so the kernel reads nothing beyond it.
+    unsafe { ioc_snap_create_v2(parent.as_raw_fd(), &args) }.map_err(io::Error::from)?;
+    Ok(())
+}
+
+/// Deletes subvolume `path`: `btrfs subvolume delete path` (without waiting for the commit).
+/// Fails with `ENOTEMPTY` when subvolumes are nested in it.
+pub fn delete_subvolume(path: &Path) -> io::Result<()> {
+    let (parent, name) = parent_and_name(path, 4088)?;
+    let mut args = VolArgs {
+        fd: 0,
+        name: [0; 4088],
+    };
+    args.name[..name.len()].copy_from_slice(&name);
+    // SAFETY: `parent` is an open directory for the duration of the call, and `args` is a
+    // live `struct btrfs_ioctl_vol_args` of the size the request code encodes, with a
+    // NUL-terminated name (checked shorter than the field); the kernel only reads it.
+    unsafe { ioc_snap_destroy(parent.as_raw_fd(), &args) }.map_err(io::Error::from)?;
+    Ok(())
 }
