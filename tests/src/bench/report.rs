@@ -176,7 +176,7 @@ impl Outcome {
                 Some(m) if errors.is_empty() => unit.format(m),
                 Some(m) => format!("{} ({} failed)", unit.format(m), errors.len()),
                 None => match errors.first() {
-                    Some(e) => format!("failed: {}", shorten(e, 60)),
+                    Some(e) => format!("failed: {}", shorten(e, 40)),
                     None => "—".into(),
                 },
             },

@@ -785,6 +785,18 @@ pub fn density(side: &Side, opts: &DensityOpts, res: &mut Results) {
         }
         checkpoints.push(serde_json::Value::Object(cp));
     }
+    if opts.list {
+        for &c in LIST_CHECKPOINTS.iter().filter(|c| stops.contains(c)) {
+            if c > launched.len() {
+                let why = stopped.clone().unwrap_or_else(|| "not reached".into());
+                res.record(
+                    &format!("list@{c}"),
+                    kind,
+                    Err(format!("only {} instances ran: {why}", launched.len())),
+                );
+            }
+        }
+    }
     if opts.density {
         res.record("density-max", kind, Ok(vec![launched.len() as f64]));
         for &n in &opts.sizes {
@@ -818,6 +830,25 @@ pub fn density(side: &Side, opts: &DensityOpts, res: &mut Results) {
     let errors = side.force_delete(&all, opts.parallel, true);
     for e in errors.iter().take(3) {
         eprintln!("  {}: {e}", kind.name());
+    }
+    if !errors.is_empty() {
+        res.detail(format!(
+            "{} density: {} of the parallel delete commands failed (first: {}); the instances left were deleted again one by one",
+            kind.name(),
+            errors.len(),
+            shorten(&errors[0], 200)
+        ));
+        let left: Vec<String> = side
+            .list_states("bench-density-", true)
+            .map(|l| l.into_iter().map(|(n, _)| n).collect())
+            .unwrap_or_default();
+        for e in side.force_delete(&left, 1, true) {
+            res.detail(format!(
+                "{} density: deleting again: {}",
+                kind.name(),
+                shorten(&e, 200)
+            ));
+        }
     }
     json.insert("delete_seconds".into(), t0.elapsed().as_secs_f64().into());
     let key = format!("density_{}", kind.key());

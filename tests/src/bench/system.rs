@@ -225,8 +225,15 @@ impl Side {
             self.kind.name(),
             names.len()
         );
-        let errors = self.force_delete(&names, 4, true);
-        let left = self.list_states(PREFIX, true)?;
+        let mut errors = self.force_delete(&names, 4, true);
+        let mut left = self.list_states(PREFIX, true)?;
+        if !left.is_empty() {
+            // A delete that failed half-way (or raced another) usually goes through the
+            // second time; one at a time now.
+            let again: Vec<String> = left.iter().map(|(n, _)| n.clone()).collect();
+            errors.extend(self.force_delete(&again, 1, true));
+            left = self.list_states(PREFIX, true)?;
+        }
         if !left.is_empty() {
             bail!(
                 "{} bench-* instance(s) are left on {} after deleting them: {}",
