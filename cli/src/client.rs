@@ -30,8 +30,11 @@ use crate::config::Target;
 /// A request body: in memory or streamed from disk.
 pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
-/// The websocket of an exec operation.
-pub type WebSocket = tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>>;
+/// A websocket (an exec operation's, the event stream): upgraded from an HTTP/1.1 request.
+pub type WebSocket = tokio_tungstenite::WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// The sending half of one HTTP/1.1 connection.
+type Sender = hyper::client::conn::http1::SendRequest<Body>;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -729,19 +732,37 @@ impl Client {
         body: Body,
         head_timeout: Option<Duration>,
     ) -> Result<http::Response<Incoming>, ClientError> {
-        let path = &self.path_for(path);
-        let (stream, i) = self.connect().await?;
-        let ep = self.endpoint(i);
-        let http_err = |e: &dyn std::fmt::Display| ClientError::Http {
-            url: format!("{}{}", ep.url, path),
-            reason: e.to_string(),
-        };
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let (mut sender, i) = self.open().await?;
+        self.send_on(&mut sender, i, method, path, headers, body, head_timeout)
             .await
-            .map_err(|e| http_err(&e))?;
+    }
+
+    /// Connects (see [`Client::connect`]) and starts HTTP/1.1 on the connection; it can carry
+    /// several requests in turn, and be upgraded to a websocket.
+    async fn open(&self) -> Result<(Sender, usize), ClientError> {
+        let (stream, i) = self.connect().await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Http {
+                url: self.endpoint(i).url.clone(),
+                reason: e.to_string(),
+            })?;
         tokio::spawn(async move {
-            let _ = conn.await;
+            let _ = conn.with_upgrades().await;
         });
+        Ok((sender, i))
+    }
+
+    /// A request for `path` (already scoped) to address `i`, with the key and our headers.
+    fn request(
+        &self,
+        i: usize,
+        method: Method,
+        path: &str,
+        headers: HeaderMap,
+        body: Body,
+    ) -> Result<http::Request<Body>, ClientError> {
+        let ep = self.endpoint(i);
         let mut builder = http::Request::builder()
             .method(method)
             .uri(path)
@@ -754,7 +775,31 @@ impl Client {
         if let Some(h) = builder.headers_mut() {
             h.extend(headers);
         }
-        let req = builder.body(body).map_err(|e| http_err(&e))?;
+        builder.body(body).map_err(|e| ClientError::Http {
+            url: format!("{}{}", ep.url, path),
+            reason: e.to_string(),
+        })
+    }
+
+    /// [`Client::send`] on an open connection to address `i`.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_on(
+        &self,
+        sender: &mut Sender,
+        i: usize,
+        method: Method,
+        path: &str,
+        headers: HeaderMap,
+        body: Body,
+        head_timeout: Option<Duration>,
+    ) -> Result<http::Response<Incoming>, ClientError> {
+        let path = &self.path_for(path);
+        let ep = self.endpoint(i);
+        let http_err = |e: &dyn std::fmt::Display| ClientError::Http {
+            url: format!("{}{}", ep.url, path),
+            reason: e.to_string(),
+        };
+        let req = self.request(i, method, path, headers, body)?;
         let result = match head_timeout {
             None => sender.send_request(req).await.map_err(|e| http_err(&e)),
             Some(t) => match tokio::time::timeout(t, sender.send_request(req)).await {
@@ -825,27 +870,9 @@ impl Client {
         method: Method,
         path: &str,
         body: Option<&B>,
-        mut headers: HeaderMap,
+        headers: HeaderMap,
     ) -> Result<(Response, HeaderMap), ClientError> {
-        if !matches!(method, Method::GET | Method::HEAD)
-            && takes_idempotency_key(&method, path)
-            && !headers.contains_key(IDEMPOTENCY_KEY)
-            && let Ok(v) = HeaderValue::from_str(&idempotency_key())
-        {
-            headers.insert(IDEMPOTENCY_KEY, v);
-        }
-        let bytes = match body {
-            Some(b) => {
-                headers.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-                Some(Bytes::from(
-                    serde_json::to_vec(b).map_err(|e| ClientError::Decode(e.to_string()))?,
-                ))
-            }
-            None => None,
-        };
+        let (headers, bytes) = json_request(&method, path, body, headers)?;
         let read = matches!(method, Method::GET | Method::HEAD);
         let deadline = self.timeouts.for_path(path);
         let mut first_failure: Option<Instant> = None;
@@ -994,40 +1021,163 @@ impl Client {
 
     /// Opens a websocket at `path` (same TLS and bearer key as every request).
     pub async fn websocket(&self, path: &str) -> Result<WebSocket, ClientError> {
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let (mut sender, i) = self.open().await?;
+        self.upgrade(&mut sender, i, path).await
+    }
+
+    /// Sends a JSON request whose answer names a websocket (`exec`), then opens that websocket
+    /// (at the path `ws_path` makes of the answer) on the same connection: one TCP connection
+    /// and one TLS handshake instead of two. The request is sent once, as [`Client::call`]
+    /// would (with its retries when the server answers 503 with `Retry-After`); when the
+    /// server closes the connection after its answer, the websocket gets a new one.
+    pub async fn call_then_websocket<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        json: Option<&B>,
+        ws_path: impl FnOnce(&Response) -> Result<String, ClientError>,
+    ) -> Result<(Response, WebSocket), ClientError> {
+        let (headers, bytes) = json_request(&method, path, json, HeaderMap::new())?;
+        let deadline = self.timeouts.for_path(path);
+        let (mut sender, i) = self.open().await?;
+        let body = bytes.map(full_body).unwrap_or_else(empty_body);
+        let resp = self
+            .send_on(
+                &mut sender,
+                i,
+                method.clone(),
+                path,
+                headers.clone(),
+                body,
+                Some(deadline),
+            )
+            .await?;
+        let status = resp.status();
+        let retry_after = resp.headers().contains_key(header::RETRY_AFTER);
+        let answer = match tokio::time::timeout(deadline, self.read_body(resp)).await {
+            Ok(b) => parse_envelope(status, &b?),
+            Err(_) => Err(ClientError::Http {
+                url: format!("{}{}", self.endpoint(i).url, path),
+                reason: format!("the answer did not end within {} s", deadline.as_secs_f32()),
+            }),
+        };
+        let answer = match answer {
+            Err(e) if e.status() == Some(503) && may_retry_503(&method, retry_after) => {
+                // Not done: the usual retries (next address, backing off), then a connection
+                // of its own for the websocket.
+                self.rotate(i);
+                let (resp, _) = self.call_with(method, path, json, headers).await?;
+                let ws = self.websocket(&ws_path(&resp)?).await?;
+                return Ok((resp, ws));
+            }
+            other => other?,
+        };
+        let ws_path = ws_path(&answer)?;
+        let ws = if sender.ready().await.is_ok() {
+            self.upgrade(&mut sender, i, &ws_path).await?
+        } else {
+            // The server did not keep the connection open.
+            self.websocket(&ws_path).await?
+        };
+        Ok((answer, ws))
+    }
+
+    /// Asks for a websocket at `path` on the open connection `sender` (to address `i`).
+    async fn upgrade(
+        &self,
+        sender: &mut Sender,
+        i: usize,
+        path: &str,
+    ) -> Result<WebSocket, ClientError> {
+        use tokio_tungstenite::tungstenite::handshake::client::generate_key;
+        use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
         let path = &self.path_for(path);
-        let (stream, i) = self.connect().await?;
-        let url = format!("wss://{}{}", self.endpoint(i).authority(), path);
-        let mut req = url
-            .as_str()
-            .into_client_request()
-            .map_err(|e| ClientError::Websocket(e.to_string()))?;
-        let auth = HeaderValue::from_str(&format!("Bearer {}", self.key))
-            .map_err(|e| ClientError::Websocket(e.to_string()))?;
-        req.headers_mut().insert(header::AUTHORIZATION, auth);
+        let key = generate_key();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        headers.insert(
+            header::SEC_WEBSOCKET_KEY,
+            HeaderValue::from_str(&key).map_err(|e| ClientError::Websocket(e.to_string()))?,
+        );
+        let req = self.request(i, Method::GET, path, headers, empty_body())?;
         // A deadline on the upgrade answer only: the websocket itself may stay quiet for long.
         let deadline = self.timeouts.response;
-        let upgrade = tokio::time::timeout(deadline, tokio_tungstenite::client_async(req, stream))
+        let late = || {
+            ClientError::Websocket(format!(
+                "no answer to the upgrade within {} s",
+                deadline.as_secs_f32()
+            ))
+        };
+        let mut resp = tokio::time::timeout(deadline, sender.send_request(req))
             .await
-            .map_err(|_| {
-                ClientError::Websocket(format!(
-                    "no answer to the upgrade within {} s",
-                    deadline.as_secs_f32()
-                ))
-            })?;
-        let (ws, _) = upgrade.map_err(|e| match e {
-            tokio_tungstenite::tungstenite::Error::Http(resp) => {
-                let status = resp.status();
-                let body = resp.body().clone().unwrap_or_default();
-                match parse_envelope(status, &body) {
-                    Err(api) => api,
-                    Ok(_) => ClientError::Websocket(format!("server answered {status}")),
-                }
-            }
-            other => ClientError::Websocket(other.to_string()),
-        })?;
-        Ok(ws)
+            .map_err(|_| late())?
+            .map_err(|e| ClientError::Websocket(e.to_string()))?;
+        let status = resp.status();
+        if status != StatusCode::SWITCHING_PROTOCOLS {
+            let body = tokio::time::timeout(deadline, self.read_body(resp))
+                .await
+                .map_err(|_| late())?
+                .unwrap_or_default();
+            return Err(match parse_envelope(status, &body) {
+                Err(api) => api,
+                Ok(_) => ClientError::Websocket(format!("server answered {status}")),
+            });
+        }
+        let accept = resp
+            .headers()
+            .get(header::SEC_WEBSOCKET_ACCEPT)
+            .and_then(|v| v.to_str().ok());
+        if accept != Some(derive_accept_key(key.as_bytes()).as_str()) {
+            return Err(ClientError::Websocket(
+                "the server's upgrade answer carries a wrong Sec-WebSocket-Accept".into(),
+            ));
+        }
+        let upgraded = tokio::time::timeout(deadline, hyper::upgrade::on(&mut resp))
+            .await
+            .map_err(|_| late())?
+            .map_err(|e| ClientError::Websocket(e.to_string()))?;
+        Ok(tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            tokio_tungstenite::tungstenite::protocol::Role::Client,
+            None,
+        )
+        .await)
     }
+}
+
+/// The headers and body of a JSON request (or one without a body): `Content-Type` when there
+/// is a body, and an `Idempotency-Key` for a write that takes one (unless `headers` has one).
+fn json_request<B: Serialize>(
+    method: &Method,
+    path: &str,
+    body: Option<&B>,
+    mut headers: HeaderMap,
+) -> Result<(HeaderMap, Option<Bytes>), ClientError> {
+    if !matches!(*method, Method::GET | Method::HEAD)
+        && takes_idempotency_key(method, path)
+        && !headers.contains_key(IDEMPOTENCY_KEY)
+        && let Ok(v) = HeaderValue::from_str(&idempotency_key())
+    {
+        headers.insert(IDEMPOTENCY_KEY, v);
+    }
+    let bytes = match body {
+        Some(b) => {
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            Some(Bytes::from(
+                serde_json::to_vec(b).map_err(|e| ClientError::Decode(e.to_string()))?,
+            ))
+        }
+        None => None,
+    };
+    Ok((headers, bytes))
 }
 
 /// The operation carried by an `async` answer.

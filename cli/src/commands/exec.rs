@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use berth_proto::api::{ExecControl, InstanceExecPost, ResponseType, exec_stream};
+use berth_proto::api::{
+    ExecControl, InstanceExecPost, Operation, Response, ResponseType, exec_stream,
+};
 use bytes::Bytes;
 use clap::Args;
 use futures::{SinkExt, StreamExt};
@@ -20,7 +22,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::{check_instance_name, parse_key_value};
 use crate::Ctx;
-use crate::client::{encode_query, operation_of};
+use crate::client::{ClientError, encode_query, operation_of};
 use crate::commands::instance::instance_path;
 
 /// `exec`.
@@ -165,30 +167,23 @@ pub async fn exec(ctx: &Ctx, args: ExecArgs) -> anyhow::Result<i32> {
         cwd: args.cwd.unwrap_or_default(),
         record_output: false,
     };
-    let resp = client
-        .call(
+    // The POST's connection carries the websocket too.
+    let (resp, ws) = client
+        .call_then_websocket(
             Method::POST,
             &format!("{}/exec", instance_path(name)),
             Some(&req),
+            |resp| {
+                let (op, secret) = exec_session(resp)?;
+                Ok(format!(
+                    "/1.0/operations/{}/websocket?secret={}",
+                    encode_query(&op.id),
+                    encode_query(&secret)
+                ))
+            },
         )
         .await?;
-    if resp.kind != ResponseType::Async {
-        anyhow::bail!("the server did not start an exec operation");
-    }
-    let op = operation_of(&resp)?;
-    let secret = op
-        .metadata
-        .get("fds")
-        .and_then(|f| f.get("0"))
-        .and_then(|s| s.as_str())
-        .ok_or_else(|| anyhow::anyhow!("the exec operation carries no websocket secret"))?;
-    let ws = client
-        .websocket(&format!(
-            "/1.0/operations/{}/websocket?secret={}",
-            encode_query(&op.id),
-            encode_query(secret)
-        ))
-        .await?;
+    let (op, _) = exec_session(&resp)?;
 
     let code = {
         let _raw = if interactive {
@@ -207,6 +202,26 @@ pub async fn exec(ctx: &Ctx, args: ExecArgs) -> anyhow::Result<i32> {
         Some(code) => Ok(i32::try_from(code).unwrap_or(1)),
         None => anyhow::bail!("the exec stream closed before the command's exit code arrived"),
     }
+}
+
+/// The exec operation of the server's answer, and the secret of its websocket.
+fn exec_session(resp: &Response) -> Result<(Operation, String), ClientError> {
+    if resp.kind != ResponseType::Async {
+        return Err(ClientError::Decode(
+            "the server did not start an exec operation".into(),
+        ));
+    }
+    let op = operation_of(resp)?;
+    let secret = op
+        .metadata
+        .get("fds")
+        .and_then(|f| f.get("0"))
+        .and_then(|s| s.as_str())
+        .ok_or_else(|| {
+            ClientError::Decode("the exec operation carries no websocket secret".into())
+        })?
+        .to_string();
+    Ok((op, secret))
 }
 
 async fn forward_stdin(tx: mpsc::Sender<Message>) {
