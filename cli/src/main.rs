@@ -5,8 +5,10 @@ use std::io::Write;
 fn main() {
     // One crypto provider for the process (ring); an error only means one is installed already.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: a command is a short exchange with the server, and handing work between
+    // threads only adds wake-ups (and, on a busy host, scheduling delays) to every round trip.
+    // Blocking work (stdin, files, the editor) still runs on tokio's blocking threads.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
