@@ -249,24 +249,25 @@ pub async fn post_exec(
     let mut answer_op = op.clone();
     answer_op.metadata = serde_json::json!({ "fds": { "0": secret } });
     let id = op.id.clone();
-    // The operation ends when the session does; if nobody connects in time, it fails.
-    state
-        .cp
-        .write(scope.by(Command::PutOperation {
+    // The operation ends when the session does; if nobody connects in time, it fails. The
+    // operation and the event are proposed together (both are committed before the answer),
+    // so that the exec waits for one round of Raft commits instead of two.
+    let (written, ()) = tokio::join!(
+        state.cp.write(scope.by(Command::PutOperation {
             operation: op.clone(),
-        }))
-        .await?;
-    super::files::record_event(
-        &state,
-        &scope,
-        "instance-exec",
-        &name,
-        BTreeMap::from([
-            ("command".to_string(), req.command.join(" ")),
-            ("operation".to_string(), id.clone()),
-        ]),
-    )
-    .await;
+        })),
+        super::files::record_event(
+            &state,
+            &scope,
+            "instance-exec",
+            &name,
+            BTreeMap::from([
+                ("command".to_string(), req.command.join(" ")),
+                ("operation".to_string(), id.clone()),
+            ]),
+        )
+    );
+    written?;
     let key_id = scope.identity.key_id.clone();
     let key_hash = state
         .cp
