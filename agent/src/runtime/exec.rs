@@ -1,18 +1,21 @@
 //! Exec into a running instance.
 //!
 //! The engine starts `berth-agent __exec` ([`helper_main`]) with pipes or a pty slave as its
-//! stdio. The helper joins the instance's cgroups, then its user, mount, pid, uts, ipc, net and
-//! cgroup namespaces, forks (the pid namespace applies to children only), and the child sets
+//! stdio. The engine moves the helper into the instance's cgroups while it starts (the helper
+//! waits for that on its ready pipe); the helper then joins the instance's user, mount, pid,
+//! uts, ipc, net and cgroup namespaces, forks (the pid namespace applies to children only), and the child sets
 //! up the process (instance restrictions, ids, cwd, environment, controlling tty) and execs the
 //! command. The helper forwards signals to the child and exits with the child's status (exit
 //! code, or 128 + signal). A command that is not found gives 127, one that cannot be executed
 //! 126, like a shell.
 //!
 //! Helper arguments: `__exec --pid <init host pid> --uid <n> --gid <n> [--cwd <dir>]
-//! [--env K=V]... [--tty] [--cgroup <cgroup.procs file>]... [--status-fd <fd>] -- <command>
-//! [args...]`. The status fd is a pipe: it closes without data once the command is exec'd (or
-//! the command was not found); a failure to enter the instance is written to it as
-//! `E<message>`.
+//! [--env K=V]... [--tty] [--cgroup <cgroup.procs file>]... [--status-fd <fd>] [--ready-fd <fd>]
+//! -- <command> [args...]`. The status fd is a pipe: it closes without data once the command
+//! is exec'd (or the command was not found); a failure to enter the instance is written to it
+//! as `E<message>`. With a ready fd the helper waits, before entering the namespaces, for the
+//! engine to write `G` on it (the engine has moved it into the cgroups); `--cgroup` files are
+//! joined by the helper itself.
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -277,9 +280,6 @@ impl ExecSession {
         for (k, v) in &req.env {
             cmd.arg("--env").arg(format!("{k}={v}"));
         }
-        for path in &req.cgroup_procs {
-            cmd.arg("--cgroup").arg(path);
-        }
         if req.tty.is_some() {
             cmd.arg("--tty");
         }
@@ -311,10 +311,29 @@ impl ExecSession {
                 exe: req.helper_exe.clone(),
                 source: e,
             })?;
-        cmd.arg("--status-fd")
-            .arg(status_fd.to_string())
-            .arg("--")
-            .args(&req.command);
+        cmd.arg("--status-fd").arg(status_fd.to_string());
+        // The engine moves the helper into the instance's cgroups itself while the helper
+        // starts (exec, dynamic linking, opening the namespaces), and then says so on the
+        // ready pipe, which the helper waits for before it enters the namespaces. The first
+        // move into a cgroup v1 hierarchy waits for an RCU grace period (several ms on this
+        // kind of host): that wait now overlaps the helper's start instead of following it.
+        let ready_tx = if req.cgroup_procs.is_empty() {
+            None
+        } else {
+            let (ready_rx, ready_tx) =
+                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| ExecError::Spawn {
+                    exe: req.helper_exe.clone(),
+                    source: e.into(),
+                })?;
+            let ready_fd =
+                sys::attach_status_fd(&mut cmd, ready_rx).map_err(|e| ExecError::Spawn {
+                    exe: req.helper_exe.clone(),
+                    source: e,
+                })?;
+            cmd.arg("--ready-fd").arg(ready_fd.to_string());
+            Some(ready_tx)
+        };
+        cmd.arg("--").args(&req.command);
         let spawned = cmd.spawn();
         // Drop our copies of the pty slave and the status pipe's write end now, so that EOF
         // and EIO come when the helper side closes them.
@@ -329,6 +348,22 @@ impl ExecSession {
             source: e,
         })?;
 
+        if let Some(ready_tx) = ready_tx {
+            let procs = req.cgroup_procs.clone();
+            let moved = tokio::task::spawn_blocking(move || move_to_cgroups(helper_pid, &procs))
+                .await
+                .unwrap_or_else(|e| Err(format!("the cgroup task failed: {e}")))
+                .and_then(|()| {
+                    std::fs::File::from(ready_tx)
+                        .write_all(READY)
+                        .map_err(|e| format!("cannot tell the exec helper to go on: {e}"))
+                });
+            if let Err(e) = moved {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(ExecError::Setup(e));
+            }
+        }
         let setup = read_status(status_rx).await;
         let setup = match setup {
             Ok(bytes) if bytes.is_empty() => Ok(()),
@@ -457,6 +492,44 @@ impl ExecSession {
             drain.waker.wake();
         }
         Ok(code)
+    }
+}
+
+/// What the engine writes on the ready pipe once the helper is in the instance's cgroups.
+const READY: &[u8] = b"G";
+
+/// Writes `pid` (the engine's own child, not yet reaped, so the pid cannot be reused) into
+/// each `cgroup.procs` file.
+fn move_to_cgroups(pid: i32, procs_files: &[PathBuf]) -> Result<(), String> {
+    if pid <= 0 {
+        return Err("the exec helper has no pid".to_string());
+    }
+    let pid = pid.to_string();
+    for path in procs_files {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(pid.as_bytes()))
+            .map_err(|e| format!("cannot join cgroup {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// In the helper: waits until the engine says (on the ready pipe `fd`) that it moved the
+/// helper into the instance's cgroups.
+fn wait_ready(fd: i32) -> Result<(), String> {
+    let mut ready =
+        sys::take_status_fd(fd).ok_or_else(|| format!("the ready pipe {fd} is not open"))?;
+    let mut byte = [0u8; 1];
+    loop {
+        match ready.read(&mut byte) {
+            Ok(1) if byte == READY => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Ok(_) => {
+                return Err("the agent did not move the helper into the instance's cgroups".into());
+            }
+            Err(e) => return Err(format!("cannot read the ready pipe: {e}")),
+        }
     }
 }
 
@@ -662,6 +735,9 @@ struct HelperArgs {
     tty: bool,
     cgroups: Vec<PathBuf>,
     status_fd: Option<i32>,
+    /// The pipe to wait on before entering the namespaces (the engine moves the helper into
+    /// the cgroups itself, then writes on it).
+    ready_fd: Option<i32>,
     command: Vec<String>,
 }
 
@@ -676,6 +752,7 @@ fn parse_helper_args(args: &[String]) -> Result<HelperArgs, String> {
         tty: false,
         cgroups: Vec::new(),
         status_fd: None,
+        ready_fd: None,
         command: Vec::new(),
     };
     let mut it = args.iter();
@@ -705,6 +782,7 @@ fn parse_helper_args(args: &[String]) -> Result<HelperArgs, String> {
             }
             "--cgroup" => parsed.cgroups.push(PathBuf::from(value)),
             "--status-fd" => parsed.status_fd = Some(value.parse().map_err(|_| bad())?),
+            "--ready-fd" => parsed.ready_fd = Some(value.parse().map_err(|_| bad())?),
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -806,6 +884,11 @@ pub fn helper_main(args: &[String]) -> i32 {
     };
     if parsed.start.is_some() && crate::runtime::proc_start_time(parsed.pid) != parsed.start {
         return fail(&mut status, "the instance stopped");
+    }
+    if let Some(fd) = parsed.ready_fd
+        && let Err(e) = wait_ready(fd)
+    {
+        return fail(&mut status, &e);
     }
     if let Err(e) = sys::join_cgroups(&parsed.cgroups) {
         return fail(&mut status, &e.to_string());
