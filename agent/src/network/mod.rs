@@ -148,6 +148,27 @@ impl Network {
         Ok(net)
     }
 
+    /// The host network the agent set up ([`Network::setup`] at its start), for an instance's
+    /// monitor: when the bridge exists nothing is changed (no `ip` or `nft` process on every
+    /// instance start); when it is missing (deleted behind the agent's back) it is set up again.
+    pub fn adopt(cfg: NetworkConfig, state_dir: &Path) -> Result<Network, NetworkError> {
+        check_ifname(&cfg.bridge)?;
+        let Some(cidr) = cfg.ipv4_cidr.as_deref() else {
+            return Self::setup(cfg, state_dir);
+        };
+        let (gateway, prefix) = parse_cidr(cidr)?;
+        if prefix == 0 || prefix > 30 || !link_exists(&cfg.bridge)? {
+            return Self::setup(cfg, state_dir);
+        }
+        Ok(Network {
+            nft_table: nft_table_name(&cfg.bridge),
+            bridge: cfg.bridge,
+            gateway,
+            prefix,
+            nat: cfg.nat,
+        })
+    }
+
     /// The bridge's name.
     pub fn bridge(&self) -> &str {
         &self.bridge
@@ -205,24 +226,38 @@ impl Network {
             peer: Self::peer_veth_name(instance),
         };
         self.delete_veth(&pair.host)?;
-        if link_exists(&pair.peer)? {
-            ip(&["link", "del", &pair.peer])?;
-        }
-        ip(&[
-            "link", "add", "name", &pair.host, "type", "veth", "peer", "name", &pair.peer,
-        ])?;
-        let rest = (|| {
-            if !hwaddr.is_empty() {
-                check_hwaddr(hwaddr)?;
-                ip(&["link", "set", &pair.peer, "address", hwaddr])?;
-            }
-            ip(&["link", "set", &pair.host, "master", &self.bridge])?;
-            ip(&["link", "set", &pair.host, "up"])
-        })();
-        if let Err(e) = rest {
-            let _ = ip(&["link", "del", &pair.host]);
-            return Err(e);
-        }
+        netlink(
+            &format!("ip link del {}", pair.peer),
+            crate::sys::netlink::delete_link(&pair.peer),
+        )?;
+        let mac = if hwaddr.is_empty() {
+            None
+        } else {
+            check_hwaddr(hwaddr)?;
+            Some(
+                crate::sys::netlink::parse_mac(hwaddr).ok_or_else(|| NetworkError::Invalid {
+                    what: "MAC address",
+                    value: hwaddr.to_string(),
+                })?,
+            )
+        };
+        let master = netlink(
+            &format!("ip link show {}", self.bridge),
+            crate::sys::netlink::link_index(&self.bridge),
+        )?
+        .ok_or_else(|| NetworkError::Command {
+            op: format!("ip link set {} master {}", pair.host, self.bridge),
+            detail: format!("the bridge {} does not exist", self.bridge),
+        })?;
+        // One request (the kernel undoes it whole when a part fails): the pair, the peer's
+        // MAC, the host end a port of the bridge, up.
+        netlink(
+            &format!(
+                "ip link add name {} master {} up type veth peer name {}",
+                pair.host, self.bridge, pair.peer
+            ),
+            crate::sys::netlink::add_veth(&pair.host, &pair.peer, mac, Some(master)),
+        )?;
         tracing::debug!(instance, host = %pair.host, "created veth pair");
         Ok(pair)
     }
@@ -332,11 +367,28 @@ impl Network {
         let batch = netns_batch(peer, net, self.gateway)?;
         if !net.hwaddr.is_empty() {
             check_hwaddr(&net.hwaddr)?;
-            ip(&["link", "set", peer, "address", &net.hwaddr])?;
+            let mac = crate::sys::netlink::parse_mac(&net.hwaddr).ok_or_else(|| {
+                NetworkError::Invalid {
+                    what: "MAC address",
+                    value: net.hwaddr.clone(),
+                }
+            })?;
+            netlink(
+                &format!("ip link set {peer} address {}", net.hwaddr),
+                crate::sys::netlink::set_address(peer, mac),
+            )?;
         }
         let ns = netns.to_string_lossy().into_owned();
-        // `ip link set X netns` takes a pid or a name (of /run/netns/<name>).
-        ip(&["link", "set", peer, "netns", &netns_target(netns)?])?;
+        // Checked as `ip link set X netns` would take it: a pid or a /run/netns name.
+        netns_target(netns)?;
+        let ns_fd = std::fs::File::open(netns).map_err(|source| NetworkError::Io {
+            path: netns.to_path_buf(),
+            source,
+        })?;
+        netlink(
+            &format!("ip link set {peer} netns {ns}"),
+            crate::sys::netlink::set_netns(peer, &std::os::fd::OwnedFd::from(ns_fd)),
+        )?;
         run_with_stdin(
             Command::new("nsenter")
                 .arg(format!("--net={ns}"))
@@ -351,14 +403,11 @@ impl Network {
     /// it is already gone.
     pub fn delete_veth(&self, host_name: &str) -> Result<(), NetworkError> {
         check_ifname(host_name)?;
-        if link_exists(host_name)? {
-            match ip(&["link", "del", host_name]) {
-                Ok(_) => {}
-                // Gone in the meantime (its peer's namespace died).
-                Err(_) if !link_exists(host_name)? => {}
-                Err(e) => return Err(e),
-            }
-        }
+        // Succeeds when the link is gone already (or in the meantime: its peer's namespace died).
+        netlink(
+            &format!("ip link del {host_name}"),
+            crate::sys::netlink::delete_link(host_name),
+        )?;
         let table = routed_nft_table(host_name);
         if nft_table_exists(&table)? {
             match run_with_stdin(
@@ -641,24 +690,18 @@ fn ip(args: &[&str]) -> Result<String, NetworkError> {
 /// through `ip`) rather than /sys/class/net, which shows the namespace sysfs was mounted in:
 /// an agent running in its own network namespace on a shared host would see the host's links.
 fn link_exists(name: &str) -> Result<bool, NetworkError> {
-    let out = Command::new("ip")
-        .args(["-o", "link", "show", "dev", name])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| NetworkError::Command {
-            op: format!("ip -o link show dev {name}"),
-            detail: e.to_string(),
-        })?;
-    if out.status.success() {
-        return Ok(true);
-    }
-    let err = String::from_utf8_lossy(&out.stderr);
-    if err.contains("does not exist") {
-        return Ok(false);
-    }
-    Err(NetworkError::Command {
-        op: format!("ip -o link show dev {name}"),
-        detail: err.trim().to_string(),
+    netlink(
+        &format!("ip link show dev {name}"),
+        crate::sys::netlink::link_index(name),
+    )
+    .map(|i| i.is_some())
+}
+
+/// A netlink request's result, its failure worded as the `ip` command it stands for.
+fn netlink<T>(op: &str, r: std::io::Result<T>) -> Result<T, NetworkError> {
+    r.map_err(|e| NetworkError::Command {
+        op: op.to_string(),
+        detail: e.to_string(),
     })
 }
 

@@ -323,7 +323,7 @@ fn boot_inner<'a>(
     if !rec.network.ipv4_cidr.is_empty()
         && let Some(b) = &cfg.bridge
     {
-        let net = crate::network::Network::setup(
+        let net = crate::network::Network::adopt(
             crate::network::NetworkConfig {
                 bridge: b.name.clone(),
                 ipv4_cidr: Some(b.cidr.clone()),

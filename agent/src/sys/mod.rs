@@ -11,5 +11,6 @@ pub mod container;
 pub mod exec;
 pub mod files;
 pub mod mount;
+pub mod netlink;
 pub mod process;
 pub mod seccomp;
