@@ -756,7 +756,7 @@ pub fn density(side: &Side, opts: &DensityOpts, res: &mut Results) {
             match host::clean_mem_available_mib() {
                 Ok(after) => {
                     let per = (before - after) / stop as f64;
-                    per_instance_guess = (per * 1.5).max(5.0);
+                    per_instance_guess = (per * 1.25).max(5.0);
                     let rate = launched.len() as f64 / launch_time.as_secs_f64().max(1e-9);
                     res.record(&format!("density-mem@{stop}"), kind, Ok(vec![per]));
                     res.record(&format!("density-rate@{stop}"), kind, Ok(vec![rate]));
