@@ -433,12 +433,9 @@ impl Engine {
             let monitor = dir.live_monitor();
             monitor_seen |= monitor.is_some();
             match st.phase {
-                Phase::Running if dir.live_init().is_some() => {
-                    if let Some(init) = dir.live_init() {
-                        wait_init_ready(name, init.pid).await;
-                    }
-                    return Ok(());
-                }
+                // Done once init runs, as LXD's start is: an exec waits for a systemd that is
+                // still coming up to open its control socket (see `Engine::exec`).
+                Phase::Running if dir.live_init().is_some() => return Ok(()),
                 Phase::Error => {
                     return Err(EngineError::Runtime(format!(
                         "instance {name} failed to start: {}",
@@ -832,6 +829,8 @@ impl Engine {
         let init = dir
             .live_init()
             .ok_or_else(|| EngineError::NotRunning(p.instance.clone()))?;
+        // Right after a start, systemd may not take commands yet: `systemctl` would fail.
+        wait_init_ready(&p.instance, init.pid, dir.read_state().started_at).await;
         let inner = self.inner.clone();
         let n = p.instance.clone();
         let cgroup_procs = blocking(move || Ok(inner.cgroups.exec_procs_files(&n)?)).await?;
@@ -1547,14 +1546,17 @@ fn tail(path: &Path, max: usize) -> String {
 /// How often a start looks at the instance's state file, and for systemd's control socket.
 const START_POLL: Duration = Duration::from_millis(5);
 
-/// How long a start waits for systemd to accept commands.
+/// How long after its start an instance's systemd gets to accept commands before an exec
+/// stops waiting for it.
 const SYSTEMD_READY_WAIT: Duration = Duration::from_secs(10);
 
-/// A start is complete when init can be talked to: for systemd, once its private socket
-/// (what `systemctl` uses as root) exists, so that `berth exec NAME -- systemctl ...` right
-/// after a launch works. Other inits are ready when they run. Never fails: a systemd that is
-/// slow to come up is reported running, with a warning.
-async fn wait_init_ready(name: &str, pid: i32) {
+/// Waits until init can be talked to: for systemd, until its private socket (what `systemctl`
+/// uses as root) exists, so that `berth exec NAME -- systemctl ...` right after a start or a
+/// launch works (a start returns once init runs, before systemd has set itself up). Other
+/// inits are ready when they run. Waits at most until [`SYSTEMD_READY_WAIT`] after the start
+/// (`started_at`, Unix seconds); never fails: a systemd slow to come up gets the command
+/// anyway, with a warning. A ready instance costs a readlink and a stat.
+async fn wait_init_ready(name: &str, pid: i32, started_at: i64) {
     let root = PathBuf::from(format!("/proc/{pid}/root"));
     let is_systemd = std::fs::read_link(format!("/proc/{pid}/exe"))
         .map(|p| p.to_string_lossy().contains("systemd"))
@@ -1563,7 +1565,16 @@ async fn wait_init_ready(name: &str, pid: i32) {
         return;
     }
     let socket = root.join("run/systemd/private");
-    let deadline = Instant::now() + SYSTEMD_READY_WAIT;
+    if socket.exists() {
+        return;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    // Whole seconds: one more, so that a start late in a second still gets the full wait.
+    let left = (started_at + SYSTEMD_READY_WAIT.as_secs() as i64 + 1 - now).max(0) as u64;
+    let deadline = Instant::now() + Duration::from_secs(left).min(SYSTEMD_READY_WAIT);
     while Instant::now() < deadline {
         if socket.exists() {
             return;
@@ -1573,7 +1584,9 @@ async fn wait_init_ready(name: &str, pid: i32) {
         }
         tokio::time::sleep(START_POLL).await;
     }
-    tracing::warn!(instance = %name, "systemd did not open its control socket within {SYSTEMD_READY_WAIT:?}");
+    if left > 0 {
+        tracing::warn!(instance = %name, "systemd did not open its control socket within {SYSTEMD_READY_WAIT:?} of the start");
+    }
 }
 
 /// A mounted lxcfs: the system one at /var/lib/lxcfs, else ours at `dir`.
