@@ -396,6 +396,48 @@ pub fn matches_filters(i: &Instance, filters: &[String]) -> bool {
     })
 }
 
+/// Whether a listing in `format` with `columns` needs no usage figure from the nodes (pid,
+/// processes, memory, CPU): a table or CSV of such columns can take the status and address
+/// the cluster recorded. JSON and YAML show whole objects, so they ask for everything.
+pub fn recorded_state_suffices(columns: &[Column], format: Format) -> bool {
+    matches!(format, Format::Table | Format::Csv | Format::Compact)
+        && !columns.iter().any(|c| {
+            matches!(
+                c,
+                Column::Pid | Column::Processes | Column::Memory | Column::Cpu
+            )
+        })
+}
+
+/// The server-side filter for `--filter` and the KEY=VALUE filters the server matches the
+/// same way (name, status, location, type, architecture, project), so that the server sends
+/// only what is listed; the client still applies every filter.
+pub fn server_filter(filter: Option<&str>, filters: &[String]) -> Option<String> {
+    let mut parts: Vec<String> = filter
+        .map(str::trim)
+        .filter(|f| !f.is_empty())
+        .map(|f| format!("({f})"))
+        .into_iter()
+        .collect();
+    for f in filters {
+        let Some((k, v)) = f.split_once('=') else {
+            continue;
+        };
+        let field = match k {
+            "name" | "n" => "name",
+            "status" | "state" | "s" => "status",
+            "location" | "L" => "location",
+            "type" | "t" => continue, // the client ignores case here; the server does not
+            "architecture" | "a" => "architecture",
+            "project" | "e" => "project",
+            _ => continue,
+        };
+        let quoted = v.replace('\\', "\\\\").replace('"', "\\\"");
+        parts.push(format!("{field} eq \"{quoted}\""));
+    }
+    (!parts.is_empty()).then(|| parts.join(" and "))
+}
+
 /// Renders instances in `format` with `columns`.
 pub fn render_list(
     instances: &[Instance],
@@ -437,7 +479,15 @@ pub async fn list(ctx: &Ctx, args: ListArgs) -> anyhow::Result<i32> {
     } else {
         "/1.0/instances?recursion=2"
     };
-    let path = super::with_filter(base, args.filter.as_deref());
+    let mut path = super::with_filter(
+        base,
+        server_filter(args.filter.as_deref(), &filters).as_deref(),
+    );
+    if recorded_state_suffices(&columns, args.format) {
+        // The controller answers status and address from its records, without asking the
+        // nodes for every instance's usage figures.
+        path.push_str("&fields=state.network,state.status");
+    }
     let mut instances: Vec<Instance> = client.get(&path).await?;
     instances.retain(|i| matches_filters(i, &filters));
     instances.sort_by(|a, b| a.project.cmp(&b.project).then(a.name.cmp(&b.name)));
@@ -862,6 +912,42 @@ mod tests {
         assert_eq!(names(&["user.role=web"]), ["web1"]);
         assert_eq!(names(&["location=node1", "d"]), Vec::<String>::new());
         assert_eq!(names(&[]), ["db", "web1"]);
+    }
+
+    #[test]
+    fn list_asks_the_server_for_what_it_shows() {
+        let cols = parse_columns("ns4tS").unwrap();
+        assert!(recorded_state_suffices(&cols, Format::Table));
+        assert!(recorded_state_suffices(&cols, Format::Csv));
+        assert!(!recorded_state_suffices(&cols, Format::Json));
+        assert!(!recorded_state_suffices(
+            &parse_columns("nsm").unwrap(),
+            Format::Table
+        ));
+        assert!(!recorded_state_suffices(
+            &parse_columns("np").unwrap(),
+            Format::Table
+        ));
+
+        assert_eq!(server_filter(None, &[]), None);
+        assert_eq!(
+            server_filter(Some("status eq running"), &["we".into()]).as_deref(),
+            Some("(status eq running)")
+        );
+        assert_eq!(
+            server_filter(
+                None,
+                &[
+                    "status=stopped".into(),
+                    "L=n1".into(),
+                    "user.role=web".into(),
+                    "t=container".into(),
+                    "name=a\"b".into()
+                ]
+            )
+            .as_deref(),
+            Some("status eq \"stopped\" and location eq \"n1\" and name eq \"a\\\"b\"")
+        );
     }
 
     #[test]

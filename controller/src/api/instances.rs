@@ -38,6 +38,45 @@ pub struct ListQuery {
     /// An LXD-style filter ([`super::filter`]) on the instances as the API shows them.
     #[serde(default)]
     filter: String,
+    /// With `recursion=2`, the parts of `state` wanted, comma-separated (as LXD's
+    /// `instances_state_selective_recursion`): `state.network` and `state.status` are
+    /// answered from the cluster's records (the status last observed, by the reconciler or
+    /// the node's heartbeat, and the allocated address) without asking any agent; any other
+    /// part (`state.memory`, `state.cpu`, `state.disk`, `state.processes`, `state.pid`) asks
+    /// the nodes as without `fields`. Absent: every part, live from the nodes.
+    #[serde(default)]
+    fields: Option<String>,
+}
+
+/// Parts of an instance's `state` that the controller answers from its records.
+const RECORDED_STATE_FIELDS: [&str; 2] = ["state.network", "state.status"];
+
+/// Whether `?fields=` asks only for parts the controller knows without asking agents; 400 for
+/// a part that does not exist.
+fn recorded_fields_only(fields: Option<&str>) -> Result<bool, ApiError> {
+    const LIVE: [&str; 5] = [
+        "state.memory",
+        "state.cpu",
+        "state.disk",
+        "state.processes",
+        "state.pid",
+    ];
+    let Some(fields) = fields else {
+        return Ok(false);
+    };
+    let mut recorded = true;
+    for f in fields.split(',').map(str::trim).filter(|f| !f.is_empty()) {
+        if LIVE.contains(&f) {
+            recorded = false;
+        } else if !RECORDED_STATE_FIELDS.contains(&f) {
+            return Err(ApiError::bad_request(format!(
+                "unknown state field {f:?} in fields (known: {}, {})",
+                RECORDED_STATE_FIELDS.join(", "),
+                LIVE.join(", ")
+            )));
+        }
+    }
+    Ok(recorded)
 }
 
 /// Parses `?filter=` (none when empty); 400 with the parser's sentence otherwise.
@@ -128,6 +167,49 @@ fn state_from_agent(i: &Instance, prefix: u8, s: &v1::InstanceStatus) -> api::In
         Ok(v1::InstanceState::Error) => InstanceStatusCode::Error,
         _ => InstanceStatusCode::Stopped,
     };
+    api::InstanceState {
+        status: status.as_str().into(),
+        status_code: status.code(),
+        pid: s.pid,
+        processes: s.processes,
+        memory: api::InstanceStateMemory {
+            usage: s.memory_usage_bytes,
+            usage_peak: 0,
+            total: s.memory_limit_bytes,
+        },
+        cpu: api::InstanceStateCpu {
+            usage: s.cpu_usage_ns,
+        },
+        network: network_state(i, prefix, status),
+        started_at: s.started_at,
+        limits: s.limits.clone().into_iter().collect(),
+        disk: disk_state(s),
+    }
+}
+
+/// The API state of an instance from the cluster's records alone: the status shown (as
+/// [`shown_status`]), the recorded pid and the allocated address; no usage figures.
+fn state_from_record(i: &Instance, node: Option<&Node>) -> api::InstanceState {
+    let status = shown_status(i, node);
+    api::InstanceState {
+        status: status.as_str().into(),
+        status_code: status.code(),
+        pid: if status == InstanceStatusCode::Running {
+            i.observed.pid
+        } else {
+            0
+        },
+        network: network_state(i, node.map(node_prefix).unwrap_or(24), status),
+        ..Default::default()
+    }
+}
+
+/// `eth0` of an instance with an address (none without): its address while it runs.
+fn network_state(
+    i: &Instance,
+    prefix: u8,
+    status: InstanceStatusCode,
+) -> BTreeMap<String, api::InstanceStateNetwork> {
     let mut network = BTreeMap::new();
     if !i.ipv4.is_empty() {
         network.insert(
@@ -155,24 +237,7 @@ fn state_from_agent(i: &Instance, prefix: u8, s: &v1::InstanceStatus) -> api::In
             },
         );
     }
-    api::InstanceState {
-        status: status.as_str().into(),
-        status_code: status.code(),
-        pid: s.pid,
-        processes: s.processes,
-        memory: api::InstanceStateMemory {
-            usage: s.memory_usage_bytes,
-            usage_peak: 0,
-            total: s.memory_limit_bytes,
-        },
-        cpu: api::InstanceStateCpu {
-            usage: s.cpu_usage_ns,
-        },
-        network,
-        started_at: s.started_at,
-        limits: s.limits.clone().into_iter().collect(),
-        disk: disk_state(s),
-    }
+    network
 }
 
 /// The `root` disk of an agent's report, when its use is known.
@@ -429,6 +494,7 @@ pub async fn list(
         scope.identity.require_fleet()?;
     }
     let filter = parse_filter(&q.filter)?;
+    let recorded_only = recorded_fields_only(q.fields.as_deref())?;
     let in_scope = |s: &crate::state::State, i: &Instance| {
         (q.all_projects || i.project == scope.project)
             && (filter.is_none() || {
@@ -468,7 +534,18 @@ pub async fn list(
         .await?;
     let (records, instances): (Vec<Instance>, Vec<api::Instance>) = listed.into_iter().unzip();
     if q.recursion == 1 {
-        return Ok(sync(instances));
+        return Ok(sync_list(&instances));
+    }
+    if recorded_only {
+        let out: Vec<api::Instance> = records
+            .iter()
+            .zip(instances)
+            .map(|(i, mut a)| {
+                a.state = Some(state_from_record(i, nodes.get(&i.node)));
+                a
+            })
+            .collect();
+        return Ok(sync_list(&out));
     }
     // One call per node, all nodes at once.
     let mut per_node = BTreeMap::new();
@@ -524,7 +601,44 @@ pub async fn list(
             a
         })
         .collect();
-    Ok(sync(out))
+    Ok(sync_list(&out))
+}
+
+/// A sync envelope around `list`, serialized straight to bytes ([`sync`] goes through a
+/// `serde_json::Value` tree first, which at 1000 instances costs more than the rest of the
+/// listing). Same fields as [`api::Response::sync`].
+fn sync_list(list: &[api::Instance]) -> Response {
+    #[derive(serde::Serialize)]
+    struct Envelope<'a> {
+        #[serde(rename = "type")]
+        kind: api::ResponseType,
+        status: &'static str,
+        status_code: u16,
+        error_code: u16,
+        error: &'static str,
+        metadata: &'a [api::Instance],
+    }
+    let envelope = Envelope {
+        kind: api::ResponseType::Sync,
+        status: "Success",
+        status_code: 200,
+        error_code: 0,
+        error: "",
+        metadata: list,
+    };
+    match serde_json::to_vec(&envelope) {
+        Ok(body) => (
+            [(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => {
+            ApiError::internal(format!("cannot encode the instance list: {e}")).into_response()
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -1561,6 +1675,63 @@ mod tests {
         assert_eq!((a.name.as_str(), a.project.as_str()), ("web", "p"));
         assert_eq!(a.config, map(&[("limits.memory", "1GiB")]));
         assert_eq!(instance_url(&i), "/1.0/instances/web?project=p");
+    }
+
+    #[tokio::test]
+    async fn list_envelope_matches_sync() {
+        let list = vec![to_api(
+            &Instance {
+                name: "p_web".into(),
+                project: "p".into(),
+                ..Default::default()
+            },
+            None,
+        )];
+        let body = |r: Response| async move {
+            let b = axum::body::to_bytes(r.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            serde_json::from_slice::<api::Response>(&b).unwrap()
+        };
+        assert_eq!(body(sync_list(&list)).await, body(sync(&list)).await);
+    }
+
+    #[test]
+    fn list_fields_answered_from_records() {
+        assert!(!recorded_fields_only(None).unwrap());
+        assert!(recorded_fields_only(Some("")).unwrap());
+        assert!(recorded_fields_only(Some("state.network")).unwrap());
+        assert!(recorded_fields_only(Some("state.network, state.status")).unwrap());
+        assert!(!recorded_fields_only(Some("state.network,state.memory")).unwrap());
+        assert!(!recorded_fields_only(Some("state.disk")).unwrap());
+        assert!(recorded_fields_only(Some("state.bogus")).is_err());
+
+        let mut i = Instance {
+            name: "web".into(),
+            node: "n1".into(),
+            ipv4: "10.1.0.5".into(),
+            hwaddr: "00:16:3e:00:00:01".into(),
+            ..Default::default()
+        };
+        i.observed.status = InstanceStatusCode::Running;
+        i.observed.pid = 4242;
+        let mut node = Node {
+            name: "n1".into(),
+            ipv4_cidr: "10.1.0.1/22".into(),
+            status: NodeStatus::Online,
+            ..Default::default()
+        };
+        let st = state_from_record(&i, Some(&node));
+        assert_eq!((st.status.as_str(), st.pid), ("Running", 4242));
+        let eth0 = &st.network["eth0"];
+        assert_eq!(eth0.addresses[0].address, "10.1.0.5");
+        assert_eq!(eth0.addresses[0].netmask, "22");
+        assert_eq!(eth0.state, "up");
+        // An offline node's instances show Unknown, without an address or pid.
+        node.status = NodeStatus::Offline;
+        let st = state_from_record(&i, Some(&node));
+        assert_eq!((st.status.as_str(), st.pid), ("Unknown", 0));
+        assert!(st.network["eth0"].addresses.is_empty());
     }
 
     #[test]
