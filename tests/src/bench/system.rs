@@ -227,9 +227,12 @@ impl Side {
         );
         let mut errors = self.force_delete(&names, 4, true);
         let mut left = self.list_states(PREFIX, true)?;
-        if !left.is_empty() {
-            // A delete that failed half-way (or raced another) usually goes through the
-            // second time; one at a time now.
+        // A delete that failed half-way (or raced another) usually goes through again; an
+        // instance whose interrupted start is still going on (LXD: "busy running a start
+        // operation") can be deleted once that ends. One at a time, for up to a minute.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !left.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_secs(2));
             let again: Vec<String> = left.iter().map(|(n, _)| n.clone()).collect();
             errors.extend(self.force_delete(&again, 1, true));
             left = self.list_states(PREFIX, true)?;
