@@ -741,6 +741,24 @@ impl Engine {
         .await
     }
 
+    /// Every instance's state, pid, address and error, without usage figures, limits or disk
+    /// use (what heartbeats report: a handful of small file reads per instance instead of
+    /// every cgroup and qgroup file).
+    pub async fn list_states(&self) -> Result<Vec<InstanceStatus>, EngineError> {
+        let inner = self.inner.clone();
+        blocking(move || {
+            let mut out = Vec::new();
+            for name in crate::runtime::list_instances(&inner.cfg.state_dir) {
+                let dir = InstanceDir::new(&inner.cfg.state_dir, &name);
+                if let Ok(rec) = dir.read_record() {
+                    out.push(inner.state_blocking(&rec).0);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// Replaces the instance's config. Limits take effect at once when it runs (applied before
     /// the config is stored, so a refused limit changes nothing).
     pub async fn update(
@@ -1464,6 +1482,35 @@ impl Inner {
     }
 
     fn status_blocking(&self, rec: &InstanceRecord) -> InstanceStatus {
+        let (mut s, init) = self.state_blocking(rec);
+        if init.is_some() {
+            let u = self.cgroups.usage(&rec.name);
+            let limits = self.cgroups.read_limits(&rec.name);
+            s.processes = u.processes as i64;
+            s.memory_usage_bytes = u.memory_bytes;
+            s.cpu_usage_ns = u.cpu_ns;
+            s.memory_limit_bytes = limits
+                .get("limits.memory")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            s.limits = limits.into_iter().collect();
+        }
+        // The disk limit holds whether or not the instance runs.
+        if let Some(disk) = self.storage.instance_disk_usage(&rec.name) {
+            s.disk_usage_bytes = disk.used;
+            if let Some(limit) = disk.limit {
+                s.limits.insert("limits.disk".into(), limit.to_string());
+            }
+        }
+        s
+    }
+
+    /// An instance's state, pid, address, error and start time (no usage figures), and its
+    /// live init when it runs.
+    fn state_blocking(
+        &self,
+        rec: &InstanceRecord,
+    ) -> (InstanceStatus, Option<crate::runtime::ProcId>) {
         let dir = InstanceDir::new(&self.cfg.state_dir, &rec.name);
         let st = dir.read_state();
         let init = dir.live_init();
@@ -1489,28 +1536,11 @@ impl Inner {
             error: st.error.clone(),
             ..Default::default()
         };
-        if let Some(i) = init {
-            let u = self.cgroups.usage(&rec.name);
-            let limits = self.cgroups.read_limits(&rec.name);
+        if let Some(i) = &init {
             s.pid = i.pid as i64;
-            s.processes = u.processes as i64;
-            s.memory_usage_bytes = u.memory_bytes;
-            s.cpu_usage_ns = u.cpu_ns;
-            s.memory_limit_bytes = limits
-                .get("limits.memory")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            s.limits = limits.into_iter().collect();
             s.started_at = st.started_at;
         }
-        // The disk limit holds whether or not the instance runs.
-        if let Some(disk) = self.storage.instance_disk_usage(&rec.name) {
-            s.disk_usage_bytes = disk.used;
-            if let Some(limit) = disk.limit {
-                s.limits.insert("limits.disk".into(), limit.to_string());
-            }
-        }
-        s
+        (s, init)
     }
 }
 
