@@ -2,7 +2,7 @@
 //! Raft state machine uses, and prints decisions per second and the balance achieved, for the
 //! `spread` and `binpack` policies.
 //!
-//! Run with `cargo bench -p berth-controller --bench scheduler` (or `make bench`). Everything is
+//! Run with `cargo bench -p berth-controller --bench scheduler` (or `make bench-scheduler`). Everything is
 //! generated from a fixed seed, so two runs make the same decisions; only the timings differ.
 
 use std::collections::BTreeMap;
