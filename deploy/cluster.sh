@@ -578,8 +578,8 @@ remove_cgroup_dirs() {
   done
 }
 
-# Removes the cgroups (payload and monitor, in every hierarchy) of node $1's agent: all those
-# with its tag; for an untagged agent of an older cluster.sh only those of its instances
+# Removes the cgroups (payload, monitor and the monitors' shared one, in every hierarchy) of
+# node $1's agent: all those with its tag; for an untagged agent of an older cluster.sh only those of its instances
 # (names $2...), and none the host's own agent has an instance of that name for.
 remove_node_cgroups() {
   local m=$1 p h name
@@ -587,7 +587,7 @@ remove_node_cgroups() {
   p=$(cgroup_prefix_of "$m")
   for h in /sys/fs/cgroup /sys/fs/cgroup/*; do
     if [ "$p" != berth ]; then
-      remove_cgroup_dirs "$h/$p".payload.* "$h/$p".monitor.*
+      remove_cgroup_dirs "$h/$p".payload.* "$h/$p".monitor.* "$h/$p".monitors
       continue
     fi
     for name in "$@"; do
