@@ -1027,8 +1027,13 @@ impl Engine {
         self.refuse_running(name)?;
         let inner = self.inner.clone();
         let s = snapshot.to_string();
+        let clean = self.dir(name).read_state().phase == Phase::Stopped;
         blocking(move || {
-            inner.cleanup_leftovers(&rec.name)?;
+            // What a monitor that died left (a clean stop leaves nothing: its monitor tore
+            // everything down before it wrote "stopped").
+            if !clean || inner.cgroups.exists(&rec.name) {
+                inner.cleanup_leftovers(&rec.name)?;
+            }
             inner.storage.restore_snapshot(&rec.name, &s)?;
             inner.rewrite_identity(&rec)
         })

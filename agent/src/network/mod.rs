@@ -225,7 +225,11 @@ impl Network {
             host: Self::host_veth_name(instance),
             peer: Self::peer_veth_name(instance),
         };
-        self.delete_veth(&pair.host)?;
+        // A stale pair: removed whole (with a routed one's nft table) only when it exists, so
+        // that the usual start runs no `nft` process.
+        if link_exists(&pair.host)? {
+            self.delete_veth(&pair.host)?;
+        }
         netlink(
             &format!("ip link del {}", pair.peer),
             crate::sys::netlink::delete_link(&pair.peer),
@@ -420,6 +424,17 @@ impl Network {
             }
         }
         Ok(())
+    }
+
+    /// Deletes the host veth of an instance known to be bridged (no nft table of its own to
+    /// look for); succeeds when it is already gone (its peer's namespace died).
+    pub fn delete_bridged_veth(&self, host_name: &str) -> Result<(), NetworkError> {
+        check_ifname(host_name)?;
+        netlink(
+            &format!("ip link del {host_name}"),
+            crate::sys::netlink::delete_link(host_name),
+        )
+        .map(drop)
     }
 
     /// The nftables table (family `inet`) of a routed instance's host veth.

@@ -207,7 +207,9 @@ struct Teardown<'a> {
     name: &'a str,
     cgroups: Option<&'a Cgroups>,
     staging: Option<PathBuf>,
-    veth: Option<(crate::network::Network, String)>,
+    /// The network, the host veth's name, and whether it was routed (then it has an nft
+    /// table of its own to delete too).
+    veth: Option<(crate::network::Network, String, bool)>,
     child: Option<i32>,
 }
 
@@ -217,8 +219,12 @@ impl Teardown<'_> {
             let _ = crate::sys::process::kill(pid, libc::SIGKILL);
             let _ = wait_pid(pid, true);
         }
-        if let Some((net, host)) = self.veth.take()
-            && let Err(e) = net.delete_veth(&host)
+        if let Some((net, host, routed)) = self.veth.take()
+            && let Err(e) = if routed {
+                net.delete_veth(&host)
+            } else {
+                net.delete_bridged_veth(&host)
+            }
         {
             tracing::warn!(instance = self.name, "removing veth {host}: {e}");
         }
@@ -344,11 +350,12 @@ fn boot_inner<'a>(
         // An address outside the bridge's subnet (the instance moved here and kept it) is
         // routed to the host veth instead of bridged; `delete_veth` undoes either.
         let (pair, wiring) = net.wire_veth(name, &rec.network.hwaddr, &rec.network.ipv4_cidr)?;
+        let routed = matches!(wiring, crate::network::Wiring::Routed(_));
         if let crate::network::Wiring::Routed(addr) = wiring {
             tracing::info!(instance = name, address = %addr, bridge = %b.name, "instance address is outside the bridge subnet: routed");
         }
         peer = Some(pair.peer.clone());
-        td.veth = Some((net, pair.host));
+        td.veth = Some((net, pair.host, routed));
     }
 
     let lxcfs_dir = cfg.lxcfs_dir.clone().filter(|d| mount::is_mount_point(d));
@@ -391,7 +398,7 @@ fn boot_inner<'a>(
     cgroups.attach(name, pid)?;
     ctx("sending ids", parent_chan.send(b"ids"))?;
     ctx("container setup", parent_chan.expect("netns"))?;
-    if let (Some(peer), Some((net, _))) = (&peer, &td.veth) {
+    if let (Some(peer), Some((net, _, _))) = (&peer, &td.veth) {
         net.configure_in_netns(pid, peer, &net_spec)?;
     }
     ctx("sending net", parent_chan.send(b"net"))?;
