@@ -368,7 +368,7 @@ impl Network {
         net: &berth_proto::v1::NetworkSpec,
     ) -> Result<(), NetworkError> {
         check_ifname(peer)?;
-        let batch = netns_batch(peer, net, self.gateway)?;
+        let guest = guest_addr(net, self.gateway)?;
         if !net.hwaddr.is_empty() {
             check_hwaddr(&net.hwaddr)?;
             let mac = crate::sys::netlink::parse_mac(&net.hwaddr).ok_or_else(|| {
@@ -389,17 +389,15 @@ impl Network {
             path: netns.to_path_buf(),
             source,
         })?;
+        let ns_fd = std::os::fd::OwnedFd::from(ns_fd);
         netlink(
             &format!("ip link set {peer} netns {ns}"),
-            crate::sys::netlink::set_netns(peer, &std::os::fd::OwnedFd::from(ns_fd)),
+            crate::sys::netlink::set_netns(peer, &ns_fd),
         )?;
-        run_with_stdin(
-            Command::new("nsenter")
-                .arg(format!("--net={ns}"))
-                .args(["--", "ip", "-batch", "-"]),
-            &batch,
-        )?;
-        Ok(())
+        netlink(
+            &format!("configuring eth0 in {ns}"),
+            crate::sys::netlink::configure_in_netns(&ns_fd, peer, guest),
+        )
     }
 
     /// Deletes an instance's veth pair by its host-side name, with what routed it (its /32
@@ -570,39 +568,58 @@ fn nft_script(table: &str, bridge: &str, subnet: Ipv4Net, nat: bool) -> String {
     s
 }
 
-/// The `ip -batch` commands run inside the instance's namespace.
+/// The address and default route an instance gets inside its namespace (None without an
+/// address: only `lo` and `eth0` come up).
+fn guest_addr(
+    net: &berth_proto::v1::NetworkSpec,
+    default_gw: Ipv4Addr,
+) -> Result<Option<crate::sys::netlink::GuestAddr>, NetworkError> {
+    if net.ipv4_cidr.is_empty() {
+        return Ok(None);
+    }
+    let (addr, prefix) = parse_cidr(&net.ipv4_cidr)?;
+    let gw = if net.gateway.is_empty() {
+        default_gw
+    } else {
+        net.gateway
+            .parse::<Ipv4Addr>()
+            .map_err(|_| NetworkError::Invalid {
+                what: "gateway",
+                value: net.gateway.clone(),
+            })?
+    };
+    // A routed instance without a gateway of its own gets the node's bridge address, which
+    // is off its subnet: the route says it is on the link (the host answers its ARP).
+    let onlink =
+        net.gateway.is_empty() && !Ipv4Net::new(addr, prefix).overlaps(&Ipv4Net::new(gw, 32));
+    Ok(Some(crate::sys::netlink::GuestAddr {
+        addr,
+        prefix,
+        gateway: gw,
+        onlink,
+    }))
+}
+
+/// The `ip -batch` commands equivalent to what is set up inside the instance's namespace.
+#[cfg(test)]
 fn netns_batch(
     peer: &str,
     net: &berth_proto::v1::NetworkSpec,
     default_gw: Ipv4Addr,
 ) -> Result<String, NetworkError> {
+    let guest = guest_addr(net, default_gw)?;
     let mut b = String::new();
     b.push_str("link set lo up\n");
     b.push_str(&format!("link set {peer} name eth0\n"));
-    if !net.ipv4_cidr.is_empty() {
-        let (addr, prefix) = parse_cidr(&net.ipv4_cidr)?;
-        b.push_str(&format!("addr replace {addr}/{prefix} dev eth0\n"));
+    if let Some(g) = &guest {
+        b.push_str(&format!("addr replace {}/{} dev eth0\n", g.addr, g.prefix));
     }
     b.push_str("link set eth0 up\n");
-    if !net.ipv4_cidr.is_empty() {
-        let (addr, prefix) = parse_cidr(&net.ipv4_cidr)?;
-        let gw = if net.gateway.is_empty() {
-            default_gw
-        } else {
-            net.gateway
-                .parse::<Ipv4Addr>()
-                .map_err(|_| NetworkError::Invalid {
-                    what: "gateway",
-                    value: net.gateway.clone(),
-                })?
-        };
-        // A routed instance without a gateway of its own gets the node's bridge address, which
-        // is off its subnet: the route says it is on the link (the host answers its ARP).
-        let onlink =
-            net.gateway.is_empty() && !Ipv4Net::new(addr, prefix).overlaps(&Ipv4Net::new(gw, 32));
-        let onlink = if onlink { " onlink" } else { "" };
+    if let Some(g) = &guest {
+        let onlink = if g.onlink { " onlink" } else { "" };
         b.push_str(&format!(
-            "route replace default via {gw} dev eth0{onlink}\n"
+            "route replace default via {} dev eth0{onlink}\n",
+            g.gateway
         ));
     }
     Ok(b)

@@ -12,6 +12,17 @@ use nix::sys::socket::{
 
 const RTM_NEWLINK: u16 = 16;
 const RTM_DELLINK: u16 = 17;
+const RTM_NEWADDR: u16 = 20;
+const RTM_NEWROUTE: u16 = 24;
+const NLM_F_REPLACE: u16 = 0x100;
+const IFA_ADDRESS: u16 = 1;
+const IFA_LOCAL: u16 = 2;
+const RTA_OIF: u16 = 4;
+const RTA_GATEWAY: u16 = 5;
+const RT_TABLE_MAIN: u8 = 254;
+const RTPROT_BOOT: u8 = 3;
+const RTN_UNICAST: u8 = 1;
+const RTNH_F_ONLINK: u32 = 4;
 const NLMSG_ERROR: u16 = 2;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
@@ -116,6 +127,80 @@ pub fn delete_link(name: &str) -> io::Result<bool> {
     }
 }
 
+/// An instance's address and default route inside its namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestAddr {
+    pub addr: std::net::Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: std::net::Ipv4Addr,
+    /// The gateway is off the instance's subnet: the route says it is on the link.
+    pub onlink: bool,
+}
+
+/// Inside the network namespace `netns` (an open fd of it): `lo` up, `peer` renamed `eth0`,
+/// the address (replacing), `eth0` up and the default route (replacing), as
+/// `ip link set lo up; ip link set PEER name eth0; ip addr replace A/P dev eth0;
+/// ip link set eth0 up; ip route replace default via GW dev eth0 [onlink]` run there. The
+/// calling thread enters the namespace for the requests and returns to its own.
+pub fn configure_in_netns(netns: &OwnedFd, peer: &str, guest: Option<GuestAddr>) -> io::Result<()> {
+    check_name(peer)?;
+    let own = std::fs::File::open("/proc/thread-self/ns/net")?;
+    nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+    let done = (|| {
+        set_up("lo")?;
+        let idx = existing(peer)?;
+        let mut m = Message::new(RTM_NEWLINK, 0);
+        m.ifinfo(idx, 0, 0);
+        m.attr(IFLA_IFNAME, &nul_terminated("eth0"));
+        m.request()?;
+        if let Some(g) = guest {
+            let mut m = Message::new(RTM_NEWADDR, NLM_F_CREATE | NLM_F_REPLACE);
+            // struct ifaddrmsg: family, prefixlen, flags, scope (universe), index.
+            m.raw(&[libc::AF_INET as u8, g.prefix, 0, 0]);
+            m.raw(&(idx as u32).to_ne_bytes());
+            m.attr(IFA_LOCAL, &g.addr.octets());
+            m.attr(IFA_ADDRESS, &g.addr.octets());
+            m.request()?;
+        }
+        set_up("eth0")?;
+        if let Some(g) = guest {
+            let mut m = Message::new(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE);
+            // struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
+            m.raw(&[
+                libc::AF_INET as u8,
+                0,
+                0,
+                0,
+                RT_TABLE_MAIN,
+                RTPROT_BOOT,
+                0,
+                RTN_UNICAST,
+            ]);
+            m.raw(&(if g.onlink { RTNH_F_ONLINK } else { 0 }).to_ne_bytes());
+            m.attr(RTA_GATEWAY, &g.gateway.octets());
+            m.attr(RTA_OIF, &(idx as u32).to_ne_bytes());
+            m.request()?;
+        }
+        Ok(())
+    })();
+    // Back to the thread's own namespace, whatever happened inside.
+    let back = nix::sched::setns(&own, nix::sched::CloneFlags::CLONE_NEWNET);
+    if let Err(e) = back {
+        return Err(io::Error::other(format!(
+            "cannot return to the own network namespace: {e}"
+        )));
+    }
+    done
+}
+
+/// `ip link set NAME up`.
+fn set_up(name: &str) -> io::Result<()> {
+    let idx = existing(name)?;
+    let mut m = Message::new(RTM_NEWLINK, 0);
+    m.ifinfo(idx, IFF_UP, IFF_UP);
+    m.request()
+}
+
 /// Parses `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut out = [0u8; 6];
@@ -181,6 +266,11 @@ impl Message {
         self.buf.extend_from_slice(&flags.to_ne_bytes());
         self.buf.extend_from_slice(&change.to_ne_bytes());
         debug_assert_eq!(self.buf.len() - start, IFINFOMSG_LEN);
+    }
+
+    /// A fixed header (ifaddrmsg, rtmsg) as bytes.
+    fn raw(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
     }
 
     fn attr(&mut self, kind: u16, data: &[u8]) {
