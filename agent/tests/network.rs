@@ -216,7 +216,7 @@ fn picked_subnet_is_remembered() {
     };
     let net = Network::setup(cfg.clone(), state.path()).unwrap();
     let cidr = net.bridge_cidr();
-    assert!(cidr.starts_with("10.") && cidr.ends_with(".1/24"), "{cidr}");
+    assert!(cidr.starts_with("10.") && cidr.ends_with(".1/22"), "{cidr}");
     // No NAT asked: no masquerade rule.
     let rules = Command::new("nft")
         .args(["list", "table", "inet", net.nft_table()])

@@ -1521,7 +1521,8 @@ async fn t10_instances_lifecycle() {
             .unwrap()
             .requests
             .iter()
-            .any(|r| r == "GET /1.0/instances?recursion=2&filter=status%20eq%20Stopped")
+            .any(|r| r
+                == "GET /1.0/instances?recursion=2&filter=status%20eq%20Stopped&fields=state.network,state.status")
     );
     let o = f.run(&["list", "--filter", "name is web1"]).await;
     assert_eq!(
@@ -2452,7 +2453,7 @@ async fn t61_several_addresses_and_503() {
     );
     assert_eq!(
         state2.lock().unwrap().requests,
-        ["GET /1.0/instances?recursion=2"]
+        ["GET /1.0/instances?recursion=2&fields=state.network,state.status"]
     );
     let started = std::time::Instant::now();
     let o = f.run(&["list"]).await;
@@ -2601,11 +2602,11 @@ async fn t70_projects_and_the_current_project() {
     assert_eq!(
         f.requests_since(from),
         [
-            "GET /1.0/instances?recursion=2&project=team-a",
+            "GET /1.0/instances?recursion=2&fields=state.network,state.status&project=team-a",
             "GET /1.0/keys?recursion=1",
-            "GET /1.0/instances?recursion=2&project=default",
+            "GET /1.0/instances?recursion=2&fields=state.network,state.status&project=default",
             "GET /1.0/operations?recursion=1&all-projects=true",
-            "GET /1.0/instances?recursion=2&project=team-b",
+            "GET /1.0/instances?recursion=2&fields=state.network,state.status&project=team-b",
         ]
     );
     let o = f.run(&["project", "switch", "team-a"]).await;

@@ -413,12 +413,8 @@ pub fn recorded_state_suffices(columns: &[Column], format: Format) -> bool {
 /// same way (name, status, location, type, architecture, project), so that the server sends
 /// only what is listed; the client still applies every filter.
 pub fn server_filter(filter: Option<&str>, filters: &[String]) -> Option<String> {
-    let mut parts: Vec<String> = filter
-        .map(str::trim)
-        .filter(|f| !f.is_empty())
-        .map(|f| format!("({f})"))
-        .into_iter()
-        .collect();
+    let given = filter.map(str::trim).filter(|f| !f.is_empty());
+    let mut parts: Vec<String> = Vec::new();
     for f in filters {
         let Some((k, v)) = f.split_once('=') else {
             continue;
@@ -435,7 +431,13 @@ pub fn server_filter(filter: Option<&str>, filters: &[String]) -> Option<String>
         let quoted = v.replace('\\', "\\\\").replace('"', "\\\"");
         parts.push(format!("{field} eq \"{quoted}\""));
     }
-    (!parts.is_empty()).then(|| parts.join(" and "))
+    match (given, parts.is_empty()) {
+        (None, true) => None,
+        // Alone, the filter goes as it was given.
+        (Some(f), true) => Some(f.to_string()),
+        (None, false) => Some(parts.join(" and ")),
+        (Some(f), false) => Some(format!("({f}) and {}", parts.join(" and "))),
+    }
 }
 
 /// Renders instances in `format` with `columns`.
@@ -932,7 +934,11 @@ mod tests {
         assert_eq!(server_filter(None, &[]), None);
         assert_eq!(
             server_filter(Some("status eq running"), &["we".into()]).as_deref(),
-            Some("(status eq running)")
+            Some("status eq running")
+        );
+        assert_eq!(
+            server_filter(Some("a eq 1 or b eq 2"), &["L=n1".into()]).as_deref(),
+            Some("(a eq 1 or b eq 2) and location eq \"n1\"")
         );
         assert_eq!(
             server_filter(

@@ -37,6 +37,7 @@ pub const API_EXTENSIONS: &[&str] = &[
     "berth_image_publish",
     "berth_image_export",
     "berth_image_pull",
+    "instances_state_selective_recursion",
 ];
 
 /// The response envelope of every answer.
