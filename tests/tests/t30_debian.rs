@@ -26,7 +26,8 @@ fn run(c: &Cluster) -> anyhow::Result<()> {
     eprintln!("debian/12 image ready in {:?}", t.elapsed());
     let t = Instant::now();
     c.berth_ok(&["launch", "debian/12", "t30-d1"])?;
-    // A launch returns once systemd accepts commands, so this works at once, as a person types it.
+    // A launch returns once init runs; an exec right after it waits for systemd to accept
+    // commands (decision 0030), so this works at once, as a person types it.
     let (code, out, err) = c.exec("t30-d1", &["systemctl", "is-system-running", "--wait"])?;
     let state = out.trim().to_string();
     eprintln!("debian/12 reached {state} {:?} after launch", t.elapsed());
