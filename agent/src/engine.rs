@@ -741,6 +741,26 @@ impl Engine {
         .await
     }
 
+    /// The status of each of `names` this node has (in the order given; names that are not
+    /// valid instance names or not here are left out): a listing costs what it lists.
+    pub async fn list_named(&self, names: Vec<String>) -> Result<Vec<InstanceStatus>, EngineError> {
+        let inner = self.inner.clone();
+        blocking(move || {
+            let mut out = Vec::new();
+            for name in names {
+                if berth_proto::api::names::validate_scoped_name(&name).is_err() {
+                    continue;
+                }
+                let dir = InstanceDir::new(&inner.cfg.state_dir, &name);
+                if let Ok(rec) = dir.read_record() {
+                    out.push(inner.status_blocking(&rec));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// Every instance's state, pid, address and error, without usage figures, limits or disk
     /// use (what heartbeats report: a handful of small file reads per instance instead of
     /// every cgroup and qgroup file).

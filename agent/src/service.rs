@@ -398,10 +398,16 @@ impl Agent for AgentService {
 
     async fn list_instances(
         &self,
-        _: Request<v1::ListInstancesRequest>,
+        req: Request<v1::ListInstancesRequest>,
     ) -> Result<Response<v1::ListInstancesResponse>, Status> {
+        let names = req.into_inner().names;
+        let instances = if names.is_empty() {
+            self.engine.list().await
+        } else {
+            self.engine.list_named(names).await
+        };
         Ok(Response::new(v1::ListInstancesResponse {
-            instances: self.engine.list().await.map_err(engine_status)?,
+            instances: instances.map_err(engine_status)?,
         }))
     }
 

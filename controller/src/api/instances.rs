@@ -555,10 +555,16 @@ pub async fn list(
         .filter(|n| records.iter().any(|i| i.node == n.name))
         .map(|n| {
             let st = state.clone();
+            // Only the listed instances: the node's others cost nothing.
+            let names: Vec<String> = records
+                .iter()
+                .filter(|i| i.node == n.name)
+                .map(|i| i.name.clone())
+                .collect();
             async move {
                 let r = match st.agents.client(n) {
                     Ok(mut c) => c
-                        .list_instances(crate::agents::short(v1::ListInstancesRequest {}))
+                        .list_instances(crate::agents::short(v1::ListInstancesRequest { names }))
                         .await
                         .map(|r| r.into_inner().instances)
                         .map_err(|e| e.to_string()),
