@@ -67,6 +67,11 @@ fn cleanup_instance(state_dir: &Path, name: &str, tag: &str) {
         let cg = cg.with_tag(tag);
         let _ = cg.destroy(name);
         let _ = cg.leave_monitor(name, None);
+        // The tag's shared monitors cgroup (empty once its monitors are gone).
+        let shared = berth_agent::runtime::monitor::monitors_cgroup(Some(tag));
+        for h in cg.hierarchies() {
+            let _ = std::fs::remove_dir(h.mount.join(&shared));
+        }
     }
     let _ = nix::mount::umount2(&dir.rootfs_mount(), nix::mount::MntFlags::MNT_DETACH);
 }
@@ -1084,7 +1089,8 @@ async fn dir_driver_refuses_disk_limits() {
 
 /// Two agents on one host (two engines with their own state, distinct cgroup tags) each run an
 /// instance of the same (scoped) name: each instance has its own cgroups in every hierarchy,
-/// and force-stopping one leaves the other running.
+/// each agent's monitors their own shared cgroup, and force-stopping one leaves the other
+/// running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tagged_engines_share_no_cgroups() {
     let ea = env();
@@ -1121,10 +1127,10 @@ async fn tagged_engines_share_no_cgroups() {
     assert!(!host.exists(name), "an untagged cgroup was made");
     for h in host.hierarchies() {
         for t in [&ta, &tb] {
-            for kind in ["payload", "monitor"] {
-                let d = h.mount.join(format!("berth-{t}.{kind}.{name}"));
-                assert!(d.is_dir(), "{d:?} missing");
-            }
+            let d = h.mount.join(format!("berth-{t}.payload.{name}"));
+            assert!(d.is_dir(), "{d:?} missing");
+            let d = h.mount.join(format!("berth-{t}.monitors"));
+            assert!(d.is_dir(), "{d:?} missing");
         }
     }
     assert!(cga.pids(name).contains(&pa) && !cga.pids(name).contains(&pb));
@@ -1148,10 +1154,21 @@ async fn tagged_engines_share_no_cgroups() {
     assert_eq!(s.state, InstanceState::Stopped as i32);
     assert!(!cga.exists(name));
     for h in host.hierarchies() {
-        let m = h.mount.join(format!("berth-{ta}.monitor.{name}"));
-        assert!(!m.exists(), "{m:?} left behind");
-        let m = h.mount.join(format!("berth-{tb}.monitor.{name}"));
-        assert!(m.is_dir(), "{m:?} was removed");
+        // a's monitor is gone from its agent's shared monitors cgroup; b's is still in its own.
+        let procs = |t: &str| {
+            std::fs::read_to_string(h.mount.join(format!("berth-{t}.monitors/cgroup.procs")))
+                .unwrap_or_default()
+        };
+        assert!(
+            procs(&ta).trim().is_empty(),
+            "{:?} keeps a's monitor",
+            h.mount
+        );
+        assert!(
+            !procs(&tb).trim().is_empty(),
+            "{:?} lost b's monitor",
+            h.mount
+        );
     }
     assert!(cgb.exists(name));
     let s = b.status(name).await.unwrap();

@@ -438,6 +438,13 @@ impl Drop for InstanceGuard {
             let dir = InstanceDir::new(&self.state_dir, name);
             let _ = nix::mount::umount2(&dir.rootfs_mount(), nix::mount::MntFlags::MNT_DETACH);
         }
+        // The tag's shared monitors cgroup, empty once the monitors are gone.
+        if let Ok(cg) = Cgroups::detect() {
+            let shared = berth_agent::runtime::monitor::monitors_cgroup(Some("voltest"));
+            for h in cg.hierarchies() {
+                let _ = std::fs::remove_dir(h.mount.join(&shared));
+            }
+        }
     }
 }
 
