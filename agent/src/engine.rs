@@ -480,8 +480,14 @@ impl Engine {
                 )));
             }
             // The monitor writes the state file within milliseconds of init's start: look
-            // often (a small file read), so that the start is not held up by the interval.
-            tokio::time::sleep(START_POLL).await;
+            // often at first (a small file read), so that the start is not held up by the
+            // interval, then less often, so that many parallel starts do not spin.
+            let poll = if spawned.elapsed() < START_POLL_FAST_FOR {
+                START_POLL
+            } else {
+                START_POLL_SLOW
+            };
+            tokio::time::sleep(poll).await;
         }
     }
 
@@ -1047,11 +1053,16 @@ impl Engine {
         self.refuse_running(name)?;
         let inner = self.inner.clone();
         let s = snapshot.to_string();
-        let clean = self.dir(name).read_state().phase == Phase::Stopped;
+        let dir = self.dir(name);
+        let clean = dir.read_state().phase == Phase::Stopped;
         blocking(move || {
             // What a monitor that died left (a clean stop leaves nothing: its monitor tore
-            // everything down before it wrote "stopped").
-            if !clean || inner.cgroups.exists(&rec.name) {
+            // everything down before it wrote "stopped", unless a step of that failed and it
+            // only warned: the cgroups and the staging mount are the ones that would matter).
+            if !clean
+                || inner.cgroups.exists(&rec.name)
+                || crate::sys::mount::is_mount_point(&dir.rootfs_mount())
+            {
                 inner.cleanup_leftovers(&rec.name)?;
             }
             inner.storage.restore_snapshot(&rec.name, &s)?;
@@ -1601,6 +1612,13 @@ fn tail(path: &Path, max: usize) -> String {
 /// How often a start looks at the instance's state file, and for systemd's control socket.
 const START_POLL: Duration = Duration::from_millis(5);
 
+/// How long a start looks at its state file every [`START_POLL`]; afterwards every
+/// [`START_POLL_SLOW`] (a start that takes longer is held up by something slower than that).
+const START_POLL_FAST_FOR: Duration = Duration::from_millis(150);
+
+/// The start's look at its state file after [`START_POLL_FAST_FOR`].
+const START_POLL_SLOW: Duration = Duration::from_millis(25);
+
 /// How long after its start an instance's systemd gets to accept commands before an exec
 /// stops waiting for it.
 const SYSTEMD_READY_WAIT: Duration = Duration::from_secs(10);
@@ -1610,38 +1628,74 @@ const SYSTEMD_READY_WAIT: Duration = Duration::from_secs(10);
 /// launch works (a start returns once init runs, before systemd has set itself up). Other
 /// inits are ready when they run. Waits at most until [`SYSTEMD_READY_WAIT`] after the start
 /// (`started_at`, Unix seconds); never fails: a systemd slow to come up gets the command
-/// anyway, with a warning. A ready instance costs a readlink and a stat.
+/// anyway, with a warning. Past that window it looks at nothing; within it, a ready instance
+/// costs a readlink and an openat2 on a blocking thread.
 async fn wait_init_ready(name: &str, pid: i32, started_at: i64) {
-    let root = PathBuf::from(format!("/proc/{pid}/root"));
-    let is_systemd = std::fs::read_link(format!("/proc/{pid}/exe"))
-        .map(|p| p.to_string_lossy().contains("systemd"))
-        .unwrap_or(false);
-    if !is_systemd {
-        return;
-    }
-    let socket = root.join("run/systemd/private");
-    if socket.exists() {
-        return;
-    }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
     // Whole seconds: one more, so that a start late in a second still gets the full wait.
-    let left = (started_at + SYSTEMD_READY_WAIT.as_secs() as i64 + 1 - now).max(0) as u64;
-    let deadline = Instant::now() + Duration::from_secs(left).min(SYSTEMD_READY_WAIT);
+    let left = started_at
+        .saturating_add(SYSTEMD_READY_WAIT.as_secs() as i64 + 1)
+        .saturating_sub(now)
+        .max(0) as u64;
+    if left == 0 {
+        // Long after the start: no look into the instance at all.
+        return;
+    }
+    // Off the async threads: the instance's files are the tenant's (a FUSE mount could block).
+    let probe = move || -> (bool, bool) {
+        let is_systemd = std::fs::read_link(format!("/proc/{pid}/exe"))
+            .map(|p| p.to_string_lossy().contains("systemd"))
+            .unwrap_or(false);
+        (is_systemd, is_systemd && systemd_socket_exists(pid))
+    };
+    match tokio::task::spawn_blocking(probe).await {
+        Ok((true, false)) => {}
+        _ => return,
+    }
+    let waiting = Instant::now();
+    let deadline = waiting + Duration::from_secs(left).min(SYSTEMD_READY_WAIT);
     while Instant::now() < deadline {
-        if socket.exists() {
+        let poll = if waiting.elapsed() < START_POLL_FAST_FOR {
+            START_POLL
+        } else {
+            START_POLL_SLOW
+        };
+        tokio::time::sleep(poll).await;
+        let ready = tokio::task::spawn_blocking(move || {
+            systemd_socket_exists(pid) || !Path::new(&format!("/proc/{pid}")).exists()
+        })
+        .await
+        .unwrap_or(true);
+        if ready {
             return;
         }
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            return;
-        }
-        tokio::time::sleep(START_POLL).await;
     }
-    if left > 0 {
-        tracing::warn!(instance = %name, "systemd did not open its control socket within {SYSTEMD_READY_WAIT:?} of the start");
-    }
+    tracing::warn!(instance = %name, "systemd did not open its control socket within {SYSTEMD_READY_WAIT:?} of the start");
+}
+
+/// Whether systemd's private socket (`/run/systemd/private`) exists in the instance whose
+/// init is `pid`, resolved inside the instance's root: its symlinks cannot point the check at
+/// the host's files.
+fn systemd_socket_exists(pid: i32) -> bool {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let Ok(root) = rustix::fs::open(
+        format!("/proc/{pid}/root"),
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return false;
+    };
+    rustix::fs::openat2(
+        &root,
+        "run/systemd/private",
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )
+    .is_ok()
 }
 
 /// A mounted lxcfs: the system one at /var/lib/lxcfs, else ours at `dir`.

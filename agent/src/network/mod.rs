@@ -149,15 +149,19 @@ impl Network {
     }
 
     /// The host network the agent set up ([`Network::setup`] at its start), for an instance's
-    /// monitor: when the bridge exists nothing is changed (no `ip` or `nft` process on every
-    /// instance start); when it is missing (deleted behind the agent's back) it is set up again.
+    /// monitor: when the bridge exists and forwarding is on, nothing is changed (no `ip` or
+    /// `nft` process on every instance start); when the bridge is missing (deleted behind the
+    /// agent's back) or forwarding was turned off, it is set up again. A flushed firewall
+    /// ruleset is not noticed here: the agent's restart sets it up again.
     pub fn adopt(cfg: NetworkConfig, state_dir: &Path) -> Result<Network, NetworkError> {
         check_ifname(&cfg.bridge)?;
         let Some(cidr) = cfg.ipv4_cidr.as_deref() else {
             return Self::setup(cfg, state_dir);
         };
         let (gateway, prefix) = parse_cidr(cidr)?;
-        if prefix == 0 || prefix > 30 || !link_exists(&cfg.bridge)? {
+        let forwarding =
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "1");
+        if prefix == 0 || prefix > 30 || !forwarding || !link_exists(&cfg.bridge)? {
             return Self::setup(cfg, state_dir);
         }
         Ok(Network {

@@ -361,7 +361,16 @@ impl ExecSession {
             if let Err(e) = moved {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
-                return Err(ExecError::Setup(e));
+                // A helper that failed on its own (say, the instance stopped) said why on the
+                // status pipe: that reason beats the broken ready pipe it left behind.
+                let told = match read_status(status_rx).await {
+                    Ok(bytes) if !bytes.is_empty() => {
+                        let msg = String::from_utf8_lossy(&bytes);
+                        msg.strip_prefix('E').unwrap_or(&msg).trim().to_string()
+                    }
+                    _ => e,
+                };
+                return Err(ExecError::Setup(told));
             }
         }
         let setup = read_status(status_rx).await;

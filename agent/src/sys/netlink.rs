@@ -141,7 +141,9 @@ pub struct GuestAddr {
 /// the address (replacing), `eth0` up and the default route (replacing), as
 /// `ip link set lo up; ip link set PEER name eth0; ip addr replace A/P dev eth0;
 /// ip link set eth0 up; ip route replace default via GW dev eth0 [onlink]` run there. The
-/// calling thread enters the namespace for the requests and returns to its own.
+/// calling thread enters the namespace for the requests and returns to its own; if it cannot
+/// return, the process aborts rather than go on with a thread inside an instance's network.
+/// Meant for single-threaded helper processes (the monitor), never a tokio worker.
 pub fn configure_in_netns(netns: &OwnedFd, peer: &str, guest: Option<GuestAddr>) -> io::Result<()> {
     check_name(peer)?;
     let own = std::fs::File::open("/proc/thread-self/ns/net")?;
@@ -186,9 +188,9 @@ pub fn configure_in_netns(netns: &OwnedFd, peer: &str, guest: Option<GuestAddr>)
     // Back to the thread's own namespace, whatever happened inside.
     let back = nix::sched::setns(&own, nix::sched::CloneFlags::CLONE_NEWNET);
     if let Err(e) = back {
-        return Err(io::Error::other(format!(
-            "cannot return to the own network namespace: {e}"
-        )));
+        // Every later network request of this thread would act inside the instance.
+        tracing::error!(error = %e, "cannot return to the own network namespace; aborting");
+        std::process::abort();
     }
     done
 }
@@ -223,7 +225,7 @@ fn existing(name: &str) -> io::Result<i32> {
 fn check_name(name: &str) -> io::Result<()> {
     if name.is_empty()
         || name.len() >= IFNAMSIZ
-        || name.contains(['/', '\0'])
+        || name.contains(['/', ':', '\0'])
         || name.contains(char::is_whitespace)
     {
         return Err(io::Error::new(
@@ -334,7 +336,7 @@ impl Message {
                     return if code == 0 {
                         Ok(())
                     } else {
-                        Err(io::Error::from_raw_os_error(-code))
+                        Err(io::Error::from_raw_os_error(code.wrapping_neg()))
                     };
                 }
                 at += (mlen + 3) & !3;

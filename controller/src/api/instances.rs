@@ -30,8 +30,9 @@ use crate::state::{
 
 #[derive(Deserialize)]
 pub struct ListQuery {
+    /// `0`, `1` or `2`, optionally followed by `;fields=...` (LXD's form of `fields`).
     #[serde(default)]
-    recursion: u8,
+    recursion: String,
     /// Every project's instances (admin and operator keys only).
     #[serde(default, rename = "all-projects")]
     all_projects: bool,
@@ -46,6 +47,35 @@ pub struct ListQuery {
     /// the nodes as without `fields`. Absent: every part, live from the nodes.
     #[serde(default)]
     fields: Option<String>,
+}
+
+/// `?recursion=` as a level and the `fields` it may carry (`2;fields=state.network`, the form
+/// LXD clients send); a separate `?fields=` wins over the embedded one. 400 for anything else.
+fn parse_recursion(raw: &str, fields: Option<String>) -> Result<(u8, Option<String>), ApiError> {
+    let mut parts = raw.split(';');
+    let level = parts.next().unwrap_or_default().trim();
+    let level = match level {
+        "" | "0" => 0,
+        "1" => 1,
+        "2" => 2,
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "recursion must be 0, 1 or 2, not {level:?}"
+            )));
+        }
+    };
+    let mut embedded = None;
+    for part in parts {
+        match part.trim().strip_prefix("fields=") {
+            Some(f) => embedded = Some(f.to_string()),
+            None => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown recursion option {part:?} (only fields=... may follow the level)"
+                )));
+            }
+        }
+    }
+    Ok((level, fields.or(embedded)))
 }
 
 /// Parts of an instance's `state` that the controller answers from its records.
@@ -494,7 +524,8 @@ pub async fn list(
         scope.identity.require_fleet()?;
     }
     let filter = parse_filter(&q.filter)?;
-    let recorded_only = recorded_fields_only(q.fields.as_deref())?;
+    let (recursion, fields) = parse_recursion(&q.recursion, q.fields.clone())?;
+    let recorded_only = recorded_fields_only(fields.as_deref())?;
     let in_scope = |s: &crate::state::State, i: &Instance| {
         (q.all_projects || i.project == scope.project)
             && (filter.is_none() || {
@@ -503,7 +534,7 @@ pub async fn list(
                 passes(filter.as_ref(), &a)
             })
     };
-    if q.recursion == 0 {
+    if recursion == 0 {
         let paths: Vec<String> = state
             .cp
             .read(|s| {
@@ -533,7 +564,7 @@ pub async fn list(
         })
         .await?;
     let (records, instances): (Vec<Instance>, Vec<api::Instance>) = listed.into_iter().unzip();
-    if q.recursion == 1 {
+    if recursion == 1 {
         return Ok(sync_list(&instances));
     }
     if recorded_only {
@@ -1504,6 +1535,36 @@ mod tests {
     use super::*;
     use crate::raft::Unavailable;
     use crate::state::{ApplyError, ApplyOk};
+
+    #[test]
+    fn recursion_takes_lxds_embedded_fields() {
+        let p = |r: &str, f: Option<&str>| {
+            parse_recursion(r, f.map(str::to_string)).map_err(|e| e.to_string())
+        };
+        assert_eq!(p("", None), Ok((0, None)));
+        assert_eq!(p("1", None), Ok((1, None)));
+        assert_eq!(
+            p("2;fields=state.network,state.status", None),
+            Ok((2, Some("state.network,state.status".into())))
+        );
+        assert_eq!(p("2;fields=", None), Ok((2, Some(String::new()))));
+        // A separate ?fields= wins over the embedded one.
+        assert_eq!(
+            p("2;fields=state.cpu", Some("state.status")),
+            Ok((2, Some("state.status".into())))
+        );
+        assert!(
+            p("3", None)
+                .unwrap_err()
+                .contains("recursion must be 0, 1 or 2")
+        );
+        assert!(p("x", None).is_err());
+        assert!(
+            p("2;sort=name", None)
+                .unwrap_err()
+                .contains("unknown recursion option")
+        );
+    }
 
     /// Runs `record_rename` with this write result; answers its result and how many times
     /// the instance was renamed back.
