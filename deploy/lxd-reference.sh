@@ -4,7 +4,8 @@
 #
 #   deploy/lxd-reference.sh [up]   install what is missing, start lxcfs and lxd, initialise LXD
 #                                  (storage pool "default": btrfs on a loop file; bridge lxdbr0)
-#   deploy/lxd-reference.sh down   stop LXD (its instances stop with it) and lxcfs
+#   deploy/lxd-reference.sh down   stop LXD (its instances stop with it) and lxcfs, and remove
+#                                  its bridge and nft table from the host (LXD makes them again)
 #   deploy/lxd-reference.sh status say what runs
 #
 # Where PID 1 is systemd the package's units start the daemons; elsewhere (containers, CI
@@ -39,6 +40,9 @@ down() {
     pkill -9 -x lxd 2>/dev/null || true
   fi
   pkill -f 'dnsmasq.*lxdbr0' 2>/dev/null || true
+  # What LXD leaves on the host when it stops; it makes both again when it starts.
+  ip link del lxdbr0 2>/dev/null || true
+  nft delete table inet lxd 2>/dev/null || true
   if pgrep -x lxcfs >/dev/null; then
     say "stopping lxcfs"
     pkill -x lxcfs || true
