@@ -4,7 +4,8 @@
 #
 #   deploy/lxd-reference.sh [up]   install what is missing, start lxcfs and lxd, initialise LXD
 #                                  (storage pool "default": btrfs on a loop file; bridge lxdbr0)
-#   deploy/lxd-reference.sh down   stop LXD (its instances stop with it) and lxcfs, and remove
+#   deploy/lxd-reference.sh down   stop LXD (its instances stop with it) and lxcfs (unless a
+#                                  Berth agent runs: it uses that lxcfs too), and remove
 #                                  its bridge and nft table from the host (LXD makes them again)
 #   deploy/lxd-reference.sh status say what runs
 #
@@ -26,10 +27,13 @@ die() { printf 'lxd-reference: %s\n' "$*" >&2; exit 1; }
 have_systemd() { [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; }
 lxd_up() { lxc query /1.0 >/dev/null 2>&1; }
 lxcfs_up() { grep -q " $LXCFS_DIR fuse.lxcfs " /proc/mounts; }
+# The lxcfs serving $LXCFS_DIR (not one a Berth agent runs on its own directory).
+lxcfs_pid() { pgrep -f "^lxcfs $LXCFS_DIR\$"; }
 
 down() {
   if have_systemd; then
-    systemctl stop lxd.service lxd.socket lxcfs.service 2>/dev/null || true
+    # lxcfs.service stays: it is the host's, and Berth's agents use it too.
+    systemctl stop lxd.service lxd.socket 2>/dev/null || true
     return
   fi
   if pgrep -x lxd >/dev/null; then
@@ -43,17 +47,23 @@ down() {
   # What LXD leaves on the host when it stops; it makes both again when it starts.
   ip link del lxdbr0 2>/dev/null || true
   nft delete table inet lxd 2>/dev/null || true
-  if pgrep -x lxcfs >/dev/null; then
-    say "stopping lxcfs"
-    pkill -x lxcfs || true
-    for _ in $(seq 1 50); do lxcfs_up || break; sleep 0.1; done
-    lxcfs_up && { fusermount -u "$LXCFS_DIR" 2>/dev/null || umount -l "$LXCFS_DIR" || true; }
+  if lxcfs_pid >/dev/null; then
+    if pgrep -x berth-agent >/dev/null; then
+      # Berth's agents use the lxcfs on $LXCFS_DIR when there is one: their instances' /proc
+      # views would go with it.
+      say "leaving lxcfs on $LXCFS_DIR running: berth-agent uses it too"
+    else
+      say "stopping lxcfs"
+      pkill -f "^lxcfs $LXCFS_DIR\$" || true
+      for _ in $(seq 1 50); do lxcfs_up || break; sleep 0.1; done
+      lxcfs_up && { fusermount -u "$LXCFS_DIR" 2>/dev/null || umount -l "$LXCFS_DIR" || true; }
+    fi
   fi
   return 0
 }
 
 status() {
-  if pgrep -x lxcfs >/dev/null && lxcfs_up; then echo "lxcfs: running"; else echo "lxcfs: stopped"; fi
+  if lxcfs_pid >/dev/null && lxcfs_up; then echo "lxcfs: running"; else echo "lxcfs: stopped"; fi
   if lxd_up; then
     echo "lxd: running, $(lxc query /1.0 | sed -n 's/.*"server_version": *"\([^"]*\)".*/\1/p' | head -1)"
     lxc storage list --format csv 2>/dev/null | sed 's/^/pool: /'
@@ -92,13 +102,13 @@ if have_systemd; then
 else
   mkdir -p "$LOGS" "$LXCFS_DIR"
   if ! lxcfs_up; then
-    pkill -x lxcfs 2>/dev/null || true
+    pkill -f "^lxcfs $LXCFS_DIR\$" 2>/dev/null || true
     say "starting lxcfs on $LXCFS_DIR (log: $LOGS/lxcfs.log)"
     setsid lxcfs "$LXCFS_DIR" >>"$LOGS/lxcfs.log" 2>&1 </dev/null &
     for _ in $(seq 1 50); do lxcfs_up && break; sleep 0.1; done
     lxcfs_up || die "lxcfs did not mount $LXCFS_DIR; see $LOGS/lxcfs.log"
   fi
-  if ! lxd_up; then
+  if ! lxd_up && ! pgrep -x lxd >/dev/null; then
     getent group lxd >/dev/null || groupadd --system lxd
     say "starting lxd (log: $LOGS/lxd.log)"
     # The package's unit runs exactly this; LXD finds lxcfs by its mount.
@@ -137,6 +147,8 @@ profiles:
       network: lxdbr0
       type: nic
 EOF
+elif ! lxc storage show default | grep -qx 'driver: btrfs'; then
+  die "LXD's storage pool 'default' is not btrfs: the comparison needs btrfs on both sides (delete the pool, or use a fresh LXD)"
 elif ! lxc network show lxdbr0 >/dev/null 2>&1; then
   say "creating bridge lxdbr0 ($BRIDGE_NET)"
   lxc network create lxdbr0 ipv4.address="$BRIDGE_NET" ipv4.nat=true ipv6.address=none

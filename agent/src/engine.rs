@@ -733,54 +733,50 @@ impl Engine {
 
     /// Status of every instance on this node.
     pub async fn list(&self) -> Result<Vec<InstanceStatus>, EngineError> {
-        let inner = self.inner.clone();
-        blocking(move || {
-            let mut out = Vec::new();
-            for name in crate::runtime::list_instances(&inner.cfg.state_dir) {
-                let dir = InstanceDir::new(&inner.cfg.state_dir, &name);
-                if let Ok(rec) = dir.read_record() {
-                    out.push(inner.status_blocking(&rec));
-                }
-            }
-            Ok(out)
-        })
-        .await
+        self.statuses(None, |inner, rec| inner.status_blocking(rec))
+            .await
     }
 
     /// The status of each of `names` this node has (in the order given; names that are not
     /// valid instance names or not here are left out): a listing costs what it lists.
     pub async fn list_named(&self, names: Vec<String>) -> Result<Vec<InstanceStatus>, EngineError> {
-        let inner = self.inner.clone();
-        blocking(move || {
-            let mut out = Vec::new();
-            for name in names {
-                if berth_proto::api::names::validate_scoped_name(&name).is_err() {
-                    continue;
-                }
-                let dir = InstanceDir::new(&inner.cfg.state_dir, &name);
-                if let Ok(rec) = dir.read_record() {
-                    out.push(inner.status_blocking(&rec));
-                }
-            }
-            Ok(out)
-        })
-        .await
+        self.statuses(Some(names), |inner, rec| inner.status_blocking(rec))
+            .await
     }
 
     /// Every instance's state, pid, address and error, without usage figures, limits or disk
     /// use (what heartbeats report: a handful of small file reads per instance instead of
     /// every cgroup and qgroup file).
     pub async fn list_states(&self) -> Result<Vec<InstanceStatus>, EngineError> {
+        self.statuses(None, |inner, rec| inner.state_blocking(rec).0)
+            .await
+    }
+
+    /// `status` of each instance named (valid names only), or of every instance on this node,
+    /// on a blocking thread.
+    async fn statuses(
+        &self,
+        names: Option<Vec<String>>,
+        status: fn(&Inner, &InstanceRecord) -> InstanceStatus,
+    ) -> Result<Vec<InstanceStatus>, EngineError> {
         let inner = self.inner.clone();
         blocking(move || {
-            let mut out = Vec::new();
-            for name in crate::runtime::list_instances(&inner.cfg.state_dir) {
-                let dir = InstanceDir::new(&inner.cfg.state_dir, &name);
-                if let Ok(rec) = dir.read_record() {
-                    out.push(inner.state_blocking(&rec).0);
-                }
-            }
-            Ok(out)
+            let names = match names {
+                Some(names) => names
+                    .into_iter()
+                    .filter(|n| berth_proto::api::names::validate_scoped_name(n).is_ok())
+                    .collect(),
+                None => crate::runtime::list_instances(&inner.cfg.state_dir),
+            };
+            Ok(names
+                .iter()
+                .filter_map(|name| {
+                    let rec = InstanceDir::new(&inner.cfg.state_dir, name)
+                        .read_record()
+                        .ok()?;
+                    Some(status(&inner, &rec))
+                })
+                .collect())
         })
         .await
     }
@@ -1631,10 +1627,7 @@ const SYSTEMD_READY_WAIT: Duration = Duration::from_secs(10);
 /// anyway, with a warning. Past that window it looks at nothing; within it, a ready instance
 /// costs a readlink and an openat2 on a blocking thread.
 async fn wait_init_ready(name: &str, pid: i32, started_at: i64) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let now = crate::storage::now_unix();
     // Whole seconds: one more, so that a start late in a second still gets the full wait.
     let left = started_at
         .saturating_add(SYSTEMD_READY_WAIT.as_secs() as i64 + 1)

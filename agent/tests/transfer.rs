@@ -921,15 +921,20 @@ async fn an_old_stream_ending_does_not_free_the_reannounced_ticket() {
     let n1 = Node::start("n1", &ca).await;
     let n2 = Node::start("n2", &ca).await;
     n2.expect("again", v1::TransferKind::Instance, "web", "n1", false);
-    let (old_tx, old_replies) = raw_open(&n2, &n1.identity, "again").await.unwrap();
+    let (old_tx, mut old_replies) = raw_open(&n2, &n1.identity, "again").await.unwrap();
     // The controller's next attempt: abort, announce again, a new stream.
     n2.transfers.abort("again").unwrap();
     n2.expect("again", v1::TransferKind::Instance, "web", "n1", false);
     let (new_tx, _new_replies) = raw_open(&n2, &n1.identity, "again").await.unwrap();
-    // The old stream ends now: the new one still holds the ticket.
+    // The old stream ends now (its replies end once the receiver is done with it, however
+    // long that takes): the new one still holds the ticket.
     drop(old_tx);
+    tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        while let Ok(Some(_)) = old_replies.message().await {}
+    })
+    .await
+    .expect("the old stream's replies never ended");
     drop(old_replies);
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let third = raw_open(&n2, &n1.identity, "again").await;
     let Err(err) = third else {
         panic!("a third stream took a held ticket");

@@ -604,31 +604,6 @@ fn guest_addr(
     }))
 }
 
-/// The `ip -batch` commands equivalent to what is set up inside the instance's namespace.
-#[cfg(test)]
-fn netns_batch(
-    peer: &str,
-    net: &berth_proto::v1::NetworkSpec,
-    default_gw: Ipv4Addr,
-) -> Result<String, NetworkError> {
-    let guest = guest_addr(net, default_gw)?;
-    let mut b = String::new();
-    b.push_str("link set lo up\n");
-    b.push_str(&format!("link set {peer} name eth0\n"));
-    if let Some(g) = &guest {
-        b.push_str(&format!("addr replace {}/{} dev eth0\n", g.addr, g.prefix));
-    }
-    b.push_str("link set eth0 up\n");
-    if let Some(g) = &guest {
-        let onlink = if g.onlink { " onlink" } else { "" };
-        b.push_str(&format!(
-            "route replace default via {} dev eth0{onlink}\n",
-            g.gateway
-        ));
-    }
-    Ok(b)
-}
-
 /// What `ip link set X netns` should be given for a namespace path: a pid for
 /// `/proc/<pid>/ns/net`, a name for `/run/netns/<name>`.
 fn netns_target(netns: &Path) -> Result<String, NetworkError> {
@@ -889,29 +864,49 @@ mod tests {
     }
 
     #[test]
-    fn batch_and_cidr() {
+    fn guest_address_and_cidr() {
         let net = berth_proto::v1::NetworkSpec {
             ipv4_cidr: "10.9.8.7/24".into(),
             gateway: String::new(),
             nameservers: vec![],
             hwaddr: String::new(),
         };
-        let b = netns_batch("vp1", &net, "10.9.8.1".parse().unwrap()).unwrap();
-        assert!(b.contains("link set vp1 name eth0\n"));
-        assert!(b.contains("addr replace 10.9.8.7/24 dev eth0\n"));
-        assert!(b.contains("route replace default via 10.9.8.1 dev eth0\n"));
+        let g = guest_addr(&net, "10.9.8.1".parse().unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!((g.addr, g.prefix), ("10.9.8.7".parse().unwrap(), 24));
+        assert_eq!(g.gateway, "10.9.8.1".parse::<Ipv4Addr>().unwrap());
+        assert!(!g.onlink);
         let bad = berth_proto::v1::NetworkSpec {
             ipv4_cidr: "10.9.8.7/24; rm -rf /".into(),
-            ..net
+            ..net.clone()
         };
-        assert!(netns_batch("vp1", &bad, "10.9.8.1".parse().unwrap()).is_err());
-        // No gateway given, and the node's is off the instance's subnet (a moved instance).
+        assert!(guest_addr(&bad, "10.9.8.1".parse().unwrap()).is_err());
+        let bad_gw = berth_proto::v1::NetworkSpec {
+            gateway: "10.9.8.x".into(),
+            ..net.clone()
+        };
+        assert!(guest_addr(&bad_gw, "10.9.8.1".parse().unwrap()).is_err());
+        let none = berth_proto::v1::NetworkSpec {
+            ipv4_cidr: String::new(),
+            ..net.clone()
+        };
+        assert!(
+            guest_addr(&none, "10.9.8.1".parse().unwrap())
+                .unwrap()
+                .is_none()
+        );
+        // No gateway given, and the node's is off the instance's subnet (a moved instance):
+        // the route is on the link.
         let moved = berth_proto::v1::NetworkSpec {
             ipv4_cidr: "10.100.1.20/24".into(),
-            ..bad.clone()
+            ..net
         };
-        let b = netns_batch("vp1", &moved, "10.100.2.1".parse().unwrap()).unwrap();
-        assert!(b.ends_with("route replace default via 10.100.2.1 dev eth0 onlink\n"));
+        let g = guest_addr(&moved, "10.100.2.1".parse().unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(g.gateway, "10.100.2.1".parse::<Ipv4Addr>().unwrap());
+        assert!(g.onlink);
         assert!(parse_cidr("10.0.0.1/33").is_err());
         assert!(check_ifname("eth0 up").is_err());
         assert!(check_ifname("berthtest0").is_ok());

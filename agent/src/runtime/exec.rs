@@ -10,12 +10,10 @@
 //! 126, like a shell.
 //!
 //! Helper arguments: `__exec --pid <init host pid> --uid <n> --gid <n> [--cwd <dir>]
-//! [--env K=V]... [--tty] [--cgroup <cgroup.procs file>]... [--status-fd <fd>] [--ready-fd <fd>]
-//! -- <command> [args...]`. The status fd is a pipe: it closes without data once the command
+//! [--env K=V]... [--tty] [--status-fd <fd>] [--ready-fd <fd>] -- <command> [args...]`. The status fd is a pipe: it closes without data once the command
 //! is exec'd (or the command was not found); a failure to enter the instance is written to it
 //! as `E<message>`. With a ready fd the helper waits, before entering the namespaces, for the
-//! engine to write `G` on it (the engine has moved it into the cgroups); `--cgroup` files are
-//! joined by the helper itself.
+//! engine to write `G` on it (the engine has moved it into the cgroups).
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -510,18 +508,11 @@ const READY: &[u8] = b"G";
 /// Writes `pid` (the engine's own child, not yet reaped, so the pid cannot be reused) into
 /// each `cgroup.procs` file.
 fn move_to_cgroups(pid: i32, procs_files: &[PathBuf]) -> Result<(), String> {
-    if pid <= 0 {
-        return Err("the exec helper has no pid".to_string());
-    }
-    let pid = pid.to_string();
-    for path in procs_files {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .and_then(|mut f| f.write_all(pid.as_bytes()))
-            .map_err(|e| format!("cannot join cgroup {}: {e}", path.display()))?;
-    }
-    Ok(())
+    let pid = u32::try_from(pid)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| "the exec helper has no pid".to_string())?;
+    sys::move_to_cgroups(pid, procs_files).map_err(|e| e.to_string())
 }
 
 /// In the helper: waits until the engine says (on the ready pipe `fd`) that it moved the
@@ -742,7 +733,6 @@ struct HelperArgs {
     cwd: Option<String>,
     env: Vec<(String, String)>,
     tty: bool,
-    cgroups: Vec<PathBuf>,
     status_fd: Option<i32>,
     /// The pipe to wait on before entering the namespaces (the engine moves the helper into
     /// the cgroups itself, then writes on it).
@@ -759,7 +749,6 @@ fn parse_helper_args(args: &[String]) -> Result<HelperArgs, String> {
         cwd: None,
         env: Vec::new(),
         tty: false,
-        cgroups: Vec::new(),
         status_fd: None,
         ready_fd: None,
         command: Vec::new(),
@@ -789,7 +778,6 @@ fn parse_helper_args(args: &[String]) -> Result<HelperArgs, String> {
                 }
                 parsed.env.push((k.to_string(), v.to_string()));
             }
-            "--cgroup" => parsed.cgroups.push(PathBuf::from(value)),
             "--status-fd" => parsed.status_fd = Some(value.parse().map_err(|_| bad())?),
             "--ready-fd" => parsed.ready_fd = Some(value.parse().map_err(|_| bad())?),
             other => return Err(format!("unknown flag {other}")),
@@ -898,9 +886,6 @@ pub fn helper_main(args: &[String]) -> i32 {
         && let Err(e) = wait_ready(fd)
     {
         return fail(&mut status, &e);
-    }
-    if let Err(e) = sys::join_cgroups(&parsed.cgroups) {
-        return fail(&mut status, &e.to_string());
     }
     if let Err(e) = ns.join() {
         return fail(&mut status, &e.to_string());
@@ -1081,8 +1066,6 @@ mod tests {
             "--env",
             "A=b=c",
             "--tty",
-            "--cgroup",
-            "/sys/fs/cgroup/pids/x/cgroup.procs",
             "--status-fd",
             "9",
             "--",
@@ -1096,7 +1079,9 @@ mod tests {
         assert_eq!(a.cwd.as_deref(), Some("/tmp"));
         assert_eq!(a.env, vec![("A".to_string(), "b=c".to_string())]);
         assert!(a.tty);
-        assert_eq!(a.cgroups.len(), 1);
+        assert!(
+            parse_helper_args(&strings(&["--pid", "1", "--cgroup", "/x", "--", "ls"])).is_err()
+        );
         assert_eq!(a.status_fd, Some(9));
         assert_eq!(a.command, strings(&["sh", "-c", "echo --pid"]));
         assert!(parse_helper_args(&strings(&["--pid", "1"])).is_err());

@@ -116,9 +116,9 @@ impl NamespaceFds {
     }
 }
 
-/// Moves the calling process into each cgroup whose `cgroup.procs` file is given.
-pub fn join_cgroups(procs_files: &[PathBuf]) -> Result<(), SysExecError> {
-    let pid = std::process::id().to_string();
+/// Moves process `pid` into each cgroup whose `cgroup.procs` file is given.
+pub fn move_to_cgroups(pid: u32, procs_files: &[PathBuf]) -> Result<(), SysExecError> {
+    let pid = pid.to_string();
     for path in procs_files {
         std::fs::OpenOptions::new()
             .write(true)

@@ -282,14 +282,16 @@ async fn receive_volume(
         (v1::TransferKind::Instance, v1::VolumeRole::Snapshot) => {
             check_name("snapshot name", &header.name)?;
             // The storage's own rule too (at most 63 characters), so that every received
-            // snapshot can later be listed, restored and deleted.
-            crate::storage::check_snapshot_name(&header.name).map_err(|_| {
-                TransferError::InvalidName {
+            // snapshot can later be listed, restored and deleted; its reason is the one shown.
+            if let Err(crate::storage::StorageError::InvalidSnapshotName(_, why)) =
+                crate::storage::check_snapshot_name(&header.name)
+            {
+                return Err(TransferError::InvalidName {
                     what: "snapshot name",
                     value: header.name.clone(),
-                    why: "snapshot names are at most 63 characters",
-                }
-            })?;
+                    why,
+                });
+            }
         }
         (v1::TransferKind::Instance, v1::VolumeRole::Base) => super::check_base_name(&header.name)?,
         (v1::TransferKind::Image, v1::VolumeRole::Image) if header.name == claim.name => {}

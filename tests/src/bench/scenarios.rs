@@ -31,20 +31,16 @@ pub const SCENARIOS: [&str; 17] = [
     "cluster",
 ];
 
-/// The steps of the debian/12 chain, in order (one instance per run and side).
-const DEBIAN_STEPS: [&str; 11] = [
-    "launch-debian",
-    "exec",
-    "snapshot",
-    "restore",
-    "stop-clean",
-    "start",
-    "restart",
-    "stop-force",
-    "copy",
-    "delete",
-    "delete-running",
-];
+/// The steps of the debian/12 chain, in order (one instance per run and side): the scenarios
+/// from `launch-debian` to `delete-running`.
+fn debian_steps() -> &'static [&'static str] {
+    let first = SCENARIOS.iter().position(|s| *s == "launch-debian");
+    let last = SCENARIOS.iter().position(|s| *s == "delete-running");
+    match (first, last) {
+        (Some(a), Some(b)) => &SCENARIOS[a..=b],
+        _ => &[],
+    }
+}
 
 /// The `list` populations measured while the density batch grows.
 pub const LIST_CHECKPOINTS: [usize; 4] = [1, 100, 250, 1000];
@@ -453,7 +449,7 @@ impl Debian {
 /// times, alternating which side goes first.
 pub fn lifecycle(sides: &[Side], runs: usize, sel: &Selection, res: &mut Results) {
     let busybox = sel.has("launch-busybox") || sel.has("stop-force-busybox");
-    let debian_steps: Vec<&str> = DEBIAN_STEPS
+    let debian_steps: Vec<&str> = debian_steps()
         .iter()
         .copied()
         .filter(|s| sel.has(s))
@@ -875,7 +871,11 @@ fn push_sysbench(side: &Side, name: &str, sysbench: &std::path::Path) -> Result<
         .arg(sysbench)
         .output()
         .context("cannot run ldd")?;
-    let libs = host::ldd_paths(&String::from_utf8_lossy(&ldd.stdout));
+    let ldd = String::from_utf8_lossy(&ldd.stdout);
+    if let Some(l) = ldd.lines().find(|l| l.contains("not found")) {
+        bail!("sysbench needs a library the host lacks: {}", l.trim());
+    }
+    let libs = host::ldd_paths(&ldd);
     let bin_target = format!("{name}{SYSBENCH_DIR}/sysbench");
     side.ok(
         &[
@@ -912,6 +912,9 @@ fn push_sysbench(side: &Side, name: &str, sysbench: &std::path::Path) -> Result<
     Ok(())
 }
 
+/// The dynamic loader `ldd` lists for the host's sysbench (x86_64 glibc), pushed with it.
+const SYSBENCH_LOADER: &str = "ld-linux-x86-64.so.2";
+
 /// sysbench's arguments, the same on the host and inside.
 const SYSBENCH_ARGS: [&str; 4] = ["cpu", "--threads=1", "--time=10", "run"];
 
@@ -933,9 +936,12 @@ fn sysbench_host(sysbench: &std::path::Path) -> Result<f64> {
 
 /// sysbench inside `name`: events per second.
 fn sysbench_inside(side: &Side, name: &str) -> Result<f64> {
-    let lib = format!("LD_LIBRARY_PATH={SYSBENCH_DIR}/lib");
+    // Through the host's own loader, pushed with the libraries: the instance's loader may not
+    // match the host's libc.
+    let loader = format!("{SYSBENCH_DIR}/lib/{SYSBENCH_LOADER}");
+    let lib = format!("{SYSBENCH_DIR}/lib");
     let bin = format!("{SYSBENCH_DIR}/sysbench");
-    let mut args = vec!["exec", name, "--", "env", &lib, &bin];
+    let mut args = vec!["exec", name, "--", &loader, "--library-path", &lib, &bin];
     args.extend(SYSBENCH_ARGS);
     let out = side.ok(&args, Duration::from_secs(120))?;
     host::sysbench_events_per_second(&out.stdout)
@@ -1056,6 +1062,15 @@ pub fn cpu(sides: &[Side], res: &mut Results) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debian_chain_is_launch_to_delete_running() {
+        let steps = debian_steps();
+        assert_eq!(steps.len(), 11);
+        assert_eq!(steps.first(), Some(&"launch-debian"));
+        assert_eq!(steps.last(), Some(&"delete-running"));
+        assert!(!steps.contains(&"list") && !steps.contains(&"launch-busybox"));
+    }
 
     #[test]
     fn selection() {
